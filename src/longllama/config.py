@@ -1,0 +1,153 @@
+"""LongLlamaConfig: the LLaMA fields plus the FoT memory fields, validated with one-line errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedConfig
+
+from longllama.errors import LongLlamaError
+
+MEM_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class ConfigError(LongLlamaError, ValueError):
+    """A configuration value is out of range; the message names the field and the fix."""
+
+
+def _dtype_name(value: Any) -> str:
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    if not isinstance(value, str) or value not in MEM_DTYPES:
+        raise ConfigError(
+            f"mem_dtype={value!r} is not supported: use one of {', '.join(MEM_DTYPES)}"
+        )
+    return value
+
+
+class LongLlamaConfig(PreTrainedConfig):
+    """Configuration of a LongLLaMA model.
+
+    The LLaMA fields keep transformers' names; the FoT fields keep the reference's names:
+    `mem_layers` (indices of the layers that also attend to the memory), `last_context_length` (size of the final
+    window kept in the local cache), `mem_positionals` (RoPE in memory layers), `mem_dtype` (storage dtype of the
+    memory), `mem_attention_grouping` ((heads, queries) per chunk of memory attention) and `torch_attention`
+    (use `scaled_dot_product_attention`). `max_position_embeddings` is the context window.
+    `num_key_value_heads` < `num_attention_heads` gives grouped-query attention; the memory then stores only the
+    key/value heads.
+    """
+
+    model_type = "longllama"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: Any = None
+    last_context_length: int = 1024
+    mem_layers: Any = None
+    mem_positionals: bool = True
+    mem_dtype: Any = "bfloat16"
+    mem_attention_grouping: Any = None
+    torch_attention: bool = False
+    gradient_checkpoint_every_ith: int = 1
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.mem_layers = [] if self.mem_layers is None else list(self.mem_layers)
+        self.mem_dtype = _dtype_name(self.mem_dtype)
+        if self.mem_attention_grouping is not None:
+            self.mem_attention_grouping = tuple(self.mem_attention_grouping)
+        if self.head_dim is None and self.num_attention_heads:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__(**kwargs)
+        self.check()
+
+    def check(self) -> None:
+        """Raise ConfigError with a one-line message if any value is out of range."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                     "last_context_length", "gradient_checkpoint_every_ith"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}: choose a divisor"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported: LongLLaMA uses 'silu'")
+        if self.rope_scaling is not None:
+            raise ConfigError(f"rope_scaling={self.rope_scaling!r} is not supported: set it to null")
+        if not self.rope_theta or self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta={self.rope_theta!r} must be positive")
+        for layer in self.mem_layers:
+            if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.num_hidden_layers:
+                raise ConfigError(
+                    f"mem_layers={self.mem_layers} holds {layer!r}, outside [0, {self.num_hidden_layers}): "
+                    "use layer indices of this model"
+                )
+        if len(set(self.mem_layers)) != len(self.mem_layers):
+            raise ConfigError(f"mem_layers={self.mem_layers} repeats a layer: list each memory layer once")
+        grouping = self.mem_attention_grouping
+        if grouping is not None and (
+            len(grouping) != 2 or any(not isinstance(g, int) or isinstance(g, bool) or g <= 0 for g in grouping)
+        ):
+            raise ConfigError(
+                f"mem_attention_grouping={grouping!r} must be two positive integers "
+                "(heads per chunk, queries per chunk), e.g. (4, 2048), or null"
+            )
+
+    @property
+    def memory_dtype(self) -> torch.dtype:
+        return MEM_DTYPES[self.mem_dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if out.get("mem_attention_grouping") is not None:
+            out["mem_attention_grouping"] = list(out["mem_attention_grouping"])
+        return out
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A model small enough for tests and CPU training in seconds.
+    "tiny": dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
+                 num_attention_heads=4, max_position_embeddings=64, last_context_length=24,
+                 mem_layers=[1, 3], mem_dtype="float32"),
+    "3b": dict(vocab_size=32000, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26,
+               num_attention_heads=32, max_position_embeddings=2048, last_context_length=1024,
+               mem_layers=[6, 12, 18]),
+    "code-7b": dict(vocab_size=32016, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, max_position_embeddings=4096, last_context_length=2048,
+                    mem_layers=[8, 16, 24], rope_theta=1e6),
+}
+
+
+def preset(name: str, **overrides: Any) -> LongLlamaConfig:
+    """A LongLlamaConfig for one of the named shapes ('tiny', '3b', 'code-7b'), with overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return LongLlamaConfig(**{**PRESETS[name], **overrides})

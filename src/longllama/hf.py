@@ -1,0 +1,283 @@
+"""transformers integration: PreTrainedModel classes, outputs, Auto* registration and checked loading.
+
+Everything that touches transformers' model API lives here, kept thin: the windows, the memory and generation are
+plain PyTorch in their own modules. Both names of the cache argument are accepted (`past_key_values`, and `cache`
+as transformers >= 5.24 calls it); outputs carry it as `cache` with `past_key_values` as an alias (a field named
+`past_key_values` would be renamed by ModelOutput on 5.24 but not on 5.17).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from longllama.cache import LongLlamaCache
+from longllama.config import ConfigError, LongLlamaConfig
+from longllama.errors import CheckpointError, InputError, LongLlamaError
+from longllama.model import DecoderLayer, RMSNorm, RotaryTable, forward_window
+from longllama.windows import default_positions, run_windows
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LongLlamaOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    cache: LongLlamaCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def past_key_values(self) -> LongLlamaCache | None:
+        return self.cache
+
+
+@dataclass
+class LongLlamaCausalLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: LongLlamaCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def past_key_values(self) -> LongLlamaCache | None:
+        return self.cache
+
+
+class LongLlamaPreTrainedModel(PreTrainedModel):
+    config_class = LongLlamaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["DecoderLayer"]
+    # Checkpoints written in the transformers 4.30 era carry rotary buffers; RoPE tables are computed here.
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' from_pretrained, with the folder checked first and load failures as one-line errors."""
+        path = os.fspath(pretrained_model_name_or_path)
+        _check_folder(path)
+        if "torch_dtype" in kwargs and "dtype" not in kwargs:
+            kwargs["dtype"] = kwargs.pop("torch_dtype")  # the seed README's spelling
+        try:
+            model = super().from_pretrained(path, *args, **kwargs)
+        except LongLlamaError:
+            raise
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"cannot load the model in {path}: {first[:300]}; check that the folder is a complete LongLLaMA or "
+                "LLaMA checkpoint (re-copy or re-convert it)"
+            ) from exc
+        model.config.check()
+        return model
+
+
+def _check_folder(path: str) -> None:
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"model folder {path!r} does not exist: pass the path of a local checkpoint folder "
+            "(nothing is downloaded)"
+        )
+    try:
+        from longllama.checkpoint import check_model_folder
+    except ImportError:  # pragma: no cover - the checker is optional for loading
+        return
+    check_model_folder(path)
+
+
+class LongLlamaModel(LongLlamaPreTrainedModel):
+    """Embeddings, decoder layers and final norm; `forward` reads inputs of any length in windows."""
+
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__(config)
+        config.check()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rope = RotaryTable(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def new_cache(self) -> LongLlamaCache:
+        return LongLlamaCache(self.config.num_hidden_layers)
+
+    def forward_window(self, h, **kwargs):
+        return forward_window(self.layers, self.norm, self.rope, h, **kwargs)
+
+    def run(self, input_ids: torch.Tensor | None = None, *, cache: LongLlamaCache,
+            attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+            inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+            last_context_length: int | None = None, output_hidden_states: bool = False,
+            output_attentions: bool = False):
+        """Like `forward`, but extends `cache` in place (generation owns its cache and needs no copy)."""
+        embeds = self._embed(input_ids, inputs_embeds)
+        b, n, _ = embeds.shape
+        fresh = cache.local_length == 0 and cache.memory_length == 0
+        if position_ids is None:
+            position_ids = default_positions(cache, b, n, embeds.device)
+        lcl = self.config.last_context_length if last_context_length is None else int(last_context_length)
+        if lcl <= 0:
+            raise InputError(f"last_context_length={lcl} must be a positive number of tokens")
+        return run_windows(
+            self, embeds, cache=cache, fresh=fresh, attention_mask=attention_mask,
+            positions=position_ids.to(embeds.device).long(), use_cache=use_cache,
+            default_use_cache=self.config.use_cache, window=self.config.max_position_embeddings,
+            last_context_length=lcl, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions)
+
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
+                raise InputError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)}: expected (batch, n > 0, hidden)")
+            return inputs_embeds
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise InputError(f"input_ids has shape {tuple(input_ids.shape)}: pass a non-empty (batch, n) tensor of token ids")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(
+                f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}): tokenize with this "
+                "model's tokenizer"
+            )
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                last_context_length: int | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None, cache=None,
+                **kwargs) -> LongLlamaOutput:
+        _reject_unknown(kwargs)
+        state = self.resolve_cache(past_key_values if past_key_values is not None else cache, use_cache)
+        out = self.run(input_ids, cache=state, attention_mask=attention_mask, position_ids=position_ids,
+                       inputs_embeds=inputs_embeds, use_cache=use_cache, last_context_length=last_context_length,
+                       output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions))
+        return LongLlamaOutput(last_hidden_state=out.hidden, cache=out.cache,
+                               hidden_states=out.all_hidden, attentions=out.attentions)
+
+    def resolve_cache(self, past, use_cache: bool | None) -> LongLlamaCache:
+        """A private copy of the caller's cache (legacy tuples are converted), or a new one."""
+        if past is None:
+            return self.new_cache()
+        if use_cache is False:
+            raise InputError("past_key_values was given with use_cache=False: pass use_cache=True (or None) to continue")
+        if isinstance(past, LongLlamaCache):
+            state = past.fork()
+        elif isinstance(past, (tuple, list)):
+            state = LongLlamaCache.from_legacy(past, mem_layers=self.config.mem_layers,
+                                               mem_dtype=self.config.memory_dtype)
+        else:
+            raise InputError(f"past_key_values of type {type(past).__name__} is not supported: pass the "
+                             "LongLlamaCache (or tuple) returned by this model")
+        if len(state.layers) != self.config.num_hidden_layers:
+            raise InputError(f"past_key_values has {len(state.layers)} layers, the model has "
+                             f"{self.config.num_hidden_layers}: pass the past returned by this model")
+        return state
+
+
+_IGNORED_KWARGS = {"return_dict", "logits_to_keep", "num_items_in_batch", "token_type_ids"}
+
+
+def _reject_unknown(kwargs: dict) -> None:
+    unknown = sorted(k for k in kwargs if k not in _IGNORED_KWARGS)
+    if unknown:
+        raise InputError(f"unexpected argument(s) {', '.join(unknown)}: see help(LongLlamaForCausalLM.forward)")
+
+
+class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
+    """LongLLaMA with a language-model head; the interface of the reference (forward, generate, save/load)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__(config)
+        self.model = LongLlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True  # our own `generate` (generate.py); this makes transformers load generation_config.json
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                use_cache: bool | None = None, last_context_length: int | None = None,
+                output_hidden_states: bool | None = None, output_attentions: bool | None = None,
+                return_dict: bool | None = None, logits_to_keep: int = 0, cache=None,
+                **kwargs) -> LongLlamaCausalLMOutput:
+        """Logits of every position (or of the last `logits_to_keep`), the loss if `labels` are given, and the
+        cache to continue from (`past_key_values`). The caller's cache is never modified."""
+        _reject_unknown(kwargs)
+        state = self.model.resolve_cache(past_key_values if past_key_values is not None else cache, use_cache)
+        out = self.model.run(input_ids, cache=state, attention_mask=attention_mask, position_ids=position_ids,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             last_context_length=last_context_length,
+                             output_hidden_states=bool(output_hidden_states),
+                             output_attentions=bool(output_attentions))
+        hidden = out.hidden if not logits_to_keep else out.hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise InputError("labels need the logits of every position: do not pass logits_to_keep with labels")
+            loss = causal_lm_loss(logits, labels)
+        return LongLlamaCausalLMOutput(loss=loss, logits=logits, cache=out.cache,
+                                       hidden_states=out.all_hidden, attentions=out.attentions)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs):
+        """Greedy or sampled decoding (see `longllama.generate.generate` for the arguments)."""
+        from longllama.generate import generate
+
+        return generate(self, input_ids, **kwargs)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits[:, :-1] against labels[:, 1:], ignoring -100 (in fp32)."""
+    if labels.shape != logits.shape[:2]:
+        raise InputError(f"labels have shape {tuple(labels.shape)}, expected {tuple(logits.shape[:2])}: "
+                         "pass one label per input token (-100 to ignore)")
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                           labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+
+
+def register_auto_classes() -> None:
+    """Make AutoConfig / AutoModel / AutoModelForCausalLM resolve `model_type: "longllama"` to these classes."""
+    AutoConfig.register("longllama", LongLlamaConfig, exist_ok=True)
+    AutoModel.register(LongLlamaConfig, LongLlamaModel, exist_ok=True)
+    AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=True)
+
+
+__all__ = ["LongLlamaModel", "LongLlamaForCausalLM", "LongLlamaOutput", "LongLlamaCausalLMOutput",
+           "register_auto_classes", "causal_lm_loss", "ConfigError"]

@@ -1,0 +1,174 @@
+"""The memory of one memory layer: (key, value, valid) triples of all earlier windows, grown in amortised O(1).
+
+Storage only: the keys are stored exactly as given (un-rotated k_proj outputs, see SPEC B.4); positions and attention
+are the model's concern.
+
+Shapes:
+    keys, values  (batch, kv_heads, length, head_dim)   in the memory dtype (bf16 by default, as the reference)
+    valid         (batch, length)                       bool, False where the token was padding
+
+The reference concatenated the whole memory into a new tensor for every window (quadratic copying). Here appends
+write into a buffer whose capacity doubles when full, so n appended tokens cost O(n) copies in total; a caller who
+knows the final length can `reserve` it and pay no copy at all.
+
+`fork()` gives a second MemoryCache over the same buffer (O(1)); whichever fork appends first past the shared end
+keeps writing in place, the other copies before its own append (copy on write), so a memory loaded once can be
+continued several times (e.g. different questions about one document).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from longllama.errors import CheckpointError, InputError
+
+_MIN_CAPACITY = 256
+
+
+class MemoryCache:
+    """Growable (keys, values, valid) storage of one memory layer."""
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None, capacity: int = 0):
+        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self.dtype = dtype
+        self.length = 0
+        self._k = torch.empty(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self._v = torch.empty_like(self._k)
+        self._valid = torch.empty(batch, capacity, dtype=torch.bool, device=device)
+        self._written = [0]  # entries written into this buffer by any fork; shared between forks
+        self.copies = 0  # how many times the buffer was re-allocated (tests check growth is amortised)
+
+    # -- views of the live part --------------------------------------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._k[:, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._v[:, :, : self.length]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self._valid[:, : self.length]
+
+    @property
+    def device(self) -> torch.device:
+        return self._k.device
+
+    @property
+    def capacity(self) -> int:
+        return self._k.shape[2]
+
+    def all_valid(self) -> bool:
+        return bool(self.valid.all())
+
+    def nbytes(self) -> int:
+        """Bytes held by the buffers (capacity, not just the live part)."""
+        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self._valid))
+
+    # -- growth ------------------------------------------------------------------------------------------------
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` entries in total without further re-allocation."""
+        if capacity <= self.capacity and self._owns_end():
+            return
+        capacity = max(capacity, self.length)
+        k = torch.empty(self.batch, self.kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device)
+        v = torch.empty_like(k)
+        valid = torch.empty(self.batch, capacity, dtype=torch.bool, device=self.device)
+        k[:, :, : self.length] = self.keys
+        v[:, :, : self.length] = self.values
+        valid[:, : self.length] = self.valid
+        self._k, self._v, self._valid = k, v, valid
+        self._written = [self.length]
+        self.copies += 1
+
+    def _owns_end(self) -> bool:
+        return self._written[0] == self.length
+
+    def fork(self) -> MemoryCache:
+        """A MemoryCache with the same entries sharing this buffer; appends to either never change the other."""
+        twin = object.__new__(MemoryCache)
+        twin.__dict__.update(self.__dict__)
+        twin.copies = 0
+        return twin
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """Append keys/values (batch, kv_heads, n, head_dim) and their valid flags (batch, n)."""
+        n = keys.shape[2]
+        if keys.shape != (self.batch, self.kv_heads, n, self.head_dim) or values.shape != keys.shape:
+            raise InputError(
+                f"memory append got keys {tuple(keys.shape)} / values {tuple(values.shape)}, expected "
+                f"({self.batch}, {self.kv_heads}, n, {self.head_dim}): pass tensors of this memory's batch and heads"
+            )
+        if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
+            # Training: writes into a shared buffer would break autograd; concatenate functionally instead.
+            self._k = torch.cat([self.keys, keys.to(self.dtype)], dim=2)
+            self._v = torch.cat([self.values, values.to(self.dtype)], dim=2)
+            self._valid = torch.cat([self.valid, valid.to(torch.bool)], dim=1)
+            self.length += n
+            self._written = [self.length]
+            return
+        if self.length + n > self.capacity or not self._owns_end():
+            self.reserve(max(self.length + n, 2 * self.capacity, _MIN_CAPACITY))
+        end = self.length + n
+        self._k[:, :, self.length:end] = keys
+        self._v[:, :, self.length:end] = values
+        self._valid[:, self.length:end] = valid
+        self.length = end
+        self._written[0] = end
+
+    def clear(self) -> None:
+        """Forget every entry and release the buffers (a fork may still be reading them)."""
+        self._k, self._v, self._valid = self._k[:, :, :0], self._v[:, :, :0], self._valid[:, :0]
+        self.length = 0
+        self._written = [0]
+
+    def index_select(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat) batch rows `rows`, e.g. to reorder beams or drop finished sequences."""
+        self._k, self._v, self._valid = self.keys[rows], self.values[rows], self.valid[rows]
+        self.batch = self._k.shape[0]
+        self._written = [self.length]
+
+    def to(self, device: torch.device | str) -> MemoryCache:
+        """Move the buffers (pinned CPU memory or another GPU, say); in place, returns self."""
+        if torch.device(device) != self.device:
+            self._k, self._v, self._valid = self.keys.to(device), self.values.to(device), self.valid.to(device)
+            self._written = [self.length]
+        return self
+
+    # -- files -------------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the live part to a safetensors file, atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        tensors = {"keys": self.keys.contiguous().cpu(), "values": self.values.contiguous().cpu(),
+                   "valid": self.valid.contiguous().cpu()}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"format": "longllama-memory-v1"})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None) -> MemoryCache:
+        """Read a memory written by `save`."""
+        try:
+            tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
+            keys, values, valid = tensors["keys"], tensors["values"], tensors["valid"]
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"cannot read memory file {path}: {exc}; write it again with MemoryCache.save") from None
+        mem = cls(keys.shape[0], keys.shape[1], keys.shape[3], dtype=keys.dtype, device=keys.device)
+        mem.append(keys, values, valid)
+        return mem
+
+    def __repr__(self) -> str:
+        return (f"MemoryCache(batch={self.batch}, kv_heads={self.kv_heads}, length={self.length}, "
+                f"capacity={self.capacity}, head_dim={self.head_dim}, dtype={self.dtype})")

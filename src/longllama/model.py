@@ -1,0 +1,214 @@
+"""The LongLLaMA network for one window: RMSNorm, RoPE, MLP, attention over local cache and memory, decoder layers.
+
+A window of q new tokens goes through every layer. Each layer's attention (SPEC B.4) joins the layer's local cache,
+moves the whole old cache to memory when the window would overflow it, rotates queries and keys with positions
+relative to the oldest local token, and, in memory layers, attends in the same softmax to the memory, whose keys are
+stored un-rotated. Splitting long inputs into windows is `windows.py`'s job.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longllama.attention import attend
+from longllama.cache import LayerState, LongLlamaCache
+from longllama.config import LongLlamaConfig
+from longllama.memory import MemoryCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale (the order of the reference and of LLaMA).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryTable:
+    """cos/sin of positions 0..n-1 (fp32, rotate-half layout), grown on demand and kept per device."""
+
+    def __init__(self, head_dim: int, theta: float, min_length: int):
+        # Built lazily on the CPU: models are often constructed under a meta-device context.
+        self.head_dim, self.theta = head_dim, theta
+        self.min_length = min_length
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self._tables.get(device)
+        if table is None or table[0].shape[0] < length:
+            n = max(self.min_length, 1 << max(length - 1, 1).bit_length())
+            d = self.head_dim
+            inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d))
+            t = torch.arange(n, dtype=torch.float32, device="cpu")
+            freqs = torch.outer(t, inv_freq)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            table = (emb.cos().to(device), emb.sin().to(device))
+            self._tables[device] = table
+        return table
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (b, h, n, d) rotated to positions (b, n) (non-negative ints)."""
+        cos, sin = self.get(int(positions.max()) + 1, x.device)
+        cos = cos[positions].unsqueeze(1).to(x.dtype)  # (B, 1, N, D)
+        sin = sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated_half * sin
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Self-attention over the local cache plus, in memory layers, the memory (SPEC B.4)."""
+
+    def __init__(self, config: LongLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_memory_layer = layer_idx in config.mem_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
+
+    def new_memory(self, batch: int, device: torch.device) -> MemoryCache:
+        return MemoryCache(batch, self.num_kv_heads, self.head_dim, dtype=self.config.memory_dtype, device=device)
+
+    def _append_memory(self, state: LayerState, k, v, valid) -> None:
+        if state.memory is None:
+            state.memory = self.new_memory(k.shape[0], k.device)
+        state.memory.append(k, v, valid)
+
+    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, visible: torch.Tensor | None,
+                pad_valid: torch.Tensor | None, state: LayerState, use_cache: bool, rope: RotaryTable,
+                output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (b, q, hidden); positions (b, q); visible (b|1, 1, q, P+q) bool or None;
+        pad_valid (b, P+q) bool or None: False where a column is padding (what memory records)."""
+        n = x.shape[1]
+        q = self._split(self.q_proj(x), self.num_heads)
+        k = self._split(self.k_proj(x), self.num_kv_heads)
+        v = self._split(self.v_proj(x), self.num_kv_heads)
+        mem_layer = self.is_memory_layer
+        fresh_to_memory = mem_layer and state.local_length == 0 and not use_cache
+
+        if state.local_length:
+            old = state.local_length
+            k = torch.cat([state.keys, k], dim=2)
+            v = torch.cat([state.values, v], dim=2)
+            positions = torch.cat([state.positions, positions], dim=1)
+            if old + n > self.config.max_position_embeddings:
+                # Overflow: the whole old cache leaves; memory layers keep it as memory, the others lose it.
+                if mem_layer and use_cache:
+                    self._append_memory(state, k[:, :, :old], v[:, :, :old], _columns(pad_valid, k, 0, old))
+                k, v, positions = k[:, :, old:], v[:, :, old:], positions[:, old:]
+                visible = None if visible is None else visible[..., old:]
+                pad_valid = None if pad_valid is None else pad_valid[:, old:]
+        if use_cache:
+            state.set_local(k, v, positions)
+
+        q_rot, k_rot = q, k
+        if self.config.mem_positionals or not mem_layer:
+            rel = positions - positions.min(dim=-1, keepdim=True).values
+            q_rot = rope.rotate(q, rel[:, -n:])
+            k_rot = rope.rotate(k, rel)
+
+        memory = state.memory if mem_layer else None
+        mem_k = mem_v = mem_valid = None
+        if memory is not None and memory.length:
+            mem_k, mem_v = memory.keys, memory.values
+            mem_valid = None if memory.all_valid() else memory.valid
+        impl = "sdpa" if self.config.torch_attention else "eager"
+        grouping = self.config.mem_attention_grouping if mem_layer else None
+        out, probs = attend(q_rot, k_rot, v, visible=visible, mem_k=mem_k, mem_v=mem_v, mem_valid=mem_valid,
+                            impl=impl, grouping=grouping, return_probs=output_attentions)
+
+        if fresh_to_memory:
+            # After attention, so a window never sees its own keys twice.
+            self._append_memory(state, k[:, :, -n:], v[:, :, -n:], _columns(pad_valid, k, k.shape[2] - n, k.shape[2]))
+        b = x.shape[0]
+        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        return self.o_proj(out), probs
+
+
+def _columns(pad_valid: torch.Tensor | None, like: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    if pad_valid is None:
+        return torch.ones(like.shape[0], end - start, dtype=torch.bool, device=like.device)
+    return pad_valid[:, start:end]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LongLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, **attn_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, probs = self.self_attn(self.input_layernorm(x), **attn_kwargs)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), probs
+
+
+def window_visibility(batch: int, n: int, past: int, pad_valid: torch.Tensor | None,
+                      device: torch.device) -> torch.Tensor | None:
+    """(b|1, 1, n, past+n) bool: which keys each query of the window may see (SPEC B.3), or None for all."""
+    visible = None
+    if n > 1:
+        cols = torch.arange(past + n, device=device)
+        rows = torch.arange(n, device=device)
+        visible = (cols[None, :] <= rows[:, None] + past)[None, None]  # (1, 1, N, P+N)
+    if pad_valid is not None and not bool(pad_valid.all()):
+        pad = pad_valid[:, None, None, :]
+        visible = pad if visible is None else visible & pad
+    return visible
+
+
+def forward_window(layers: nn.ModuleList, norm: RMSNorm, rope: RotaryTable, h: torch.Tensor, *,
+                   positions: torch.Tensor, mask: torch.Tensor | None, cache: LongLlamaCache, use_cache: bool,
+                   output_hidden_states: bool = False,
+                   output_attentions: bool = False) -> tuple[torch.Tensor, list, list]:
+    """Run one window (SPEC B.3) through all layers and the final norm, updating `cache` in place.
+
+    h (b, q, hidden) embeddings; positions (b, q); mask (b, P+q) 2-D attention mask over local cache + window, or
+    None. Returns the normed hidden states, the per-layer inputs (if asked) and the attention probabilities (if asked).
+    """
+    b, n, _ = h.shape
+    pad_valid = None if mask is None else mask.to(torch.bool)
+    visible = window_visibility(b, n, cache.local_length, pad_valid, h.device)
+    if pad_valid is not None and bool(pad_valid.all()):
+        pad_valid = None
+    hidden, attentions = [], []
+    for layer, state in zip(layers, cache.layers):
+        if output_hidden_states:
+            hidden.append(h)
+        h, probs = layer(h, positions=positions, visible=visible, pad_valid=pad_valid, state=state,
+                         use_cache=use_cache, rope=rope, output_attentions=output_attentions)
+        attentions.append(probs)
+    h = norm(h)
+    if output_hidden_states:
+        hidden.append(h)
+    return h, hidden, attentions

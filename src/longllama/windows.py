@@ -1,0 +1,96 @@
+"""Long inputs in windows (SPEC B.2): everything but the last `last_context_length` tokens goes through the model in
+windows of the context window size (and, in memory layers, into memory); the final window stays in the local cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longllama.cache import LongLlamaCache
+from longllama.errors import InputError
+
+
+@dataclass
+class WindowsOutput:
+    hidden: torch.Tensor  # (b, n, hidden) after the final norm
+    cache: LongLlamaCache
+    all_hidden: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def window_spans(n: int, *, window: int, last_context_length: int) -> list[tuple[int, int]]:
+    """[beg, end) of each window of an n-token input: memory windows of `window` tokens, then the final one."""
+    m = max(n - last_context_length, 0)
+    spans = [(beg, min(m, beg + window)) for beg in range(0, m, window)]
+    return spans + [(m, n)]
+
+
+def default_positions(cache: LongLlamaCache, batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """Positions continue after the cached ones, or start at 0 (SPEC B.2 step 2)."""
+    start = cache.next_positions()
+    steps = torch.arange(n, device=device)[None, :]
+    if start is None:
+        return steps.expand(batch, n)
+    return start.to(device)[:, None] + steps
+
+
+def run_windows(decoder, embeds: torch.Tensor, *, cache: LongLlamaCache, fresh: bool,
+                attention_mask: torch.Tensor | None, positions: torch.Tensor, use_cache: bool | None,
+                default_use_cache: bool, window: int, last_context_length: int,
+                output_hidden_states: bool = False, output_attentions: bool = False) -> WindowsOutput:
+    """Run an input of embeddings (b, n, hidden) through the decoder in windows, updating `cache` in place.
+
+    `decoder` has `layers` and `forward_window` (LongLlamaModel)."""
+    b, n, _ = embeds.shape
+    p0 = cache.local_length
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, -(p0 + n):]
+        if attention_mask.shape != (b, p0 + n):
+            raise InputError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({b}, {p0 + n}) = (batch, cached "
+                "tokens + new tokens): pass a mask covering the cached and the new tokens"
+            )
+    final_use_cache = default_use_cache if use_cache is None else use_cache
+    spans = window_spans(n, window=window, last_context_length=last_context_length)
+    if fresh:
+        _reserve_memory(decoder, cache, b, n if not final_use_cache else spans[-1][0], embeds.device)
+    outputs, layer_hidden, attentions = [], [], None
+    for i, (beg, end) in enumerate(spans):
+        last = i == len(spans) - 1
+        p_cur = cache.local_length
+        if last:
+            win_use_cache = final_use_cache
+        else:
+            # Memory windows of a fresh call never use the cache (they go to memory); continuations do.
+            win_use_cache = bool(final_use_cache) if p_cur else False
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[:, p0 + beg - p_cur: p0 + end]
+        h, hidden, attn = decoder.forward_window(
+            embeds[:, beg:end], positions=positions[:, beg:end], mask=mask, cache=cache,
+            use_cache=bool(win_use_cache), output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions and last)
+        outputs.append(h)
+        layer_hidden.append(hidden)
+        attentions = attn
+    all_hidden = None
+    if output_hidden_states:
+        all_hidden = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*layer_hidden))
+    return WindowsOutput(
+        hidden=outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1),
+        cache=cache, all_hidden=all_hidden,
+        attentions=tuple(attentions) if output_attentions else None)
+
+
+def _reserve_memory(decoder, cache: LongLlamaCache, batch: int, added: int, device) -> None:
+    """A fresh call knows how much memory it adds: allocate it once instead of growing."""
+    if added == 0:
+        return
+    for layer, state in zip(decoder.layers, cache.layers):
+        attn = layer.self_attn
+        if attn.is_memory_layer:
+            if state.memory is None:
+                state.memory = attn.new_memory(batch, device)
+            state.memory.reserve(state.memory.length + added)
