@@ -69,7 +69,8 @@ _FOT_FIELDS = ("last_context_length", "mem_layers", "mem_positionals", "mem_dtyp
 def check_model_folder(path: PathLike, *, allow_legacy_bin: bool = False) -> None:
     """Raise CheckpointError (one line: the problem and the fix) unless `path` looks like a loadable model folder.
 
-    The checks are cheap: headers, indexes and zip directories are read, tensor data is not.
+    The checks are cheap: headers, indexes and zip directories are read, tensor data is not. Legacy (non-zip)
+    `.bin` files are rejected unless `allow_legacy_bin`: they can be neither checked cheaply nor memory-mapped.
     """
     folder = _existing_folder(path)
     _read_json(folder / "config.json", what="config")
@@ -342,18 +343,20 @@ def save_state_dict(
 
 def _standalone_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU, contiguous tensors that each own their storage (safetensors rejects shared or strided ones)."""
-    owners: dict[int, int] = {}
+    users: dict[int, int] = {}
     for tensor in state_dict.values():
         if tensor.numel():
             ptr = tensor.untyped_storage().data_ptr()
-            owners[ptr] = owners.get(ptr, 0) + 1
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
-        tensor = tensor.detach().to("cpu")
-        shared = tensor.numel() and owners.get(tensor.untyped_storage().data_ptr(), 0) > 1
-        partial = tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()
-        out[name] = tensor.contiguous().clone() if shared or partial or not tensor.is_contiguous() else tensor
-    return out
+            users[ptr] = users.get(ptr, 0) + 1
+    return {name: _standalone(tensor, users) for name, tensor in state_dict.items()}
+
+
+def _standalone(tensor: torch.Tensor, users: Mapping[int, int]) -> torch.Tensor:
+    storage = tensor.untyped_storage()
+    shared = tensor.numel() > 0 and users.get(storage.data_ptr(), 0) > 1
+    partial = storage.nbytes() != tensor.numel() * tensor.element_size()
+    tensor = tensor.detach().to("cpu")
+    return tensor.contiguous().clone() if shared or partial or not tensor.is_contiguous() else tensor
 
 
 def _parse_size(size: int | str) -> int:
@@ -591,7 +594,7 @@ def _write_folder(dst: PathLike, *, src: Path, config: Mapping[str, Any], state:
             if (src / name).is_file():
                 shutil.copy2(src / name, temp / name)
         save_state_dict(state, temp, max_shard_size=max_shard_size)
-        # rename(2) also replaces an empty directory, and is atomic on one file system.
+        # POSIX rename(2) also replaces an empty directory, and is atomic within one file system.
         os.replace(temp, final)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

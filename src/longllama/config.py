@@ -74,17 +74,30 @@ class LongLlamaConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        self.mem_layers = [] if self.mem_layers is None else list(self.mem_layers)
-        self.mem_dtype = _dtype_name(self.mem_dtype)
-        if self.mem_attention_grouping is not None:
-            self.mem_attention_grouping = tuple(self.mem_attention_grouping)
         if self.head_dim is None and self.num_attention_heads:
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
         self.check()
 
+    def __setattr__(self, key: str, value: Any) -> None:
+        # from_pretrained(..., mem_dtype=torch.bfloat16) sets attributes directly: keep the JSON-friendly name.
+        if key == "mem_dtype" and isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        super().__setattr__(key, value)
+
+    def _normalize(self) -> None:
+        # Load-time overrides are set as plain attributes, so normalise here rather than only at construction.
+        self.mem_layers = [] if self.mem_layers is None else list(self.mem_layers)
+        self.mem_dtype = _dtype_name(self.mem_dtype)
+        if self.mem_attention_grouping is not None:
+            if isinstance(self.mem_attention_grouping, (str, bytes)) or not hasattr(self.mem_attention_grouping, "__len__"):
+                raise ConfigError(f"mem_attention_grouping={self.mem_attention_grouping!r} must be two positive "
+                                  "integers (heads per chunk, queries per chunk), e.g. (4, 2048), or null")
+            self.mem_attention_grouping = tuple(self.mem_attention_grouping)
+
     def check(self) -> None:
-        """Raise ConfigError with a one-line message if any value is out of range."""
+        """Normalise the FoT fields and raise ConfigError with a one-line message if any value is out of range."""
+        self._normalize()
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
                      "last_context_length", "gradient_checkpoint_every_ith"):

@@ -123,14 +123,15 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
              generation_config=None, last_context_length: int | None = None,
              past_key_values: LongLlamaCache | None = None, cache: LongLlamaCache | None = None,
              streamer=None, logits_processor=None, output_scores: bool = False, output_logits: bool = False,
-             return_dict_in_generate: bool = False, use_cache: bool = True, **settings):
+             return_dict_in_generate: bool = False, use_cache: bool = True, progress=None, **settings):
     """Generate up to `max_new_tokens` after `input_ids` (b, n).
 
     Settings (explicit values win over the model's generation config): max_new_tokens / max_length,
     min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id (int or list),
     pad_token_id, num_beams (only 1). `last_context_length` sets the final prompt window kept in the local cache.
     `past_key_values` continues from an earlier call's cache (left unchanged). `streamer` gets `put(tokens)` /
-    `end()` calls as tokens come. Returns the sequences (prompt included) or, with return_dict_in_generate, a
+    `end()` calls as tokens come; `progress(tokens_done)` is called after each window of the prompt.
+    Returns the sequences (prompt included) or, with return_dict_in_generate, a
     GenerateOutput with `scores` (processed logits per step), `logits` (raw) and the final cache.
     """
     unknown = sorted(set(settings) - set(_SETTING_NAMES))
@@ -156,7 +157,7 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
         streamer.put(input_ids.cpu())
 
     out = model.model.run(input_ids, cache=state, attention_mask=mask, position_ids=positions, use_cache=True,
-                          last_context_length=last_context_length)
+                          last_context_length=last_context_length, progress=progress)
     logits = model.lm_head(out.hidden[:, -1])
     next_pos = (positions[:, -1] if positions is not None else state.next_positions() - 1) + 1
     sequences, scores, raw = input_ids, [], []

@@ -122,8 +122,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
             inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
             last_context_length: int | None = None, output_hidden_states: bool = False,
-            output_attentions: bool = False):
-        """Like `forward`, but extends `cache` in place (generation owns its cache and needs no copy)."""
+            output_attentions: bool = False, progress=None):
+        """Like `forward`, but extends `cache` in place (generation owns its cache and needs no copy).
+        `progress(tokens_done)` is called after each window of the input."""
         embeds = self._embed(input_ids, inputs_embeds)
         b, n, _ = embeds.shape
         fresh = cache.local_length == 0 and cache.memory_length == 0
@@ -137,7 +138,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             positions=position_ids.to(embeds.device).long(), use_cache=use_cache,
             default_use_cache=self.config.use_cache, window=self.config.max_position_embeddings,
             last_context_length=lcl, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions)
+            output_attentions=output_attentions, progress=progress)
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):

@@ -1,4 +1,4 @@
-"""Load the LLaMA SentencePiece tokenizer of a checkpoint folder as a transformers tokenizer that encodes like SentencePiece.
+"""Load a checkpoint's LLaMA `tokenizer.model` as a transformers tokenizer that encodes exactly like SentencePiece.
 
 Why the pipeline is built here instead of calling `LlamaTokenizer.from_pretrained` / `AutoTokenizer`:
 on transformers 5.x every tokenizer is a `tokenizers`-backed one (the SentencePiece "slow" class is gone), and the
@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.model"
 SPACE_MARK = "\u2581"  # "▁": how SentencePiece writes a space inside pieces
 
-# SentencePiece piece types (sentencepiece_model.proto, ModelProto.SentencePiece.Type)
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+# SentencePiece piece types used here (sentencepiece_model.proto, ModelProto.SentencePiece.Type)
+_NORMAL, _USER_DEFINED, _UNUSED = 1, 4, 5
 _BPE_MODEL_TYPE = 2  # TrainerSpec.ModelType.BPE
 
 
@@ -68,7 +68,7 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> PreTrainedTokenizerFast
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, *, bos: bool = True) -> list[int]:
     """Token ids of `text` for generation: BOS (unless `bos=False`) then the text's pieces, never EOS."""
     if not isinstance(text, str):
-        raise InputError(f"prompt must be a str, got {type(text).__name__}; decode bytes or read the file as text first")
+        raise InputError(f"prompt must be a str, got {type(text).__name__}; decode it to text first")
     if not text:
         raise InputError("prompt is empty; pass some text to continue from")
     # Prepend BOS here rather than through the tokenizer's post-processor, so the result does not depend on how a
@@ -99,7 +99,9 @@ def _read_proto(model_file: Path) -> Any:
         # sentencepiece ships the generated message classes; they need the protobuf runtime.
         from sentencepiece import sentencepiece_model_pb2
     except ImportError as exc:
-        raise ImportError(f"reading {TOKENIZER_FILE} needs the 'protobuf' package ({exc}); pip install protobuf") from exc
+        raise ImportError(f"{TOKENIZER_FILE} needs the 'protobuf' package ({exc}); pip install protobuf") from exc
+    except Exception as exc:  # protobuf's VersionError (not an ImportError): runtime older than sentencepiece's gencode
+        raise ImportError(f"protobuf cannot load sentencepiece's classes ({exc}); pip install -U protobuf") from exc
     from google.protobuf.message import DecodeError
 
     proto = sentencepiece_model_pb2.ModelProto()
@@ -116,13 +118,13 @@ def _check_supported(proto: Any, model_file: Path) -> None:
     """Refuse models this pipeline cannot encode exactly like SentencePiece, rather than give different ids."""
     trainer, norm = proto.trainer_spec, proto.normalizer_spec
     if trainer.model_type != _BPE_MODEL_TYPE:
-        raise CheckpointError(f"{model_file} is not a BPE SentencePiece model (LLaMA's is); use a LLaMA tokenizer.model")
+        raise CheckpointError(f"{model_file} is not a BPE SentencePiece model, as LLaMA's is; use a LLaMA one")
     # Unused pieces are merged then re-split by SentencePiece, user-defined ones matched before merging, a suffix
     # space moves the dummy prefix to the end: LLaMA tokenizers use none of these, and `tokenizers` BPE has no match.
     odd = sum(piece.type in (_USER_DEFINED, _UNUSED) for piece in proto.pieces)
     if odd or trainer.treat_whitespace_as_suffix:
         raise CheckpointError(
-            f"{model_file} uses user-defined/unused pieces or suffix whitespace, unsupported; use a LLaMA tokenizer.model"
+            f"{model_file} has user-defined/unused pieces or suffix whitespace (unsupported); use a LLaMA one"
         )
     if norm.add_dummy_prefix and not norm.escape_whitespaces:
         raise CheckpointError(f"{model_file} adds a dummy prefix without escaping spaces, unsupported")
@@ -168,13 +170,15 @@ def _merges_by_score(proto: Any) -> list[tuple[str, str]]:
 
 
 def _normalizer(spec: Any) -> normalizers.Normalizer:
-    """The SentencePiece normalizer, step for step: character map, space clean-up, space escaping, dummy prefix."""
+    """The SentencePiece normalizer, in its order: character map, leading and repeated spaces, space escaping, dummy
+    prefix, trailing spaces."""
     steps: list[normalizers.Normalizer] = []
     if spec.precompiled_charsmap:
         steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
     if spec.remove_extra_whitespaces:
-        # SentencePiece only counts " " (after the character map), not tabs or newlines.
-        steps.append(normalizers.Replace(Regex(r"^ +| +$"), ""))
+        # Only " " counts here (after the character map), not tabs or newlines. \A, not ^: in the `tokenizers`
+        # (Oniguruma) regex syntax ^ and $ match at every line.
+        steps.append(normalizers.Replace(Regex(r"\A +"), ""))
         steps.append(normalizers.Replace(Regex(r" {2,}"), " "))
     if spec.escape_whitespaces:
         steps.append(normalizers.Replace(" ", SPACE_MARK))
@@ -182,6 +186,11 @@ def _normalizer(spec: Any) -> normalizers.Normalizer:
         # Prepend (unlike the Metaspace pre-tokenizer transformers uses) always adds the mark, even before a
         # leading space, and adds nothing to an empty text: both as SentencePiece does.
         steps.append(normalizers.Prepend(SPACE_MARK))
+    if spec.remove_extra_whitespaces:
+        # SentencePiece trims the end last, on escaped spaces: a literal "▁" there goes too, and so does the dummy
+        # prefix of a text that is nothing but "▁" marks.
+        trailing = SPACE_MARK if spec.escape_whitespaces else " "
+        steps.append(normalizers.Replace(Regex(f"{trailing}+\\z"), ""))
     return normalizers.Sequence(steps)
 
 

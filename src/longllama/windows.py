@@ -39,10 +39,12 @@ def default_positions(cache: LongLlamaCache, batch: int, n: int, device: torch.d
 def run_windows(decoder, embeds: torch.Tensor, *, cache: LongLlamaCache, fresh: bool,
                 attention_mask: torch.Tensor | None, positions: torch.Tensor, use_cache: bool | None,
                 default_use_cache: bool, window: int, last_context_length: int,
-                output_hidden_states: bool = False, output_attentions: bool = False) -> WindowsOutput:
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                progress=None) -> WindowsOutput:
     """Run an input of embeddings (b, n, hidden) through the decoder in windows, updating `cache` in place.
 
-    `decoder` has `layers` and `forward_window` (LongLlamaModel)."""
+    `decoder` has `layers` and `forward_window` (LongLlamaModel). `progress(tokens_done)`, if given, is called after
+    each window."""
     b, n, _ = embeds.shape
     p0 = cache.local_length
     if attention_mask is not None:
@@ -75,6 +77,8 @@ def run_windows(decoder, embeds: torch.Tensor, *, cache: LongLlamaCache, fresh: 
         outputs.append(h)
         layer_hidden.append(hidden)
         attentions = attn
+        if progress is not None:
+            progress(end)
     all_hidden = None
     if output_hidden_states:
         all_hidden = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*layer_hidden))
