@@ -18,6 +18,16 @@ from longllama.errors import InputError
 from longllama.memory import MemoryCache
 
 
+class CacheAlias:
+    """Outputs carry the cache as `cache` (transformers >= 5.24's name) and `past_key_values` (the older one)."""
+
+    cache: LongLlamaCache | None
+
+    @property
+    def past_key_values(self) -> LongLlamaCache | None:
+        return self.cache
+
+
 @dataclass
 class LayerState:
     keys: torch.Tensor | None = None

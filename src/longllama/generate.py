@@ -22,22 +22,18 @@ from transformers.generation.logits_process import (
 )
 from transformers.utils import ModelOutput
 
-from longllama.cache import LongLlamaCache
+from longllama.cache import CacheAlias, LongLlamaCache
 from longllama.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class GenerateOutput(ModelOutput):
+class GenerateOutput(ModelOutput, CacheAlias):
     sequences: torch.Tensor | None = None
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
     cache: LongLlamaCache | None = None
-
-    @property
-    def past_key_values(self) -> LongLlamaCache | None:
-        return self.cache
 
 
 @dataclass

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from longllama.cache import LongLlamaCache
+from longllama.cache import CacheAlias, LongLlamaCache
 from longllama.config import ConfigError, LongLlamaConfig
 from longllama.errors import CheckpointError, InputError, LongLlamaError
 from longllama.model import DecoderLayer, RMSNorm, RotaryTable, forward_window
@@ -28,28 +28,20 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LongLlamaOutput(ModelOutput):
+class LongLlamaOutput(ModelOutput, CacheAlias):
     last_hidden_state: torch.Tensor | None = None
     cache: LongLlamaCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
-    @property
-    def past_key_values(self) -> LongLlamaCache | None:
-        return self.cache
-
 
 @dataclass
-class LongLlamaCausalLMOutput(ModelOutput):
+class LongLlamaCausalLMOutput(ModelOutput, CacheAlias):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: LongLlamaCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-
-    @property
-    def past_key_values(self) -> LongLlamaCache | None:
-        return self.cache
 
 
 class LongLlamaPreTrainedModel(PreTrainedModel):
