@@ -73,6 +73,25 @@ def decode_ms(model, ids, new_tokens: int, *, hf: bool) -> float:
     return (many - one) / new_tokens * 1e3
 
 
+def ingest_flops(config, params: int, n: int, *, hf: bool) -> float:
+    """Matrix FLOPs: 2 x params x n, plus attention: causal over everything in every layer (hf), or causal within
+    windows everywhere and, in memory layers, over all earlier windows (longllama)."""
+    h = config.hidden_size
+    if hf:
+        return 2 * params * n + 2 * h * n * n * config.num_hidden_layers
+    window = config.max_position_embeddings
+    local = 2 * h * n * window * config.num_hidden_layers  # ~ causal attention inside windows
+    return 2 * params * n + local + 2 * h * n * n * len(config.mem_layers)
+
+
+def memory_gib(config, n: int) -> float:
+    """Memory cache size: keys and values of every memory layer, head dimension padded to a multiple of 8."""
+    from longllama.attention import kernel_head_dim
+
+    kv = config.num_key_value_heads * kernel_head_dim(config.head_dim)
+    return n * len(config.mem_layers) * 2 * kv * 2 / 2**30
+
+
 def params_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -83,7 +102,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="8192,32768")
     ap.add_argument("--decode-after", type=int, default=8192)
     ap.add_argument("--decode-tokens", type=int, default=64)
-    ap.add_argument("--impls", default="longllama,longllama-grouped,hf-llama")
+    ap.add_argument("--impls", default="longllama,hf-llama")
+    ap.add_argument("--hf-tokens", default=None, help="ingest lengths for hf-llama (default: --tokens)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = "cuda"
@@ -96,13 +116,16 @@ def main() -> None:
         if hf:
             model = _hf_llama(args.shape, device)
         elif impl == "longllama-grouped":
-            model = _longllama(args.shape, device, mem_attention_grouping=(4, 2048))
-        else:
+            model = _longllama(args.shape, device, mem_attention_grouping=(4, 2048), attn_impl="eager")
+        elif impl == "longllama-sdpa":
             model = _longllama(args.shape, device, torch_attention=True)
+        else:
+            model = _longllama(args.shape, device)  # attn_impl "auto": the fast path on a GPU
         vocab = model.config.vocab_size
         warm = torch.randint(3, vocab, (1, 4096), device=device)
         ingest(model, warm, hf=hf)
-        for n in [int(t) for t in args.tokens.split(",")]:
+        lengths = args.hf_tokens if hf and args.hf_tokens else args.tokens
+        for n in [int(t) for t in lengths.split(",")]:
             ids = torch.randint(3, vocab, (1, n), device=device)
             try:
                 seconds, peak = ingest(model, ids, hf=hf)
@@ -110,12 +133,17 @@ def main() -> None:
                 print(f"{impl:18s} ingest {n:>8d}: out of memory")
                 torch.cuda.empty_cache()
                 continue
-            flops = 2 * params_count(model) * n
+            flops = ingest_flops(model.config, params_count(model), n, hf=hf)
+            weights = params_count(model) * 2 / 2**30
+            memory = 0.0 if hf else memory_gib(model.config, n)
             rec = dict(benchmark="ingest", impl=impl, shape=args.shape, tokens=n, seconds=round(seconds, 4),
-                       tokens_per_s=round(n / seconds), tflops_linear=round(flops / seconds / 1e12, 1),
-                       peak_gib=round(peak, 2), device=card, date=today)
+                       tokens_per_s=round(n / seconds), tflops=round(flops / seconds / 1e12, 1),
+                       peak_gib=round(peak, 2), weights_gib=round(weights, 2), memory_gib=round(memory, 2),
+                       device=card, date=today)
             records.append(rec)
-            print(f"{impl:18s} ingest {n:>8d}: {seconds:8.3f} s {n / seconds:10.0f} tok/s  peak {peak:6.2f} GiB")
+            print(f"{impl:18s} ingest {n:>8d}: {seconds:8.3f} s {n / seconds:10.0f} tok/s "
+                  f"{flops / seconds / 1e12:6.1f} TFLOP/s  peak {peak:6.2f} GiB "
+                  f"(weights {weights:.1f} + memory {memory:.1f} GiB)")
         if args.decode_after:
             ids = torch.randint(3, vocab, (1, args.decode_after), device=device)
             ms = decode_ms(model, ids, args.decode_tokens, hf=hf)

@@ -20,6 +20,30 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def check_kernels() -> bool:
+    """The CUDA partial attention (with its log-sum-exp) against fp32 maths, head_dim 100 padded to 104."""
+    from longllama.attention import merge_partials, partial_attention
+
+    ok = True
+    for causal, n, m in [(True, 2048, 2048), (False, 2048, 20000), (False, 1, 20000)]:
+        q = torch.randn(1, 32, n, 104, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 32, m, 104, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, 32, m, 104, device="cuda", dtype=torch.bfloat16)
+        q[..., 100:] = 0
+        k[..., 100:] = 0
+        out, lse = partial_attention(q, k, v, causal=causal, scale=0.1)
+        ref_out, ref_lse = partial_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), causal=causal,
+                                             scale=0.1)
+        e_out, e_lse = rel(out.cpu(), ref_out), rel(lse.cpu(), ref_lse)
+        print(f"kernel causal={causal} n={n} m={m}: out rel {e_out:.2e}, lse rel {e_lse:.2e}")
+        ok &= e_out < 2e-2 and e_lse < 1e-3
+    a, la = partial_attention(q, k[:, :, :5000], v[:, :, :5000], causal=False, scale=0.1)
+    b, lb = partial_attention(q, k[:, :, 5000:], v[:, :, 5000:], causal=False, scale=0.1)
+    e = rel(merge_partials(a, la, b, lb), out)
+    print(f"merge of two halves vs one attention: rel {e:.2e}")
+    return ok and e < 2e-2
+
+
 def main() -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -51,14 +75,17 @@ def main() -> int:
         e = rel(ours(short, use_cache=False).logits, ref_short)
         print(f"bf16, short input vs fp32: ours {e:.2e}, transformers LLaMA {base:.2e}")
         ok &= e <= 1.5 * base + 1e-3
-        for name, kw in [("eager", {}), ("sdpa", dict(torch_attention=True)),
-                         ("grouped", dict(mem_attention_grouping=(4, 512)))]:
+        for name, kw in [("eager", dict(attn_impl="eager")), ("fast", dict(attn_impl="fast")),
+                         ("sdpa", dict(torch_attention=True)),
+                         ("grouped", dict(attn_impl="eager", mem_attention_grouping=(4, 512)))]:
             for k, v in kw.items():
                 setattr(ours.config, k, v)
             e = rel(ours(long, use_cache=False).logits, ref_long)
             print(f"bf16, long input, {name} vs fp32 eager: rel {e:.2e}")
             ok &= e <= 1.5 * base + 1e-3
             ours.config.torch_attention, ours.config.mem_attention_grouping = False, None
+            ours.config.attn_impl = "auto"
+        ok &= check_kernels()
         out = ours.generate(long[:, :3000], max_new_tokens=40, do_sample=False)
         print("generate ok", tuple(out.shape))
     print("PASS" if ok else "FAIL")

@@ -6,6 +6,11 @@
              probabilities cast back before they multiply the values. Supports `grouping` (heads, queries) chunks.
     "sdpa"   torch's scaled_dot_product_attention on the concatenated keys with a finite additive mask; the same
              function up to rounding (no -inf is ever produced, so fully masked rows give a uniform row, not NaN).
+    "fast"   no copy of the memory per call. Windows of many queries: local and memory attention run as two fused
+             attentions that return their log-sum-exp, merged exactly into one softmax (FlashAttention on CUDA,
+             explicit fp32 maths elsewhere); the memory is read zero-padded to a multiple of 8 in the head dimension
+             as stored. A few queries (decoding): one joint softmax over local and memory scores, values applied
+             as two products instead of a concatenation. Padded inputs fall back to "eager".
 
 Shapes: q (b, h, q, d); k, v (b, h_kv, kv, d); visible (b or 1, 1, q, kv) bool or None (all visible);
 mem_k, mem_v (b, h_kv, M, d) in the memory dtype; mem_valid (b, M) bool or None. Returns (b, h, q, d) and, for
@@ -89,14 +94,96 @@ def _sdpa(q, k, v, visible, mem_k, mem_v, mem_valid):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def kernel_head_dim(head_dim: int) -> int:
+    """The head dimension fused kernels read: the next multiple of 8 (100 -> 104)."""
+    return -(-head_dim // 8) * 8
+
+
+def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x if x.shape[-1] == dim else F.pad(x, (0, dim - x.shape[-1]))
+
+
+def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    rep = heads // x.shape[1]
+    return x if rep == 1 else x.repeat_interleave(rep, dim=1)
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked (or top-left causal) attention that also returns its log-sum-exp (b, h, n) in fp32.
+    q, k, v have the same number of heads and a head dimension that is a multiple of 8."""
+    n = q.shape[2]
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+        return out, lse.reshape(q.shape[0], q.shape[1], -1)[..., :n].float()
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(n, k.shape[2], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return (torch.exp(s - lse[..., None]) @ v.float()).to(q.dtype), lse
+
+
+def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """Combine two attentions over disjoint key sets into the attention over their union (one softmax)."""
+    lse = torch.logaddexp(lse1, lse2)
+    w1 = torch.exp(lse1 - lse).unsqueeze(-1)
+    w2 = torch.exp(lse2 - lse).unsqueeze(-1)
+    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype)
+
+
+_FEW_QUERIES = 16
+
+
+def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem):
+    local_plain = visible is None or is_causal
+    if mem_valid is not None or not local_plain:
+        return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False)[0]
+    d = q.shape[-1]
+    if q.shape[2] <= _FEW_QUERIES:
+        return _few_queries(q, k, v, visible, mem_k, mem_v)
+    dim = kernel_head_dim(d)
+    h = q.shape[1]
+    scale = 1.0 / math.sqrt(d)
+    qp = _pad_to(q, dim)
+    out, lse = partial_attention(qp, _expand_heads(_pad_to(k, dim), h), _expand_heads(_pad_to(v, dim), h),
+                                 causal=bool(is_causal), scale=scale)
+    if mem_k is not None:
+        pk, pv = padded_mem if padded_mem is not None else (mem_k, mem_v)
+        pk, pv = _pad_to(pk.to(q.dtype), dim), _pad_to(pv.to(q.dtype), dim)
+        mem_out, mem_lse = partial_attention(qp, _expand_heads(pk, h), _expand_heads(pv, h), causal=False,
+                                             scale=scale)
+        out = merge_partials(out, lse, mem_out, mem_lse)
+    return out[..., :d]
+
+
+def _few_queries(q, k, v, visible, mem_k, mem_v):
+    """Decoding: scores against local and memory keys in one softmax; no concatenation of the memory values."""
+    c_min = clamp_value(q.dtype)
+    local = _scores(q, k, visible, c_min)
+    if mem_k is None:
+        probs = torch.softmax(local, dim=-1, dtype=torch.float32).to(q.dtype)
+        return _weighted(probs, v)
+    scores = torch.cat([local, _scores(q, mem_k.to(k.dtype), None, c_min)], dim=-1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    kv = k.shape[2]
+    return _weighted(probs[..., :kv], v) + _weighted(probs[..., kv:], mem_v.to(v.dtype))
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, visible: torch.Tensor | None = None,
            mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None,
            mem_valid: torch.Tensor | None = None, impl: str = "eager",
-           grouping: tuple[int, int] | None = None,
+           grouping: tuple[int, int] | None = None, is_causal: bool = False,
+           padded_mem: tuple[torch.Tensor, torch.Tensor] | None = None,
            return_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One softmax over local and memory keys; see the module docstring for shapes."""
+    """One softmax over local and memory keys; see the module docstring for shapes.
+
+    `is_causal` tells that `visible` is exactly the top-left causal mask of a window with no local cache and no
+    padding (fast kernels then need no mask); `padded_mem` are the memory keys/values as stored, zero-padded in the
+    head dimension (MemoryCache.padded())."""
     if mem_k is not None and mem_k.shape[2] == 0:
-        mem_k = mem_v = mem_valid = None
+        mem_k = mem_v = mem_valid = padded_mem = None
+    if impl == "fast" and not return_probs:
+        return _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem), None
     if impl == "sdpa" and not return_probs:
         return _sdpa(q, k, v, visible, mem_k, mem_v, mem_valid), None
     if grouping is not None and not return_probs:

@@ -16,6 +16,11 @@ MEM_DTYPES = {
 }
 
 
+# "eager": the exact reference maths; "sdpa": torch SDPA on concatenated keys (as torch_attention); "fast": fused
+# kernels with no per-window copy of the memory; "auto": eager on the CPU, fast on GPUs.
+ATTN_IMPLS = ("auto", "eager", "sdpa", "fast")
+
+
 class ConfigError(LongLlamaError, ValueError):
     """A configuration value is out of range; the message names the field and the fix."""
 
@@ -69,6 +74,7 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_dtype: Any = "bfloat16"
     mem_attention_grouping: Any = None
     torch_attention: bool = False
+    attn_impl: str = "auto"
     gradient_checkpoint_every_ith: int = 1
 
     def __post_init__(self, **kwargs):
@@ -125,6 +131,8 @@ class LongLlamaConfig(PreTrainedConfig):
                 )
         if len(set(self.mem_layers)) != len(self.mem_layers):
             raise ConfigError(f"mem_layers={self.mem_layers} repeats a layer: list each memory layer once")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ConfigError(f"attn_impl={self.attn_impl!r} is not supported: use one of {', '.join(ATTN_IMPLS)}")
         grouping = self.mem_attention_grouping
         if grouping is not None and (
             len(grouping) != 2 or any(not isinstance(g, int) or isinstance(g, bool) or g <= 0 for g in grouping)

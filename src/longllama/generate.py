@@ -153,7 +153,7 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
         streamer.put(input_ids.cpu())
 
     out = model.model.run(input_ids, cache=state, attention_mask=mask, position_ids=positions, use_cache=True,
-                          last_context_length=last_context_length, progress=progress)
+                          last_context_length=last_context_length, progress=progress, keep_last=1)
     logits = model.lm_head(out.hidden[:, -1])
     next_pos = (positions[:, -1] if positions is not None else state.next_positions() - 1) + 1
     sequences, scores, raw = input_ids, [], []
@@ -181,7 +181,7 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = model.model.run(token[:, None], cache=state, attention_mask=mask, position_ids=next_pos[:, None],
-                              use_cache=True, last_context_length=last_context_length)
+                              use_cache=True, last_context_length=last_context_length, validate=False)
         logits = model.lm_head(out.hidden[:, -1])
         next_pos = next_pos + 1
     if streamer is not None:

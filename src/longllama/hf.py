@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 from longllama.cache import CacheAlias, LongLlamaCache
 from longllama.config import ConfigError, LongLlamaConfig
 from longllama.errors import CheckpointError, InputError, LongLlamaError
-from longllama.model import DecoderLayer, RMSNorm, RotaryTable, forward_window
+from longllama.model import DecoderLayer, RMSNorm, RotaryTable, attention_impl, forward_window
 from longllama.windows import default_positions, run_windows
 
 logger = logging.getLogger(__name__)
@@ -108,16 +108,18 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         return LongLlamaCache(self.config.num_hidden_layers)
 
     def forward_window(self, h, **kwargs):
-        return forward_window(self.layers, self.norm, self.rope, h, **kwargs)
+        impl = attention_impl(self.config, h.device)
+        return forward_window(self.layers, self.norm, self.rope, h, impl=impl, **kwargs)
 
     def run(self, input_ids: torch.Tensor | None = None, *, cache: LongLlamaCache,
             attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
             inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
             last_context_length: int | None = None, output_hidden_states: bool = False,
-            output_attentions: bool = False, progress=None):
+            output_attentions: bool = False, progress=None, keep_last: int = 0, validate: bool = True):
         """Like `forward`, but extends `cache` in place (generation owns its cache and needs no copy).
-        `progress(tokens_done)` is called after each window of the input."""
-        embeds = self._embed(input_ids, inputs_embeds)
+        `progress(tokens_done)` is called after each window of the input; `keep_last` > 0 returns only the hidden
+        states of the last positions; `validate=False` skips the token-id range check (ids the model produced)."""
+        embeds = self._embed(input_ids, inputs_embeds, validate=validate)
         b, n, _ = embeds.shape
         fresh = cache.local_length == 0 and cache.memory_length == 0
         if position_ids is None:
@@ -130,9 +132,10 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             positions=position_ids.to(embeds.device).long(), use_cache=use_cache,
             default_use_cache=self.config.use_cache, window=self.config.max_position_embeddings,
             last_context_length=lcl, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions, progress=progress)
+            output_attentions=output_attentions, progress=progress, keep_last=keep_last)
 
-    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, *,
+               validate: bool = True) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None:
@@ -143,6 +146,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             input_ids = input_ids[None]
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise InputError(f"input_ids has shape {tuple(input_ids.shape)}: pass a non-empty (batch, n) tensor of token ids")
+        if not validate:
+            return self.embed_tokens(input_ids)
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
@@ -237,7 +242,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
                              inputs_embeds=inputs_embeds, use_cache=use_cache,
                              last_context_length=last_context_length,
                              output_hidden_states=bool(output_hidden_states),
-                             output_attentions=bool(output_attentions))
+                             output_attentions=bool(output_attentions), keep_last=int(logits_to_keep or 0))
         hidden = out.hidden if not logits_to_keep else out.hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None

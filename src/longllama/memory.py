@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from longllama.errors import CheckpointError, InputError
@@ -31,27 +32,42 @@ _MIN_CAPACITY = 256
 
 
 class MemoryCache:
-    """Growable (keys, values, valid) storage of one memory layer."""
+    """Growable (keys, values, valid) storage of one memory layer.
+
+    `storage_dim` >= head_dim stores keys/values zero-padded in the last dimension, so that fast attention kernels
+    that want a multiple of 8 (head_dim 100 -> 104, say) read the memory in place instead of copying it per window.
+    """
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device | str | None = None, capacity: int = 0):
+                 device: torch.device | str | None = None, capacity: int = 0, storage_dim: int | None = None):
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self.storage_dim = head_dim if storage_dim is None else max(storage_dim, head_dim)
         self.dtype = dtype
         self.length = 0
-        self._k = torch.empty(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
-        self._v = torch.empty_like(self._k)
-        self._valid = torch.empty(batch, capacity, dtype=torch.bool, device=device)
+        self.has_invalid = False  # any entry with valid=False (tracked so attention needs no device sync)
+        self._k, self._v, self._valid = self._allocate(capacity, torch.device(device) if device else None)
         self._written = [0]  # entries written into this buffer by any fork; shared between forks
         self.copies = 0  # how many times the buffer was re-allocated (tests check growth is amortised)
+
+    def _allocate(self, capacity: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        make = torch.zeros if self.storage_dim > self.head_dim else torch.empty  # padding columns must be 0
+        shape = (self.batch, self.kv_heads, capacity, self.storage_dim)
+        k = make(shape, dtype=self.dtype, device=device)
+        v = make(shape, dtype=self.dtype, device=device)
+        return k, v, torch.empty(self.batch, capacity, dtype=torch.bool, device=device)
 
     # -- views of the live part --------------------------------------------------------------------------------
     @property
     def keys(self) -> torch.Tensor:
-        return self._k[:, :, : self.length]
+        return self._k[:, :, : self.length, : self.head_dim]
 
     @property
     def values(self) -> torch.Tensor:
-        return self._v[:, :, : self.length]
+        return self._v[:, :, : self.length, : self.head_dim]
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values with the zero padding up to `storage_dim` (for kernels)."""
+        return self._k[:, :, : self.length], self._v[:, :, : self.length]
 
     @property
     def valid(self) -> torch.Tensor:
@@ -66,7 +82,7 @@ class MemoryCache:
         return self._k.shape[2]
 
     def all_valid(self) -> bool:
-        return bool(self.valid.all())
+        return not self.has_invalid
 
     def nbytes(self) -> int:
         """Bytes held by the buffers (capacity, not just the live part)."""
@@ -78,11 +94,9 @@ class MemoryCache:
         if capacity <= self.capacity and self._owns_end():
             return
         capacity = max(capacity, self.length)
-        k = torch.empty(self.batch, self.kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device)
-        v = torch.empty_like(k)
-        valid = torch.empty(self.batch, capacity, dtype=torch.bool, device=self.device)
-        k[:, :, : self.length] = self.keys
-        v[:, :, : self.length] = self.values
+        k, v, valid = self._allocate(capacity, self.device)
+        k[:, :, : self.length] = self._k[:, :, : self.length]
+        v[:, :, : self.length] = self._v[:, :, : self.length]
         valid[:, : self.length] = self.valid
         self._k, self._v, self._valid = k, v, valid
         self._written = [self.length]
@@ -98,47 +112,60 @@ class MemoryCache:
         twin.copies = 0
         return twin
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
-        """Append keys/values (batch, kv_heads, n, head_dim) and their valid flags (batch, n)."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Append keys/values (batch, kv_heads, n, head_dim) and their valid flags (batch, n; None: all valid)."""
         n = keys.shape[2]
         if keys.shape != (self.batch, self.kv_heads, n, self.head_dim) or values.shape != keys.shape:
             raise InputError(
                 f"memory append got keys {tuple(keys.shape)} / values {tuple(values.shape)}, expected "
                 f"({self.batch}, {self.kv_heads}, n, {self.head_dim}): pass tensors of this memory's batch and heads"
             )
+        if valid is None:
+            valid = torch.ones(self.batch, n, dtype=torch.bool, device=self.device)
+        elif not self.has_invalid:
+            self.has_invalid = not bool(valid.all())
         if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
-            # Training: writes into a shared buffer would break autograd; concatenate functionally instead.
-            self._k = torch.cat([self.keys, keys.to(self.dtype)], dim=2)
-            self._v = torch.cat([self.values, values.to(self.dtype)], dim=2)
-            self._valid = torch.cat([self.valid, valid.to(torch.bool)], dim=1)
-            self.length += n
-            self._written = [self.length]
+            self._append_differentiable(keys, values, valid)
             return
         if self.length + n > self.capacity or not self._owns_end():
             self.reserve(max(self.length + n, 2 * self.capacity, _MIN_CAPACITY))
         end = self.length + n
-        self._k[:, :, self.length:end] = keys
-        self._v[:, :, self.length:end] = values
+        self._k[:, :, self.length:end, : self.head_dim] = keys
+        self._v[:, :, self.length:end, : self.head_dim] = values
         self._valid[:, self.length:end] = valid
         self.length = end
         self._written[0] = end
+
+    def _append_differentiable(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        # Training: writes into a shared buffer would break autograd; concatenate functionally instead.
+        pad = (0, self.storage_dim - self.head_dim)
+        k, v = self.padded()
+        self._k = torch.cat([k, F.pad(keys.to(self.dtype), pad)], dim=2)
+        self._v = torch.cat([v, F.pad(values.to(self.dtype), pad)], dim=2)
+        self._valid = torch.cat([self.valid, valid.to(torch.bool)], dim=1)
+        self.length += keys.shape[2]
+        self._written = [self.length]
 
     def clear(self) -> None:
         """Forget every entry and release the buffers (a fork may still be reading them)."""
         self._k, self._v, self._valid = self._k[:, :, :0], self._v[:, :, :0], self._valid[:, :0]
         self.length = 0
+        self.has_invalid = False
         self._written = [0]
 
     def index_select(self, rows: torch.Tensor) -> None:
         """Keep (or repeat) batch rows `rows`, e.g. to reorder beams or drop finished sequences."""
-        self._k, self._v, self._valid = self.keys[rows], self.values[rows], self.valid[rows]
+        k, v = self.padded()
+        self._k, self._v, self._valid = k[rows], v[rows], self.valid[rows]
         self.batch = self._k.shape[0]
+        self.has_invalid = not bool(self._valid.all())
         self._written = [self.length]
 
     def to(self, device: torch.device | str) -> MemoryCache:
         """Move the buffers (pinned CPU memory or another GPU, say); in place, returns self."""
         if torch.device(device) != self.device:
-            self._k, self._v, self._valid = self.keys.to(device), self.values.to(device), self.valid.to(device)
+            k, v = self.padded()
+            self._k, self._v, self._valid = k.to(device), v.to(device), self.valid.to(device)
             self._written = [self.length]
         return self
 
@@ -158,14 +185,16 @@ class MemoryCache:
                 os.unlink(tmp)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None) -> MemoryCache:
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None,
+             storage_dim: int | None = None) -> MemoryCache:
         """Read a memory written by `save`."""
         try:
             tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
             keys, values, valid = tensors["keys"], tensors["values"], tensors["valid"]
         except (OSError, KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"cannot read memory file {path}: {exc}; write it again with MemoryCache.save") from None
-        mem = cls(keys.shape[0], keys.shape[1], keys.shape[3], dtype=keys.dtype, device=keys.device)
+        mem = cls(keys.shape[0], keys.shape[1], keys.shape[3], dtype=keys.dtype, device=keys.device,
+                  storage_dim=storage_dim)
         mem.append(keys, values, valid)
         return mem
 

@@ -8,11 +8,13 @@ stored un-rotated. Splitting long inputs into windows is `windows.py`'s job.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longllama.attention import attend
+from longllama.attention import attend, kernel_head_dim
 from longllama.cache import LayerState, LongLlamaCache
 from longllama.config import LongLlamaConfig
 from longllama.memory import MemoryCache
@@ -53,14 +55,29 @@ class RotaryTable:
             self._tables[device] = table
         return table
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (b, h, n, d) rotated to positions (b, n) (non-negative ints)."""
-        cos, sin = self.get(int(positions.max()) + 1, x.device)
-        cos = cos[positions].unsqueeze(1).to(x.dtype)  # (B, 1, N, D)
-        sin = sin[positions].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated_half * sin
+    def gather(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (b, 1, n, d) in `dtype` for positions (b, n) (non-negative ints)."""
+        cos, sin = self.get(int(positions.max()) + 1, positions.device)
+        return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)  # (B, 1, N, D)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated_half * sin
+
+
+@dataclass
+class Window:
+    """What every layer of one window shares (SPEC B.3): masks, the kernel choice and the RoPE of the local span."""
+
+    visible: torch.Tensor | None  # (b|1, 1, n, P+n) bool: keys each query may see; None: all
+    pad_valid: torch.Tensor | None  # (b, P+n) bool: False on padding columns; None: no padding
+    is_causal: bool  # visible is the plain causal mask of a window with no local cache and no padding
+    cos: torch.Tensor  # (b, 1, span, d): RoPE of the local span after any overflow, relative to its oldest token
+    sin: torch.Tensor
+    impl: str  # attention implementation (attention.attend)
 
 
 class MLP(nn.Module):
@@ -95,24 +112,24 @@ class Attention(nn.Module):
         return x.view(b, n, heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
 
     def new_memory(self, batch: int, device: torch.device) -> MemoryCache:
-        return MemoryCache(batch, self.num_kv_heads, self.head_dim, dtype=self.config.memory_dtype, device=device)
+        return MemoryCache(batch, self.num_kv_heads, self.head_dim, dtype=self.config.memory_dtype, device=device,
+                           storage_dim=kernel_head_dim(self.head_dim))
 
     def _append_memory(self, state: LayerState, k, v, valid) -> None:
         if state.memory is None:
             state.memory = self.new_memory(k.shape[0], k.device)
         state.memory.append(k, v, valid)
 
-    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, visible: torch.Tensor | None,
-                pad_valid: torch.Tensor | None, state: LayerState, use_cache: bool, rope: RotaryTable,
-                output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (b, q, hidden); positions (b, q); visible (b|1, 1, q, P+q) bool or None;
-        pad_valid (b, P+q) bool or None: False where a column is padding (what memory records)."""
+    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, window: Window, state: LayerState,
+                use_cache: bool, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (b, q, hidden); positions (b, q) of the new tokens; `window` holds masks and RoPE of the window."""
         n = x.shape[1]
         q = self._split(self.q_proj(x), self.num_heads)
         k = self._split(self.k_proj(x), self.num_kv_heads)
         v = self._split(self.v_proj(x), self.num_kv_heads)
         mem_layer = self.is_memory_layer
         fresh_to_memory = mem_layer and state.local_length == 0 and not use_cache
+        visible, pad_valid = window.visible, window.pad_valid
 
         if state.local_length:
             old = state.local_length
@@ -122,7 +139,7 @@ class Attention(nn.Module):
             if old + n > self.config.max_position_embeddings:
                 # Overflow: the whole old cache leaves; memory layers keep it as memory, the others lose it.
                 if mem_layer and use_cache:
-                    self._append_memory(state, k[:, :, :old], v[:, :, :old], _columns(pad_valid, k, 0, old))
+                    self._append_memory(state, k[:, :, :old], v[:, :, :old], _columns(pad_valid, 0, old))
                 k, v, positions = k[:, :, old:], v[:, :, old:], positions[:, old:]
                 visible = None if visible is None else visible[..., old:]
                 pad_valid = None if pad_valid is None else pad_valid[:, old:]
@@ -131,32 +148,30 @@ class Attention(nn.Module):
 
         q_rot, k_rot = q, k
         if self.config.mem_positionals or not mem_layer:
-            rel = positions - positions.min(dim=-1, keepdim=True).values
-            q_rot = rope.rotate(q, rel[:, -n:])
-            k_rot = rope.rotate(k, rel)
+            q_rot = rotate(q, window.cos[:, :, -n:], window.sin[:, :, -n:])
+            k_rot = rotate(k, window.cos, window.sin)
 
         memory = state.memory if mem_layer else None
-        mem_k = mem_v = mem_valid = None
+        mem_k = mem_v = mem_valid = padded = None
         if memory is not None and memory.length:
-            mem_k, mem_v = memory.keys, memory.values
+            mem_k, mem_v, padded = memory.keys, memory.values, memory.padded()
             mem_valid = None if memory.all_valid() else memory.valid
-        impl = "sdpa" if self.config.torch_attention else "eager"
         grouping = self.config.mem_attention_grouping if mem_layer else None
         out, probs = attend(q_rot, k_rot, v, visible=visible, mem_k=mem_k, mem_v=mem_v, mem_valid=mem_valid,
-                            impl=impl, grouping=grouping, return_probs=output_attentions)
+                            impl=window.impl, grouping=grouping, is_causal=window.is_causal, padded_mem=padded,
+                            return_probs=output_attentions)
 
         if fresh_to_memory:
             # After attention, so a window never sees its own keys twice.
-            self._append_memory(state, k[:, :, -n:], v[:, :, -n:], _columns(pad_valid, k, k.shape[2] - n, k.shape[2]))
+            end = k.shape[2]
+            self._append_memory(state, k[:, :, -n:], v[:, :, -n:], _columns(pad_valid, end - n, end))
         b = x.shape[0]
         out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         return self.o_proj(out), probs
 
 
-def _columns(pad_valid: torch.Tensor | None, like: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    if pad_valid is None:
-        return torch.ones(like.shape[0], end - start, dtype=torch.bool, device=like.device)
-    return pad_valid[:, start:end]
+def _columns(pad_valid: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+    return None if pad_valid is None else pad_valid[:, start:end]
 
 
 class DecoderLayer(nn.Module):
@@ -187,26 +202,52 @@ def window_visibility(batch: int, n: int, past: int, pad_valid: torch.Tensor | N
     return visible
 
 
+def attention_impl(config: LongLlamaConfig, device: torch.device) -> str:
+    """The attention implementation a model runs with: the config's choice, "auto" meaning the exact path on the
+    CPU and the fast one on GPUs; `torch_attention` (the reference's flag) selects SDPA."""
+    if config.torch_attention:
+        return "sdpa"
+    if config.attn_impl != "auto":
+        return config.attn_impl
+    return "fast" if device.type == "cuda" else "eager"
+
+
+def make_window(cache: LongLlamaCache, positions: torch.Tensor, mask: torch.Tensor | None, *, window_size: int,
+                rope: RotaryTable, dtype: torch.dtype, impl: str) -> Window:
+    """Masks, kernel hints and RoPE tables of one window of new tokens, shared by all layers."""
+    b, n = positions.shape
+    past = cache.local_length
+    pad_valid = None if mask is None else mask.to(torch.bool)
+    visible = window_visibility(b, n, past, pad_valid, positions.device)
+    if pad_valid is not None and bool(pad_valid.all()):
+        pad_valid = None
+    span = positions
+    if past and past + n <= window_size:
+        span = torch.cat([cache.layers[0].positions, positions], dim=1)
+    # Relative RoPE: the oldest local token sits at position 0, so memory keys (stored un-rotated) act as if there.
+    rel = span - span.min(dim=-1, keepdim=True).values
+    cos, sin = rope.gather(rel, dtype)
+    return Window(visible=visible, pad_valid=pad_valid, is_causal=past == 0 and n > 1 and pad_valid is None,
+                  cos=cos, sin=sin, impl=impl)
+
+
 def forward_window(layers: nn.ModuleList, norm: RMSNorm, rope: RotaryTable, h: torch.Tensor, *,
                    positions: torch.Tensor, mask: torch.Tensor | None, cache: LongLlamaCache, use_cache: bool,
-                   output_hidden_states: bool = False,
+                   impl: str = "eager", output_hidden_states: bool = False,
                    output_attentions: bool = False) -> tuple[torch.Tensor, list, list]:
     """Run one window (SPEC B.3) through all layers and the final norm, updating `cache` in place.
 
     h (b, q, hidden) embeddings; positions (b, q); mask (b, P+q) 2-D attention mask over local cache + window, or
     None. Returns the normed hidden states, the per-layer inputs (if asked) and the attention probabilities (if asked).
     """
-    b, n, _ = h.shape
-    pad_valid = None if mask is None else mask.to(torch.bool)
-    visible = window_visibility(b, n, cache.local_length, pad_valid, h.device)
-    if pad_valid is not None and bool(pad_valid.all()):
-        pad_valid = None
+    window_size = layers[0].self_attn.config.max_position_embeddings
+    window = make_window(cache, positions, mask, window_size=window_size, rope=rope, dtype=h.dtype, impl=impl)
     hidden, attentions = [], []
     for layer, state in zip(layers, cache.layers):
         if output_hidden_states:
             hidden.append(h)
-        h, probs = layer(h, positions=positions, visible=visible, pad_valid=pad_valid, state=state,
-                         use_cache=use_cache, rope=rope, output_attentions=output_attentions)
+        h, probs = layer(h, positions=positions, window=window, state=state, use_cache=use_cache,
+                         output_attentions=output_attentions)
         attentions.append(probs)
     h = norm(h)
     if output_hidden_states:

@@ -40,11 +40,12 @@ def run_windows(decoder, embeds: torch.Tensor, *, cache: LongLlamaCache, fresh: 
                 attention_mask: torch.Tensor | None, positions: torch.Tensor, use_cache: bool | None,
                 default_use_cache: bool, window: int, last_context_length: int,
                 output_hidden_states: bool = False, output_attentions: bool = False,
-                progress=None) -> WindowsOutput:
+                progress=None, keep_last: int = 0) -> WindowsOutput:
     """Run an input of embeddings (b, n, hidden) through the decoder in windows, updating `cache` in place.
 
     `decoder` has `layers` and `forward_window` (LongLlamaModel). `progress(tokens_done)`, if given, is called after
-    each window."""
+    each window. `keep_last` > 0 keeps only the hidden states of the last `keep_last` positions (long inputs whose
+    logits are needed only at the end need not hold all of them)."""
     b, n, _ = embeds.shape
     p0 = cache.local_length
     if attention_mask is not None:
@@ -74,7 +75,8 @@ def run_windows(decoder, embeds: torch.Tensor, *, cache: LongLlamaCache, fresh: 
             embeds[:, beg:end], positions=positions[:, beg:end], mask=mask, cache=cache,
             use_cache=bool(win_use_cache), output_hidden_states=output_hidden_states,
             output_attentions=output_attentions and last)
-        outputs.append(h)
+        if not keep_last or end > n - keep_last:
+            outputs.append(h)
         layer_hidden.append(hidden)
         attentions = attn
         if progress is not None:
@@ -82,8 +84,11 @@ def run_windows(decoder, embeds: torch.Tensor, *, cache: LongLlamaCache, fresh: 
     all_hidden = None
     if output_hidden_states:
         all_hidden = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*layer_hidden))
+    hidden = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    if keep_last:
+        hidden = hidden[:, -keep_last:]
     return WindowsOutput(
-        hidden=outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1),
+        hidden=hidden,
         cache=cache, all_hidden=all_hidden,
         attentions=tuple(attentions) if output_attentions else None)
 

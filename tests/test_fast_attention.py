@@ -1,0 +1,101 @@
+"""The "fast" attention implementation computes the same function as the exact ("eager") one.
+
+On the CPU its partial attentions run as explicit fp32 maths, so this checks the log-sum-exp merge of local and
+memory attention, the zero-padded memory storage and the decoding path; the CUDA kernels are checked against the
+exact path on the GPU by benchmarks/gpu_check.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longllama import LongLlamaForCausalLM
+from longllama.attention import attend, kernel_head_dim, merge_partials, partial_attention
+from longllama.config import preset
+
+
+def _model(**overrides):
+    torch.manual_seed(0)
+    model = LongLlamaForCausalLM(preset("tiny", **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    return model
+
+
+def _logits(model, impl, ids, **kwargs):
+    model.config.attn_impl = impl
+    with torch.no_grad():
+        return model(ids, **kwargs)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, dict(num_key_value_heads=2), dict(mem_positionals=False), dict(hidden_size=80),  # head_dim 20 -> 24
+    dict(mem_dtype="bfloat16"),
+])
+def test_fast_equals_eager_on_long_inputs(overrides):
+    model = _model(**overrides)
+    ids = torch.randint(3, 320, (2, 300))
+    a = _logits(model, "eager", ids, use_cache=False).logits
+    b = _logits(model, "fast", ids, use_cache=False).logits
+    assert (a - b).abs().max() < 1e-4
+
+
+def test_fast_equals_eager_when_decoding_across_flushes():
+    model = _model(num_key_value_heads=2)
+    ids = torch.randint(3, 320, (1, 150))
+    for impl in ("eager", "fast"):
+        model.config.attn_impl = impl
+        out = model.generate(ids, max_new_tokens=60, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        if impl == "eager":
+            ref = out
+    assert torch.equal(out.sequences, ref.sequences)
+    assert (torch.stack(out.scores) - torch.stack(ref.scores)).abs().max() < 1e-4
+
+
+def test_fast_falls_back_to_exact_on_padding():
+    model = _model()
+    ids = torch.randint(3, 320, (2, 200))
+    mask = torch.ones_like(ids)
+    mask[0, :37] = 0
+    a = _logits(model, "eager", ids, attention_mask=mask, use_cache=False).logits
+    b = _logits(model, "fast", ids, attention_mask=mask, use_cache=False).logits
+    keep = mask.bool()
+    assert (a - b)[keep].abs().max() < 1e-5
+
+
+def test_merge_of_partials_is_one_softmax():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 40, 8) for _ in range(3))
+    ka, kb = k[:, :, :15], k[:, :, 15:]
+    va, vb = v[:, :, :15], v[:, :, 15:]
+    oa, la = partial_attention(q, ka, va, causal=False, scale=0.3)
+    ob, lb = partial_attention(q, kb, vb, causal=False, scale=0.3)
+    full = torch.softmax(q @ k.transpose(-1, -2) * 0.3, dim=-1) @ v
+    assert (merge_partials(oa, la, ob, lb) - full).abs().max() < 1e-5
+    oc, _ = partial_attention(q, k, v, causal=True, scale=0.3)
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()
+    ref = torch.softmax((q @ k.transpose(-1, -2) * 0.3).masked_fill(~causal, float("-inf")), dim=-1) @ v
+    assert (oc - ref).abs().max() < 1e-5
+
+
+def test_memory_is_stored_padded_for_kernels():
+    model = _model(hidden_size=80)  # head_dim 20
+    out = _logits(model, "fast", torch.randint(3, 320, (1, 200)), use_cache=False)
+    memory = out.past_key_values.layers[1].memory
+    assert memory.head_dim == 20 and memory.storage_dim == kernel_head_dim(20) == 24
+    keys, values = memory.padded()
+    assert keys.shape[-1] == 24 and torch.count_nonzero(keys[..., 20:]) == 0
+    assert torch.count_nonzero(values[..., 20:]) == 0 and memory.keys.shape[-1] == 20
+
+
+def test_attend_rejects_nothing_silently_for_grouped_heads():
+    torch.manual_seed(2)
+    q = torch.randn(1, 4, 30, 16)
+    k, v = torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16)
+    mk, mv = torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16)
+    causal = torch.ones(30, 30, dtype=torch.bool).tril()[None, None]
+    a, _ = attend(q, k, v, visible=causal, mem_k=mk, mem_v=mv, impl="eager")
+    b, _ = attend(q, k, v, visible=causal, mem_k=mk, mem_v=mv, impl="fast", is_causal=True)
+    assert (a - b).abs().max() < 1e-5
