@@ -73,6 +73,12 @@ def decode_ms(model, ids, new_tokens: int, *, hf: bool) -> float:
     return (many - one) / new_tokens * 1e3
 
 
+def attention_kernel() -> str:
+    from longllama import attention
+
+    return attention.CUDA_KERNEL
+
+
 def ingest_flops(config, params: int, n: int, *, hf: bool) -> float:
     """Matrix FLOPs: 2 x params x n, plus attention: causal over everything in every layer (hf), or causal within
     windows everywhere and, in memory layers, over all earlier windows (longllama)."""
@@ -104,8 +110,13 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--impls", default="longllama,hf-llama")
     ap.add_argument("--hf-tokens", default=None, help="ingest lengths for hf-llama (default: --tokens)")
+    ap.add_argument("--kernel", default=None, choices=["flash", "cudnn"], help="CUDA kernel of the fast path")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.kernel:
+        from longllama import attention
+
+        attention.CUDA_KERNEL = args.kernel
     device = "cuda"
     card = torch.cuda.get_device_name()
     today = datetime.date.today().isoformat()
@@ -136,7 +147,7 @@ def main() -> None:
             flops = ingest_flops(model.config, params_count(model), n, hf=hf)
             weights = params_count(model) * 2 / 2**30
             memory = 0.0 if hf else memory_gib(model.config, n)
-            rec = dict(benchmark="ingest", impl=impl, shape=args.shape, tokens=n, seconds=round(seconds, 4),
+            rec = dict(benchmark="ingest", impl=impl, kernel=None if hf else attention_kernel(), shape=args.shape, tokens=n, seconds=round(seconds, 4),
                        tokens_per_s=round(n / seconds), tflops=round(flops / seconds / 1e12, 1),
                        peak_gib=round(peak, 2), weights_gib=round(weights, 2), memory_gib=round(memory, 2),
                        device=card, date=today)

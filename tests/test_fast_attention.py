@@ -41,6 +41,17 @@ def test_fast_equals_eager_on_long_inputs(overrides):
     assert (a - b).abs().max() < 1e-4
 
 
+def test_memory_attention_in_chunks(monkeypatch):
+    from longllama import attention
+
+    model = _model()
+    ids = torch.randint(3, 320, (1, 400))
+    a = _logits(model, "eager", ids, use_cache=False).logits
+    monkeypatch.setattr(attention, "MEMORY_CHUNK", 50)  # memory of up to 376 keys: several chunks per window
+    b = _logits(model, "fast", ids, use_cache=False).logits
+    assert (a - b).abs().max() < 1e-4
+
+
 def test_fast_equals_eager_when_decoding_across_flushes():
     model = _model(num_key_value_heads=2)
     ids = torch.randint(3, 320, (1, 150))

@@ -108,13 +108,31 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if rep == 1 else x.repeat_interleave(rep, dim=1)
 
 
-def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+# Fused CUDA kernel for bf16/fp16 partial attention: "cudnn" or "flash" (fp32 always uses "efficient").
+CUDA_KERNEL = "cudnn"
+# cuDNN builds an execution plan per shape; memory attention runs over chunks of this many keys (the last one
+# shorter), so a growing memory reuses a few plans instead of building one per window.
+MEMORY_CHUNK = 32768
+
+
+def _cuda_partial(q, k, v, causal: bool, scale: float, kernel: str):
+    ops = torch.ops.aten
+    if q.dtype == torch.float32:
+        kernel = "efficient"
+    if kernel == "cudnn":
+        return ops._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+    if kernel == "efficient":
+        return ops._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+    return ops._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+                      kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Unmasked (or top-left causal) attention that also returns its log-sum-exp (b, h, n) in fp32.
     q, k, v have the same number of heads and a head dimension that is a multiple of 8."""
     n = q.shape[2]
     if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+        out, lse = _cuda_partial(q, k, v, causal, scale, kernel or CUDA_KERNEL)
         return out, lse.reshape(q.shape[0], q.shape[1], -1)[..., :n].float()
     s = (q.float() @ k.float().transpose(-1, -2)) * scale
     if causal:
@@ -123,12 +141,15 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     return (torch.exp(s - lse[..., None]) @ v.float()).to(q.dtype), lse
 
 
-def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
-    """Combine two attentions over disjoint key sets into the attention over their union (one softmax)."""
+def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor, *,
+                   with_lse: bool = False):
+    """Combine two attentions over disjoint key sets into the attention over their union (one softmax).
+    o1 may be an fp32 accumulator; the result has o1's dtype (and its log-sum-exp too, with `with_lse`)."""
     lse = torch.logaddexp(lse1, lse2)
     w1 = torch.exp(lse1 - lse).unsqueeze(-1)
     w2 = torch.exp(lse2 - lse).unsqueeze(-1)
-    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype)
+    out = (o1.float() * w1 + o2.float() * w2).to(o1.dtype)
+    return (out, lse) if with_lse else out
 
 
 _FEW_QUERIES = 16
@@ -140,7 +161,7 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem):
         return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False)[0]
     d = q.shape[-1]
     if q.shape[2] <= _FEW_QUERIES:
-        return _few_queries(q, k, v, visible, mem_k, mem_v)
+        return _few_queries(q, k, v, visible, mem_k, mem_v, padded_mem)
     dim = kernel_head_dim(d)
     h = q.shape[1]
     scale = 1.0 / math.sqrt(d)
@@ -150,23 +171,41 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem):
     if mem_k is not None:
         pk, pv = padded_mem if padded_mem is not None else (mem_k, mem_v)
         pk, pv = _pad_to(pk.to(q.dtype), dim), _pad_to(pv.to(q.dtype), dim)
-        mem_out, mem_lse = partial_attention(qp, _expand_heads(pk, h), _expand_heads(pv, h), causal=False,
-                                             scale=scale)
-        out = merge_partials(out, lse, mem_out, mem_lse)
-    return out[..., :d]
+        out = out.float()  # the running merge stays in fp32
+        for start in range(0, pk.shape[2], MEMORY_CHUNK):
+            ck = _expand_heads(pk[:, :, start:start + MEMORY_CHUNK], h)
+            cv = _expand_heads(pv[:, :, start:start + MEMORY_CHUNK], h)
+            mem_out, mem_lse = partial_attention(qp, ck, cv, causal=False, scale=scale)
+            out, lse = merge_partials(out, lse, mem_out, mem_lse, with_lse=True)
+    return out[..., :d].to(q.dtype)
 
 
-def _few_queries(q, k, v, visible, mem_k, mem_v):
-    """Decoding: scores against local and memory keys in one softmax; no concatenation of the memory values."""
+def _few_queries(q, k, v, visible, mem_k, mem_v, padded_mem):
+    """Decoding: scores against local and memory keys in one softmax; no concatenation of the memory values.
+    The memory is read as stored (zero-padded head dimension, contiguous rows), with q padded to match."""
     c_min = clamp_value(q.dtype)
     local = _scores(q, k, visible, c_min)
     if mem_k is None:
         probs = torch.softmax(local, dim=-1, dtype=torch.float32).to(q.dtype)
         return _weighted(probs, v)
-    scores = torch.cat([local, _scores(q, mem_k.to(k.dtype), None, c_min)], dim=-1)
+    d = q.shape[-1]
+    if padded_mem is not None:
+        mem_k, mem_v = padded_mem
+    mem_k, mem_v = mem_k.to(q.dtype), mem_v.to(q.dtype)
+    qp = _pad_to(q, mem_k.shape[-1])
+    mem_scores = _weighted_scores(qp, mem_k, d)
+    scores = torch.cat([local, mem_scores.clamp_min(c_min)], dim=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     kv = k.shape[2]
-    return _weighted(probs[..., :kv], v) + _weighted(probs[..., kv:], mem_v.to(v.dtype))
+    return _weighted(probs[..., :kv], v) + _weighted(probs[..., kv:], mem_v)[..., :d]
+
+
+def _weighted_scores(q: torch.Tensor, k: torch.Tensor, d: int) -> torch.Tensor:
+    """Scores of grouped heads divided by sqrt(d) of the true head dimension (q, k may be zero-padded)."""
+    b, h, n, _ = q.shape
+    hkv = k.shape[1]
+    s = q.reshape(b, hkv, (h // hkv) * n, q.shape[-1]) @ k.transpose(-1, -2)  # (B, Hkv, G*Q, M)
+    return s.view(b, h, n, k.shape[2]) / math.sqrt(d)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, visible: torch.Tensor | None = None,

@@ -115,7 +115,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
             inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
             last_context_length: int | None = None, output_hidden_states: bool = False,
-            output_attentions: bool = False, progress=None, keep_last: int = 0, validate: bool = True):
+            output_attentions: bool = False, progress=None, keep_last: int = 0, validate: bool = True,
+            cross_batch=None):
         """Like `forward`, but extends `cache` in place (generation owns its cache and needs no copy).
         `progress(tokens_done)` is called after each window of the input; `keep_last` > 0 returns only the hidden
         states of the last positions; `validate=False` skips the token-id range check (ids the model produced)."""
@@ -132,7 +133,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             positions=position_ids.to(embeds.device).long(), use_cache=use_cache,
             default_use_cache=self.config.use_cache, window=self.config.max_position_embeddings,
             last_context_length=lcl, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions, progress=progress, keep_last=keep_last)
+            output_attentions=output_attentions, progress=progress, keep_last=keep_last, cross_batch=cross_batch)
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, *,
                validate: bool = True) -> torch.Tensor:
@@ -232,17 +233,28 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 use_cache: bool | None = None, last_context_length: int | None = None,
                 output_hidden_states: bool | None = None, output_attentions: bool | None = None,
-                return_dict: bool | None = None, logits_to_keep: int = 0, cache=None,
+                return_dict: bool | None = None, logits_to_keep: int = 0, cache=None, cross_batch=None,
                 **kwargs) -> LongLlamaCausalLMOutput:
         """Logits of every position (or of the last `logits_to_keep`), the loss if `labels` are given, and the
-        cache to continue from (`past_key_values`). The caller's cache is never modified."""
+        cache to continue from (`past_key_values`). The caller's cache is never modified.
+
+        `cross_batch` (FoT training, see cross_batch.py): memory layers attend to keys of other batch entries; the
+        input is then read as one window (at most the context window long), without a cache."""
         _reject_unknown(kwargs)
+        if cross_batch is not None:
+            n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            if n > self.config.max_position_embeddings or past_key_values is not None or cache is not None:
+                raise InputError(f"cross_batch reads one window without a cache: got {n} tokens (window "
+                                 f"{self.config.max_position_embeddings}) and a past: pass training batches of at "
+                                 "most max_position_embeddings tokens and no past_key_values")
+            last_context_length, use_cache = n, False
         state = self.model.resolve_cache(past_key_values if past_key_values is not None else cache, use_cache)
         out = self.model.run(input_ids, cache=state, attention_mask=attention_mask, position_ids=position_ids,
                              inputs_embeds=inputs_embeds, use_cache=use_cache,
                              last_context_length=last_context_length,
                              output_hidden_states=bool(output_hidden_states),
-                             output_attentions=bool(output_attentions), keep_last=int(logits_to_keep or 0))
+                             output_attentions=bool(output_attentions), keep_last=int(logits_to_keep or 0),
+                             cross_batch=cross_batch)
         hidden = out.hidden if not logits_to_keep else out.hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None

@@ -78,6 +78,10 @@ class Window:
     cos: torch.Tensor  # (b, 1, span, d): RoPE of the local span after any overflow, relative to its oldest token
     sin: torch.Tensor
     impl: str  # attention implementation (attention.attend)
+    # Training (FoT): memory layers take their memory from other batch entries instead of the cache. An object with
+    # `memory(keys, values) -> (mem_k, mem_v, mem_valid)` given this layer's un-rotated keys and values (b, h_kv,
+    # n, d); see cross_batch.py.
+    cross_batch: object | None = None
 
 
 class MLP(nn.Module):
@@ -153,6 +157,9 @@ class Attention(nn.Module):
 
         memory = state.memory if mem_layer else None
         mem_k = mem_v = mem_valid = padded = None
+        if mem_layer and window.cross_batch is not None:
+            mem_k, mem_v, mem_valid = window.cross_batch.memory(k, v)
+            memory, fresh_to_memory = None, False
         if memory is not None and memory.length:
             mem_k, mem_v, padded = memory.keys, memory.values, memory.padded()
             mem_valid = None if memory.all_valid() else memory.valid
@@ -213,7 +220,7 @@ def attention_impl(config: LongLlamaConfig, device: torch.device) -> str:
 
 
 def make_window(cache: LongLlamaCache, positions: torch.Tensor, mask: torch.Tensor | None, *, window_size: int,
-                rope: RotaryTable, dtype: torch.dtype, impl: str) -> Window:
+                rope: RotaryTable, dtype: torch.dtype, impl: str, cross_batch=None) -> Window:
     """Masks, kernel hints and RoPE tables of one window of new tokens, shared by all layers."""
     b, n = positions.shape
     past = cache.local_length
@@ -228,20 +235,21 @@ def make_window(cache: LongLlamaCache, positions: torch.Tensor, mask: torch.Tens
     rel = span - span.min(dim=-1, keepdim=True).values
     cos, sin = rope.gather(rel, dtype)
     return Window(visible=visible, pad_valid=pad_valid, is_causal=past == 0 and n > 1 and pad_valid is None,
-                  cos=cos, sin=sin, impl=impl)
+                  cos=cos, sin=sin, impl=impl, cross_batch=cross_batch)
 
 
 def forward_window(layers: nn.ModuleList, norm: RMSNorm, rope: RotaryTable, h: torch.Tensor, *,
                    positions: torch.Tensor, mask: torch.Tensor | None, cache: LongLlamaCache, use_cache: bool,
                    impl: str = "eager", output_hidden_states: bool = False,
-                   output_attentions: bool = False) -> tuple[torch.Tensor, list, list]:
+                   output_attentions: bool = False, cross_batch=None) -> tuple[torch.Tensor, list, list]:
     """Run one window (SPEC B.3) through all layers and the final norm, updating `cache` in place.
 
     h (b, q, hidden) embeddings; positions (b, q); mask (b, P+q) 2-D attention mask over local cache + window, or
     None. Returns the normed hidden states, the per-layer inputs (if asked) and the attention probabilities (if asked).
     """
     window_size = layers[0].self_attn.config.max_position_embeddings
-    window = make_window(cache, positions, mask, window_size=window_size, rope=rope, dtype=h.dtype, impl=impl)
+    window = make_window(cache, positions, mask, window_size=window_size, rope=rope, dtype=h.dtype, impl=impl,
+                         cross_batch=cross_batch)
     hidden, attentions = [], []
     for layer, state in zip(layers, cache.layers):
         if output_hidden_states:

@@ -40,12 +40,13 @@ def run_windows(decoder, embeds: torch.Tensor, *, cache: LongLlamaCache, fresh: 
                 attention_mask: torch.Tensor | None, positions: torch.Tensor, use_cache: bool | None,
                 default_use_cache: bool, window: int, last_context_length: int,
                 output_hidden_states: bool = False, output_attentions: bool = False,
-                progress=None, keep_last: int = 0) -> WindowsOutput:
+                progress=None, keep_last: int = 0, cross_batch=None) -> WindowsOutput:
     """Run an input of embeddings (b, n, hidden) through the decoder in windows, updating `cache` in place.
 
     `decoder` has `layers` and `forward_window` (LongLlamaModel). `progress(tokens_done)`, if given, is called after
     each window. `keep_last` > 0 keeps only the hidden states of the last `keep_last` positions (long inputs whose
-    logits are needed only at the end need not hold all of them)."""
+    logits are needed only at the end need not hold all of them). `cross_batch` (training) is handed to every
+    window (model.Window.cross_batch)."""
     b, n, _ = embeds.shape
     p0 = cache.local_length
     if attention_mask is not None:
@@ -74,7 +75,7 @@ def run_windows(decoder, embeds: torch.Tensor, *, cache: LongLlamaCache, fresh: 
         h, hidden, attn = decoder.forward_window(
             embeds[:, beg:end], positions=positions[:, beg:end], mask=mask, cache=cache,
             use_cache=bool(win_use_cache), output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions and last)
+            output_attentions=output_attentions and last, cross_batch=cross_batch)
         if not keep_last or end > n - keep_last:
             outputs.append(h)
         layer_hidden.append(hidden)
