@@ -76,7 +76,7 @@ def decode_ms(model, ids, new_tokens: int, *, hf: bool) -> float:
 def attention_kernel() -> str:
     from longllama import attention
 
-    return attention.CUDA_KERNEL
+    return f"local={attention.CUDA_KERNEL},memory={attention.MEMORY_KERNEL},chunk={attention.MEMORY_CHUNK}"
 
 
 def ingest_flops(config, params: int, n: int, *, hf: bool) -> float:
@@ -110,13 +110,18 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--impls", default="longllama,hf-llama")
     ap.add_argument("--hf-tokens", default=None, help="ingest lengths for hf-llama (default: --tokens)")
-    ap.add_argument("--kernel", default=None, choices=["flash", "cudnn"], help="CUDA kernel of the fast path")
+    ap.add_argument("--kernel", default=None, choices=["flash", "cudnn"], help="local-attention kernel (fast path)")
+    ap.add_argument("--memory-kernel", default=None, choices=["flash", "cudnn"], help="memory-attention kernel")
+    ap.add_argument("--memory-chunk", type=int, default=None, help="keys per memory-attention call (0: all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.kernel:
-        from longllama import attention
+    from longllama import attention
 
-        attention.CUDA_KERNEL = args.kernel
+    attention.CUDA_KERNEL = args.kernel or attention.CUDA_KERNEL
+    attention.MEMORY_KERNEL = args.memory_kernel or attention.MEMORY_KERNEL
+    if args.memory_chunk is not None:
+        attention.MEMORY_CHUNK = args.memory_chunk
+
     device = "cuda"
     card = torch.cuda.get_device_name()
     today = datetime.date.today().isoformat()

@@ -108,11 +108,15 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if rep == 1 else x.repeat_interleave(rep, dim=1)
 
 
-# Fused CUDA kernel for bf16/fp16 partial attention: "cudnn" or "flash" (fp32 always uses "efficient").
-CUDA_KERNEL = "cudnn"
-# cuDNN builds an execution plan per shape; memory attention runs over chunks of this many keys (the last one
-# shorter), so a growing memory reuses a few plans instead of building one per window.
-MEMORY_CHUNK = 32768
+# Fused CUDA kernels for bf16/fp16 partial attention, "flash" or "cudnn" (fp32 always uses "efficient"), for the
+# local window and for the memory. cuDNN's kernel is faster (453 against 255 TFLOP/s at head_dim 104 on an H100,
+# benchmarks/bench_kernels.py) but each call costs ~1.5 ms of CPU time and every new memory length builds a new
+# plan, so end to end FlashAttention is faster for now (measured, see the README).
+CUDA_KERNEL = "flash"
+MEMORY_KERNEL = "flash"
+# Memory attention runs over chunks of at most this many keys (0: one call over the whole memory); with cuDNN,
+# chunks keep the number of distinct shapes (plans) small.
+MEMORY_CHUNK = 0
 
 
 def _cuda_partial(q, k, v, causal: bool, scale: float, kernel: str):
@@ -167,15 +171,16 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem):
     scale = 1.0 / math.sqrt(d)
     qp = _pad_to(q, dim)
     out, lse = partial_attention(qp, _expand_heads(_pad_to(k, dim), h), _expand_heads(_pad_to(v, dim), h),
-                                 causal=bool(is_causal), scale=scale)
+                                 causal=bool(is_causal), scale=scale, kernel=CUDA_KERNEL)
     if mem_k is not None:
         pk, pv = padded_mem if padded_mem is not None else (mem_k, mem_v)
         pk, pv = _pad_to(pk.to(q.dtype), dim), _pad_to(pv.to(q.dtype), dim)
         out = out.float()  # the running merge stays in fp32
-        for start in range(0, pk.shape[2], MEMORY_CHUNK):
-            ck = _expand_heads(pk[:, :, start:start + MEMORY_CHUNK], h)
-            cv = _expand_heads(pv[:, :, start:start + MEMORY_CHUNK], h)
-            mem_out, mem_lse = partial_attention(qp, ck, cv, causal=False, scale=scale)
+        chunk = MEMORY_CHUNK or pk.shape[2]
+        for start in range(0, pk.shape[2], chunk):
+            ck = _expand_heads(pk[:, :, start:start + chunk], h)
+            cv = _expand_heads(pv[:, :, start:start + chunk], h)
+            mem_out, mem_lse = partial_attention(qp, ck, cv, causal=False, scale=scale, kernel=MEMORY_KERNEL)
             out, lse = merge_partials(out, lse, mem_out, mem_lse, with_lse=True)
     return out[..., :d].to(q.dtype)
 
