@@ -243,10 +243,14 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
         _reject_unknown(kwargs)
         if cross_batch is not None:
             n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            if n > self.config.max_position_embeddings or past_key_values is not None or cache is not None:
-                raise InputError(f"cross_batch reads one window without a cache: got {n} tokens (window "
-                                 f"{self.config.max_position_embeddings}) and a past: pass training batches of at "
-                                 "most max_position_embeddings tokens and no past_key_values")
+            if n > self.config.max_position_embeddings:
+                raise InputError(f"cross_batch reads one window: got {n} tokens, the window is "
+                                 f"{self.config.max_position_embeddings}: pass shorter training sequences")
+            if past_key_values is not None or cache is not None:
+                raise InputError("cross_batch reads one window without a cache: do not pass past_key_values")
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise InputError("cross_batch takes unpadded batches (other entries' padding would become memory): "
+                                 "pack documents without padding")
             last_context_length, use_cache = n, False
         state = self.model.resolve_cache(past_key_values if past_key_values is not None else cache, use_cache)
         out = self.model.run(input_ids, cache=state, attention_mask=attention_mask, position_ids=position_ids,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from longllama.errors import CheckpointError, InputError
@@ -148,8 +149,8 @@ class MemoryCache:
 
     def clear(self) -> None:
         """Forget every entry and release the buffers (a fork may still be reading them)."""
-        self._k, self._v, self._valid = self._k[:, :, :0], self._v[:, :, :0], self._valid[:, :0]
         self.length = 0
+        self._k, self._v, self._valid = self._allocate(0, self.device)
         self.has_invalid = False
         self._written = [0]
 
@@ -191,11 +192,18 @@ class MemoryCache:
         try:
             tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
             keys, values, valid = tensors["keys"], tensors["values"], tensors["valid"]
-        except (OSError, KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"cannot read memory file {path}: {exc}; write it again with MemoryCache.save") from None
+        except (OSError, KeyError, RuntimeError, ValueError, SafetensorError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"cannot read memory file {path}: {first}; write it again with MemoryCache.save") \
+                from None
+        if keys.dim() != 4 or values.shape != keys.shape or valid.shape != (keys.shape[0], keys.shape[2]):
+            raise CheckpointError(
+                f"memory file {path} holds keys {tuple(keys.shape)}, values {tuple(values.shape)}, valid "
+                f"{tuple(valid.shape)}: expected (batch, heads, M, head_dim) twice and (batch, M); write it again "
+                "with MemoryCache.save")
         mem = cls(keys.shape[0], keys.shape[1], keys.shape[3], dtype=keys.dtype, device=keys.device,
                   storage_dim=storage_dim)
-        mem.append(keys, values, valid)
+        mem.append(keys, values, valid.to(torch.bool))
         return mem
 
     def __repr__(self) -> str:

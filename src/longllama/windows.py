@@ -58,7 +58,7 @@ def run_windows(decoder, embeds: torch.Tensor, *, cache: LongLlamaCache, fresh: 
             )
     final_use_cache = default_use_cache if use_cache is None else use_cache
     spans = window_spans(n, window=window, last_context_length=last_context_length)
-    if fresh:
+    if fresh and cross_batch is None:  # cross-batch memory comes from the batch, not the cache
         _reserve_memory(decoder, cache, b, n if not final_use_cache else spans[-1][0], embeds.device)
     outputs, layer_hidden, attentions = [], [], None
     for i, (beg, end) in enumerate(spans):
