@@ -30,7 +30,9 @@ from longllama.checkpoint import (
 from longllama.config import ConfigError, LongLlamaConfig
 from longllama.errors import CheckpointError
 
-FIXTURE_CASE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference" / "dropin_llama"
+from conftest import reference_root
+
+FIXTURE_CASE = (reference_root() or Path("/nonexistent")) / "dropin_llama"
 FIXTURE = FIXTURE_CASE / "checkpoint"
 LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",

@@ -4,8 +4,6 @@ transformers' AutoModelForCausalLM after `import longllama`, called with the cas
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,21 +11,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 import longllama  # noqa: F401  (registers the Auto classes)
+from conftest import reference_root
 
 
-def _fixture_root() -> Path:
-    env = os.environ.get("LONGLLAMA_FIXTURES")
-    candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve()
-    candidates += [here.parents[1] / "shared" / "fixtures" / "reference",
-                   here.parents[2] / "shared" / "fixtures" / "reference"]
-    for path in candidates:
-        if path.is_dir():
-            return path
+ROOT = reference_root()
+if ROOT is None:
     pytest.skip("shared/fixtures/reference not found (set LONGLLAMA_FIXTURES)", allow_module_level=True)
-
-
-ROOT = _fixture_root()
 CASES = sorted(p.name for p in ROOT.iterdir() if (p / "case.json").is_file())
 # Logits criterion of the fixtures' README. With memory stored in bf16, rounding of the stored keys amplifies
 # fp32 summation-order noise (~1e-7) into ~5e-4 on the logits: on this model two correct fp32 paths of ours

@@ -165,7 +165,7 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem):
         return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False)[0]
     d = q.shape[-1]
     if q.shape[2] <= _FEW_QUERIES:
-        return _few_queries(q, k, v, visible, mem_k, mem_v, padded_mem)
+        return few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem)
     dim = kernel_head_dim(d)
     h = q.shape[1]
     scale = 1.0 / math.sqrt(d)
@@ -185,7 +185,7 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem):
     return out[..., :d].to(q.dtype)
 
 
-def _few_queries(q, k, v, visible, mem_k, mem_v, padded_mem):
+def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem):
     """Decoding: scores against local and memory keys in one softmax; no concatenation of the memory values.
     The memory is read as stored (zero-padded head dimension, contiguous rows), with q padded to match."""
     c_min = clamp_value(q.dtype)

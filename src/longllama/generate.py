@@ -23,6 +23,7 @@ from transformers.generation.logits_process import (
 from transformers.utils import ModelOutput
 
 from longllama.cache import CacheAlias, LongLlamaCache
+from longllama.decode import StaticDecoder
 from longllama.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -115,11 +116,22 @@ def _prompt_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s
     return torch.ones_like(input_ids)
 
 
+def _static_decoder(model, state: LongLlamaCache, mask, mode: str, device: torch.device):
+    if mode not in ("auto", "static", "dynamic"):
+        raise InputError(f"decoder={mode!r} is not supported: use 'auto', 'static' or 'dynamic'")
+    if mode == "dynamic" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if not StaticDecoder.usable(state, mask):
+        return None
+    return StaticDecoder(model, state, graphs=device.type == "cuda")
+
+
 def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
              generation_config=None, last_context_length: int | None = None,
              past_key_values: LongLlamaCache | None = None, cache: LongLlamaCache | None = None,
              streamer=None, logits_processor=None, output_scores: bool = False, output_logits: bool = False,
-             return_dict_in_generate: bool = False, use_cache: bool = True, progress=None, **settings):
+             return_dict_in_generate: bool = False, use_cache: bool = True, progress=None,
+             decoder: str = "auto", **settings):
     """Generate up to `max_new_tokens` after `input_ids` (b, n).
 
     Settings (explicit values win over the model's generation config): max_new_tokens / max_length,
@@ -127,6 +139,8 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
     pad_token_id, num_beams (only 1). `last_context_length` sets the final prompt window kept in the local cache.
     `past_key_values` continues from an earlier call's cache (left unchanged). `streamer` gets `put(tokens)` /
     `end()` calls as tokens come; `progress(tokens_done)` is called after each window of the prompt.
+    `decoder`: "static" decodes from fixed buffers (decode.py; replayed as a CUDA graph on GPUs), "dynamic" through
+    the generic forward; "auto" (default) takes "static" on GPUs. Padded batches always decode dynamically.
     Returns the sequences (prompt included) or, with return_dict_in_generate, a
     GenerateOutput with `scores` (processed logits per step), `logits` (raw) and the final cache.
     """
@@ -156,6 +170,7 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
                           last_context_length=last_context_length, progress=progress, keep_last=1)
     logits = model.lm_head(out.hidden[:, -1])
     next_pos = (positions[:, -1] if positions is not None else state.next_positions() - 1) + 1
+    static = _static_decoder(model, state, mask, decoder, device)
     sequences, scores, raw = input_ids, [], []
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
     eos = torch.tensor(s.eos_token_ids, device=device, dtype=torch.long)
@@ -178,12 +193,17 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
             unfinished &= ~torch.isin(token, eos)
         if step == s.max_new_tokens - 1 or not bool(unfinished.any()):
             break
+        if static is not None:
+            logits = static.step(token)
+            continue
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = model.model.run(token[:, None], cache=state, attention_mask=mask, position_ids=next_pos[:, None],
                               use_cache=True, last_context_length=last_context_length, validate=False)
         logits = model.lm_head(out.hidden[:, -1])
         next_pos = next_pos + 1
+    if static is not None:
+        state = static.to_cache()
     if streamer is not None:
         streamer.end()
     if not return_dict_in_generate:

@@ -1,0 +1,162 @@
+"""Decoding one token at a time from static buffers, replayed as a CUDA graph: the same maths as the generic path.
+
+Within one local-cache epoch (from one flush to the next) the oldest local token stays at relative position 0, so a
+token stored in slot i always has relative position i: its key is rotated once when stored instead of at every step.
+Each layer keeps fixed (batch, kv_heads, window, head_dim) buffers of rotated keys, raw (un-rotated) keys and values;
+a step writes one slot and attends over all slots with the unused ones masked, plus the memory. All shapes are fixed
+between flushes, so on a GPU one step (every layer, norm and lm_head) is captured once as a CUDA graph and replayed,
+which removes the per-kernel launch cost that dominates decoding. When the window is full, the next step first
+moves the raw keys and values into memory (memory layers) or drops them (others), as SPEC B.4 says, and the graph is
+captured again for the new memory length.
+
+Only batches without padding are decoded this way (every row then shares one slot index); `generate` falls back to
+the generic path otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longllama.attention import few_query_attention
+from longllama.cache import LongLlamaCache
+from longllama.model import rotate
+
+
+class StaticDecoder:
+    """Holds the decoding state of one generation; `step(tokens)` returns the next logits (b, vocab) in fp32."""
+
+    def __init__(self, model, cache: LongLlamaCache, *, graphs: bool):
+        config = model.config
+        self.model, self.config = model, config
+        self.window = config.max_position_embeddings
+        self.graphs = graphs
+        state0 = cache.layers[0]
+        b = state0.keys.shape[0]
+        device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.length = state0.local_length  # slots in use (host copy of `slot`)
+        self.first_position = state0.positions[:, 0].clone()  # absolute position of slot 0, per row
+        self.slot = torch.tensor([self.length], dtype=torch.long, device=device)
+        self.slots = torch.arange(self.window, device=device)
+        self.token = torch.zeros(b, dtype=torch.long, device=device)
+        cos, sin = model.model.rope.get(self.window, device)
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        self.buffers = [self._layer_buffers(layer, state, b, device, dtype)
+                        for layer, state in zip(model.model.layers, cache.layers)]
+        self.memories = [self._memory(layer, state, b, device) for layer, state in zip(model.model.layers, cache.layers)]
+        self.graph = None
+        self.out = None
+
+    @staticmethod
+    def usable(cache: LongLlamaCache, mask: torch.Tensor | None) -> bool:
+        """No padding, and local positions consecutive in every row (then slot index = relative position)."""
+        if mask is not None and not bool(mask.all()):
+            return False
+        positions = cache.layers[0].positions
+        if positions is None:
+            return False
+        steps = positions - positions[:, :1]
+        return bool((steps == torch.arange(positions.shape[1], device=positions.device)).all())
+
+    def _positional(self, layer) -> bool:
+        return self.config.mem_positionals or not layer.self_attn.is_memory_layer
+
+    def _layer_buffers(self, layer, state, b, device, dtype):
+        attn = layer.self_attn
+        shape = (b, attn.num_kv_heads, self.window, attn.head_dim)
+        raw, rot, values = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(3))
+        n = self.length
+        raw[:, :, :n] = state.keys
+        values[:, :, :n] = state.values
+        keys = state.keys
+        if self._positional(layer):
+            keys = rotate(keys, self.cos[None, None, :n], self.sin[None, None, :n])
+        rot[:, :, :n] = keys
+        return raw, rot, values
+
+    @staticmethod
+    def _memory(layer, state, b, device):
+        attn = layer.self_attn
+        if not attn.is_memory_layer:
+            return None
+        if state.memory is None:
+            state.memory = attn.new_memory(b, device)
+        return state.memory
+
+    # -- one step ------------------------------------------------------------------------------------------------
+    def _compute(self) -> torch.Tensor:
+        model = self.model.model
+        h = model.embed_tokens(self.token)[:, None]  # (B, 1, H)
+        cos = self.cos.index_select(0, self.slot)[None, None]  # (1, 1, 1, D)
+        sin = self.sin.index_select(0, self.slot)[None, None]
+        visible = (self.slots <= self.slot)[None, None, None]  # (1, 1, 1, W)
+        for layer, (raw, rot, values), memory in zip(model.layers, self.buffers, self.memories):
+            h = h + self._attention(layer, layer.input_layernorm(h), raw, rot, values, memory, cos, sin, visible)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = model.norm(h)
+        self.slot.add_(1)
+        return self.model.lm_head(h[:, 0]).float()
+
+    def _attention(self, layer, x, raw, rot, values, memory, cos, sin, visible):
+        attn = layer.self_attn
+        b = x.shape[0]
+        q = attn._split(attn.q_proj(x), attn.num_heads)
+        k = attn._split(attn.k_proj(x), attn.num_kv_heads)
+        v = attn._split(attn.v_proj(x), attn.num_kv_heads)
+        raw.index_copy_(2, self.slot, k)
+        values.index_copy_(2, self.slot, v)
+        if self._positional(layer):
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        rot.index_copy_(2, self.slot, k)
+        mem_k = mem_v = padded = None
+        if memory is not None and memory.length:
+            mem_k, mem_v, padded = memory.keys, memory.values, memory.padded()
+        out = few_query_attention(q, rot, values, visible, mem_k, mem_v, padded)
+        return attn.o_proj(out.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim))
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up outside the graph (allocator, cuBLAS handles)
+            self._compute()
+            self.slot.fill_(self.length)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._compute()
+        self.slot.fill_(self.length)  # capture records the increment without running it
+
+    def _flush(self) -> None:
+        """The window is full: memory layers keep its raw keys and values, the other layers drop them."""
+        for (raw, _, values), memory in zip(self.buffers, self.memories):
+            if memory is not None:
+                memory.append(raw, values, None)
+        self.first_position = self.first_position + self.length
+        self.length = 0
+        self.slot.fill_(0)
+        self.graph = None  # the memory length changed: shapes (and maybe buffers) differ
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (b,); returns the logits (b, vocab) of the next position."""
+        if self.length == self.window:
+            self._flush()
+        self.token.copy_(tokens)
+        if self.graphs:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.out.clone()
+        else:
+            logits = self._compute()
+        self.length += 1
+        return logits
+
+    def to_cache(self) -> LongLlamaCache:
+        """The state as a LongLlamaCache (local keys un-rotated, as the generic path stores them)."""
+        cache = LongLlamaCache(len(self.buffers))
+        n = self.length
+        steps = torch.arange(n, device=self.first_position.device)
+        positions = self.first_position[:, None] + steps[None]
+        for state, (raw, _, values), memory in zip(cache.layers, self.buffers, self.memories):
+            state.set_local(raw[:, :, :n].clone(), values[:, :, :n].clone(), positions)
+            state.memory = memory
+        return cache
