@@ -106,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="3b", choices=["3b", "code-7b"])
     ap.add_argument("--tokens", default="8192,32768")
-    ap.add_argument("--decode-after", type=int, default=8192)
+    ap.add_argument("--decode-after", default="8192", help="prompt lengths before decoding, comma-separated")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--impls", default="longllama,hf-llama")
     ap.add_argument("--hf-tokens", default=None, help="ingest lengths for hf-llama (default: --tokens)")
@@ -160,12 +160,14 @@ def main() -> None:
             print(f"{impl:18s} ingest {n:>8d}: {seconds:8.3f} s {n / seconds:10.0f} tok/s "
                   f"{flops / seconds / 1e12:6.1f} TFLOP/s  peak {peak:6.2f} GiB "
                   f"(weights {weights:.1f} + memory {memory:.1f} GiB)")
-        if args.decode_after:
-            ids = torch.randint(3, vocab, (1, args.decode_after), device=device)
+        for after in [int(t) for t in str(args.decode_after).split(",") if int(t)]:
+            if hf and after > 131072:
+                continue
+            ids = torch.randint(3, vocab, (1, after), device=device)
             ms = decode_ms(model, ids, args.decode_tokens, hf=hf)
-            records.append(dict(benchmark="decode", impl=impl, shape=args.shape, tokens=args.decode_after,
+            records.append(dict(benchmark="decode", impl=impl, shape=args.shape, tokens=after,
                                 ms_per_token=round(ms, 2), device=card, date=today))
-            print(f"{impl:18s} decode after {args.decode_after}: {ms:.2f} ms/token")
+            print(f"{impl:18s} decode after {after}: {ms:.2f} ms/token")
         del model
         torch.cuda.empty_cache()
     if args.out:
