@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--kernel", default=None, choices=["flash", "cudnn"], help="local-attention kernel (fast path)")
     ap.add_argument("--memory-kernel", default=None, choices=["flash", "cudnn"], help="memory-attention kernel")
     ap.add_argument("--memory-chunk", type=int, default=None, help="keys per memory-attention call (0: all)")
+    ap.add_argument("--mem-offload", action="store_true", help="memory in pinned CPU memory (mem_offload)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from longllama import attention
@@ -135,8 +136,9 @@ def main() -> None:
             model = _longllama(args.shape, device, mem_attention_grouping=(4, 2048), attn_impl="eager")
         elif impl == "longllama-sdpa":
             model = _longllama(args.shape, device, torch_attention=True)
-        else:
-            model = _longllama(args.shape, device)  # attn_impl "auto": the fast path on a GPU
+        else:  # attn_impl "auto": the fast path on a GPU
+            model = _longllama(args.shape, device, mem_offload=args.mem_offload)
+            impl = "longllama-offload" if args.mem_offload else impl
         vocab = model.config.vocab_size
         warm = torch.randint(3, vocab, (1, 4096), device=device)
         ingest(model, warm, hf=hf)

@@ -110,3 +110,19 @@ def test_attend_rejects_nothing_silently_for_grouped_heads():
     a, _ = attend(q, k, v, visible=causal, mem_k=mk, mem_v=mv, impl="eager")
     b, _ = attend(q, k, v, visible=causal, mem_k=mk, mem_v=mv, impl="fast", is_causal=True)
     assert (a - b).abs().max() < 1e-5
+
+
+def test_offloaded_memory_gives_the_same_results():
+    """mem_offload keeps the memory on the CPU (pinned when CUDA exists); results do not change."""
+    model = _model()
+    ids = torch.randint(3, 320, (1, 300))
+    ref = _logits(model, "eager", ids, use_cache=True)
+    model.config.mem_offload = True
+    try:
+        out = _logits(model, "eager", ids, use_cache=True)
+        gen = model.generate(ids[:, :150], max_new_tokens=30, decoder="static")
+    finally:
+        model.config.mem_offload = False
+    assert torch.equal(ref.logits, out.logits)
+    assert out.past_key_values.layers[1].memory.device.type == "cpu"
+    assert torch.equal(gen, model.generate(ids[:, :150], max_new_tokens=30, decoder="dynamic"))

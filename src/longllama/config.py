@@ -42,7 +42,9 @@ class LongLlamaConfig(PreTrainedConfig):
     `mem_layers` (indices of the layers that also attend to the memory), `last_context_length` (size of the final
     window kept in the local cache), `mem_positionals` (RoPE in memory layers), `mem_dtype` (storage dtype of the
     memory), `mem_attention_grouping` ((heads, queries) per chunk of memory attention) and `torch_attention`
-    (use `scaled_dot_product_attention`). `max_position_embeddings` is the context window.
+    (use `scaled_dot_product_attention`). `max_position_embeddings` is the context window. `attn_impl` picks the
+    attention implementation ("auto", "eager", "sdpa", "fast"); `mem_offload` keeps the memory in pinned CPU memory
+    (for memories larger than the GPU), copied to the GPU whenever it is read.
     `num_key_value_heads` < `num_attention_heads` gives grouped-query attention; the memory then stores only the
     key/value heads.
     """
@@ -75,6 +77,7 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_attention_grouping: Any = None
     torch_attention: bool = False
     attn_impl: str = "auto"
+    mem_offload: bool = False
     gradient_checkpoint_every_ith: int = 1
 
     def __post_init__(self, **kwargs):

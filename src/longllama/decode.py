@@ -19,7 +19,7 @@ import torch
 
 from longllama.attention import few_query_attention
 from longllama.cache import LongLlamaCache
-from longllama.model import rotate
+from longllama.model import read_memory, rotate
 
 
 class StaticDecoder:
@@ -109,7 +109,7 @@ class StaticDecoder:
         rot.index_copy_(2, self.slot, k)
         mem_k = mem_v = padded = None
         if memory is not None and memory.length:
-            mem_k, mem_v, padded = memory.keys, memory.values, memory.padded()
+            mem_k, mem_v, padded, _ = read_memory(memory, q.device)
         out = few_query_attention(q, rot, values, visible, mem_k, mem_v, padded)
         return attn.o_proj(out.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim))
 

@@ -123,7 +123,8 @@ def _static_decoder(model, state: LongLlamaCache, mask, mode: str, device: torch
         return None
     if not StaticDecoder.usable(state, mask):
         return None
-    return StaticDecoder(model, state, graphs=device.type == "cuda")
+    # An offloaded memory is copied in every step; keep those copies out of graph capture.
+    return StaticDecoder(model, state, graphs=device.type == "cuda" and not model.config.mem_offload)
 
 
 def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,

@@ -40,10 +40,12 @@ class MemoryCache:
     """
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device | str | None = None, capacity: int = 0, storage_dim: int | None = None):
+                 device: torch.device | str | None = None, capacity: int = 0, storage_dim: int | None = None,
+                 pin_memory: bool = False):
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.storage_dim = head_dim if storage_dim is None else max(storage_dim, head_dim)
         self.dtype = dtype
+        self.pin_memory = pin_memory  # page-locked CPU buffers: copies to the GPU run at full PCIe speed
         self.length = 0
         self.has_invalid = False  # any entry with valid=False (tracked so attention needs no device sync)
         self._k, self._v, self._valid = self._allocate(capacity, torch.device(device) if device else None)
@@ -53,9 +55,10 @@ class MemoryCache:
     def _allocate(self, capacity: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         make = torch.zeros if self.storage_dim > self.head_dim else torch.empty  # padding columns must be 0
         shape = (self.batch, self.kv_heads, capacity, self.storage_dim)
-        k = make(shape, dtype=self.dtype, device=device)
-        v = make(shape, dtype=self.dtype, device=device)
-        return k, v, torch.empty(self.batch, capacity, dtype=torch.bool, device=device)
+        pin = self.pin_memory and torch.cuda.is_available()
+        k = make(shape, dtype=self.dtype, device=device, pin_memory=pin)
+        v = make(shape, dtype=self.dtype, device=device, pin_memory=pin)
+        return k, v, torch.empty(self.batch, capacity, dtype=torch.bool, device=device, pin_memory=pin)
 
     # -- views of the live part --------------------------------------------------------------------------------
     @property

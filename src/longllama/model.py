@@ -115,8 +115,10 @@ class Attention(nn.Module):
         return x.view(b, n, heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
 
     def new_memory(self, batch: int, device: torch.device) -> MemoryCache:
-        return MemoryCache(batch, self.num_kv_heads, self.head_dim, dtype=self.config.memory_dtype, device=device,
-                           storage_dim=kernel_head_dim(self.head_dim))
+        offload = self.config.mem_offload
+        return MemoryCache(batch, self.num_kv_heads, self.head_dim, dtype=self.config.memory_dtype,
+                           device="cpu" if offload else device, storage_dim=kernel_head_dim(self.head_dim),
+                           pin_memory=offload)
 
     def _append_memory(self, state: LayerState, k, v, valid) -> None:
         if state.memory is None:
@@ -160,8 +162,7 @@ class Attention(nn.Module):
             mem_k, mem_v, mem_valid = window.cross_batch.memory(k, v)
             memory, fresh_to_memory = None, False
         if memory is not None and memory.length:
-            mem_k, mem_v, padded = memory.keys, memory.values, memory.padded()
-            mem_valid = None if memory.all_valid() else memory.valid
+            mem_k, mem_v, padded, mem_valid = read_memory(memory, q.device)
         grouping = self.config.mem_attention_grouping if mem_layer else None
         out, probs = attend(q_rot, k_rot, v, visible=visible, mem_k=mem_k, mem_v=mem_v, mem_valid=mem_valid,
                             impl=window.impl, grouping=grouping, is_causal=window.is_causal, padded_mem=padded,
@@ -174,6 +175,18 @@ class Attention(nn.Module):
         b = x.shape[0]
         out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         return self.o_proj(out), probs
+
+
+def read_memory(memory: MemoryCache, device: torch.device):
+    """Keys, values, padded (keys, values) and valid flags (None: all valid) of a memory, on `device` (an offloaded
+    memory is copied from pinned CPU memory)."""
+    pk, pv = memory.padded()
+    valid = None if memory.all_valid() else memory.valid
+    if memory.device != device:  # one copy of the stored (padded) tensors; the views below share it
+        pk, pv = pk.to(device, non_blocking=True), pv.to(device, non_blocking=True)
+        valid = None if valid is None else valid.to(device, non_blocking=True)
+    d = memory.head_dim
+    return pk[..., :d], pv[..., :d], (pk, pv), valid
 
 
 def _columns(pad_valid: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
