@@ -13,3 +13,31 @@ def reference_root() -> Path | None:
     candidates = ([Path(env)] if env else []) + [here.parents[1] / "shared" / "fixtures" / "reference",
                                                  here.parents[2] / "shared" / "fixtures" / "reference"]
     return next((path for path in candidates if path.is_dir()), None)
+
+
+def sharp_tiny(**overrides):
+    """The tiny preset with weights drawn at std 0.15 (attention sharp enough for mistakes to show), eval mode."""
+    import torch
+
+    from longllama import LongLlamaForCausalLM
+    from longllama.config import preset
+
+    torch.manual_seed(0)
+    model = LongLlamaForCausalLM(preset("tiny", **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    return model
+
+
+def train_llama_spm(folder: Path, sentences, *, vocab_size: int, **options) -> Path:
+    """Train a small SentencePiece model with LLaMA's conventions (unk 0, bos 1, eos 2, no pad, byte fallback,
+    digits split) into folder/tokenizer.model."""
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        minloglevel=2, **{"model_type": "bpe", **options})
+    return folder

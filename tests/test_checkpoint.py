@@ -7,7 +7,6 @@ fixture checkpoint (the test using it is skipped when the shared fixtures are no
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import zipfile
 from collections.abc import Callable

@@ -40,6 +40,8 @@ from longllama.data import (
 from longllama.errors import InputError
 from longllama.tokenizer import load_tokenizer
 
+from conftest import train_llama_spm
+
 UNK, BOS, EOS = 0, 1, 2
 WORDS = [
     "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "memory", "layer", "attention", "context",
@@ -61,20 +63,7 @@ def _sentence(rng: random.Random, low: int = 2, high: int = 12) -> str:
 def spm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("spm")
     rng = random.Random(0)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([_sentence(rng) + " USER: ASSISTANT: 123 ?!." for _ in range(200)]),
-        model_prefix=str(folder / "tokenizer"),
-        model_type="bpe",
-        vocab_size=320,
-        byte_fallback=True,
-        split_digits=True,
-        unk_id=UNK,
-        bos_id=BOS,
-        eos_id=EOS,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
+    train_llama_spm(folder, [_sentence(rng) + " USER: ASSISTANT: 123 ?!." for _ in range(200)], vocab_size=320)
     return folder
 
 

@@ -9,20 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from longllama import LongLlamaForCausalLM
-from longllama.config import preset
 from longllama.decode import StaticDecoder
 
-from conftest import reference_root
+from conftest import reference_root, sharp_tiny
 
 
 def _model(**overrides):
-    torch.manual_seed(0)
-    model = LongLlamaForCausalLM(preset("tiny", **overrides)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.15)
-    return model
+    return sharp_tiny(**overrides)
 
 
 def _both(model, ids, **kwargs):

@@ -9,18 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longllama import LongLlamaForCausalLM
 from longllama.attention import attend, kernel_head_dim, merge_partials, partial_attention
-from longllama.config import preset
+
+from conftest import sharp_tiny
 
 
 def _model(**overrides):
-    torch.manual_seed(0)
-    model = LongLlamaForCausalLM(preset("tiny", **overrides)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.15)
-    return model
+    return sharp_tiny(**overrides)
 
 
 def _logits(model, impl, ids, **kwargs):

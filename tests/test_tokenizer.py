@@ -15,6 +15,8 @@ from transformers import AutoTokenizer
 from longllama.errors import CheckpointError, InputError
 from longllama.tokenizer import encode_prompt, load_tokenizer
 
+from conftest import train_llama_spm
+
 UNK, BOS, EOS = 0, 1, 2
 
 # Characters that matter for parity: spaces in every position, tabs/newlines, digits, accents, CJK, emoji, text
@@ -83,23 +85,8 @@ def _corpus(seed: int = 1234, lines: int = 300) -> list[str]:
 
 def _train(folder: Path, *, model_type: str = "bpe", **options: object) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()),
-        model_prefix=str(folder / "tokenizer"),
-        model_type=model_type,
-        vocab_size=400,
-        byte_fallback=True,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        character_coverage=0.9995,
-        unk_id=UNK,
-        bos_id=BOS,
-        eos_id=EOS,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-        **options,
-    )
+    train_llama_spm(folder, _corpus(), vocab_size=400, model_type=model_type, allow_whitespace_only_pieces=True,
+                    character_coverage=0.9995, **options)
     return folder
 
 
