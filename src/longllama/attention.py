@@ -10,7 +10,8 @@
              attentions that return their log-sum-exp, merged exactly into one softmax (FlashAttention on CUDA,
              explicit fp32 maths elsewhere); the memory is read zero-padded to a multiple of 8 in the head dimension
              as stored. A few queries (decoding): one joint softmax over local and memory scores, values applied
-             as two products instead of a concatenation. Padded inputs fall back to "eager".
+             as two products instead of a concatenation. Padded inputs and cross-batch training memory (masks
+             over keys) take "sdpa" on GPUs and "eager" elsewhere.
 
 Shapes: q (b, h, q, d); k, v (b, h_kv, kv, d); visible (b or 1, 1, q, kv) bool or None (all visible);
 mem_k, mem_v (b, h_kv, M, d) in the memory dtype; mem_valid (b, M) bool or None. Returns (b, h, q, d) and, for
@@ -91,7 +92,14 @@ def _sdpa(q, k, v, visible, mem_k, mem_v, mem_valid):
     mask = None
     if visible is not None:
         mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, c_min)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    d = q.shape[-1]
+    if q.is_cuda and d % 8:
+        # The fused kernels take head dimensions in multiples of 8; zero columns change no score or output.
+        dim = kernel_head_dim(d)
+        q, k, v = _pad_to(q, dim), _pad_to(k, dim), _pad_to(v, dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1],
+                                         scale=1.0 / math.sqrt(d))
+    return out[..., :d]
 
 
 def kernel_head_dim(head_dim: int) -> int:
@@ -162,6 +170,10 @@ _FEW_QUERIES = 16
 def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem):
     local_plain = visible is None or is_causal
     if mem_valid is not None or not local_plain:
+        # Padding, or cross-batch training memory: one masked fused attention over the joined keys (differentiable)
+        # on GPUs, the exact maths elsewhere.
+        if q.is_cuda:
+            return _sdpa(q, k, v, visible, mem_k, mem_v, mem_valid)
         return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False)[0]
     d = q.shape[-1]
     if q.shape[2] <= _FEW_QUERIES:
