@@ -102,6 +102,15 @@ def _sdpa(q, k, v, visible, mem_k, mem_v, mem_valid):
     return out[..., :d]
 
 
+def _sdpa_plain(q, k, v, *, causal: bool):
+    d = q.shape[-1]
+    dim = kernel_head_dim(d)
+    q, k, v = _pad_to(q, dim), _pad_to(k, dim), _pad_to(v, dim)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1],
+                                         scale=1.0 / math.sqrt(d))
+    return out[..., :d]
+
+
 def kernel_head_dim(head_dim: int) -> int:
     """The head dimension fused kernels read: the next multiple of 8 (100 -> 104)."""
     return -(-head_dim // 8) * 8
@@ -169,6 +178,12 @@ _FEW_QUERIES = 16
 
 def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem):
     local_plain = visible is None or is_causal
+    if q.requires_grad and torch.is_grad_enabled() and q.is_cuda:
+        # Training: torch's public SDPA (flash for the plain causal case) has the backward passes; the
+        # log-sum-exp merge below is for inference only.
+        if mem_k is None and mem_valid is None and local_plain:
+            return _sdpa_plain(q, k, v, causal=bool(is_causal))
+        return _sdpa(q, k, v, visible, mem_k, mem_v, mem_valid)
     if mem_valid is not None or not local_plain:
         # Padding, or cross-batch training memory: one masked fused attention over the joined keys (differentiable)
         # on GPUs, the exact maths elsewhere.
