@@ -161,3 +161,29 @@ def test_config_accepts_original_fields():
                                 "torch_dtype": "bfloat16", "transformers_version": "4.30.2"})
     assert config.dtype == torch.bfloat16
     assert config.mem_dtype == "float32" and config.num_key_value_heads == config.num_attention_heads
+
+
+class _Payload:
+    """Pickles into a call that would leave a marker file if it ever ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_code_in_bin_weights_is_not_executed(folder, tmp_path):
+    """.bin weights are read with weights_only: a pickle carrying code is refused, and the code never runs."""
+    from safetensors.torch import load_file
+
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    shutil.copy(folder / "config.json", bad / "config.json")
+    state = load_file(folder / "model.safetensors")
+    marker = tmp_path / "executed"
+    torch.save({**state, "payload": _Payload(marker)}, bad / "pytorch_model.bin")
+    with pytest.raises(LongLlamaError) as info:
+        LongLlamaForCausalLM.from_pretrained(bad)
+    _one_line(info.value)
+    assert not marker.exists()

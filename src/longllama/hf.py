@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,11 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
             model = super().from_pretrained(path, *args, **kwargs)
         except LongLlamaError:
             raise
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"refused the weights in {path}: they hold pickled objects other than tensors, and .bin files are "
+                "read with weights_only (no code runs); convert the checkpoint to safetensors where you trust it"
+            ) from exc
         except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
