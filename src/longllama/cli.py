@@ -2,6 +2,9 @@
 
 `longllama generate --model DIR --prompt TEXT` loads a checkpoint folder and its `tokenizer.model`, reads the prompt
 into the model's memory (a progress bar on stderr shows tokens/s) and streams the continuation to stdout.
+`longllama train CONFIG.yaml [--set KEY=VALUE | --KEY VALUE ...] [--resume]` trains from a YAML config (configs/);
+`longllama finetune ...` is the same with mode finetune. Under `torchrun --nproc_per_node N` with `parallel: ddp` or
+`fsdp2` the processes train together.
 Every `LongLlamaError` (and an unreadable prompt file) ends the command with `longllama: error: <message>` on stderr
 and exit status 2, as argparse does for usage errors; no traceback.
 """
@@ -299,12 +302,67 @@ def _parse(kind: Callable[[str], object], text: str, what: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="LongLLaMA: long-context LLaMA inference.")
+    parser = _Parser(prog=PROG, description="LongLLaMA: long-context LLaMA inference and training.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     _add_generate(commands)
     _add_convert(commands)
+    _add_train(commands)
     return parser
+
+
+def train(*, config: str, overrides: list[str] | None = None, resume: bool | str = False,
+          mode: str | None = None) -> int:
+    """Train LongLLaMA from a YAML config (see configs/): FoT pre-training or instruction fine-tuning, as the
+    config's `mode` says. `--set KEY=VALUE` (or `--KEY VALUE`) overrides a setting, e.g. `--set steps=10` or
+    `--optim.lr 3e-4`; `--resume` continues from the newest checkpoint in out_dir."""
+    from longllama import train as training
+
+    settings = training.load_config(config, overrides=overrides or (), mode=mode)
+    if resume:
+        settings.resume = resume
+    result = training.train(settings)
+    if result.main:
+        print(f"trained to step {result.step}; model in {result.export_dir or settings.out_dir}")
+    return 0
+
+
+def finetune(*, config: str, overrides: list[str] | None = None, resume: bool | str = False) -> int:
+    """Instruction / chat fine-tuning: `train` with mode finetune."""
+    return train(config=config, overrides=overrides, resume=resume, mode="finetune")
+
+
+def _add_train(commands) -> None:
+    helps = {"train": "train or fine-tune from a YAML config (FoT pre-training, DDP / FSDP2 under torchrun)",
+             "finetune": "instruction / chat fine-tuning from a YAML config (train with mode finetune)"}
+    for name, func in (("train", train), ("finetune", finetune)):
+        p = commands.add_parser(name, help=helps[name], description=func.__doc__)
+        p.add_argument("config", help="YAML config file (e.g. configs/tiny-pretrain.yaml)")
+        p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                       help="override a setting (dotted keys, YAML values); repeatable. --KEY VALUE works too")
+        p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                       help="continue from the newest checkpoint in out_dir (or from CHECKPOINT)")
+        p.set_defaults(func=func)
+
+
+def _option_overrides(tokens: list[str]) -> list[str]:
+    """Trailing `--KEY VALUE` / `--KEY=VALUE` / `--FLAG` arguments of train as KEY=VALUE overrides."""
+    out, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise argparse.ArgumentError(None, f"unexpected argument {token!r}: overrides are --KEY VALUE")
+        key = token[2:]
+        if "=" in key:
+            out.append(key)
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            out.append(f"{key}={tokens[i + 1]}")
+            i += 2
+        else:
+            out.append(f"{key}=true")
+            i += 1
+    return out
 
 
 def convert(*, src: str, dst: str, to: str, mem_layers: list[int] | None = None,
@@ -379,8 +437,17 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `longllama` command; returns the exit status (0, or 2 for usage and user errors)."""
+    parser = build_parser()
     try:
-        args = vars(build_parser().parse_args(argv))
+        namespace, extra = parser.parse_known_args(argv)
+        args = vars(namespace)
+        if extra:  # only train / finetune take free-form --KEY VALUE settings
+            if "overrides" not in args:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            try:
+                args["overrides"] = (args["overrides"] or []) + _option_overrides(extra)
+            except argparse.ArgumentError as exc:
+                parser.error(exc.message)
     except SystemExit as exc:  # --help, or a usage error already printed: return its status instead of exiting
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     command: Callable[..., int] = args.pop("func")
