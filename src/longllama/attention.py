@@ -91,6 +91,11 @@ def _sdpa(q, k, v, visible, mem_k, mem_v, mem_valid):
             visible = torch.cat([local_vis, mem_vis.expand(b, 1, n, mem_k.shape[2])], dim=-1)
     mask = None
     if visible is not None:
+        if q.is_cuda:
+            # Query rows that see no key at all (left pads) are never read. Training on an H100 with bf16 autocast
+            # and left-padded batches gave NaN gradients (fp32 did not); such rows are the suspected cause (not yet
+            # verified on the GPU), so they see every key instead. Real rows are unaffected.
+            visible = visible | ~visible.any(dim=-1, keepdim=True)
         mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, c_min)
     d = q.shape[-1]
     if q.is_cuda and d % 8:
