@@ -5,6 +5,8 @@ into the model's memory (a progress bar on stderr shows tokens/s) and streams th
 `longllama train CONFIG.yaml [--set KEY=VALUE | --KEY VALUE ...] [--resume]` trains from a YAML config (configs/);
 `longllama finetune ...` is the same with mode finetune. Under `torchrun --nproc_per_node N` with `parallel: ddp` or
 `fsdp2` the processes train together.
+`longllama passkey --model DIR [--lengths 4096,16384] [--depths 0,0.5,1]` runs the passkey retrieval test (SPEC E.1)
+over prompt lengths (in tokens) and key depths, prints the accuracy table and can save JSON results and a plot.
 Every `LongLlamaError` (and an unreadable prompt file) ends the command with `longllama: error: <message>` on stderr
 and exit status 2, as argparse does for usage errors; no traceback.
 """
@@ -25,6 +27,7 @@ logger = logging.getLogger(__name__)
 PROG = "longllama"
 EXIT_USAGE = 2  # argparse's status for usage errors; user errors share it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PASSKEY_LENGTHS = (4096, 16384)  # prompt tokens of `passkey` without --lengths
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder gives for the bytes of a character not complete yet
 
 
@@ -308,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_convert(commands)
     _add_train(commands)
+    _add_passkey(commands)
     return parser
 
 
@@ -424,6 +428,112 @@ def _add_generate(commands) -> None:
     p.add_argument("--mem-attention-grouping", type=_grouping, metavar="H,Q",
                    help="memory attention in chunks of H heads and Q queries, to bound its memory use")
     p.set_defaults(func=generate)
+
+
+def passkey(*, model: str | None, lengths: list[int] | None = None, depths: list[float | None] | None = None,
+            trials: int = 10, seed: int = 0, last_context_length: int = 1024, dtype: str = "auto",
+            device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None, out: str | None = None,
+            plot: str | None = None) -> int:
+    """Passkey retrieval (SPEC E.1): hide a pass key in filler text at each prompt length (in tokens) and key depth,
+    greedy-decode the answer and count exact matches. Prints accuracy per length and depth; --out saves every trial
+    as JSON, --plot draws accuracy against length and a length x depth heatmap."""
+    from longllama.evals import passkey as task
+    from longllama.tokenizer import load_tokenizer
+
+    folder = _model_folder(model)
+    torch_device = resolve_device(device)
+    lengths = lengths or list(PASSKEY_LENGTHS)
+    out_path = _output_file(out, "--out")
+    plot_path = _output_file(plot, "--plot")
+    if plot_path is not None:
+        task.plot_format(plot_path)
+    # Everything that can fail without the model is checked before loading it: that can take minutes.
+    tokenizer = load_tokenizer(folder)
+    task.check_lengths(tokenizer, lengths, seed=seed)
+    lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping)
+    records = task.run_passkey(lm, tokenizer, lengths=lengths, depths=depths, trials=trials, seed0=seed,
+                               last_context_length=last_context_length, progress=True)
+    summary = task.summarize(records)
+    print(task.format_table(summary))
+    settings = {"model": str(folder), "lengths": lengths, "depths": depths, "trials": trials, "seed": seed,
+                "last_context_length": last_context_length, "dtype": dtype, "device": str(torch_device),
+                "mem_attention_grouping": mem_attention_grouping}
+    if out_path is not None:
+        print(f"wrote {task.save_results(out_path, records, summary, settings=settings)}")
+    if plot_path is not None:
+        print(f"wrote {task.plot_summary(summary, plot_path)}")
+    return 0
+
+
+def _output_file(name: str | None, option: str) -> Path | None:
+    """An output path whose folder exists and is writable, checked before a run that may take hours."""
+    if name is None:
+        return None
+    import os
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise CliError(f"{option} {name} is a folder: pass a file name")
+    if not path.parent.is_dir():
+        raise CliError(f"{option} {name}: folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise CliError(f"{option} {name}: folder {path.parent} is not writable; choose another place")
+    return path
+
+
+def _token_count(text: str) -> int:
+    """A length in tokens: an integer, or with a k suffix (x1024: 4k = 4096)."""
+    scale = 1024 if text.lower().endswith("k") else 1
+    value = _parse(int, text[:-1] if scale > 1 else text, "a whole number of tokens (e.g. 4096 or 4k)") * scale
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1 token")
+    return value
+
+
+def _lengths(text: str) -> list[int]:
+    values = [_token_count(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} must list prompt lengths in tokens, e.g. 4096,16384")
+    return sorted(set(values))
+
+
+def _depths(text: str) -> list[float | None]:
+    """Key depths in [0, 1] (0: key right after the instruction, 1: right before the question); 'none' (or
+    'random') is the SPEC's random place."""
+    values: list[float | None] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        value = None if part.lower() in ("none", "random") else _parse(float, part, "a depth in [0, 1] or 'none'")
+        if value is not None and not 0 <= value <= 1:
+            raise argparse.ArgumentTypeError(f"depth {part} must be in [0, 1] (or 'none' for a random place)")
+        if value not in values:
+            values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} must list key depths, e.g. 0,0.5,1 or none")
+    return values
+
+
+def _add_passkey(commands) -> None:
+    p = commands.add_parser("passkey", help="passkey retrieval accuracy over prompt lengths and key depths",
+                            description=passkey.__doc__)
+    p.add_argument("--model", metavar="DIR", help="LongLLaMA checkpoint folder (config.json, weights, tokenizer.model)")
+    p.add_argument("--lengths", type=_lengths, metavar="N,N,...",
+                   help="prompt lengths in tokens, a k suffix meaning x1024 (default: 4096,16384)")
+    p.add_argument("--depths", type=_depths, metavar="D,D,...|none",
+                   help="key depths in [0, 1], e.g. 0,0.5,1 (default: none, a random place per trial as in the SPEC)")
+    p.add_argument("--trials", type=_positive_int, default=10, metavar="N",
+                   help="prompts per length and depth, seeds S .. S+N-1 (10)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed of the prompt generator (0)")
+    p.add_argument("--last-context-length", type=_positive_int, default=1024, metavar="N",
+                   help="prompt tokens kept in the local context (1024, as the reference evaluation)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights dtype (auto: as stored; the reference evaluation runs float32)")
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where to run (auto: CUDA when available)")
+    p.add_argument("--mem-attention-grouping", type=_grouping, metavar="H,Q",
+                   help="memory attention in chunks of H heads and Q queries, to bound its memory use (e.g. 1,2048)")
+    p.add_argument("--out", metavar="FILE", help="write the settings, summary and every trial as JSON")
+    p.add_argument("--plot", metavar="FILE", help="draw accuracy against length and a length x depth heatmap (.png)")
+    p.set_defaults(func=passkey)
 
 
 def _quiet_libraries() -> None:

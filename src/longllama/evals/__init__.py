@@ -1,0 +1,1 @@
+"""Evaluation tasks, one module per task (`passkey`: pass key retrieval from long filler text)."""

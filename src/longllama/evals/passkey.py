@@ -1,0 +1,347 @@
+"""Passkey retrieval (SPEC E.1): hide a number in filler text, ask the model for it back, score exact matches.
+
+The prompt generator is the landmark-attention one LongLLaMA evaluates with: the filler sentence repeated, a pass
+key line at a random character offset, drawn from numpy's global RNG under a fixed seed (and the RNG put back).
+On top of it this module adds what a sweep needs:
+
+* lengths in tokens: `n_garbage_for_tokens` finds the filler size (in characters) that makes the prompt about the
+  asked number of tokens with a given tokenizer; every record also keeps the prompt's actual token count;
+* key depths: `depth` in [0, 1] puts the key at that fraction of the filler instead of at the random offset;
+* `run_passkey` over a grid of lengths x depths x trials, `summarize` into accuracies, a text table, a JSON file
+  and a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from longllama.errors import InputError
+from longllama.tokenizer import encode_prompt
+
+logger = logging.getLogger(__name__)
+
+FILLER_SENTENCE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+TASK_LINE = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+             "I will quiz you about the important information there.")
+KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION_LINE = "What is the pass key? The pass key is"
+KEY_RANGE = (1, 50000)  # numpy randint bounds: 50000 itself is never drawn
+DEFAULT_LAST_CONTEXT_LENGTH = 1024
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def filler(n_chars: int) -> str:
+    """The first `n_chars` characters of the filler sentence repeated and joined by single spaces.
+
+    Up to 449,999 characters this is exactly the reference's filler (5000 sentences), as prompts only ever take its
+    start; longer requests (prompts past ~100k tokens) continue the same pattern instead of failing.
+    """
+    repeats = n_chars // (len(FILLER_SENTENCE) + 1) + 1
+    return " ".join([FILLER_SENTENCE] * repeats)[:n_chars]
+
+
+def passkey_prompt(n_garbage: int, seed: int, *, depth: float | None = None) -> tuple[str, int]:
+    """The passkey prompt with `n_garbage` filler characters, and its pass key.
+
+    With `depth` None (the SPEC generator) the key line sits after randint(0, n_garbage) filler characters; with a
+    depth in [0, 1] it sits after round(depth * n_garbage) of them. The random offset is drawn either way, so one
+    seed gives the same key at every depth. numpy's global RNG is restored afterwards.
+    """
+    if isinstance(n_garbage, bool) or not isinstance(n_garbage, (int, np.integer)) or n_garbage < 1:
+        raise InputError(f"n_garbage={n_garbage!r} must be a positive number of filler characters")
+    _check_depth(depth)
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        prefix_chars = int(np.random.randint(0, n_garbage))
+        key = int(np.random.randint(*KEY_RANGE))
+    finally:
+        np.random.set_state(state)  # callers' own numpy randomness must not depend on having run this
+    if depth is not None:
+        prefix_chars = round(depth * n_garbage)
+    garbage = filler(n_garbage)
+    # Both parts come from the start of the filler (as the reference does), so neither starts mid-sentence.
+    lines = [TASK_LINE, garbage[:prefix_chars], KEY_LINE.format(key=key), garbage[:n_garbage - prefix_chars],
+             QUESTION_LINE]
+    return "\n".join(lines), key
+
+
+def _check_depth(depth: float | None) -> None:
+    ok = isinstance(depth, numbers.Real) and not isinstance(depth, bool) and 0 <= depth <= 1
+    if depth is not None and not ok:
+        raise InputError(f"depth={depth!r} must be a number in [0, 1] (0: key at the start, 1: at the end) or None")
+
+
+def prefix_chars_of(prompt: str) -> int:
+    """Filler characters before the key line (the filler has no newlines, so the second line is the prefix)."""
+    return len(prompt.split("\n")[1])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Lengths in tokens
+
+
+def prompt_tokens(tokenizer, prompt: str) -> int:
+    """The number of tokens the model reads for `prompt` (BOS included)."""
+    return len(encode_prompt(tokenizer, prompt, bos=True))
+
+
+def chars_per_token(tokenizer) -> float:
+    """Filler characters per token, measured on a stretch of filler long enough to average out the cut at its end."""
+    sample = filler(100 * (len(FILLER_SENTENCE) + 1))
+    return len(sample) / len(encode_prompt(tokenizer, sample, bos=False))
+
+
+def shortest_length(tokenizer, *, seed: int = 0) -> int:
+    """Tokens of a prompt with a single filler character: shorter lengths cannot be asked for."""
+    return prompt_tokens(tokenizer, passkey_prompt(1, seed)[0])
+
+
+def n_garbage_for_tokens(tokenizer, tokens: int, *, seed: int = 0, depth: float | None = None,
+                         max_rounds: int = 8) -> int:
+    """Filler characters that make the prompt (seed, depth) about `tokens` tokens long with `tokenizer`.
+
+    The token count is linear in the filler size apart from a fixed part (instruction, key and question lines, BOS)
+    and a token or two where the filler is cut. So: start from the fixed part and the filler's characters per token,
+    then correct by the measured difference until the prompt is within 0.1% (at least 2 tokens) of the request.
+    The rounds differ by a few tokens at most; the closest one wins.
+    """
+    fixed = shortest_length(tokenizer, seed=seed)
+    if tokens <= fixed:
+        raise InputError(f"a passkey prompt of {tokens} tokens is too short: without filler it already has {fixed} "
+                         f"tokens with this tokenizer; ask for more than {fixed}")
+    rate = chars_per_token(tokenizer)
+    tolerance = max(2, tokens // 1000)
+    n_garbage = max(1, round((tokens - fixed) * rate))
+    best = (math.inf, n_garbage)
+    for _ in range(max_rounds):
+        miss = tokens - prompt_tokens(tokenizer, passkey_prompt(n_garbage, seed, depth=depth)[0])
+        best = min(best, (abs(miss), n_garbage))
+        if abs(miss) <= tolerance:
+            break
+        n_garbage = max(1, n_garbage + round(miss * rate))
+    logger.debug("%d tokens: %d filler characters (off by %d tokens)", tokens, best[1], best[0])
+    return best[1]
+
+
+def check_lengths(tokenizer, lengths: Sequence[int], *, seed: int = 0) -> None:
+    """Fail before any model work when a requested length cannot hold the prompt."""
+    fixed = shortest_length(tokenizer, seed=seed)
+    short = [length for length in lengths if length <= fixed]
+    if short:
+        raise InputError(f"passkey length(s) {', '.join(map(str, short))} are too short: the prompt without filler "
+                         f"already has {fixed} tokens with this tokenizer; ask for more than {fixed}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def score_passkey(model, tokenizer, prompt: str, key: int, *,
+                  last_context_length: int | None = DEFAULT_LAST_CONTEXT_LENGTH) -> dict[str, Any]:
+    """Greedy-decode as many tokens as the answer has and compare them with the answer's ids, exactly.
+
+    The answer ids are those of str(key) without BOS; as the tokenizer adds the dummy-prefix space, they are the
+    ids of " 15338", the text that follows "The pass key is" in the prompt.
+    """
+    ids = encode_prompt(tokenizer, prompt, bos=True)
+    answer_ids = encode_prompt(tokenizer, str(key), bos=False)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=getattr(model, "device", None))
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, num_beams=1,
+                            max_new_tokens=len(answer_ids), last_context_length=last_context_length)
+    generated = [int(t) for t in output[0, len(ids):].tolist()]  # shorter than the answer if EOS came first
+    return {"tokens": len(ids), "answer_ids": answer_ids, "generated_ids": generated,
+            "generated": tokenizer.decode(generated, skip_special_tokens=True),
+            "correct": generated == answer_ids}
+
+
+def run_passkey(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[float | None] | None = None,
+                trials: int, seed0: int = 0, last_context_length: int | None = DEFAULT_LAST_CONTEXT_LENGTH,
+                progress: bool = True) -> list[dict[str, Any]]:
+    """One record per (length, depth, trial): seeds seed0 .. seed0 + trials - 1 at every length and depth.
+
+    `lengths` are prompt lengths in tokens; each gets one filler size (calibrated on the first seed), so a length's
+    prompts differ only by the key and its place, and each record keeps its prompt's actual token count. `depths`
+    None is the SPEC's random key placement only.
+    """
+    depths = [None] if depths is None else list(depths)
+    for depth in depths:
+        _check_depth(depth)
+    if trials < 1:
+        raise InputError(f"trials={trials} must be at least 1")
+    check_lengths(tokenizer, lengths, seed=seed0)
+    sizes = {length: n_garbage_for_tokens(tokenizer, length, seed=seed0) for length in lengths}
+    grid = [(length, depth, seed0 + t) for length in lengths for depth in depths for t in range(trials)]
+    records = []
+    with _trial_bar(len(grid), enabled=progress) as bar:
+        for length, depth, seed in grid:
+            records.append(_trial(model, tokenizer, length, sizes[length], depth, seed,
+                                  last_context_length=last_context_length))
+            bar.update(1)
+            bar.set_postfix(length=length, correct=f"{sum(r['correct'] for r in records)}/{len(records)}")
+    return records
+
+
+def _trial(model, tokenizer, length: int, n_garbage: int, depth: float | None, seed: int, *,
+           last_context_length: int | None) -> dict[str, Any]:
+    prompt, key = passkey_prompt(n_garbage, seed, depth=depth)
+    scored = score_passkey(model, tokenizer, prompt, key, last_context_length=last_context_length)
+    logger.info("length %d (%d tokens) depth %s seed %d: key %d, generated %r -> %s", length, scored["tokens"],
+                "random" if depth is None else depth, seed, key, scored["generated"],
+                "correct" if scored["correct"] else "wrong")
+    return {"length": length, "tokens": scored["tokens"], "n_garbage": n_garbage, "depth": depth,
+            "prefix_chars": prefix_chars_of(prompt), "seed": seed, "key": key, "answer": str(key),
+            "answer_ids": scored["answer_ids"], "generated_ids": scored["generated_ids"],
+            "generated": scored["generated"], "correct": scored["correct"]}
+
+
+def _trial_bar(total: int, *, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="passkey", unit="trial", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Summaries, table, files
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy per (length, depth), per length (all depths) and overall; lengths ascending, depths as first seen."""
+    lengths = sorted({r["length"] for r in records})
+    depths = list(dict.fromkeys(r["depth"] for r in records))
+    cells = [_accuracy([r for r in records if r["length"] == length and r["depth"] == depth],
+                       length=length, depth=depth)
+             for length in lengths for depth in depths]
+    by_length = [_accuracy([r for r in records if r["length"] == length], length=length) for length in lengths]
+    return {"lengths": lengths, "depths": depths, "by_length_depth": [c for c in cells if c["trials"]],
+            "by_length": by_length, "overall": _accuracy(records)}
+
+
+def _accuracy(group: Sequence[dict[str, Any]], **labels: Any) -> dict[str, Any]:
+    correct = sum(bool(r["correct"]) for r in group)
+    tokens = [r["tokens"] for r in group]
+    return {**labels, "trials": len(group), "correct": correct,
+            "accuracy": correct / len(group) if group else None,
+            "mean_tokens": sum(tokens) / len(tokens) if tokens else None}
+
+
+def depth_label(depth: float | None) -> str:
+    return "random" if depth is None else f"{depth:g}"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Accuracy as text: one row per length (with the mean actual prompt tokens), one column per depth, then all."""
+    cell = {(c["length"], c["depth"]): c for c in summary["by_length_depth"]}
+    header = ["length", "tokens"] + [f"depth {depth_label(d)}" for d in summary["depths"]] + ["all depths"]
+    rows = []
+    for total in summary["by_length"]:
+        length = total["length"]
+        accuracies = [_percent(cell.get((length, d))) for d in summary["depths"]]
+        rows.append([str(length), f"{total['mean_tokens']:.0f}", *accuracies, _percent(total)])
+    overall = summary["overall"]
+    rows.append(["all", "", *[""] * len(summary["depths"]), _percent(overall)])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(text.rjust(width) for text, width in zip(row, widths)) for row in [header, *rows]]
+    return "\n".join(lines + [f"{overall['correct']}/{overall['trials']} correct"])
+
+
+def _percent(group: dict[str, Any] | None) -> str:
+    return "-" if group is None or group["accuracy"] is None else f"{100 * group['accuracy']:.1f}%"
+
+
+def save_results(path: str | os.PathLike[str], records: Sequence[dict[str, Any]], summary: dict[str, Any], *,
+                 settings: dict[str, Any] | None = None) -> Path:
+    """Write {settings, summary, records} as JSON, atomically: a half-written file never replaces a good one."""
+    text = json.dumps({"settings": settings or {}, "summary": summary, "records": list(records)}, indent=2)
+    return _replace_atomically(Path(path), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+
+
+def plot_format(path: str | os.PathLike[str]) -> str:
+    """The matplotlib format a plot path asks for (by its suffix; none means png), checked before any work."""
+    from matplotlib.figure import Figure
+
+    suffix = Path(path).suffix.lower().lstrip(".") or "png"
+    supported = Figure().canvas.get_supported_filetypes()
+    if suffix not in supported:
+        raise InputError(f"cannot plot to {path}: use one of the suffixes {', '.join(sorted(supported))}")
+    return suffix
+
+
+def plot_summary(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Two panels: accuracy against length (log x) per depth, and a length x depth accuracy heatmap."""
+    # A bare Figure rather than pyplot: no GUI backend to pick, no global figure state left behind.
+    from matplotlib.figure import Figure
+
+    fmt = plot_format(path)
+    figure = Figure(figsize=(12, 4.5), layout="constrained")
+    curves, heatmap = figure.subplots(1, 2)
+    _plot_curves(curves, summary)
+    _plot_heatmap(figure, heatmap, summary)
+    return _replace_atomically(Path(path), lambda tmp: figure.savefig(tmp, format=fmt, dpi=120))
+
+
+def _plot_curves(ax, summary: dict[str, Any]) -> None:
+    lengths = summary["lengths"]
+    for depth in summary["depths"]:
+        points = [(c["length"], c["accuracy"]) for c in summary["by_length_depth"] if c["depth"] == depth]
+        ax.plot(*zip(*points), marker="o", alpha=0.8, label=f"depth {depth_label(depth)}")
+    if len(summary["depths"]) > 1:
+        ax.plot(lengths, [t["accuracy"] for t in summary["by_length"]], color="black", linewidth=2.5, marker="s",
+                label="all depths")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(length) for length in lengths])
+    ax.minorticks_off()
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("passkey retrieval")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def _plot_heatmap(figure, ax, summary: dict[str, Any]) -> None:
+    lengths, depths = summary["lengths"], summary["depths"]
+    grid = np.full((len(depths), len(lengths)), np.nan)  # (depth, length)
+    for c in summary["by_length_depth"]:
+        grid[depths.index(c["depth"]), lengths.index(c["length"])] = c["accuracy"]
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
+    for (row, col), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            ax.text(col, row, f"{100 * value:.0f}%", ha="center", va="center", fontsize="small")
+    ax.set_xticks(range(len(lengths)), [str(length) for length in lengths])
+    ax.set_yticks(range(len(depths)), [depth_label(d) for d in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("key depth")
+    ax.set_title("accuracy by length and depth")
+    figure.colorbar(image, ax=ax, label="accuracy")
+
+
+def _replace_atomically(path: Path, write) -> Path:
+    """Call write(temporary path) beside `path`, then move the result over `path` in one step."""
+    # mkstemp makes the file private (0600): keep the mode of the file replaced, or give the usual 0644.
+    mode = path.stat().st_mode & 0o777 if path.is_file() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
