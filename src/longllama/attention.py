@@ -97,22 +97,18 @@ def _sdpa(q, k, v, visible, mem_k, mem_v, mem_valid):
             # verified on the GPU), so they see every key instead. Real rows are unaffected.
             visible = visible | ~visible.any(dim=-1, keepdim=True)
         mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, c_min)
+    return _torch_sdpa(q, k, v, mask=mask)
+
+
+def _torch_sdpa(q, k, v, *, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """torch's SDPA with the true 1/sqrt(d) scale; on GPUs the head dimension is zero-padded to a multiple of 8,
+    which the fused kernels need (zero columns change no score or output)."""
     d = q.shape[-1]
     if q.is_cuda and d % 8:
-        # The fused kernels take head dimensions in multiples of 8; zero columns change no score or output.
         dim = kernel_head_dim(d)
         q, k, v = _pad_to(q, dim), _pad_to(k, dim), _pad_to(v, dim)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1],
-                                         scale=1.0 / math.sqrt(d))
-    return out[..., :d]
-
-
-def _sdpa_plain(q, k, v, *, causal: bool):
-    d = q.shape[-1]
-    dim = kernel_head_dim(d)
-    q, k, v = _pad_to(q, dim), _pad_to(k, dim), _pad_to(v, dim)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1],
-                                         scale=1.0 / math.sqrt(d))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                         enable_gqa=k.shape[1] != q.shape[1], scale=1.0 / math.sqrt(d))
     return out[..., :d]
 
 
@@ -187,7 +183,7 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem):
         # Training: torch's public SDPA (flash for the plain causal case) has the backward passes; the
         # log-sum-exp merge below is for inference only.
         if mem_k is None and mem_valid is None and local_plain:
-            return _sdpa_plain(q, k, v, causal=bool(is_causal))
+            return _torch_sdpa(q, k, v, causal=bool(is_causal))
         return _sdpa(q, k, v, visible, mem_k, mem_v, mem_valid)
     if mem_valid is not None or not local_plain:
         # Padding, or cross-batch training memory: one masked fused attention over the joined keys (differentiable)
