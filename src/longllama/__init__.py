@@ -5,7 +5,12 @@ Importing the package registers the `longllama` model type with transformers' Au
 """
 
 from longllama.config import LongLlamaConfig
-from longllama.hf import LongLlamaForCausalLM, LongLlamaModel, register_auto_classes
+from longllama.hf import (
+    LongLlamaForCausalLM,
+    LongLlamaForSequenceClassification,
+    LongLlamaModel,
+    register_auto_classes,
+)
 from longllama.cache import LongLlamaCache
 from longllama.memory import MemoryCache
 
@@ -16,6 +21,7 @@ register_auto_classes()
 __all__ = [
     "LongLlamaConfig",
     "LongLlamaForCausalLM",
+    "LongLlamaForSequenceClassification",
     "LongLlamaModel",
     "LongLlamaCache",
     "MemoryCache",

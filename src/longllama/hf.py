@@ -16,7 +16,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
 from transformers.utils import ModelOutput
 
 from longllama.cache import CacheAlias, LongLlamaCache
@@ -283,6 +289,69 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
         return generate(self, input_ids, **kwargs)
 
 
+@dataclass
+class LongLlamaClassifierOutput(ModelOutput, CacheAlias):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: LongLlamaCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class LongLlamaForSequenceClassification(LongLlamaPreTrainedModel):
+    """LongLLaMA with a `score` head read at the last non-pad token (SPEC B.10: the count of ids != pad_token_id,
+    minus one, so right padding is assumed; the last position when no pad id is set)."""
+
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = LongLlamaModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                use_cache: bool | None = None, last_context_length: int | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None, cache=None,
+                **kwargs) -> LongLlamaClassifierOutput:
+        _reject_unknown(kwargs)
+        state = self.model.resolve_cache(past_key_values if past_key_values is not None else cache, use_cache)
+        out = self.model.run(input_ids, cache=state, attention_mask=attention_mask, position_ids=position_ids,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             last_context_length=last_context_length,
+                             output_hidden_states=bool(output_hidden_states))
+        logits = self.score(out.hidden)  # (B, N, labels)
+        pooled = logits[torch.arange(logits.shape[0], device=logits.device), self._last_index(input_ids, logits)]
+        loss = None if labels is None else self._loss(pooled, labels.to(pooled.device))
+        return LongLlamaClassifierOutput(loss=loss, logits=pooled, cache=out.cache, hidden_states=out.all_hidden)
+
+    def _last_index(self, input_ids: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+        pad = self.config.pad_token_id
+        if pad is None or input_ids is None:
+            if logits.shape[0] > 1 and pad is None:
+                raise InputError("batches need pad_token_id in the config to find each row's last token: set it")
+            return torch.full((logits.shape[0],), logits.shape[1] - 1, device=logits.device)
+        return (input_ids.to(logits.device) != pad).sum(-1) - 1
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        kind = self.config.problem_type
+        if kind is None:
+            if self.num_labels == 1:
+                kind = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                kind = "single_label_classification"
+            else:
+                kind = "multi_label_classification"
+        if kind == "regression":
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
+        if kind == "single_label_classification":
+            return F.cross_entropy(logits.float(), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of logits[:, :-1] against labels[:, 1:], ignoring -100 (in fp32)."""
     if labels.shape != logits.shape[:2]:
@@ -297,7 +366,9 @@ def register_auto_classes() -> None:
     AutoConfig.register("longllama", LongLlamaConfig, exist_ok=True)
     AutoModel.register(LongLlamaConfig, LongLlamaModel, exist_ok=True)
     AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(LongLlamaConfig, LongLlamaForSequenceClassification, exist_ok=True)
 
 
-__all__ = ["LongLlamaModel", "LongLlamaForCausalLM", "LongLlamaOutput", "LongLlamaCausalLMOutput",
+__all__ = ["LongLlamaModel", "LongLlamaForCausalLM", "LongLlamaForSequenceClassification", "LongLlamaOutput",
+           "LongLlamaCausalLMOutput",
            "register_auto_classes", "causal_lm_loss", "ConfigError"]
