@@ -41,3 +41,15 @@ def train_llama_spm(folder: Path, sentences, *, vocab_size: int, **options) -> P
         byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
         minloglevel=2, **{"model_type": "bpe", **options})
     return folder
+
+
+def assert_one_line_errors(run, cases: dict) -> None:
+    """Each case (name -> (args, hint)) run through `run(*args) -> (code, stdout, stderr)` exits 2 with one
+    `longllama: error:` line naming the hint, and prints nothing on stdout."""
+    for name, (args, hint) in cases.items():
+        code, out, err = run(*args)
+        lines = err.strip().splitlines()
+        assert code == 2, name
+        assert len(lines) == 1 and lines[0].startswith("longllama: error: "), (name, err)
+        assert hint in lines[0], (name, lines[0])
+        assert out == "", name

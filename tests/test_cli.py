@@ -22,6 +22,8 @@ from longllama.cli import TextStreamer, main
 from longllama.config import preset
 from longllama.tokenizer import encode_prompt, load_tokenizer
 
+from conftest import assert_one_line_errors
+
 VOCAB = 300
 PROMPT = "the quick brown fox"
 WORDS = ("the quick brown fox jumps over a lazy dog memory layer attention context long llama token window "
@@ -197,13 +199,7 @@ def _error_cases(checkpoint: Path, tmp_path: Path) -> dict[str, tuple[list[str],
 
 
 def test_errors_are_one_line_with_status_2(checkpoint: Path, tmp_path: Path, capsys) -> None:
-    for name, (args, hint) in _error_cases(checkpoint, tmp_path).items():
-        code, out, err = _run(capsys, *args)
-        lines = err.strip().splitlines()
-        assert code == 2, name
-        assert len(lines) == 1 and lines[0].startswith("longllama: error: "), (name, err)
-        assert hint in lines[0], (name, lines[0])
-        assert out == "", name
+    assert_one_line_errors(lambda *args: _run(capsys, *args), _error_cases(checkpoint, tmp_path))
 
 
 def test_help_returns_0(capsys) -> None:

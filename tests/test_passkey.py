@@ -23,7 +23,7 @@ from longllama.errors import InputError
 from longllama.evals import passkey as task
 from longllama.tokenizer import encode_prompt, load_tokenizer
 
-from conftest import train_llama_spm
+from conftest import assert_one_line_errors, train_llama_spm
 
 SENTENCE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -280,13 +280,7 @@ def test_command_errors_are_one_line(checkpoint: Path, tmp_path: Path, capsys) -
         "out folder missing": ([*ok, "--lengths", "300", "--out", str(tmp_path / "no" / "r.json")], "does not exist"),
         "bad plot suffix": ([*ok, "--lengths", "300", "--plot", str(tmp_path / "p.xyz")], "suffixes"),
     }
-    for name, (args, hint) in cases.items():
-        code, out, err = _run(capsys, *args)
-        lines = err.strip().splitlines()
-        assert code == 2, name
-        assert len(lines) == 1 and lines[0].startswith("longllama: error: "), (name, err)
-        assert hint in lines[0], (name, lines[0])
-        assert out == "", name
+    assert_one_line_errors(lambda *args: _run(capsys, *args), cases)
     assert not (tmp_path / "p.xyz").exists()
 
 

@@ -7,6 +7,8 @@ into the model's memory (a progress bar on stderr shows tokens/s) and streams th
 `fsdp2` the processes train together.
 `longllama passkey --model DIR [--lengths 4096,16384] [--depths 0,0.5,1]` runs the passkey retrieval test (SPEC E.1)
 over prompt lengths (in tokens) and key depths, prints the accuracy table and can save JSON results and a plot.
+`longllama perplexity --model DIR --data FILE.jsonl [--contexts 0,1k,4k,16k,64k]` scores the same target tokens of
+held-out documents after contexts of each length, prints perplexity per context length and can save JSON and a plot.
 Every `LongLlamaError` (and an unreadable prompt file) ends the command with `longllama: error: <message>` on stderr
 and exit status 2, as argparse does for usage errors; no traceback.
 """
@@ -312,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(commands)
     _add_train(commands)
     _add_passkey(commands)
+    _add_perplexity(commands)
     return parser
 
 
@@ -406,10 +409,21 @@ def _add_convert(commands) -> None:
     p.set_defaults(func=convert)
 
 
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --device and --mem-attention-grouping: how every model-running command loads its model."""
+    p.add_argument("--model", metavar="DIR", help="LongLLaMA checkpoint folder (config.json, weights, tokenizer.model)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights dtype (auto: as stored in the checkpoint)")
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where to run (auto: CUDA when available)")
+    p.add_argument("--mem-attention-grouping", type=_grouping, metavar="H,Q",
+                   help="memory attention in chunks of H heads and Q queries, to bound its memory use (e.g. 1,2048)")
+
+
 def _add_generate(commands) -> None:
     p = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout",
                             description=generate.__doc__)
-    p.add_argument("--model", metavar="DIR", help="LongLLaMA checkpoint folder (config.json, weights, tokenizer.model)")
+    _add_model_arguments(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", metavar="TEXT", help="the prompt text")
     source.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file ('-': stdin)")
@@ -421,12 +435,6 @@ def _add_generate(commands) -> None:
     p.add_argument("--seed", type=int, metavar="S", help="random seed, for repeatable sampling")
     p.add_argument("--last-context-length", type=_positive_int, metavar="N",
                    help="prompt tokens kept in the local context (default: the model's config)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="weights dtype (auto: as stored in the checkpoint)")
-    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where to run (auto: CUDA when available)")
-    p.add_argument("--mem-attention-grouping", type=_grouping, metavar="H,Q",
-                   help="memory attention in chunks of H heads and Q queries, to bound its memory use")
     p.set_defaults(func=generate)
 
 
@@ -453,16 +461,10 @@ def passkey(*, model: str | None, lengths: list[int] | None = None, depths: list
     lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping)
     records = task.run_passkey(lm, tokenizer, lengths=lengths, depths=depths, trials=trials, seed0=seed,
                                last_context_length=last_context_length, progress=True)
-    summary = task.summarize(records)
-    print(task.format_table(summary))
     settings = {"model": str(folder), "lengths": lengths, "depths": depths, "trials": trials, "seed": seed,
                 "last_context_length": last_context_length, "dtype": dtype, "device": str(torch_device),
                 "mem_attention_grouping": mem_attention_grouping}
-    if out_path is not None:
-        print(f"wrote {task.save_results(out_path, records, summary, settings=settings)}")
-    if plot_path is not None:
-        print(f"wrote {task.plot_summary(summary, plot_path)}")
-    return 0
+    return _report(task, records, settings, out_path, plot_path)
 
 
 def _output_file(name: str | None, option: str) -> Path | None:
@@ -515,7 +517,7 @@ def _depths(text: str) -> list[float | None]:
 def _add_passkey(commands) -> None:
     p = commands.add_parser("passkey", help="passkey retrieval accuracy over prompt lengths and key depths",
                             description=passkey.__doc__)
-    p.add_argument("--model", metavar="DIR", help="LongLLaMA checkpoint folder (config.json, weights, tokenizer.model)")
+    _add_model_arguments(p)
     p.add_argument("--lengths", type=_lengths, metavar="N,N,...",
                    help="prompt lengths in tokens, a k suffix meaning x1024 (default: 4096,16384)")
     p.add_argument("--depths", type=_depths, metavar="D,D,...|none",
@@ -525,15 +527,89 @@ def _add_passkey(commands) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed of the prompt generator (0)")
     p.add_argument("--last-context-length", type=_positive_int, default=1024, metavar="N",
                    help="prompt tokens kept in the local context (1024, as the reference evaluation)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="weights dtype (auto: as stored; the reference evaluation runs float32)")
-    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where to run (auto: CUDA when available)")
-    p.add_argument("--mem-attention-grouping", type=_grouping, metavar="H,Q",
-                   help="memory attention in chunks of H heads and Q queries, to bound its memory use (e.g. 1,2048)")
     p.add_argument("--out", metavar="FILE", help="write the settings, summary and every trial as JSON")
     p.add_argument("--plot", metavar="FILE", help="draw accuracy against length and a length x depth heatmap (.png)")
     p.set_defaults(func=passkey)
+
+
+def perplexity(*, model: str | None, data: str | None, contexts: list[int] | None = None,
+               target_tokens: int = 512, max_docs: int | None = None, last_context_length: int | None = None,
+               dtype: str = "auto", device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None,
+               out: str | None = None, plot: str | None = None) -> int:
+    """Held-out perplexity against context length: for each document with at least max(C) + T tokens, the same T
+    target tokens are scored after C tokens of context, for every C (one forward call each; the context beyond the
+    final window goes to the memory). Prints mean NLL and perplexity per C; --out saves JSON, --plot a PNG."""
+    from longllama.config import LongLlamaConfig
+    from longllama.data import iter_documents
+    from longllama.evals import perplexity as task
+    from longllama.tokenizer import load_tokenizer
+
+    folder = _model_folder(model)
+    if data is None:
+        raise CliError("no data given: pass --data FILE.jsonl with a \"text\" field (e.g. heldout.jsonl of "
+                       "scripts/prepare_corpus.py)")
+    texts = iter_documents(data, field="text")  # checks the file exists; reads nothing yet
+    torch_device = resolve_device(device)
+    contexts = contexts or list(task.DEFAULT_CONTEXTS)
+    out_path = _output_file(out, "--out")
+    plot_path = _output_file(plot, "--plot")
+    if plot_path is not None:
+        task.plot_format(plot_path)
+    # Everything that can fail without the model is checked before loading it: that can take minutes.
+    lcl = last_context_length or LongLlamaConfig.from_pretrained(folder).last_context_length
+    contexts = task.check_settings(contexts, target_tokens=target_tokens, last_context_length=lcl)
+    tokenizer = load_tokenizer(folder)
+    documents = task.load_documents(texts, tokenizer,
+                                    needed_tokens=contexts[-1] + target_tokens, max_docs=max_docs)
+    lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping)
+    records = task.run_perplexity(lm, documents, contexts=contexts, target_tokens=target_tokens,
+                                  bos_id=tokenizer.bos_token_id, last_context_length=lcl, progress=True)
+    settings = {"model": str(folder), "data": str(data), "contexts": contexts, "target_tokens": target_tokens,
+                "max_docs": max_docs, "last_context_length": lcl, "dtype": dtype, "device": str(torch_device),
+                "mem_attention_grouping": mem_attention_grouping}
+    return _report(task, records, settings, out_path, plot_path)
+
+
+def _report(task, records: list[dict], settings: dict, out_path: Path | None, plot_path: Path | None) -> int:
+    """An evaluation's table on stdout, then its JSON and plot files if asked for."""
+    summary = task.summarize(records)
+    print(task.format_table(summary))
+    if out_path is not None:
+        print(f"wrote {task.save_results(out_path, records, summary, settings=settings)}")
+    if plot_path is not None:
+        print(f"wrote {task.plot_summary(summary, plot_path)}")
+    return 0
+
+
+def _context_lengths(text: str) -> list[int]:
+    """Context lengths in tokens, 0 allowed, a k suffix meaning x1024; sorted, without repeats."""
+    values = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        scale = 1024 if part.lower().endswith("k") else 1
+        value = _parse(int, part[:-1] if scale > 1 else part, "a whole number of tokens (e.g. 0, 4096 or 4k)")
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"context length {part} must be 0 or more tokens")
+        values.append(value * scale)
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} must list context lengths in tokens, e.g. 0,1k,4k")
+    return sorted(set(values))
+
+
+def _add_perplexity(commands) -> None:
+    p = commands.add_parser("perplexity", help="held-out perplexity of fixed target tokens against context length",
+                            description=perplexity.__doc__)
+    _add_model_arguments(p)
+    p.add_argument("--data", metavar="FILE", help="documents: .jsonl with a \"text\" field (or .txt / .parquet)")
+    p.add_argument("--contexts", type=_context_lengths, metavar="C,C,...",
+                   help="context lengths in tokens, a k suffix meaning x1024 (default: 0,1k,4k,16k,64k)")
+    p.add_argument("--target-tokens", type=_positive_int, default=512, metavar="T",
+                   help="tokens scored per document, the same for every context length (512)")
+    p.add_argument("--max-docs", type=_positive_int, metavar="N", help="evaluate at most N documents (default: all)")
+    p.add_argument("--last-context-length", type=_positive_int, metavar="N",
+                   help="tokens of the final window, more than --target-tokens (default: the model's config)")
+    p.add_argument("--out", metavar="FILE", help="write the settings, summary and per-document results as JSON")
+    p.add_argument("--plot", metavar="FILE", help="draw perplexity against context length (.png)")
+    p.set_defaults(func=perplexity)
 
 
 def _quiet_libraries() -> None:
