@@ -14,12 +14,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_invariants import (  # noqa: E402
+    assert_decoding_matches_spec,
+    assert_padded_call_matches_spec,
     IMPLS,
     ORDER_TOL,
-    SpecReference,
     _long_run,
     _padded_mask,
-    decode,
     hf_llama,
     ids_of,
     legacy,
@@ -87,19 +87,8 @@ def test_gqa_matches_the_spec_reimplementation():
     ids = ids_of(2, 100, seed=42)
     mask = torch.ones(2, 100, dtype=torch.long)
     mask[1, :37] = 0
-    ref = SpecReference(model)
-    out = model(ids, attention_mask=mask, use_cache=False)
-    expected = ref(ids, lcl=16, attention_mask=mask, use_cache=False)
-    keep = mask.bool()
-    assert torch.equal(out.logits[keep], expected[keep]), max_diff(out.logits[keep], expected[keep])
-    ref.assert_state_equal(out.past_key_values)
-    ref = SpecReference(model)
-    prompt, steps = ids_of(1, 100, seed=43), ids_of(1, 25, seed=44)
-    out = model(prompt)
-    assert torch.equal(out.logits, ref(prompt, lcl=16))
-    for step, out in enumerate(decode(model, out, steps)):
-        assert max_diff(out.logits, ref(steps[:, step:step + 1], lcl=16)) <= ORDER_TOL, step
-    ref.assert_state_equal(out.past_key_values, tol=ORDER_TOL)
+    assert_padded_call_matches_spec(model, ids, mask)
+    out = assert_decoding_matches_spec(model, ids_of(1, 100, seed=43), ids_of(1, 25, seed=44), tol=ORDER_TOL)
     assert out.past_key_values.memory_length == 116
 
 

@@ -471,6 +471,28 @@ def test_F9_continuation_state():
     assert torch.equal(again.logits, second.logits)
 
 
+def assert_padded_call_matches_spec(model, ids, mask) -> None:
+    """A fresh padded call (use_cache=False, lcl 16) equals the transcription on real tokens, state included."""
+    ref = SpecReference(model)
+    out = model(ids, attention_mask=mask, use_cache=False)
+    expected = ref(ids, lcl=16, attention_mask=mask, use_cache=False)
+    keep = mask.bool()
+    assert torch.equal(out.logits[keep], expected[keep]), max_diff(out.logits[keep], expected[keep])
+    ref.assert_state_equal(out.past_key_values)
+
+
+def assert_decoding_matches_spec(model, prompt, steps, *, tol: float = 0.0):
+    """A prompt, then one token per step, equals the transcription step by step (bitwise when tol is 0);
+    returns the last output."""
+    ref = SpecReference(model)
+    out = model(prompt)
+    assert torch.equal(out.logits, ref(prompt, lcl=16))
+    for step, out in enumerate(decode(model, out, steps)):
+        assert max_diff(out.logits, ref(steps[:, step:step + 1], lcl=16)) <= tol, step
+    ref.assert_state_equal(out.past_key_values, **({"tol": tol} if tol else {}))
+    return out
+
+
 @pytest.mark.parametrize("mem_dtype", ["float32", "bfloat16"])
 @torch.no_grad()
 def test_F9_matches_the_spec_reimplementation(mem_dtype):
@@ -481,12 +503,7 @@ def test_F9_matches_the_spec_reimplementation(mem_dtype):
     mask = torch.ones(2, 100, dtype=torch.long)
     mask[1, :37] = 0
     mask[0, 50:55] = 0
-    ref = SpecReference(model)
-    out = model(ids, attention_mask=mask, use_cache=False)
-    expected = ref(ids, lcl=16, attention_mask=mask, use_cache=False)
-    keep = mask.bool()
-    assert torch.equal(out.logits[keep], expected[keep]), max_diff(out.logits[keep], expected[keep])
-    ref.assert_state_equal(out.past_key_values)
+    assert_padded_call_matches_spec(model, ids, mask)
 
     ref = SpecReference(model)
     a, b = ids_of(1, 20, seed=15), ids_of(1, 130, seed=16)
@@ -496,13 +513,7 @@ def test_F9_matches_the_spec_reimplementation(mem_dtype):
     assert torch.equal(second.logits, ref(b, lcl=16))
     ref.assert_state_equal(second.past_key_values)
 
-    ref = SpecReference(model)
-    prompt, steps = ids_of(1, 100, seed=17), ids_of(1, 25, seed=18)
-    out = model(prompt)
-    assert torch.equal(out.logits, ref(prompt, lcl=16))
-    for step, out in enumerate(decode(model, out, steps)):
-        assert torch.equal(out.logits, ref(steps[:, step:step + 1], lcl=16)), step
-    ref.assert_state_equal(out.past_key_values)
+    out = assert_decoding_matches_spec(model, ids_of(1, 100, seed=17), ids_of(1, 25, seed=18))
     assert out.past_key_values.memory_length == 116
 
 
@@ -513,13 +524,7 @@ def test_F9_head_dim_20_divides_by_sqrt_d():
     only to rounding."""
     model = tiny(hidden_size=80, max_position_embeddings=32, last_context_length=16)
     assert model.config.head_dim == 20
-    ref = SpecReference(model)
-    prompt, steps = ids_of(2, 100, seed=51), ids_of(2, 20, seed=52)
-    out = model(prompt)
-    assert torch.equal(out.logits, ref(prompt, lcl=16))
-    for step, out in enumerate(decode(model, out, steps)):
-        assert torch.equal(out.logits, ref(steps[:, step:step + 1], lcl=16)), step
-    ref.assert_state_equal(out.past_key_values)
+    assert_decoding_matches_spec(model, ids_of(2, 100, seed=51), ids_of(2, 20, seed=52))
     short = ids_of(2, 30, seed=53)
     assert max_diff(model(short, last_context_length=30).logits, hf_llama(model)(short).logits) <= ORDER_TOL
 
