@@ -31,12 +31,14 @@ def clamp_value(dtype: torch.dtype) -> float:
     return max(torch.finfo(dtype).min, -1e6)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor | None, c_min: float) -> torch.Tensor:
-    """(b, h, q, kv) scores of grouped heads; q heads h_kv*g+j share kv head h_kv (no copy of k)."""
+def _scores(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor | None, c_min: float, *,
+            head_dim: int | None = None) -> torch.Tensor:
+    """(b, h, q, kv) scores of grouped heads; q heads h_kv*g+j share kv head h_kv (no copy of k). Divided by
+    sqrt(head_dim), the true head dimension when q and k are zero-padded (default: q's last dimension)."""
     b, h, n, d = q.shape
     hkv = k.shape[1]
     qg = q.reshape(b, hkv, (h // hkv) * n, d)  # (B, Hkv, G*Q, D)
-    s = (qg @ k.transpose(-1, -2)).view(b, h, n, k.shape[2]) / math.sqrt(d)
+    s = (qg @ k.transpose(-1, -2)).view(b, h, n, k.shape[2]) / math.sqrt(head_dim or d)
     if visible is not None:
         s = s.masked_fill(~visible, c_min)
     return s.clamp_min(c_min)
@@ -226,19 +228,10 @@ def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem):
         mem_k, mem_v = padded_mem
     mem_k, mem_v = mem_k.to(q.dtype), mem_v.to(q.dtype)
     qp = _pad_to(q, mem_k.shape[-1])
-    mem_scores = _weighted_scores(qp, mem_k, d)
-    scores = torch.cat([local, mem_scores.clamp_min(c_min)], dim=-1)
+    scores = torch.cat([local, _scores(qp, mem_k, None, c_min, head_dim=d)], dim=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     kv = k.shape[2]
     return _weighted(probs[..., :kv], v) + _weighted(probs[..., kv:], mem_v)[..., :d]
-
-
-def _weighted_scores(q: torch.Tensor, k: torch.Tensor, d: int) -> torch.Tensor:
-    """Scores of grouped heads divided by sqrt(d) of the true head dimension (q, k may be zero-padded)."""
-    b, h, n, _ = q.shape
-    hkv = k.shape[1]
-    s = q.reshape(b, hkv, (h // hkv) * n, q.shape[-1]) @ k.transpose(-1, -2)  # (B, Hkv, G*Q, M)
-    return s.view(b, h, n, k.shape[2]) / math.sqrt(d)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, visible: torch.Tensor | None = None,

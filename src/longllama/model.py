@@ -138,16 +138,16 @@ class Attention(nn.Module):
 
         if state.local_length:
             old = state.local_length
-            k = torch.cat([state.keys, k], dim=2)
-            v = torch.cat([state.values, v], dim=2)
-            positions = torch.cat([state.positions, positions], dim=1)
             if old + n > self.config.max_position_embeddings:
                 # Overflow: the whole old cache leaves; memory layers keep it as memory, the others lose it.
                 if mem_layer and use_cache:
-                    self._append_memory(state, k[:, :, :old], v[:, :, :old], _columns(pad_valid, 0, old))
-                k, v, positions = k[:, :, old:], v[:, :, old:], positions[:, old:]
+                    self._append_memory(state, state.keys, state.values, _columns(pad_valid, 0, old))
                 visible = None if visible is None else visible[..., old:]
                 pad_valid = None if pad_valid is None else pad_valid[:, old:]
+            else:
+                k = torch.cat([state.keys, k], dim=2)
+                v = torch.cat([state.values, v], dim=2)
+                positions = torch.cat([state.positions, positions], dim=1)
         if use_cache:
             state.set_local(k, v, positions)
 
