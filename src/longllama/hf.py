@@ -26,6 +26,7 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from longllama.cache import CacheAlias, LongLlamaCache
+from longllama.checkpoint import check_model_folder
 from longllama.config import ConfigError, LongLlamaConfig
 from longllama.errors import CheckpointError, InputError, LongLlamaError
 from longllama.model import DecoderLayer, RMSNorm, RotaryTable, attention_impl, forward_window
@@ -63,7 +64,7 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' from_pretrained, with the folder checked first and load failures as one-line errors."""
         path = os.fspath(pretrained_model_name_or_path)
-        _check_folder(path)
+        check_model_folder(path)  # local folders only: nothing is downloaded
         if "torch_dtype" in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = kwargs.pop("torch_dtype")  # the seed README's spelling
         try:
@@ -83,19 +84,6 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
             ) from exc
         model.config.check()
         return model
-
-
-def _check_folder(path: str) -> None:
-    if not os.path.isdir(path):
-        raise CheckpointError(
-            f"model folder {path!r} does not exist: pass the path of a local checkpoint folder "
-            "(nothing is downloaded)"
-        )
-    try:
-        from longllama.checkpoint import check_model_folder
-    except ImportError:  # pragma: no cover - the checker is optional for loading
-        return
-    check_model_folder(path)
 
 
 class LongLlamaModel(LongLlamaPreTrainedModel):
@@ -159,15 +147,13 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             input_ids = input_ids[None]
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise InputError(f"input_ids has shape {tuple(input_ids.shape)}: pass a non-empty (batch, n) tensor of token ids")
-        if not validate:
-            return self.embed_tokens(input_ids)
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise InputError(
-                f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}): tokenize with this "
-                "model's tokenizer"
-            )
+        if validate:
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise InputError(
+                    f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size}): "
+                    "tokenize with this model's tokenizer"
+                )
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
