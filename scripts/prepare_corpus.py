@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-heldout-bytes", type=int, default=defaults.max_heldout_bytes,
                         help="packages with more bytes of .py files always go to train")
     parser.add_argument("--max-doc-chars", type=int, default=defaults.max_doc_chars)
+    parser.add_argument("--max-heldout-doc-chars", type=int, default=defaults.max_heldout_doc_chars,
+                        help="held-out documents may be longer (they are only scored)")
     parser.add_argument("--synthetic", type=int, default=defaults.synthetic,
                         help="synthetic retrieval documents mixed into train.jsonl")
     parser.add_argument("--heldout-synthetic", type=int, default=defaults.heldout_synthetic,
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     options = corpus.CorpusOptions(
         seed=args.seed, heldout_fraction=args.heldout_fraction, max_heldout_bytes=args.max_heldout_bytes,
         max_doc_chars=args.max_doc_chars,
+        max_heldout_doc_chars=args.max_heldout_doc_chars,
         synthetic=args.synthetic, heldout_synthetic=args.heldout_synthetic,
         synthetic_chars=tuple(args.synthetic_chars), vocab_size=args.vocab_size,
         tokenizer_sample_chars=args.tokenizer_sample_chars, limit_packages=args.limit_packages,

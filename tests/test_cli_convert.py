@@ -37,12 +37,26 @@ def test_convert_round_trip(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_convert_casts_weights_to_a_smaller_dtype(tmp_path):
+    llama = _llama_folder(tmp_path / "llama")
+    assert main(["convert", str(llama), str(tmp_path / "long"), "--to", "longllama", "--mem-layers", "1"]) == 0
+    assert main(["convert", str(tmp_path / "long"), str(tmp_path / "bf16"), "--to", "safetensors",
+                 "--dtype", "bfloat16"]) == 0
+    full = LongLlamaForCausalLM.from_pretrained(tmp_path / "long")
+    half = LongLlamaForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert half.dtype == torch.bfloat16 and half.config.mem_layers == [1]
+    assert (tmp_path / "bf16" / "model.safetensors").stat().st_size < 0.6 * (tmp_path / "long" / "model.safetensors").stat().st_size
+    for name, tensor in full.state_dict().items():
+        assert torch.equal(half.state_dict()[name], tensor.to(torch.bfloat16)), name
+
+
 def test_convert_errors(tmp_path, capsys):
     llama = _llama_folder(tmp_path / "llama")
     cases = [
         ["convert", str(llama), str(tmp_path / "x"), "--to", "longllama"],                     # no --mem-layers
         ["convert", str(llama), str(tmp_path / "y"), "--to", "longllama", "--mem-layers", "7"],  # out of range
         ["convert", str(tmp_path / "missing"), str(tmp_path / "z"), "--to", "safetensors"],
+        ["convert", str(llama), str(tmp_path / "w"), "--to", "llama", "--dtype", "bfloat16"],  # cast needs safetensors
     ]
     for argv in cases:
         assert main(argv) == 2

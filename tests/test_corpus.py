@@ -250,8 +250,13 @@ def test_tokenizer_is_llama_style_and_matches_load_tokenizer(tmp_path: Path) -> 
 def test_prepare_corpus_splits_by_package_and_records_versions(fake_python: tuple[Path, Path], tmp_path: Path) -> None:
     stdlib, site = fake_python
     (tmp_path / "keep.txt").write_text("unrelated")  # an existing folder with other files is fine
-    result = prepare_corpus(tmp_path, _small(), stdlib_dir=stdlib, site_paths=[str(site)])
+    result = prepare_corpus(tmp_path, _small(max_heldout_doc_chars=2_000), stdlib_dir=stdlib,
+                            site_paths=[str(site)])
     train, heldout = _read_jsonl(tmp_path / "train.jsonl"), _read_jsonl(tmp_path / "heldout.jsonl")
+    # Each split has its own document cap (6000 for training here, 2000 for held-out).
+    code_lengths = [len(r["text"]) for r in train if r["source"] == "code"]
+    assert max(code_lengths) <= 6_000 and max(code_lengths) > 2_000
+    assert max(len(r["text"]) for r in heldout) <= 2_000
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert (tmp_path / "keep.txt").read_text() == "unrelated"
     train_packages = {r["package"] for r in train if r["source"] == "code"}
@@ -301,7 +306,8 @@ def test_unwritable_output_is_a_one_line_input_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", [{"heldout_fraction": 1.0}, {"heldout_fraction": -0.1}, {"vocab_size": 100},
-                                 {"synthetic_chars": (5_000, 2_000)}, {"limit_packages": 0}, {"synthetic": -1}])
+                                 {"synthetic_chars": (5_000, 2_000)}, {"limit_packages": 0}, {"synthetic": -1},
+                                 {"max_heldout_doc_chars": 10}])
 def test_bad_options_are_input_errors(tmp_path: Path, bad: dict) -> None:
     with pytest.raises(InputError):
         prepare_corpus(tmp_path, _small(**bad))

@@ -56,6 +56,21 @@ def test_positives_and_negatives_per_pack_index(r, recipe):
         assert (positives, ranges[b] - positives) == recipe[b % k]
 
 
+@pytest.mark.parametrize("r, stepping, recipe", [(3, True, [0, 1, 2, 3]), (7, True, [0, 1, 2, 3]),
+                                                 (2, False, [0, 1, 2, 2]), (1, True, [0, 1, 1, 1])])
+def test_without_negatives_only_the_own_pack_is_reached(r, stepping, recipe):
+    # The ablation keeps each entry's positives (those of the SPEC setting) and drops every other stream's chunk.
+    k = 4
+    spec = effective_ranges(4 * k, cross_batch_range=r, dataset_packing=k, stepping=stepping)
+    ablation = effective_ranges(4 * k, cross_batch_range=r, dataset_packing=k, stepping=stepping, negatives=False)
+    assert ablation == recipe * 4
+    assert all(a == min(s, b % k) for b, (a, s) in enumerate(zip(ablation, spec, strict=True)))
+    cb = CrossBatch(r, k, stepping, negatives=False)
+    assert [s - 1 for s in cb.pack_sizes(4 * k)] == ablation
+    assert make_cross_batch(cross_batch_range=r, data_pipeline="doc_aware_k4", stepping=stepping,
+                            negatives=False) == cb
+
+
 @pytest.mark.parametrize("batch, r, k, stepping, expected", [
     (4, 2, 1, True, [0, 1, 2, 2]),  # k = 1: stepping has no effect
     (4, 2, 2, False, [0, 1, 2, 2]),

@@ -13,6 +13,7 @@ import sentencepiece as spm
 import torch
 
 from longllama.data import (
+    Prefetcher,
     IGNORE_INDEX,
     MIXTURES,
     TEMPLATES,
@@ -265,6 +266,40 @@ def test_resume_from_files(kind: str, shuffle_seed, corpus: list[Path], tokenize
     assert _same(_take(restored, 30), expected)
     fresh = _file_pipeline(kind, corpus, tokenizer, shuffle_seed=shuffle_seed)
     assert not _same(_take(fresh, 30), expected)  # the state really moved the pipeline
+
+
+def test_prefetcher_gives_the_same_batches_and_states_as_its_pipeline() -> None:
+    docs = _int_docs(200, 3, high=40)
+    plain = build_pipeline("doc_aware_k2", _int_source(docs, loop=True), batch_size=4, seq_len=8)
+    prefetched = Prefetcher(build_pipeline("doc_aware_k2", _int_source(docs, loop=True), batch_size=4, seq_len=8),
+                            state_at=lambda index: index % 3 == 0, depth=3)
+    assert prefetched.state_dict() == plain.state_dict()  # not started: the pipeline's own state
+    for index in range(1, 10):
+        assert _same([next(prefetched)], [next(plain)])
+        if index % 3 == 0:
+            assert prefetched.state_dict() == plain.state_dict()  # after batch `index`, not after those made ahead
+        else:
+            with pytest.raises(RuntimeError, match=f"after batch {index}"):
+                prefetched.state_dict()
+    with pytest.raises(RuntimeError, match="before the first next"):
+        prefetched.load_state_dict(plain.state_dict())
+    # A resumed prefetcher continues the numbering and the batches.
+    resumed = Prefetcher(build_pipeline("doc_aware_k2", _int_source(docs, loop=True), batch_size=4, seq_len=8),
+                         state_at=lambda index: index % 3 == 0)
+    resumed.load_state_dict(prefetched.state_dict())
+    resumed.set_position(9)
+    expected = _take(plain, 3)
+    assert _same(_take(resumed, 3), expected) and resumed.state_dict() == plain.state_dict()
+    prefetched.close()
+    resumed.close()
+
+
+def test_prefetcher_raises_the_pipelines_error_in_the_caller() -> None:
+    finite = Prefetcher(build_pipeline("doc_aware", _int_source(_int_docs(3, 0, low=1, high=3)), batch_size=2,
+                                       seq_len=4))
+    with pytest.raises(StopIteration):
+        for _ in range(100):
+            next(finite)
 
 
 def test_resume_from_list_with_shuffle() -> None:

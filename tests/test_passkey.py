@@ -18,7 +18,7 @@ import torch
 
 from longllama import LongLlamaForCausalLM
 from longllama.cli import main
-from longllama.config import preset
+from longllama.config import LongLlamaConfig, preset
 from longllama.errors import InputError
 from longllama.evals import passkey as task
 from longllama.tokenizer import encode_prompt, load_tokenizer
@@ -238,7 +238,9 @@ def test_command_end_to_end(checkpoint: Path, tokenizer, tmp_path: Path, capsys)
     assert "passkey" in err  # the progress bar
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads(out.read_text())
-    assert saved["settings"]["lengths"] == [200, 300] and saved["settings"]["last_context_length"] == 1024
+    # The local context defaults to the model's own last_context_length (1024 in the released checkpoints).
+    lcl = LongLlamaConfig.from_pretrained(checkpoint).last_context_length
+    assert saved["settings"]["lengths"] == [200, 300] and saved["settings"]["last_context_length"] == lcl
     assert saved["summary"]["lengths"] == [200, 300] and saved["summary"]["depths"] == [0.0, 1.0]
     records = saved["records"]
     assert len(records) == 8 and sorted({r["seed"] for r in records}) == [3, 4]
@@ -252,17 +254,19 @@ def test_command_end_to_end(checkpoint: Path, tokenizer, tmp_path: Path, capsys)
     first = records[0]
     prompt, key = task.passkey_prompt(first["n_garbage"], first["seed"], depth=first["depth"])
     ids = torch.tensor([encode_prompt(tokenizer, prompt)])
-    expected = model.generate(ids, max_new_tokens=len(first["answer_ids"]), last_context_length=1024)
+    expected = model.generate(ids, max_new_tokens=len(first["answer_ids"]), last_context_length=lcl)
     assert first["key"] == key and first["generated_ids"] == expected[0, ids.shape[1]:].tolist()
 
 
 def test_command_without_depths_uses_the_random_place(checkpoint: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "r.json"
     code, stdout, err = _run(capsys, "--model", str(checkpoint), "--lengths", "250", "--trials", "2",
-                             "--device", "cpu", "--last-context-length", "64", "--out", str(out))
+                             "--device", "cpu", "--last-context-length", "64", "--mem-layers", "none",
+                             "--out", str(out))
     assert code == 0, err
     saved = json.loads(out.read_text())
     assert saved["summary"]["depths"] == [None] and "depth random" in stdout
+    assert saved["settings"]["mem_layers"] == [] and saved["settings"]["last_context_length"] == 64
     for r in saved["records"]:
         prompt, _ = task.passkey_prompt(r["n_garbage"], r["seed"])
         assert r["prefix_chars"] == task.prefix_chars_of(prompt)
@@ -279,6 +283,8 @@ def test_command_errors_are_one_line(checkpoint: Path, tmp_path: Path, capsys) -
         "no trials": ([*ok, "--trials", "0"], "at least 1"),
         "out folder missing": ([*ok, "--lengths", "300", "--out", str(tmp_path / "no" / "r.json")], "does not exist"),
         "bad plot suffix": ([*ok, "--lengths", "300", "--plot", str(tmp_path / "p.xyz")], "suffixes"),
+        "bad memory layer": ([*ok, "--lengths", "300", "--mem-layers", "99"], "mem_layers"),
+        "negative layer": ([*ok, "--mem-layers", "-1"], ">= 0"),
     }
     assert_one_line_errors(lambda *args: _run(capsys, *args), cases)
     assert not (tmp_path / "p.xyz").exists()
@@ -290,6 +296,8 @@ def test_lengths_and_depths_parsing(capsys) -> None:
     args = build_parser().parse_args(["passkey", "--lengths", "16k,4096,4k", "--depths", "none,0.5,0,0.5"])
     assert args.lengths == [4096, 16384] and args.depths == [None, 0.5, 0.0]
     defaults = build_parser().parse_args(["passkey"])
-    assert defaults.lengths is None and defaults.depths is None and defaults.last_context_length == 1024
+    assert defaults.lengths is None and defaults.depths is None and defaults.last_context_length is None
+    assert build_parser().parse_args(["passkey", "--mem-layers", "none"]).mem_layers == []
+    assert build_parser().parse_args(["passkey", "--mem-layers", "6,4"]).mem_layers == [4, 6]
     assert main(["passkey", "--help"]) == 0
     assert "--depths" in capsys.readouterr().out

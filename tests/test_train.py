@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -101,6 +102,20 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, config):
     assert [resumed.losses[s] for s in (4, 5, 6)] == [whole.losses[s] for s in (4, 5, 6)]
     a, b = weights(tmp_path / "whole" / "model"), weights(tmp_path / "split" / "model")
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_time_limit_stops_saves_exports_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    clock = iter(range(0, 10**6, 10))  # every look at the clock is 10 s later
+    with mock.patch.object(training.time, "monotonic", lambda: next(clock)):
+        result = training.train(tiny(out, steps=20, save_every=0, max_seconds=25))
+    assert 1 <= result.step < 20 and (out / training.EXPORT_DIR).is_dir()
+    assert [c.name for c in training.list_checkpoints(out)] == [f"step-{result.step:08d}"]
+    assert any(r.get("stopped") == "max_seconds" for r in training.read_log(out / training.LOG_FILE))
+    resumed = training.train(tiny(out, steps=20, save_every=0, resume=True))
+    assert resumed.step == 20
+    with pytest.raises(training.TrainError, match="max_seconds=0"):
+        tiny(tmp_path / "x", max_seconds=0).check()
 
 
 def test_existing_checkpoints_need_resume(tmp_path):
@@ -202,6 +217,20 @@ def test_cross_batch_stays_inside_a_micro_batch(tmp_path):
     loss1, _ = first_gradients(tiny(tmp_path / "a", grad_accum=1, **cross))
     loss2, _ = first_gradients(tiny(tmp_path / "b", grad_accum=2, **cross))
     assert loss1 != pytest.approx(loss2, rel=1e-6)
+
+
+def test_training_without_negatives_drops_only_the_other_streams(tmp_path):
+    # k = 2, R = 2: entry 1 of each pack sees its own chunk 0 (positive) and, with negatives, the previous pack's
+    # entry; without them that entry is gone, so the loss changes, while R = 1 (positives only anyway) does not.
+    base = {"data.pipeline": "doc_aware_k2", "data.batch_size": 8}
+    with_neg, _ = first_gradients(tiny(tmp_path / "a", **base, **{"data.cross_batch_range": 2}))
+    without, _ = first_gradients(tiny(tmp_path / "b", **base, **{"data.cross_batch_range": 2,
+                                                                  "data.negatives": False}))
+    assert with_neg != pytest.approx(without, rel=1e-6)
+    positives_only = [first_gradients(tiny(tmp_path / name, **base, **{"data.cross_batch_range": 1,
+                                                                      "data.negatives": negatives}))[0]
+                      for name, negatives in (("c", True), ("d", False))]
+    assert positives_only[0] == pytest.approx(positives_only[1], rel=1e-7)
 
 
 @pytest.mark.parametrize("config", [TINY_PRETRAIN, TINY_FINETUNE], ids=["pretrain", "finetune"])

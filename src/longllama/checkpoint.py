@@ -430,16 +430,23 @@ def _safetensors_files(folder: Path) -> set[Path]:
 # Conversions
 
 
-def convert_to_safetensors(src: PathLike, dst: PathLike, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
+def convert_to_safetensors(src: PathLike, dst: PathLike, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                           dtype: torch.dtype | None = None) -> None:
     """Copy a model folder (any weight layout, legacy .bin included) to `dst` with safetensors weights.
 
-    config.json and the generation/tokenizer files are copied unchanged. `dst` must not exist or be empty; it
-    appears complete or not at all.
+    `dtype` (e.g. torch.bfloat16) casts the floating-point weights and records it in the config (`dtype`, and the
+    older `torch_dtype` where the source has one);
+    None keeps them as stored. The generation/tokenizer files are copied unchanged. `dst` must not exist or be
+    empty; it appears complete or not at all.
     """
     src_folder = _existing_folder(src)
     check_model_folder(src_folder, allow_legacy_bin=True)
     config = _read_json(src_folder / "config.json", what="config")
     state = load_state_dict(src_folder)
+    if dtype is not None:
+        state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
+        name = str(dtype).removeprefix("torch.")
+        config = {**config, "dtype": name, **({"torch_dtype": name} if "torch_dtype" in config else {})}
     _write_folder(dst, src=src_folder, config=config, state=state, max_shard_size=max_shard_size)
 
 

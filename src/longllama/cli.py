@@ -133,8 +133,8 @@ class PromptProgress:
 def generate(*, model: str | None, prompt: str | None = None, prompt_file: str | None = None,
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float | None = None,
              top_k: int | None = None, seed: int | None = None, last_context_length: int | None = None,
-             dtype: str = "auto", device: str = "auto",
-             mem_attention_grouping: tuple[int, int] | None = None) -> int:
+             dtype: str = "auto", device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None,
+             mem_layers: list[int] | None = None) -> int:
     """Continue a prompt with a LongLLaMA checkpoint, streaming the new text to stdout."""
     import torch
 
@@ -146,7 +146,8 @@ def generate(*, model: str | None, prompt: str | None = None, prompt_file: str |
     text = read_prompt(prompt, prompt_file)
     tokenizer = load_tokenizer(folder)  # before the model: a bad tokenizer or prompt fails in a second, not minutes
     ids = encode_prompt(tokenizer, text, bos=True)
-    lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping)
+    lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping,
+                    mem_layers=mem_layers)
     if seed is not None:
         torch.manual_seed(seed)
     input_ids = torch.tensor([ids], dtype=torch.long, device=torch_device)
@@ -235,8 +236,10 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     return text
 
 
-def load_model(folder: Path, *, dtype: str, device, mem_attention_grouping: tuple[int, int] | None):
-    """LongLlamaForCausalLM from `folder` in `dtype` ('auto': the checkpoint's own), on `device`, in eval mode."""
+def load_model(folder: Path, *, dtype: str, device, mem_attention_grouping: tuple[int, int] | None,
+               mem_layers: list[int] | None = None):
+    """LongLlamaForCausalLM from `folder` in `dtype` ('auto': the checkpoint's own), on `device`, in eval mode;
+    `mem_layers` replaces the checkpoint's memory layers (e.g. [] for an ablation without memory)."""
     import torch
 
     from longllama import LongLlamaForCausalLM
@@ -244,6 +247,8 @@ def load_model(folder: Path, *, dtype: str, device, mem_attention_grouping: tupl
     if dtype not in DTYPES:  # argparse checks too; this guards calls from Python
         raise CliError(f"--dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     overrides = {} if mem_attention_grouping is None else {"mem_attention_grouping": tuple(mem_attention_grouping)}
+    if mem_layers is not None:
+        overrides["mem_layers"] = list(mem_layers)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = LongLlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype, **overrides)
     return model.to(device).eval()
@@ -258,6 +263,15 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _layer_list(text: str) -> list[int]:
+    if text.strip().lower() in ("none", "[]", ""):
+        return []
+    values = [_parse(int, part.strip(), "a layer index") for part in text.strip("[]").split(",") if part.strip()]
+    if any(value < 0 for value in values):
+        raise argparse.ArgumentTypeError(f"{text}: layer indices must be >= 0")
+    return sorted(set(values))
 
 
 def _positive_int(text: str) -> int:
@@ -373,13 +387,17 @@ def _option_overrides(tokens: list[str]) -> list[str]:
 
 
 def convert(*, src: str, dst: str, to: str, mem_layers: list[int] | None = None,
-            last_context_length: int | None = None, mem_dtype: str = "bfloat16") -> int:
+            last_context_length: int | None = None, mem_dtype: str = "bfloat16", dtype: str | None = None) -> int:
     """Convert a checkpoint folder: `safetensors` (.bin -> safetensors, same model), `longllama` (a transformers
     LLaMA folder -> LongLLaMA with the chosen memory layers) or `llama` (LongLLaMA -> plain LLaMA)."""
     from longllama import checkpoint
 
+    if dtype is not None and to != "safetensors":
+        return _fail("--dtype works with --to safetensors; convert first, then cast with --to safetensors --dtype")
     if to == "safetensors":
-        checkpoint.convert_to_safetensors(src, dst)
+        import torch
+
+        checkpoint.convert_to_safetensors(src, dst, dtype=None if dtype is None else getattr(torch, dtype))
     elif to == "longllama":
         if mem_layers is None:
             return _fail("--to longllama needs --mem-layers, e.g. --mem-layers 6,12,18")
@@ -406,6 +424,8 @@ def _add_convert(commands) -> None:
                    help="final window kept in the local cache (with --to longllama; default: half the window)")
     p.add_argument("--mem-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="storage dtype of the memory (with --to longllama)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="cast the weights (with --to safetensors), e.g. bfloat16 to halve a float32 checkpoint")
     p.set_defaults(func=convert)
 
 
@@ -418,6 +438,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to run (auto: CUDA when available)")
     p.add_argument("--mem-attention-grouping", type=_grouping, metavar="H,Q",
                    help="memory attention in chunks of H heads and Q queries, to bound its memory use (e.g. 1,2048)")
+    p.add_argument("--mem-layers", type=_layer_list, metavar="I,J,...|none",
+                   help="use these layers as memory layers instead of the checkpoint's ('none': no memory at all)")
 
 
 def _add_generate(commands) -> None:
@@ -439,9 +461,9 @@ def _add_generate(commands) -> None:
 
 
 def passkey(*, model: str | None, lengths: list[int] | None = None, depths: list[float | None] | None = None,
-            trials: int = 10, seed: int = 0, last_context_length: int = 1024, dtype: str = "auto",
-            device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None, out: str | None = None,
-            plot: str | None = None) -> int:
+            trials: int = 10, seed: int = 0, last_context_length: int | None = None, dtype: str = "auto",
+            device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None,
+            mem_layers: list[int] | None = None, out: str | None = None, plot: str | None = None) -> int:
     """Passkey retrieval (SPEC E.1): hide a pass key in filler text at each prompt length (in tokens) and key depth,
     greedy-decode the answer and count exact matches. Prints accuracy per length and depth; --out saves every trial
     as JSON, --plot draws accuracy against length and a length x depth heatmap."""
@@ -458,12 +480,17 @@ def passkey(*, model: str | None, lengths: list[int] | None = None, depths: list
     # Everything that can fail without the model is checked before loading it: that can take minutes.
     tokenizer = load_tokenizer(folder)
     task.check_lengths(tokenizer, lengths, seed=seed)
-    lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping)
+    if last_context_length is None:  # the model's own (1024 for the released checkpoints, as SPEC E.1 uses)
+        from longllama.config import LongLlamaConfig
+
+        last_context_length = LongLlamaConfig.from_pretrained(folder).last_context_length
+    lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping,
+                    mem_layers=mem_layers)
     records = task.run_passkey(lm, tokenizer, lengths=lengths, depths=depths, trials=trials, seed0=seed,
                                last_context_length=last_context_length, progress=True)
     settings = {"model": str(folder), "lengths": lengths, "depths": depths, "trials": trials, "seed": seed,
                 "last_context_length": last_context_length, "dtype": dtype, "device": str(torch_device),
-                "mem_attention_grouping": mem_attention_grouping}
+                "mem_attention_grouping": mem_attention_grouping, "mem_layers": mem_layers}
     return _report(task, records, settings, out_path, plot_path)
 
 
@@ -525,8 +552,9 @@ def _add_passkey(commands) -> None:
     p.add_argument("--trials", type=_positive_int, default=10, metavar="N",
                    help="prompts per length and depth, seeds S .. S+N-1 (10)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed of the prompt generator (0)")
-    p.add_argument("--last-context-length", type=_positive_int, default=1024, metavar="N",
-                   help="prompt tokens kept in the local context (1024, as the reference evaluation)")
+    p.add_argument("--last-context-length", type=_positive_int, metavar="N",
+                   help="prompt tokens kept in the local context (default: the model's config; 1024 for the "
+                        "released checkpoints, as the reference evaluation)")
     p.add_argument("--out", metavar="FILE", help="write the settings, summary and every trial as JSON")
     p.add_argument("--plot", metavar="FILE", help="draw accuracy against length and a length x depth heatmap (.png)")
     p.set_defaults(func=passkey)
@@ -535,7 +563,7 @@ def _add_passkey(commands) -> None:
 def perplexity(*, model: str | None, data: str | None, contexts: list[int] | None = None,
                target_tokens: int = 512, max_docs: int | None = None, last_context_length: int | None = None,
                dtype: str = "auto", device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None,
-               out: str | None = None, plot: str | None = None) -> int:
+               mem_layers: list[int] | None = None, out: str | None = None, plot: str | None = None) -> int:
     """Held-out perplexity against context length: for each document with at least max(C) + T tokens, the same T
     target tokens are scored after C tokens of context, for every C (one forward call each; the context beyond the
     final window goes to the memory). Prints mean NLL and perplexity per C; --out saves JSON, --plot a PNG."""
@@ -561,12 +589,13 @@ def perplexity(*, model: str | None, data: str | None, contexts: list[int] | Non
     tokenizer = load_tokenizer(folder)
     documents = task.load_documents(texts, tokenizer,
                                     needed_tokens=contexts[-1] + target_tokens, max_docs=max_docs)
-    lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping)
+    lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping,
+                    mem_layers=mem_layers)
     records = task.run_perplexity(lm, documents, contexts=contexts, target_tokens=target_tokens,
                                   bos_id=tokenizer.bos_token_id, last_context_length=lcl, progress=True)
     settings = {"model": str(folder), "data": str(data), "contexts": contexts, "target_tokens": target_tokens,
                 "max_docs": max_docs, "last_context_length": lcl, "dtype": dtype, "device": str(torch_device),
-                "mem_attention_grouping": mem_attention_grouping}
+                "mem_attention_grouping": mem_attention_grouping, "mem_layers": mem_layers}
     return _report(task, records, settings, out_path, plot_path)
 
 

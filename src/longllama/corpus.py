@@ -2,7 +2,8 @@
 
 Real text that exists everywhere Python runs: the source code of the standard library and of the installed
 distributions. The files of one package are concatenated (a `# file: <path>` line before each) into long documents,
-as FoT's code data was, and cut at file boundaries into documents of at most `max_doc_chars` characters.
+as FoT's code data was, and cut at file boundaries into documents of at most `max_doc_chars` characters
+(`max_heldout_doc_chars` for held-out packages, whose documents are only scored, so they can hold long contexts).
 
 * Packages. Each installed distribution is one package (its `.py` files from its RECORD, named by its canonical
   distribution name, with its version). The standard library is split into several packages so that some of it can
@@ -98,6 +99,8 @@ class CorpusOptions:
     heldout_fraction: float = 0.05
     max_heldout_bytes: int = 5_000_000  # bigger packages always train
     max_doc_chars: int = 100_000  # ~30k tokens of code: many 512-token windows per document
+    # Held-out documents only score (perplexity as the memory grows): longer ones allow contexts of ~100k tokens.
+    max_heldout_doc_chars: int = 400_000
     max_file_chars: int = 1_000_000
     max_line_chars: int = 4_000
     synthetic: int = 1_000  # synthetic documents mixed into train.jsonl
@@ -117,8 +120,9 @@ class CorpusOptions:
             raise InputError(f"heldout_fraction is {self.heldout_fraction}; pass a fraction in [0, 1), e.g. 0.05")
         if self.max_heldout_bytes < 0:
             raise InputError(f"max_heldout_bytes is {self.max_heldout_bytes}; pass 0 or more")
-        if self.max_doc_chars < 1_000:
-            raise InputError(f"max_doc_chars is {self.max_doc_chars}; pass at least 1000")
+        for name in ("max_doc_chars", "max_heldout_doc_chars"):
+            if getattr(self, name) < 1_000:
+                raise InputError(f"{name} is {getattr(self, name)}; pass at least 1000")
         low, high = self.synthetic_chars
         if not 1_000 <= low <= high:
             raise InputError(f"synthetic_chars is {low}..{high}; pass 1000 <= MIN <= MAX")
@@ -358,7 +362,8 @@ def _read_package(source: PackageSource, split: str, seen: set[bytes], options: 
         else:
             kept.append((relative, text))
     package.files = len(kept)
-    package.documents = package_documents(kept, max_doc_chars=options.max_doc_chars)
+    limit = options.max_doc_chars if split == TRAIN else options.max_heldout_doc_chars
+    package.documents = package_documents(kept, max_doc_chars=limit)
     return package
 
 

@@ -32,9 +32,11 @@ def _check_settings(cross_batch_range: int, dataset_packing: int) -> None:
 
 
 def pack_sizes(batch_size: int, *, cross_batch_range: int, dataset_packing: int = 1,
-               stepping: bool = True) -> list[int]:
+               stepping: bool = True, negatives: bool = True) -> list[int]:
     """pack_size(b) for b = 0..batch_size-1 (SPEC C.3 step 5): 1 + the number of earlier entries b may attend to.
 
+    `negatives=False` (an ablation beyond the SPEC) keeps only the earlier chunks of b's own k-pack, i.e. previous
+    windows of the same stream: the positives are those of the SPEC setting, the other streams' chunks are dropped.
     Works for any batch size; `CrossBatch.memory` additionally requires whole k-packs."""
     _check_settings(cross_batch_range, dataset_packing)
     n_att = 1 + cross_batch_range
@@ -45,15 +47,17 @@ def pack_sizes(batch_size: int, *, cross_batch_range: int, dataset_packing: int 
         # Later chunks of a pack see more of their own stream; the first chunk of a pack sees nothing.
         step = math.ceil(n_att / max(k - 1, 1))
         sizes = [min((b % k) * step + 1, n_att) for b in range(batch_size)]
+    if not negatives:
+        sizes = [min(size, b % k + 1) for b, size in enumerate(sizes)]
     # Never reach before entry 0 (JAX's gather would wrap around to the end of the batch).
     return [min(size, b + 1) for b, size in enumerate(sizes)]
 
 
 def effective_ranges(batch_size: int, *, cross_batch_range: int, dataset_packing: int = 1,
-                     stepping: bool = True) -> list[int]:
+                     stepping: bool = True, negatives: bool = True) -> list[int]:
     """R_eff(b) = pack_size(b) - 1: how many earlier entries each entry attends to (the lists of SPEC C.3)."""
     sizes = pack_sizes(batch_size, cross_batch_range=cross_batch_range, dataset_packing=dataset_packing,
-                       stepping=stepping)
+                       stepping=stepping, negatives=negatives)
     return [size - 1 for size in sizes]
 
 
@@ -64,13 +68,14 @@ class CrossBatch:
     cross_batch_range: int
     dataset_packing: int = 1
     stepping: bool = True
+    negatives: bool = True  # False: only earlier chunks of the same k-pack (no other streams)
 
     def __post_init__(self) -> None:
         _check_settings(self.cross_batch_range, self.dataset_packing)
 
     def pack_sizes(self, batch_size: int) -> list[int]:
         return pack_sizes(batch_size, cross_batch_range=self.cross_batch_range,
-                          dataset_packing=self.dataset_packing, stepping=self.stepping)
+                          dataset_packing=self.dataset_packing, stepping=self.stepping, negatives=self.negatives)
 
     def check_batch(self, batch_size: int) -> None:
         """A micro-batch must hold whole k-packs, or `b mod k` would not be an entry's index in its pack."""
@@ -119,8 +124,8 @@ def dataset_packing_of(data_pipeline: str) -> int:
 
 
 def make_cross_batch(*, cross_batch_range: int = TRAIN_CROSS_BATCH_RANGE, data_pipeline: str = "doc_aware",
-                     stepping: bool = True) -> CrossBatch:
+                     stepping: bool = True, negatives: bool = True) -> CrossBatch:
     """CrossBatch from training-config values, e.g. setup_test: range 2, "doc_aware_k2", stepping on.
     Evaluation: `make_cross_batch(cross_batch_range=EVAL_CROSS_BATCH_RANGE, data_pipeline="doc_aware_k1",
     stepping=False)`."""
-    return CrossBatch(cross_batch_range, dataset_packing_of(data_pipeline), bool(stepping))
+    return CrossBatch(cross_batch_range, dataset_packing_of(data_pipeline), bool(stepping), bool(negatives))

@@ -623,6 +623,90 @@ def build_pipeline(name: str, source: Iterator[Doc], *, batch_size: int, seq_len
     return KPackingPipeline(source, batch_size, seq_len, k)
 
 
+class Prefetcher:
+    """Make the next batches of a resumable pipeline in a background thread while the caller trains on this one.
+
+    Batch making is CPU work (reading, tokenizing, packing); the training step waits on the GPU, which releases the
+    GIL, so the two overlap. Exact resume still holds: a state is taken right after batch `i` is made, for those
+    `i` (counted from 1, continuing from `start` after a resume) that `state_at(i)` asks for, and `state_dict()`
+    gives the state after the last batch handed out. Taking a state costs milliseconds, so only the batches whose
+    state may be saved (checkpoint steps) take one. `pin=True` puts batches in page-locked memory, so the copy to
+    the GPU can run asynchronously. Restore a state with `load_state_dict` before the first `next`.
+    """
+
+    def __init__(self, source: Any, *, depth: int = 2, state_at: Callable[[int], bool] = lambda index: True,
+                 start: int = 0, pin: bool = False) -> None:
+        self.source, self.depth, self.state_at, self.pin = source, depth, state_at, pin
+        self._made = self._taken = start
+        self._state: dict[str, Any] | None = None
+        self._queue: Any = None
+        self._thread: Any = None
+        self._stop = False
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._thread is None:
+            self._start()
+        batch, state, error = self._queue.get()
+        if error is not None:
+            self.close()
+            raise error
+        self._taken += 1
+        self._state = state
+        return batch
+
+    def _start(self) -> None:
+        import queue
+        import threading
+
+        self._queue = queue.Queue(maxsize=self.depth)
+        self._thread = threading.Thread(target=self._work, name="longllama-data", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while not self._stop:
+            try:
+                batch = next(self.source)
+                self._made += 1
+                state = self.source.state_dict() if self.state_at(self._made) else None
+                if self.pin:
+                    batch = {name: value.pin_memory() for name, value in batch.items()}
+                item = (batch, state, None)
+            except BaseException as error:  # handed to the consumer, which re-raises it in its own thread
+                item = (None, None, error)
+            self._queue.put(item)
+            if item[2] is not None:
+                return
+
+    def set_position(self, index: int) -> None:
+        """Number the next batch `index + 1` (after a resume at step `index`), before the first next()."""
+        if self._thread is not None:
+            raise RuntimeError("set_position after batches were made")
+        self._made = self._taken = index
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._thread is None:
+            return self.source.state_dict()
+        if self._state is None:
+            raise RuntimeError(f"no data state was taken after batch {self._taken}: state_at({self._taken}) was "
+                               "false; save only at the steps state_at selects")
+        return self._state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self._thread is not None:
+            raise RuntimeError("load_state_dict after batches were made: restore the state before the first next()")
+        self.source.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stop the thread (it may be blocked handing over one more batch; it is a daemon and holds nothing)."""
+        self._stop = True
+        if self._queue is not None:
+            while not self._queue.empty():
+                self._queue.get_nowait()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Instruction and chat fine-tuning (SPEC D)
 # --------------------------------------------------------------------------------------------------------------------

@@ -112,6 +112,7 @@ class DataSettings:
     batch_size: int = 8  # entries per optimiser step, over all ranks and micro-batches
     cross_batch_range: int = 1
     stepping: bool = True
+    negatives: bool = True  # false: memory layers see earlier chunks of their own document only (an ablation)
     eval_pipeline: str = "doc_aware_k1"
     eval_batch_size: int | None = None  # None: batch_size
     eval_seq_len: int | None = None  # None: seq_len
@@ -165,6 +166,7 @@ class TrainConfig:
     resume: bool | str = False  # true: the newest checkpoint in out_dir; a path: that checkpoint
     export: bool = True
     progress: bool = True
+    max_seconds: float | None = None  # stop after this much training time (then save and export as at the end)
 
     def check(self) -> None:
         """Raise TrainError for a value out of range (before any process group or model exists)."""
@@ -179,6 +181,8 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "optim.warmup_steps", "data.cross_batch_range"):
             if _get(self, name) < 0:
                 raise TrainError(f"{name}={_get(self, name)} must be 0 or more")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise TrainError(f"max_seconds={self.max_seconds} must be a positive number of seconds (or null)")
         if self.model.path is None and self.model.preset is None:
             raise TrainError("no model: set model.preset (e.g. tiny) or model.path (a checkpoint folder)")
         if not self.data.train:
@@ -474,7 +478,7 @@ class PretrainTask:
         self.batches = self._pipeline(data.train, data.pipeline, data.batch_size, data.seq_len, data.min_length,
                                       shuffle_seed=data.shuffle_seed)
         self.cross_batch = make_cross_batch(cross_batch_range=data.cross_batch_range, data_pipeline=data.pipeline,
-                                            stepping=data.stepping)
+                                            stepping=data.stepping, negatives=data.negatives)
         # SPEC C.3: evaluation sees no other entries, so memory layers act as plain causal attention.
         self.eval_cross_batch = make_cross_batch(cross_batch_range=0, data_pipeline=data.eval_pipeline,
                                                  stepping=False)
@@ -1109,7 +1113,13 @@ class Trainer:
 
     def _task(self) -> PretrainTask | FinetuneTask:
         if self.config.mode == "pretrain":
-            return PretrainTask(self.config, self.tokenizer)
+            from longllama.data import Prefetcher
+
+            task = PretrainTask(self.config, self.tokenizer)
+            # The next batches are made while the GPU runs this step; states only where a checkpoint may be saved.
+            task.batches = Prefetcher(task.batches, state_at=self._saves_after,
+                                      pin=self.procs.device.type == "cuda")
+            return task
         size = self.config.data.batch_size // self.procs.world
         rows = (self.procs.rank * size, (self.procs.rank + 1) * size)
         return FinetuneTask(self.config, self.tokenizer, rank_rows=rows)
@@ -1124,6 +1134,12 @@ class Trainer:
         if config.compile:
             compile_layers(model)
         return parallelize(model, config.parallel, self.procs)
+
+    def _saves_after(self, step: int) -> bool:
+        every = self.config.save_every
+        # A run with a time limit may stop (and save) after any step.
+        return (self.config.max_seconds is not None or bool(every and step % every == 0)
+                or step >= self.config.steps)
 
     # -- state ---------------------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -1142,6 +1158,8 @@ class Trainer:
         state = load_checkpoint(folder, model=self.model, optimizer=self.optimizer, procs=self.procs)
         self.task.batches.load_state_dict(state["data"])
         self.step, self.tokens_seen = int(state["step"]), int(state.get("tokens", 0))
+        if hasattr(self.task.batches, "set_position"):
+            self.task.batches.set_position(self.step)
         logger.info("resumed from %s at step %d", folder, self.step)
 
     def save(self) -> Path:
@@ -1204,8 +1222,14 @@ class Trainer:
         losses: dict[int, float] = {}
         evals: dict[int, float] = {}
         last_saved = self.step if self.step else None
+        started = time.monotonic()
         try:
             while self.step < config.steps:
+                if config.max_seconds is not None and self._out_of_time(started):
+                    logger.warning("max_seconds=%s reached: stopping at step %d of %d", config.max_seconds,
+                                   self.step, config.steps)
+                    log.write({"step": self.step, "stopped": "max_seconds"})
+                    break
                 record = self._one_step()
                 losses[self.step] = record["loss"]
                 if self.step % config.log_every == 0 or self.step == config.steps:
@@ -1225,7 +1249,13 @@ class Trainer:
                 self.save()
         finally:
             log.close()
+            if hasattr(self.task.batches, "close"):
+                self.task.batches.close()
         return self._finish(losses, evals)
+
+    def _out_of_time(self, started: float) -> bool:
+        # Every rank must stop at the same step: rank 0's clock decides.
+        return bool(self.procs.broadcast(time.monotonic() - started >= self.config.max_seconds))
 
     def _one_step(self) -> dict[str, Any]:
         start = time.perf_counter()
