@@ -9,7 +9,9 @@
 # The number of steps is whatever TRAIN_SECONDS (default 300) of training fits at the probed rate (STEPS=N sets it
 # instead); the config's warm-up is a tenth of it. Other knobs (environment): LENGTHS (passkey lengths, default
 # 4k,32k,128k), TRIALS (20), CONTEXTS (perplexity, 0,1k,4k,16k,64k), EXTRA (more train overrides, e.g. for a CPU
-# smoke run). Everything lands in OUT: runs/<name>/ (log.jsonl, loss.png, model/), *.json results, *.log outputs.
+# smoke run), EVAL_TIMEOUT (seconds per evaluation command, default none), AFTER_TRAIN (a shell command run once
+# both models are trained, e.g. to copy them somewhere safe before the evaluations).
+# Everything lands in OUT: runs/<name>/ (log.jsonl, loss.png, model/), *.json results, *.log outputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -68,11 +70,13 @@ else
 fi
 echo "== trained in $(($(date +%s) - start)) s"
 tail -n 3 "$out"/runs/*/log.jsonl
+eval "${AFTER_TRAIN:-}"
 
 evaluate() {  # gpu, log name, command...
     local gpu=$1 name=$2
     shift 2
-    CUDA_VISIBLE_DEVICES=$gpu "$@" > "$out/$name.log" 2>&1 || echo "!! $name failed: $(tail -n 1 "$out/$name.log")"
+    CUDA_VISIBLE_DEVICES=$gpu timeout "${EVAL_TIMEOUT:-0}" "$@" > "$out/$name.log" 2>&1 \
+        || echo "!! $name failed: $(tail -n 1 "$out/$name.log")"
 }
 fot=$out/runs/fot/model
 eval_dtype=$([ "$gpus" -gt 0 ] && echo bfloat16 || echo float32)

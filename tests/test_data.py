@@ -268,11 +268,12 @@ def test_resume_from_files(kind: str, shuffle_seed, corpus: list[Path], tokenize
     assert not _same(_take(fresh, 30), expected)  # the state really moved the pipeline
 
 
-def test_prefetcher_gives_the_same_batches_and_states_as_its_pipeline() -> None:
+@pytest.mark.parametrize("process", [True, False], ids=["process", "thread"])
+def test_prefetcher_gives_the_same_batches_and_states_as_its_pipeline(process: bool) -> None:
     docs = _int_docs(200, 3, high=40)
     plain = build_pipeline("doc_aware_k2", _int_source(docs, loop=True), batch_size=4, seq_len=8)
     prefetched = Prefetcher(build_pipeline("doc_aware_k2", _int_source(docs, loop=True), batch_size=4, seq_len=8),
-                            state_at=lambda index: index % 3 == 0, depth=3)
+                            state_at=lambda index: index % 3 == 0, depth=3, process=process)
     assert prefetched.state_dict() == plain.state_dict()  # not started: the pipeline's own state
     for index in range(1, 10):
         assert _same([next(prefetched)], [next(plain)])
@@ -285,7 +286,7 @@ def test_prefetcher_gives_the_same_batches_and_states_as_its_pipeline() -> None:
         prefetched.load_state_dict(plain.state_dict())
     # A resumed prefetcher continues the numbering and the batches.
     resumed = Prefetcher(build_pipeline("doc_aware_k2", _int_source(docs, loop=True), batch_size=4, seq_len=8),
-                         state_at=lambda index: index % 3 == 0)
+                         state_at=lambda index: index % 3 == 0, process=process)
     resumed.load_state_dict(prefetched.state_dict())
     resumed.set_position(9)
     expected = _take(plain, 3)
@@ -294,9 +295,10 @@ def test_prefetcher_gives_the_same_batches_and_states_as_its_pipeline() -> None:
     resumed.close()
 
 
-def test_prefetcher_raises_the_pipelines_error_in_the_caller() -> None:
+@pytest.mark.parametrize("process", [True, False], ids=["process", "thread"])
+def test_prefetcher_raises_the_pipelines_error_in_the_caller(process: bool) -> None:
     finite = Prefetcher(build_pipeline("doc_aware", _int_source(_int_docs(3, 0, low=1, high=3)), batch_size=2,
-                                       seq_len=4))
+                                       seq_len=4), process=process)
     with pytest.raises(StopIteration):
         for _ in range(100):
             next(finite)

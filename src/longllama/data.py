@@ -624,57 +624,66 @@ def build_pipeline(name: str, source: Iterator[Doc], *, batch_size: int, seq_len
 
 
 class Prefetcher:
-    """Make the next batches of a resumable pipeline in a background thread while the caller trains on this one.
+    """Make the next batches of a resumable pipeline in a background worker while the caller trains on this one.
 
-    Batch making is CPU work (reading, tokenizing, packing); the training step waits on the GPU, which releases the
-    GIL, so the two overlap. Exact resume still holds: a state is taken right after batch `i` is made, for those
-    `i` (counted from 1, continuing from `start` after a resume) that `state_at(i)` asks for, and `state_dict()`
-    gives the state after the last batch handed out. Taking a state costs milliseconds, so only the batches whose
-    state may be saved (checkpoint steps) take one. `pin=True` puts batches in page-locked memory, so the copy to
-    the GPU can run asynchronously. Restore a state with `load_state_dict` before the first `next`.
+    Batch making is CPU work (reading, tokenizing, packing). `process=True` (the default) runs it in a forked
+    child process, so it never competes with the training loop for the GIL; `process=False` uses a thread (no
+    fork; the GPU waits release the GIL there too). Exact resume still holds: a state is taken right after batch
+    `i` is made, for those `i` (counted from 1, continuing from `set_position` after a resume) that `state_at(i)`
+    asks for, and `state_dict()` gives the state after the last batch handed out. `pin=True` puts batches in
+    page-locked memory, so the copy to the GPU can run asynchronously. Restore a state with `load_state_dict`
+    before the first `next`. The worker must not use CUDA (it only reads files and tokenizes).
     """
 
-    def __init__(self, source: Any, *, depth: int = 2, state_at: Callable[[int], bool] = lambda index: True,
-                 start: int = 0, pin: bool = False) -> None:
-        self.source, self.depth, self.state_at, self.pin = source, depth, state_at, pin
-        self._made = self._taken = start
+    def __init__(self, source: Any, *, depth: int = 4, state_at: Callable[[int], bool] = lambda index: True,
+                 process: bool = True, pin: bool = False) -> None:
+        self.source, self.depth, self.state_at, self.process, self.pin = source, depth, state_at, process, pin
+        self._made = self._taken = 0
         self._state: dict[str, Any] | None = None
         self._queue: Any = None
-        self._thread: Any = None
-        self._stop = False
+        self._worker: Any = None
+        self._stop: Any = None
 
     def __iter__(self) -> Prefetcher:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self._thread is None:
+        if self._worker is None:
             self._start()
-        batch, state, error = self._queue.get()
+        arrays, state, error = self._queue.get()
         if error is not None:
             self.close()
             raise error
         self._taken += 1
         self._state = state
-        return batch
+        batch = {name: torch.from_numpy(array) for name, array in arrays.items()}
+        return {name: value.pin_memory() for name, value in batch.items()} if self.pin else batch
 
     def _start(self) -> None:
-        import queue
-        import threading
+        if self.process:
+            import multiprocessing
 
-        self._queue = queue.Queue(maxsize=self.depth)
-        self._thread = threading.Thread(target=self._work, name="longllama-data", daemon=True)
-        self._thread.start()
+            context = multiprocessing.get_context("fork")
+            self._queue, self._stop = context.Queue(maxsize=self.depth), context.Event()
+            self._worker = context.Process(target=self._work, name="longllama-data", daemon=True)
+        else:
+            import queue
+            import threading
+
+            self._queue, self._stop = queue.Queue(maxsize=self.depth), threading.Event()
+            self._worker = threading.Thread(target=self._work, name="longllama-data", daemon=True)
+        self._worker.start()
 
     def _work(self) -> None:
-        while not self._stop:
+        made = self._made
+        while not self._stop.is_set():
             try:
                 batch = next(self.source)
-                self._made += 1
-                state = self.source.state_dict() if self.state_at(self._made) else None
-                if self.pin:
-                    batch = {name: value.pin_memory() for name, value in batch.items()}
-                item = (batch, state, None)
-            except BaseException as error:  # handed to the consumer, which re-raises it in its own thread
+                made += 1
+                state = self.source.state_dict() if self.state_at(made) else None
+                # NumPy arrays cross the process boundary as plain pickled buffers (no shared-memory handles).
+                item = ({name: value.numpy() for name, value in batch.items()}, state, None)
+            except BaseException as error:  # handed to the consumer, which re-raises it
                 item = (None, None, error)
             self._queue.put(item)
             if item[2] is not None:
@@ -682,12 +691,12 @@ class Prefetcher:
 
     def set_position(self, index: int) -> None:
         """Number the next batch `index + 1` (after a resume at step `index`), before the first next()."""
-        if self._thread is not None:
+        if self._worker is not None:
             raise RuntimeError("set_position after batches were made")
         self._made = self._taken = index
 
     def state_dict(self) -> dict[str, Any]:
-        if self._thread is None:
+        if self._worker is None:
             return self.source.state_dict()
         if self._state is None:
             raise RuntimeError(f"no data state was taken after batch {self._taken}: state_at({self._taken}) was "
@@ -695,14 +704,20 @@ class Prefetcher:
         return self._state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if self._thread is not None:
+        if self._worker is not None:
             raise RuntimeError("load_state_dict after batches were made: restore the state before the first next()")
         self.source.load_state_dict(state)
 
     def close(self) -> None:
-        """Stop the thread (it may be blocked handing over one more batch; it is a daemon and holds nothing)."""
-        self._stop = True
-        if self._queue is not None:
+        """Stop the worker (a process is terminated; a thread, a daemon holding nothing, ends on its next turn)."""
+        if self._worker is None:
+            return
+        self._stop.set()
+        if self.process:
+            self._worker.terminate()
+            self._worker.join(timeout=5)
+            self._queue.close()
+        else:
             while not self._queue.empty():
                 self._queue.get_nowait()
 

@@ -483,6 +483,7 @@ class PretrainTask:
         self.eval_cross_batch = make_cross_batch(cross_batch_range=0, data_pipeline=data.eval_pipeline,
                                                  stepping=False)
         self.eval_batch_size = data.eval_batch_size or data.batch_size
+        self._eval_cache: list[Batch] = []
 
     def _pipeline(self, files: Sequence[Any], name: str, batch_size: int, seq_len: int, min_length: int, *,
                   shuffle_seed: int | None = None) -> Any:
@@ -509,12 +510,14 @@ class PretrainTask:
         return sequence_mean_loss(logits, batch["targets"], batch["loss_mask"])
 
     def eval_batches(self, count: int) -> Iterator[Batch]:
-        """The first `count` eval batches, the same ones at every evaluation (so evaluations compare)."""
+        """The first `count` eval batches, the same ones at every evaluation (so evaluations compare); made once."""
         if not self.data.eval:
             return iter(())
-        pipeline = self._pipeline(self.data.eval, self.data.eval_pipeline, self.eval_batch_size,
-                                  self.data.eval_seq_len or self.data.seq_len, self.data.eval_min_length)
-        return (next(pipeline) for _ in range(count))
+        if len(self._eval_cache) < count:
+            pipeline = self._pipeline(self.data.eval, self.data.eval_pipeline, self.eval_batch_size,
+                                      self.data.eval_seq_len or self.data.seq_len, self.data.eval_min_length)
+            self._eval_cache = [next(pipeline) for _ in range(count)]
+        return iter(self._eval_cache[:count])
 
 
 class SFTBatches:
