@@ -180,7 +180,6 @@ def _error_cases(checkpoint: Path, tmp_path: Path) -> dict[str, tuple[list[str],
     shutil.copytree(checkpoint, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer.*"))
     ok = ["--model", str(checkpoint)]
     cases = {
-        "no model": (["--prompt", PROMPT], "pass --model DIR"),
         "missing model folder": (["--model", str(tmp_path / "nope"), "--prompt", PROMPT], "no such folder"),
         "missing prompt file": ([*ok, "--prompt-file", str(tmp_path / "nope.txt")], "does not exist"),
         "prompt file is a folder": ([*ok, "--prompt-file", str(tmp_path)], "cannot read prompt file"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longllama.attention import attend, kernel_head_dim, merge_partials, partial_attention
+from longllama.attention import attend, kernel_dtype, kernel_head_dim, merge_partials, partial_attention
 
 from conftest import sharp_tiny
 
@@ -34,6 +34,25 @@ def test_fast_equals_eager_on_long_inputs(overrides):
     a = _logits(model, "eager", ids, use_cache=False).logits
     b = _logits(model, "fast", ids, use_cache=False).logits
     assert (a - b).abs().max() < 1e-4
+
+
+def test_kernels_get_one_dtype_under_autocast():
+    # fp32 weights under bf16 autocast: RoPE gives fp32 q/k next to a bf16 v. The CUDA kernels read mixed dtypes
+    # as garbage (measured on an H100: loss 7.57 instead of 2.62), so the fast path casts all three to one dtype.
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    v = torch.randn(1, 2, 4, 8, dtype=torch.bfloat16)
+    assert kernel_dtype(q, k, v) == torch.float32
+    assert kernel_dtype(v, v, v) == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernel_dtype(q, k, v) == torch.bfloat16
+    model = _model()
+    ids = torch.randint(3, 320, (2, 300))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = _logits(model, "eager", ids, use_cache=False).logits.float()
+        b = _logits(model, "fast", ids, use_cache=False).logits.float()
+    reference = _logits(model, "eager", ids, use_cache=False).logits
+    # Both within bf16 noise of the fp32 result, and of each other.
+    assert (a - reference).abs().max() < 0.1 and (b - reference).abs().max() < 0.1 and (a - b).abs().max() < 0.1
 
 
 def test_memory_attention_in_chunks(monkeypatch):

@@ -275,7 +275,6 @@ def test_command_without_depths_uses_the_random_place(checkpoint: Path, tmp_path
 def test_command_errors_are_one_line(checkpoint: Path, tmp_path: Path, capsys) -> None:
     ok = ["--model", str(checkpoint), "--device", "cpu"]
     cases = {
-        "no model": (["--lengths", "300"], "--model"),
         "missing model": (["--model", str(tmp_path / "nope")], "no such folder"),
         "too short": ([*ok, "--lengths", "10"], "too short"),
         "bad length": ([*ok, "--lengths", "abc"], "tokens"),

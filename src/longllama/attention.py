@@ -139,8 +139,23 @@ MEMORY_KERNEL = "flash"
 MEMORY_CHUNK = 0
 
 
+def kernel_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The one dtype the fused kernels get: autocast's where it is on (fp32 weights under bf16 autocast give fp32
+    rotated q/k next to a bf16 v), else the promotion of the inputs. The aten kernels called below do not check
+    that q, k and v agree, and read mixed dtypes as garbage."""
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _cuda_partial(q, k, v, causal: bool, scale: float, kernel: str):
     ops = torch.ops.aten
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"partial attention needs one dtype: q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if q.dtype == torch.float32:
         kernel = "efficient"
     if kernel == "cudnn":
@@ -193,6 +208,8 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem):
         if q.is_cuda:
             return _sdpa(q, k, v, visible, mem_k, mem_v, mem_valid)
         return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False)[0]
+    dtype = kernel_dtype(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     d = q.shape[-1]
     if q.shape[2] <= _FEW_QUERIES:
         return few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem)

@@ -179,8 +179,15 @@ def sampling_settings(temperature: float, *, top_p: float | None, top_k: int | N
 # Inputs: model folder, device, prompt, model loading
 
 
+# The project's own small LongLLaMA (configs/small-fot.yaml), shipped inside the package: the default --model.
+SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "small"
+
+
 def _model_folder(model: str | None) -> Path:
     if model is None:
+        if (SHIPPED_MODEL / "config.json").is_file():
+            print(f"{PROG}: no --model given: using the shipped small model ({SHIPPED_MODEL})", file=sys.stderr)
+            return SHIPPED_MODEL
         raise CliError("no model given: pass --model DIR with a LongLLaMA checkpoint folder "
                        "(config.json, weights and tokenizer.model)")
     folder = Path(model).expanduser()
@@ -431,7 +438,8 @@ def _add_convert(commands) -> None:
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --dtype, --device and --mem-attention-grouping: how every model-running command loads its model."""
-    p.add_argument("--model", metavar="DIR", help="LongLLaMA checkpoint folder (config.json, weights, tokenizer.model)")
+    p.add_argument("--model", metavar="DIR", help="LongLLaMA checkpoint folder (config.json, weights, tokenizer.model); "
+                                                  "default: the small model shipped with the package")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="weights dtype (auto: as stored in the checkpoint)")
     p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",

@@ -103,9 +103,11 @@ class CorpusOptions:
     max_heldout_doc_chars: int = 400_000
     max_file_chars: int = 1_000_000
     max_line_chars: int = 4_000
-    synthetic: int = 1_000  # synthetic documents mixed into train.jsonl
+    # Synthetic documents mixed into train.jsonl: ~25% of the training tokens with the installed code of a typical
+    # machine, short enough (~600-2400 tokens) that a 4-window pack of 512 tokens holds both key and question.
+    synthetic: int = 16_000
     heldout_synthetic: int = 64  # synthetic documents with held-out filler, in heldout-synthetic.jsonl
-    synthetic_chars: tuple[int, int] = (7_000, 100_000)  # log-uniform length range: ~2k to ~30k tokens
+    synthetic_chars: tuple[int, int] = (2_000, 8_000)  # log-uniform length range
     filler_pool_chars: int = 16_000_000  # code text the synthetic filler is drawn from
     vocab_size: int = 8192
     tokenizer_sample_chars: int = 32_000_000
