@@ -675,6 +675,8 @@ class Prefetcher:
         self._worker.start()
 
     def _work(self) -> None:
+        if self.process:  # the worker's tensor work is tiny; torch's thread pool would only crowd the trainer's cores
+            torch.set_num_threads(1)
         made = self._made
         while not self._stop.is_set():
             try:
