@@ -13,11 +13,11 @@ causal attention.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 
+from longllama.data import dataset_packing
 from longllama.errors import InputError
 
 # SPEC C.5 flag defaults: training sees one earlier entry unless configured; evaluation sees none.
@@ -112,15 +112,8 @@ def _gather(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return rows.view(b, r, h, n, d).transpose(1, 2).reshape(b, h, r * n, d)  # (B, H, R*L, D)
 
 
-def dataset_packing_of(data_pipeline: str) -> int:
-    """k of a data pipeline name (SPEC C.2): `doc_aware_k{k}` -> k; `linear` and `doc_aware` -> 1."""
-    if data_pipeline in ("linear", "doc_aware"):
-        return 1
-    match = re.fullmatch(r"doc_aware_k(\d+)", data_pipeline)
-    if match is None or int(match.group(1)) < 1:
-        raise InputError(f"data_pipeline={data_pipeline!r} is unknown: use linear, doc_aware or doc_aware_k<k> "
-                         "with k >= 1")
-    return int(match.group(1))
+# k of a data pipeline name (SPEC C.2): `doc_aware_k{k}` -> k; `linear` and `doc_aware` -> 1.
+dataset_packing_of = dataset_packing
 
 
 def make_cross_batch(*, cross_batch_range: int = TRAIN_CROSS_BATCH_RANGE, data_pipeline: str = "doc_aware",

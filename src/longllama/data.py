@@ -606,7 +606,7 @@ Pipeline = LinearPipeline | DocAwarePipeline | KPackingPipeline
 def dataset_packing(name: str) -> int:
     """The k of a `doc_aware_k{k}` pipeline name (the model's dataset packing); 1 for the other pipelines."""
     match = re.fullmatch(r"doc_aware_k(\d+)", name)
-    if match:
+    if match and int(match.group(1)) >= 1:
         return int(match.group(1))
     if name in ("linear", "doc_aware"):
         return 1
