@@ -22,7 +22,7 @@ contexts=${CONTEXTS:-0,1k,4k,16k,64k}
 read -r -a extra <<< "${EXTRA:-}"
 config=configs/small-fot.yaml
 corpus=configs/data/corpus
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1
 
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 echo "== $(date -u +%FT%TZ) $(python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')") x $gpus"

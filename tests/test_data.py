@@ -233,8 +233,9 @@ def corpus(tmp_path: Path) -> list[Path]:
     return [first, second, book]
 
 
-def _file_pipeline(kind: str, paths: list[Path], tokenizer, **reader):
-    source = TokenizedDocs(iter_documents(paths, loop=True, **reader), tokenizer=tokenizer, min_length=4)
+def _file_pipeline(kind: str, paths: list[Path], tokenizer, read_ahead: int = 0, **reader):
+    source = TokenizedDocs(iter_documents(paths, loop=True, **reader), tokenizer=tokenizer, min_length=4,
+                           read_ahead=read_ahead)
     return build_pipeline(kind, source, batch_size=4, seq_len=16)
 
 
@@ -302,6 +303,31 @@ def test_prefetcher_raises_the_pipelines_error_in_the_caller(process: bool) -> N
     with pytest.raises(StopIteration):
         for _ in range(100):
             next(finite)
+
+
+@pytest.mark.parametrize("read_ahead", [1, 3, 7])
+def test_read_ahead_gives_the_same_batches_and_resumes_anywhere(read_ahead: int, corpus: list[Path],
+                                                                tokenizer) -> None:
+    # Batched encoding of chunks of documents changes nothing the pipeline yields, and a state saved inside a
+    # chunk restores into either setting (and another chunk size).
+    expected = _take(_file_pipeline("doc_aware_k2", corpus, tokenizer, shuffle_seed=3), 40)
+    ahead = _file_pipeline("doc_aware_k2", corpus, tokenizer, read_ahead=read_ahead, shuffle_seed=3)
+    assert _same(_take(ahead, 40), expected)
+    for cut in (1, 5, 13):
+        original = _file_pipeline("doc_aware_k2", corpus, tokenizer, read_ahead=read_ahead, shuffle_seed=3)
+        _take(original, cut)
+        state = json.loads(json.dumps(original.state_dict()))
+        for setting in (0, read_ahead, 2):
+            restored = _file_pipeline("doc_aware_k2", corpus, tokenizer, read_ahead=setting, shuffle_seed=3)
+            restored.load_state_dict(state)
+            assert _same(_take(restored, 40 - cut), expected[cut:]), (cut, setting)
+
+
+def test_read_ahead_ends_with_a_finite_source() -> None:
+    docs = _int_docs(7, 2, low=1, high=5)  # 7 documents: chunks of 3, 3 and 1
+    one = list(TokenizedDocs(ListDocuments(docs), bos_id=BOS, eos_id=EOS))
+    ahead = list(TokenizedDocs(ListDocuments(docs), bos_id=BOS, eos_id=EOS, read_ahead=3))
+    assert len(one) == 7 and ahead == one
 
 
 def test_resume_from_list_with_shuffle() -> None:

@@ -108,12 +108,14 @@ def test_time_limit_stops_saves_exports_and_resumes(tmp_path):
     out = tmp_path / "run"
     clock = iter(range(0, 10**6, 10))  # every look at the clock is 10 s later
     with mock.patch.object(training.time, "monotonic", lambda: next(clock)):
-        result = training.train(tiny(out, steps=20, save_every=0, max_seconds=25))
-    assert 1 <= result.step < 20 and (out / training.EXPORT_DIR).is_dir()
+        result = training.train(tiny(out, steps=50, save_every=0, max_seconds=25))
+    # The clock is read at the start (0 s) and every TIME_CHECK_EVERY steps, where a data state is kept: before
+    # steps 0, 10 and 20 it says 10, 20 and 30 s, so the run stops after step 20.
+    assert result.step == 2 * training.TIME_CHECK_EVERY and (out / training.EXPORT_DIR).is_dir()
     assert [c.name for c in training.list_checkpoints(out)] == [f"step-{result.step:08d}"]
     assert any(r.get("stopped") == "max_seconds" for r in training.read_log(out / training.LOG_FILE))
-    resumed = training.train(tiny(out, steps=20, save_every=0, resume=True))
-    assert resumed.step == 20
+    resumed = training.train(tiny(out, steps=50, save_every=0, resume=True))
+    assert resumed.step == 50
     with pytest.raises(training.TrainError, match="max_seconds=0"):
         tiny(tmp_path / "x", max_seconds=0).check()
 

@@ -346,6 +346,10 @@ class TokenizedDocs:
     BOS/EOS ids are used unless `bos_id` / `eos_id` are given. Without a tokenizer the documents must already be
     token-id lists and `bos_id` / `eos_id` are required. Documents with fewer than `min_length` tokens (BOS and EOS
     counted, as the reference TokenFilter counts them) are dropped.
+
+    `read_ahead=N` reads N documents at a time and encodes them in one batched call (the Rust tokenizer spreads it
+    over the cores); the documents, and the states, are exactly those of reading one at a time: a state is the
+    reader's position before the current chunk plus how many of the chunk's documents were taken.
     """
 
     def __init__(
@@ -358,6 +362,7 @@ class TokenizedDocs:
         add_bos: bool = True,
         add_eos: bool = True,
         min_length: int = 0,
+        read_ahead: int = 0,
     ) -> None:
         self.documents = documents
         self.tokenizer = tokenizer
@@ -367,14 +372,18 @@ class TokenizedDocs:
             raise InputError("no BOS/EOS id: pass a tokenizer that has them, or bos_id= and eos_id=")
         self.add_bos, self.add_eos = add_bos, add_eos
         self.min_length = min_length
+        self.read_ahead = read_ahead
         self._last_epoch = getattr(documents, "epoch", 0)
+        self._chunk: list[list[int]] = []  # encoded documents of the current read-ahead chunk
+        self._chunk_state: dict[str, Any] | None = None  # the reader's state before that chunk
+        self._taken = 0  # documents of the chunk handed on (or dropped) so far
 
     def __iter__(self) -> TokenizedDocs:
         return self
 
     def __next__(self) -> Doc:
         while True:
-            ids = self._encode(next(self.documents))
+            ids = self._next_encoded()
             ids = [self.bos_id] * self.add_bos + ids + [self.eos_id] * self.add_eos
             epoch = getattr(self.documents, "epoch", 0)
             if ids and len(ids) >= self.min_length:
@@ -383,6 +392,32 @@ class TokenizedDocs:
                 return ids, [0] * self.add_bos + [1] * (len(ids) - self.add_bos)
             if epoch >= self._last_epoch + 2:  # a whole epoch went by with nothing long enough
                 raise InputError(f"no document has at least min_length={self.min_length} tokens; lower it")
+
+    def _next_encoded(self) -> list[int]:
+        if self.read_ahead <= 0:
+            return self._encode(next(self.documents))
+        if self._taken >= len(self._chunk):
+            self._read_chunk()
+        self._taken += 1
+        return self._chunk[self._taken - 1]
+
+    def _read_chunk(self) -> None:
+        state = self.documents.state_dict()
+        raw = []
+        for _ in range(self.read_ahead):
+            try:
+                raw.append(next(self.documents))
+            except StopIteration:
+                break
+        if not raw:
+            raise StopIteration
+        self._chunk_state, self._taken = state, 0
+        self._chunk = self._encode_many(raw)
+
+    def _encode_many(self, documents: list[Any]) -> list[list[int]]:
+        if self.tokenizer is None or not all(isinstance(d, str) for d in documents):
+            return [self._encode(d) for d in documents]  # ids as they are, or the per-document error
+        return [list(ids) for ids in self.tokenizer(documents, add_special_tokens=False)["input_ids"]]
 
     def _encode(self, document: Any) -> list[int]:
         if self.tokenizer is None:
@@ -394,11 +429,17 @@ class TokenizedDocs:
         return list(self.tokenizer.encode(document, add_special_tokens=False))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "tokenized", "min_length": self.min_length, "documents": self.documents.state_dict()}
+        state = {"kind": "tokenized", "min_length": self.min_length}
+        if self._chunk_state is not None and self._taken < len(self._chunk):
+            return {**state, "documents": self._chunk_state, "skip": self._taken}
+        return {**state, "documents": self.documents.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         _check_state(state, "tokenized", {"min_length": self.min_length})
         self.documents.load_state_dict(state["documents"])
+        self._chunk, self._chunk_state, self._taken = [], None, 0
+        for _ in range(int(state.get("skip", 0))):  # taken from the saved chunk already: read past them (unencoded)
+            next(self.documents)
         self._last_epoch = getattr(self.documents, "epoch", 0)
 
 

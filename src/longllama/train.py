@@ -73,6 +73,7 @@ WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "model"
 LOG_FILE = "log.jsonl"
+TIME_CHECK_EVERY = 10  # steps between looks at the clock under max_seconds (each needs a saved data state)
 PLOT_FILE = "loss.png"
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
@@ -117,6 +118,7 @@ class DataSettings:
     eval_batch_size: int | None = None  # None: batch_size
     eval_seq_len: int | None = None  # None: seq_len
     eval_min_length: int = 0
+    read_ahead: int = 32  # documents tokenized per batched call (same documents and states as one at a time)
     # finetune (SPEC D.1-D.4)
     template: str = "openorca-3b"
     mixture: str | None = None
@@ -491,7 +493,8 @@ class PretrainTask:
 
         # Looping forever, as the reference's JSON dataset does: steps, not epochs, end a run.
         docs = iter_documents(files, field=self.data.field, loop=True, shuffle_seed=shuffle_seed)
-        tokens = TokenizedDocs(docs, tokenizer=self.tokenizer, min_length=min_length)
+        tokens = TokenizedDocs(docs, tokenizer=self.tokenizer, min_length=min_length,
+                               read_ahead=self.data.read_ahead)
         return build_pipeline(name, tokens, batch_size=batch_size, seq_len=seq_len)
 
     def check_split(self, parts: int) -> None:
@@ -1140,9 +1143,9 @@ class Trainer:
 
     def _saves_after(self, step: int) -> bool:
         every = self.config.save_every
-        # A run with a time limit may stop (and save) after any step.
-        return (self.config.max_seconds is not None or bool(every and step % every == 0)
-                or step >= self.config.steps)
+        # A run with a time limit may stop (and save) at every TIME_CHECK_EVERY-th step.
+        timed = self.config.max_seconds is not None and step % TIME_CHECK_EVERY == 0
+        return timed or bool(every and step % every == 0) or step >= self.config.steps
 
     # -- state ---------------------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -1225,10 +1228,11 @@ class Trainer:
         losses: dict[int, float] = {}
         evals: dict[int, float] = {}
         last_saved = self.step if self.step else None
-        started = time.monotonic()
+        started, first = time.monotonic(), self.step
         try:
             while self.step < config.steps:
-                if config.max_seconds is not None and self._out_of_time(started):
+                at_check = self.step % TIME_CHECK_EVERY == 0 or self.step == first
+                if config.max_seconds is not None and at_check and self._out_of_time(started):
                     logger.warning("max_seconds=%s reached: stopping at step %d of %d", config.max_seconds,
                                    self.step, config.steps)
                     log.write({"step": self.step, "stopped": "max_seconds"})
