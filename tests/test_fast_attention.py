@@ -36,6 +36,25 @@ def test_fast_equals_eager_on_long_inputs(overrides):
     assert (a - b).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_partial_attention_kernel_equals_the_maths(causal):
+    # Inference on the CPU runs torch's blockwise kernel (it returns the log-sum-exp too); with gradients the
+    # explicit maths runs. Both must be the same attention.
+    torch.manual_seed(0)
+    m = 40 if causal else 300
+    q, k, v = torch.randn(2, 3, 40, 16), torch.randn(2, 3, m, 16), torch.randn(2, 3, m, 16)
+    with torch.no_grad():
+        out, lse = partial_attention(q, k, v, causal=causal, scale=0.25)
+    scores = (q @ k.transpose(-1, -2)) * 0.25
+    if causal:
+        scores = scores.masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, torch.softmax(scores, -1) @ v, rtol=1e-5, atol=1e-5)
+    grad_q = q.clone().requires_grad_()
+    out_grad, lse_grad = partial_attention(grad_q, k, v, causal=causal, scale=0.25)
+    torch.testing.assert_close(out_grad.detach(), out, rtol=1e-5, atol=1e-5)
+
+
 def test_kernels_get_one_dtype_under_autocast():
     # fp32 weights under bf16 autocast: RoPE gives fp32 q/k next to a bf16 v. The CUDA kernels read mixed dtypes
     # as garbage (measured on an H100: loss 7.57 instead of 2.62), so the fast path casts all three to one dtype.
