@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         result = bench(args, procs)
         if procs.main:
             report(args, procs, result, baseline)
+        # Leave together: a gloo rank that tears down while its peer is still writing the report aborts.
+        procs.barrier()
     finally:
         stop_processes(procs)
 
