@@ -165,6 +165,9 @@ def _cuda_partial(q, k, v, causal: bool, scale: float, kernel: str):
     return ops._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
 
 
+_CPU_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # dtypes of torch's blockwise CPU kernel
+
+
 def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
                       kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Unmasked (or top-left causal) attention that also returns its log-sum-exp (b, h, n) in fp32.
@@ -183,9 +186,6 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
         s = s.masked_fill(torch.ones(n, k.shape[2], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     return (torch.exp(s - lse[..., None]) @ v.float()).to(q.dtype), lse
-
-
-_CPU_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor, *,

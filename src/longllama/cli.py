@@ -488,10 +488,8 @@ def passkey(*, model: str | None, lengths: list[int] | None = None, depths: list
     # Everything that can fail without the model is checked before loading it: that can take minutes.
     tokenizer = load_tokenizer(folder)
     task.check_lengths(tokenizer, lengths, seed=seed)
-    if last_context_length is None:  # the model's own (1024 for the released checkpoints, as SPEC E.1 uses)
-        from longllama.config import LongLlamaConfig
-
-        last_context_length = LongLlamaConfig.from_pretrained(folder).last_context_length
+    # The model's own (1024 for the released checkpoints, as SPEC E.1 uses) unless given.
+    last_context_length = _last_context_length(folder, last_context_length)
     lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping,
                     mem_layers=mem_layers)
     records = task.run_passkey(lm, tokenizer, lengths=lengths, depths=depths, trials=trials, seed0=seed,
@@ -500,6 +498,15 @@ def passkey(*, model: str | None, lengths: list[int] | None = None, depths: list
                 "last_context_length": last_context_length, "dtype": dtype, "device": str(torch_device),
                 "mem_attention_grouping": mem_attention_grouping, "mem_layers": mem_layers}
     return _report(task, records, settings, out_path, plot_path)
+
+
+def _last_context_length(folder: Path, given: int | None) -> int:
+    """`given`, or the checkpoint config's last_context_length (read without loading the weights)."""
+    if given is not None:
+        return given
+    from longllama.config import LongLlamaConfig
+
+    return LongLlamaConfig.from_pretrained(folder).last_context_length
 
 
 def _output_file(name: str | None, option: str) -> Path | None:
@@ -575,7 +582,6 @@ def perplexity(*, model: str | None, data: str | None, contexts: list[int] | Non
     """Held-out perplexity against context length: for each document with at least max(C) + T tokens, the same T
     target tokens are scored after C tokens of context, for every C (one forward call each; the context beyond the
     final window goes to the memory). Prints mean NLL and perplexity per C; --out saves JSON, --plot a PNG."""
-    from longllama.config import LongLlamaConfig
     from longllama.data import iter_documents
     from longllama.evals import perplexity as task
     from longllama.tokenizer import load_tokenizer
@@ -592,7 +598,7 @@ def perplexity(*, model: str | None, data: str | None, contexts: list[int] | Non
     if plot_path is not None:
         task.plot_format(plot_path)
     # Everything that can fail without the model is checked before loading it: that can take minutes.
-    lcl = last_context_length or LongLlamaConfig.from_pretrained(folder).last_context_length
+    lcl = _last_context_length(folder, last_context_length)
     contexts = task.check_settings(contexts, target_tokens=target_tokens, last_context_length=lcl)
     tokenizer = load_tokenizer(folder)
     documents = task.load_documents(texts, tokenizer,

@@ -1228,10 +1228,10 @@ class Trainer:
         losses: dict[int, float] = {}
         evals: dict[int, float] = {}
         last_saved = self.step if self.step else None
-        started, first = time.monotonic(), self.step
+        started = time.monotonic()
         try:
             while self.step < config.steps:
-                at_check = self.step % TIME_CHECK_EVERY == 0 or self.step == first
+                at_check = self.step % TIME_CHECK_EVERY == 0
                 if config.max_seconds is not None and at_check and self._out_of_time(started):
                     logger.warning("max_seconds=%s reached: stopping at step %d of %d", config.max_seconds,
                                    self.step, config.steps)
