@@ -47,7 +47,7 @@ def main() -> int:
     reference = loss(model, batch, torch.device("cpu"), autocast=False, impl="eager")
     print(f"cpu fp32 eager: {reference:.4f}")
     ok = True
-    cuda = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU only to try the script
     model.to(cuda)
     for weights in ("fp32", "bf16"):
         if weights == "bf16":
@@ -59,8 +59,8 @@ def main() -> int:
                     value = loss(model, batch, cuda, autocast=autocast, impl=impl)
                     bad = abs(value - reference) > 0.05
                     ok &= not bad
-                    print(f"cuda {weights} weights, autocast={autocast!s:5}, {mode:5} mode, {impl:5}: {value:.4f} "
-                          f"({value - reference:+.4f}){'  FAIL' if bad else ''}")
+                    print(f"{cuda.type} {weights} weights, autocast={autocast!s:5}, {mode:5} mode, {impl:5}: "
+                          f"{value:.4f} ({value - reference:+.4f}){'  FAIL' if bad else ''}")
     for b in (1, 2, 8):  # the same rows in smaller batches
         sub = {name: value[:b] for name, value in batch.items()}
         model.train(False)
