@@ -81,6 +81,9 @@ def main() -> int:
         ref_short = llama(short).logits
         ours_fp32 = ours(short, use_cache=False).logits
         ref_long = ours(long, use_cache=False).logits  # fp32 eager: the executable spec
+        ours.config.mem_top_k = 64
+        ref_long_top_k = ours(long, use_cache=False).logits  # fp32 eager with kNN memory (a masked top k)
+        ours.config.mem_top_k = None
         e = rel(ours_fp32, ref_short)
         print(f"fp32, short input, ours vs LLaMA: rel {e:.2e}")
         ok &= e < 1e-4
@@ -100,6 +103,16 @@ def main() -> int:
             ok &= e <= 1.5 * base + 1e-3
             ours.config.torch_attention, ours.config.mem_attention_grouping = False, None
             ours.config.attn_impl = "auto"
+        for name, kw in [("eager, top-k 64", dict(attn_impl="eager")), ("fast, top-k 64", dict(attn_impl="fast")),
+                         ("fast, top-k 64, memory chunks", dict(attn_impl="fast"))]:
+            from longllama import attention
+
+            attention._TOP_K_SCORES = 1 << 22 if "chunks" in name else 1 << 27  # several chunks of keys, or one
+            ours.config.attn_impl, ours.config.mem_top_k = kw["attn_impl"], 64
+            e = rel(ours(long, use_cache=False).logits, ref_long_top_k)
+            print(f"bf16, long input, {name} vs fp32 eager top-k 64: rel {e:.2e}")
+            ok &= e <= 1.5 * base + 1e-3
+        attention._TOP_K_SCORES, ours.config.mem_top_k, ours.config.attn_impl = 1 << 27, None, "auto"
         ok &= check_kernels()
         ok &= check_static_decoder(ours, long[:, :3000])
     print("PASS" if ok else "FAIL")

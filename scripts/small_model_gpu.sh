@@ -10,7 +10,7 @@
 # instead); the config's warm-up is a tenth of it. Other knobs (environment): LENGTHS (passkey lengths, default
 # 4k,32k,128k), TRIALS (20), CONTEXTS (perplexity, 0,1k,4k,16k,64k), EXTRA (more train overrides, e.g. for a CPU
 # smoke run), EVAL_TIMEOUT (seconds per evaluation command, default none), AFTER_TRAIN (a shell command run once
-# both models are trained, e.g. to copy them somewhere safe before the evaluations).
+# both models are trained, e.g. to copy them somewhere safe before the evaluations), EVALUATE=0 (stop after training).
 # Everything lands in OUT: runs/<name>/ (log.jsonl, loss.png, model/), *.json results, *.log outputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +71,7 @@ fi
 echo "== trained in $(($(date +%s) - start)) s"
 tail -n 3 "$out"/runs/*/log.jsonl
 eval "${AFTER_TRAIN:-}"
+[ "${EVALUATE:-1}" = 0 ] && exit 0
 
 evaluate() {  # gpu, log name, command...
     local gpu=$1 name=$2

@@ -159,3 +159,19 @@ def test_offloaded_memory_gives_the_same_results():
     assert torch.equal(ref.logits, out.logits)
     assert out.past_key_values.layers[1].memory.device.type == "cpu"
     assert torch.equal(gen, model.generate(ids[:, :150], max_new_tokens=30, decoder="dynamic"))
+
+
+@pytest.mark.parametrize("batch,kv_heads", [(1, 4), (2, 4), (2, 2)])
+@pytest.mark.parametrize("chunk", [128, 333, 1000, 4000])
+def test_memory_attention_split_into_batched_chunks(monkeypatch, batch, kv_heads, chunk):
+    # The chunks (and a shorter tail) run as the batch of one kernel call and merge into one softmax over all keys.
+    from longllama import attention
+
+    torch.manual_seed(0)
+    q = torch.randn(batch, 4, 40, 8)
+    k, v = torch.randn(batch, kv_heads, 1000, 8), torch.randn(batch, kv_heads, 1000, 8)
+    monkeypatch.setattr(attention, "MEMORY_CHUNK", chunk)
+    out, lse = attention.memory_attention(q, k, v, scale=0.3)
+    scores = q @ k.repeat_interleave(4 // kv_heads, 1).transpose(-1, -2) * 0.3
+    assert (out - torch.softmax(scores, -1) @ v.repeat_interleave(4 // kv_heads, 1)).abs().max() < 1e-5
+    assert (lse - torch.logsumexp(scores, -1)).abs().max() < 1e-5

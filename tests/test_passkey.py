@@ -272,6 +272,20 @@ def test_command_without_depths_uses_the_random_place(checkpoint: Path, tmp_path
         assert r["prefix_chars"] == task.prefix_chars_of(prompt)
 
 
+def test_command_with_top_k_memory(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    # --mem-top-k reaches the model: with k = 1 the generated ids differ from dense attention's on some trial.
+    runs = {}
+    for k in ("0", "1"):
+        out = tmp_path / f"k{k}.json"
+        code, _, err = _run(capsys, "--model", str(checkpoint), "--lengths", "600", "--trials", "3", "--device", "cpu",
+                            "--last-context-length", "64", "--mem-top-k", k, "--out", str(out))
+        assert code == 0, err
+        runs[k] = json.loads(out.read_text())
+    assert runs["1"]["settings"]["mem_top_k"] == 1
+    dense = [r["generated_ids"] for r in runs["0"]["records"]]
+    assert dense != [r["generated_ids"] for r in runs["1"]["records"]]
+
+
 def test_command_errors_are_one_line(checkpoint: Path, tmp_path: Path, capsys) -> None:
     ok = ["--model", str(checkpoint), "--device", "cpu"]
     cases = {
@@ -284,6 +298,7 @@ def test_command_errors_are_one_line(checkpoint: Path, tmp_path: Path, capsys) -
         "bad plot suffix": ([*ok, "--lengths", "300", "--plot", str(tmp_path / "p.xyz")], "suffixes"),
         "bad memory layer": ([*ok, "--lengths", "300", "--mem-layers", "99"], "mem_layers"),
         "negative layer": ([*ok, "--mem-layers", "-1"], ">= 0"),
+        "negative top k": ([*ok, "--mem-top-k", "-1"], "0 or more"),
     }
     assert_one_line_errors(lambda *args: _run(capsys, *args), cases)
     assert not (tmp_path / "p.xyz").exists()
@@ -298,5 +313,7 @@ def test_lengths_and_depths_parsing(capsys) -> None:
     assert defaults.lengths is None and defaults.depths is None and defaults.last_context_length is None
     assert build_parser().parse_args(["passkey", "--mem-layers", "none"]).mem_layers == []
     assert build_parser().parse_args(["passkey", "--mem-layers", "6,4"]).mem_layers == [4, 6]
+    assert build_parser().parse_args(["passkey", "--lengths", "1m,4M,32k"]).lengths == [32768, 1 << 20, 1 << 22]
+    assert build_parser().parse_args(["passkey", "--mem-top-k", "128"]).mem_top_k == 128
     assert main(["passkey", "--help"]) == 0
     assert "--depths" in capsys.readouterr().out

@@ -51,20 +51,33 @@ def _weighted(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.view(b, h, n, v.shape[-1])
 
 
-def _eager(q, k, v, visible, mem_k, mem_v, mem_valid, return_probs):
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True at each row's k largest scores (last dimension)."""
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return keep.scatter_(-1, scores.topk(k, dim=-1, sorted=False).indices, True)
+
+
+def _keep_top_k(scores: torch.Tensor, k: int | None, c_min: float) -> torch.Tensor:
+    """Memory scores with all but each query's k best set to c_min (their softmax weight is then 0)."""
+    if k is None or scores.shape[-1] <= k:
+        return scores
+    return scores.masked_fill(~top_k_mask(scores, k), c_min)
+
+
+def _eager(q, k, v, visible, mem_k, mem_v, mem_valid, return_probs, mem_top_k=None):
     c_min = clamp_value(q.dtype)
     scores = _scores(q, k, visible, c_min)
     values = v
     if mem_k is not None:
         mem_visible = None if mem_valid is None else mem_valid[:, None, None, :]
-        mem_scores = _scores(q, mem_k.to(k.dtype), mem_visible, c_min)
+        mem_scores = _keep_top_k(_scores(q, mem_k.to(k.dtype), mem_visible, c_min), mem_top_k, c_min)
         scores = torch.cat([scores, mem_scores], dim=-1)
         values = torch.cat([v, mem_v.to(v.dtype)], dim=2)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return _weighted(probs, values), (probs if return_probs else None)
 
 
-def _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping):
+def _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping, mem_top_k=None):
     """Memory attention in (heads, queries) chunks, to bound the size of the score matrix."""
     gh, gq = grouping
     b, h, n, _ = q.shape
@@ -76,7 +89,7 @@ def _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping):
         for q0 in range(0, n, gq):
             vis = None if visible is None else visible[:, :, q0:q0 + gq]
             out[:, h0:h0 + gh, q0:q0 + gq] = _eager(
-                q[:, h0:h0 + gh, q0:q0 + gq], sel[0], sel[1], vis, sel[2], sel[3], mem_valid, False)[0]
+                q[:, h0:h0 + gh, q0:q0 + gq], sel[0], sel[1], vis, sel[2], sel[3], mem_valid, False, mem_top_k)[0]
     return out
 
 
@@ -134,9 +147,106 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 # plan, so end to end FlashAttention is faster for now (measured, see the README).
 CUDA_KERNEL = "flash"
 MEMORY_KERNEL = "flash"
-# Memory attention runs over chunks of at most this many keys (0: one call over the whole memory); with cuDNN,
-# chunks keep the number of distinct shapes (plans) small.
+# Memory attention splits the memory into equal chunks of this many keys that run as the batch of one kernel call,
+# merged by their log-sum-exp (split-KV). 0: automatic, chunks only where one call would leave the GPU idle (few
+# heads x query blocks: a small model's 4 heads x 4 blocks fill 16 of an H100's 132 SMs).
 MEMORY_CHUNK = 0
+_MIN_CHUNK = 2048  # keys per chunk in automatic mode
+_QUERY_BLOCK = 128  # queries per thread block of the fused kernels
+
+
+def memory_chunk(q: torch.Tensor, memory_length: int) -> int:
+    """Keys per chunk for memory attention of q (b, h, n, d) over `memory_length` keys (>= memory_length: none)."""
+    if MEMORY_CHUNK:
+        return MEMORY_CHUNK
+    if not q.is_cuda:
+        return memory_length  # torch's CPU kernel already spreads (batch, head, query block) over the cores
+    blocks = q.shape[0] * q.shape[1] * -(-q.shape[2] // _QUERY_BLOCK)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    if blocks >= 2 * sms:
+        return memory_length
+    chunks = min(-(-4 * sms // blocks), memory_length // _MIN_CHUNK)
+    return -(-memory_length // max(chunks, 1))
+
+
+def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                     kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """partial_attention of q (b, h, n, d) over memory keys k, v (b, h_kv, M, d), the keys split into chunks that
+    run as the batch of one call (views, no copy of the memory for b = 1 and h_kv = h); out in fp32."""
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    chunk = memory_chunk(q, m)
+    parts = []
+    full = m // chunk * chunk if chunk < m else 0
+    if full:
+        c = full // chunk
+        rows = []
+        for i in range(b):  # per batch row, so that the chunk split is a view of the memory
+            ck, cv = (_expand_heads(x[i:i + 1, :, :full], h).unflatten(2, (c, chunk)).transpose(1, 2)[0]
+                      for x in (k, v))
+            out, lse = partial_attention(q[i:i + 1].expand(c, h, n, d), ck, cv, causal=False, scale=scale,
+                                         kernel=kernel)
+            rows.append(_merge_chunks(out.float(), lse))
+        parts.append((torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])))
+    if full < m:
+        out, lse = partial_attention(q, _expand_heads(k[:, :, full:], h), _expand_heads(v[:, :, full:], h),
+                                     causal=False, scale=scale, kernel=kernel)
+        parts.append((out.float(), lse))
+    out, lse = parts[0]
+    if len(parts) > 1:
+        out, lse = merge_partials(out, lse, *parts[1], with_lse=True)
+    return out, lse
+
+
+_TOP_K_SCORES = 1 << 27  # score elements per chunk of keys when selecting the top k (256 MiB in bf16)
+_TOP_K_GATHERED = 1 << 25  # gathered key elements per chunk of queries
+
+
+def top_k_memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, top_k: int,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over its own `top_k` memory keys by inner product (exact kNN, FoT's kNN memory),
+    with its log-sum-exp: q (b, h, n, d), k, v (b, h_kv, M, d) -> (b, h, n, d) fp32, (b, h, n) fp32.
+
+    The keys are chosen by scores in q's dtype, over chunks of the memory (a running top k); the chosen keys' scores
+    and the weighted sum are then computed in fp32."""
+    b, h, n, d = q.shape
+    hkv, m = k.shape[1], k.shape[2]
+    rows = (h // hkv) * n
+    qg = q.reshape(b, hkv, rows, d)
+    step = max(top_k, _TOP_K_SCORES // (b * h * n))
+    best = index = None
+    for start in range(0, m, step):
+        s = qg @ k[:, :, start:start + step].transpose(-1, -2)  # (b, hkv, rows, chunk)
+        vals, idx = s.topk(min(top_k, s.shape[-1]), dim=-1, sorted=False)
+        idx = idx + start
+        if best is not None:
+            vals, idx = torch.cat([best, vals], dim=-1), torch.cat([index, idx], dim=-1)
+            vals, pick = vals.topk(top_k, dim=-1, sorted=False)
+            idx = idx.gather(-1, pick)
+        best, index = vals, idx
+    kk = index.shape[-1]
+    out = q.new_empty(b, hkv, rows, v.shape[-1], dtype=torch.float32)
+    lse = q.new_empty(b, hkv, rows, dtype=torch.float32)
+    span = max(1, _TOP_K_GATHERED // (b * hkv * kk * d))
+    batch = torch.arange(b, device=q.device)[:, None, None]
+    heads = torch.arange(hkv, device=q.device)[None, :, None]
+    for r0 in range(0, rows, span):
+        sel = index[:, :, r0:r0 + span]
+        flat = sel.reshape(b, hkv, -1)  # advanced indexing: ~5x torch.gather with an expanded index on CPUs
+        ck = k[batch, heads, flat].view(*sel.shape, d).float()
+        cv = v[batch, heads, flat].view(*sel.shape, v.shape[-1]).float()
+        scores = torch.einsum("bhrkd,bhrd->bhrk", ck, qg[:, :, r0:r0 + span].float()) * scale
+        lse[:, :, r0:r0 + span] = torch.logsumexp(scores, dim=-1)
+        weights = torch.exp(scores - lse[:, :, r0:r0 + span, None])
+        out[:, :, r0:r0 + span] = torch.einsum("bhrk,bhrkd->bhrd", weights, cv)
+    return out.view(b, h, n, -1), lse.view(b, h, n)
+
+
+def _merge_chunks(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, h, n, d) attentions over c disjoint key sets with their (c, h, n) log-sum-exp -> (1, h, n, d), (1, h, n)."""
+    total = torch.logsumexp(lse, dim=0, keepdim=True)
+    weights = torch.exp(lse - total).unsqueeze(-1)
+    return (out * weights).sum(0, keepdim=True), total
 
 
 def kernel_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -202,8 +312,12 @@ def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2:
 _FEW_QUERIES = 16
 
 
-def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem):
+def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_top_k=None):
     local_plain = visible is None or is_causal
+    top_k = mem_top_k if mem_k is not None and mem_top_k is not None and mem_k.shape[2] > mem_top_k else None
+    if top_k is not None and (mem_valid is not None or not local_plain or (q.requires_grad and torch.is_grad_enabled())):
+        # Padding or gradients with a top-k memory: the exact maths (a masked top k of the full scores).
+        return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False, top_k)[0]
     if q.requires_grad and torch.is_grad_enabled() and q.is_cuda:
         # Training: torch's public SDPA (flash for the plain causal case) has the backward passes; the
         # log-sum-exp merge below is for inference only.
@@ -220,7 +334,7 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem):
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     d = q.shape[-1]
     if q.shape[2] <= _FEW_QUERIES:
-        return few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem)
+        return few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, top_k)
     dim = kernel_head_dim(d)
     h = q.shape[1]
     scale = 1.0 / math.sqrt(d)
@@ -230,19 +344,20 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem):
     if mem_k is not None:
         pk, pv = padded_mem if padded_mem is not None else (mem_k, mem_v)
         pk, pv = _pad_to(pk.to(q.dtype), dim), _pad_to(pv.to(q.dtype), dim)
-        out = out.float()  # the running merge stays in fp32
-        chunk = MEMORY_CHUNK or pk.shape[2]
-        for start in range(0, pk.shape[2], chunk):
-            ck = _expand_heads(pk[:, :, start:start + chunk], h)
-            cv = _expand_heads(pv[:, :, start:start + chunk], h)
-            mem_out, mem_lse = partial_attention(qp, ck, cv, causal=False, scale=scale, kernel=MEMORY_KERNEL)
-            out, lse = merge_partials(out, lse, mem_out, mem_lse, with_lse=True)
+        if top_k is not None:
+            mem_out, mem_lse = top_k_memory_attention(q, mem_k.to(q.dtype), mem_v.to(q.dtype), top_k=top_k,
+                                                      scale=scale)
+            mem_out = _pad_to(mem_out, dim)
+        else:
+            mem_out, mem_lse = memory_attention(qp, pk, pv, scale=scale, kernel=MEMORY_KERNEL)
+        out = merge_partials(out.float(), lse, mem_out, mem_lse)  # the merge in fp32
     return out[..., :d].to(q.dtype)
 
 
-def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem):
+def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, mem_top_k=None):
     """Decoding: scores against local and memory keys in one softmax; no concatenation of the memory values.
-    The memory is read as stored (zero-padded head dimension, contiguous rows), with q padded to match."""
+    The memory is read as stored (zero-padded head dimension, contiguous rows), with q padded to match; with
+    `mem_top_k`, each query keeps only its k best memory scores."""
     c_min = clamp_value(q.dtype)
     local = _scores(q, k, visible, c_min)
     if mem_k is None:
@@ -253,7 +368,8 @@ def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem):
         mem_k, mem_v = padded_mem
     mem_k, mem_v = mem_k.to(q.dtype), mem_v.to(q.dtype)
     qp = _pad_to(q, mem_k.shape[-1])
-    scores = torch.cat([local, _scores(qp, mem_k, None, c_min, head_dim=d)], dim=-1)
+    mem_scores = _keep_top_k(_scores(qp, mem_k, None, c_min, head_dim=d), mem_top_k, c_min)
+    scores = torch.cat([local, mem_scores], dim=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     kv = k.shape[2]
     return _weighted(probs[..., :kv], v) + _weighted(probs[..., kv:], mem_v)[..., :d]
@@ -263,19 +379,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, visible: torch.
            mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None,
            mem_valid: torch.Tensor | None = None, impl: str = "eager",
            grouping: tuple[int, int] | None = None, is_causal: bool = False,
-           padded_mem: tuple[torch.Tensor, torch.Tensor] | None = None,
+           padded_mem: tuple[torch.Tensor, torch.Tensor] | None = None, mem_top_k: int | None = None,
            return_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One softmax over local and memory keys; see the module docstring for shapes.
+    """One softmax over local and memory keys; see the module docstring for shapes. With `mem_top_k`, each query
+    sees only its k highest-scoring memory keys (kNN memory; dense when the memory holds at most k keys).
 
     `is_causal` tells that `visible` is exactly the top-left causal mask of a window with no local cache and no
     padding (fast kernels then need no mask); `padded_mem` are the memory keys/values as stored, zero-padded in the
     head dimension (MemoryCache.padded())."""
     if mem_k is not None and mem_k.shape[2] == 0:
         mem_k = mem_v = mem_valid = padded_mem = None
+    if mem_k is None or mem_k.shape[2] <= (mem_top_k or 0):
+        mem_top_k = None
     if impl == "fast" and not return_probs:
-        return _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem), None
-    if impl == "sdpa" and not return_probs:
+        return _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_top_k), None
+    if impl == "sdpa" and not return_probs and mem_top_k is None:
         return _sdpa(q, k, v, visible, mem_k, mem_v, mem_valid), None
     if grouping is not None and not return_probs:
-        return _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping), None
-    return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, return_probs)
+        return _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping, mem_top_k), None
+    return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, return_probs, mem_top_k)

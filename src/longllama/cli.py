@@ -134,7 +134,7 @@ def generate(*, model: str | None, prompt: str | None = None, prompt_file: str |
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float | None = None,
              top_k: int | None = None, seed: int | None = None, last_context_length: int | None = None,
              dtype: str = "auto", device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None,
-             mem_layers: list[int] | None = None) -> int:
+             mem_layers: list[int] | None = None, mem_top_k: int | None = None) -> int:
     """Continue a prompt with a LongLLaMA checkpoint, streaming the new text to stdout."""
     import torch
 
@@ -147,7 +147,7 @@ def generate(*, model: str | None, prompt: str | None = None, prompt_file: str |
     tokenizer = load_tokenizer(folder)  # before the model: a bad tokenizer or prompt fails in a second, not minutes
     ids = encode_prompt(tokenizer, text, bos=True)
     lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping,
-                    mem_layers=mem_layers)
+                    mem_layers=mem_layers, mem_top_k=mem_top_k)
     if seed is not None:
         torch.manual_seed(seed)
     input_ids = torch.tensor([ids], dtype=torch.long, device=torch_device)
@@ -244,9 +244,10 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 
 
 def load_model(folder: Path, *, dtype: str, device, mem_attention_grouping: tuple[int, int] | None,
-               mem_layers: list[int] | None = None):
+               mem_layers: list[int] | None = None, mem_top_k: int | None = None):
     """LongLlamaForCausalLM from `folder` in `dtype` ('auto': the checkpoint's own), on `device`, in eval mode;
-    `mem_layers` replaces the checkpoint's memory layers (e.g. [] for an ablation without memory)."""
+    `mem_layers` replaces the checkpoint's memory layers (e.g. [] for an ablation without memory), `mem_top_k`
+    (0: dense) its kNN memory setting."""
     import torch
 
     from longllama import LongLlamaForCausalLM
@@ -256,6 +257,8 @@ def load_model(folder: Path, *, dtype: str, device, mem_attention_grouping: tupl
     overrides = {} if mem_attention_grouping is None else {"mem_attention_grouping": tuple(mem_attention_grouping)}
     if mem_layers is not None:
         overrides["mem_layers"] = list(mem_layers)
+    if mem_top_k is not None:
+        overrides["mem_top_k"] = mem_top_k or None
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = LongLlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype, **overrides)
     return model.to(device).eval()
@@ -448,6 +451,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory attention in chunks of H heads and Q queries, to bound its memory use (e.g. 1,2048)")
     p.add_argument("--mem-layers", type=_layer_list, metavar="I,J,...|none",
                    help="use these layers as memory layers instead of the checkpoint's ('none': no memory at all)")
+    p.add_argument("--mem-top-k", type=_non_negative_int, metavar="K",
+                   help="kNN memory: each query of a memory layer attends to its K best memory keys only "
+                        "(0: dense; default: the checkpoint's mem_top_k)")
 
 
 def _add_generate(commands) -> None:
@@ -471,7 +477,8 @@ def _add_generate(commands) -> None:
 def passkey(*, model: str | None, lengths: list[int] | None = None, depths: list[float | None] | None = None,
             trials: int = 10, seed: int = 0, last_context_length: int | None = None, dtype: str = "auto",
             device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None,
-            mem_layers: list[int] | None = None, out: str | None = None, plot: str | None = None) -> int:
+            mem_layers: list[int] | None = None, mem_top_k: int | None = None, out: str | None = None,
+            plot: str | None = None) -> int:
     """Passkey retrieval (SPEC E.1): hide a pass key in filler text at each prompt length (in tokens) and key depth,
     greedy-decode the answer and count exact matches. Prints accuracy per length and depth; --out saves every trial
     as JSON, --plot draws accuracy against length and a length x depth heatmap."""
@@ -491,12 +498,13 @@ def passkey(*, model: str | None, lengths: list[int] | None = None, depths: list
     # The model's own (1024 for the released checkpoints, as SPEC E.1 uses) unless given.
     last_context_length = _last_context_length(folder, last_context_length)
     lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping,
-                    mem_layers=mem_layers)
+                    mem_layers=mem_layers, mem_top_k=mem_top_k)
     records = task.run_passkey(lm, tokenizer, lengths=lengths, depths=depths, trials=trials, seed0=seed,
                                last_context_length=last_context_length, progress=True)
     settings = {"model": str(folder), "lengths": lengths, "depths": depths, "trials": trials, "seed": seed,
                 "last_context_length": last_context_length, "dtype": dtype, "device": str(torch_device),
-                "mem_attention_grouping": mem_attention_grouping, "mem_layers": mem_layers}
+                "mem_attention_grouping": mem_attention_grouping, "mem_layers": mem_layers,
+                "mem_top_k": mem_top_k}
     return _report(task, records, settings, out_path, plot_path)
 
 
@@ -526,9 +534,9 @@ def _output_file(name: str | None, option: str) -> Path | None:
 
 
 def _token_count(text: str) -> int:
-    """A length in tokens: an integer, or with a k suffix (x1024: 4k = 4096)."""
-    scale = 1024 if text.lower().endswith("k") else 1
-    value = _parse(int, text[:-1] if scale > 1 else text, "a whole number of tokens (e.g. 4096 or 4k)") * scale
+    """A length in tokens: an integer, or with a k or m suffix (x1024: 4k = 4096; x1024^2: 1m = 1048576)."""
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1)
+    value = _parse(int, text[:-1] if scale > 1 else text, "a whole number of tokens (e.g. 4096, 4k or 1m)") * scale
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be at least 1 token")
     return value
@@ -561,7 +569,7 @@ def _add_passkey(commands) -> None:
                             description=passkey.__doc__)
     _add_model_arguments(p)
     p.add_argument("--lengths", type=_lengths, metavar="N,N,...",
-                   help="prompt lengths in tokens, a k suffix meaning x1024 (default: 4096,16384)")
+                   help="prompt lengths in tokens, a k suffix meaning x1024, m x1024^2 (default: 4096,16384)")
     p.add_argument("--depths", type=_depths, metavar="D,D,...|none",
                    help="key depths in [0, 1], e.g. 0,0.5,1 (default: none, a random place per trial as in the SPEC)")
     p.add_argument("--trials", type=_positive_int, default=10, metavar="N",
@@ -578,7 +586,8 @@ def _add_passkey(commands) -> None:
 def perplexity(*, model: str | None, data: str | None, contexts: list[int] | None = None,
                target_tokens: int = 512, max_docs: int | None = None, last_context_length: int | None = None,
                dtype: str = "auto", device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None,
-               mem_layers: list[int] | None = None, out: str | None = None, plot: str | None = None) -> int:
+               mem_layers: list[int] | None = None, mem_top_k: int | None = None, out: str | None = None,
+               plot: str | None = None) -> int:
     """Held-out perplexity against context length: for each document with at least max(C) + T tokens, the same T
     target tokens are scored after C tokens of context, for every C (one forward call each; the context beyond the
     final window goes to the memory). Prints mean NLL and perplexity per C; --out saves JSON, --plot a PNG."""
@@ -604,12 +613,13 @@ def perplexity(*, model: str | None, data: str | None, contexts: list[int] | Non
     documents = task.load_documents(texts, tokenizer,
                                     needed_tokens=contexts[-1] + target_tokens, max_docs=max_docs)
     lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping,
-                    mem_layers=mem_layers)
+                    mem_layers=mem_layers, mem_top_k=mem_top_k)
     records = task.run_perplexity(lm, documents, contexts=contexts, target_tokens=target_tokens,
                                   bos_id=tokenizer.bos_token_id, last_context_length=lcl, progress=True)
     settings = {"model": str(folder), "data": str(data), "contexts": contexts, "target_tokens": target_tokens,
                 "max_docs": max_docs, "last_context_length": lcl, "dtype": dtype, "device": str(torch_device),
-                "mem_attention_grouping": mem_attention_grouping, "mem_layers": mem_layers}
+                "mem_attention_grouping": mem_attention_grouping, "mem_layers": mem_layers,
+                "mem_top_k": mem_top_k}
     return _report(task, records, settings, out_path, plot_path)
 
 

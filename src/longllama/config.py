@@ -44,7 +44,9 @@ class LongLlamaConfig(PreTrainedConfig):
     memory), `mem_attention_grouping` ((heads, queries) per chunk of memory attention) and `torch_attention`
     (use `scaled_dot_product_attention`). `max_position_embeddings` is the context window. `attn_impl` picks the
     attention implementation ("auto", "eager", "sdpa", "fast"); `mem_offload` keeps the memory in pinned CPU memory
-    (for memories larger than the GPU), copied to the GPU whenever it is read.
+    (for memories larger than the GPU), copied to the GPU whenever it is read. `mem_top_k` (inference only; null:
+    dense memory attention as in the reference) lets each query of a memory layer see only its k highest-scoring
+    memory keys, chosen by exact kNN (FoT's kNN memory); training's cross-batch attention stays dense.
     `num_key_value_heads` < `num_attention_heads` gives grouped-query attention; the memory then stores only the
     key/value heads.
     """
@@ -78,6 +80,7 @@ class LongLlamaConfig(PreTrainedConfig):
     torch_attention: bool = False
     attn_impl: str = "auto"
     mem_offload: bool = False
+    mem_top_k: int | None = None
     gradient_checkpoint_every_ith: int = 1
 
     def __post_init__(self, **kwargs):
@@ -134,6 +137,9 @@ class LongLlamaConfig(PreTrainedConfig):
                 )
         if len(set(self.mem_layers)) != len(self.mem_layers):
             raise ConfigError(f"mem_layers={self.mem_layers} repeats a layer: list each memory layer once")
+        top_k = self.mem_top_k
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
+            raise ConfigError(f"mem_top_k={top_k!r} must be a positive integer (memory keys per query) or null")
         if self.attn_impl not in ATTN_IMPLS:
             raise ConfigError(f"attn_impl={self.attn_impl!r} is not supported: use one of {', '.join(ATTN_IMPLS)}")
         grouping = self.mem_attention_grouping

@@ -110,7 +110,7 @@ class StaticDecoder:
         mem_k = mem_v = padded = None
         if memory is not None and memory.length:
             mem_k, mem_v, padded, _ = read_memory(memory, q.device)
-        out = few_query_attention(q, rot, values, visible, mem_k, mem_v, padded)
+        out = few_query_attention(q, rot, values, visible, mem_k, mem_v, padded, self.config.mem_top_k)
         return attn.o_proj(out.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim))
 
     def _capture(self) -> None:

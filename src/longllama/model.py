@@ -164,9 +164,10 @@ class Attention(nn.Module):
         if memory is not None and memory.length:
             mem_k, mem_v, padded, mem_valid = read_memory(memory, q.device)
         grouping = self.config.mem_attention_grouping if mem_layer else None
+        top_k = self.config.mem_top_k if memory is not None else None  # never in cross-batch training
         out, probs = attend(q_rot, k_rot, v, visible=visible, mem_k=mem_k, mem_v=mem_v, mem_valid=mem_valid,
                             impl=window.impl, grouping=grouping, is_causal=window.is_causal, padded_mem=padded,
-                            return_probs=output_attentions)
+                            mem_top_k=top_k, return_probs=output_attentions)
 
         if fresh_to_memory:
             # After attention, so a window never sees its own keys twice.
