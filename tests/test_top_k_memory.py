@@ -101,3 +101,17 @@ def test_generation_with_top_k_same_on_both_paths():
 def test_bad_top_k_is_a_config_error(bad):
     with pytest.raises(ConfigError, match="mem_top_k"):
         preset("tiny", mem_top_k=bad)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_window_after_a_local_cache_with_top_k(kv_heads):
+    # 40 new queries after 20 cached keys (a mask that is not top-left causal): local part under the mask, memory
+    # by kNN, merged; the same as the masked top k of the exact path.
+    torch.manual_seed(2)
+    q = torch.randn(1, 4, 40, 16)
+    k, v = torch.randn(1, kv_heads, 60, 16), torch.randn(1, kv_heads, 60, 16)
+    mem_k, mem_v = torch.randn(1, kv_heads, 500, 16), torch.randn(1, kv_heads, 500, 16)
+    visible = (torch.arange(60)[None, :] <= torch.arange(20, 60)[:, None])[None, None]
+    outs = [attend(q, k, v, visible=visible, mem_k=mem_k, mem_v=mem_v, impl=impl, mem_top_k=9)[0]
+            for impl in ("eager", "fast")]
+    assert (outs[0] - outs[1]).abs().max() < 1e-5

@@ -314,10 +314,23 @@ _FEW_QUERIES = 16
 
 def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_top_k=None):
     local_plain = visible is None or is_causal
-    top_k = mem_top_k if mem_k is not None and mem_top_k is not None and mem_k.shape[2] > mem_top_k else None
-    if top_k is not None and (mem_valid is not None or not local_plain or (q.requires_grad and torch.is_grad_enabled())):
+    top_k = mem_top_k  # attend() leaves it None where the memory holds at most k keys
+    if top_k is not None and (mem_valid is not None or (q.requires_grad and torch.is_grad_enabled())):
         # Padding or gradients with a top-k memory: the exact maths (a masked top k of the full scores).
         return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False, top_k)[0]
+    if top_k is not None and not local_plain and q.shape[2] > _FEW_QUERIES:
+        # A window after a local cache: the local part under its mask (explicit maths, every query sees itself),
+        # the memory part by kNN, merged by their log-sum-exp; no copy of the memory.
+        dtype = kernel_dtype(q, k, v)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        h = q.shape[1]
+        s = (q.float() @ _expand_heads(k, h).float().transpose(-1, -2)) * scale
+        s = s.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        out = torch.exp(s - lse[..., None]) @ _expand_heads(v, h).float()
+        mem_out, mem_lse = top_k_memory_attention(q, mem_k.to(dtype), mem_v.to(dtype), top_k=top_k, scale=scale)
+        return merge_partials(out, lse, mem_out, mem_lse).to(dtype)
     if q.requires_grad and torch.is_grad_enabled() and q.is_cuda:
         # Training: torch's public SDPA (flash for the plain causal case) has the backward passes; the
         # log-sum-exp merge below is for inference only.
