@@ -9,7 +9,9 @@
     "fast"   no copy of the memory per call. Windows of many queries: local and memory attention run as two fused
              attentions that return their log-sum-exp, merged exactly into one softmax (FlashAttention on CUDA,
              explicit fp32 maths elsewhere); the memory is read zero-padded to a multiple of 8 in the head dimension
-             as stored. A few queries (decoding): one joint softmax over local and memory scores, values applied
+             as stored, and on GPUs split into chunks of keys that run as one batched call where the heads x query
+             blocks alone would leave SMs idle (split-KV). With `mem_top_k` (kNN memory) each query's k best memory
+             keys are chosen over chunks of scores and attended in fp32. A few queries (decoding): one joint softmax over local and memory scores, values applied
              as two products instead of a concatenation. Padded inputs and cross-batch training memory (masks
              over keys) take "sdpa" on GPUs and "eager" elsewhere.
 
