@@ -286,6 +286,33 @@ def test_command_with_top_k_memory(checkpoint: Path, tmp_path: Path, capsys) -> 
     assert dense != [r["generated_ids"] for r in runs["1"]["records"]]
 
 
+def test_command_cut_short_keeps_its_finished_trials(checkpoint: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    # --out is rewritten after every trial; a run interrupted at its third trial leaves the first two, marked
+    # incomplete, and a full run is marked complete.
+    out = tmp_path / "r.json"
+    real, calls = task._trial, []
+
+    def trial(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(task, "_trial", trial)
+    code, _, _ = _run(capsys, "--model", str(checkpoint), "--lengths", "250", "--trials", "4", "--device", "cpu",
+                      "--last-context-length", "64", "--out", str(out))
+    assert code == 130
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["complete"] is False and [r["seed"] for r in saved["records"]] == [0, 1]
+    assert saved["summary"]["overall"]["trials"] == 2
+    monkeypatch.setattr(task, "_trial", real)
+    code, _, err = _run(capsys, "--model", str(checkpoint), "--lengths", "250", "--trials", "4", "--device", "cpu",
+                        "--last-context-length", "64", "--out", str(out))
+    assert code == 0, err
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["complete"] is True and len(saved["records"]) == 4
+
+
 def test_command_errors_are_one_line(checkpoint: Path, tmp_path: Path, capsys) -> None:
     ok = ["--model", str(checkpoint), "--device", "cpu"]
     cases = {

@@ -499,13 +499,18 @@ def passkey(*, model: str | None, lengths: list[int] | None = None, depths: list
     last_context_length = _last_context_length(folder, last_context_length)
     lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping,
                     mem_layers=mem_layers, mem_top_k=mem_top_k)
-    records = task.run_passkey(lm, tokenizer, lengths=lengths, depths=depths, trials=trials, seed0=seed,
-                               last_context_length=last_context_length, progress=True)
     settings = {"model": str(folder), "lengths": lengths, "depths": depths, "trials": trials, "seed": seed,
                 "last_context_length": last_context_length, "dtype": dtype, "device": str(torch_device),
                 "mem_attention_grouping": mem_attention_grouping, "mem_layers": mem_layers,
                 "mem_top_k": mem_top_k}
-    return _report(task, records, settings, out_path, plot_path)
+
+    def save_so_far(records: list[dict]) -> None:  # a run killed or cut by a time limit keeps its finished trials
+        task.save_results(out_path, records, task.summarize(records), settings={**settings, "complete": False})
+
+    records = task.run_passkey(lm, tokenizer, lengths=lengths, depths=depths, trials=trials, seed0=seed,
+                               last_context_length=last_context_length, progress=True,
+                               on_record=save_so_far if out_path is not None else None)
+    return _report(task, records, {**settings, "complete": True}, out_path, plot_path)
 
 
 def _last_context_length(folder: Path, given: int | None) -> int:
@@ -578,7 +583,8 @@ def _add_passkey(commands) -> None:
     p.add_argument("--last-context-length", type=_positive_int, metavar="N",
                    help="prompt tokens kept in the local context (default: the model's config; 1024 for the "
                         "released checkpoints, as the reference evaluation)")
-    p.add_argument("--out", metavar="FILE", help="write the settings, summary and every trial as JSON")
+    p.add_argument("--out", metavar="FILE", help="write the settings, summary and every trial as JSON (rewritten "
+                                                 "after each trial: a run cut short keeps its finished trials)")
     p.add_argument("--plot", metavar="FILE", help="draw accuracy against length and a length x depth heatmap (.png)")
     p.set_defaults(func=passkey)
 

@@ -20,7 +20,7 @@ import numbers
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +172,10 @@ def score_passkey(model, tokenizer, prompt: str, key: int, *,
 
 def run_passkey(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[float | None] | None = None,
                 trials: int, seed0: int = 0, last_context_length: int | None = DEFAULT_LAST_CONTEXT_LENGTH,
-                progress: bool = True) -> list[dict[str, Any]]:
+                progress: bool = True,
+                on_record: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """One record per (length, depth, trial): seeds seed0 .. seed0 + trials - 1 at every length and depth.
+    `on_record` gets the records so far after every trial (the CLI saves them, so a run cut short keeps its trials).
 
     `lengths` are prompt lengths in tokens; each gets one filler size (calibrated on the first seed), so a length's
     prompts differ only by the key and its place, and each record keeps its prompt's actual token count. `depths`
@@ -194,6 +196,8 @@ def run_passkey(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[fl
                                   last_context_length=last_context_length))
             bar.update(1)
             bar.set_postfix(length=length, correct=f"{sum(r['correct'] for r in records)}/{len(records)}")
+            if on_record is not None:
+                on_record(records)
     return records
 
 
