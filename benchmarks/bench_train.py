@@ -2,7 +2,8 @@
 (range 3, dataset packing 4), against the same model with no memory layers, in one run.
 
 bf16 autocast over fp32 weights, AdamW (b2 0.95), random tokens, batch 8 x 2048. Prints tokens/s and MFU
-(model FLOPs / step time / 989 TFLOP/s, the H100 SXM dense bf16 peak) and writes records with --out."""
+(model FLOPs / step time / 989 TFLOP/s, the H100 SXM dense bf16 peak, also the H200's) and writes records with --out.
+--compile yes|both: torch.compile of each decoder layer, as `compile: true` in a training config."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from longllama import LongLlamaForCausalLM
 from longllama.config import LongLlamaConfig
 from longllama.cross_batch import CrossBatch
+from longllama.train import compile_layers
 
 PEAK = 989e12
 
@@ -29,11 +31,14 @@ def model_flops(config: LongLlamaConfig, params: int, batch: int, seq: int, cros
     return 6 * params * tokens + attention + extra
 
 
-def run(config: LongLlamaConfig, *, batch: int, seq: int, steps: int, cross: CrossBatch | None) -> dict:
+def run(config: LongLlamaConfig, *, batch: int, seq: int, steps: int, cross: CrossBatch | None,
+        compile: bool = False) -> dict:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LongLlamaForCausalLM(config)
     model.train()
+    if compile:
+        compile_layers(model)  # what `compile: true` in a training config does
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
     ids = torch.randint(3, config.vocab_size, (batch, seq), device="cuda")
 
@@ -67,25 +72,31 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compile", choices=["no", "yes", "both"], default="no",
+                    help="torch.compile each decoder layer (both: eager and compiled runs side by side)")
     args = ap.parse_args()
     shape = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
                  num_attention_heads=16, max_position_embeddings=args.seq, last_context_length=args.seq,
                  mem_dtype="bfloat16", attn_impl="fast")
     card, today = torch.cuda.get_device_name(), datetime.date.today().isoformat()
     records = []
-    for name, mem_layers, cross in [("fot", [5, 10, 15], CrossBatch(3, 4)), ("no-memory", [], None)]:
+    modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+    runs = [(name + ("-compiled" if c else ""), mem_layers, cross, c) for c in modes
+            for name, mem_layers, cross in [("fot", [5, 10, 15], CrossBatch(3, 4)), ("no-memory", [], None)]]
+    for name, mem_layers, cross, compiled in runs:
         r = run(LongLlamaConfig(**shape, mem_layers=mem_layers), batch=args.batch, seq=args.seq, steps=args.steps,
-                cross=cross)
-        print(f"{name:10s} {r['params'] / 1e9:.2f}B params  {r['step_s'] * 1e3:7.1f} ms/step  "
+                cross=cross, compile=compiled)
+        print(f"{name:19s} {r['params'] / 1e9:.2f}B params  {r['step_s'] * 1e3:7.1f} ms/step  "
               f"{r['tokens_per_s']:9.0f} tokens/s  MFU {100 * r['mfu']:5.1f} %  peak {r['peak_gib']:5.1f} GiB  "
               f"loss {r['loss']:.3f}")
         records.append(dict(benchmark="train", impl=f"longllama-{name}", shape="1b", tokens=args.batch * args.seq,
                             seconds=round(r["step_s"], 4), tokens_per_s=round(r["tokens_per_s"]),
                             mfu=round(r["mfu"], 4), peak_gib=round(r["peak_gib"], 2), device=card, date=today,
-                            mem_layers=mem_layers, cross_batch_range=3 if cross else 0, dataset_packing=4))
-    if len(records) == 2:
-        cost = 1 - records[0]["tokens_per_s"] / records[1]["tokens_per_s"]
-        print(f"FoT costs {100 * cost:.1f} % of throughput")
+                            mem_layers=mem_layers, cross_batch_range=3 if cross else 0, dataset_packing=4,
+                            compiled=compiled))
+    for fot, plain in zip(records[::2], records[1::2]):
+        cost = 1 - fot["tokens_per_s"] / plain["tokens_per_s"]
+        print(f"FoT costs {100 * cost:.1f} % of throughput{' (compiled)' if fot['compiled'] else ''}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(records, f, indent=1)

@@ -11,9 +11,10 @@
              explicit fp32 maths elsewhere); the memory is read zero-padded to a multiple of 8 in the head dimension
              as stored, and on GPUs split into chunks of keys that run as one batched call where the heads x query
              blocks alone would leave SMs idle (split-KV). With `mem_top_k` (kNN memory) each query's k best memory
-             keys are chosen over chunks of scores and attended in fp32. A few queries (decoding): one joint softmax over local and memory scores, values applied
-             as two products instead of a concatenation. Padded inputs and cross-batch training memory (masks
-             over keys) take "sdpa" on GPUs and "eager" elsewhere.
+             keys are chosen over chunks of scores (block-wise on GPUs) and attended in fp32. A few queries
+             (decoding): one joint softmax over local and memory scores, values applied as two products instead of
+             a concatenation. Padded inputs and cross-batch training memory (masks over keys) take "sdpa" on GPUs
+             and "eager" elsewhere.
 
 Shapes: q (b, h, q, d); k, v (b, h_kv, kv, d); visible (b or 1, 1, q, kv) bool or None (all visible);
 mem_k, mem_v (b, h_kv, M, d) in the memory dtype; mem_valid (b, M) bool or None. Returns (b, h, q, d) and, for
@@ -56,7 +57,34 @@ def _weighted(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """True at each row's k largest scores (last dimension)."""
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    return keep.scatter_(-1, scores.topk(k, dim=-1, sorted=False).indices, True)
+    return keep.scatter_(-1, chunk_top_k(scores, k)[1], True)
+
+
+_TOP_K_BLOCK = 16  # keys per block when the top k is taken block-wise (see chunk_top_k)
+
+
+def chunk_top_k(scores: torch.Tensor, k: int, *, blockwise: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest scores of each row (last dimension) and their indices, unsorted; the same set as
+    `scores.topk(k)` up to ties. Long rows go in two steps: the k blocks of `_TOP_K_BLOCK` keys with the largest
+    maxima hold all of the k largest scores (each of them lies in a block whose maximum is at least the k-th largest,
+    and at most k blocks have such a maximum), so one pass of block maxima, a top k over 1/16 of the row and a top k
+    over the k x 16 candidates replace a radix selection over the whole row (~the cost of reading it once).
+    `blockwise` None: on GPUs only (torch.topk on CPUs is a partial sort that is already faster)."""
+    n, g = scores.shape[-1], _TOP_K_BLOCK
+    if blockwise is None:
+        blockwise = scores.is_cuda
+    if not blockwise or n <= 4 * k * g:
+        return scores.topk(min(k, n), dim=-1, sorted=False)
+    full = n - n % g
+    blocks = scores[..., :full].unflatten(-1, (full // g, g))
+    chosen = blocks.amax(-1).topk(k, dim=-1, sorted=False).indices  # (..., k)
+    candidates = blocks.gather(-2, chosen[..., None].expand(*chosen.shape, g)).flatten(-2)  # (..., k * g)
+    index = (chosen[..., None] * g + torch.arange(g, device=scores.device)).flatten(-2)
+    if full < n:  # the ragged tail joins the candidates as it is
+        candidates = torch.cat([candidates, scores[..., full:]], dim=-1)
+        index = torch.cat([index, torch.arange(full, n, device=scores.device).expand(*index.shape[:-1], -1)], dim=-1)
+    values, pick = candidates.topk(k, dim=-1, sorted=False)
+    return values, index.gather(-1, pick)
 
 
 def _keep_top_k(scores: torch.Tensor, k: int | None, c_min: float) -> torch.Tensor:
@@ -219,7 +247,7 @@ def top_k_memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     best = index = None
     for start in range(0, m, step):
         s = qg @ k[:, :, start:start + step].transpose(-1, -2)  # (b, hkv, rows, chunk)
-        vals, idx = s.topk(min(top_k, s.shape[-1]), dim=-1, sorted=False)
+        vals, idx = chunk_top_k(s, top_k)
         idx = idx + start
         if best is not None:
             vals, idx = torch.cat([best, vals], dim=-1), torch.cat([index, idx], dim=-1)
