@@ -26,12 +26,13 @@ def batch_of(model_dir: str, data: str, batch: int, seq: int) -> dict[str, torch
     return next(build_pipeline("doc_aware", tokens, batch_size=batch, seq_len=seq))
 
 
-def loss(model, batch, device, *, autocast: bool, impl: str) -> float:
+def loss(model, batch, device, *, autocast: bool, impl: str, cross=None) -> float:
     model.config.attn_impl = impl
     no_memory = make_cross_batch(cross_batch_range=0, data_pipeline="doc_aware", stepping=False)
+    cross = cross or no_memory
     context = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with torch.no_grad(), context:
-        logits = model(input_ids=batch["input_ids"].to(device), cross_batch=no_memory).logits
+        logits = model(input_ids=batch["input_ids"].to(device), cross_batch=cross).logits
     return float(sequence_mean_loss(logits, batch["targets"].to(device), batch["loss_mask"].to(device)))
 
 
@@ -61,6 +62,19 @@ def main() -> int:
                     ok &= not bad
                     print(f"{cuda.type} {weights} weights, autocast={autocast!s:5}, {mode:5} mode, {impl:5}: "
                           f"{value:.4f} ({value - reference:+.4f}){'  FAIL' if bad else ''}")
+    # Training's cross-batch memory (range 7, k = 4 packs: the small model's recipe), on the fused path ("fast",
+    # attention.joint_attention) and the masked one ("sdpa"), bf16 autocast over fp32 weights, against CPU fp32.
+    cross = make_cross_batch(cross_batch_range=7, data_pipeline="doc_aware_k4")
+    model.to("cpu", torch.float32)
+    expected = loss(model, batch, torch.device("cpu"), autocast=False, impl="eager", cross=cross)
+    print(f"cross-batch (range 7, k 4), cpu fp32 eager: {expected:.4f}")
+    model.to(cuda)
+    for impl in ("sdpa", "fast"):
+        value = loss(model, batch, cuda, autocast=True, impl=impl, cross=cross)
+        bad = abs(value - expected) > 0.05
+        ok &= not bad
+        print(f"cross-batch, {cuda.type} fp32 weights, autocast=True, train mode, {impl:5}: {value:.4f} "
+              f"({value - expected:+.4f}){'  FAIL' if bad else ''}")
     for b in (1, 2, 8):  # the same rows in smaller batches
         sub = {name: value[:b] for name, value in batch.items()}
         model.train(False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from longllama import LongLlamaForCausalLM
-from longllama.attention import attend
+from longllama.attention import attend, joint_attention
 from longllama.config import preset
 from longllama.cross_batch import (
     EVAL_CROSS_BATCH_RANGE,
@@ -195,11 +195,41 @@ def test_memory_layer_matches_spec_steps(r, k_pack, stepping):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("r, k_pack, stepping", [(2, 2, True), (6, 4, True), (3, 1, False), (0, 2, True)])
+def test_joint_attention_matches_spec_steps_with_gradients(r, k_pack, stepping):
+    # The fused path of training (no mask: each earlier entry whole or not at all), forward and backward, against
+    # the SPEC steps and against the masked exact path.
+    gen = torch.Generator().manual_seed(r * 10 + k_pack + 1)
+    bsz, h, h_kv, n, d = 8, 4, 2, 5, 8
+    q = 2.0 * torch.randn(bsz, h, n, d, generator=gen)
+    k, v = (2.0 * torch.randn(bsz, h_kv, n, d, generator=gen) for _ in range(2))
+    pos = torch.arange(n)
+    cb = CrossBatch(r, k_pack, stepping)
+    grads = []
+    for fused in (True, False):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        ql, kl, vl = rope_half(leaves[0], pos), rope_half(leaves[1], pos), leaves[2]
+        if fused:
+            got = joint_attention(ql, kl, vl, cb.parts(leaves[1], vl))
+            torch.testing.assert_close(got, spec_cross_batch_layer(q, k, v, r=r, k_pack=k_pack, stepping=stepping),
+                                       atol=1e-5, rtol=1e-5)
+        else:
+            mem_k, mem_v, mem_valid = cb.memory(leaves[1], vl)
+            visible = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+            got, _ = attend(ql, kl, vl, visible=visible, mem_k=mem_k, mem_v=mem_v, mem_valid=mem_valid)
+        weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(7))
+        grads.append(torch.autograd.grad((got * weights).sum(), leaves))
+    for fused, exact in zip(*grads):
+        torch.testing.assert_close(fused, exact, atol=1e-4, rtol=1e-4)
+
+
 # -- the model: F18 no-leak, R = 0, gradients ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model() -> LongLlamaForCausalLM:
+@pytest.fixture(scope="module", params=["eager", "fast"])
+def model(request) -> LongLlamaForCausalLM:
+    """The tiny model on the exact path and on the fused one (cross-batch memory by joint_attention)."""
     torch.manual_seed(0)
-    net = LongLlamaForCausalLM(preset("tiny", max_position_embeddings=L, last_context_length=L)).eval()
+    net = LongLlamaForCausalLM(preset("tiny", max_position_embeddings=L, last_context_length=L,
+                                      attn_impl=request.param)).eval()
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for param in net.parameters():  # std 0.15: sharp attention, so a leaked key shows in the logits

@@ -116,17 +116,3 @@ def test_window_after_a_local_cache_with_top_k(kv_heads):
             for impl in ("eager", "fast")]
     assert (outs[0] - outs[1]).abs().max() < 1e-5
 
-
-@pytest.mark.parametrize("n", [16 * 4 * 3 * 16, 16 * 4 * 3 * 16 + 7, 5000])
-@pytest.mark.parametrize("ties", [False, True])
-def test_blockwise_top_k_is_the_top_k(n, ties):
-    # Block maxima first, then the top k among the chosen blocks (and a ragged tail): the same values as topk,
-    # ties included, and indices that point at them.
-    from longllama.attention import chunk_top_k
-
-    torch.manual_seed(n)
-    scores = torch.randint(0, 40, (2, 3, n)).float() if ties else torch.randn(2, 3, n)
-    values, index = chunk_top_k(scores, 12, blockwise=True)
-    assert torch.equal(values.sort(-1).values, scores.topk(12, dim=-1).values.sort(-1).values)
-    assert torch.equal(scores.gather(-1, index), values)
-    assert (index.sort(-1).values.diff(dim=-1) > 0).all()  # no key picked twice

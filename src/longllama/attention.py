@@ -9,12 +9,11 @@
     "fast"   no copy of the memory per call. Windows of many queries: local and memory attention run as two fused
              attentions that return their log-sum-exp, merged exactly into one softmax (FlashAttention on CUDA,
              explicit fp32 maths elsewhere); the memory is read zero-padded to a multiple of 8 in the head dimension
-             as stored, and on GPUs split into chunks of keys that run as one batched call where the heads x query
-             blocks alone would leave SMs idle (split-KV). With `mem_top_k` (kNN memory) each query's k best memory
-             keys are chosen over chunks of scores (block-wise on GPUs) and attended in fp32. A few queries
-             (decoding): one joint softmax over local and memory scores, values applied as two products instead of
-             a concatenation. Padded inputs and cross-batch training memory (masks over keys) take "sdpa" on GPUs
-             and "eager" elsewhere.
+             as stored (optionally split into chunks of keys run as one batched call, split-KV). With `mem_top_k`
+             (kNN memory) each query's k best memory keys are chosen over chunks of scores and attended in fp32.
+             A few queries (decoding): one joint softmax over local and memory scores, values applied as two
+             products instead of a concatenation. Padded inputs and cross-batch training memory (masks over keys)
+             take "sdpa" on GPUs and "eager" elsewhere.
 
 Shapes: q (b, h, q, d); k, v (b, h_kv, kv, d); visible (b or 1, 1, q, kv) bool or None (all visible);
 mem_k, mem_v (b, h_kv, M, d) in the memory dtype; mem_valid (b, M) bool or None. Returns (b, h, q, d) and, for
@@ -57,34 +56,7 @@ def _weighted(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """True at each row's k largest scores (last dimension)."""
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    return keep.scatter_(-1, chunk_top_k(scores, k)[1], True)
-
-
-_TOP_K_BLOCK = 16  # keys per block when the top k is taken block-wise (see chunk_top_k)
-
-
-def chunk_top_k(scores: torch.Tensor, k: int, *, blockwise: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest scores of each row (last dimension) and their indices, unsorted; the same set as
-    `scores.topk(k)` up to ties. Long rows go in two steps: the k blocks of `_TOP_K_BLOCK` keys with the largest
-    maxima hold all of the k largest scores (each of them lies in a block whose maximum is at least the k-th largest,
-    and at most k blocks have such a maximum), so one pass of block maxima, a top k over 1/16 of the row and a top k
-    over the k x 16 candidates replace a radix selection over the whole row (~the cost of reading it once).
-    `blockwise` None: on GPUs only (torch.topk on CPUs is a partial sort that is already faster)."""
-    n, g = scores.shape[-1], _TOP_K_BLOCK
-    if blockwise is None:
-        blockwise = scores.is_cuda
-    if not blockwise or n <= 4 * k * g:
-        return scores.topk(min(k, n), dim=-1, sorted=False)
-    full = n - n % g
-    blocks = scores[..., :full].unflatten(-1, (full // g, g))
-    chosen = blocks.amax(-1).topk(k, dim=-1, sorted=False).indices  # (..., k)
-    candidates = blocks.gather(-2, chosen[..., None].expand(*chosen.shape, g)).flatten(-2)  # (..., k * g)
-    index = (chosen[..., None] * g + torch.arange(g, device=scores.device)).flatten(-2)
-    if full < n:  # the ragged tail joins the candidates as it is
-        candidates = torch.cat([candidates, scores[..., full:]], dim=-1)
-        index = torch.cat([index, torch.arange(full, n, device=scores.device).expand(*index.shape[:-1], -1)], dim=-1)
-    values, pick = candidates.topk(k, dim=-1, sorted=False)
-    return values, index.gather(-1, pick)
+    return keep.scatter_(-1, scores.topk(k, dim=-1, sorted=False).indices, True)
 
 
 def _keep_top_k(scores: torch.Tensor, k: int | None, c_min: float) -> torch.Tensor:
@@ -178,25 +150,15 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 CUDA_KERNEL = "flash"
 MEMORY_KERNEL = "flash"
 # Memory attention splits the memory into equal chunks of this many keys that run as the batch of one kernel call,
-# merged by their log-sum-exp (split-KV). 0: automatic, chunks only where one call would leave the GPU idle (few
-# heads x query blocks: a small model's 4 heads x 4 blocks fill 16 of an H100's 132 SMs).
+# merged by their log-sum-exp (split-KV). 0 (the default): one call. Measured on an H200 for the small model (4 heads,
+# 512 queries, benchmarks/bench_top_k.py): 32 chunks of 2k keys took 0.27 ms against 0.15 ms for one call at 64k
+# memory keys and saved 4 % at 1M, so no automatic split.
 MEMORY_CHUNK = 0
-_MIN_CHUNK = 2048  # keys per chunk in automatic mode
-_QUERY_BLOCK = 128  # queries per thread block of the fused kernels
 
 
 def memory_chunk(q: torch.Tensor, memory_length: int) -> int:
-    """Keys per chunk for memory attention of q (b, h, n, d) over `memory_length` keys (>= memory_length: none)."""
-    if MEMORY_CHUNK:
-        return MEMORY_CHUNK
-    if not q.is_cuda:
-        return memory_length  # torch's CPU kernel already spreads (batch, head, query block) over the cores
-    blocks = q.shape[0] * q.shape[1] * -(-q.shape[2] // _QUERY_BLOCK)
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    if blocks >= 2 * sms:
-        return memory_length
-    chunks = min(-(-4 * sms // blocks), memory_length // _MIN_CHUNK)
-    return -(-memory_length // max(chunks, 1))
+    """Keys per chunk for memory attention over `memory_length` keys (>= memory_length: one call)."""
+    return MEMORY_CHUNK or memory_length
 
 
 def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
@@ -247,7 +209,7 @@ def top_k_memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     best = index = None
     for start in range(0, m, step):
         s = qg @ k[:, :, start:start + step].transpose(-1, -2)  # (b, hkv, rows, chunk)
-        vals, idx = chunk_top_k(s, top_k)
+        vals, idx = s.topk(min(top_k, s.shape[-1]), dim=-1, sorted=False)
         idx = idx + start
         if best is not None:
             vals, idx = torch.cat([best, vals], dim=-1), torch.cat([index, idx], dim=-1)
@@ -337,6 +299,89 @@ def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2:
     w2 = torch.exp(lse2 - lse).unsqueeze(-1)
     out = (o1.float() * w1 + o2.float() * w2).to(o1.dtype)
     return (out, lse) if with_lse else out
+
+
+class _JointAttention(torch.autograd.Function):
+    """One softmax of every query over its causal window plus other key sets, each attended by a fused kernel that
+    returns its log-sum-exp; differentiable. Part j is (rows_j, k_j, v_j): the queries q[rows_j] (batch entries)
+    see all keys of k_j, v_j (one entry per row). Forward merges the parts' outputs by their log-sum-exp; backward
+    runs each part's kernel backward with the merged output and log-sum-exp, which is exactly the gradient of the
+    joint softmax restricted to that part's keys (no gradient through a log-sum-exp is needed)."""
+
+    @staticmethod
+    def forward(ctx, scale, rows, q, k, v, *parts):
+        out, raw = _kernel_forward(q, k, v, True, scale)
+        n = q.shape[2]
+        lse = raw[..., :n].float()
+        acc = out.float()
+        for j, index in enumerate(rows):
+            o_j, raw_j = _kernel_forward(q[index], parts[2 * j], parts[2 * j + 1], False, scale)
+            acc[index], lse[index] = merge_partials(acc[index], lse[index], o_j, raw_j[..., :n].float(),
+                                                    with_lse=True)
+        out = acc.to(q.dtype)
+        raw = raw.clone()
+        raw[..., :n] = lse
+        ctx.save_for_backward(q, k, v, out, raw, *parts)
+        ctx.scale, ctx.rows = scale, rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, raw, *parts = ctx.saved_tensors
+        grad = grad.contiguous()
+        dq, dk, dv = _kernel_backward(grad, q, k, v, out, raw, True, ctx.scale)
+        dq = dq.clone()
+        grads = []
+        for j, index in enumerate(ctx.rows):
+            gq, gk, gv = _kernel_backward(grad[index], q[index], parts[2 * j], parts[2 * j + 1], out[index],
+                                          raw[index], False, ctx.scale)
+            dq.index_add_(0, index, gq)
+            grads += [gk, gv]
+        return None, None, dq, dk, dv, *grads
+
+
+def _kernel_forward(q, k, v, causal: bool, scale: float):
+    if q.is_cuda:
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse
+
+
+def _kernel_backward(grad, q, k, v, out, lse, causal: bool, scale: float):
+    if not q.is_cuda:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, causal, scale=scale)
+    n, m = q.shape[2], k.shape[2]
+    # None: undefined tensors, as the forward returns them for a dense batch (no sequence offsets) without dropout
+    # (no random state); an empty tensor would read as a variable-length batch.
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        grad, q, k, v, out, lse.contiguous(), None, None, n, m, 0.0, causal, None, None, scale=scale)
+
+
+def joint_attention_supported(*tensors: torch.Tensor) -> bool:
+    """Whether joint_attention has fused kernels for these inputs: on CPUs always, on GPUs in bf16 / fp16
+    (FlashAttention; fp32 CUDA training keeps the masked SDPA path)."""
+    return not tensors[0].is_cuda or kernel_dtype(*tensors) in (torch.bfloat16, torch.float16)
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Causal attention of q (b, h, n, d) over k, v (b, h_kv, n, d), joined in one softmax with, for each part
+    (rows, k_j, v_j), all keys of k_j, v_j (len(rows), h_kv, m_j, d) for the queries of batch entries `rows`
+    (an int64 index; an entry may appear in several parts). Differentiable; fused kernels (FlashAttention on CUDA,
+    torch's blockwise kernel on CPUs) for the forward and backward passes. The cross-batch memory of FoT training."""
+    dtype = kernel_dtype(q, k, v, *(t for part in parts for t in part[1:]))
+    h, d = q.shape[1], q.shape[-1]
+    dim = kernel_head_dim(d) if q.is_cuda else d
+
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        return _pad_to(_expand_heads(x, h).to(dtype), dim)
+
+    rows = [part[0] for part in parts]
+    flat = [prepare(t) for part in parts for t in part[1:]]
+    out = _JointAttention.apply(1.0 / math.sqrt(d), rows, prepare(q), prepare(k), prepare(v), *flat)
+    return out[..., :d]
 
 
 _FEW_QUERIES = 16

@@ -103,6 +103,21 @@ class CrossBatch:
         valid = (contexts[None, :] < sizes[:, None]).repeat_interleave(n, dim=1)  # (B, R*L)
         return _gather(keys, source), _gather(values, source), valid
 
+    def parts(self, keys: torch.Tensor, values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The same memory as `memory`, without a mask: for each context c = 1..R the entries that may see entry
+        b-c (c < pack_size(b)) and that entry's keys and values, as (rows, keys (n_c, h_kv, L, d), values) for
+        attention.joint_attention. Entries that see nothing are in no part."""
+        b = keys.shape[0]
+        self.check_batch(b)
+        reach = [size - 1 for size in self.pack_sizes(b)]
+        parts = []
+        for c in range(1, self.cross_batch_range + 1):
+            rows = [i for i in range(b) if reach[i] >= c]
+            if rows:
+                index = torch.tensor(rows, device=keys.device)
+                parts.append((index, keys.index_select(0, index - c), values.index_select(0, index - c)))
+        return parts
+
 
 def _gather(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """x (B, H, L, D) rows source (B, R) -> (B, H, R*L, D), context-major."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longllama.attention import attend, kernel_head_dim
+from longllama.attention import attend, joint_attention, joint_attention_supported, kernel_head_dim
 from longllama.cache import LayerState, LongLlamaCache
 from longllama.config import LongLlamaConfig
 from longllama.memory import MemoryCache
@@ -158,16 +158,24 @@ class Attention(nn.Module):
 
         memory = state.memory if mem_layer else None
         mem_k = mem_v = mem_valid = padded = None
+        joint = False
         if mem_layer and window.cross_batch is not None:
-            mem_k, mem_v, mem_valid = window.cross_batch.memory(k, v)
             memory, fresh_to_memory = None, False
+            # Fused kernels need no mask: the window is causal and each earlier entry is seen whole or not at all.
+            joint = (window.impl == "fast" and window.is_causal and not output_attentions
+                     and joint_attention_supported(q_rot, k_rot, v))
+            if not joint:
+                mem_k, mem_v, mem_valid = window.cross_batch.memory(k, v)
         if memory is not None and memory.length:
             mem_k, mem_v, padded, mem_valid = read_memory(memory, q.device)
         grouping = self.config.mem_attention_grouping if mem_layer else None
         top_k = self.config.mem_top_k if memory is not None else None  # never in cross-batch training
-        out, probs = attend(q_rot, k_rot, v, visible=visible, mem_k=mem_k, mem_v=mem_v, mem_valid=mem_valid,
-                            impl=window.impl, grouping=grouping, is_causal=window.is_causal, padded_mem=padded,
-                            mem_top_k=top_k, return_probs=output_attentions)
+        if joint:
+            out, probs = joint_attention(q_rot, k_rot, v, window.cross_batch.parts(k, v)), None
+        else:
+            out, probs = attend(q_rot, k_rot, v, visible=visible, mem_k=mem_k, mem_v=mem_v, mem_valid=mem_valid,
+                                impl=window.impl, grouping=grouping, is_causal=window.is_causal,
+                                padded_mem=padded, mem_top_k=top_k, return_probs=output_attentions)
 
         if fresh_to_memory:
             # After attention, so a window never sees its own keys twice.
