@@ -102,6 +102,15 @@ def test_fsdp2_two_processes_equal_one_process_and_checkpoint_is_sharded(runs):
     assert model.config.mem_layers == [1, 3]
 
 
+def test_fsdp2_with_the_fused_cross_batch_path_equals_one_process(tmp_path):
+    # attn_impl "fast": memory layers take attention.joint_attention (a custom autograd function) under FSDP2.
+    fused = {"model.overrides": {"attn_impl": "fast"}}
+    single_process(tmp_path / "single", **fused)
+    torchrun(tmp_path / "fsdp2", "fsdp2", **fused)
+    assert_same_run(tmp_path / "single", tmp_path / "fsdp2")
+    assert LongLlamaForCausalLM.from_pretrained(tmp_path / "fsdp2" / "model").config.attn_impl == "fast"
+
+
 def restart_from_step_2(finished: Path, copy: Path) -> None:
     """What a run killed after its step-2 checkpoint leaves behind."""
     shutil.copytree(finished, copy)
