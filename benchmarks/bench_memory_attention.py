@@ -40,7 +40,7 @@ def main() -> None:
         def dense(chunk):
             attention.MEMORY_CHUNK = chunk
             try:
-                return attention.memory_attention(q, k, v, scale=scale)
+                return attention.memory_attention(q, k, v, scale=scale, kernel="flash")
             finally:
                 attention.MEMORY_CHUNK = 0
 

@@ -288,3 +288,22 @@ def test_memory_grows_linearly(small_model, n):
     assert mem.nbytes() == n * per_token and mem.capacity == n and mem.copies <= 1
     assert cache.layers[0].memory is None
     assert bool(torch.isfinite(out.logits).all())
+
+
+def test_long_input_is_embedded_one_window_at_a_time():
+    # A long input never holds the embeddings of all its tokens (1M tokens of the 3B model: 6 GiB): the embedding
+    # is looked up per window, and the logits equal those of an input given as embeddings.
+    from longllama.config import preset
+
+    torch.manual_seed(0)
+    model = LongLlamaForCausalLM(preset("tiny", max_position_embeddings=16, last_context_length=16)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16 * 5 + 3))
+    lengths = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda mod, args, out: lengths.append(args[0].shape[1]))
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    hook.remove()
+    assert sum(lengths) == ids.shape[1] and max(lengths) <= 16
+    with torch.no_grad():
+        embedded = model(inputs_embeds=model.model.embed_tokens(ids), use_cache=False).logits
+    torch.testing.assert_close(logits, embedded, rtol=0, atol=0)

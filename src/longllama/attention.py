@@ -145,20 +145,17 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 # Fused CUDA kernels for bf16/fp16 partial attention, "flash" or "cudnn" (fp32 always uses "efficient"), for the
 # local window and for the memory. cuDNN's kernel is faster (453 against 255 TFLOP/s at head_dim 104 on an H100,
-# benchmarks/bench_kernels.py) but each call costs ~1.5 ms of CPU time and every new memory length builds a new
-# plan, so end to end FlashAttention is faster for now (measured, see the README).
+# benchmarks/bench_kernels.py) but each call costs ~1.5 ms of CPU time and every new shape builds a new plan. For
+# long inputs, MEMORY_KERNEL = "cudnn" with MEMORY_CHUNK = 32768 (full chunks as the batch of one call, the rest in
+# another: few distinct shapes, so few plans) pays off: on an H100, 3B shape, ingest of 1M tokens in 70.7 s against
+# 107.6 s with the defaults, 256k in 9.27 against 10.8 s, but 128k in 4.22 against 4.02 s (see the README).
 CUDA_KERNEL = "flash"
 MEMORY_KERNEL = "flash"
 # Memory attention splits the memory into equal chunks of this many keys that run as the batch of one kernel call,
 # merged by their log-sum-exp (split-KV). 0 (the default): one call. Measured on an H200 for the small model (4 heads,
-# 512 queries, benchmarks/bench_top_k.py): 32 chunks of 2k keys took 0.27 ms against 0.15 ms for one call at 64k
-# memory keys and saved 4 % at 1M, so no automatic split.
+# 512 queries, benchmarks/bench_memory_attention.py): 32 chunks of 2k keys took 0.27 ms against 0.15 ms for one call
+# at 64k memory keys and saved 4 % at 1M, so no automatic split.
 MEMORY_CHUNK = 0
-
-
-def memory_chunk(q: torch.Tensor, memory_length: int) -> int:
-    """Keys per chunk for memory attention over `memory_length` keys (>= memory_length: one call)."""
-    return MEMORY_CHUNK or memory_length
 
 
 def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
@@ -167,7 +164,7 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     run as the batch of one call (views, no copy of the memory for b = 1 and h_kv = h); out in fp32."""
     b, h, n, d = q.shape
     m = k.shape[2]
-    chunk = memory_chunk(q, m)
+    chunk = MEMORY_CHUNK or m
     parts = []
     full = m // chunk * chunk if chunk < m else 0
     if full:

@@ -30,7 +30,7 @@ from longllama.checkpoint import check_model_folder
 from longllama.config import ConfigError, LongLlamaConfig
 from longllama.errors import CheckpointError, InputError, LongLlamaError
 from longllama.model import DecoderLayer, RMSNorm, RotaryTable, attention_impl, forward_window
-from longllama.windows import default_positions, run_windows
+from longllama.windows import TokenEmbeddings, default_positions, run_windows
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             output_attentions=output_attentions, progress=progress, keep_last=keep_last, cross_batch=cross_batch)
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, *,
-               validate: bool = True) -> torch.Tensor:
+               validate: bool = True) -> torch.Tensor | TokenEmbeddings:
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None:
@@ -154,7 +154,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                     f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size}): "
                     "tokenize with this model's tokenizer"
                 )
-        return self.embed_tokens(input_ids)
+        return TokenEmbeddings(self.embed_tokens, input_ids)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None,

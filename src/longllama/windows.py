@@ -20,6 +20,26 @@ class WindowsOutput:
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
+class TokenEmbeddings:
+    """The embeddings of token ids (b, n), looked up one window at a time: run_windows reads `shape`, `device` and
+    slices [:, beg:end], so a long input never holds all (b, n, hidden) embeddings at once (6 GiB for 1M tokens of
+    the 3B model)."""
+
+    def __init__(self, embed: torch.nn.Embedding, input_ids: torch.Tensor):
+        self.embed, self.input_ids = embed, input_ids
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*self.input_ids.shape, self.embed.embedding_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.embed(self.input_ids[index])
+
+
 def window_spans(n: int, *, window: int, last_context_length: int) -> list[tuple[int, int]]:
     """[beg, end) of each window of an n-token input: memory windows of `window` tokens, then the final one."""
     m = max(n - last_context_length, 0)
@@ -36,7 +56,7 @@ def default_positions(cache: LongLlamaCache, batch: int, n: int, device: torch.d
     return start.to(device)[:, None] + steps
 
 
-def run_windows(decoder, embeds: torch.Tensor, *, cache: LongLlamaCache, fresh: bool,
+def run_windows(decoder, embeds: torch.Tensor | TokenEmbeddings, *, cache: LongLlamaCache, fresh: bool,
                 attention_mask: torch.Tensor | None, positions: torch.Tensor, use_cache: bool | None,
                 default_use_cache: bool, window: int, last_context_length: int,
                 output_hidden_states: bool = False, output_attentions: bool = False,
