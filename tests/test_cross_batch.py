@@ -348,3 +348,22 @@ def test_gradient_flows_into_earlier_entries_only_within_reach(model):
     grad = embedding_grad_of_entry_loss(model, ids, CrossBatch(0, 4), entry=5)
     assert torch.count_nonzero(grad[only_4]) == 0
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mem_positionals": False}, {"num_key_value_heads": 2}])
+def test_fused_cross_batch_training_step_equals_exact_path(overrides):
+    # Loss and every parameter's gradient of one FoT step: "fast" (joint_attention) against "eager" (masked).
+    cb = CrossBatch(3, 4)
+    ids = batch_ids(8, 11)
+    grads, losses = [], []
+    for impl in ("eager", "fast"):
+        torch.manual_seed(0)
+        net = LongLlamaForCausalLM(preset("tiny", max_position_embeddings=L, last_context_length=L, attn_impl=impl,
+                                          **overrides))
+        loss = net(ids, labels=ids, cross_batch=cb).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad for p in net.parameters()])
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=0)
+    for fused, exact in zip(*grads):
+        torch.testing.assert_close(fused, exact, atol=1e-6, rtol=1e-4)
