@@ -46,16 +46,33 @@ def check_kernels() -> bool:
         v = torch.randn(1, 32, m, 104, device="cuda", dtype=torch.bfloat16)
         q[..., 100:] = 0
         k[..., 100:] = 0
-        out, lse = partial_attention(q, k, v, causal=causal, scale=0.1)
         ref_out, ref_lse = partial_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), causal=causal,
                                              scale=0.1)
-        e_out, e_lse = rel(out.cpu(), ref_out), rel(lse.cpu(), ref_lse)
-        print(f"kernel causal={causal} n={n} m={m}: out rel {e_out:.2e}, lse rel {e_lse:.2e}")
-        ok &= e_out < 2e-2 and e_lse < 1e-3
+        for kernel in ("flash", "cudnn") if n > 1 else ("flash",):  # cudnn: the opt-in memory kernel for long inputs
+            out, lse = partial_attention(q, k, v, causal=causal, scale=0.1, kernel=kernel)
+            e_out, e_lse = rel(out.cpu(), ref_out), rel(lse.cpu(), ref_lse)
+            print(f"kernel {kernel} causal={causal} n={n} m={m}: out rel {e_out:.2e}, lse rel {e_lse:.2e}")
+            ok &= e_out < 2e-2 and e_lse < 1e-3
+        out, lse = partial_attention(q, k, v, causal=causal, scale=0.1)
     a, la = partial_attention(q, k[:, :, :5000], v[:, :, :5000], causal=False, scale=0.1)
     b, lb = partial_attention(q, k[:, :, 5000:], v[:, :, 5000:], causal=False, scale=0.1)
     e = rel(merge_partials(a, la, b, lb), out)
     print(f"merge of two halves vs one attention: rel {e:.2e}")
+    ok &= e < 2e-2
+    # Memory attention in chunks (the cuDNN long-input setting: full chunks as one batched call, then the rest).
+    from longllama import attention
+
+    q = torch.randn(1, 32, 2048, 104, device="cuda", dtype=torch.bfloat16)
+    q[..., 100:] = 0
+    chunked = {}
+    for kernel, chunk in (("flash", 0), ("cudnn", 6000)):
+        attention.MEMORY_CHUNK = chunk
+        try:
+            chunked[kernel] = attention.memory_attention(q, k, v, scale=0.1, kernel=kernel)
+        finally:
+            attention.MEMORY_CHUNK = 0
+    e = rel(chunked["cudnn"][0], chunked["flash"][0])
+    print(f"memory attention, cuDNN over chunks of 6000 keys vs FlashAttention in one call: rel {e:.2e}")
     return ok and e < 2e-2
 
 
