@@ -42,16 +42,19 @@ def test_attend_with_top_k_equals_direct_maths(impl, n):
     assert (out - dense).abs().max() > 1e-2  # the top k is not the dense attention
 
 
-def test_top_k_chunked_selection_and_gather(monkeypatch):
-    # A running top k over many chunks of keys, gathered in several chunks of queries, with grouped heads.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_chunked_selection_and_gather(monkeypatch, dtype):
+    # A running top k over many chunks of keys, gathered in several chunks of queries, with grouped heads. fp32
+    # reuses the selection's scores; bf16 recomputes the chosen keys' scores in fp32 (compared on the rounded inputs).
     from longllama import attention
 
     monkeypatch.setattr(attention, "_TOP_K_SCORES", 4 * 10 * 9)  # chunks of 9 keys
     monkeypatch.setattr(attention, "_TOP_K_GATHERED", 2 * 5 * 6)  # 2 query rows per chunk
     torch.manual_seed(1)
-    q = torch.randn(1, 4, 10, 6)
-    mem_k, mem_v = torch.randn(1, 2, 100, 6), torch.randn(1, 2, 100, 6)
+    q = torch.randn(1, 4, 10, 6).to(dtype)
+    mem_k, mem_v = torch.randn(1, 2, 100, 6).to(dtype), torch.randn(1, 2, 100, 6).to(dtype)
     out, lse = top_k_memory_attention(q, mem_k, mem_v, top_k=5, scale=0.5)
+    q, mem_k, mem_v = q.float(), mem_k.float(), mem_v.float()
     s = q @ mem_k.repeat_interleave(2, 1).transpose(-1, -2) * 0.5
     kth = s.topk(5, dim=-1).values[..., -1:]
     s = s.masked_fill(s < kth, float("-inf"))

@@ -197,7 +197,7 @@ def top_k_memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     with its log-sum-exp: q (b, h, n, d), k, v (b, h_kv, M, d) -> (b, h, n, d) fp32, (b, h, n) fp32.
 
     The keys are chosen by scores in q's dtype, over chunks of the memory (a running top k); the chosen keys' scores
-    and the weighted sum are then computed in fp32."""
+    (recomputed unless q and k are fp32) and the weighted sum are then computed in fp32."""
     b, h, n, d = q.shape
     hkv, m = k.shape[1], k.shape[2]
     rows = (h // hkv) * n
@@ -219,12 +219,16 @@ def top_k_memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     span = max(1, _TOP_K_GATHERED // (b * hkv * kk * d))
     batch = torch.arange(b, device=q.device)[:, None, None]
     heads = torch.arange(hkv, device=q.device)[None, :, None]
+    exact = q.dtype == torch.float32 and k.dtype == torch.float32  # the selection's scores are already fp32
     for r0 in range(0, rows, span):
         sel = index[:, :, r0:r0 + span]
         flat = sel.reshape(b, hkv, -1)  # advanced indexing: ~5x torch.gather with an expanded index on CPUs
-        ck = k[batch, heads, flat].view(*sel.shape, d).float()
         cv = v[batch, heads, flat].view(*sel.shape, v.shape[-1]).float()
-        scores = torch.einsum("bhrkd,bhrd->bhrk", ck, qg[:, :, r0:r0 + span].float()) * scale
+        if exact:
+            scores = best[:, :, r0:r0 + span] * scale
+        else:
+            ck = k[batch, heads, flat].view(*sel.shape, d).float()
+            scores = torch.einsum("bhrkd,bhrd->bhrk", ck, qg[:, :, r0:r0 + span].float()) * scale
         lse[:, :, r0:r0 + span] = torch.logsumexp(scores, dim=-1)
         weights = torch.exp(scores - lse[:, :, r0:r0 + span, None])
         out[:, :, r0:r0 + span] = torch.einsum("bhrk,bhrkd->bhrd", weights, cv)
