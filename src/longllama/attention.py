@@ -342,11 +342,10 @@ class _JointAttention(torch.autograd.Function):
 
 
 def _kernel_forward(q, k, v, causal: bool, scale: float):
+    """Output and log-sum-exp as the kernel lays it out (what its backward takes)."""
     if q.is_cuda:
-        out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    return out, lse
+        return _cuda_partial(q, k, v, causal, scale, "flash")  # bf16 / fp16 only: joint_attention_supported
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
 
 
 def _kernel_backward(grad, q, k, v, out, lse, causal: bool, scale: float):
