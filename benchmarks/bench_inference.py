@@ -1,7 +1,8 @@
 """Ingest and decode benchmark on one GPU: longllama against transformers' LlamaForCausalLM (SDPA) on one shape.
 
 Random bf16 weights, batch 1, no_grad. Ingest = one forward over the whole input with the logits of the last position
-only; decode = (time of 1 + N new tokens - time of 1 new token) / N, greedy. Prints a table and, with --out, writes
+only, timed twice: the first call of a process (builds any new cuDNN plans) and the next; decode = mean time between
+streamed tokens over N greedy tokens (after a warm-up generation). Prints a table and, with --out, writes
 records in the format of benchmarks/results/*.json.
 
     python benchmarks/bench_inference.py --shape 3b --tokens 8192,32768 --decode-after 8192 --out results.json
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from longllama import LongLlamaForCausalLM
+from longllama import LongLlamaForCausalLM, fused
 from longllama.config import preset
 
 
@@ -61,22 +62,71 @@ def ingest(model, ids, *, hf: bool) -> tuple[float, float]:
     return seconds, torch.cuda.max_memory_allocated() / 2**30
 
 
-def decode_ms(model, ids, new_tokens: int, *, hf: bool) -> float:
-    def run(n):
-        kwargs = dict(max_new_tokens=n, do_sample=False)
+class _Clock:
+    """A streamer that notes the time each token arrives (generate calls put() with the prompt, then per token)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def decode_ms(model, ids, new_tokens: int, *, hf: bool, sample: bool = False) -> float:
+    """Mean time between streamed tokens, from the third new token to the last (the first comes with the prompt's
+    ingest, the second with any graph capture); greedy, or sampling (temperature 0.8, top-p 0.9)."""
+    def run(n, streamer=None):
+        kwargs = dict(max_new_tokens=n, do_sample=sample, streamer=streamer)
+        if sample:
+            kwargs.update(temperature=0.8, top_p=0.9)
         if hf:
             kwargs.update(min_new_tokens=n, pad_token_id=0)
         with torch.no_grad():
-            return _timed(lambda: model.generate(ids, **kwargs))
-    one = run(1)
-    many = run(1 + new_tokens)
-    return (many - one) / new_tokens * 1e3
+            model.generate(ids, **kwargs)
+    run(4)  # warm-up: any compilation stays out of the timing
+    clock = _Clock()
+    run(new_tokens + 2, clock)
+    steps = clock.times[3:]  # times[0]: the prompt; [1]: first new token; [2]: second
+    return (steps[-1] - clock.times[2]) / len(steps) * 1e3
+
+
+def check(model, n: int) -> dict:
+    """Last-window logits of an n-token input: the configured (fast) path and the exact path, both bf16, against the
+    exact path in fp32 (the same weights cast up, losslessly). Random-weight models make bf16 ill-conditioned, so the
+    fast path passes when its error is at most 1.5x the exact bf16 path's (as in gpu_check.py)."""
+    ids = torch.randint(3, model.config.vocab_size, (1, n), device="cuda")
+    impl = model.config.attn_impl
+
+    def logits():
+        with torch.no_grad():
+            return model(ids, use_cache=False).logits[0, -256:].float()
+    try:
+        fast = logits()
+        model.config.attn_impl = "eager"
+        exact16 = logits()
+        model.float()
+        exact32 = logits()
+    finally:
+        model.to(torch.bfloat16)
+        model.config.attn_impl = impl
+    err = lambda a: ((a - exact32).norm() / exact32.norm()).item()  # noqa: E731
+    fast_err, exact_err = err(fast), err(exact16)
+    ok = fast_err <= 1.5 * exact_err + 1e-3
+    print(f"check {n} tokens: fast bf16 vs exact fp32 rel {fast_err:.2e}, exact bf16 vs exact fp32 rel "
+          f"{exact_err:.2e}: {'PASS' if ok else 'FAIL'}")
+    return dict(benchmark="check", tokens=n, fast_rel=round(fast_err, 5), exact_bf16_rel=round(exact_err, 5),
+                passed=ok)
 
 
 def attention_kernel() -> str:
     from longllama import attention
 
-    return f"local={attention.CUDA_KERNEL},memory={attention.MEMORY_KERNEL},chunk={attention.MEMORY_CHUNK}"
+    return (f"local={attention.CUDA_KERNEL},memory={attention.MEMORY_KERNEL},piece={attention.MEMORY_PIECE},"
+            f"chunk={attention.MEMORY_CHUNK}")
 
 
 def ingest_flops(config, params: int, n: int, *, hf: bool) -> float:
@@ -91,10 +141,10 @@ def ingest_flops(config, params: int, n: int, *, hf: bool) -> float:
 
 
 def memory_gib(config, n: int) -> float:
-    """Memory cache size: keys and values of every memory layer, head dimension padded to a multiple of 8."""
-    from longllama.attention import kernel_head_dim
+    """Memory cache size: keys and values of every memory layer, head dimension padded as stored on GPUs."""
+    from longllama.attention import memory_storage_dim
 
-    kv = config.num_key_value_heads * kernel_head_dim(config.head_dim)
+    kv = config.num_key_value_heads * memory_storage_dim(config.head_dim, torch.device("cuda"))
     return n * len(config.mem_layers) * 2 * kv * 2 / 2**30
 
 
@@ -110,10 +160,17 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--impls", default="longllama,hf-llama")
     ap.add_argument("--hf-tokens", default=None, help="ingest lengths for hf-llama (default: --tokens)")
-    ap.add_argument("--kernel", default=None, choices=["flash", "cudnn"], help="local-attention kernel (fast path)")
-    ap.add_argument("--memory-kernel", default=None, choices=["flash", "cudnn"], help="memory-attention kernel")
-    ap.add_argument("--memory-chunk", type=int, default=None, help="keys per memory-attention call (0: all)")
+    ap.add_argument("--kernel", default=None, choices=["auto", "flash", "cudnn"],
+                    help="local-attention kernel (default: attention.CUDA_KERNEL)")
+    ap.add_argument("--memory-kernel", default=None, choices=["auto", "flash", "cudnn"],
+                    help="memory-attention kernel (default: attention.MEMORY_KERNEL)")
+    ap.add_argument("--memory-chunk", type=int, default=None, help="FlashAttention: keys per chunk of a split-KV call")
     ap.add_argument("--mem-offload", action="store_true", help="memory in pinned CPU memory (mem_offload)")
+    ap.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
+                    help="compile_elementwise (fused RMSNorm/RoPE/SwiGLU; auto: on, as on any GPU)")
+    ap.add_argument("--decode-sampling", action="store_true", help="also time decoding with sampling")
+    ap.add_argument("--repeat", type=int, default=2, help="ingests per length; the last is reported as seconds")
+    ap.add_argument("--check", type=int, default=0, help="tokens of an input to check against the exact path")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from longllama import attention
@@ -137,16 +194,23 @@ def main() -> None:
         elif impl == "longllama-sdpa":
             model = _longllama(args.shape, device, torch_attention=True)
         else:  # attn_impl "auto": the fast path on a GPU
-            model = _longllama(args.shape, device, mem_offload=args.mem_offload)
+            setting = {"auto": "auto", "yes": True, "no": False}[args.compile]
+            model = _longllama(args.shape, device, mem_offload=args.mem_offload, compile_elementwise=setting)
             impl = "longllama-offload" if args.mem_offload else impl
         vocab = model.config.vocab_size
-        warm = torch.randint(3, vocab, (1, 4096), device=device)
-        ingest(model, warm, hf=hf)
+        compiled = not hf and fused.wanted(model.config.compile_elementwise, torch.device(device))
+        warm = torch.randint(3, vocab, (1, 2 * preset(args.shape).max_position_embeddings), device=device)
+        warm_s = ingest(model, warm, hf=hf)[0]
+        print(f"{impl:18s} warm-up ingest of {warm.shape[1]} tokens (compilation included): {warm_s:.1f} s")
+        if args.check and not hf:
+            records.append(dict(check(model, args.check), impl=impl, kernel=attention_kernel(),
+                                compile=compiled, shape=args.shape, device=card, date=today))
         lengths = args.hf_tokens if hf and args.hf_tokens else args.tokens
         for n in [int(t) for t in lengths.split(",")]:
             ids = torch.randint(3, vocab, (1, n), device=device)
             try:
-                seconds, peak = ingest(model, ids, hf=hf)
+                runs = [ingest(model, ids, hf=hf) for _ in range(args.repeat)]
+                seconds, peak = runs[-1]
             except torch.OutOfMemoryError:
                 print(f"{impl:18s} ingest {n:>8d}: out of memory")
                 torch.cuda.empty_cache()
@@ -154,22 +218,26 @@ def main() -> None:
             flops = ingest_flops(model.config, params_count(model), n, hf=hf)
             weights = params_count(model) * 2 / 2**30
             memory = 0.0 if hf else memory_gib(model.config, n)
-            rec = dict(benchmark="ingest", impl=impl, kernel=None if hf else attention_kernel(), shape=args.shape, tokens=n, seconds=round(seconds, 4),
+            rec = dict(benchmark="ingest", impl=impl, kernel=None if hf else attention_kernel(),
+                       compile=None if hf else compiled, shape=args.shape, tokens=n, seconds=round(seconds, 4),
+                       first_seconds=round(runs[0][0], 4), runs=args.repeat,
                        tokens_per_s=round(n / seconds), tflops=round(flops / seconds / 1e12, 1),
                        peak_gib=round(peak, 2), weights_gib=round(weights, 2), memory_gib=round(memory, 2),
                        device=card, date=today)
             records.append(rec)
             print(f"{impl:18s} ingest {n:>8d}: {seconds:8.3f} s {n / seconds:10.0f} tok/s "
                   f"{flops / seconds / 1e12:6.1f} TFLOP/s  peak {peak:6.2f} GiB "
-                  f"(weights {weights:.1f} + memory {memory:.1f} GiB)")
+                  f"(weights {weights:.1f} + memory {memory:.1f} GiB); first run {runs[0][0]:.3f} s")
         for after in [int(t) for t in str(args.decode_after).split(",") if int(t)]:
             if hf and after > 131072:
                 continue
             ids = torch.randint(3, vocab, (1, after), device=device)
-            ms = decode_ms(model, ids, args.decode_tokens, hf=hf)
-            records.append(dict(benchmark="decode", impl=impl, shape=args.shape, tokens=after,
-                                ms_per_token=round(ms, 2), device=card, date=today))
-            print(f"{impl:18s} decode after {after}: {ms:.2f} ms/token")
+            for mode in ("greedy", "sampling") if args.decode_sampling else ("greedy",):
+                ms = decode_ms(model, ids, args.decode_tokens, hf=hf, sample=mode == "sampling")
+                records.append(dict(benchmark="decode", impl=impl, kernel=None if hf else attention_kernel(),
+                                    compile=None if hf else compiled, shape=args.shape, tokens=after, mode=mode,
+                                    ms_per_token=round(ms, 2), device=card, date=today))
+                print(f"{impl:18s} decode after {after} ({mode}): {ms:.2f} ms/token")
         del model
         torch.cuda.empty_cache()
     if args.out:

@@ -175,3 +175,41 @@ def test_memory_attention_split_into_batched_chunks(monkeypatch, batch, kv_heads
     scores = q @ k.repeat_interleave(4 // kv_heads, 1).transpose(-1, -2) * 0.3
     assert (out - torch.softmax(scores, -1) @ v.repeat_interleave(4 // kv_heads, 1)).abs().max() < 1e-5
     assert (lse - torch.logsumexp(scores, -1)).abs().max() < 1e-5
+
+
+def test_memory_pieces_cover_the_memory_in_binary_digits():
+    from longllama.attention import memory_pieces
+
+    assert memory_pieces(0, 4) == []
+    assert memory_pieces(3, 4) == [(0, 3)]
+    assert memory_pieces(4 * 13 + 3, 4) == [(0, 32), (32, 48), (48, 52), (52, 55)]  # 13 = 8 + 4 + 1, rest 3
+    for m in range(1, 200):
+        pieces = memory_pieces(m, 8)
+        assert pieces[0][0] == 0 and pieces[-1][1] == m
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+        lengths = {end - start for start, end in pieces}
+        assert all(length % 8 == 0 and (length // 8) & (length // 8 - 1) == 0 for length in lengths if length >= 8)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("m", [7, 64, 1000])
+def test_memory_attention_in_pieces_is_one_softmax(monkeypatch, kv_heads, m):
+    # The cuDNN path's split (run by the CPU kernel here): pieces of unit x 2^j keys and a rest, merged exactly.
+    from longllama import attention
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 40, 8)
+    k, v = torch.randn(1, kv_heads, m, 8), torch.randn(1, kv_heads, m, 8)
+    monkeypatch.setattr(attention, "MEMORY_PIECE", 16)
+    out, lse = attention.memory_attention(q, k, v, scale=0.3, kernel="cudnn")
+    scores = q @ k.repeat_interleave(4 // kv_heads, 1).transpose(-1, -2) * 0.3
+    assert (out - torch.softmax(scores, -1) @ v.repeat_interleave(4 // kv_heads, 1)).abs().max() < 1e-5
+    assert (lse - torch.logsumexp(scores, -1)).abs().max() < 1e-5
+
+
+def test_memory_storage_dim_per_device():
+    from longllama.attention import memory_storage_dim
+
+    assert memory_storage_dim(100, torch.device("cuda")) == 112
+    assert memory_storage_dim(128, torch.device("cuda")) == 128
+    assert memory_storage_dim(100, torch.device("cpu")) == 104

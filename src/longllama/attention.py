@@ -143,25 +143,74 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if rep == 1 else x.repeat_interleave(rep, dim=1)
 
 
-# Fused CUDA kernels for bf16/fp16 partial attention, "flash" or "cudnn" (fp32 always uses "efficient"), for the
-# local window and for the memory. cuDNN's kernel is faster (453 against 255 TFLOP/s at head_dim 104 on an H100,
-# benchmarks/bench_kernels.py) but each call costs ~1.5 ms of CPU time and every new shape builds a new plan. For
-# long inputs, MEMORY_KERNEL = "cudnn" with MEMORY_CHUNK = 32768 (full chunks as the batch of one call, the rest in
-# another: few distinct shapes, so few plans) pays off: on an H100, 3B shape, ingest of 1M tokens in 70.7 s against
-# 107.6 s with the defaults, 256k in 9.27 against 10.8 s, but 128k in 4.22 against 4.02 s (see the README).
-CUDA_KERNEL = "flash"
-MEMORY_KERNEL = "flash"
-# Memory attention splits the memory into equal chunks of this many keys that run as the batch of one kernel call,
+# Fused CUDA kernels for bf16/fp16 partial attention: "flash", "cudnn" or "auto" (fp32 always uses "efficient").
+# "auto" takes cuDNN's kernel where it applies (bf16/fp16, head dimension a multiple of 8 up to 128), else
+# FlashAttention; cuDNN builds an execution plan per new shape (~38 ms on an H100), then reuses it.
+# CUDA_KERNEL: local attention (one shape per window size). On an H100 (profile_step.py, 2026-11-26) FlashAttention
+# ran the 3B model's causal 2048-token windows at ~134 TFLOP/s (head_dim 100 padded to 104).
+CUDA_KERNEL = "auto"
+# MEMORY_KERNEL: memory attention. On an H100 (2048 queries x 64k keys, 32 heads, head_dim 100 counted; profile_step.py,
+# 2026-11-26) cuDNN ran 524 TFLOP/s with the head dimension padded to 112 (the memory's storage on GPUs) and 465 at
+# 104, FlashAttention 236-263 at 104-128. cuDNN builds a plan for every new shape, so the memory is read in pieces of
+# MEMORY_PIECE x 2^j keys (the binary digits of M / MEMORY_PIECE, largest first; a rest under MEMORY_PIECE keys goes
+# to FlashAttention): a process builds at most ~log2(M / MEMORY_PIECE) plans per query count, not one per length.
+MEMORY_KERNEL = "auto"
+MEMORY_PIECE = 1024
+# FlashAttention only: split the memory into equal chunks of this many keys run as the batch of one kernel call,
 # merged by their log-sum-exp (split-KV). 0 (the default): one call. Measured on an H200 for the small model (4 heads,
 # 512 queries, benchmarks/bench_memory_attention.py): 32 chunks of 2k keys took 0.27 ms against 0.15 ms for one call
 # at 64k memory keys and saved 4 % at 1M, so no automatic split.
 MEMORY_CHUNK = 0
 
 
+def memory_storage_dim(head_dim: int, device: torch.device) -> int:
+    """The head dimension a memory is stored with for attention on `device` (zero-padded): a multiple of 16 on GPUs
+    (100 -> 112, where cuDNN's kernel is fastest), of 8 elsewhere."""
+    return -(-head_dim // 16) * 16 if device.type == "cuda" else kernel_head_dim(head_dim)
+
+
+def memory_pieces(m: int, unit: int) -> list[tuple[int, int]]:
+    """[start, end) pieces of m keys: lengths unit * 2^j for the binary digits of m // unit (largest first), then
+    the rest (< unit keys), if any."""
+    pieces, start = [], 0
+    units = m // unit
+    for bit in reversed(range(units.bit_length())):
+        if units >> bit & 1:
+            pieces.append((start, start + (unit << bit)))
+            start += unit << bit
+    if start < m:
+        pieces.append((start, m))
+    return pieces
+
+
+def resolve_kernel(q: torch.Tensor, kernel: str) -> str:
+    """The CUDA kernel "auto" stands for with inputs like q (see CUDA_KERNEL); other names are returned as given."""
+    if kernel != "auto":
+        return kernel
+    usable = (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0
+              and q.shape[-1] <= 128 and torch.backends.cuda.cudnn_sdp_enabled())
+    return "cudnn" if usable else "flash"
+
+
 def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                      kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """partial_attention of q (b, h, n, d) over memory keys k, v (b, h_kv, M, d), the keys split into chunks that
-    run as the batch of one call (views, no copy of the memory for b = 1 and h_kv = h); out in fp32."""
+    """partial_attention of q (b, h, n, d) over memory keys k, v (b, h_kv, M, d); out in fp32. cuDNN reads the
+    memory in pieces (see MEMORY_PIECE), FlashAttention in one call or in MEMORY_CHUNK chunks; all views of the
+    memory, no copy for h_kv = h."""
+    kernel = resolve_kernel(q, kernel or MEMORY_KERNEL)
+    h, m = q.shape[1], k.shape[2]
+    if kernel != "cudnn":
+        return _chunked_memory_attention(q, k, v, scale=scale, kernel=kernel)
+    acc = None
+    for start, end in memory_pieces(m, MEMORY_PIECE):
+        out, lse = partial_attention(q, _expand_heads(k[:, :, start:end], h), _expand_heads(v[:, :, start:end], h),
+                                     causal=False, scale=scale,
+                                     kernel="cudnn" if end - start >= MEMORY_PIECE else "flash")
+        acc = (out.float(), lse) if acc is None else merge_partials(*acc, out, lse, with_lse=True)
+    return acc
+
+
+def _chunked_memory_attention(q, k, v, *, scale: float, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, n, d = q.shape
     m = k.shape[2]
     chunk = MEMORY_CHUNK or m
@@ -259,6 +308,7 @@ def _cuda_partial(q, k, v, causal: bool, scale: float, kernel: str):
     ops = torch.ops.aten
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"partial attention needs one dtype: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    kernel = resolve_kernel(q, kernel)
     if q.dtype == torch.float32:
         kernel = "efficient"
     if kernel == "cudnn":
@@ -387,7 +437,7 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 _FEW_QUERIES = 16
 
 
-def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_top_k=None):
+def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_top_k=None, pad=None):
     local_plain = visible is None or is_causal
     top_k = mem_top_k  # attend() leaves it None where the memory holds at most k keys
     if top_k is not None and (mem_valid is not None or (q.requires_grad and torch.is_grad_enabled())):
@@ -426,20 +476,21 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_
     dim = kernel_head_dim(d)
     h = q.shape[1]
     scale = 1.0 / math.sqrt(d)
-    qp = _pad_to(q, dim)
-    out, lse = partial_attention(qp, _expand_heads(_pad_to(k, dim), h), _expand_heads(_pad_to(v, dim), h),
+    pad = pad or _pad_to
+    out, lse = partial_attention(pad(q, dim), _expand_heads(pad(k, dim), h), _expand_heads(pad(v, dim), h),
                                  causal=bool(is_causal), scale=scale, kernel=CUDA_KERNEL)
+    out = out[..., :d]
     if mem_k is not None:
-        pk, pv = padded_mem if padded_mem is not None else (mem_k, mem_v)
-        pk, pv = _pad_to(pk.to(q.dtype), dim), _pad_to(pv.to(q.dtype), dim)
         if top_k is not None:
             mem_out, mem_lse = top_k_memory_attention(q, mem_k.to(q.dtype), mem_v.to(q.dtype), top_k=top_k,
                                                       scale=scale)
-            mem_out = _pad_to(mem_out, dim)
         else:
-            mem_out, mem_lse = memory_attention(qp, pk, pv, scale=scale, kernel=MEMORY_KERNEL)
-        out = merge_partials(out.float(), lse, mem_out, mem_lse)  # the merge in fp32
-    return out[..., :d].to(q.dtype)
+            pk, pv = padded_mem if padded_mem is not None else (mem_k, mem_v)
+            mdim = pk.shape[-1] if pk.shape[-1] % 8 == 0 else dim  # as stored, when kernels can read it
+            pk, pv = _pad_to(pk.to(q.dtype), mdim), _pad_to(pv.to(q.dtype), mdim)
+            mem_out, mem_lse = memory_attention(_pad_to(q, mdim), pk, pv, scale=scale)
+        out = merge_partials(out.float(), lse, mem_out[..., :d], mem_lse)  # the merge in fp32
+    return out.to(q.dtype)
 
 
 def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, mem_top_k=None):
@@ -468,19 +519,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, visible: torch.
            mem_valid: torch.Tensor | None = None, impl: str = "eager",
            grouping: tuple[int, int] | None = None, is_causal: bool = False,
            padded_mem: tuple[torch.Tensor, torch.Tensor] | None = None, mem_top_k: int | None = None,
-           return_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+           return_probs: bool = False, pad=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One softmax over local and memory keys; see the module docstring for shapes. With `mem_top_k`, each query
     sees only its k highest-scoring memory keys (kNN memory; dense when the memory holds at most k keys).
 
     `is_causal` tells that `visible` is exactly the top-left causal mask of a window with no local cache and no
     padding (fast kernels then need no mask); `padded_mem` are the memory keys/values as stored, zero-padded in the
-    head dimension (MemoryCache.padded())."""
+    head dimension (MemoryCache.padded()); `pad(x, dim)` zero-pads local inputs for kernels (fused.pad_to, compiled
+    or not)."""
     if mem_k is not None and mem_k.shape[2] == 0:
         mem_k = mem_v = mem_valid = padded_mem = None
     if mem_k is None or mem_k.shape[2] <= (mem_top_k or 0):
         mem_top_k = None
     if impl == "fast" and not return_probs:
-        return _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_top_k), None
+        return _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_top_k, pad), None
     if impl == "sdpa" and not return_probs and mem_top_k is None:
         return _sdpa(q, k, v, visible, mem_k, mem_v, mem_valid), None
     if grouping is not None and not return_probs:

@@ -134,7 +134,8 @@ def generate(*, model: str | None, prompt: str | None = None, prompt_file: str |
              max_new_tokens: int = 256, temperature: float = 0.0, top_p: float | None = None,
              top_k: int | None = None, seed: int | None = None, last_context_length: int | None = None,
              dtype: str = "auto", device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None,
-             mem_layers: list[int] | None = None, mem_top_k: int | None = None) -> int:
+             mem_layers: list[int] | None = None, mem_top_k: int | None = None,
+             compile_elementwise: bool | None = None) -> int:
     """Continue a prompt with a LongLLaMA checkpoint, streaming the new text to stdout."""
     import torch
 
@@ -147,7 +148,8 @@ def generate(*, model: str | None, prompt: str | None = None, prompt_file: str |
     tokenizer = load_tokenizer(folder)  # before the model: a bad tokenizer or prompt fails in a second, not minutes
     ids = encode_prompt(tokenizer, text, bos=True)
     lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping,
-                    mem_layers=mem_layers, mem_top_k=mem_top_k)
+                    mem_layers=mem_layers, mem_top_k=mem_top_k,
+                    compile_elementwise=compile_elementwise)
     if seed is not None:
         torch.manual_seed(seed)
     input_ids = torch.tensor([ids], dtype=torch.long, device=torch_device)
@@ -244,10 +246,12 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 
 
 def load_model(folder: Path, *, dtype: str, device, mem_attention_grouping: tuple[int, int] | None,
-               mem_layers: list[int] | None = None, mem_top_k: int | None = None):
+               mem_layers: list[int] | None = None, mem_top_k: int | None = None,
+               compile_elementwise: bool | None = None):
     """LongLlamaForCausalLM from `folder` in `dtype` ('auto': the checkpoint's own), on `device`, in eval mode;
     `mem_layers` replaces the checkpoint's memory layers (e.g. [] for an ablation without memory), `mem_top_k`
-    (0: dense) its kNN memory setting."""
+    (0: dense) its kNN memory setting, `compile_elementwise` (None: the checkpoint's, "auto" by default) whether
+    RMSNorm/RoPE/SwiGLU run through torch.compile."""
     import torch
 
     from longllama import LongLlamaForCausalLM
@@ -259,6 +263,8 @@ def load_model(folder: Path, *, dtype: str, device, mem_attention_grouping: tupl
         overrides["mem_layers"] = list(mem_layers)
     if mem_top_k is not None:
         overrides["mem_top_k"] = mem_top_k or None
+    if compile_elementwise is not None:
+        overrides["compile_elementwise"] = compile_elementwise
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = LongLlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype, **overrides)
     return model.to(device).eval()
@@ -454,6 +460,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-top-k", type=_non_negative_int, metavar="K",
                    help="kNN memory: each query of a memory layer attends to its K best memory keys only "
                         "(0: dense; default: the checkpoint's mem_top_k)")
+    p.add_argument("--compile", dest="compile_elementwise", action=argparse.BooleanOptionalAction,
+                   help="fuse RMSNorm, RoPE and SwiGLU with torch.compile (default: on GPUs only; a one-time compile "
+                        "of a few seconds)")
 
 
 def _add_generate(commands) -> None:
@@ -477,8 +486,8 @@ def _add_generate(commands) -> None:
 def passkey(*, model: str | None, lengths: list[int] | None = None, depths: list[float | None] | None = None,
             trials: int = 10, seed: int = 0, last_context_length: int | None = None, dtype: str = "auto",
             device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None,
-            mem_layers: list[int] | None = None, mem_top_k: int | None = None, out: str | None = None,
-            plot: str | None = None) -> int:
+            mem_layers: list[int] | None = None, mem_top_k: int | None = None,
+            compile_elementwise: bool | None = None, out: str | None = None, plot: str | None = None) -> int:
     """Passkey retrieval (SPEC E.1): hide a pass key in filler text at each prompt length (in tokens) and key depth,
     greedy-decode the answer and count exact matches. Prints accuracy per length and depth; --out saves every trial
     as JSON, --plot draws accuracy against length and a length x depth heatmap."""
@@ -498,7 +507,8 @@ def passkey(*, model: str | None, lengths: list[int] | None = None, depths: list
     # The model's own (1024 for the released checkpoints, as SPEC E.1 uses) unless given.
     last_context_length = _last_context_length(folder, last_context_length)
     lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping,
-                    mem_layers=mem_layers, mem_top_k=mem_top_k)
+                    mem_layers=mem_layers, mem_top_k=mem_top_k,
+                    compile_elementwise=compile_elementwise)
     settings = {"model": str(folder), "lengths": lengths, "depths": depths, "trials": trials, "seed": seed,
                 "last_context_length": last_context_length, "dtype": dtype, "device": str(torch_device),
                 "mem_attention_grouping": mem_attention_grouping, "mem_layers": mem_layers,
@@ -592,8 +602,8 @@ def _add_passkey(commands) -> None:
 def perplexity(*, model: str | None, data: str | None, contexts: list[int] | None = None,
                target_tokens: int = 512, max_docs: int | None = None, last_context_length: int | None = None,
                dtype: str = "auto", device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None,
-               mem_layers: list[int] | None = None, mem_top_k: int | None = None, out: str | None = None,
-               plot: str | None = None) -> int:
+               mem_layers: list[int] | None = None, mem_top_k: int | None = None,
+               compile_elementwise: bool | None = None, out: str | None = None, plot: str | None = None) -> int:
     """Held-out perplexity against context length: for each document with at least max(C) + T tokens, the same T
     target tokens are scored after C tokens of context, for every C (one forward call each; the context beyond the
     final window goes to the memory). Prints mean NLL and perplexity per C; --out saves JSON, --plot a PNG."""
@@ -619,7 +629,8 @@ def perplexity(*, model: str | None, data: str | None, contexts: list[int] | Non
     documents = task.load_documents(texts, tokenizer,
                                     needed_tokens=contexts[-1] + target_tokens, max_docs=max_docs)
     lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping,
-                    mem_layers=mem_layers, mem_top_k=mem_top_k)
+                    mem_layers=mem_layers, mem_top_k=mem_top_k,
+                    compile_elementwise=compile_elementwise)
     records = task.run_perplexity(lm, documents, contexts=contexts, target_tokens=target_tokens,
                                   bos_id=tokenizer.bos_token_id, last_context_length=lcl, progress=True)
     settings = {"model": str(folder), "data": str(data), "contexts": contexts, "target_tokens": target_tokens,

@@ -47,6 +47,8 @@ class LongLlamaConfig(PreTrainedConfig):
     (for memories larger than the GPU), copied to the GPU whenever it is read. `mem_top_k` (inference only; null:
     dense memory attention as in the reference) lets each query of a memory layer see only its k highest-scoring
     memory keys, chosen by exact kNN (FoT's kNN memory); training's cross-batch attention stays dense.
+    `compile_elementwise` (inference; "auto", the default: on GPUs; true; false) runs RMSNorm, RoPE, SwiGLU and
+    padding through torch.compile (fused.py): fewer, fused kernels, after a one-time compilation on first use.
     `num_key_value_heads` < `num_attention_heads` gives grouped-query attention; the memory then stores only the
     key/value heads.
     """
@@ -81,6 +83,7 @@ class LongLlamaConfig(PreTrainedConfig):
     attn_impl: str = "auto"
     mem_offload: bool = False
     mem_top_k: int | None = None
+    compile_elementwise: Any = "auto"
     gradient_checkpoint_every_ith: int = 1
 
     def __post_init__(self, **kwargs):
@@ -142,6 +145,8 @@ class LongLlamaConfig(PreTrainedConfig):
             raise ConfigError(f"mem_top_k={top_k!r} must be a positive integer (memory keys per query) or null")
         if self.attn_impl not in ATTN_IMPLS:
             raise ConfigError(f"attn_impl={self.attn_impl!r} is not supported: use one of {', '.join(ATTN_IMPLS)}")
+        if self.compile_elementwise not in (True, False, "auto"):
+            raise ConfigError(f"compile_elementwise={self.compile_elementwise!r} must be true, false or \"auto\"")
         grouping = self.mem_attention_grouping
         if grouping is not None and (
             len(grouping) != 2 or any(not isinstance(g, int) or isinstance(g, bool) or g <= 0 for g in grouping)

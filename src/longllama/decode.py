@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from longllama.attention import few_query_attention
+from longllama import fused
 from longllama.cache import LongLlamaCache
-from longllama.model import read_memory, rotate
+from longllama.model import attention_impl, read_memory, rotate
 
 
 class StaticDecoder:
@@ -89,14 +89,17 @@ class StaticDecoder:
         cos = self.cos.index_select(0, self.slot)[None, None]  # (1, 1, 1, D)
         sin = self.sin.index_select(0, self.slot)[None, None]
         visible = (self.slots <= self.slot)[None, None, None]  # (1, 1, 1, W)
+        ops = fused.ops(self.config, h.device, attention_impl(self.config, h.device))
         for layer, (raw, rot, values), memory in zip(model.layers, self.buffers, self.memories):
-            h = h + self._attention(layer, layer.input_layernorm(h), raw, rot, values, memory, cos, sin, visible)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = model.norm(h)
+            a = self._attention(layer, layer.input_layernorm(h, ops), raw, rot, values, memory, cos, sin, visible, ops)
+            post = layer.post_attention_layernorm
+            h, normed = ops.add_rms_norm(h, a, post.weight, post.variance_epsilon)
+            h = h + layer.mlp(normed, ops)
+        h = model.norm(h, ops)
         self.slot.add_(1)
         return self.model.lm_head(h[:, 0]).float()
 
-    def _attention(self, layer, x, raw, rot, values, memory, cos, sin, visible):
+    def _attention(self, layer, x, raw, rot, values, memory, cos, sin, visible, ops):
         attn = layer.self_attn
         b = x.shape[0]
         q = attn._split(attn.q_proj(x), attn.num_heads)
@@ -105,12 +108,12 @@ class StaticDecoder:
         raw.index_copy_(2, self.slot, k)
         values.index_copy_(2, self.slot, v)
         if self._positional(layer):
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k = ops.rotate(q, cos, sin), ops.rotate(k, cos, sin)
         rot.index_copy_(2, self.slot, k)
         mem_k = mem_v = padded = None
         if memory is not None and memory.length:
             mem_k, mem_v, padded, _ = read_memory(memory, q.device)
-        out = few_query_attention(q, rot, values, visible, mem_k, mem_v, padded, self.config.mem_top_k)
+        out = ops.few_query_attention(q, rot, values, visible, mem_k, mem_v, padded, self.config.mem_top_k)
         return attn.o_proj(out.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim))
 
     def _capture(self) -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from longllama.attention import attend, joint_attention, joint_attention_supported, kernel_head_dim
+from longllama import fused
+from longllama.attention import attend, joint_attention, joint_attention_supported, memory_storage_dim
 from longllama.cache import LayerState, LongLlamaCache
 from longllama.config import LongLlamaConfig
 from longllama.memory import MemoryCache
@@ -26,11 +26,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, cast back, then scale (the order of the reference and of LLaMA).
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x: torch.Tensor, ops: fused.Ops = fused.EAGER) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.variance_epsilon)
 
 
 class RotaryTable:
@@ -55,16 +52,15 @@ class RotaryTable:
             self._tables[device] = table
         return table
 
-    def gather(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (b, 1, n, d) in `dtype` for positions (b, n) (non-negative ints)."""
-        cos, sin = self.get(int(positions.max()) + 1, positions.device)
+    def gather(self, positions: torch.Tensor, dtype: torch.dtype,
+               length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (b, 1, n, d) in `dtype` for positions (b, n) (non-negative ints). `length`: a known bound above
+        every position (saves reading the largest one back from the device)."""
+        cos, sin = self.get(int(positions.max()) + 1 if length is None else length, positions.device)
         return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)  # (B, 1, N, D)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE: x * cos + rotate_half(x) * sin."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+rotate = fused.rotate
 
 
 @dataclass
@@ -81,6 +77,7 @@ class Window:
     # `memory(keys, values) -> (mem_k, mem_v, mem_valid)` given this layer's un-rotated keys and values (b, h_kv,
     # n, d); see cross_batch.py.
     cross_batch: object | None = None
+    ops: fused.Ops = fused.EAGER  # elementwise functions, compiled or not (fused.ops)
 
 
 class MLP(nn.Module):
@@ -90,8 +87,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, ops: fused.Ops = fused.EAGER) -> torch.Tensor:
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Attention(nn.Module):
@@ -116,9 +113,9 @@ class Attention(nn.Module):
 
     def new_memory(self, batch: int, device: torch.device) -> MemoryCache:
         offload = self.config.mem_offload
+        storage = memory_storage_dim(self.head_dim, torch.device(device))  # padded for the device's kernels
         return MemoryCache(batch, self.num_kv_heads, self.head_dim, dtype=self.config.memory_dtype,
-                           device="cpu" if offload else device, storage_dim=kernel_head_dim(self.head_dim),
-                           pin_memory=offload)
+                           device="cpu" if offload else device, storage_dim=storage, pin_memory=offload)
 
     def _append_memory(self, state: LayerState, k, v, valid) -> None:
         if state.memory is None:
@@ -153,8 +150,8 @@ class Attention(nn.Module):
 
         q_rot, k_rot = q, k
         if self.config.mem_positionals or not mem_layer:
-            q_rot = rotate(q, window.cos[:, :, -n:], window.sin[:, :, -n:])
-            k_rot = rotate(k, window.cos, window.sin)
+            q_rot = window.ops.rotate(q, window.cos[:, :, -n:], window.sin[:, :, -n:])
+            k_rot = window.ops.rotate(k, window.cos, window.sin)
 
         memory = state.memory if mem_layer else None
         mem_k = mem_v = mem_valid = padded = None
@@ -175,7 +172,8 @@ class Attention(nn.Module):
         else:
             out, probs = attend(q_rot, k_rot, v, visible=visible, mem_k=mem_k, mem_v=mem_v, mem_valid=mem_valid,
                                 impl=window.impl, grouping=grouping, is_causal=window.is_causal,
-                                padded_mem=padded, mem_top_k=top_k, return_probs=output_attentions)
+                                padded_mem=padded, mem_top_k=top_k, return_probs=output_attentions,
+                                pad=window.ops.pad_to)
 
         if fresh_to_memory:
             # After attention, so a window never sees its own keys twice.
@@ -211,9 +209,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, **attn_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, probs = self.self_attn(self.input_layernorm(x), **attn_kwargs)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), probs
+        ops = attn_kwargs["window"].ops
+        a, probs = self.self_attn(self.input_layernorm(x, ops), **attn_kwargs)
+        x, normed = ops.add_rms_norm(x, a, self.post_attention_layernorm.weight,
+                                     self.post_attention_layernorm.variance_epsilon)
+        return x + self.mlp(normed, ops), probs
 
 
 def window_visibility(batch: int, n: int, past: int, pad_valid: torch.Tensor | None,
@@ -241,7 +241,8 @@ def attention_impl(config: LongLlamaConfig, device: torch.device) -> str:
 
 
 def make_window(cache: LongLlamaCache, positions: torch.Tensor, mask: torch.Tensor | None, *, window_size: int,
-                rope: RotaryTable, dtype: torch.dtype, impl: str, cross_batch=None) -> Window:
+                rope: RotaryTable, dtype: torch.dtype, impl: str, cross_batch=None,
+                ops: fused.Ops = fused.EAGER, rope_length: int | None = None) -> Window:
     """Masks, kernel hints and RoPE tables of one window of new tokens, shared by all layers."""
     b, n = positions.shape
     past = cache.local_length
@@ -254,23 +255,26 @@ def make_window(cache: LongLlamaCache, positions: torch.Tensor, mask: torch.Tens
         span = torch.cat([cache.layers[0].positions, positions], dim=1)
     # Relative RoPE: the oldest local token sits at position 0, so memory keys (stored un-rotated) act as if there.
     rel = span - span.min(dim=-1, keepdim=True).values
-    cos, sin = rope.gather(rel, dtype)
+    cos, sin = rope.gather(rel, dtype, rope_length)
     return Window(visible=visible, pad_valid=pad_valid, is_causal=past == 0 and n > 1 and pad_valid is None,
-                  cos=cos, sin=sin, impl=impl, cross_batch=cross_batch)
+                  cos=cos, sin=sin, impl=impl, cross_batch=cross_batch, ops=ops)
 
 
 def forward_window(layers: nn.ModuleList, norm: RMSNorm, rope: RotaryTable, h: torch.Tensor, *,
                    positions: torch.Tensor, mask: torch.Tensor | None, cache: LongLlamaCache, use_cache: bool,
                    impl: str = "eager", output_hidden_states: bool = False,
-                   output_attentions: bool = False, cross_batch=None) -> tuple[torch.Tensor, list, list]:
+                   output_attentions: bool = False, cross_batch=None,
+                   rope_length: int | None = None) -> tuple[torch.Tensor, list, list]:
     """Run one window (SPEC B.3) through all layers and the final norm, updating `cache` in place.
 
     h (b, q, hidden) embeddings; positions (b, q); mask (b, P+q) 2-D attention mask over local cache + window, or
-    None. Returns the normed hidden states, the per-layer inputs (if asked) and the attention probabilities (if asked).
+    None; `rope_length` a known bound above every relative position of the window (see RotaryTable.gather).
+    Returns the normed hidden states, the per-layer inputs (if asked) and the attention probabilities (if asked).
     """
-    window_size = layers[0].self_attn.config.max_position_embeddings
-    window = make_window(cache, positions, mask, window_size=window_size, rope=rope, dtype=h.dtype, impl=impl,
-                         cross_batch=cross_batch)
+    config = layers[0].self_attn.config
+    window = make_window(cache, positions, mask, window_size=config.max_position_embeddings, rope=rope,
+                         dtype=h.dtype, impl=impl, cross_batch=cross_batch, ops=fused.ops(config, h.device, impl),
+                         rope_length=rope_length)
     hidden, attentions = [], []
     for layer, state in zip(layers, cache.layers):
         if output_hidden_states:
@@ -278,7 +282,7 @@ def forward_window(layers: nn.ModuleList, norm: RMSNorm, rope: RotaryTable, h: t
         h, probs = layer(h, positions=positions, window=window, state=state, use_cache=use_cache,
                          output_attentions=output_attentions)
         attentions.append(probs)
-    h = norm(h)
+    h = norm(h, window.ops)
     if output_hidden_states:
         hidden.append(h)
     return h, hidden, attentions

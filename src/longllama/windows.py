@@ -81,6 +81,7 @@ def run_windows(decoder, embeds: torch.Tensor | TokenEmbeddings, *, cache: LongL
     if fresh and cross_batch is None:  # cross-batch memory comes from the batch, not the cache
         _reserve_memory(decoder, cache, b, n if not final_use_cache else spans[-1][0], embeds.device)
     outputs, layer_hidden, attentions = [], [], None
+    rope_length = _relative_span(cache, positions)
     for i, (beg, end) in enumerate(spans):
         last = i == len(spans) - 1
         p_cur = cache.local_length
@@ -95,7 +96,7 @@ def run_windows(decoder, embeds: torch.Tensor | TokenEmbeddings, *, cache: LongL
         h, hidden, attn = decoder.forward_window(
             embeds[:, beg:end], positions=positions[:, beg:end], mask=mask, cache=cache,
             use_cache=bool(win_use_cache), output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions and last, cross_batch=cross_batch)
+            output_attentions=output_attentions and last, cross_batch=cross_batch, rope_length=rope_length)
         if not keep_last or end > n - keep_last:
             outputs.append(h)
         layer_hidden.append(hidden)
@@ -112,6 +113,16 @@ def run_windows(decoder, embeds: torch.Tensor | TokenEmbeddings, *, cache: LongL
         hidden=hidden,
         cache=cache, all_hidden=all_hidden,
         attentions=tuple(attentions) if output_attentions else None)
+
+
+def _relative_span(cache: LongLlamaCache, positions: torch.Tensor) -> int:
+    """A bound above every relative position (position minus the window's oldest) of this call: the spread of all
+    positions, cached ones included. Read back once per call instead of once per window (a host-device sync)."""
+    lo, hi = positions.min(), positions.max()
+    cached = cache.layers[0].positions
+    if cached is not None and cached.numel():
+        lo, hi = torch.minimum(lo, cached.min()), torch.maximum(hi, cached.max())
+    return int(hi - lo) + 1
 
 
 def _reserve_memory(decoder, cache: LongLlamaCache, batch: int, added: int, device) -> None:

@@ -1,0 +1,107 @@
+"""The elementwise work of a layer (RMSNorm, the residual add before it, RoPE, SwiGLU, zero padding for kernels) as
+small pure functions, run as they are or, with `compile_elementwise`, compiled by torch.compile: each then becomes
+one or two fused kernels instead of up to ten (matrix products stay with cuBLAS). The maths is the same; compiled
+kernels may round differently within the activation dtype.
+
+`ops(config, device, impl)` picks the set for one forward: compiled on the fast path when the config asks for it
+("auto", the default: on GPUs) and no gradient is recorded (inference). Compilation happens on first use, once per
+process and shape family (seconds; torch.compile's cache keeps the kernels for later processes). If compiling
+fails, the plain functions run instead, after one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from longllama.attention import few_query_attention
+
+logger = logging.getLogger(__name__)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in fp32, cast back, then scale (the order of the reference and of LLaMA)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual sum x + a and its RMSNorm."""
+    h = x + a
+    return h, rms_norm(h, weight, eps)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x zero-padded in the last dimension to `dim` (x itself when it is that wide already)."""
+    return x if x.shape[-1] == dim else F.pad(x, (0, dim - x.shape[-1]))
+
+
+@dataclass(frozen=True)
+class Ops:
+    rms_norm: Callable
+    add_rms_norm: Callable
+    rotate: Callable
+    swiglu: Callable
+    pad_to: Callable
+    few_query_attention: Callable  # a decoding step's attention (scores, mask, softmax and the two products)
+
+
+EAGER = Ops(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rotate=rotate, swiglu=swiglu, pad_to=pad_to,
+            few_query_attention=few_query_attention)
+_compiled: Ops | None = None
+
+
+def _guarded(name: str, eager: Callable, fn: Callable) -> Callable:
+    """`fn` (compiled), falling back to `eager` for good, with one warning, if compiling fails here."""
+    state = {"fn": fn}
+
+    def call(*args, **kwargs):
+        try:
+            return state["fn"](*args, **kwargs)
+        except Exception as exc:  # a missing compiler or an unsupported backend: keep running, unfused
+            if state["fn"] is eager:
+                raise
+            logger.warning("compile_elementwise: torch.compile of %s failed (%s); running it unfused",
+                           name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            state["fn"] = eager
+            return eager(*args, **kwargs)
+    return call
+
+
+def compiled() -> Ops:
+    """The same functions through torch.compile (built lazily; shapes first specialised, then dynamic)."""
+    global _compiled
+    if _compiled is None:
+        _compiled = Ops(**{name: _guarded(name, getattr(EAGER, name), torch.compile(getattr(EAGER, name)))
+                           for name in EAGER.__dataclass_fields__})
+    return _compiled
+
+
+def wanted(setting, device: torch.device) -> bool:
+    """Whether `compile_elementwise` (True, False or "auto": on GPUs) asks for compiled functions on `device`."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
+def ops(config, device: torch.device, impl: str) -> Ops:
+    """The functions one forward on `device` with attention `impl` uses: compiled for the fast path where
+    `config.compile_elementwise` asks for it (see `wanted`) and no gradient flows (inference); else the plain ones
+    (the exact paths "eager" and "sdpa" stay as the reference computes them)."""
+    if impl == "fast" and wanted(getattr(config, "compile_elementwise", False), device) and not torch.is_grad_enabled():
+        return compiled()
+    return EAGER

@@ -1,0 +1,76 @@
+"""compile_elementwise: RMSNorm, RoPE, SwiGLU and padding through torch.compile give the eager results (CPU)."""
+
+import pytest
+import torch
+
+from longllama import LongLlamaForCausalLM, fused
+from longllama.attention import resolve_kernel
+from longllama.config import preset
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_compiled_elementwise_equals_eager_in_forward_and_decoding(top_k):
+    torch.manual_seed(0)
+    model = LongLlamaForCausalLM(preset("tiny", attn_impl="fast", mem_top_k=top_k)).eval()
+    ids = torch.randint(3, 320, (1, 200))
+    with torch.no_grad():
+        eager = model(ids, use_cache=False).logits
+        eager_tokens = model.generate(ids, max_new_tokens=12, decoder="static")
+        model.config.compile_elementwise = True
+        try:
+            assert fused.ops(model.config, ids.device, "fast") is fused.compiled()
+            compiled = model(ids, use_cache=False).logits
+            compiled_tokens = model.generate(ids, max_new_tokens=12, decoder="static")
+        finally:
+            model.config.compile_elementwise = False
+    assert (compiled - eager).abs().max() < 1e-5
+    assert torch.equal(compiled_tokens, eager_tokens)
+
+
+def test_compiled_only_for_inference_and_by_default_only_on_gpus():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    config = preset("tiny", compile_elementwise=True)
+    with torch.enable_grad():
+        assert fused.ops(config, cpu, "fast") is fused.EAGER  # training: never
+    with torch.no_grad():
+        assert fused.ops(config, cpu, "fast") is fused.compiled()
+        assert preset("tiny").compile_elementwise == "auto"
+        assert fused.ops(preset("tiny"), cpu, "fast") is fused.EAGER
+        assert fused.ops(config, cpu, "eager") is fused.EAGER  # the exact paths stay unfused
+        assert fused.wanted("auto", cuda) and not fused.wanted(False, cuda)
+
+
+def test_compile_setting_is_checked():
+    from longllama.config import ConfigError
+
+    with pytest.raises(ConfigError, match="compile_elementwise"):
+        preset("tiny", compile_elementwise="sometimes")
+
+
+def test_a_failing_compile_falls_back_to_the_plain_function(caplog):
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    call = fused._guarded("rotate", fused.rotate, broken)
+    x, cos, sin = torch.randn(1, 1, 3, 4), torch.ones(3, 4), torch.zeros(3, 4)
+    assert torch.equal(call(x, cos, sin), x)
+    assert torch.equal(call(x, cos, sin), x)
+    assert sum("running it unfused" in r.message for r in caplog.records) == 1
+
+
+def test_fused_functions_match_their_definitions():
+    torch.manual_seed(0)
+    x, a = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    w = torch.randn(16)
+    h, normed = fused.add_rms_norm(x, a, w, 1e-6)
+    assert torch.equal(h, x + a)
+    ref = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert (normed - ref).abs().max() < 1e-5
+    padded = fused.pad_to(x, 24)
+    assert padded.shape == (2, 5, 24) and torch.equal(padded[..., :16], x) and not padded[..., 16:].any()
+    assert fused.pad_to(x, 16) is x
+
+
+def test_auto_kernel_needs_cuda_bf16_and_a_supported_head_dim():
+    assert resolve_kernel(torch.zeros(1, 1, 1, 104), "auto") == "flash"  # CPU tensors: no cuDNN
+    assert resolve_kernel(torch.zeros(1, 1, 1, 104), "cudnn") == "cudnn"
