@@ -213,3 +213,53 @@ def test_memory_storage_dim_per_device():
     assert memory_storage_dim(100, torch.device("cuda")) == 112
     assert memory_storage_dim(128, torch.device("cuda")) == 128
     assert memory_storage_dim(100, torch.device("cpu")) == 104
+
+
+@pytest.mark.parametrize("group_tokens", [128, 192, 100000])
+@pytest.mark.parametrize("n", [300, 64 * 7 + 24])
+@pytest.mark.parametrize("overrides", [{"num_key_value_heads": 2}, {"mem_positionals": False, "hidden_size": 80}])
+def test_memory_windows_in_groups_equal_one_at_a_time(monkeypatch, group_tokens, n, overrides):
+    # run_windows reads several memory windows at once as a batch (window 64 here); the logits, the memory and the
+    # local cache must be those of the windows read one at a time.
+    from longllama import windows
+
+    torch.manual_seed(0)
+    model = _model(**overrides)
+    model.config.attn_impl = "fast"
+    ids = torch.randint(3, 320, (1, n))
+    outs = {}
+    for tokens in (0, group_tokens):
+        monkeypatch.setattr(windows, "WINDOW_GROUP_TOKENS", tokens)
+        with torch.no_grad():
+            outs[tokens] = model(ids, use_cache=True, attention_mask=torch.ones_like(ids))
+    a, b = outs[0], outs[group_tokens]
+    assert (a.logits - b.logits).abs().max() < 1e-5
+    for la, lb in zip(a.past_key_values.layers, b.past_key_values.layers):
+        assert torch.equal(la.keys, lb.keys) and torch.equal(la.positions, lb.positions)
+        if la.memory is not None:
+            assert la.memory.length == lb.memory.length > 0
+            assert (la.memory.keys - lb.memory.keys).abs().max() < 1e-5
+            assert (la.memory.values - lb.memory.values).abs().max() < 1e-5
+
+
+def test_window_groups_are_used_only_where_they_apply(monkeypatch):
+    from longllama import windows
+
+    calls = []
+    model = _model()
+    model.config.attn_impl = "fast"
+    real = model.model.forward_window
+
+    def spy(h, **kwargs):
+        calls.append(kwargs.get("grouped", False))
+        return real(h, **kwargs)
+    monkeypatch.setattr(model.model, "forward_window", spy)
+    monkeypatch.setattr(windows, "WINDOW_GROUP_TOKENS", 256)
+    ids = torch.randint(3, 320, (1, 400))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    assert True in calls
+    calls.clear()
+    with torch.no_grad():
+        model(torch.cat([ids, ids]), use_cache=False)  # batch 2: one window at a time
+    assert calls and not any(calls)

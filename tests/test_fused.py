@@ -74,3 +74,15 @@ def test_fused_functions_match_their_definitions():
 def test_auto_kernel_needs_cuda_bf16_and_a_supported_head_dim():
     assert resolve_kernel(torch.zeros(1, 1, 1, 104), "auto") == "flash"  # CPU tensors: no cuDNN
     assert resolve_kernel(torch.zeros(1, 1, 1, 104), "cudnn") == "cudnn"
+
+
+def test_decoding_products_fall_back_to_torch_off_the_gpu():
+    from longllama import gemv
+
+    torch.manual_seed(0)
+    x, w, u = torch.randn(1, 1, 16), torch.randn(24, 16), torch.randn(24, 16)
+    assert not gemv.applies(x, w)  # CPU tensors: no Triton kernel
+    assert torch.equal(gemv.linear(x, w), torch.nn.functional.linear(x, w))
+    expected = torch.nn.functional.silu(x @ w.T) * (x @ u.T)
+    assert (gemv.linear_swiglu(x, w, u) - expected).abs().max() < 1e-6
+    assert torch.equal(fused.compiled().linear(x, w), torch.nn.functional.linear(x, w))

@@ -493,6 +493,36 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_
     return out.to(q.dtype)
 
 
+def grouped_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             padded_mem: tuple[torch.Tensor, torch.Tensor], prefixes: list[int],
+                             pad=None) -> torch.Tensor:
+    """Several consecutive windows of one sequence in a memory layer, as a batch: q, k, v (g, h|h_kv, n, d) are g
+    windows (no local cache, causal), padded_mem the memory (1, h_kv, M, d') as stored, and window j attends, in one
+    softmax, to its own causal keys and to the first prefixes[j] memory keys (the memory before it). The same maths
+    as the windows one at a time (the fast path); the local attention of all g windows runs as one kernel call."""
+    pad = pad or _pad_to
+    dtype = kernel_dtype(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    d, h = q.shape[-1], q.shape[1]
+    dim = kernel_head_dim(d)
+    scale = 1.0 / math.sqrt(d)
+    out, lse = partial_attention(pad(q, dim), _expand_heads(pad(k, dim), h), _expand_heads(pad(v, dim), h),
+                                 causal=True, scale=scale, kernel=CUDA_KERNEL)
+    pk, pv = padded_mem
+    mdim = pk.shape[-1] if pk.shape[-1] % 8 == 0 else dim
+    pk, pv = _pad_to(pk.to(dtype), mdim), _pad_to(pv.to(dtype), mdim)
+    qm = _pad_to(q, mdim)
+    rows = []
+    for j, m in enumerate(prefixes):
+        local = out[j:j + 1, ..., :d].float()
+        if m == 0:
+            rows.append(local)
+            continue
+        mem_out, mem_lse = memory_attention(qm[j:j + 1], pk[:, :, :m], pv[:, :, :m], scale=scale)
+        rows.append(merge_partials(local, lse[j:j + 1], mem_out[..., :d], mem_lse))
+    return torch.cat(rows).to(dtype)
+
+
 def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, mem_top_k=None):
     """Decoding: scores against local and memory keys in one softmax; no concatenation of the memory values.
     The memory is read as stored (zero-padded head dimension, contiguous rows), with q padded to match; with

@@ -97,14 +97,14 @@ class StaticDecoder:
             h = h + layer.mlp(normed, ops)
         h = model.norm(h, ops)
         self.slot.add_(1)
-        return self.model.lm_head(h[:, 0]).float()
+        return ops.linear(h[:, 0], self.model.lm_head.weight).float()
 
     def _attention(self, layer, x, raw, rot, values, memory, cos, sin, visible, ops):
         attn = layer.self_attn
         b = x.shape[0]
-        q = attn._split(attn.q_proj(x), attn.num_heads)
-        k = attn._split(attn.k_proj(x), attn.num_kv_heads)
-        v = attn._split(attn.v_proj(x), attn.num_kv_heads)
+        q = attn._split(ops.linear(x, attn.q_proj.weight), attn.num_heads)
+        k = attn._split(ops.linear(x, attn.k_proj.weight), attn.num_kv_heads)
+        v = attn._split(ops.linear(x, attn.v_proj.weight), attn.num_kv_heads)
         raw.index_copy_(2, self.slot, k)
         values.index_copy_(2, self.slot, v)
         if self._positional(layer):
@@ -114,7 +114,7 @@ class StaticDecoder:
         if memory is not None and memory.length:
             mem_k, mem_v, padded, _ = read_memory(memory, q.device)
         out = ops.few_query_attention(q, rot, values, visible, mem_k, mem_v, padded, self.config.mem_top_k)
-        return attn.o_proj(out.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim))
+        return ops.linear(out.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight)
 
     def _capture(self) -> None:
         stream = torch.cuda.Stream()

@@ -1,7 +1,8 @@
 """The elementwise work of a layer (RMSNorm, the residual add before it, RoPE, SwiGLU, zero padding for kernels) as
 small pure functions, run as they are or, with `compile_elementwise`, compiled by torch.compile: each then becomes
-one or two fused kernels instead of up to ten (matrix products stay with cuBLAS). The maths is the same; compiled
-kernels may round differently within the activation dtype.
+one or two fused kernels instead of up to ten (matrix products stay with cuBLAS, except the matrix-vector products
+of decoding, which go to gemv.py's Triton kernel). The maths is the same; compiled kernels may round differently
+within the activation dtype.
 
 `ops(config, device, impl)` picks the set for one forward: compiled on the fast path when the config asks for it
 ("auto", the default: on GPUs) and no gradient is recorded (inference). Compilation happens on first use, once per
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from longllama import gemv
 from longllama.attention import few_query_attention
 
 logger = logging.getLogger(__name__)
@@ -60,10 +62,16 @@ class Ops:
     swiglu: Callable
     pad_to: Callable
     few_query_attention: Callable  # a decoding step's attention (scores, mask, softmax and the two products)
+    linear: Callable = F.linear  # x @ weight.T
+    linear_swiglu: Callable | None = None  # silu(x @ gate.T) * (x @ up.T)
+
+
+def linear_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return swiglu(F.linear(x, gate), F.linear(x, up))
 
 
 EAGER = Ops(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rotate=rotate, swiglu=swiglu, pad_to=pad_to,
-            few_query_attention=few_query_attention)
+            few_query_attention=few_query_attention, linear_swiglu=linear_swiglu)
 _compiled: Ops | None = None
 
 
@@ -88,8 +96,14 @@ def compiled() -> Ops:
     """The same functions through torch.compile (built lazily; shapes first specialised, then dynamic)."""
     global _compiled
     if _compiled is None:
-        _compiled = Ops(**{name: _guarded(name, getattr(EAGER, name), torch.compile(getattr(EAGER, name)))
-                           for name in EAGER.__dataclass_fields__})
+        names = ("rms_norm", "add_rms_norm", "rotate", "swiglu", "pad_to", "few_query_attention")
+        fns = {name: _guarded(name, getattr(EAGER, name), torch.compile(getattr(EAGER, name))) for name in names}
+
+        def fast_linear_swiglu(x, gate, up):  # decoding: one pass over both weights; else compiled SwiGLU
+            if gemv.applies(x, gate, up):
+                return gemv.linear_swiglu(x, gate, up)
+            return fns["swiglu"](F.linear(x, gate), F.linear(x, up))
+        _compiled = Ops(**fns, linear=gemv.linear, linear_swiglu=fast_linear_swiglu)
     return _compiled
 
 

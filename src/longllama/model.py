@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from longllama import fused
-from longllama.attention import attend, joint_attention, joint_attention_supported, memory_storage_dim
+from longllama.attention import (
+    attend,
+    grouped_window_attention,
+    joint_attention,
+    joint_attention_supported,
+    memory_storage_dim,
+)
 from longllama.cache import LayerState, LongLlamaCache
 from longllama.config import LongLlamaConfig
 from longllama.memory import MemoryCache
@@ -78,6 +84,9 @@ class Window:
     # n, d); see cross_batch.py.
     cross_batch: object | None = None
     ops: fused.Ops = fused.EAGER  # elementwise functions, compiled or not (fused.ops)
+    # The batch rows are consecutive windows of one sequence, read into memory (run_windows' window groups): memory
+    # layers give window j the memory before it, plus its own causal keys (fast path, no cache, no padding).
+    grouped: bool = False
 
 
 class MLP(nn.Module):
@@ -88,7 +97,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, ops: fused.Ops = fused.EAGER) -> torch.Tensor:
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        if ops is fused.EAGER:  # through the modules (hooks and wrappers of training see their calls)
+            return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return ops.linear(ops.linear_swiglu(x, self.gate_proj.weight, self.up_proj.weight), self.down_proj.weight)
 
 
 class Attention(nn.Module):
@@ -153,6 +164,9 @@ class Attention(nn.Module):
             q_rot = window.ops.rotate(q, window.cos[:, :, -n:], window.sin[:, :, -n:])
             k_rot = window.ops.rotate(k, window.cos, window.sin)
 
+        if mem_layer and window.grouped:
+            out = self._grouped_windows(q_rot, k_rot, k, v, state, window)
+            return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], n, self.num_heads * self.head_dim)), None
         memory = state.memory if mem_layer else None
         mem_k = mem_v = mem_valid = padded = None
         joint = False
@@ -182,6 +196,20 @@ class Attention(nn.Module):
         b = x.shape[0]
         out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         return self.o_proj(out), probs
+
+
+    def _grouped_windows(self, q_rot, k_rot, k, v, state: LayerState, window: Window) -> torch.Tensor:
+        """Memory layer over g consecutive windows (batch rows) of one sequence: all their keys and values join the
+        memory first, in order; window j then attends to the memory before it and to its own causal keys."""
+        g, hkv, n, d = k.shape
+        before = 0 if state.memory is None else state.memory.length
+
+        def joined(t):  # (g, h_kv, n, d) -> (1, h_kv, g * n, d), windows in order
+            return t.transpose(0, 1).reshape(1, hkv, g * n, d)
+        self._append_memory(state, joined(k), joined(v), None)
+        _, _, padded, _ = read_memory(state.memory, q_rot.device)
+        return grouped_window_attention(q_rot, k_rot, v, padded, [before + j * n for j in range(g)],
+                                        pad=window.ops.pad_to)
 
 
 def read_memory(memory: MemoryCache, device: torch.device):
@@ -242,7 +270,7 @@ def attention_impl(config: LongLlamaConfig, device: torch.device) -> str:
 
 def make_window(cache: LongLlamaCache, positions: torch.Tensor, mask: torch.Tensor | None, *, window_size: int,
                 rope: RotaryTable, dtype: torch.dtype, impl: str, cross_batch=None,
-                ops: fused.Ops = fused.EAGER, rope_length: int | None = None) -> Window:
+                ops: fused.Ops = fused.EAGER, rope_length: int | None = None, grouped: bool = False) -> Window:
     """Masks, kernel hints and RoPE tables of one window of new tokens, shared by all layers."""
     b, n = positions.shape
     past = cache.local_length
@@ -257,24 +285,25 @@ def make_window(cache: LongLlamaCache, positions: torch.Tensor, mask: torch.Tens
     rel = span - span.min(dim=-1, keepdim=True).values
     cos, sin = rope.gather(rel, dtype, rope_length)
     return Window(visible=visible, pad_valid=pad_valid, is_causal=past == 0 and n > 1 and pad_valid is None,
-                  cos=cos, sin=sin, impl=impl, cross_batch=cross_batch, ops=ops)
+                  cos=cos, sin=sin, impl=impl, cross_batch=cross_batch, ops=ops, grouped=grouped)
 
 
 def forward_window(layers: nn.ModuleList, norm: RMSNorm, rope: RotaryTable, h: torch.Tensor, *,
                    positions: torch.Tensor, mask: torch.Tensor | None, cache: LongLlamaCache, use_cache: bool,
                    impl: str = "eager", output_hidden_states: bool = False,
                    output_attentions: bool = False, cross_batch=None,
-                   rope_length: int | None = None) -> tuple[torch.Tensor, list, list]:
+                   rope_length: int | None = None, grouped: bool = False) -> tuple[torch.Tensor, list, list]:
     """Run one window (SPEC B.3) through all layers and the final norm, updating `cache` in place.
 
     h (b, q, hidden) embeddings; positions (b, q); mask (b, P+q) 2-D attention mask over local cache + window, or
-    None; `rope_length` a known bound above every relative position of the window (see RotaryTable.gather).
+    None; `rope_length` a known bound above every relative position of the window (see RotaryTable.gather);
+    `grouped`: the batch rows are consecutive memory windows of one sequence (Window.grouped).
     Returns the normed hidden states, the per-layer inputs (if asked) and the attention probabilities (if asked).
     """
     config = layers[0].self_attn.config
     window = make_window(cache, positions, mask, window_size=config.max_position_embeddings, rope=rope,
                          dtype=h.dtype, impl=impl, cross_batch=cross_batch, ops=fused.ops(config, h.device, impl),
-                         rope_length=rope_length)
+                         rope_length=rope_length, grouped=grouped)
     hidden, attentions = [], []
     for layer, state in zip(layers, cache.layers):
         if output_hidden_states:
