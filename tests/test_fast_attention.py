@@ -263,3 +263,27 @@ def test_window_groups_are_used_only_where_they_apply(monkeypatch):
     with torch.no_grad():
         model(torch.cat([ids, ids]), use_cache=False)  # batch 2: one window at a time
     assert calls and not any(calls)
+
+
+def test_generation_after_a_grouped_prompt_equals_one_window_at_a_time(monkeypatch):
+    # generate() passes an all-ones mask; it is dropped, so the prompt's memory windows go in groups.
+    from longllama import windows
+
+    torch.manual_seed(0)
+    model = _model()
+    model.config.attn_impl = "fast"
+    ids = torch.randint(3, 320, (1, 64 * 6 + 10))
+    outs, grouped = {}, []
+    real = model.model.forward_window
+
+    def spy(h, **kwargs):
+        grouped.append(kwargs.get("grouped", False))
+        return real(h, **kwargs)
+    monkeypatch.setattr(model.model, "forward_window", spy)
+    for tokens in (0, 256):
+        monkeypatch.setattr(windows, "WINDOW_GROUP_TOKENS", tokens)
+        outs[tokens] = model.generate(ids, max_new_tokens=20, do_sample=False, output_scores=True,
+                                      return_dict_in_generate=True)
+    assert any(grouped)
+    assert torch.equal(outs[0].sequences, outs[256].sequences)
+    assert (torch.stack(outs[0].scores) - torch.stack(outs[256].scores)).abs().max() < 1e-4

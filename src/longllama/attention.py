@@ -485,12 +485,26 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_
             mem_out, mem_lse = top_k_memory_attention(q, mem_k.to(q.dtype), mem_v.to(q.dtype), top_k=top_k,
                                                       scale=scale)
         else:
-            pk, pv = padded_mem if padded_mem is not None else (mem_k, mem_v)
-            mdim = pk.shape[-1] if pk.shape[-1] % 8 == 0 else dim  # as stored, when kernels can read it
-            pk, pv = _pad_to(pk.to(q.dtype), mdim), _pad_to(pv.to(q.dtype), mdim)
-            mem_out, mem_lse = memory_attention(_pad_to(q, mdim), pk, pv, scale=scale)
+            pk, pv = _as_stored(padded_mem if padded_mem is not None else (mem_k, mem_v), q.dtype, dim)
+            mem_out, mem_lse = _over_memory(q, pk, pv, scale)
         out = merge_partials(out.float(), lse, mem_out[..., :d], mem_lse)  # the merge in fp32
     return out.to(q.dtype)
+
+
+def _as_stored(padded_mem: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype,
+               dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Memory keys and values in `dtype`, in their stored (padded) head dimension when kernels can read it (a
+    multiple of 8), else padded to `dim`."""
+    pk, pv = padded_mem
+    mdim = pk.shape[-1] if pk.shape[-1] % 8 == 0 else dim
+    return _pad_to(pk.to(dtype), mdim), _pad_to(pv.to(dtype), mdim)
+
+
+def _over_memory(q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, scale: float):
+    """memory_attention of q (true head dimension) over memory keys/values as _as_stored gives them; the output cut
+    back to q's head dimension, fp32."""
+    out, lse = memory_attention(_pad_to(q, pk.shape[-1]), pk, pv, scale=scale)
+    return out[..., :q.shape[-1]], lse
 
 
 def grouped_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -508,18 +522,13 @@ def grouped_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = 1.0 / math.sqrt(d)
     out, lse = partial_attention(pad(q, dim), _expand_heads(pad(k, dim), h), _expand_heads(pad(v, dim), h),
                                  causal=True, scale=scale, kernel=CUDA_KERNEL)
-    pk, pv = padded_mem
-    mdim = pk.shape[-1] if pk.shape[-1] % 8 == 0 else dim
-    pk, pv = _pad_to(pk.to(dtype), mdim), _pad_to(pv.to(dtype), mdim)
-    qm = _pad_to(q, mdim)
+    pk, pv = _as_stored(padded_mem, dtype, dim)
     rows = []
     for j, m in enumerate(prefixes):
         local = out[j:j + 1, ..., :d].float()
-        if m == 0:
-            rows.append(local)
-            continue
-        mem_out, mem_lse = memory_attention(qm[j:j + 1], pk[:, :, :m], pv[:, :, :m], scale=scale)
-        rows.append(merge_partials(local, lse[j:j + 1], mem_out[..., :d], mem_lse))
+        if m:
+            local = merge_partials(local, lse[j:j + 1], *_over_memory(q[j:j + 1], pk[:, :, :m], pv[:, :, :m], scale))
+        rows.append(local)
     return torch.cat(rows).to(dtype)
 
 
