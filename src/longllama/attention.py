@@ -7,9 +7,11 @@
     "sdpa"   torch's scaled_dot_product_attention on the concatenated keys with a finite additive mask; the same
              function up to rounding (no -inf is ever produced, so fully masked rows give a uniform row, not NaN).
     "fast"   no copy of the memory per call. Windows of many queries: local and memory attention run as two fused
-             attentions that return their log-sum-exp, merged exactly into one softmax (FlashAttention on CUDA,
-             explicit fp32 maths elsewhere); the memory is read zero-padded to a multiple of 8 in the head dimension
-             as stored (optionally split into chunks of keys run as one batched call, split-KV). With `mem_top_k`
+             attentions that return their log-sum-exp, merged exactly into one softmax (cuDNN's or FlashAttention's
+             kernel on CUDA, see CUDA_KERNEL / MEMORY_KERNEL; torch's blockwise kernel or explicit fp32 maths
+             elsewhere); the memory is read as stored, zero-padded in the head dimension (a multiple of 16 on GPUs,
+             memory_storage_dim), in pieces of MEMORY_PIECE x 2^j keys for cuDNN. grouped_window_attention runs
+             several memory windows of one sequence as a batch (windows.WINDOW_GROUP_TOKENS). With `mem_top_k`
              (kNN memory) each query's k best memory keys are chosen over chunks of scores and attended in fp32.
              A few queries (decoding): one joint softmax over local and memory scores, values applied as two
              products instead of a concatenation. Padded inputs and cross-batch training memory (masks over keys)
