@@ -75,6 +75,22 @@ def ingest_profile(model, ids, rows: int) -> None:
     print(f"GPU busy {busy / 1e3:.3f} s over {count} kernels = {100 * busy / 1e3 / wall:.1f} % of the wall time")
 
 
+def timed_calls(fn, reps: int) -> tuple[float, float]:
+    """Device ms per call (CUDA events) and host ms per call (a loop that never waits), after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - t0) / reps * 1e3
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps, host
+
+
 def local_kernels() -> None:
     """Causal attention of one 2048-token window (local attention), 32 heads, head_dim 100 padded."""
     from longllama.attention import partial_attention
@@ -83,16 +99,8 @@ def local_kernels() -> None:
     for dim in (104, 112):
         q, k, v = (torch.randn(1, 32, 2048, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         for kernel in ("flash", "cudnn"):
-            for _ in range(3):
-                partial_attention(q, k, v, causal=True, scale=0.1, kernel=kernel)
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(20):
-                partial_attention(q, k, v, causal=True, scale=0.1, kernel=kernel)
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end) / 20
+            ms, _ = timed_calls(lambda q=q, k=k, v=v, kernel=kernel: partial_attention(
+                q, k, v, causal=True, scale=0.1, kernel=kernel), 20)
             print(f"{kernel:6s} d={dim}: {ms:8.3f} ms  {2 * 32 * 2048 * 2048 * 100 / ms / 1e9:6.1f} TFLOP/s")
 
 
@@ -108,20 +116,8 @@ def kernels(m: int, queries: int) -> None:
         v = torch.randn(1, 32, m, dim, device="cuda", dtype=torch.bfloat16)
         for kernel in ("flash", "cudnn"):
             try:
-                def fn(q=q, k=k, v=v, kernel=kernel):
-                    return partial_attention(q, k, v, causal=False, scale=0.1, kernel=kernel)
-                for _ in range(3):
-                    fn()
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                t0 = time.perf_counter()
-                for _ in range(10):
-                    fn()
-                host = (time.perf_counter() - t0) / 10 * 1e3
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end) / 10
+                ms, host = timed_calls(lambda q=q, k=k, v=v, kernel=kernel: partial_attention(
+                    q, k, v, causal=False, scale=0.1, kernel=kernel), 10)
             except RuntimeError as exc:
                 print(f"{kernel:6s} d={dim}: failed: {str(exc).splitlines()[0][:100]}")
                 continue

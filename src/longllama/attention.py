@@ -476,12 +476,8 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_
     if q.shape[2] <= _FEW_QUERIES:
         return few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, top_k)
     dim = kernel_head_dim(d)
-    h = q.shape[1]
     scale = 1.0 / math.sqrt(d)
-    pad = pad or _pad_to
-    out, lse = partial_attention(pad(q, dim), _expand_heads(pad(k, dim), h), _expand_heads(pad(v, dim), h),
-                                 causal=bool(is_causal), scale=scale, kernel=CUDA_KERNEL)
-    out = out[..., :d]
+    out, lse = _local_partial(q, k, v, bool(is_causal), scale, pad)
     if mem_k is not None:
         if top_k is not None:
             mem_out, mem_lse = top_k_memory_attention(q, mem_k.to(q.dtype), mem_v.to(q.dtype), top_k=top_k,
@@ -491,6 +487,17 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_
             mem_out, mem_lse = _over_memory(q, pk, pv, scale)
         out = merge_partials(out.float(), lse, mem_out[..., :d], mem_lse)  # the merge in fp32
     return out.to(q.dtype)
+
+
+def _local_partial(q, k, v, causal: bool, scale: float, pad=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local attention with its log-sum-exp by the CUDA_KERNEL choice: q, k, v padded to kernel_head_dim (by `pad`,
+    fused.pad_to compiled or not), the output cut back to q's head dimension."""
+    pad = pad or _pad_to
+    d, h = q.shape[-1], q.shape[1]
+    dim = kernel_head_dim(d)
+    out, lse = partial_attention(pad(q, dim), _expand_heads(pad(k, dim), h), _expand_heads(pad(v, dim), h),
+                                 causal=causal, scale=scale, kernel=CUDA_KERNEL)
+    return out[..., :d], lse
 
 
 def _as_stored(padded_mem: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype,
@@ -516,18 +523,14 @@ def grouped_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     windows (no local cache, causal), padded_mem the memory (1, h_kv, M, d') as stored, and window j attends, in one
     softmax, to its own causal keys and to the first prefixes[j] memory keys (the memory before it). The same maths
     as the windows one at a time (the fast path); the local attention of all g windows runs as one kernel call."""
-    pad = pad or _pad_to
     dtype = kernel_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    d, h = q.shape[-1], q.shape[1]
-    dim = kernel_head_dim(d)
-    scale = 1.0 / math.sqrt(d)
-    out, lse = partial_attention(pad(q, dim), _expand_heads(pad(k, dim), h), _expand_heads(pad(v, dim), h),
-                                 causal=True, scale=scale, kernel=CUDA_KERNEL)
-    pk, pv = _as_stored(padded_mem, dtype, dim)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = _local_partial(q, k, v, True, scale, pad)
+    pk, pv = _as_stored(padded_mem, dtype, kernel_head_dim(q.shape[-1]))
     rows = []
     for j, m in enumerate(prefixes):
-        local = out[j:j + 1, ..., :d].float()
+        local = out[j:j + 1].float()
         if m:
             local = merge_partials(local, lse[j:j + 1], *_over_memory(q[j:j + 1], pk[:, :, :m], pv[:, :, :m], scale))
         rows.append(local)

@@ -62,8 +62,8 @@ class Ops:
     swiglu: Callable
     pad_to: Callable
     few_query_attention: Callable  # a decoding step's attention (scores, mask, softmax and the two products)
-    linear: Callable = F.linear  # x @ weight.T
-    linear_swiglu: Callable | None = None  # silu(x @ gate.T) * (x @ up.T)
+    linear: Callable  # x @ weight.T
+    linear_swiglu: Callable  # silu(x @ gate.T) * (x @ up.T)
 
 
 def linear_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ def linear_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torc
 
 
 EAGER = Ops(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rotate=rotate, swiglu=swiglu, pad_to=pad_to,
-            few_query_attention=few_query_attention, linear_swiglu=linear_swiglu)
+            few_query_attention=few_query_attention, linear=F.linear, linear_swiglu=linear_swiglu)
 _compiled: Ops | None = None
 
 

@@ -165,8 +165,7 @@ class Attention(nn.Module):
             k_rot = window.ops.rotate(k, window.cos, window.sin)
 
         if mem_layer and window.grouped:
-            out = self._grouped_windows(q_rot, k_rot, k, v, state, window)
-            return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], n, self.num_heads * self.head_dim)), None
+            return self._output(self._grouped_windows(q_rot, k_rot, k, v, state, window)), None
         memory = state.memory if mem_layer else None
         mem_k = mem_v = mem_valid = padded = None
         joint = False
@@ -193,10 +192,12 @@ class Attention(nn.Module):
             # After attention, so a window never sees its own keys twice.
             end = k.shape[2]
             self._append_memory(state, k[:, :, -n:], v[:, :, -n:], _columns(pad_valid, end - n, end))
-        b = x.shape[0]
-        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
-        return self.o_proj(out), probs
+        return self._output(out), probs
 
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        """o_proj of the attention output (b, h, n, d), heads joined."""
+        b, _, n, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
     def _grouped_windows(self, q_rot, k_rot, k, v, state: LayerState, window: Window) -> torch.Tensor:
         """Memory layer over g consecutive windows (batch rows) of one sequence: all their keys and values join the

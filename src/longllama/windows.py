@@ -10,6 +10,7 @@ import torch
 
 from longllama.cache import LongLlamaCache
 from longllama.errors import InputError
+from longllama.model import attention_impl
 
 
 @dataclass
@@ -86,9 +87,9 @@ def run_windows(decoder, embeds: torch.Tensor | TokenEmbeddings, *, cache: LongL
         attention_mask = None  # all ones: the same as no mask (and lets memory windows go in groups)
     grouped = _groupable(decoder, b, cache, attention_mask, output_hidden_states or output_attentions, cross_batch,
                          embeds.device)
-    i = 0
-    while i < len(spans) - 1 and grouped:  # memory windows of one sequence, several at once (WINDOW_GROUP_TOKENS)
-        group = [span for span in spans[i:i + max(1, WINDOW_GROUP_TOKENS // window)][:len(spans) - 1 - i]
+    done = 0  # spans read in groups
+    while done < len(spans) - 1 and grouped:  # memory windows of one sequence, several at once
+        group = [span for span in spans[done:done + max(1, WINDOW_GROUP_TOKENS // window)][:len(spans) - 1 - done]
                  if span[1] - span[0] == window]
         if len(group) < 2 or cache.local_length:
             break
@@ -101,8 +102,8 @@ def run_windows(decoder, embeds: torch.Tensor | TokenEmbeddings, *, cache: LongL
             outputs.append(h.reshape(1, end - beg, -1))
         if progress is not None:
             progress(end)
-        i += g
-    for i, (beg, end) in enumerate(spans[i:], start=i):
+        done += g
+    for i, (beg, end) in enumerate(spans[done:], start=done):
         last = i == len(spans) - 1
         p_cur = cache.local_length
         if last:
@@ -142,8 +143,6 @@ WINDOW_GROUP_TOKENS = 8192
 
 def _groupable(decoder, batch: int, cache: LongLlamaCache, mask, per_layer_outputs: bool, cross_batch,
                device: torch.device) -> bool:
-    from longllama.model import attention_impl
-
     config = decoder.config
     return (batch == 1 and mask is None and not per_layer_outputs and cross_batch is None
             and cache.local_length == 0 and config.mem_top_k is None and not config.mem_offload
