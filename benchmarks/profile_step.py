@@ -1,6 +1,6 @@
 """Where the time goes (3B shape, bf16, one GPU): host syncs inside an ingest, GPU busy time against wall time of an
-ingest with the heaviest kernels, attention kernels on the memory shape, and a decode step (CUDA graph replay
-against the sum of its kernels).
+ingest with the heaviest kernels, attention kernels on the memory shape, a decoding step's attention kernel against
+the general path (GB/s), and a decode step (CUDA graph replay against the sum of its kernels).
 
     PYTHONPATH=src python benchmarks/profile_step.py --tokens 131072 --decode-after 32768
 """
@@ -142,6 +142,58 @@ def plan_cost() -> None:
         print(f"cuDNN 2048 queries x {m} keys: first call {times[0]:.1f} ms, second {times[1]:.2f} ms")
 
 
+def _graph_ms(fn, calls: int = 10, replays: int = 5) -> float:
+    """ms per call of fn, `calls` calls captured in one CUDA graph (no launch gaps), best of `replays` replays."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    best = float("inf")
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / calls)
+    return best
+
+
+def decode_attention_bandwidth(lengths) -> None:
+    """One memory layer's decoding attention (3B heads, 2048 local slots, M memory keys stored at head_dim 112): the
+    Triton split kernel against the general path (matrix products and a softmax), as GB/s of keys and values."""
+    from longllama import decode_attention
+    from longllama.attention import few_query_attention
+
+    print("== decode attention, one layer, 32 heads, 2048 local slots + M memory keys (bytes as stored)")
+    q = torch.randn(1, 32, 100, device="cuda", dtype=torch.bfloat16)
+    keys, values = (torch.randn(1, 32, 2048, 100, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for used in (10, 2048):
+        slot = torch.tensor([used - 1], device="cuda")
+        print(f"no memory, {used} local slots in use: kernel "
+              f"{_graph_ms(lambda: decode_attention.attend(q, keys, values, slot, None)) * 1e3:.1f} us")
+    for m in lengths:
+        q = torch.randn(1, 32, 100, device="cuda", dtype=torch.bfloat16)
+        keys, values = (torch.randn(1, 32, 2048, 100, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        mem = tuple(torch.nn.functional.pad(torch.randn(1, 32, m, 100, device="cuda", dtype=torch.bfloat16), (0, 12))
+                    for _ in range(2))
+        slot = torch.tensor([2047], device="cuda")
+        visible = torch.ones(1, 1, 1, 2048, dtype=torch.bool, device="cuda")
+        gbytes = 2 * 32 * (2048 * 100 + m * 112) * 2 / 1e9
+        general = _graph_ms(lambda: few_query_attention(q[:, :, None], keys, values, visible, mem[0][..., :100],
+                                                        mem[1][..., :100], mem))
+        line = f"M={m:8d}: general {general:7.3f} ms {gbytes / general * 1e3:5.0f} GB/s; kernel"
+        default = decode_attention._TARGET_PROGRAMS
+        for target in (1024, 2048, 4096):  # programs aimed at (chunk size)
+            decode_attention._TARGET_PROGRAMS = target
+            kernel = _graph_ms(lambda: decode_attention.attend(q, keys, values, slot, mem))
+            line += f", {target} programs {kernel:6.3f} ms {gbytes / kernel * 1e3:5.0f} GB/s"
+        decode_attention._TARGET_PROGRAMS = default
+        print(line)
+
+
 def decode_profile(model, ids, rows: int) -> None:
     from longllama.decode import StaticDecoder
 
@@ -178,7 +230,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--kernel-keys", type=int, default=65536)
     ap.add_argument("--compile", choices=["auto", "yes", "no"], default="auto", help="compile_elementwise")
-    ap.add_argument("--skip", default="", help="sections to skip: sync,kernels,decode")
+    ap.add_argument("--skip", default="", help="sections to skip: sync,ingest,kernels,decode,decode-attention")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, torch.backends.cudnn.version())
     model = _longllama("3b", "cuda", compile_elementwise={"auto": "auto", "yes": True, "no": False}[args.compile])
@@ -188,12 +240,15 @@ def main() -> None:
     skip = set(args.skip.split(","))
     if "sync" not in skip:
         sync_points(model, ids[:, :8192])
-    ingest_profile(model, ids, args.rows)
+    if "ingest" not in skip:
+        ingest_profile(model, ids, args.rows)
     if "kernels" not in skip:
         plan_cost()
         local_kernels()
         kernels(args.kernel_keys, 2048)
         kernels(args.kernel_keys, 16384)
+    if "decode-attention" not in skip:
+        decode_attention_bandwidth([32768, 262144])
     if "decode" not in skip:
         decode_profile(model, ids[:, :args.decode_after], args.rows)
 

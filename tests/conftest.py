@@ -1,9 +1,14 @@
-"""Shared test helpers: where the reference fixtures are."""
+"""Shared test helpers: where the reference fixtures are; Triton's interpreter for the kernel tests."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # Triton reads this when imported: its kernels then run on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def reference_root() -> Path | None:

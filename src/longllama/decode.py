@@ -2,12 +2,20 @@
 
 Within one local-cache epoch (from one flush to the next) the oldest local token stays at relative position 0, so a
 token stored in slot i always has relative position i: its key is rotated once when stored instead of at every step.
-Each layer keeps fixed (batch, kv_heads, window, head_dim) buffers of rotated keys, raw (un-rotated) keys and values;
+Each layer keeps fixed (batch, kv_heads, window, head_dim) buffers of rotated keys, raw (un-rotated) keys and values
+(rows zero-padded to a multiple of 8 for the kernels);
 a step writes one slot and attends over all slots with the unused ones masked, plus the memory. All shapes are fixed
 between flushes, so on a GPU one step (every layer, norm and lm_head) is captured once as a CUDA graph and replayed,
 which removes the per-kernel launch cost that dominates decoding. When the window is full, the next step first
 moves the raw keys and values into memory (memory layers) or drops them (others), as SPEC B.4 says, and the graph is
 captured again for the new memory length.
+
+With the fast attention path on a GPU (Triton), a layer's step is: one matrix-vector kernel for q, k and v
+together, one kernel that rotates q and k and stores the new key and value (rope_store), the attention over local
+slots and memory split into chunks plus a merge (decode_attention.py), the output projection with the residual
+added, the gate/up pass and the down projection with the residual added; each RMSNorm is computed inside the product
+that follows it: seven kernels instead of about twenty (profile_step.py). Elsewhere, and for
+memories the kernels do not take (kNN top-k, invalid keys), the same step runs through the general functions.
 
 Only batches without padding are decoded this way (every row then shares one slot index); `generate` falls back to
 the generic path otherwise.
@@ -15,11 +23,20 @@ the generic path otherwise.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from longllama import fused
+from longllama import decode_attention, fused, gemv
 from longllama.cache import LongLlamaCache
 from longllama.model import attention_impl, read_memory, rotate
+
+logger = logging.getLogger(__name__)
+
+
+def _norm(module) -> tuple[torch.Tensor, float]:
+    """An RMSNorm module as the (weight, eps) the products' `norm` takes."""
+    return module.weight, module.variance_epsilon
 
 
 class StaticDecoder:
@@ -40,6 +57,13 @@ class StaticDecoder:
         self.token = torch.zeros(b, dtype=torch.long, device=device)
         cos, sin = model.model.rope.get(self.window, device)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        # The Triton step (see the module docstring): the fast attention path where the kernels run.
+        self.kernels = attention_impl(config, device) == "fast" and decode_attention.applies(model.lm_head.weight)
+        self.checked = False  # a first step has run (with the kernels, or after falling back from them)
+        self.head_dim = config.head_dim
+        # Rows of the local buffers: zero-padded to a multiple of 8 elements for the kernels (16-byte aligned rows
+        # load as whole vectors: head_dim 100 ran at ~1 TB/s unpadded); `_views` are the head_dim wide parts.
+        self.width = -(-self.head_dim // 8) * 8 if self.kernels else self.head_dim
         self.buffers = [self._layer_buffers(layer, state, b, device, dtype)
                         for layer, state in zip(model.model.layers, cache.layers)]
         self.memories = [self._memory(layer, state, b, device) for layer, state in zip(model.model.layers, cache.layers)]
@@ -61,9 +85,10 @@ class StaticDecoder:
         return self.config.mem_positionals or not layer.self_attn.is_memory_layer
 
     def _layer_buffers(self, layer, state, b, device, dtype):
-        attn = layer.self_attn
-        shape = (b, attn.num_kv_heads, self.window, attn.head_dim)
-        raw, rot, values = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(3))
+        """Raw keys, rotated keys and values (b, kv_heads, window, width), zero past head_dim."""
+        shape = (b, layer.self_attn.num_kv_heads, self.window, self.width)
+        buffers = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(3))
+        raw, rot, values = self._views(buffers)
         n = self.length
         raw[:, :, :n] = state.keys
         values[:, :, :n] = state.values
@@ -71,7 +96,10 @@ class StaticDecoder:
         if self._positional(layer):
             keys = rotate(keys, self.cos[None, None, :n], self.sin[None, None, :n])
         rot[:, :, :n] = keys
-        return raw, rot, values
+        return buffers
+
+    def _views(self, buffers):
+        return tuple(t[..., :self.head_dim] for t in buffers)
 
     @staticmethod
     def _memory(layer, state, b, device):
@@ -90,13 +118,19 @@ class StaticDecoder:
         sin = self.sin.index_select(0, self.slot)[None, None]
         visible = (self.slots <= self.slot)[None, None, None]  # (1, 1, 1, W)
         ops = fused.ops(self.config, h.device, attention_impl(self.config, h.device))
-        for layer, (raw, rot, values), memory in zip(model.layers, self.buffers, self.memories):
-            a = self._attention(layer, layer.input_layernorm(h, ops), raw, rot, values, memory, cos, sin, visible, ops)
+        for layer, buffers, memory in zip(model.layers, self.buffers, self.memories):
+            if self.kernels:
+                h = self._layer_kernels(layer, h, buffers, memory, visible)
+                continue
+            a = self._attention(layer, layer.input_layernorm(h, ops), *self._views(buffers), memory, cos, sin,
+                                visible, ops)
             post = layer.post_attention_layernorm
             h, normed = ops.add_rms_norm(h, a, post.weight, post.variance_epsilon)
             h = h + layer.mlp(normed, ops)
-        h = model.norm(h, ops)
         self.slot.add_(1)
+        if self.kernels:  # the final norm inside lm_head's product
+            return gemv.linear(h[:, 0], self.model.lm_head.weight, norm=_norm(model.norm)).float()
+        h = model.norm(h, ops)
         return ops.linear(h[:, 0], self.model.lm_head.weight).float()
 
     def _attention(self, layer, x, raw, rot, values, memory, cos, sin, visible, ops):
@@ -110,17 +144,61 @@ class StaticDecoder:
         if self._positional(layer):
             q, k = ops.rotate(q, cos, sin), ops.rotate(k, cos, sin)
         rot.index_copy_(2, self.slot, k)
+        out = self._general_attention(q, rot, values, memory, visible, ops)
+        return ops.linear(out.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight)
+
+    def _general_attention(self, q, rot, values, memory, visible, ops):
         mem_k = mem_v = padded = None
         if memory is not None and memory.length:
             mem_k, mem_v, padded, _ = read_memory(memory, q.device)
-        out = ops.few_query_attention(q, rot, values, visible, mem_k, mem_v, padded, self.config.mem_top_k)
-        return ops.linear(out.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight)
+        return ops.few_query_attention(q, rot, values, visible, mem_k, mem_v, padded, self.config.mem_top_k)
+
+    def _layer_kernels(self, layer, h, buffers, memory, visible):
+        """One decoder layer in seven kernels: each RMSNorm inside the product after it, each residual add inside
+        the product before it (the same roundings as the general step)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        b = h.shape[0]
+        raw, rot, values = buffers
+        qkv = gemv.linear_stacked(h, (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),
+                                  norm=_norm(layer.input_layernorm))
+        q = decode_attention.rope_store(qkv, self.cos, self.sin, self.slot, raw, rot, values, attn.num_heads,
+                                        rotate=self._positional(layer))  # (B, H, D)
+        padded = valid = None
+        if memory is not None and memory.length:
+            _, _, padded, valid = read_memory(memory, q.device)
+        if valid is not None or (padded is not None and self.config.mem_top_k is not None):
+            _, rot, values = self._views(buffers)
+            out = self._general_attention(q[:, :, None], rot, values, memory, visible, fused.EAGER)[:, :, 0]
+        else:
+            out = decode_attention.attend(q, rot, values, self.slot, padded)
+        h = gemv.linear(out.reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight, residual=h)
+        act = gemv.linear_swiglu(h, mlp.gate_proj.weight, mlp.up_proj.weight,
+                                 norm=_norm(layer.post_attention_layernorm))
+        return gemv.linear(act, mlp.down_proj.weight, residual=h)
+
+    def _checked_compute(self) -> torch.Tensor:
+        """_compute, falling back for good to the general step (one warning) if a Triton kernel fails to build or
+        run here. A failed step leaves no trace: rope_store only rewrites the current slot, and the slot counter
+        moves at the end."""
+        if self.checked:
+            return self._compute()
+        try:
+            out = self._compute()
+        except Exception as exc:
+            if not self.kernels:
+                raise
+            logger.warning("decoding: the Triton step failed (%s); using the general one",
+                           str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self.kernels = False
+            out = self._compute()
+        self.checked = True
+        return out
 
     def _capture(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up outside the graph (allocator, cuBLAS handles)
-            self._compute()
+        with torch.cuda.stream(stream):  # warm up outside the graph (allocator, cuBLAS handles, Triton tuning)
+            self._checked_compute()
             self.slot.fill_(self.length)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
@@ -130,7 +208,8 @@ class StaticDecoder:
 
     def _flush(self) -> None:
         """The window is full: memory layers keep its raw keys and values, the other layers drop them."""
-        for (raw, _, values), memory in zip(self.buffers, self.memories):
+        for buffers, memory in zip(self.buffers, self.memories):
+            raw, _, values = self._views(buffers)
             if memory is not None:
                 memory.append(raw, values, None)
         self.first_position = self.first_position + self.length
@@ -149,7 +228,7 @@ class StaticDecoder:
             self.graph.replay()
             logits = self.out.clone()
         else:
-            logits = self._compute()
+            logits = self._checked_compute()
         self.length += 1
         return logits
 
@@ -159,7 +238,8 @@ class StaticDecoder:
         n = self.length
         steps = torch.arange(n, device=self.first_position.device)
         positions = self.first_position[:, None] + steps[None]
-        for state, (raw, _, values), memory in zip(cache.layers, self.buffers, self.memories):
+        for state, buffers, memory in zip(cache.layers, self.buffers, self.memories):
+            raw, _, values = self._views(buffers)
             state.set_local(raw[:, :, :n].clone(), values[:, :, :n].clone(), positions)
             state.memory = memory
         return cache

@@ -1,11 +1,19 @@
-"""Matrix-vector products for decoding: y = x W^T for a few rows of x (bf16/fp16, CUDA), as one Triton kernel that
-streams W once at close to the memory bandwidth. A decoding step is bound by reading the weights; cuBLAS ran the 3B
-model's 3200 x 3200 products at ~2.05 TB/s on an H100 (profile_step.py, 2026-11-26), with a split-K pass and a
-reduction kernel after it.
+"""Matrix-vector products for decoding: y = x W^T for a few rows of x (bf16/fp16, CUDA), as Triton kernels that
+stream W once at close to the memory bandwidth. A decoding step is bound by reading the weights; cuBLAS ran the 3B
+model's 3200 x 3200 products at ~1.6 TB/s with cold weights on an H100 (bench_gemv.py, 2026-11-26), with a split-K
+pass and a reduction kernel after it.
 
-`linear(x, weight)` takes the kernel where it applies (CUDA, bf16/fp16, at most MAX_ROWS rows, contiguous weight)
-and F.linear elsewhere. `linear_swiglu(x, gate, up)` computes silu(x gate^T) * (x up^T) in the same pass over both
-weights. Accumulation is in fp32, as in cuBLAS; the order of the sums differs.
+`linear(x, weight, residual=None, norm=None)` takes the kernel where it applies (CUDA, bf16/fp16, at most MAX_ROWS
+rows, contiguous weights) and F.linear elsewhere; with `residual`, the sum residual + x W^T comes out of the same
+pass; with `norm` = (RMSNorm weight, eps), the product is of rms_norm(x), each program normalising the row itself
+(the row is a few KB; this saves the norm's own kernel). `linear_stacked(x, (w1, w2, ...))` is x [w1; w2; ...]^T
+without concatenating the weights (the q, k and v projections of a layer in one launch). `linear_swiglu(x, gate,
+up)` computes silu(x gate^T) * (x up^T) in the same pass over both weights. Accumulation is in fp32, as in cuBLAS;
+the order of the sums differs; results are rounded to the activation dtype where the unfused functions round. The
+loop over K is unrolled (K is a compile-time constant), which keeps every load of a program in flight at once
+(cold-weight products 5-15 % faster than the rolled loop, bench_gemv.py).
+
+Under Triton's interpreter the kernels run on CPU tensors (the tests; see kernels.py).
 """
 
 from __future__ import annotations
@@ -15,88 +23,94 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from longllama import kernels
+
 MAX_ROWS = 4
+_DEFAULTS = {"BLOCK_N": 8, "BLOCK_K": 256}  # the interpreter's configuration (no autotuning there)
 
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """The Triton kernels, built on first use (Triton is only needed, and only imported, on GPUs)."""
-    import triton
-    import triton.language as tl
+    """Triton and the kernels (gemv_kernels.py), imported on first use: Triton is only needed where they run."""
+    from longllama import gemv_kernels
 
-    configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-               for n in (4, 8, 16) for k in (256, 512, 1024) for w in (4, 8)]
-
-    @triton.autotune(configs=configs, key=["N", "K", "M"])
-    @triton.jit
-    def gemv(x_ptr, w_ptr, y_ptr, M, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid = tl.program_id(0)
-        row = tl.program_id(1)
-        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + row * K + ks, mask=ks < K, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
-                        other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, axis=1)
-        tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=cols < N)
-
-    @triton.autotune(configs=configs, key=["N", "K", "M"])
-    @triton.jit
-    def gemv_swiglu(x_ptr, g_ptr, u_ptr, y_ptr, M, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid = tl.program_id(0)
-        row = tl.program_id(1)
-        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask = (cols[:, None] < N) & (ks[None, :] < K)
-            x = tl.load(x_ptr + row * K + ks, mask=ks < K, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + cols[:, None] * K + ks[None, :], mask=mask, other=0.0)
-            u = tl.load(u_ptr + cols[:, None] * K + ks[None, :], mask=mask, other=0.0)
-            acc_g += g.to(tl.float32) * x[None, :]
-            acc_u += u.to(tl.float32) * x[None, :]
-        # Rounded to the activation dtype before the SwiGLU, as the unfused path rounds its two products.
-        g = tl.sum(acc_g, axis=1).to(y_ptr.dtype.element_ty).to(tl.float32)
-        u = tl.sum(acc_u, axis=1).to(y_ptr.dtype.element_ty).to(tl.float32)
-        silu = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(y_ptr + row * N + cols, (silu * u).to(y_ptr.dtype.element_ty), mask=cols < N)
-
-    return triton, gemv, gemv_swiglu
+    return gemv_kernels.triton, gemv_kernels.gemv, gemv_kernels.gemv_swiglu
 
 
-def applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether the kernel serves x (..., K) against these (N, K) weights."""
+def applies(x: torch.Tensor, *weights: torch.Tensor, norm=None) -> bool:
+    """Whether the kernel serves x (..., K) against these (N, K) weights (and the RMSNorm weight of `norm`)."""
     rows = x.numel() // x.shape[-1]
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and rows <= MAX_ROWS
-            and all(w.dtype == x.dtype and w.is_contiguous() and w.shape[1] == x.shape[-1] for w in weights))
+    ok = (kernels.usable(x) and x.dtype in (torch.bfloat16, torch.float16) and rows <= MAX_ROWS
+          and all(w.dtype == x.dtype and w.device == x.device and w.is_contiguous() and w.shape[1] == x.shape[-1]
+                  for w in weights))
+    return ok and (norm is None or (norm[0].dtype == x.dtype and norm[0].is_contiguous()))
 
 
-def _launch(kernel, x: torch.Tensor, weights, n: int) -> torch.Tensor:
-    triton = _kernels()[0]
+def _normed(x: torch.Tensor, norm) -> torch.Tensor:
+    from longllama.fused import rms_norm  # (fused imports this module)
+
+    return x if norm is None else rms_norm(x, norm[0], norm[1])
+
+
+def _prepared(x: torch.Tensor, norm):
+    """x as (rows, K) contiguous, and the kernel's norm arguments (weight pointer, eps, NORM)."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    if norm is None:
+        return flat, (flat, 0.0), False
+    return flat, (norm[0], float(norm[1])), True
+
+
+def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm) -> torch.Tensor:
+    w0 = weights[0]
+    sizes = [w.shape[0] for w in weights] + [0, 0]
+    offsets = [(w.data_ptr() - w0.data_ptr()) // w0.element_size() for w in weights[1:]] + [0, 0]
+    n = sum(w.shape[0] for w in weights)
     k = x.shape[-1]
-    flat = x.reshape(-1, k).contiguous()
+    flat, norm_args, normed = _prepared(x, norm)
     rows = flat.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    r = y if residual is None else residual.reshape(rows, n).contiguous()
+    triton = _kernels()[0]
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), rows)
-    kernel[grid](flat, *weights, y, rows, n, k)
+    kernels.launch(_kernels()[1], grid,
+                   (flat, *norm_args, w0, offsets[0], offsets[1], r, y, rows, n, sizes[0], sizes[1], k),
+                   _DEFAULTS, NORM=normed, RESIDUAL=residual is not None)
     return y.view(*x.shape[:-1], n)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T (no bias)."""
-    if not applies(x, weight):
-        return F.linear(x, weight)
-    return _launch(_kernels()[1], x, (weight,), weight.shape[0])
+def linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
+           norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """x @ weight.T (no bias), plus `residual` when given; with norm = (weight, eps), of rms_norm(x) instead of x."""
+    if not applies(x, weight, norm=norm) or (residual is not None and residual.dtype != x.dtype):
+        y = F.linear(_normed(x, norm), weight)
+        return y if residual is None else residual + y
+    return _stacked(x, (weight,), residual, norm)
 
 
-def linear_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(x @ gate.T) * (x @ up.T), rounding as the unfused functions do."""
-    if not applies(x, gate, up):
+def linear_stacked(x: torch.Tensor, weights: tuple[torch.Tensor, ...],
+                   norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """x @ cat(weights).T for two or three weights (N_i, K), in one launch where the kernel applies; `norm` as in
+    `linear`."""
+    if len(weights) > 3 or not applies(x, *weights, norm=norm):
+        x = _normed(x, norm)
+        return torch.cat([F.linear(x, w) for w in weights], dim=-1)
+    return _stacked(x, weights, None, norm)
+
+
+def linear_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                  norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T), rounding as the unfused functions do; `norm` as in `linear`."""
+    if not applies(x, gate, up, norm=norm):
+        x = _normed(x, norm)
         return F.silu(F.linear(x, gate)) * F.linear(x, up)
-    return _launch(_kernels()[2], x, (gate, up), gate.shape[0])
+    flat, norm_args, normed = _prepared(x, norm)
+    rows, n, k = flat.shape[0], gate.shape[0], flat.shape[1]
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    triton = _kernels()[0]
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), rows)
+    kernels.launch(_kernels()[2], grid, (flat, *norm_args, gate, up, y, rows, n, k), _DEFAULTS, NORM=normed)
+    return y.view(*x.shape[:-1], n)

@@ -1,0 +1,177 @@
+"""The Triton kernels of a decoding step (gemv.py, decode_attention.py), run by Triton's interpreter on the CPU:
+each against its plain-torch definition, and whole static decodes with and without them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longllama import decode_attention, fused, gemv, kernels
+
+from conftest import sharp_tiny
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """CPU tensors go to the kernels, run by Triton's interpreter (conftest turns it on before Triton's import)."""
+    if not kernels.interpreting():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
+    monkeypatch.setattr(kernels, "CPU", True)
+
+
+def _reference_attention(q, keys, values, used, mem_k=None, mem_v=None):
+    """fp32 softmax(q k^T / sqrt(d)) v over the first `used` local slots and the memory (heads repeated for GQA)."""
+    d = q.shape[-1]
+    k, v = keys[:, :, :used, :d].float(), values[:, :, :used, :d].float()
+    if mem_k is not None:
+        k = torch.cat([k, mem_k[..., :d].float()], 2)
+        v = torch.cat([v, mem_v[..., :d].float()], 2)
+    group = q.shape[1] // keys.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = q.float()[:, :, None] @ k.transpose(-1, -2) / math.sqrt(d)
+    return (scores.softmax(-1) @ v)[:, :, 0]
+
+
+@pytest.mark.parametrize("slot", [0, 17, 39])
+@pytest.mark.parametrize("with_memory", [False, True])
+def test_split_attention_equals_one_softmax(interpreter, monkeypatch, slot, with_memory):
+    monkeypatch.setattr(decode_attention, "_TARGET_PROGRAMS", 16)  # many chunks (some empty) for small inputs
+    monkeypatch.setattr(decode_attention, "_MIN_CHUNK", 8)
+    torch.manual_seed(slot)
+    b, h, kv, d, window, m, stored = 2, 4, 2, 20, 40, 150, 32
+    q = torch.randn(b, h, d) * 2
+    keys, values = (F.pad(torch.randn(b, kv, window, d), (0, 4)) for _ in range(2))  # rows zero-padded to 24
+    memory = None
+    if with_memory:
+        memory = (F.pad(torch.randn(b, kv, m, d), (0, stored - d)), F.pad(torch.randn(b, kv, m, d), (0, stored - d)))
+    out = decode_attention.attend(q, keys, values, torch.tensor([slot]), memory)
+    ref = _reference_attention(q, keys, values, slot + 1, *(memory or (None, None)))
+    assert out.shape == (b, h, d) and (out - ref).abs().max() < 1e-5
+
+
+def test_split_attention_in_bf16_reads_memory_of_another_dtype(interpreter):
+    torch.manual_seed(1)
+    q = torch.randn(1, 4, 16, dtype=torch.bfloat16)
+    keys, values = torch.randn(1, 4, 64, 16, dtype=torch.bfloat16), torch.randn(1, 4, 64, 16, dtype=torch.bfloat16)
+    memory = (torch.randn(1, 4, 300, 16), torch.randn(1, 4, 300, 16))  # fp32 memory (mem_dtype)
+    out = decode_attention.attend(q, keys, values, torch.tensor([63]), memory)
+    ref = _reference_attention(q, keys, values, 64, *memory)
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_rope_store_writes_the_slot_and_rotates(interpreter, rotate):
+    torch.manual_seed(2)
+    b, h, kv, d, window, slot = 2, 4, 2, 16, 10, 6
+    qkv = torch.randn(b, 1, (h + 2 * kv) * d, dtype=torch.bfloat16)
+    angles = torch.randn(window, d)
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    raw, rot, values = (torch.zeros(b, kv, window, d, dtype=torch.bfloat16) for _ in range(3))
+    q = decode_attention.rope_store(qkv, cos, sin, torch.tensor([slot]), raw, rot, values, h, rotate=rotate)
+    heads = qkv.view(b, h + 2 * kv, d).float()
+    c, s = cos[slot].float(), sin[slot].float()
+    turn = (lambda x: fused.rotate(x, c, s)) if rotate else (lambda x: x)
+    assert (q.float() - turn(heads[:, :h])).abs().max() < 2e-2
+    assert torch.equal(raw[:, :, slot], qkv.view(b, h + 2 * kv, d)[:, h:h + kv])
+    assert torch.equal(values[:, :, slot], qkv.view(b, h + 2 * kv, d)[:, h + kv:])
+    assert (rot[:, :, slot].float() - turn(heads[:, h:h + kv])).abs().max() < 2e-2
+    others = torch.ones(window, dtype=torch.bool)
+    others[slot] = False
+    assert not raw[:, :, others].any() and not rot[:, :, others].any() and not values[:, :, others].any()
+
+
+def _close_in_bf16(y, ref):
+    """Within four bf16 steps of the reference's magnitude (the kernels sum in another order, and a product of two
+    rounded sums doubles their error)."""
+    return (y.float() - ref.float()).abs().max() <= 4 * 2 ** -7 * ref.float().abs().max()
+
+
+def test_matrix_vector_kernels_equal_linear(interpreter):
+    torch.manual_seed(3)
+    x = torch.randn(2, 1, 96, dtype=torch.bfloat16)
+    q, k, v = (torch.randn(n, 96, dtype=torch.bfloat16) for n in (48, 12, 12))
+    assert gemv.applies(x, q)
+    stacked = gemv.linear_stacked(x, (q, k, v))
+    assert stacked.shape == (2, 1, 72)
+    assert _close_in_bf16(stacked, torch.cat([F.linear(x, w) for w in (q, k, v)], -1))
+    residual = torch.randn(2, 1, 48, dtype=torch.bfloat16)
+    assert _close_in_bf16(gemv.linear(x, q, residual=residual), residual + F.linear(x, q))
+    up = torch.randn(48, 96, dtype=torch.bfloat16)
+    assert _close_in_bf16(gemv.linear_swiglu(x, q, up), F.silu(F.linear(x, q)) * F.linear(x, up))
+    # With the RMSNorm before the product done inside it.
+    norm = (torch.rand(96, dtype=torch.bfloat16) + 0.5, 1e-6)
+    normed = fused.rms_norm(x * 3, *norm)
+    assert _close_in_bf16(gemv.linear(x * 3, q, norm=norm), F.linear(normed, q))
+    assert _close_in_bf16(gemv.linear_stacked(x * 3, (q, k, v), norm=norm),
+                          torch.cat([F.linear(normed, w) for w in (q, k, v)], -1))
+    assert _close_in_bf16(gemv.linear_swiglu(x * 3, q, up, norm=norm),
+                          F.silu(F.linear(normed, q)) * F.linear(normed, up))
+
+
+def _decode(model, ids, kernels_on: bool, **kwargs):
+    """A static decode with the Triton step on or off; checks that the kernels ran exactly when asked for."""
+    real_applies, real_attend = decode_attention.applies, decode_attention.attend
+    calls = []
+
+    def attend(*args):
+        calls.append(1)
+        return real_attend(*args)
+    decode_attention.applies = real_applies if kernels_on else (lambda x: False)
+    decode_attention.attend = attend
+    try:
+        out = model.generate(ids, decoder="static", output_scores=True, return_dict_in_generate=True, **kwargs)
+    finally:
+        decode_attention.applies, decode_attention.attend = real_applies, real_attend
+    assert bool(calls) == kernels_on
+    return out
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(num_key_value_heads=2), dict(mem_positionals=False),
+                                       dict(mem_top_k=4), dict(hidden_size=80)])  # head_dim 20: rows padded to 24
+def test_static_decoding_with_kernels_equals_without(interpreter, overrides):
+    model = sharp_tiny(attn_impl="fast", **overrides)
+    ids = torch.randint(3, 320, (1, 150))
+    with torch.no_grad():
+        plain = _decode(model, ids, False, max_new_tokens=40, last_context_length=40)  # crosses a flush
+        fast = _decode(model, ids, True, max_new_tokens=40, last_context_length=40)
+    assert torch.equal(plain.sequences, fast.sequences)
+    assert (torch.stack(plain.scores) - torch.stack(fast.scores)).abs().max() < 1e-4
+    for la, lb in zip(plain.cache.to_legacy(), fast.cache.to_legacy()):
+        for x, y in zip(la, lb):
+            assert x.shape == y.shape and (x.numel() == 0 or (x.float() - y.float()).abs().max() < 1e-5)
+
+
+def test_static_decoding_with_kernels_in_bf16(interpreter):
+    model = sharp_tiny(attn_impl="fast").to(torch.bfloat16)
+    ids = torch.randint(3, 320, (1, 100))
+    with torch.no_grad():
+        plain = _decode(model, ids, False, max_new_tokens=8)
+        fast = _decode(model, ids, True, max_new_tokens=8)
+    first_plain, first_fast = plain.scores[0], fast.scores[0]
+    assert (first_fast - first_plain).abs().max() < 0.05 * first_plain.abs().max()
+    assert (plain.sequences == fast.sequences).float().mean() > 0.9
+
+
+def test_kernels_only_where_they_can_run():
+    assert not kernels.usable(torch.zeros(1))  # CPU tensors without the interpreter
+    assert not decode_attention.applies(torch.zeros(1))
+
+
+def test_a_failing_kernel_falls_back_to_the_general_step(interpreter, monkeypatch, caplog):
+    model = sharp_tiny(attn_impl="fast")
+    ids = torch.randint(3, 320, (1, 100))
+    with torch.no_grad():
+        plain = _decode(model, ids, False, max_new_tokens=6)
+
+        def broken(*args):
+            raise RuntimeError("no Triton compiler here")
+        monkeypatch.setattr(decode_attention, "attend", broken)
+        fallen = model.generate(ids, decoder="static", max_new_tokens=6, output_scores=True,
+                                return_dict_in_generate=True)
+    assert torch.equal(plain.sequences, fallen.sequences)
+    assert sum("Triton step failed" in r.message for r in caplog.records) == 1
