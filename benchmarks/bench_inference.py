@@ -76,9 +76,10 @@ class _Clock:
         pass
 
 
-def decode_ms(model, ids, new_tokens: int, *, hf: bool, sample: bool = False) -> float:
+def decode_ms(model, ids, new_tokens: int, *, hf: bool, sample: bool = False) -> tuple[float, float]:
     """Mean time between streamed tokens, from the third new token to the last (the first comes with the prompt's
-    ingest, the second with any graph capture); greedy, or sampling (temperature 0.8, top-p 0.9)."""
+    ingest, the second with any graph capture); greedy, or sampling (temperature 0.8, top-p 0.9). Also the seconds of
+    the warm-up generation before it (the prompt, 4 tokens, and whatever a first call compiles or tunes)."""
     def run(n, streamer=None):
         kwargs = dict(max_new_tokens=n, do_sample=sample, streamer=streamer)
         if sample:
@@ -87,11 +88,14 @@ def decode_ms(model, ids, new_tokens: int, *, hf: bool, sample: bool = False) ->
             kwargs.update(min_new_tokens=n, pad_token_id=0)
         with torch.no_grad():
             model.generate(ids, **kwargs)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     run(4)  # warm-up: any compilation stays out of the timing
+    warmup = time.perf_counter() - start
     clock = _Clock()
     run(new_tokens + 2, clock)
     steps = clock.times[3:]  # times[0]: the prompt; [1]: first new token; [2]: second
-    return (steps[-1] - clock.times[2]) / len(steps) * 1e3
+    return (steps[-1] - clock.times[2]) / len(steps) * 1e3, warmup
 
 
 def check(model, n: int) -> dict:
@@ -233,11 +237,13 @@ def main() -> None:
                 continue
             ids = torch.randint(3, vocab, (1, after), device=device)
             for mode in ("greedy", "sampling") if args.decode_sampling else ("greedy",):
-                ms = decode_ms(model, ids, args.decode_tokens, hf=hf, sample=mode == "sampling")
+                ms, warmup = decode_ms(model, ids, args.decode_tokens, hf=hf, sample=mode == "sampling")
                 records.append(dict(benchmark="decode", impl=impl, kernel=None if hf else attention_kernel(),
                                     compile=None if hf else compiled, shape=args.shape, tokens=after, mode=mode,
-                                    ms_per_token=round(ms, 2), device=card, date=today))
-                print(f"{impl:18s} decode after {after} ({mode}): {ms:.2f} ms/token")
+                                    ms_per_token=round(ms, 2), warmup_seconds=round(warmup, 2), device=card,
+                                    date=today))
+                print(f"{impl:18s} decode after {after} ({mode}): {ms:.2f} ms/token (warm-up generation "
+                      f"{warmup:.1f} s)")
         del model
         torch.cuda.empty_cache()
     if args.out:
