@@ -174,13 +174,11 @@ def decode_attention_bandwidth(lengths) -> None:
         slot = torch.tensor([used - 1], device="cuda")
         print(f"no memory, {used} local slots in use: kernel "
               f"{_graph_ms(lambda: decode_attention.attend(q, keys, values, slot, None)) * 1e3:.1f} us")
+    slot = torch.tensor([2047], device="cuda")  # every local slot in use
+    visible = torch.ones(1, 1, 1, 2048, dtype=torch.bool, device="cuda")
     for m in lengths:
-        q = torch.randn(1, 32, 100, device="cuda", dtype=torch.bfloat16)
-        keys, values = (torch.randn(1, 32, 2048, 100, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         mem = tuple(torch.nn.functional.pad(torch.randn(1, 32, m, 100, device="cuda", dtype=torch.bfloat16), (0, 12))
                     for _ in range(2))
-        slot = torch.tensor([2047], device="cuda")
-        visible = torch.ones(1, 1, 1, 2048, dtype=torch.bool, device="cuda")
         gbytes = 2 * 32 * (2048 * 100 + m * 112) * 2 / 1e9
         general = _graph_ms(lambda: few_query_attention(q[:, :, None], keys, values, visible, mem[0][..., :100],
                                                         mem[1][..., :100], mem))

@@ -114,24 +114,29 @@ class StaticDecoder:
     def _compute(self) -> torch.Tensor:
         model = self.model.model
         h = model.embed_tokens(self.token)[:, None]  # (B, 1, H)
+        if self.kernels:
+            for layer, buffers, memory in zip(model.layers, self.buffers, self.memories):
+                h = self._layer_kernels(layer, h, buffers, memory)
+            self.slot.add_(1)
+            # The final norm inside lm_head's product.
+            return gemv.linear(h[:, 0], self.model.lm_head.weight, norm=_norm(model.norm)).float()
         cos = self.cos.index_select(0, self.slot)[None, None]  # (1, 1, 1, D)
         sin = self.sin.index_select(0, self.slot)[None, None]
-        visible = (self.slots <= self.slot)[None, None, None]  # (1, 1, 1, W)
+        visible = self._visible()
         ops = fused.ops(self.config, h.device, attention_impl(self.config, h.device))
         for layer, buffers, memory in zip(model.layers, self.buffers, self.memories):
-            if self.kernels:
-                h = self._layer_kernels(layer, h, buffers, memory, visible)
-                continue
             a = self._attention(layer, layer.input_layernorm(h, ops), *self._views(buffers), memory, cos, sin,
                                 visible, ops)
             post = layer.post_attention_layernorm
             h, normed = ops.add_rms_norm(h, a, post.weight, post.variance_epsilon)
             h = h + layer.mlp(normed, ops)
         self.slot.add_(1)
-        if self.kernels:  # the final norm inside lm_head's product
-            return gemv.linear(h[:, 0], self.model.lm_head.weight, norm=_norm(model.norm)).float()
         h = model.norm(h, ops)
         return ops.linear(h[:, 0], self.model.lm_head.weight).float()
+
+    def _visible(self) -> torch.Tensor:
+        """(1, 1, 1, W) bool: the local slots in use, up to and including the current one."""
+        return (self.slots <= self.slot)[None, None, None]
 
     def _attention(self, layer, x, raw, rot, values, memory, cos, sin, visible, ops):
         attn = layer.self_attn
@@ -144,16 +149,13 @@ class StaticDecoder:
         if self._positional(layer):
             q, k = ops.rotate(q, cos, sin), ops.rotate(k, cos, sin)
         rot.index_copy_(2, self.slot, k)
-        out = self._general_attention(q, rot, values, memory, visible, ops)
-        return ops.linear(out.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight)
-
-    def _general_attention(self, q, rot, values, memory, visible, ops):
         mem_k = mem_v = padded = None
         if memory is not None and memory.length:
             mem_k, mem_v, padded, _ = read_memory(memory, q.device)
-        return ops.few_query_attention(q, rot, values, visible, mem_k, mem_v, padded, self.config.mem_top_k)
+        out = ops.few_query_attention(q, rot, values, visible, mem_k, mem_v, padded, self.config.mem_top_k)
+        return ops.linear(out.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight)
 
-    def _layer_kernels(self, layer, h, buffers, memory, visible):
+    def _layer_kernels(self, layer, h, buffers, memory):
         """One decoder layer in seven kernels: each RMSNorm inside the product after it, each residual add inside
         the product before it (the same roundings as the general step)."""
         attn, mlp = layer.self_attn, layer.mlp
@@ -163,12 +165,13 @@ class StaticDecoder:
                                   norm=_norm(layer.input_layernorm))
         q = decode_attention.rope_store(qkv, self.cos, self.sin, self.slot, raw, rot, values, attn.num_heads,
                                         rotate=self._positional(layer))  # (B, H, D)
-        padded = valid = None
+        mem_k = mem_v = padded = valid = None
         if memory is not None and memory.length:
-            _, _, padded, valid = read_memory(memory, q.device)
+            mem_k, mem_v, padded, valid = read_memory(memory, q.device)
         if valid is not None or (padded is not None and self.config.mem_top_k is not None):
             _, rot, values = self._views(buffers)
-            out = self._general_attention(q[:, :, None], rot, values, memory, visible, fused.EAGER)[:, :, 0]
+            out = fused.EAGER.few_query_attention(q[:, :, None], rot, values, self._visible(), mem_k, mem_v, padded,
+                                                  self.config.mem_top_k)[:, :, 0]
         else:
             out = decode_attention.attend(q, rot, values, self.slot, padded)
         h = gemv.linear(out.reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight, residual=h)

@@ -31,10 +31,15 @@ _DEFAULTS = {"BLOCK_N": 8, "BLOCK_K": 256}  # the interpreter's configuration (n
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """Triton and the kernels (gemv_kernels.py), imported on first use: Triton is only needed where they run."""
+    """The kernels (gemv_kernels.py), imported on first use: Triton is only needed where they run."""
     from longllama import gemv_kernels
 
-    return gemv_kernels.triton, gemv_kernels.gemv, gemv_kernels.gemv_swiglu
+    return gemv_kernels.gemv, gemv_kernels.gemv_swiglu
+
+
+def _grid(n: int, rows: int):
+    """Launch grid: blocks of BLOCK_N output columns, one row of x each."""
+    return lambda meta: (-(-n // meta["BLOCK_N"]), rows)
 
 
 def applies(x: torch.Tensor, *weights: torch.Tensor, norm=None) -> bool:
@@ -70,11 +75,7 @@ def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm) -> t
     rows = flat.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     r = y if residual is None else residual.reshape(rows, n).contiguous()
-    triton = _kernels()[0]
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), rows)
-    kernels.launch(_kernels()[1], grid,
+    kernels.launch(_kernels()[0], _grid(n, rows),
                    (flat, *norm_args, w0, offsets[0], offsets[1], r, y, rows, n, sizes[0], sizes[1], k),
                    _DEFAULTS, NORM=normed, RESIDUAL=residual is not None)
     return y.view(*x.shape[:-1], n)
@@ -108,9 +109,5 @@ def linear_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     flat, norm_args, normed = _prepared(x, norm)
     rows, n, k = flat.shape[0], gate.shape[0], flat.shape[1]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    triton = _kernels()[0]
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), rows)
-    kernels.launch(_kernels()[2], grid, (flat, *norm_args, gate, up, y, rows, n, k), _DEFAULTS, NORM=normed)
+    kernels.launch(_kernels()[1], _grid(n, rows), (flat, *norm_args, gate, up, y, rows, n, k), _DEFAULTS, NORM=normed)
     return y.view(*x.shape[:-1], n)
