@@ -68,12 +68,23 @@ class _Clock:
     def __init__(self):
         self.times: list[float] = []
 
-    def put(self, value) -> None:
-        torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
+    def put(self, value) -> None:  # value is on the host: the token has arrived (no device sync here, which
+        self.times.append(time.perf_counter())  # would stall a decoder that queues its next step first)
 
     def end(self) -> None:
         pass
+
+
+def tuned_configs() -> dict:
+    """The configurations Triton's autotuner chose in this process, per kernel and key (for pruning the lists)."""
+    try:
+        from longllama import decode_attention, gemv_kernels
+    except ImportError:
+        return {}
+    kernels = {"gemv": gemv_kernels.gemv, "gemv_swiglu": gemv_kernels.gemv_swiglu,
+               "partials": decode_attention._kernels()[1]}
+    return {f"{name} {key}": str(config) for name, kernel in kernels.items()
+            for key, config in getattr(kernel, "cache", {}).items()}
 
 
 def decode_ms(model, ids, new_tokens: int, *, hf: bool, sample: bool = False) -> tuple[float, float]:
@@ -127,10 +138,19 @@ def check(model, n: int) -> dict:
 
 
 def attention_kernel() -> str:
+    """The kernel settings, the memory kernel as resolved now (after a FlashAttention 4 failure: its fallback)."""
     from longllama import attention
+    try:
+        from longllama import flash4
+    except ImportError:  # code from before flash4.py (a baseline run)
+        return (f"local={attention.CUDA_KERNEL},memory={attention.MEMORY_KERNEL},piece={attention.MEMORY_PIECE},"
+                f"chunk={attention.MEMORY_CHUNK}")
 
-    return (f"local={attention.CUDA_KERNEL},memory={attention.MEMORY_KERNEL},piece={attention.MEMORY_PIECE},"
-            f"chunk={attention.MEMORY_CHUNK}")
+    probe = torch.empty(1, 1, 1, 112, device="cuda", dtype=torch.bfloat16)
+    memory = attention.resolve_memory_kernel(probe)
+    return (f"local={attention.CUDA_KERNEL},memory={attention.MEMORY_KERNEL}->{memory},"
+            f"piece={attention.MEMORY_PIECE},chunk={attention.MEMORY_CHUNK}"
+            + (",fa4-failed" if flash4._broken else ""))
 
 
 def ingest_flops(config, params: int, n: int, *, hf: bool) -> float:
@@ -166,7 +186,7 @@ def main() -> None:
     ap.add_argument("--hf-tokens", default=None, help="ingest lengths for hf-llama (default: --tokens)")
     ap.add_argument("--kernel", default=None, choices=["auto", "flash", "cudnn"],
                     help="local-attention kernel (default: attention.CUDA_KERNEL)")
-    ap.add_argument("--memory-kernel", default=None, choices=["auto", "flash", "cudnn"],
+    ap.add_argument("--memory-kernel", default=None, choices=["auto", "fa4", "flash", "cudnn"],
                     help="memory-attention kernel (default: attention.MEMORY_KERNEL)")
     ap.add_argument("--memory-chunk", type=int, default=None, help="FlashAttention: keys per chunk of a split-KV call")
     ap.add_argument("--mem-offload", action="store_true", help="memory in pinned CPU memory (mem_offload)")
@@ -175,12 +195,16 @@ def main() -> None:
     ap.add_argument("--decode-sampling", action="store_true", help="also time decoding with sampling")
     ap.add_argument("--repeat", type=int, default=2, help="ingests per length; the last is reported as seconds")
     ap.add_argument("--check", type=int, default=0, help="tokens of an input to check against the exact path")
+    ap.add_argument("--no-ahead", action="store_true", help="static decoding one step at a time (generate.AHEAD)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from longllama import attention
 
     attention.CUDA_KERNEL = args.kernel or attention.CUDA_KERNEL
     attention.MEMORY_KERNEL = args.memory_kernel or attention.MEMORY_KERNEL
+    if args.no_ahead:
+        from longllama import generate
+        generate.AHEAD = False
     if args.memory_chunk is not None:
         attention.MEMORY_CHUNK = args.memory_chunk
 
@@ -210,7 +234,7 @@ def main() -> None:
             records.append(dict(check(model, args.check), impl=impl, kernel=attention_kernel(),
                                 compile=compiled, shape=args.shape, device=card, date=today))
         lengths = args.hf_tokens if hf and args.hf_tokens else args.tokens
-        for n in [int(t) for t in lengths.split(",")]:
+        for n in [int(t) for t in lengths.split(",") if t and int(t)]:
             ids = torch.randint(3, vocab, (1, n), device=device)
             try:
                 runs = [ingest(model, ids, hf=hf) for _ in range(args.repeat)]
@@ -244,6 +268,8 @@ def main() -> None:
                                     date=today))
                 print(f"{impl:18s} decode after {after} ({mode}): {ms:.2f} ms/token (warm-up generation "
                       f"{warmup:.1f} s)")
+            if not hf:
+                records.append(dict(benchmark="tuned", impl=impl, shape=args.shape, configs=tuned_configs()))
         del model
         torch.cuda.empty_cache()
     if args.out:

@@ -81,6 +81,31 @@ def check_kernels() -> bool:
     return ok and e < 2e-2 and e_lse < 1e-3
 
 
+def check_flash4() -> bool:
+    """FlashAttention 4's memory attention (when installed, on Hopper) against fp32 maths: one call over a memory
+    stored 112 wide, and a group of windows each seeing its own prefix of one shared memory."""
+    from longllama import flash4
+
+    q = torch.nn.functional.pad(torch.randn(3, 32, 2048, 100, device="cuda", dtype=torch.bfloat16), (0, 12))
+    if not flash4.usable(q):
+        print("FlashAttention 4: not installed or not a Hopper GPU; skipped")
+        return True
+    k, v = (torch.nn.functional.pad(torch.randn(1, 32, 20000, 100, device="cuda", dtype=torch.bfloat16), (0, 12))
+            for _ in range(2))
+    ok = True
+    for used in (None, [5000, 12000, 20000]):
+        rows = q if used else q[:1]
+        out, lse = flash4.memory_attention(rows, k, v, scale=0.1, used=used)
+        for i in range(rows.shape[0]):
+            m = used[i] if used else k.shape[2]
+            s = rows[i].float() @ k[0, :, :m].float().transpose(-1, -2) * 0.1
+            e, e_lse = rel(out[i].float(), torch.softmax(s, -1) @ v[0, :, :m].float()), rel(lse[i], s.logsumexp(-1))
+            print(f"FlashAttention 4 memory attention, {m} keys{' (prefix of a group)' if used else ''}: "
+                  f"out rel {e:.2e}, lse rel {e_lse:.2e}")
+            ok &= e < 2e-2 and e_lse < 1e-3
+    return ok and not flash4._broken
+
+
 def check_decode_kernels() -> bool:
     """The Triton kernels of a decoding step (3B head shape, bf16) against fp32 maths."""
     import math
@@ -132,6 +157,8 @@ def check_decode_kernels() -> bool:
 def main() -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from longllama import attention
+
     torch.manual_seed(0)
     cfg = preset("3b", num_hidden_layers=6, mem_layers=[2, 4])
     with torch.device("cuda"):
@@ -164,10 +191,11 @@ def main() -> int:
         print(f"bf16, short input vs fp32: ours {e:.2e}, transformers LLaMA {base:.2e}")
         ok &= e <= 1.5 * base + 1e-3
         for name, kw in [("eager", dict(attn_impl="eager")), ("fast", dict(attn_impl="fast")),
-                         ("sdpa", dict(torch_attention=True)),
+                         ("fast, memory by cuDNN", dict(attn_impl="fast")), ("sdpa", dict(torch_attention=True)),
                          ("grouped", dict(attn_impl="eager", mem_attention_grouping=(4, 512)))]:
             for k, v in kw.items():
                 setattr(ours.config, k, v)
+            attention.MEMORY_KERNEL = "cudnn" if "cuDNN" in name else "auto"
             e = rel(ours(long, use_cache=False).logits, ref_long)
             print(f"bf16, long input, {name} vs fp32 eager: rel {e:.2e}")
             ok &= e <= 1.5 * base + 1e-3
@@ -175,8 +203,6 @@ def main() -> int:
             ours.config.attn_impl = "auto"
         for name, kw in [("eager, top-k 64", dict(attn_impl="eager")), ("fast, top-k 64", dict(attn_impl="fast")),
                          ("fast, top-k 64, memory chunks", dict(attn_impl="fast"))]:
-            from longllama import attention
-
             attention._TOP_K_SCORES = 1 << 22 if "chunks" in name else 1 << 27  # several chunks of keys, or one
             ours.config.attn_impl, ours.config.mem_top_k = kw["attn_impl"], 64
             e = rel(ours(long, use_cache=False).logits, ref_long_top_k)
@@ -184,6 +210,7 @@ def main() -> int:
             ok &= e <= 1.5 * base + 1e-3
         attention._TOP_K_SCORES, ours.config.mem_top_k, ours.config.attn_impl = 1 << 27, None, "auto"
         ok &= check_kernels()
+        ok &= check_flash4()
         ok &= check_decode_kernels()
         ok &= check_static_decoder(ours, long[:, :3000])
     print("PASS" if ok else "FAIL")

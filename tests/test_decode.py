@@ -75,3 +75,48 @@ def test_reference_generation_fixtures_with_the_static_decoder():
                              return_dict_in_generate=True, **case["args"])
         np.testing.assert_array_equal(out.sequences.numpy(), tensors["sequences"])
         assert np.abs(torch.stack(out.scores, 1).numpy() - tensors["scores"]).max() <= 1e-4
+
+
+class _Tokens:
+    """A streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.puts = []
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("end_at", ["undo", "flush"])
+def test_static_decoding_ahead_of_the_host_stops_where_dynamic_stops(end_at):
+    # The static path queues each next step before it looks at the current token; when every row has ended it
+    # takes that step back, so tokens, scores, streamed tokens and the final cache match the dynamic path. At
+    # generated token 24 the next step would flush the 64-token window (40 local tokens after the prompt): there
+    # it decides before stepping.
+    model = _model()
+    for seed in range(50):
+        ids = torch.randint(3, 320, (1, 150), generator=torch.Generator().manual_seed(seed))
+        free = model.generate(ids, decoder="static", max_new_tokens=40, last_context_length=40)[0, 150:].tolist()
+        k = 24 if end_at == "flush" else 11
+        if free[k] not in free[:k]:
+            break
+    else:
+        pytest.fail("no prompt whose chosen token is new at that step")
+    streams = {}
+    out = {}
+    for decoder in ("dynamic", "static"):
+        streams[decoder] = _Tokens()
+        out[decoder] = model.generate(ids, decoder=decoder, max_new_tokens=40, last_context_length=40,
+                                      eos_token_id=free[k], streamer=streams[decoder], output_scores=True,
+                                      return_dict_in_generate=True)
+    a, b = out["dynamic"], out["static"]
+    assert a.sequences.shape[1] == 150 + k + 1 and torch.equal(a.sequences, b.sequences)
+    assert (torch.stack(a.scores) - torch.stack(b.scores)).abs().max() < 1e-5
+    assert [t.tolist() for t in streams["static"].puts] == [t.tolist() for t in streams["dynamic"].puts]
+    assert a.cache.local_length == b.cache.local_length and a.cache.memory_length == b.cache.memory_length
+    for la, lb in zip(a.cache.to_legacy(), b.cache.to_legacy()):
+        for x, y in zip(la, lb):
+            assert x.shape == y.shape and (x.numel() == 0 or (x.float() - y.float()).abs().max() < 1e-5)

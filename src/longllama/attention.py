@@ -10,7 +10,8 @@
              attentions that return their log-sum-exp, merged exactly into one softmax (cuDNN's or FlashAttention's
              kernel on CUDA, see CUDA_KERNEL / MEMORY_KERNEL; torch's blockwise kernel or explicit fp32 maths
              elsewhere); the memory is read as stored, zero-padded in the head dimension (a multiple of 16 on GPUs,
-             memory_storage_dim), in pieces of MEMORY_PIECE x 2^j keys for cuDNN. grouped_window_attention runs
+             memory_storage_dim), by FlashAttention 4 in one call where it serves (flash4.py), else in pieces
+             of MEMORY_PIECE x 2^j keys for cuDNN. grouped_window_attention runs
              several memory windows of one sequence as a batch (windows.WINDOW_GROUP_TOKENS). With `mem_top_k`
              (kNN memory) each query's k best memory keys are chosen over chunks of scores and attended in fp32.
              A few queries (decoding): one joint softmax over local and memory scores, values applied as two
@@ -28,6 +29,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from longllama import flash4
 
 
 def clamp_value(dtype: torch.dtype) -> float:
@@ -151,9 +154,11 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 # CUDA_KERNEL: local attention (one shape per window size). On an H100 (profile_step.py, 2026-11-26) FlashAttention
 # ran the 3B model's causal 2048-token windows at ~134 TFLOP/s (head_dim 100 padded to 104).
 CUDA_KERNEL = "auto"
-# MEMORY_KERNEL: memory attention. On an H100 (2048 queries x 64k keys, 32 heads, head_dim 100 counted; profile_step.py,
-# 2026-11-26) cuDNN ran 524 TFLOP/s with the head dimension padded to 112 (the memory's storage on GPUs) and 465 at
-# 104, FlashAttention 236-263 at 104-128. cuDNN builds a plan for every new shape, so the memory is read in pieces of
+# MEMORY_KERNEL: memory attention ("auto", "fa4", "cudnn" or "flash"). "auto" takes FlashAttention 4 where it is
+# installed, on Hopper GPUs (flash4.py: ~7-25 % faster than cuDNN there), else the CUDA_KERNEL choice. On an H100
+# (2048 queries x 64k keys, 32 heads, head_dim 100 counted; profile_step.py, 2026-11-26) cuDNN ran 524 TFLOP/s
+# with the head dimension padded to 112 (the memory's storage on GPUs) and 465 at 104, FlashAttention 2 236-263 at
+# 104-128. cuDNN builds a plan for every new shape, so the memory is read in pieces of
 # MEMORY_PIECE x 2^j keys (the binary digits of M / MEMORY_PIECE, largest first; a rest under MEMORY_PIECE keys goes
 # to FlashAttention): a process builds at most ~log2(M / MEMORY_PIECE) plans per query count, not one per length.
 MEMORY_KERNEL = "auto"
@@ -194,12 +199,27 @@ def resolve_kernel(q: torch.Tensor, kernel: str) -> str:
     return "cudnn" if usable else "flash"
 
 
+def resolve_memory_kernel(q: torch.Tensor, kernel: str | None = None) -> str:
+    """The memory-attention kernel for queries like q: "auto" (see MEMORY_KERNEL) is "fa4" where FlashAttention 4
+    serves (flash4.usable), else as resolve_kernel; "fa4" where it does not serve is "auto"'s other choice."""
+    kernel = kernel or MEMORY_KERNEL
+    if kernel in ("auto", "fa4"):
+        return "fa4" if flash4.usable(q) else resolve_kernel(q, "auto")
+    return kernel
+
+
 def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                      kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """partial_attention of q (b, h, n, d) over memory keys k, v (b, h_kv, M, d); out in fp32. cuDNN reads the
-    memory in pieces (see MEMORY_PIECE), FlashAttention in one call or in MEMORY_CHUNK chunks; all views of the
-    memory, no copy for h_kv = h."""
-    kernel = resolve_kernel(q, kernel or MEMORY_KERNEL)
+    """partial_attention of q (b, h, n, d) over memory keys k, v (b, h_kv, M, d); out in fp32, or in q's dtype from
+    FlashAttention 4 (one call). cuDNN reads the memory in pieces (see MEMORY_PIECE), FlashAttention 2 in one call or
+    in MEMORY_CHUNK chunks; all views of the memory, no copy for h_kv = h."""
+    kernel = resolve_memory_kernel(q, kernel)
+    if kernel == "fa4":
+        try:
+            return flash4.memory_attention(q, k, v, scale=scale)
+        except Exception as exc:  # noqa: BLE001 - reported once; cuDNN serves from here on
+            flash4.failed(exc)
+            kernel = resolve_kernel(q, "auto")
     h, m = q.shape[1], k.shape[2]
     if kernel != "cudnn":
         return _chunked_memory_attention(q, k, v, scale=scale, kernel=kernel)
@@ -528,6 +548,16 @@ def grouped_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = 1.0 / math.sqrt(q.shape[-1])
     out, lse = _local_partial(q, k, v, True, scale, pad)
     pk, pv = _as_stored(padded_mem, dtype, kernel_head_dim(q.shape[-1]))
+    first = next((j for j, m in enumerate(prefixes) if m), len(prefixes))  # prefixes increase: a suffix sees memory
+    if first < len(prefixes) and resolve_memory_kernel(q) == "fa4":
+        try:  # the windows that see memory, in one call: each row its own prefix of the shared memory
+            d = q.shape[-1]
+            mem_out, mem_lse = flash4.memory_attention(_pad_to(q[first:], pk.shape[-1]), pk, pv, scale=scale,
+                                                       used=prefixes[first:])
+            joined = merge_partials(out[first:].float(), lse[first:], mem_out[..., :d], mem_lse)
+            return torch.cat([out[:first].float(), joined]).to(dtype)
+        except Exception as exc:  # noqa: BLE001 - reported once; cuDNN serves from here on
+            flash4.failed(exc)
     rows = []
     for j, m in enumerate(prefixes):
         local = out[j:j + 1].float()

@@ -235,6 +235,15 @@ class StaticDecoder:
         self.length += 1
         return logits
 
+    def can_undo(self) -> bool:
+        """Whether the next step could be taken back (undo): it will not flush the window into memory."""
+        return self.length < self.window
+
+    def undo(self) -> None:
+        """Take back the last step (one that did not flush): its slot is free again, as if it never ran."""
+        self.length -= 1
+        self.slot.sub_(1)
+
     def to_cache(self) -> LongLlamaCache:
         """The state as a LongLlamaCache (local keys un-rotated, as the generic path stores them)."""
         cache = LongLlamaCache(len(self.buffers))

@@ -28,15 +28,20 @@ _TARGET_PROGRAMS = 2048  # chunks x rows x heads aimed at: ~15 programs per SM o
 _MIN_CHUNK, _MAX_CHUNK = 128, 8192
 _DEFAULTS = {"BLOCK_N": 32}  # the interpreter's configuration (no autotuning there)
 _MERGE_BLOCK = 64
+# partials' configurations (BLOCK_N, num_warps): at least 8 elements of a 128-wide tile per thread
+_CHOICES = [(n, w) for n in (16, 32, 64, 128) for w in (2, 4, 8, 16) if n * 128 // (32 * w) >= 8]
+# Chosen on an H100 (bench_inference.py run "j", 2026-11-26) for the 3B model: local slots (chunks of 128 keys, rows
+# 104 wide) and memories of 32k and 256k keys (chunks of 512 and 4096, rows 112 wide); see kernels.autotune.
+_MEASURED = {("NVIDIA H100 80GB HBM3", "torch.bfloat16", chunk, 100, width): ({"BLOCK_N": n}, w)
+             for chunk, width, n, w in [(128, 104, 16, 8), (512, 112, 32, 2), (4096, 112, 32, 2)]}
 
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
     triton, tl = kernels.triton()
-    configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n in (16, 32, 64, 128) for w in (2, 4, 8, 16)
-               if n * 128 // (32 * w) >= 8]  # at least 8 elements of a tile per thread
+    configs = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in _CHOICES]
 
-    @kernels.autotune(configs, key=["chunk", "D", "D_READ"])
+    @kernels.autotune(configs, key=["chunk", "D", "D_READ"], measured=_MEASURED)
     @triton.jit
     def partials(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, n_ptr, n_fixed, split0, splits, H, group,
                  s_qb, s_qh, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, scale_log2, chunk, D, D_READ,

@@ -127,6 +127,42 @@ def _static_decoder(model, state: LongLlamaCache, mask, mode: str, device: torch
     return StaticDecoder(model, state, graphs=device.type == "cuda" and not model.config.mem_offload)
 
 
+AHEAD = True  # static decoding queues each next step before the host waits (_Ahead); False: one step at a time
+
+
+class _Ahead:
+    """Static decoding, one step ahead of the host: this step's token (and which rows are unfinished) are copied
+    to host memory, the next step is queued behind them, and only then does the host wait, for the copies alone."""
+
+    def __init__(self, batch: int, device: torch.device):
+        cuda = device.type == "cuda"
+        self.token = torch.empty(batch, dtype=torch.long, pin_memory=cuda)
+        self.unfinished = torch.empty(batch, dtype=torch.bool, pin_memory=cuda)
+        self.copied = torch.cuda.Event() if cuda else None
+
+    def step(self, static: StaticDecoder, token, unfinished, streamer, *, check: bool):
+        """(logits of the next position, done): done when every row has ended, the queued step taken back."""
+        if not static.can_undo():  # the next step moves the window into memory: decide first, then step
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if check and not bool(unfinished.any()):
+                return None, True
+            return static.step(token), False
+        self.token.copy_(token, non_blocking=True)
+        self.unfinished.copy_(unfinished, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        logits = static.step(token)
+        if self.copied is not None:
+            self.copied.synchronize()
+        if streamer is not None:
+            streamer.put(self.token.clone())
+        if check and not bool(self.unfinished.any()):
+            static.undo()
+            return None, True
+        return logits, False
+
+
 def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
              generation_config=None, last_context_length: int | None = None,
              past_key_values: LongLlamaCache | None = None, cache: LongLlamaCache | None = None,
@@ -147,7 +183,8 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
     """
     unknown = sorted(set(settings) - set(_SETTING_NAMES))
     if unknown:
-        raise InputError(f"generate() got unsupported argument(s) {', '.join(unknown)}: see help(longllama.generate.generate)")
+        raise InputError(f"generate() got unsupported argument(s) {', '.join(unknown)}: "
+                         "see help(longllama.generate.generate)")
     if not use_cache:
         raise InputError("use_cache=False is not supported by generate: the local cache is how LongLLaMA decodes")
     if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -175,6 +212,7 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
     sequences, scores, raw = input_ids, [], []
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
     eos = torch.tensor(s.eos_token_ids, device=device, dtype=torch.long)
+    ahead = _Ahead(input_ids.shape[0], device) if static is not None and AHEAD else None
     for step in range(s.max_new_tokens):
         logits = logits.float()
         processed = procs(sequences, logits) if len(procs) else logits
@@ -188,15 +226,20 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
             token = processed.argmax(dim=-1)
         token = torch.where(unfinished, token, torch.full_like(token, s.pad_token_id))
         sequences = torch.cat([sequences, token[:, None]], dim=1)
-        if streamer is not None:
-            streamer.put(token.cpu())
         if len(eos):
             unfinished &= ~torch.isin(token, eos)
-        if step == s.max_new_tokens - 1 or not bool(unfinished.any()):
-            break
-        if static is not None:
-            logits = static.step(token)
+        last = step == s.max_new_tokens - 1
+        if ahead is not None and not last:
+            # The next step goes to the GPU before the host waits for this token (streamer, end of sequence), so
+            # the GPU never idles on the host; a step past the end is taken back (undo).
+            logits, done = ahead.step(static, token, unfinished, streamer, check=len(eos) > 0)
+            if done:
+                break
             continue
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if last or not bool(unfinished.any()):
+            break
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = model.model.run(token[:, None], cache=state, attention_mask=mask, position_ids=next_pos[:, None],

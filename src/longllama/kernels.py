@@ -43,9 +43,14 @@ def usable(x: torch.Tensor) -> bool:
     return x.is_cuda or (CPU and interpreting() and x.device.type == "cpu")
 
 
-def autotune(configs, key):
-    """triton.autotune on GPUs (the first call with a new key times every configuration, seconds); the interpreter
-    cannot time configurations, so there the kernel stays as it is and `launch` passes a fixed configuration."""
+def autotune(configs, key, measured: dict | None = None):
+    """triton.autotune on GPUs (the first call with a new key compiles and times every configuration); the
+    interpreter cannot time configurations, so there the kernel stays as it is and `launch` passes a fixed one.
+
+    `measured`: {(GPU name, activation dtype, *key values): (meta-parameters, num_warps)}, the configurations the
+    autotuner chose on that GPU (benchmarks/bench_inference.py records them): a key found there compiles only that
+    configuration. A fresh machine spent ~3 minutes tuning the 3B model's first decoding over the full lists (H100,
+    2026-11-26); keys or GPUs not in the table are tuned as usual."""
     if interpreting():
         return lambda fn: fn
     import inspect
@@ -53,7 +58,29 @@ def autotune(configs, key):
     tune = triton()[0].autotune
     # The choices are kept on disk (Triton's cache) where this Triton can: later processes skip the timing runs.
     extra = {"cache_results": True} if "cache_results" in inspect.signature(tune).parameters else {}
+    if measured:
+        extra["prune_configs_by"] = {"early_config_prune": measured_choice(measured, key)}
     return tune(configs=configs, key=key, **extra)
+
+
+def _device_name(t: torch.Tensor) -> str | None:
+    return torch.cuda.get_device_name(t.device) if t.is_cuda else None
+
+
+def measured_choice(measured: dict, key):
+    """Triton's early_config_prune: the measured configuration for this GPU, dtype and key, else all of them."""
+    def prune(configs, nargs, **kwargs):
+        args = {**nargs, **kwargs}
+        tensor = next((v for v in args.values() if isinstance(v, torch.Tensor)), None)
+        if tensor is None:
+            return configs
+        want = measured.get((_device_name(tensor), str(tensor.dtype), *(args.get(k) for k in key)))
+        if want is None:
+            return configs
+        meta, warps = want
+        picked = [c for c in configs if c.kwargs == meta and c.num_warps == warps]
+        return picked or configs
+    return prune
 
 
 def launch(kernel, grid, args, defaults: dict, **constants) -> None:

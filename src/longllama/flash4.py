@@ -1,0 +1,67 @@
+"""Memory attention by FlashAttention 4 (the optional `flash-attn-4` package, CuTe DSL kernels) on Hopper GPUs.
+
+Measured on an H100 (benchmarks/bench_attention_kernels.py, 2026-11-26; 32 heads, head dimension stored 112 for a
+head_dim-100 model, TFLOP/s counted on 100): 2048 queries over 64k memory keys ~581 TFLOP/s against cuDNN's ~542,
+over 256k keys ~550 against ~470; head_dim 128 (Code 7B) 547-612 against 441-551. cuDNN stays faster on the causal
+local windows, so only memory attention comes here. One call reads the whole memory (no per-shape plans as with
+cuDNN, so no pieces), and a group of windows with different memory prefixes is one batched call (`used`: keys each
+batch row sees, the memory itself shared, not copied).
+
+The package compiles each kernel configuration on its first use in a process (~1.5-2 s); its on-disk cache of
+compiled kernels is switched on here (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 unless the variable is set), so later
+processes load them. Any failure (import, compilation, an unsupported shape) is reported once and the caller falls
+back to cuDNN for the rest of the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+_broken: list[str] = []  # the first failure's message, once one happened
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_func():
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+    except Exception:  # noqa: BLE001 - not installed, or its CUDA libraries do not load: cuDNN serves instead
+        return None
+    return flash_attn_varlen_func
+
+
+def usable(q: torch.Tensor) -> bool:
+    """Whether FlashAttention 4 serves memory attention for queries like q: installed, an SM 9.x GPU (where it was
+    measured faster than cuDNN), bf16/fp16, head dimension a multiple of 8 up to 256, and no failure so far."""
+    if _broken or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if q.shape[-1] % 8 or q.shape[-1] > 256 or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    return _varlen_func() is not None
+
+
+def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                     used: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (b, h, n, d) over memory keys and values k, v (b or 1, h_kv, M, d) in one kernel call, with
+    its log-sum-exp (b, h, n) fp32; out (b, h, n, d) in q's dtype. `used`: per row of q, how many memory keys (a
+    prefix, >= 1) it sees (default: all M). Views only: the memory is neither copied nor expanded in memory."""
+    func = _varlen_func()
+    b = q.shape[0]
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (b, M, h_kv, d): the kernel's layout, as strides
+    if kt.shape[0] != b:
+        kt, vt = kt.expand(b, -1, -1, -1), vt.expand(b, -1, -1, -1)
+    seqused = None if used is None else torch.tensor(used, dtype=torch.int32).to(q.device, non_blocking=True)
+    out, lse = func(q.transpose(1, 2), kt, vt, seqused_k=seqused, softmax_scale=scale, causal=False,
+                    return_lse=True)
+    return out.transpose(1, 2), lse
+
+
+def failed(exc: BaseException) -> None:
+    """Record a failure: one warning, and FlashAttention 4 is not used again in this process."""
+    _broken.append(f"{type(exc).__name__}: {exc}")
+    warnings.warn(f"FlashAttention 4 failed ({_broken[0][:200]}); memory attention falls back to cuDNN",
+                  RuntimeWarning, stacklevel=3)

@@ -1,0 +1,119 @@
+"""The FlashAttention 4 memory path (flash4.py) around its kernel: layouts, per-row memory prefixes of a window group,
+the merge with local attention, and the fallback after a failure. The kernel needs a Hopper GPU; here a stand-in with
+the package's calling convention (batch, sequence, heads, dim tensors; seqused_k; log-sum-exp (batch, heads, queries))
+computes the same function in fp32, and benchmarks/gpu_check.py / bench_inference.py --check test the real kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longllama import attention, flash4, windows
+
+from conftest import sharp_tiny
+
+
+class FakeVarlen:
+    """flash_attn.cute.flash_attn_varlen_func for non-causal attention, in fp32; records what it was given."""
+
+    def __init__(self, fail: bool = False):
+        self.calls, self.fail = [], fail
+
+    def __call__(self, q, k, v, *, seqused_k=None, softmax_scale, causal, return_lse):
+        assert not causal and return_lse
+        assert q.dim() == k.dim() == v.dim() == 4 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        self.calls.append(dict(q=q, k=k, seqused=None if seqused_k is None else seqused_k.tolist()))
+        if self.fail:
+            raise RuntimeError("no kernel for this shape")
+        b, n, h, d = q.shape
+        rep = h // k.shape[2]
+        outs, lses = [], []
+        for i in range(b):
+            m = k.shape[1] if seqused_k is None else int(seqused_k[i])
+            kk = k[i, :m].float().repeat_interleave(rep, 1).transpose(0, 1)  # (h, m, d)
+            vv = v[i, :m].float().repeat_interleave(rep, 1).transpose(0, 1)
+            s = q[i].float().transpose(0, 1) @ kk.transpose(-1, -2) * softmax_scale  # (h, n, m)
+            lses.append(torch.logsumexp(s, -1))
+            outs.append((torch.softmax(s, -1) @ vv).transpose(0, 1))
+        return torch.stack(outs).to(q.dtype), torch.stack(lses)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    fn = FakeVarlen()
+    monkeypatch.setattr(flash4, "_varlen_func", lambda: fn)
+    monkeypatch.setattr(flash4, "usable", lambda q: not flash4._broken)
+    monkeypatch.setattr(flash4, "_broken", [])
+    return fn
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_memory_attention_is_one_call_over_the_stored_memory(fake, kv_heads):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 30, 8)
+    k, v = torch.randn(2, kv_heads, 500, 8), torch.randn(2, kv_heads, 500, 8)
+    out, lse = attention.memory_attention(q, k, v, scale=0.3)
+    ref_out, ref_lse = attention.memory_attention(q, k, v, scale=0.3, kernel="flash")
+    assert len(fake.calls) == 1
+    assert fake.calls[0]["k"].data_ptr() == k.data_ptr()  # a view of the memory: no copy, no head expansion
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert (out - ref_out).abs().max() < 1e-5 and (lse - ref_lse).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("prefixes", [[0, 16, 32, 48], [40, 56, 72], [0]])
+def test_grouped_windows_see_their_own_memory_prefix_in_one_call(fake, prefixes):
+    torch.manual_seed(0)
+    g, n = len(prefixes), 16
+    q, k, v = torch.randn(g, 4, n, 8), torch.randn(g, 2, n, 8), torch.randn(g, 2, n, 8)
+    total = prefixes[-1] + n
+    memory = (torch.randn(1, 2, total, 8), torch.randn(1, 2, total, 8))
+    got = attention.grouped_window_attention(q, k, v, memory, prefixes)
+    fake_calls = len(fake.calls)
+    flash4._broken.append("off")  # the same group without FlashAttention 4: one window at a time (cuDNN's path)
+    want = attention.grouped_window_attention(q, k, v, memory, prefixes)
+    assert (got - want).abs().max() < 1e-5
+    if any(prefixes):
+        assert fake_calls == 1
+        call = fake.calls[0]
+        assert call["seqused"] == [m for m in prefixes if m]
+        assert call["k"].stride(0) == 0 and call["k"].data_ptr() == memory[0].data_ptr()  # shared, not copied
+    else:
+        assert fake_calls == 0
+
+
+def test_whole_model_with_flash4_equals_one_window_at_a_time(fake, monkeypatch):
+    torch.manual_seed(0)
+    model = sharp_tiny(num_key_value_heads=2)
+    model.config.attn_impl = "fast"
+    ids = torch.randint(3, 320, (1, 64 * 7 + 20))
+    monkeypatch.setattr(windows, "WINDOW_GROUP_TOKENS", 256)
+    with torch.no_grad():
+        got = model(ids, use_cache=True).logits
+    assert fake.calls and any(c["seqused"] for c in fake.calls)  # grouped windows took the one-call path
+    flash4._broken.append("off")
+    monkeypatch.setattr(windows, "WINDOW_GROUP_TOKENS", 0)
+    with torch.no_grad():
+        want = model(ids, use_cache=True).logits
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_a_failure_warns_once_and_falls_back_for_the_process(monkeypatch):
+    fn = FakeVarlen(fail=True)
+    monkeypatch.setattr(flash4, "_varlen_func", lambda: fn)
+    monkeypatch.setattr(flash4, "usable", lambda q: not flash4._broken)
+    monkeypatch.setattr(flash4, "_broken", [])
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 20, 8), torch.randn(1, 4, 100, 8), torch.randn(1, 4, 100, 8)
+    with pytest.warns(RuntimeWarning, match="FlashAttention 4 failed .*no kernel for this shape.*cuDNN"):
+        out, lse = attention.memory_attention(q, k, v, scale=0.3)
+    ref, ref_lse = attention.memory_attention(q, k, v, scale=0.3, kernel="flash")
+    assert (out - ref).abs().max() < 1e-5 and (lse - ref_lse).abs().max() < 1e-5
+    attention.memory_attention(q, k, v, scale=0.3)
+    assert len(fn.calls) == 1  # not tried again
+
+
+def test_flash4_serves_only_hopper_half_precision(monkeypatch):
+    monkeypatch.setattr(flash4, "_broken", [])
+    assert not flash4.usable(torch.zeros(1, 2, 3, 8))  # a CPU tensor
+    assert attention.resolve_memory_kernel(torch.zeros(1, 2, 3, 8), "fa4") == "flash"  # asked for, not served
+    assert attention.resolve_memory_kernel(torch.zeros(1, 2, 3, 8), "cudnn") == "cudnn"
