@@ -50,3 +50,12 @@ def test_the_shipped_tables_name_configurations_of_their_lists():
     for table in (gemv_kernels.MEASURED, gemv_kernels.MEASURED_SWIGLU):
         assert table and all((tuple(sorted(meta.items())), w) in listed for meta, w in table.values())
     assert all((meta["BLOCK_N"], w) in decode_attention._CHOICES for meta, w in decode_attention._MEASURED.values())
+
+
+def test_an_unexpected_call_convention_tunes_over_everything(monkeypatch):
+    def broken(t):
+        raise RuntimeError("no device name")
+    monkeypatch.setattr(kernels, "_device_name", broken)
+    prune = kernels.measured_choice({}, ["N"])
+    configs = _configs()
+    assert prune(configs, {"x_ptr": torch.zeros(2), "N": 1}) == configs

@@ -70,7 +70,12 @@ def _device_name(t: torch.Tensor) -> str | None:
 def measured_choice(measured: dict, key):
     """Triton's early_config_prune: the measured configuration for this GPU, dtype and key, else all of them."""
     def prune(configs, nargs, **kwargs):
-        args = {**nargs, **kwargs}
+        try:
+            return pick(configs, {**nargs, **kwargs})
+        except Exception:  # noqa: BLE001 - an unexpected call convention: tune over everything, as without a table
+            return configs
+
+    def pick(configs, args):
         tensor = next((v for v in args.values() if isinstance(v, torch.Tensor)), None)
         if tensor is None:
             return configs
