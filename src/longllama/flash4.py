@@ -54,7 +54,10 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (b, M, h_kv, d): the kernel's layout, as strides
     if kt.shape[0] != b:
         kt, vt = kt.expand(b, -1, -1, -1), vt.expand(b, -1, -1, -1)
-    seqused = None if used is None else torch.tensor(used, dtype=torch.int32).to(q.device, non_blocking=True)
+    seqused = None
+    if used is not None:  # from pinned memory: an asynchronous copy (a pageable one would wait for the stream)
+        seqused = torch.tensor(used, dtype=torch.int32)
+        seqused = seqused.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else seqused
     out, lse = func(q.transpose(1, 2), kt, vt, seqused_k=seqused, softmax_scale=scale, causal=False,
                     return_lse=True)
     return out.transpose(1, 2), lse
