@@ -155,7 +155,8 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 # ran the 3B model's causal 2048-token windows at ~134 TFLOP/s (head_dim 100 padded to 104).
 CUDA_KERNEL = "auto"
 # MEMORY_KERNEL: memory attention ("auto", "fa4", "cudnn" or "flash"). "auto" takes FlashAttention 4 where it is
-# installed, on Hopper GPUs (flash4.py: ~7-25 % faster than cuDNN there), else the CUDA_KERNEL choice. On an H100
+# installed, on Hopper GPUs (flash4.py: level with cuDNN kernel for kernel at 112, no per-shape plans, one call per
+# window group), else the CUDA_KERNEL choice. On an H100
 # (2048 queries x 64k keys, 32 heads, head_dim 100 counted; profile_step.py, 2026-11-26) cuDNN ran 524 TFLOP/s
 # with the head dimension padded to 112 (the memory's storage on GPUs) and 465 at 104, FlashAttention 2 236-263 at
 # 104-128. cuDNN builds a plan for every new shape, so the memory is read in pieces of

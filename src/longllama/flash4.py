@@ -1,15 +1,17 @@
 """Memory attention by FlashAttention 4 (the optional `flash-attn-4` package, CuTe DSL kernels) on Hopper GPUs.
 
-Measured on an H100 (benchmarks/bench_attention_kernels.py, 2026-11-26; 32 heads, head dimension stored 112 for a
-head_dim-100 model, TFLOP/s counted on 100): 2048 queries over 64k memory keys ~581 TFLOP/s against cuDNN's ~542,
-over 256k keys ~550 against ~470; head_dim 128 (Code 7B) 547-612 against 441-551. cuDNN stays faster on the causal
-local windows, so only memory attention comes here. One call reads the whole memory (no per-shape plans as with
-cuDNN, so no pieces), and a group of windows with different memory prefixes is one batched call (`used`: keys each
-batch row sees, the memory itself shared, not copied).
+Measured on an H100 (benchmarks/bench_attention_kernels.py, 2026-11-26; 32 heads, memory stored head-major and
+112 wide for a head_dim-100 model, TFLOP/s counted on 100): kernel for kernel it is level with cuDNN (2048 queries
+over 64k keys ~494 against ~532, over 256k keys ~490 against ~485; the spread between runs is ~8 %) and ahead at
+head_dim 128 (~587 against ~522 over 64k keys). What it brings end to end (3B shape, bench_inference.py runs "i" /
+"i0"): one call reads the whole memory (no pieces, no per-shape plans as with cuDNN, whose plans cost ~35 ms per new
+shape), and a group of windows with different memory prefixes is one batched call (`used`: keys each batch row
+sees, the memory itself shared, not copied): 128k tokens in 2.34 s against 2.40 (first call 2.36 against 2.71),
+256k in 6.03 s against 6.23. cuDNN stays faster on the causal local windows, so only memory attention comes here.
 
 The package compiles each kernel configuration on its first use in a process (~1.5-2 s); its on-disk cache of
-compiled kernels is switched on here (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 unless the variable is set), so later
-processes load them. Any failure (import, compilation, an unsupported shape) is reported once and the caller falls
+compiled kernels is switched on here (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 unless the variable is set), for
+later processes to load them (not timed here). Any failure (import, compilation, an unsupported shape) is reported once and the caller falls
 back to cuDNN for the rest of the process.
 """
 
