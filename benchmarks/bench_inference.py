@@ -148,8 +148,10 @@ def attention_kernel() -> str:
 
     probe = torch.empty(1, 1, 1, 112, device="cuda", dtype=torch.bfloat16)
     memory = attention.resolve_memory_kernel(probe)
+    widths = "" if not hasattr(attention, "MEMORY_WIDTH") else (
+        f",memory-width={attention.MEMORY_WIDTH},local-width={attention.LOCAL_WIDTH}")
     return (f"local={attention.CUDA_KERNEL},memory={attention.MEMORY_KERNEL}->{memory},"
-            f"piece={attention.MEMORY_PIECE},chunk={attention.MEMORY_CHUNK}"
+            f"piece={attention.MEMORY_PIECE},chunk={attention.MEMORY_CHUNK}{widths}"
             + (",fa4-failed" if flash4._broken else ""))
 
 
@@ -196,12 +198,20 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="ingests per length; the last is reported as seconds")
     ap.add_argument("--check", type=int, default=0, help="tokens of an input to check against the exact path")
     ap.add_argument("--no-ahead", action="store_true", help="static decoding one step at a time (generate.AHEAD)")
+    ap.add_argument("--memory-width", type=int, default=None,
+                    help="the memory's head dimension padded to a multiple of this (attention.MEMORY_WIDTH)")
+    ap.add_argument("--local-width", type=int, default=None,
+                    help="local attention's head dimension padded to a multiple of this (attention.LOCAL_WIDTH)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from longllama import attention
 
     attention.CUDA_KERNEL = args.kernel or attention.CUDA_KERNEL
     attention.MEMORY_KERNEL = args.memory_kernel or attention.MEMORY_KERNEL
+    if args.memory_width:
+        attention.MEMORY_WIDTH = args.memory_width
+    if args.local_width:
+        attention.LOCAL_WIDTH = args.local_width
     if args.no_ahead:
         from longllama import generate
         generate.AHEAD = False

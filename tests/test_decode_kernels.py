@@ -175,3 +175,36 @@ def test_a_failing_kernel_falls_back_to_the_general_step(interpreter, monkeypatc
                                 return_dict_in_generate=True)
     assert torch.equal(plain.sequences, fallen.sequences)
     assert sum("Triton step failed" in r.message for r in caplog.records) == 1
+
+
+def test_split_attention_reads_no_column_past_the_next_multiple_of_16(interpreter):
+    # A memory stored 128 wide for head_dim 100 (attention.MEMORY_WIDTH = 64): columns 112..127 are never read, so
+    # NaN there changes nothing, and the result is that of the memory stored 112 wide.
+    torch.manual_seed(3)
+    b, h, d, window, m = 1, 2, 100, 16, 70
+    q = torch.randn(b, h, d)
+    keys, values = (F.pad(torch.randn(b, h, window, d), (0, 4)) for _ in range(2))
+    mem = [torch.randn(b, h, m, d) for _ in range(2)]
+    narrow = [F.pad(x, (0, 12)) for x in mem]
+    wide = [F.pad(x, (0, 28)) for x in mem]
+    for x in wide:
+        x[..., 112:] = float("nan")
+    a = decode_attention.attend(q, keys, values, torch.tensor([9]), tuple(narrow))
+    b_ = decode_attention.attend(q, keys, values, torch.tensor([9]), tuple(wide))
+    assert torch.isfinite(b_).all() and torch.equal(a, b_)
+    assert (a - _reference_attention(q, keys, values, 10, *mem)).abs().max() < 1e-5
+
+
+def test_static_decoding_over_a_wider_stored_memory(interpreter, monkeypatch):
+    # Memory rows stored 64 wide for head_dim 40 (as 128 for 100): decoding with the kernels equals the general step.
+    from longllama import model as model_module
+
+    monkeypatch.setattr(model_module, "memory_storage_dim", lambda head_dim, device: 64)
+    model = sharp_tiny(attn_impl="fast", hidden_size=160)  # 4 heads of 40
+    ids = torch.randint(3, 320, (1, 150))
+    with torch.no_grad():
+        plain = _decode(model, ids, False, max_new_tokens=30, last_context_length=40)
+        fast = _decode(model, ids, True, max_new_tokens=30, last_context_length=40)
+    assert {layer.memory.storage_dim for layer in fast.cache.layers if layer.memory is not None} == {64}
+    assert torch.equal(plain.sequences, fast.sequences)
+    assert (torch.stack(plain.scores) - torch.stack(fast.scores)).abs().max() < 1e-4

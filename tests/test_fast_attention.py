@@ -287,3 +287,31 @@ def test_generation_after_a_grouped_prompt_equals_one_window_at_a_time(monkeypat
     assert any(grouped)
     assert torch.equal(outs[0].sequences, outs[256].sequences)
     assert (torch.stack(outs[0].scores) - torch.stack(outs[256].scores)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("local_width", [16, 64])
+def test_local_attention_padded_wider_gives_the_same_result(monkeypatch, local_width):
+    from longllama import attention
+
+    torch.manual_seed(0)
+    model = _model(hidden_size=80)  # head_dim 20
+    ids = torch.randint(3, 320, (1, 300))
+    want = _logits(model, "eager", ids).logits
+    monkeypatch.setattr(attention, "LOCAL_WIDTH", local_width)
+    got = _logits(model, "fast", ids).logits
+    assert (got - want).abs().max() < 1e-4
+
+
+def test_memory_stored_wider_gives_the_same_result(monkeypatch):
+    from longllama import attention, model as model_module
+
+    torch.manual_seed(0)
+    model = _model(hidden_size=80)
+    ids = torch.randint(3, 320, (1, 300))
+    want = _logits(model, "eager", ids).logits
+    monkeypatch.setattr(model_module, "memory_storage_dim", lambda head_dim, device: 64)
+    out = _logits(model, "fast", ids, use_cache=True)
+    assert max(layer.memory.storage_dim for layer in out.past_key_values.layers if layer.memory is not None) == 64
+    assert (out.logits - want).abs().max() < 1e-4
+    monkeypatch.setattr(attention, "MEMORY_WIDTH", 64)
+    assert attention.memory_storage_dim(100, torch.device("cuda")) == 128

@@ -171,10 +171,24 @@ MEMORY_PIECE = 1024
 MEMORY_CHUNK = 0
 
 
+# Zero-padded head dimensions on GPUs: the memory is stored as a multiple of MEMORY_WIDTH (16: 100 -> 112, where
+# cuDNN's kernel is fastest; 64: 100 -> 128, where FlashAttention 4's kernel ran 5-20 % faster than at 112 on an H100
+# (bench_attention_kernels.py, 2026-11-26) for 14 % more memory; decoding reads only the columns up to the next
+# multiple of 16 either way), and local attention pads q, k and v to a multiple of LOCAL_WIDTH (8: 100 -> 104;
+# cuDNN ran causal 2048-token windows ~13 % faster at 112). The defaults are what the README's numbers were measured
+# with; bench_inference.py --memory-width / --local-width times the others.
+MEMORY_WIDTH = 16
+LOCAL_WIDTH = 8
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def memory_storage_dim(head_dim: int, device: torch.device) -> int:
-    """The head dimension a memory is stored with for attention on `device` (zero-padded): a multiple of 16 on GPUs
-    (100 -> 112, where cuDNN's kernel is fastest), of 8 elsewhere."""
-    return -(-head_dim // 16) * 16 if device.type == "cuda" else kernel_head_dim(head_dim)
+    """The head dimension a memory is stored with for attention on `device` (zero-padded): a multiple of MEMORY_WIDTH
+    on GPUs (100 -> 112 by default), of 8 elsewhere."""
+    return _round_up(head_dim, MEMORY_WIDTH) if device.type == "cuda" else kernel_head_dim(head_dim)
 
 
 def memory_pieces(m: int, unit: int) -> list[tuple[int, int]]:
@@ -511,11 +525,11 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_
 
 
 def _local_partial(q, k, v, causal: bool, scale: float, pad=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local attention with its log-sum-exp by the CUDA_KERNEL choice: q, k, v padded to kernel_head_dim (by `pad`,
-    fused.pad_to compiled or not), the output cut back to q's head dimension."""
+    """Local attention with its log-sum-exp by the CUDA_KERNEL choice: q, k, v padded to a multiple of LOCAL_WIDTH (by
+    `pad`, fused.pad_to compiled or not), the output cut back to q's head dimension."""
     pad = pad or _pad_to
     d, h = q.shape[-1], q.shape[1]
-    dim = kernel_head_dim(d)
+    dim = _round_up(d, LOCAL_WIDTH)
     out, lse = partial_attention(pad(q, dim), _expand_heads(pad(k, dim), h), _expand_heads(pad(v, dim), h),
                                  causal=causal, scale=scale, kernel=CUDA_KERNEL)
     return out[..., :d], lse

@@ -184,7 +184,8 @@ def triton_pow2(n: int) -> int:
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
            memory: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q (b, h, d); keys, values (b, h_kv, window, d') of which slots 0..slot are in use; memory (keys, values)
-    (b, h_kv, M, d'') as stored, or None; d', d'' >= d, the columns past d zero. Returns the attention output
+    (b, h_kv, M, d'') as stored, or None; d', d'' >= d, the columns past d zero (those past the next multiple of 16
+    are not read). Returns the attention output
     (b, h, d) in q's dtype: one softmax over the used local slots and the whole memory, with scale 1/sqrt(d)."""
     _, partials, merge, _ = _kernels()
     b, h, d = q.shape
@@ -203,12 +204,15 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torc
     m = torch.empty(rows, splits, dtype=torch.float32, device=q.device)
     lsum = torch.empty(rows, splits, dtype=torch.float32, device=q.device)
     scale_log2 = _LOG2E / math.sqrt(d)
+    # Columns read per row: the stored rows up to the next multiple of 16 past d (aligned vector loads); zero padding
+    # beyond that (a memory stored 128 wide for head_dim 100) is never read.
+    read = -(-d // 16) * 16
     split0 = 0
     for (k, v, n, local), chunk, count in zip(parts, chunks, counts):
         kernels.launch(partials, lambda meta, count=count: (rows, count),
                        (q, k, v, acc, m, lsum, slot, n, split0, splits, h, h // kv_heads,
                         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                        v.stride(0), v.stride(1), v.stride(2), scale_log2, chunk, d, k.shape[-1]),
+                        v.stride(0), v.stride(1), v.stride(2), scale_log2, chunk, d, min(k.shape[-1], read)),
                        _DEFAULTS, FROM_PTR=local, BLOCK_D=block_d)
         split0 += count
     out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
