@@ -134,9 +134,13 @@ def _torch_sdpa(q, k, v, *, mask: torch.Tensor | None = None, causal: bool = Fal
     return out[..., :d]
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def kernel_head_dim(head_dim: int) -> int:
     """The head dimension fused kernels read: the next multiple of 8 (100 -> 104)."""
-    return -(-head_dim // 8) * 8
+    return _round_up(head_dim, 8)
 
 
 def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -181,10 +185,6 @@ MEMORY_WIDTH = 16
 LOCAL_WIDTH = 8
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def memory_storage_dim(head_dim: int, device: torch.device) -> int:
     """The head dimension a memory is stored with for attention on `device` (zero-padded): a multiple of MEMORY_WIDTH
     on GPUs (100 -> 112 by default), of 8 elsewhere."""
@@ -224,17 +224,22 @@ def resolve_memory_kernel(q: torch.Tensor, kernel: str | None = None) -> str:
 
 
 def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-                     kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     kernel: str | None = None, used: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """partial_attention of q (b, h, n, d) over memory keys k, v (b, h_kv, M, d); out in fp32, or in q's dtype from
     FlashAttention 4 (one call). cuDNN reads the memory in pieces (see MEMORY_PIECE), FlashAttention 2 in one call or
-    in MEMORY_CHUNK chunks; all views of the memory, no copy for h_kv = h."""
+    in MEMORY_CHUNK chunks; all views of the memory, no copy for h_kv = h. `used`: per row of q, the prefix of the
+    memory (>= 1 keys, k and v then of batch 1) it sees, in one FlashAttention 4 call or one call per row."""
     kernel = resolve_memory_kernel(q, kernel)
     if kernel == "fa4":
         try:
-            return flash4.memory_attention(q, k, v, scale=scale)
+            return flash4.memory_attention(q, k, v, scale=scale, used=used)
         except Exception as exc:  # noqa: BLE001 - reported once; cuDNN serves from here on
             flash4.failed(exc)
             kernel = resolve_kernel(q, "auto")
+    if used is not None:
+        rows = [memory_attention(q[i:i + 1], k[:, :, :m], v[:, :, :m], scale=scale, kernel=kernel)
+                for i, m in enumerate(used)]
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
     h, m = q.shape[1], k.shape[2]
     if kernel != "cudnn":
         return _chunked_memory_attention(q, k, v, scale=scale, kernel=kernel)
@@ -544,10 +549,10 @@ def _as_stored(padded_mem: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype
     return _pad_to(pk.to(dtype), mdim), _pad_to(pv.to(dtype), mdim)
 
 
-def _over_memory(q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, scale: float):
-    """memory_attention of q (true head dimension) over memory keys/values as _as_stored gives them; the output cut
-    back to q's head dimension, fp32."""
-    out, lse = memory_attention(_pad_to(q, pk.shape[-1]), pk, pv, scale=scale)
+def _over_memory(q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, scale: float, used: list[int] | None = None):
+    """memory_attention of q (true head dimension) over memory keys/values as _as_stored gives them (`used` as
+    there); the output cut back to q's head dimension."""
+    out, lse = memory_attention(_pad_to(q, pk.shape[-1]), pk, pv, scale=scale, used=used)
     return out[..., :q.shape[-1]], lse
 
 
@@ -563,23 +568,12 @@ def grouped_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = 1.0 / math.sqrt(q.shape[-1])
     out, lse = _local_partial(q, k, v, True, scale, pad)
     pk, pv = _as_stored(padded_mem, dtype, kernel_head_dim(q.shape[-1]))
+    out = out.float()
     first = next((j for j, m in enumerate(prefixes) if m), len(prefixes))  # prefixes increase: a suffix sees memory
-    if first < len(prefixes) and resolve_memory_kernel(q) == "fa4":
-        try:  # the windows that see memory, in one call: each row its own prefix of the shared memory
-            d = q.shape[-1]
-            mem_out, mem_lse = flash4.memory_attention(_pad_to(q[first:], pk.shape[-1]), pk, pv, scale=scale,
-                                                       used=prefixes[first:])
-            joined = merge_partials(out[first:].float(), lse[first:], mem_out[..., :d], mem_lse)
-            return torch.cat([out[:first].float(), joined]).to(dtype)
-        except Exception as exc:  # noqa: BLE001 - reported once; cuDNN serves from here on
-            flash4.failed(exc)
-    rows = []
-    for j, m in enumerate(prefixes):
-        local = out[j:j + 1].float()
-        if m:
-            local = merge_partials(local, lse[j:j + 1], *_over_memory(q[j:j + 1], pk[:, :, :m], pv[:, :, :m], scale))
-        rows.append(local)
-    return torch.cat(rows).to(dtype)
+    if first < len(prefixes):  # each of those windows its own prefix of the shared memory
+        mem = _over_memory(q[first:], pk, pv, scale, used=prefixes[first:])
+        out = torch.cat([out[:first], merge_partials(out[first:], lse[first:], *mem)])
+    return out.to(dtype)
 
 
 def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, mem_top_k=None):

@@ -28,6 +28,7 @@ import logging
 import torch
 
 from longllama import decode_attention, fused, gemv
+from longllama.attention import kernel_head_dim
 from longllama.cache import LongLlamaCache
 from longllama.model import attention_impl, read_memory, rotate
 
@@ -63,7 +64,7 @@ class StaticDecoder:
         self.head_dim = config.head_dim
         # Rows of the local buffers: zero-padded to a multiple of 8 elements for the kernels (16-byte aligned rows
         # load as whole vectors: head_dim 100 ran at ~1 TB/s unpadded); `_views` are the head_dim wide parts.
-        self.width = -(-self.head_dim // 8) * 8 if self.kernels else self.head_dim
+        self.width = kernel_head_dim(self.head_dim) if self.kernels else self.head_dim
         self.buffers = [self._layer_buffers(layer, state, b, device, dtype)
                         for layer, state in zip(model.model.layers, cache.layers)]
         self.memories = [self._memory(layer, state, b, device) for layer, state in zip(model.model.layers, cache.layers)]
