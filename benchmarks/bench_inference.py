@@ -82,7 +82,7 @@ def tuned_configs() -> dict:
     except ImportError:
         return {}
     kernels = {"gemv": gemv_kernels.gemv, "gemv_swiglu": gemv_kernels.gemv_swiglu,
-               "partials": decode_attention._kernels()[1]}
+               "partials": decode_attention._kernels()[0]}
     return {f"{name} {key}": str(config) for name, kernel in kernels.items()
             for key, config in getattr(kernel, "cache", {}).items()}
 
@@ -150,6 +150,8 @@ def attention_kernel() -> str:
     memory = attention.resolve_memory_kernel(probe)
     widths = "" if not hasattr(attention, "MEMORY_WIDTH") else (
         f",memory-width={attention.MEMORY_WIDTH},local-width={attention.LOCAL_WIDTH}")
+    if hasattr(fused, "ROPE_KERNEL"):
+        widths += f",rope-kernel={fused.ROPE_KERNEL}"
     return (f"local={attention.CUDA_KERNEL},memory={attention.MEMORY_KERNEL}->{memory},"
             f"piece={attention.MEMORY_PIECE},chunk={attention.MEMORY_CHUNK}{widths}"
             + (",fa4-failed" if flash4._broken else ""))
@@ -202,6 +204,8 @@ def main() -> None:
                     help="the memory's head dimension padded to a multiple of this (attention.MEMORY_WIDTH)")
     ap.add_argument("--local-width", type=int, default=None,
                     help="local attention's head dimension padded to a multiple of this (attention.LOCAL_WIDTH)")
+    ap.add_argument("--no-rope-kernel", action="store_true",
+                    help="rope_pad compiled by Inductor instead of the Triton kernel (fused.ROPE_KERNEL)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from longllama import attention
@@ -212,6 +216,8 @@ def main() -> None:
         attention.MEMORY_WIDTH = args.memory_width
     if args.local_width:
         attention.LOCAL_WIDTH = args.local_width
+    if args.no_rope_kernel:
+        fused.ROPE_KERNEL = False
     if args.no_ahead:
         from longllama import generate
         generate.AHEAD = False

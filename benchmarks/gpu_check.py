@@ -106,6 +106,25 @@ def check_flash4() -> bool:
     return ok and not flash4._broken
 
 
+def check_rope_kernel() -> bool:
+    """fused.rope_pad's Triton kernel (the ingest path's rotation and padding) in bf16 against the function in fp32:
+    q of 4 windows x 2048 tokens x 32 heads x 100, padded to 112."""
+    from longllama import fused
+
+    q, k, v = (torch.randn(4, 2048, 32, 100, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cos, sin = (torch.randn(1, 1, 2048, 100, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    got = fused.kernel_rope_pad(q, k, v, cos, sin, 112, True)
+    if got is None:
+        print("rope_pad kernel: did not apply")
+        return False
+    want = fused.rope_pad(*(t.float() for t in (q, k, v, cos, sin)), 112, True)
+    errors = [rel(g, w) for g, w in zip(got, want)]
+    zeros = all(not g[..., 100:].any() for g in got)
+    print(f"rope_pad kernel, q / k / v vs fp32: rel {errors[0]:.2e} / {errors[1]:.2e} / {errors[2]:.2e}, "
+          f"padding zero: {zeros}")
+    return max(errors) < 1e-2 and zeros
+
+
 def check_decode_kernels() -> bool:
     """The Triton kernels of a decoding step (3B head shape, bf16) against fp32 maths."""
     import math
@@ -211,6 +230,7 @@ def main() -> int:
         attention._TOP_K_SCORES, ours.config.mem_top_k, ours.config.attn_impl = 1 << 27, None, "auto"
         ok &= check_kernels()
         ok &= check_flash4()
+        ok &= check_rope_kernel()
         ok &= check_decode_kernels()
         ok &= check_static_decoder(ours, long[:, :3000])
     print("PASS" if ok else "FAIL")

@@ -208,3 +208,21 @@ def test_static_decoding_over_a_wider_stored_memory(interpreter, monkeypatch):
     assert {layer.memory.storage_dim for layer in fast.cache.layers if layer.memory is not None} == {64}
     assert torch.equal(plain.sequences, fast.sequences)
     assert (torch.stack(plain.scores) - torch.stack(fast.scores)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("batch_cos", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_pad_kernel_equals_the_function(interpreter, batch_cos, dtype):
+    torch.manual_seed(0)
+    b, n, h, hkv, d, width = 2, 7, 4, 2, 20, 24
+    q, k, v = (torch.randn(b, n, heads, d, dtype=dtype) for heads in (h, hkv, hkv))
+    cos, sin = (torch.randn(batch_cos, 1, n, d, dtype=dtype).transpose(1, 2) for _ in range(2))  # as the model has them
+    for rotate in (True, False):
+        got = fused.kernel_rope_pad(q, k, v, cos, sin, width, rotate)
+        want = fused.rope_pad(*(t.float() for t in (q, k, v, cos, sin)), width, rotate)
+        assert got is not None
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == dtype and g.is_contiguous()
+            assert (g.float() - w).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-2 * w.abs().max())
+            assert not g[..., d:].any()
+    assert fused.kernel_rope_pad(q, k.transpose(1, 2), v, cos, sin, width, True) is None  # not contiguous

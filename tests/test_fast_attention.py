@@ -289,7 +289,7 @@ def test_generation_after_a_grouped_prompt_equals_one_window_at_a_time(monkeypat
     assert (torch.stack(outs[0].scores) - torch.stack(outs[256].scores)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("local_width", [16, 64])
+@pytest.mark.parametrize("local_width", [8, 16, 64])
 def test_local_attention_padded_wider_gives_the_same_result(monkeypatch, local_width):
     from longllama import attention
 

@@ -67,10 +67,10 @@ def test_grouped_windows_see_their_own_memory_prefix_in_one_call(fake, prefixes)
     q, k, v = torch.randn(g, 4, n, 8), torch.randn(g, 2, n, 8), torch.randn(g, 2, n, 8)
     total = prefixes[-1] + n
     memory = (torch.randn(1, 2, total, 8), torch.randn(1, 2, total, 8))
-    got = attention.grouped_window_attention(q, k, v, memory, prefixes)
+    got = attention.window_attention(q, k, v, 8, padded_mem=memory, used=prefixes)
     fake_calls = len(fake.calls)
     flash4._broken.append("off")  # the same group without FlashAttention 4: one window at a time (cuDNN's path)
-    want = attention.grouped_window_attention(q, k, v, memory, prefixes)
+    want = attention.window_attention(q, k, v, 8, padded_mem=memory, used=prefixes)
     assert (got - want).abs().max() < 1e-5
     if any(prefixes):
         assert fake_calls == 1

@@ -86,3 +86,22 @@ def test_decoding_products_fall_back_to_torch_off_the_gpu():
     expected = torch.nn.functional.silu(x @ w.T) * (x @ u.T)
     assert (gemv.linear_swiglu(x, w, u) - expected).abs().max() < 1e-6
     assert torch.equal(fused.compiled().linear(x, w), torch.nn.functional.linear(x, w))
+
+
+def test_rope_pad_and_merge_heads_match_their_definitions():
+    from longllama.attention import merge_partials
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 5, 4, 6), torch.randn(2, 5, 2, 6), torch.randn(2, 5, 2, 6)
+    cos, sin = torch.randn(1, 5, 1, 6), torch.randn(1, 5, 1, 6)
+    qp, kp, vp = fused.rope_pad(q, k, v, cos, sin, 8, True)
+    assert qp.shape == (2, 5, 4, 8) and kp.shape == vp.shape == (2, 5, 2, 8)
+    assert torch.equal(qp[..., :6], fused.rotate(q, cos, sin)) and torch.equal(kp[..., :6], fused.rotate(k, cos, sin))
+    assert torch.equal(vp[..., :6], v) and not any(t[..., 6:].any() for t in (qp, kp, vp))
+    assert torch.equal(fused.rope_pad(q, k, v, cos, sin, 8, False)[0][..., :6], q)  # no rotation asked
+    out, mem_out = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)
+    lse, mem_lse = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    got = fused.merge_heads(out, lse, mem_out, mem_lse, 6)
+    want = merge_partials(out[..., :6], lse, mem_out[..., :6], mem_lse).transpose(1, 2).reshape(2, 5, 24)
+    assert got.shape == (2, 5, 24) and (got - want).abs().max() < 1e-6
+    assert torch.equal(fused.heads(out, 6), out[..., :6].transpose(1, 2).reshape(2, 5, 24))

@@ -11,8 +11,9 @@
              kernel on CUDA, see CUDA_KERNEL / MEMORY_KERNEL; torch's blockwise kernel or explicit fp32 maths
              elsewhere); the memory is read as stored, zero-padded in the head dimension (a multiple of 16 on GPUs,
              memory_storage_dim), by FlashAttention 4 in one call where it serves (flash4.py), else in pieces
-             of MEMORY_PIECE x 2^j keys for cuDNN. grouped_window_attention runs
-             several memory windows of one sequence as a batch (windows.WINDOW_GROUP_TOKENS). With `mem_top_k`
+             of MEMORY_PIECE x 2^j keys for cuDNN. window_attention is the ingest path (windows with no
+             local cache: inputs padded once by fused.rope_pad, several memory windows of one sequence as a batch,
+             windows.WINDOW_GROUP_TOKENS, the merge fused with the heads' layout). With `mem_top_k`
              (kNN memory) each query's k best memory keys are chosen over chunks of scores and attended in fp32.
              A few queries (decoding): one joint softmax over local and memory scores, values applied as two
              products instead of a concatenation. Padded inputs and cross-batch training memory (masks over keys)
@@ -175,14 +176,22 @@ MEMORY_PIECE = 1024
 MEMORY_CHUNK = 0
 
 
-# Zero-padded head dimensions on GPUs: the memory is stored as a multiple of MEMORY_WIDTH (16: 100 -> 112, where
-# cuDNN's kernel is fastest; 64: 100 -> 128, where FlashAttention 4's kernel ran 5-20 % faster than at 112 on an H100
-# (bench_attention_kernels.py, 2026-11-26) for 14 % more memory; decoding reads only the columns up to the next
-# multiple of 16 either way), and local attention pads q, k and v to a multiple of LOCAL_WIDTH (8: 100 -> 104;
-# cuDNN ran causal 2048-token windows ~13 % faster at 112). The defaults are what the README's numbers were measured
-# with; bench_inference.py --memory-width / --local-width times the others.
+# Zero-padded head dimensions on GPUs: the memory is stored as a multiple of MEMORY_WIDTH and local attention pads
+# q, k and v to a multiple of LOCAL_WIDTH (memory layers pad them to the memory's width instead, so that one padded q
+# serves both). Measured on an H100 for the 3B shape (head_dim 100; bench_inference.py, h100-2026-11-26.json runs
+# k, m, m1, n, n0, n1): LOCAL_WIDTH 16 (112 instead of 104, where cuDNN's causal kernel is faster) and the rope_pad
+# kernel ingested 256k tokens in 5.87 s against 6.04 s with 104 and Inductor's rope_pad (the kernel alone saved
+# 0.11 s, runs n0 / n1); MEMORY_WIDTH 64 (the memory stored 128 wide, where FlashAttention 4's kernel is faster)
+# took it on to 5.63 s and 1M tokens to 52.2 s, but decoding after 256k from 7.03 to 7.50 ms/token (the reads grow
+# with the stored rows) for 14 % more memory, so the default stays 16 (112 wide).
+# bench_inference.py --memory-width / --local-width time other settings.
 MEMORY_WIDTH = 16
-LOCAL_WIDTH = 8
+LOCAL_WIDTH = 16
+
+
+def local_width(head_dim: int) -> int:
+    """The head dimension local attention pads q, k and v to: a multiple of LOCAL_WIDTH."""
+    return _round_up(head_dim, LOCAL_WIDTH)
 
 
 def memory_storage_dim(head_dim: int, device: torch.device) -> int:
@@ -476,7 +485,7 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out[..., :d]
 
 
-_FEW_QUERIES = 16
+FEW_QUERIES = 16
 
 
 def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_top_k=None, pad=None):
@@ -485,7 +494,7 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_
     if top_k is not None and (mem_valid is not None or (q.requires_grad and torch.is_grad_enabled())):
         # Padding or gradients with a top-k memory: the exact maths (a masked top k of the full scores).
         return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False, top_k)[0]
-    if top_k is not None and not local_plain and q.shape[2] > _FEW_QUERIES:
+    if top_k is not None and not local_plain and q.shape[2] > FEW_QUERIES:
         # A window after a local cache: the local part under its mask (explicit maths, every query sees itself),
         # the memory part by kNN, merged by their log-sum-exp; no copy of the memory.
         dtype = kernel_dtype(q, k, v)
@@ -513,7 +522,7 @@ def _fast(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, padded_mem, mem_
     dtype = kernel_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     d = q.shape[-1]
-    if q.shape[2] <= _FEW_QUERIES:
+    if q.shape[2] <= FEW_QUERIES:
         return few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, top_k)
     dim = kernel_head_dim(d)
     scale = 1.0 / math.sqrt(d)
@@ -534,7 +543,7 @@ def _local_partial(q, k, v, causal: bool, scale: float, pad=None) -> tuple[torch
     `pad`, fused.pad_to compiled or not), the output cut back to q's head dimension."""
     pad = pad or _pad_to
     d, h = q.shape[-1], q.shape[1]
-    dim = _round_up(d, LOCAL_WIDTH)
+    dim = local_width(d)
     out, lse = partial_attention(pad(q, dim), _expand_heads(pad(k, dim), h), _expand_heads(pad(v, dim), h),
                                  causal=causal, scale=scale, kernel=CUDA_KERNEL)
     return out[..., :d], lse
@@ -556,24 +565,45 @@ def _over_memory(q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, scale: flo
     return out[..., :q.shape[-1]], lse
 
 
-def grouped_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             padded_mem: tuple[torch.Tensor, torch.Tensor], prefixes: list[int],
-                             pad=None) -> torch.Tensor:
-    """Several consecutive windows of one sequence in a memory layer, as a batch: q, k, v (g, h|h_kv, n, d) are g
-    windows (no local cache, causal), padded_mem the memory (1, h_kv, M, d') as stored, and window j attends, in one
-    softmax, to its own causal keys and to the first prefixes[j] memory keys (the memory before it). The same maths
-    as the windows one at a time (the fast path); the local attention of all g windows runs as one kernel call."""
+def heads(out: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """An attention output (b, h, n, w >= head_dim) laid out as o_proj's input (b, n, h * head_dim)."""
+    b, h, n, _ = out.shape
+    return out[..., :head_dim].transpose(1, 2).reshape(b, n, h * head_dim)
+
+
+def merge_heads(out: torch.Tensor, lse: torch.Tensor, mem_out: torch.Tensor, mem_lse: torch.Tensor,
+                head_dim: int) -> torch.Tensor:
+    """Local and memory partial attentions (b, h, n, w) with their log-sum-exp (b, h, n) merged in fp32 into one
+    softmax, in out's dtype, laid out as o_proj's input (b, n, h * head_dim)."""
+    merged = merge_partials(out[..., :head_dim].float(), lse, mem_out[..., :head_dim], mem_lse)
+    return heads(merged.to(out.dtype), head_dim)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, *,
+                     padded_mem: tuple[torch.Tensor, torch.Tensor] | None = None, used: list[int] | None = None,
+                     ops=None) -> torch.Tensor:
+    """The ingest path: windows with no local cache and no padding (causal), each in one softmax over its causal
+    keys and, with `padded_mem`, the memory. q (b, h, n, w), k, v (b, h_kv, n, w) are rotated as the layer needs
+    and zero-padded to w, a multiple of 8 >= head_dim (the memory's stored width where there is a memory:
+    fused.rope_pad); padded_mem (1 or b, h_kv, M, w') the memory as stored; `used`: per row, the prefix of the
+    memory it sees (0: none; None: all M; the rows of a window group, see windows.WINDOW_GROUP_TOKENS). `ops`:
+    merge_heads and heads, compiled or not (fused.Ops; default the plain ones). Returns o_proj's input
+    (b, n, h * head_dim) in the kernels' dtype."""
+    merge, lay_out = (ops.merge_heads, ops.heads) if ops is not None else (merge_heads, heads)
     dtype = kernel_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    out, lse = _local_partial(q, k, v, True, scale, pad)
-    pk, pv = _as_stored(padded_mem, dtype, kernel_head_dim(q.shape[-1]))
-    out = out.float()
-    first = next((j for j, m in enumerate(prefixes) if m), len(prefixes))  # prefixes increase: a suffix sees memory
-    if first < len(prefixes):  # each of those windows its own prefix of the shared memory
-        mem = _over_memory(q[first:], pk, pv, scale, used=prefixes[first:])
-        out = torch.cat([out[:first], merge_partials(out[first:], lse[first:], *mem)])
-    return out.to(dtype)
+    h = q.shape[1]
+    scale = 1.0 / math.sqrt(head_dim)
+    out, lse = partial_attention(q, _expand_heads(k, h), _expand_heads(v, h), causal=True, scale=scale,
+                                 kernel=CUDA_KERNEL)
+    first = 0 if used is None else next((j for j, m in enumerate(used) if m), len(used))  # prefixes increase
+    if padded_mem is None or padded_mem[0].shape[2] == 0 or first == q.shape[0]:
+        return lay_out(out, head_dim)
+    pk, pv = _as_stored(padded_mem, dtype, q.shape[-1])
+    mem_out, mem_lse = memory_attention(_pad_to(q[first:], pk.shape[-1]), pk, pv, scale=scale,
+                                        used=None if used is None else used[first:])
+    merged = merge(out[first:], lse[first:], mem_out, mem_lse, head_dim)
+    return merged if first == 0 else torch.cat([lay_out(out[:first], head_dim), merged])
 
 
 def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, mem_top_k=None):

@@ -1,8 +1,9 @@
-"""The elementwise work of a layer (RMSNorm, the residual add before it, RoPE, SwiGLU, zero padding for kernels) as
-small pure functions, run as they are or, with `compile_elementwise`, compiled by torch.compile: each then becomes
-one or two fused kernels instead of up to ten (matrix products stay with cuBLAS, except the matrix-vector products
-of decoding, which go to gemv.py's Triton kernel). The maths is the same; compiled kernels may round differently
-within the activation dtype.
+"""The elementwise work of a layer (RMSNorm, the residual add before it, RoPE, SwiGLU, zero padding for kernels, the
+merge of local and memory attention and the heads' layout for the output projection) as small pure functions, run
+as they are or, with `compile_elementwise`, compiled by torch.compile: each then becomes one or two fused kernels
+instead of up to ten (matrix products stay with cuBLAS, except the matrix-vector products of decoding, which go to
+gemv.py's Triton kernel; rope_pad goes to rope_kernels.py's on GPUs). The maths is the same; compiled kernels may
+round differently within the activation dtype.
 
 `ops(config, device, impl)` picks the set for one forward: compiled on the fast path when the config asks for it
 ("auto", the default: on GPUs) and no gradient is recorded (inference). Compilation happens on first use, once per
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from longllama import gemv
-from longllama.attention import few_query_attention
+from longllama import gemv, kernels
+from longllama.attention import few_query_attention, heads, merge_heads
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,50 @@ def pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x if x.shape[-1] == dim else F.pad(x, (0, dim - x.shape[-1]))
 
 
+def rope_pad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, width: int,
+             rotate_qk: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A window's attention inputs for the kernels: q (b, n, h, d) and k, v (b, n, h_kv, d) as projected (token-major,
+    no transpose), q and k rotated by cos, sin (b|1, n, 1, d) when `rotate_qk`, all three zero-padded to `width`:
+    (b, n, heads, width) each. Compiled, this is one pass over q, k and v instead of a rotation and three
+    transposing pads."""
+    if rotate_qk:
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    return pad_to(q, width), pad_to(k, width), pad_to(v, width)
+
+
+# rope_pad on GPUs by a Triton kernel (rope_kernels.py) instead of Inductor's (compile_elementwise): one pass of
+# aligned rows. False: the compiled function.
+ROPE_KERNEL = True
+
+
+def kernel_rope_pad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    width: int, rotate_qk: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """rope_pad by the Triton kernel, or None where it does not apply (not a GPU or the interpreter's tests; inputs
+    not contiguous; dtypes that differ)."""
+    if not (ROPE_KERNEL and kernels.usable(q) and width <= 256 and q.dtype in (torch.bfloat16, torch.float16,
+                                                                              torch.float32)):
+        return None
+    if not all(t.is_contiguous() and t.dtype == q.dtype for t in (k, v)):
+        return None
+    if rotate_qk and not (cos.dtype == sin.dtype == q.dtype and cos.shape == sin.shape and cos.stride() == sin.stride()
+                          and cos.stride(-1) == 1 and cos.shape[1] == q.shape[1]):
+        return None
+    from longllama import rope_kernels
+
+    b, n, _, d = q.shape
+    s_cb = cos.stride(0) if cos.shape[0] > 1 else 0
+    outs = []
+    for x, rotated in ((q, rotate_qk), (k, rotate_qk), (v, False)):
+        rows = x.shape[0] * x.shape[1] * x.shape[2]
+        out = torch.empty(*x.shape[:3], width, dtype=x.dtype, device=x.device)
+        block_d = 1 << max(width - 1, 1).bit_length()
+        grid = (-(-rows // 32),)
+        rope_kernels.rope_pad_rows[grid](x, cos, sin, out, rows, x.shape[2], n, s_cb, cos.stride(1), D=d, W=width,
+                                         ROTATE=rotated, BLOCK_R=32, BLOCK_D=block_d, num_warps=4)
+        outs.append(out)
+    return tuple(outs)
+
+
 @dataclass(frozen=True)
 class Ops:
     rms_norm: Callable
@@ -61,6 +106,9 @@ class Ops:
     rotate: Callable
     swiglu: Callable
     pad_to: Callable
+    rope_pad: Callable  # rotation and zero padding of a window's q, k, v for the kernels (the ingest path)
+    merge_heads: Callable  # local and memory partials merged into one softmax, laid out as o_proj's input
+    heads: Callable  # an attention output laid out as o_proj's input
     few_query_attention: Callable  # a decoding step's attention (scores, mask, softmax and the two products)
     linear: Callable  # x @ weight.T
     linear_swiglu: Callable  # silu(x @ gate.T) * (x @ up.T)
@@ -71,7 +119,8 @@ def linear_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torc
 
 
 EAGER = Ops(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rotate=rotate, swiglu=swiglu, pad_to=pad_to,
-            few_query_attention=few_query_attention, linear=F.linear, linear_swiglu=linear_swiglu)
+            rope_pad=rope_pad, merge_heads=merge_heads, heads=heads, few_query_attention=few_query_attention,
+            linear=F.linear, linear_swiglu=linear_swiglu)
 _compiled: Ops | None = None
 
 
@@ -96,14 +145,26 @@ def compiled() -> Ops:
     """The same functions through torch.compile (built lazily; shapes first specialised, then dynamic)."""
     global _compiled
     if _compiled is None:
-        names = ("rms_norm", "add_rms_norm", "rotate", "swiglu", "pad_to", "few_query_attention")
+        names = ("rms_norm", "add_rms_norm", "rotate", "swiglu", "pad_to", "rope_pad", "merge_heads", "heads",
+                 "few_query_attention")
         fns = {name: _guarded(name, getattr(EAGER, name), torch.compile(getattr(EAGER, name))) for name in names}
+
+        def fast_rope_pad(q, k, v, cos, sin, width, rotate_qk):  # the Triton kernel where it applies
+            global ROPE_KERNEL
+            out = None
+            if q.is_cuda:
+                try:
+                    out = kernel_rope_pad(q, k, v, cos, sin, width, rotate_qk)
+                except Exception as exc:  # noqa: BLE001 - a kernel that does not build here: the compiled function
+                    logger.warning("rope_pad kernel failed (%s); using the compiled function", type(exc).__name__)
+                    ROPE_KERNEL = False
+            return out if out is not None else fns["rope_pad"](q, k, v, cos, sin, width, rotate_qk)
 
         def fast_linear_swiglu(x, gate, up):  # decoding: one pass over both weights; else compiled SwiGLU
             if gemv.applies(x, gate, up):
                 return gemv.linear_swiglu(x, gate, up)
             return fns["swiglu"](F.linear(x, gate), F.linear(x, up))
-        _compiled = Ops(**fns, linear=gemv.linear, linear_swiglu=fast_linear_swiglu)
+        _compiled = Ops(**{**fns, "rope_pad": fast_rope_pad}, linear=gemv.linear, linear_swiglu=fast_linear_swiglu)
     return _compiled
 
 

@@ -47,9 +47,9 @@ def autotune(configs, key, measured: dict | None = None):
     """triton.autotune on GPUs (the first call with a new key compiles and times every configuration); the
     interpreter cannot time configurations, so there the kernel stays as it is and `launch` passes a fixed one.
 
-    `measured`: {(GPU name, activation dtype, *key values): (meta-parameters, num_warps)}, the configurations the
-    autotuner chose on that GPU (benchmarks/bench_inference.py records them): a key found there compiles only that
-    configuration. A fresh machine spent ~3 minutes tuning the 3B model's first decoding over the full lists (H100,
+    `measured`: {(GPU name, activation dtype, *key values): (meta-parameters, num_warps[, num_stages])}, the
+    configurations the autotuner (benchmarks/bench_inference.py records them) or a sweep (benchmarks/tune_decode.py)
+    chose on that GPU: a key found there compiles only that configuration, which `configs` must hold. A fresh machine spent ~3 minutes tuning the 3B model's first decoding over the full lists (H100,
     2026-11-26); keys or GPUs not in the table are tuned as usual."""
     if interpreting():
         return lambda fn: fn
@@ -82,8 +82,9 @@ def measured_choice(measured: dict, key):
         want = measured.get((_device_name(tensor), str(tensor.dtype), *(args.get(k) for k in key)))
         if want is None:
             return configs
-        meta, warps = want
-        picked = [c for c in configs if c.kwargs == meta and c.num_warps == warps]
+        meta, warps, *stages = want
+        picked = [c for c in configs if c.kwargs == meta and c.num_warps == warps
+                  and (not stages or c.num_stages == stages[0])]
         return picked or configs
     return prune
 

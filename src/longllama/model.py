@@ -15,11 +15,13 @@ from torch import nn
 
 from longllama import fused
 from longllama.attention import (
+    FEW_QUERIES,
     attend,
-    grouped_window_attention,
     joint_attention,
     joint_attention_supported,
+    local_width,
     memory_storage_dim,
+    window_attention,
 )
 from longllama.cache import LayerState, LongLlamaCache
 from longllama.config import LongLlamaConfig
@@ -137,6 +139,10 @@ class Attention(nn.Module):
                 use_cache: bool, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (b, q, hidden); positions (b, q) of the new tokens; `window` holds masks and RoPE of the window."""
         n = x.shape[1]
+        if self._ingests(x, window, state, output_attentions):
+            return self._ingest(x, positions, window, state, use_cache), None
+        if window.grouped:
+            raise RuntimeError("a window group reached the general attention path (windows._groupable let it through)")
         q = self._split(self.q_proj(x), self.num_heads)
         k = self._split(self.k_proj(x), self.num_kv_heads)
         v = self._split(self.v_proj(x), self.num_kv_heads)
@@ -164,8 +170,6 @@ class Attention(nn.Module):
             q_rot = window.ops.rotate(q, window.cos[:, :, -n:], window.sin[:, :, -n:])
             k_rot = window.ops.rotate(k, window.cos, window.sin)
 
-        if mem_layer and window.grouped:
-            return self._output(self._grouped_windows(q_rot, k_rot, k, v, state, window)), None
         memory = state.memory if mem_layer else None
         mem_k = mem_v = mem_valid = padded = None
         joint = False
@@ -199,18 +203,57 @@ class Attention(nn.Module):
         b, _, n, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
-    def _grouped_windows(self, q_rot, k_rot, k, v, state: LayerState, window: Window) -> torch.Tensor:
-        """Memory layer over g consecutive windows (batch rows) of one sequence: all their keys and values join the
-        memory first, in order; window j then attends to the memory before it and to its own causal keys."""
-        g, hkv, n, d = k.shape
-        before = 0 if state.memory is None else state.memory.length
+    def _ingests(self, x: torch.Tensor, window: Window, state: LayerState, output_attentions: bool) -> bool:
+        """Whether the window takes the ingest path (_ingest): fast attention, inference, a causal window of more than
+        a few tokens with no local cache and no padding, no cross-batch or kNN memory, every memory entry valid."""
+        if not (window.impl == "fast" and window.is_causal and state.local_length == 0 and not output_attentions
+                and window.cross_batch is None and x.shape[1] > FEW_QUERIES):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.q_proj.weight.requires_grad):
+            return False
+        memory = state.memory
+        return not self.is_memory_layer or self.config.mem_top_k is None and (memory is None or memory.all_valid())
 
-        def joined(t):  # (g, h_kv, n, d) -> (1, h_kv, g * n, d), windows in order
-            return t.transpose(0, 1).reshape(1, hkv, g * n, d)
-        self._append_memory(state, joined(k), joined(v), None)
-        _, _, padded, _ = read_memory(state.memory, q_rot.device)
-        return grouped_window_attention(q_rot, k_rot, v, padded, [before + j * n for j in range(g)],
-                                        pad=window.ops.pad_to)
+    def _ingest(self, x: torch.Tensor, positions: torch.Tensor, window: Window, state: LayerState,
+                use_cache: bool) -> torch.Tensor:
+        """Attention of a window with no local cache (see _ingests), the same maths as the general path: q, k and v
+        rotated and padded for the kernels in one pass (fused.rope_pad), token-major (q's heads side by side, as the
+        kernels and o_proj read them); in memory layers padded to the memory's stored width, so the queries serve
+        local and memory attention. With `window.grouped` the rows are consecutive windows of one sequence: all of
+        them join the memory first, and row j sees the memory before it."""
+        b, n, _ = x.shape
+        d, mem_layer = self.head_dim, self.is_memory_layer
+        q = self.q_proj(x).view(b, n, self.num_heads, d)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, d)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, d)
+        k_heads, v_heads = k.transpose(1, 2), v.transpose(1, 2)  # (b, h_kv, n, d): what caches and memory take
+        if use_cache:
+            state.set_local(k_heads, v_heads, positions)
+        used = None
+        if mem_layer and window.grouped:
+            before = 0 if state.memory is None else state.memory.length
+
+            def joined(t):  # (g, h_kv, n, d) -> (1, h_kv, g * n, d), windows in order
+                return t.transpose(0, 1).reshape(1, self.num_kv_heads, b * n, d)
+            self._append_memory(state, joined(k_heads), joined(v_heads), None)
+            used = [before + j * n for j in range(b)]
+        padded = None
+        if mem_layer and state.memory is not None and state.memory.length:
+            padded = read_memory(state.memory, x.device)[2]
+        if not mem_layer:
+            width = local_width(d)
+        elif padded is not None and padded[0].shape[-1] % 8 == 0:
+            width = padded[0].shape[-1]
+        else:
+            width = memory_storage_dim(d, x.device)
+        rotate_qk = self.config.mem_positionals or not mem_layer
+        cos, sin = window.cos.transpose(1, 2), window.sin.transpose(1, 2)  # (b|1, n, 1, d)
+        qp, kp, vp = window.ops.rope_pad(q, k, v, cos, sin, width, rotate_qk)
+        out = window_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), d, padded_mem=padded,
+                               used=used, ops=window.ops)
+        if mem_layer and not window.grouped and not use_cache:  # after attention: never its own keys twice
+            self._append_memory(state, k_heads, v_heads, None)
+        return self.o_proj(out)
 
 
 def read_memory(memory: MemoryCache, device: torch.device):

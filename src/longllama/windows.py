@@ -146,6 +146,7 @@ def _groupable(decoder, batch: int, cache: LongLlamaCache, mask, per_layer_outpu
     config = decoder.config
     return (batch == 1 and mask is None and not per_layer_outputs and cross_batch is None
             and cache.local_length == 0 and config.mem_top_k is None and not config.mem_offload
+            and all(layer.memory is None or layer.memory.all_valid() for layer in cache.layers)
             and attention_impl(config, device) == "fast" and not torch.is_grad_enabled())
 
 

@@ -1,0 +1,204 @@
+"""Decoding attention on one GPU (3B shape, bf16): a sweep of the split kernel's configurations and chunk sizes, then
+decoding end to end with the table as shipped and with the sweep's choices, in one process.
+
+Kernel times are per call from CUDA graphs (no launch gaps), with the L2 cache flushed before each call (a decoding
+step reads every layer's keys once; nothing is warm in L2), the flush's own time subtracted.
+
+    cd benchmarks && python tune_decode.py --out tune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+
+import torch
+
+from profile_step import _graph_ms
+
+H, D = 32, 100  # the 3B shape's heads and head_dim
+
+
+_FLUSH: list[float] = []
+
+
+def flushed_ms(fn, scratch: torch.Tensor) -> float:
+    """ms per call of fn with a 64 MiB write before each (evicts L2), less the write's own time (timed once)."""
+    def both():
+        scratch.zero_()
+        fn()
+    if not _FLUSH:
+        _FLUSH.append(min(_graph_ms(scratch.zero_) for _ in range(3)))
+    return _graph_ms(both) - _FLUSH[0]
+
+
+def _part(keys, values, n: int, local: bool, chunk: int, slot: torch.Tensor, q: torch.Tensor):
+    """Arguments of one `partials` launch over all n keys (as decode_attention.attend passes them) and its grid."""
+    rows = q.shape[0] * q.shape[1]
+    count = -(-n // chunk)
+    acc = torch.empty(rows, count, 128, dtype=torch.float32, device="cuda")
+    m = torch.empty(rows, count, dtype=torch.float32, device="cuda")
+    lsum = torch.empty_like(m)
+    out = torch.empty_like(q)
+    args = (q, keys, values, acc, m, lsum, slot, n, 0, count, H, 1, q.stride(0), q.stride(1), keys.stride(0),
+            keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+            1.4426950408889634 / math.sqrt(D), chunk, D, min(keys.shape[-1], 112), m, out)
+    return (rows, count), args
+
+
+def sweep(shapes, chunks, configs, scratch) -> list[dict]:
+    """Time `partials` for every (shape, chunk, BLOCK_N, num_warps, num_stages)."""
+    from longllama import decode_kernels
+
+    fn = decode_kernels.partials.fn  # the kernel without the autotuner
+    q = torch.randn(1, H, D, device="cuda", dtype=torch.bfloat16)
+    records = []
+    for name, (n, width, local) in shapes.items():
+        keys, values = (torch.nn.functional.pad(torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16),
+                                                (0, width - D)) for _ in range(2))
+        slot = torch.tensor([n - 1], device="cuda")
+        gbytes = 2 * H * n * width * 2 / 1e9
+        for chunk in chunks[name]:
+            grid, args = _part(keys, values, n, local, chunk, slot, q)
+            for block_n, warps, stages in configs:
+                def call():
+                    fn[grid](*args, FROM_PTR=local, MERGE=False, BLOCK_S=64, BLOCK_D=128, BLOCK_N=block_n,
+                             num_warps=warps, num_stages=stages)
+                try:
+                    ms = flushed_ms(call, scratch)
+                except Exception as exc:  # noqa: BLE001 - a configuration that does not compile or launch
+                    print(f"{name} chunk {chunk} {block_n}/{warps}/{stages}: failed ({type(exc).__name__})")
+                    continue
+                records.append(dict(shape=name, n=n, width=width, chunk=chunk, block_n=block_n, warps=warps,
+                                    stages=stages, us=round(ms * 1e3, 2), gb_s=round(gbytes / ms * 1e3)))
+        del keys, values
+        best = sorted((r for r in records if r["shape"] == name), key=lambda r: r["us"])[:6]
+        print(f"== {name}: {n} keys, rows {width} wide; best of {len(configs)} configurations x chunks "
+              f"{chunks[name]}")
+        for r in best:
+            print(f"  chunk {r['chunk']:5d} BLOCK_N {r['block_n']:3d} warps {r['warps']} stages {r['stages']}: "
+                  f"{r['us']:8.1f} us {r['gb_s']:5d} GB/s")
+        for chunk in chunks[name]:
+            top = min((r for r in records if r["shape"] == name and r["chunk"] == chunk), key=lambda r: r["us"],
+                      default=None)
+            if top:
+                print(f"  best at chunk {chunk:5d}: {top['us']:8.1f} us")
+    return records
+
+
+def choose(records, targets=(1024, 2048, 4096, 8192), min_chunks=(32, 64, 128, 256)):
+    """The sweep's choices: decode_attention's _MIN_CHUNK and _TARGET_PROGRAMS (which set the chunk of each shape)
+    whose shapes' best times, each relative to that shape's best anywhere, sum to the least; per chunk the best
+    configuration."""
+    from longllama import decode_attention
+
+    lengths = {"local": 2048, "memory 32k": 32768, "memory 256k": 262144}
+
+    def best(shape, chunk):
+        return min((r for r in records if r["shape"] == shape and r["chunk"] == chunk), key=lambda r: r["us"],
+                   default=None)
+    fastest = {s: min(r["us"] for r in records if r["shape"] == s) for s in lengths}
+    saved = decode_attention._MIN_CHUNK, decode_attention._TARGET_PROGRAMS
+    options = []
+    for min_chunk in min_chunks:
+        for target in targets:
+            decode_attention._MIN_CHUNK, decode_attention._TARGET_PROGRAMS = min_chunk, target
+            picks = [best(s, decode_attention._chunk(n, H)) for s, n in lengths.items()]
+            if all(picks):
+                options.append((sum(p["us"] / fastest[p["shape"]] for p in picks), min_chunk, target, picks))
+    decode_attention._MIN_CHUNK, decode_attention._TARGET_PROGRAMS = saved
+    _, min_chunk, target, picks = min(options, key=lambda o: o[0])
+    return min_chunk, target, picks
+
+
+def apply(min_chunk, target, picks, card: str) -> None:
+    """Use the sweep's choices in this process: chunk settings, table entries and their configurations."""
+    import triton
+
+    from longllama import decode_attention, decode_kernels
+
+    decode_attention._MIN_CHUNK, decode_attention._TARGET_PROGRAMS = min_chunk, target
+    for p in picks:
+        meta, warps, stages = {"BLOCK_N": p["block_n"]}, p["warps"], p["stages"]
+        decode_attention._MEASURED[(card, "torch.bfloat16", p["chunk"], D, min(p["width"], 112))] = (
+            meta, warps, stages)
+        if not any(c.kwargs == meta and c.num_warps == warps and c.num_stages == stages
+                   for c in decode_kernels.partials.configs):
+            decode_kernels.partials.configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+    decode_kernels.partials.cache.clear()
+
+
+def end_to_end(settings, lengths, tokens: int) -> list[dict]:
+    """Greedy and sampling decoding after each prompt length, per setting (a function that sets it up)."""
+    import bench_inference as bench
+    from longllama import decode_attention
+
+    torch.manual_seed(0)
+    model = bench._longllama("3b", "cuda")
+    vocab = model.config.vocab_size
+    bench.ingest(model, torch.randint(3, vocab, (1, 4096), device="cuda"), hf=False)
+    records = []
+    for after in lengths:
+        ids = torch.randint(3, vocab, (1, after), device="cuda")
+        for name, setup in settings:
+            setup()
+            for mode in ("greedy", "sampling"):
+                ms, warm = bench.decode_ms(model, ids, tokens, hf=False, sample=mode == "sampling")
+                records.append(dict(setting=name, tokens=after, mode=mode, ms_per_token=round(ms, 3),
+                                    warmup_seconds=round(warm, 1), min_chunk=decode_attention._MIN_CHUNK,
+                                    target_programs=decode_attention._TARGET_PROGRAMS))
+                print(f"decode after {after:7d} ({mode:8s}) {name:8s}: {ms:.3f} ms/token (warm-up {warm:.1f} s)")
+    return records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--decode-after", default="32768,262144")
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from longllama import decode_attention
+
+    card = torch.cuda.get_device_name()
+    print(card, torch.__version__, datetime.date.today().isoformat())
+    scratch = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    result = dict(device=card, date=datetime.date.today().isoformat())
+    shipped = (decode_attention._MIN_CHUNK, decode_attention._TARGET_PROGRAMS, dict(decode_attention._MEASURED))
+    if not args.skip_sweep:
+        configs = [(n, w, s) for n in (16, 32, 64) for w in (1, 2, 4, 8) for s in (1, 2, 3)]
+        shapes = {"local": (2048, 104, True), "memory 32k": (32768, 112, False),
+                  "memory 256k": (262144, 112, False)}
+        chunks = {"local": [32, 64, 128, 256], "memory 32k": [128, 256, 512, 1024, 2048],
+                  "memory 256k": [1024, 2048, 4096, 8192]}
+        result["sweep"] = sweep(shapes, chunks, configs, scratch)
+        min_chunk, target, picks = choose(result["sweep"])
+        result["choice"] = dict(min_chunk=min_chunk, target_programs=target, picks=picks)
+        print(f"choice: _MIN_CHUNK {min_chunk}, _TARGET_PROGRAMS {target}; table rows:")
+        for p in picks:
+            print(f"  ({p['chunk']}, {min(p['width'], 112)}, {p['block_n']}, {p['warps']}, {p['stages']})")
+
+    def as_shipped():
+        from longllama import decode_kernels
+
+        decode_attention._MIN_CHUNK, decode_attention._TARGET_PROGRAMS = shipped[:2]
+        decode_attention._MEASURED.clear()
+        decode_attention._MEASURED.update(shipped[2])
+        decode_kernels.partials.cache.clear()
+
+    def tuned():
+        if "choice" in result:
+            c = result["choice"]
+            apply(c["min_chunk"], c["target_programs"], c["picks"], card)
+
+    lengths = [int(t) for t in args.decode_after.split(",") if t and int(t)]
+    result["decode"] = end_to_end([("shipped", as_shipped), ("tuned", tuned)], lengths, args.decode_tokens)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
