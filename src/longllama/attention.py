@@ -600,8 +600,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim
     if padded_mem is None or padded_mem[0].shape[2] == 0 or first == q.shape[0]:
         return lay_out(out, head_dim)
     pk, pv = _as_stored(padded_mem, dtype, q.shape[-1])
-    mem_out, mem_lse = memory_attention(_pad_to(q[first:], pk.shape[-1]), pk, pv, scale=scale,
-                                        used=None if used is None else used[first:])
+    mem_out, mem_lse = _over_memory(q[first:], pk, pv, scale, used=None if used is None else used[first:])
     merged = merge(out[first:], lse[first:], mem_out, mem_lse, head_dim)
     return merged if first == 0 else torch.cat([lay_out(out[:first], head_dim), merged])
 

@@ -70,12 +70,8 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: to
     rope = _kernels()[2]
     rope[(b, heads + kv_heads)](qkv, cos.contiguous(), sin.contiguous(), slot, q, raw, rot, values, heads, kv_heads,
                                 raw.stride(0), raw.stride(1), raw.stride(2), D=d, ROTATE=rotate,
-                                BLOCK_D=triton_pow2(d))
+                                BLOCK_D=kernels.pow2(d))
     return q
-
-
-def triton_pow2(n: int) -> int:
-    return 1 << max(n - 1, 1).bit_length()
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
@@ -96,7 +92,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torc
     chunks = [_chunk(n, rows) for _, _, n, _ in parts]
     counts = [-(-n // c) for (_, _, n, _), c in zip(parts, chunks)]
     splits = sum(counts)
-    block_d = triton_pow2(max(d, *(k.shape[-1] for k, _, _, _ in parts)))
+    block_d = kernels.pow2(max(d, *(k.shape[-1] for k, _, _, _ in parts)))
     acc = torch.empty(rows, splits, block_d, dtype=torch.float32, device=q.device)
     m = torch.empty(rows, splits, dtype=torch.float32, device=q.device)
     lsum = torch.empty(rows, splits, dtype=torch.float32, device=q.device)

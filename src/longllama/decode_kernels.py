@@ -7,8 +7,6 @@ from longllama import kernels
 from longllama.decode_attention import _CHOICES, _MEASURED
 
 _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in _CHOICES]
-_CONFIGS += [triton.Config(meta, num_warps=w, num_stages=rest[0]) for meta, w, *rest in _MEASURED.values()
-             if rest and not any(c.kwargs == meta and c.num_warps == w and c.num_stages == rest[0] for c in _CONFIGS)]
 
 @kernels.autotune(_CONFIGS, key=["chunk", "D", "D_READ"], measured=_MEASURED)
 @triton.jit

@@ -11,8 +11,8 @@ sees, the memory itself shared, not copied): 128k tokens in 2.34 s against 2.40 
 
 The package compiles each kernel configuration on its first use in a process (~1.5-2 s); its on-disk cache of
 compiled kernels is switched on here (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 unless the variable is set), for
-later processes to load them (not timed here). Any failure (import, compilation, an unsupported shape) is reported once and the caller falls
-back to cuDNN for the rest of the process.
+later processes to load them (not timed here). Any failure (import, compilation, an unsupported shape) is reported
+once and the caller falls back to cuDNN for the rest of the process.
 """
 
 from __future__ import annotations

@@ -87,11 +87,11 @@ def kernel_rope_pad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
 
     b, n, _, d = q.shape
     s_cb = cos.stride(0) if cos.shape[0] > 1 else 0
+    block_d = kernels.pow2(width)
     outs = []
     for x, rotated in ((q, rotate_qk), (k, rotate_qk), (v, False)):
         rows = x.shape[0] * x.shape[1] * x.shape[2]
         out = torch.empty(*x.shape[:3], width, dtype=x.dtype, device=x.device)
-        block_d = 1 << max(width - 1, 1).bit_length()
         grid = (-(-rows // 32),)
         rope_kernels.rope_pad_rows[grid](x, cos, sin, out, rows, x.shape[2], n, s_cb, cos.stride(1), D=d, W=width,
                                          ROTATE=rotated, BLOCK_R=32, BLOCK_D=block_d, num_warps=4)
@@ -124,8 +124,9 @@ EAGER = Ops(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rotate=rotate, swiglu=
 _compiled: Ops | None = None
 
 
-def _guarded(name: str, eager: Callable, fn: Callable) -> Callable:
-    """`fn` (compiled), falling back to `eager` for good, with one warning, if compiling fails here."""
+def _guarded(name: str, eager: Callable, fn: Callable, what: str = "torch.compile of",
+             instead: str = "running it unfused") -> Callable:
+    """`fn` (compiled, or a kernel), falling back to `eager` for good, with one warning, if it fails here."""
     state = {"fn": fn}
 
     def call(*args, **kwargs):
@@ -134,8 +135,8 @@ def _guarded(name: str, eager: Callable, fn: Callable) -> Callable:
         except Exception as exc:  # a missing compiler or an unsupported backend: keep running, unfused
             if state["fn"] is eager:
                 raise
-            logger.warning("compile_elementwise: torch.compile of %s failed (%s); running it unfused",
-                           name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            logger.warning("compile_elementwise: %s %s failed (%s); %s", what, name,
+                           str(exc).splitlines()[0] if str(exc) else type(exc).__name__, instead)
             state["fn"] = eager
             return eager(*args, **kwargs)
     return call
@@ -149,16 +150,11 @@ def compiled() -> Ops:
                  "few_query_attention")
         fns = {name: _guarded(name, getattr(EAGER, name), torch.compile(getattr(EAGER, name))) for name in names}
 
-        def fast_rope_pad(q, k, v, cos, sin, width, rotate_qk):  # the Triton kernel where it applies
-            global ROPE_KERNEL
-            out = None
-            if q.is_cuda:
-                try:
-                    out = kernel_rope_pad(q, k, v, cos, sin, width, rotate_qk)
-                except Exception as exc:  # noqa: BLE001 - a kernel that does not build here: the compiled function
-                    logger.warning("rope_pad kernel failed (%s); using the compiled function", type(exc).__name__)
-                    ROPE_KERNEL = False
+        def kernel_or_compiled_rope_pad(q, k, v, cos, sin, width, rotate_qk):  # the Triton kernel where it applies
+            out = kernel_rope_pad(q, k, v, cos, sin, width, rotate_qk) if q.is_cuda else None
             return out if out is not None else fns["rope_pad"](q, k, v, cos, sin, width, rotate_qk)
+        fast_rope_pad = _guarded("rope_pad", fns["rope_pad"], kernel_or_compiled_rope_pad, what="the Triton kernel of",
+                                 instead="running the compiled function")
 
         def fast_linear_swiglu(x, gate, up):  # decoding: one pass over both weights; else compiled SwiGLU
             if gemv.applies(x, gate, up):

@@ -49,8 +49,9 @@ def autotune(configs, key, measured: dict | None = None):
 
     `measured`: {(GPU name, activation dtype, *key values): (meta-parameters, num_warps[, num_stages])}, the
     configurations the autotuner (benchmarks/bench_inference.py records them) or a sweep (benchmarks/tune_decode.py)
-    chose on that GPU: a key found there compiles only that configuration, which `configs` must hold. A fresh machine spent ~3 minutes tuning the 3B model's first decoding over the full lists (H100,
-    2026-11-26); keys or GPUs not in the table are tuned as usual."""
+    chose on that GPU: a key found there compiles only that configuration, which `configs` must hold. A fresh machine
+    spent ~3 minutes tuning the 3B model's first decoding over the full lists (H100, 2026-11-26); keys or GPUs not in
+    the table are tuned as usual."""
     if interpreting():
         return lambda fn: fn
     import inspect
@@ -87,6 +88,11 @@ def measured_choice(measured: dict, key):
                   and (not stages or c.num_stages == stages[0])]
         return picked or configs
     return prune
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (at least 2): a block size that covers n elements."""
+    return 1 << max(n - 1, 1).bit_length()
 
 
 def launch(kernel, grid, args, defaults: dict, **constants) -> None:

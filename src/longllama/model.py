@@ -17,6 +17,7 @@ from longllama import fused
 from longllama.attention import (
     FEW_QUERIES,
     attend,
+    heads,
     joint_attention,
     joint_attention_supported,
     local_width,
@@ -200,8 +201,7 @@ class Attention(nn.Module):
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:
         """o_proj of the attention output (b, h, n, d), heads joined."""
-        b, _, n, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        return self.o_proj(heads(out, self.head_dim))
 
     def _ingests(self, x: torch.Tensor, window: Window, state: LayerState, output_attentions: bool) -> bool:
         """Whether the window takes the ingest path (_ingest): fast attention, inference, a causal window of more than
