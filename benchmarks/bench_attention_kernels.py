@@ -170,6 +170,53 @@ def chunks(dim: int, fa4, keys: int = 262144) -> None:
         print(f"  fa4 num_splits={splits:2d}: {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s (d=100)")
 
 
+def group_tiles(dims, reps: int, tiles) -> None:
+    """longllama's FlashAttention 4 call for a window group (4 windows x 2048 queries, each seeing its own prefix of a
+    256k-key memory, flash4.memory_attention) per stored memory width and tile shape (flash4.TILES; None: the
+    package's own). Head dimension 100 zero-padded (128 for width 128, the Code 7B shape); outputs compared with fp32
+    maths on two heads."""
+    from longllama import flash4
+
+    if not flash4.usable(torch.empty(1, 1, 1, 112, device="cuda", dtype=torch.bfloat16)):
+        print("FlashAttention 4 not usable here; --group-tiles skipped")
+        return
+    m, n = 262144, 2048
+    used = [m - 3 * n, m - 2 * n, m - n, m]
+    saved = dict(flash4.TILES)
+    for width in dims:
+        d = 128 if width == 128 else 100
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.nn.functional.pad(torch.randn(b, 32, s, d, device="cuda", dtype=torch.bfloat16,
+                                                       generator=gen), (0, width - d))
+                   for b, s in ((4, n), (1, m), (1, m)))
+        want = []
+        for i, u in enumerate(used):
+            s = q[i, :2].float() @ k[0, :2, :u].float().transpose(-1, -2) * 0.1
+            want.append((torch.softmax(s, -1) @ v[0, :2, :u, :d].float(), s.logsumexp(-1)))
+        flops = 4 * 32 * n * sum(used) * d
+        print(f"== window group: 4 x {n} queries over prefixes {used} of {m} keys, 32 heads, memory {width} wide "
+              f"(head_dim {d}), FlashAttention 4")
+        for tile in tiles:
+            flash4.TILES.clear()
+            if tile is not None:
+                flash4.TILES[width] = tile
+            name = "the package's tile" if tile is None else f"tile {tile[0]}x{tile[1]} rs={tile[2]} overlap={tile[3]}"
+            fn = lambda: flash4.memory_attention(q, k, v, scale=0.1, used=used)  # noqa: E731
+            try:
+                with torch.no_grad():
+                    out, lse = fn()
+            except Exception as exc:  # noqa: BLE001 - a configuration that does not compile or launch is a result
+                print(f"  {name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                continue
+            e = max((out[i, :2, :, :d].float() - w[0]).abs().max().item() for i, w in enumerate(want))
+            el = max((lse[i, :2].float() - w[1]).abs().max().item() for i, w in enumerate(want))
+            ms = timed(fn, reps)
+            print(f"  {name}: {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s (d={d})  |out - fp32| {e:.1e}  "
+                  f"|lse - fp32| {el:.1e}")
+    flash4.TILES.clear()
+    flash4.TILES.update(saved)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
@@ -177,11 +224,18 @@ def main() -> None:
     parser.add_argument("--tiles", action="store_true", help="only sweep FlashAttention 4's tile shapes")
     parser.add_argument("--layouts", action="store_true", help="only compare memory layouts")
     parser.add_argument("--chunks", action="store_true", help="only compare chunked reads of a long memory")
+    parser.add_argument("--group-tiles", action="store_true",
+                        help="only longllama's window-group call, per stored width (--dims) and tile shape")
     args = parser.parse_args()
     dims = [int(d) for d in args.dims.split(",")]
     print(torch.cuda.get_device_name(), torch.__version__, "cuDNN", torch.backends.cudnn.version())
     fa4 = _fa4()
     records: list = []
+    if args.group_tiles:
+        group_tiles(dims, 5, [None, (128, 160, True, True), (128, 128, False, True), (128, 176, False, True),
+                              (192, 96, False, True), (192, 112, False, True), (192, 128, False, True),
+                              (192, 144, False, True)])
+        return
     if args.chunks:
         for dim in dims:
             chunks(dim, fa4)

@@ -152,6 +152,10 @@ def attention_kernel() -> str:
         f",memory-width={attention.MEMORY_WIDTH},local-width={attention.LOCAL_WIDTH}")
     if hasattr(fused, "ROPE_KERNEL"):
         widths += f",rope-kernel={fused.ROPE_KERNEL}"
+    if getattr(flash4, "TILES", None):
+        widths += f",fa4-tiles={flash4.TILES}"
+    from longllama import windows
+    widths += f",group-tokens={windows.WINDOW_GROUP_TOKENS}"
     return (f"local={attention.CUDA_KERNEL},memory={attention.MEMORY_KERNEL}->{memory},"
             f"piece={attention.MEMORY_PIECE},chunk={attention.MEMORY_CHUNK}{widths}"
             + (",fa4-failed" if flash4._broken else ""))
@@ -206,6 +210,11 @@ def main() -> None:
                     help="local attention's head dimension padded to a multiple of this (attention.LOCAL_WIDTH)")
     ap.add_argument("--no-rope-kernel", action="store_true",
                     help="rope_pad compiled by Inductor instead of the Triton kernel (fused.ROPE_KERNEL)")
+    ap.add_argument("--fa4-tile", default=None,
+                    help="FlashAttention 4 tile for memory attention, tile_m,tile_n,rs,overlap (flash4.TILES); "
+                         "0,0,0,0: the package's own")
+    ap.add_argument("--group-tokens", type=int, default=None,
+                    help="tokens per window group of the ingest (windows.WINDOW_GROUP_TOKENS)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from longllama import attention
@@ -223,6 +232,16 @@ def main() -> None:
         generate.AHEAD = False
     if args.memory_chunk is not None:
         attention.MEMORY_CHUNK = args.memory_chunk
+    if args.fa4_tile:
+        from longllama import flash4
+        m, n, rs, overlap = (int(x) for x in args.fa4_tile.split(","))
+        width = attention.memory_storage_dim(preset(args.shape).head_dim, torch.device("cuda"))
+        flash4.TILES.pop(width, None)
+        if m:
+            flash4.TILES[width] = (m, n, bool(rs), bool(overlap))
+    if args.group_tokens:
+        from longllama import windows
+        windows.WINDOW_GROUP_TOKENS = args.group_tokens
 
     device = "cuda"
     card = torch.cuda.get_device_name()

@@ -173,6 +173,33 @@ def check_decode_kernels() -> bool:
     return ok
 
 
+def check_sampling() -> bool:
+    """The sampling kernel (sampling.py) against transformers' warpers: the kept tokens over a 32000-token vocabulary
+    (fp32 logits, no ties), and the frequencies of 200000 draws over 8 tokens."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from longllama import sampling
+
+    ok = True
+    logits = torch.randn(8, 32000, device="cuda") * 4
+    for temperature, top_k, top_p in [(0.8, None, 0.9), (1.0, 50, 0.95), (0.7, 40, 1.0)]:
+        _, floors = sampling.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, floors=True)
+        scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        scores = TopKLogitsWarper(top_k)(None, scores) if top_k else scores
+        scores = TopPLogitsWarper(top_p)(None, scores) if top_p < 1 else scores
+        same = torch.equal(logits / temperature >= floors[:, None], torch.isfinite(scores))
+        print(f"sampling kernel, temperature {temperature}, top_k {top_k}, top_p {top_p}: kept tokens as the "
+              f"warpers keep them: {same}")
+        ok &= same
+    base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], device="cuda")
+    tokens = sampling.sample(base.expand(200000, -1), temperature=0.5, top_k=6, top_p=0.95)
+    want = torch.softmax(TopPLogitsWarper(0.95)(None, TopKLogitsWarper(6)(None, base[None] / 0.5)), -1)[0]
+    freq = torch.bincount(tokens, minlength=8).float() / tokens.numel()
+    e = (freq - want).abs().max().item()
+    print(f"sampling kernel, 200000 draws over 8 tokens: max |frequency - probability| {e:.1e}")
+    return ok and e < 5e-3
+
+
 def main() -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -232,6 +259,7 @@ def main() -> int:
         ok &= check_flash4()
         ok &= check_rope_kernel()
         ok &= check_decode_kernels()
+        ok &= check_sampling()
         ok &= check_static_decoder(ours, long[:, :3000])
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1

@@ -41,11 +41,11 @@ def _part(keys, values, n: int, local: bool, chunk: int, slot: torch.Tensor, q: 
     acc = torch.empty(rows, count, 128, dtype=torch.float32, device="cuda")
     m = torch.empty(rows, count, dtype=torch.float32, device="cuda")
     lsum = torch.empty_like(m)
-    out = torch.empty_like(q)
     args = (q, keys, values, acc, m, lsum, slot, n, 0, count, H, 1, q.stride(0), q.stride(1), keys.stride(0),
-            keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-            1.4426950408889634 / math.sqrt(D), chunk, D, min(keys.shape[-1], 112), m, out)
-    return (rows, count), args
+            keys.stride(1), values.stride(0), values.stride(1), 1.4426950408889634 / math.sqrt(D), chunk, D)
+    constants = dict(S_KN=keys.stride(2), S_VN=values.stride(2), D_READ=min(keys.shape[-1], 112), FROM_PTR=local,
+                     BLOCK_D=128)
+    return (rows, count), args, constants
 
 
 def sweep(shapes, chunks, configs, scratch) -> list[dict]:
@@ -61,11 +61,10 @@ def sweep(shapes, chunks, configs, scratch) -> list[dict]:
         slot = torch.tensor([n - 1], device="cuda")
         gbytes = 2 * H * n * width * 2 / 1e9
         for chunk in chunks[name]:
-            grid, args = _part(keys, values, n, local, chunk, slot, q)
+            grid, args, constants = _part(keys, values, n, local, chunk, slot, q)
             for block_n, warps, stages in configs:
                 def call():
-                    fn[grid](*args, FROM_PTR=local, MERGE=False, BLOCK_S=64, BLOCK_D=128, BLOCK_N=block_n,
-                             num_warps=warps, num_stages=stages)
+                    fn[grid](*args, **constants, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                 try:
                     ms = flushed_ms(call, scratch)
                 except Exception as exc:  # noqa: BLE001 - a configuration that does not compile or launch
@@ -158,6 +157,10 @@ def main() -> None:
     ap.add_argument("--decode-after", default="32768,262144")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--block-n", default="16,32,64", help="BLOCK_N values swept")
+    ap.add_argument("--warps", default="1,2,4,8", help="num_warps values swept")
+    ap.add_argument("--stages", default="1,2,3", help="num_stages values swept")
+    ap.add_argument("--memory-width", type=int, default=104, help="the memory's stored row width (3B: 104)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from longllama import decode_attention
@@ -168,9 +171,11 @@ def main() -> None:
     result = dict(device=card, date=datetime.date.today().isoformat())
     shipped = (decode_attention._MIN_CHUNK, decode_attention._TARGET_PROGRAMS, dict(decode_attention._MEASURED))
     if not args.skip_sweep:
-        configs = [(n, w, s) for n in (16, 32, 64) for w in (1, 2, 4, 8) for s in (1, 2, 3)]
-        shapes = {"local": (2048, 104, True), "memory 32k": (32768, 112, False),
-                  "memory 256k": (262144, 112, False)}
+        def ints(text):
+            return [int(x) for x in text.split(",") if x]
+        configs = [(n, w, s) for n in ints(args.block_n) for w in ints(args.warps) for s in ints(args.stages)]
+        shapes = {"local": (2048, 104, True), "memory 32k": (32768, args.memory_width, False),
+                  "memory 256k": (262144, args.memory_width, False)}
         chunks = {"local": [32, 64, 128, 256], "memory 32k": [128, 256, 512, 1024, 2048],
                   "memory 256k": [1024, 2048, 4096, 8192]}
         result["sweep"] = sweep(shapes, chunks, configs, scratch)

@@ -97,6 +97,27 @@ def test_whole_model_with_flash4_equals_one_window_at_a_time(fake, monkeypatch):
     assert (got - want).abs().max() < 1e-5
 
 
+def test_a_listed_head_dimension_takes_its_tile_shape(fake, monkeypatch):
+    seen = []
+
+    def forward(q, k, v, **kwargs):  # the package's private entry point: its extra arguments, then the same maths
+        seen.append({name: kwargs.pop(name) for name in ("tile_mn", "mma_pv_is_rs", "intra_wg_overlap")})
+        return (*fake(q, k, v, **kwargs), None, None, None)
+
+    monkeypatch.setattr(flash4, "_forward", lambda: forward)
+    monkeypatch.setattr(flash4, "TILES", {16: (192, 144, False, True)})
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    for width in (8, 16):
+        q = torch.randn(3, 4, 20, width)
+        out, lse = attention.memory_attention(q, k[..., :width], v[..., :width], scale=0.3, used=[100, 200, 300])
+        want = attention.memory_attention(q, k[..., :width], v[..., :width], scale=0.3, used=[100, 200, 300],
+                                          kernel="flash")
+        assert (out - want[0]).abs().max() < 1e-5 and (lse - want[1]).abs().max() < 1e-5
+    assert seen == [dict(tile_mn=(192, 144), mma_pv_is_rs=False, intra_wg_overlap=True)]  # only the listed width
+    assert len(fake.calls) == 2
+
+
 def test_a_failure_warns_once_and_falls_back_for_the_process(monkeypatch):
     fn = FakeVarlen(fail=True)
     monkeypatch.setattr(flash4, "_varlen_func", lambda: fn)

@@ -179,11 +179,13 @@ MEMORY_CHUNK = 0
 # Zero-padded head dimensions on GPUs: the memory is stored as a multiple of MEMORY_WIDTH and local attention pads
 # q, k and v to a multiple of LOCAL_WIDTH (memory layers pad them to the memory's width instead, so that one padded q
 # serves both). Measured on an H100 for the 3B shape (head_dim 100; bench_inference.py, h100-2026-11-26.json runs
-# k, m, m1, n, n0, n1): LOCAL_WIDTH 16 (112 instead of 104, where cuDNN's causal kernel is faster) and the rope_pad
-# kernel ingested 256k tokens in 5.87 s against 6.04 s with 104 and Inductor's rope_pad (the kernel alone saved
-# 0.11 s, runs n0 / n1); MEMORY_WIDTH 64 (the memory stored 128 wide, where FlashAttention 4's kernel is faster)
-# took it on to 5.63 s and 1M tokens to 52.2 s, but decoding after 256k from 7.03 to 7.50 ms/token (the reads grow
-# with the stored rows) for 14 % more memory, so the default stays 16 (112 wide).
+# k, m, m1, n, n0, n1, p2): LOCAL_WIDTH 16 (112 instead of 104, where cuDNN's causal kernel is faster) and the
+# rope_pad kernel ingested 256k tokens in 5.87 s against 6.04 s with 104 and Inductor's rope_pad; the memory stored
+# 128 wide (MEMORY_WIDTH 64) took it to 5.63 s but decoding after 256k from 7.03 to 7.50 ms/token. With
+# FlashAttention 4's 192 x 144 tile (flash4.TILES) the memory 112 wide ingests 256k tokens in 5.45-5.56 s (runs q,
+# q1, s). Stored 104 wide (MEMORY_WIDTH 8; h100-2026-11-26-session9.txt, tune-decode.txt, run p2) a decoding step
+# reads its rows no faster (1193 against 1208 us per layer over 256k keys) and FlashAttention 4 ran ~27 % slower on
+# them, even read 112 wide through overlapping strided views; so MEMORY_WIDTH stays 16.
 # bench_inference.py --memory-width / --local-width time other settings.
 MEMORY_WIDTH = 16
 LOCAL_WIDTH = 16

@@ -24,16 +24,21 @@ import torch
 from longllama import kernels
 
 _LOG2E = 1.4426950408889634
-_TARGET_PROGRAMS = 2048  # chunks x rows x heads aimed at: ~15 programs per SM of an H100 (profile_step.py)
-_MIN_CHUNK, _MAX_CHUNK = 128, 8192
+_TARGET_PROGRAMS = 4096  # chunks x rows x heads aimed at (benchmarks/tune_decode.py)
+_MIN_CHUNK, _MAX_CHUNK = 64, 8192
 _DEFAULTS = {"BLOCK_N": 32}  # the interpreter's configuration (no autotuning there)
 _MERGE_BLOCK = 64
 # partials' configurations (BLOCK_N, num_warps): at least 8 elements of a 128-wide tile per thread
-_CHOICES = [(n, w) for n in (16, 32, 64, 128) for w in (2, 4, 8, 16) if n * 128 // (32 * w) >= 8]
-# Chosen on an H100 (bench_inference.py run "j", 2026-11-26) for the 3B model: local slots (chunks of 128 keys, rows
-# 104 wide) and memories of 32k and 256k keys (chunks of 512 and 4096, rows 112 wide); see kernels.autotune.
-_MEASURED = {("NVIDIA H100 80GB HBM3", "torch.bfloat16", chunk, 100, width): ({"BLOCK_N": n}, w)
-             for chunk, width, n, w in [(128, 104, 16, 8), (512, 112, 32, 2), (4096, 112, 32, 2)]}
+_CHOICES = [(n, w) for n in (16, 32, 64, 128) for w in (1, 2, 4, 8, 16) if n * 128 // (32 * w) >= 8]
+# Chosen on an H100 (2026-11-26, session 9), (BLOCK_N, num_warps, num_stages) per (chunk, head_dim, row width read):
+# for the 3B model by benchmarks/tune_decode.py (L2 flushed; h100-2026-11-26-tune-decode.txt): local slots (chunks
+# of 64 keys, rows 104 wide) and memories of 32k and 256k keys (chunks of 256 and 2048, rows 112 wide); for Code 7B
+# by the autotuner in bench_inference.py run "r" (local chunks of 64, a 32k memory in chunks of 256, rows 128 wide).
+# See kernels.autotune.
+_MEASURED = {("NVIDIA H100 80GB HBM3", "torch.bfloat16", chunk, d, width): ({"BLOCK_N": n}, w, stages)
+             for chunk, d, width, n, w, stages in [(64, 100, 104, 16, 2, 1), (256, 100, 112, 32, 1, 1),
+                                                   (2048, 100, 112, 32, 1, 3), (64, 128, 128, 16, 2, 1),
+                                                   (256, 128, 128, 32, 1, 3)]}
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,9 +109,10 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: torc
     for (k, v, n, local), chunk, count in zip(parts, chunks, counts):
         kernels.launch(partials, lambda meta, count=count: (rows, count),
                        (q, k, v, acc, m, lsum, slot, n, split0, splits, h, h // kv_heads,
-                        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                        v.stride(0), v.stride(1), v.stride(2), scale_log2, chunk, d, min(k.shape[-1], read)),
-                       _DEFAULTS, FROM_PTR=local, BLOCK_D=block_d)
+                        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                        scale_log2, chunk, d),
+                       _DEFAULTS, S_KN=k.stride(2), S_VN=v.stride(2), D_READ=min(k.shape[-1], read),
+                       FROM_PTR=local, BLOCK_D=block_d)
         split0 += count
     out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
     merge[(rows,)](acc, m, lsum, out, splits, d, BLOCK_S=_MERGE_BLOCK, BLOCK_D=block_d)

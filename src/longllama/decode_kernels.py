@@ -7,16 +7,22 @@ from longllama import kernels
 from longllama.decode_attention import _CHOICES, _MEASURED
 
 _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in _CHOICES]
+# the measured table's configurations with other num_stages than the default
+_CONFIGS += [triton.Config(meta, num_warps=warps, num_stages=stages[0]) for meta, warps, *stages in _MEASURED.values()
+             if stages and stages[0] != 3]
 
 @kernels.autotune(_CONFIGS, key=["chunk", "D", "D_READ"], measured=_MEASURED)
 @triton.jit
 def partials(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, n_ptr, n_fixed, split0, splits, H, group,
-             s_qb, s_qh, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, scale_log2, chunk, D, D_READ,
-             FROM_PTR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+             s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, scale_log2, chunk, D, S_KN: tl.constexpr, S_VN: tl.constexpr,
+             D_READ: tl.constexpr, FROM_PTR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     # Each of the BLOCK_N rows of the tile keeps its own running softmax over the keys it sees (keys r,
     # r + BLOCK_N, ...), so the loop has no reduction across rows; the rows are merged once at the end.
     # D_READ >= D columns of keys and values are read (a zero-padded memory read whole, for aligned vector
-    # loads); q is zero past D, and output columns past D are never stored.
+    # loads); q is zero past D, and output columns past D are never stored. The row strides S_KN, S_VN and D_READ
+    # are compile-time constants: rows 104 wide are then known to start 16-byte aligned and to end on a whole
+    # vector, so they load as 16-byte vectors (as run-time values not divisible by 16 they loaded element by
+    # element).
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -40,8 +46,8 @@ def partials(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, n_ptr, n_fixed, split0,
         rmask = rows < end
         r64 = rows.to(tl.int64)
         mask = rmask[:, None] & (d < D_READ)[None, :]
-        k = tl.load(k_base + r64[:, None] * s_kn + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_base + r64[:, None] * s_vn + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        k = tl.load(k_base + r64[:, None] * S_KN + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_base + r64[:, None] * S_VN + d[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.where(rmask, tl.sum(k * q[None, :], axis=1), -float("inf"))  # log2-scaled scores
         m_new = tl.maximum(m_r, s)
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # no key yet in this row: weights stay 0

@@ -36,6 +36,14 @@ def _varlen_func():
     return flash_attn_varlen_func
 
 
+def _forward():
+    """The package's forward entry point that takes a tile shape (private: a change there fails like any other
+    failure, once, and cuDNN serves)."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    return _flash_attn_fwd
+
+
 def usable(q: torch.Tensor) -> bool:
     """Whether FlashAttention 4 serves memory attention for queries like q: installed, an SM 9.x GPU (where it was
     measured faster than cuDNN), bf16/fp16, head dimension a multiple of 8 up to 256, and no failure so far."""
@@ -44,6 +52,15 @@ def usable(q: torch.Tensor) -> bool:
     if q.shape[-1] % 8 or q.shape[-1] > 256 or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
     return _varlen_func() is not None
+
+
+# Tile shapes by head dimension, (tile_m, tile_n, mma_pv_is_rs, intra_wg_overlap), passed to the package's private
+# forward entry point; a head dimension not listed takes the package's own choice (128 x 128, P in registers, for
+# 97..128 on SM 9.x). Measured on an H100 (bench_attention_kernels.py --group-tiles; h100-2026-11-26-session9.txt):
+# a window group of 4 x 2048 queries over prefixes of 256k keys, memory 112 wide, took 46.7-47.0 ms with 192 x 144
+# (P through shared memory) against 56.1-56.3 ms with the package's tile; end to end (bench_inference.py, one
+# machine) 256k tokens in 5.45 s against 5.91 s. At head_dim 128 no tile beat the package's by more than 2 %.
+TILES: dict[int, tuple[int, int, bool, bool]] = {112: (192, 144, False, True)}
 
 
 def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
@@ -60,8 +77,14 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     if used is not None:  # from pinned memory: an asynchronous copy (a pageable one would wait for the stream)
         seqused = torch.tensor(used, dtype=torch.int32)
         seqused = seqused.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else seqused
-    out, lse = func(q.transpose(1, 2), kt, vt, seqused_k=seqused, softmax_scale=scale, causal=False,
-                    return_lse=True)
+    tile = TILES.get(q.shape[-1])
+    if tile is None:
+        out, lse = func(q.transpose(1, 2), kt, vt, seqused_k=seqused, softmax_scale=scale, causal=False,
+                        return_lse=True)
+    else:
+        out, lse = _forward()(q.transpose(1, 2), kt, vt, seqused_k=seqused, softmax_scale=scale, causal=False,
+                              return_lse=True, tile_mn=tile[:2], mma_pv_is_rs=tile[2],
+                              intra_wg_overlap=tile[3])[:2]
     return out.transpose(1, 2), lse
 
 

@@ -9,9 +9,10 @@ from longllama import kernels
 # unevenly (3 or 4 each); small blocks even the load out.
 _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
             for n in (1, 2, 4, 8, 16) for k in (256, 512, 1024) for w in (2, 4, 8) if n * k <= 8192]
-# The autotuner's choices for the 3B model's decoding step, batch 1 (bench_inference.py run "j", H100, 2026-11-26;
-# keys N, K, M, NORM): on that GPU these compile alone. In run "j0" (same command, earlier code, same kernels) three
-# of the five came out differently, so the top configurations are close.
+# The autotuner's choices for the decoding step, batch 1 (bench_inference.py, H100, 2026-11-26; keys N, K, M, NORM):
+# the 3B model's from run "j", Code 7B's from run "r"; on that GPU these compile alone (Code 7B's first decoding spent
+# 213 s tuning without them). In run "j0" (same command, earlier code, same kernels) three of the 3B model's five came
+# out differently, so the top configurations are close.
 _H100 = "NVIDIA H100 80GB HBM3"
 
 
@@ -22,8 +23,10 @@ def _measured(rows):
 
 # K is also a compile-time constant (unrolled)
 MEASURED = _measured([(9600, 3200, True, 4, 1024, 4), (3200, 3200, False, 1, 256, 4),
-                      (3200, 8640, False, 2, 512, 2), (32000, 3200, True, 4, 1024, 4)])
-MEASURED_SWIGLU = _measured([(8640, 3200, True, 1, 256, 2)])
+                      (3200, 8640, False, 2, 512, 2), (32000, 3200, True, 4, 1024, 4),
+                      (12288, 4096, True, 4, 512, 2), (4096, 4096, False, 8, 1024, 4),
+                      (4096, 11008, False, 1, 512, 4), (32016, 4096, True, 4, 1024, 8)])
+MEASURED_SWIGLU = _measured([(8640, 3200, True, 1, 256, 2), (11008, 4096, True, 1, 1024, 8)])
 tuned = kernels.autotune(_CONFIGS, key=["N", "K", "M", "NORM"], measured=MEASURED)
 tuned_swiglu = kernels.autotune(_CONFIGS, key=["N", "K", "M", "NORM"], measured=MEASURED_SWIGLU)
 

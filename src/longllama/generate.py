@@ -22,6 +22,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.utils import ModelOutput
 
+from longllama import sampling
 from longllama.cache import CacheAlias, LongLlamaCache
 from longllama.decode import StaticDecoder
 from longllama.errors import InputError
@@ -213,17 +214,24 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
     eos = torch.tensor(s.eos_token_ids, device=device, dtype=torch.long)
     ahead = _Ahead(input_ids.shape[0], device) if static is not None and AHEAD else None
+    # Temperature, top-k and top-p alone (the common case) are one kernel on GPUs (sampling.py); any other processor,
+    # or scores asked for, takes transformers' warpers.
+    warpers = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    fused = s.do_sample and not output_scores and all(type(p) in warpers for p in procs)
     for step in range(s.max_new_tokens):
-        logits = logits.float()
-        processed = procs(sequences, logits) if len(procs) else logits
-        if output_scores:
-            scores.append(processed)
         if output_logits:
-            raw.append(logits)
-        if s.do_sample:
-            token = torch.multinomial(torch.softmax(processed, dim=-1), num_samples=1).squeeze(1)
+            raw.append(logits.float())
+        if fused and sampling.applies(logits):
+            token = sampling.sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
         else:
-            token = processed.argmax(dim=-1)
+            logits = logits.float()
+            processed = procs(sequences, logits) if len(procs) else logits
+            if output_scores:
+                scores.append(processed)
+            if s.do_sample:
+                token = torch.multinomial(torch.softmax(processed, dim=-1), num_samples=1).squeeze(1)
+            else:
+                token = processed.argmax(dim=-1)
         token = torch.where(unfinished, token, torch.full_like(token, s.pad_token_id))
         sequences = torch.cat([sequences, token[:, None]], dim=1)
         if len(eos):

@@ -1,0 +1,88 @@
+"""The sampling kernel (sampling.py) in Triton's interpreter: which tokens it keeps, against transformers' warpers,
+the distribution it draws from, seeding, and when generate() uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from longllama import kernels, sampling
+
+from conftest import sharp_tiny
+
+
+@pytest.fixture(autouse=True)
+def cpu_kernels(monkeypatch):
+    monkeypatch.setattr(kernels, "CPU", True)
+
+
+def _warped(logits, temperature, top_k, top_p):
+    scores = logits.float()
+    for warper in ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + \
+            ([TopKLogitsWarper(top_k=top_k)] if top_k else []) + ([TopPLogitsWarper(top_p=top_p)] if top_p < 1 else []):
+        scores = warper(None, scores)
+    return scores
+
+
+@pytest.mark.parametrize("vocab", [300, 257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, 1.0), (0.8, None, 0.9), (1.5, 50, 0.9),
+                                                     (0.7, 20, 1.0), (1.0, 1, 1.0), (1.0, None, 0.0),
+                                                     (1.0, 400, 0.5)])
+def test_keeps_the_tokens_the_warpers_keep(vocab, dtype, temperature, top_k, top_p):
+    torch.manual_seed(0)
+    logits = (torch.randn(5, vocab) * 3).to(dtype)
+    if dtype == torch.bfloat16:  # distinct values (exact in bf16): with ties the warpers' set depends on sort order
+        logits = torch.stack([torch.randperm(vocab) - vocab // 2 for _ in range(5)]).float().div(32).to(dtype)
+        assert all(row.unique().numel() == vocab for row in logits)
+    tokens, floors = sampling.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, floors=True)
+    kept = logits.float() / temperature >= floors[:, None]
+    want = torch.isfinite(_warped(logits, temperature, top_k, top_p))
+    assert torch.equal(kept, want)
+    assert kept.gather(1, tokens[:, None]).all()
+
+
+def test_draws_from_the_kept_tokens_softmax():
+    torch.manual_seed(0)
+    base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    rows = 400
+    tokens = sampling.sample(base.expand(rows, -1), temperature=0.5, top_k=6, top_p=0.95)
+    want = torch.softmax(_warped(base[None], 0.5, 6, 0.95), -1)[0]
+    freq = torch.bincount(tokens, minlength=8).float() / rows
+    assert (freq[want == 0] == 0).all()
+    assert (freq - want).abs().max() < 0.08, (freq, want)  # 4 sigma at 400 draws; uniform would miss by > 0.3
+
+
+def test_seeded_by_torch():
+    logits = torch.randn(3, 100)
+    torch.manual_seed(5)
+    a = sampling.sample(logits, temperature=1.3, top_p=0.95)
+    torch.manual_seed(5)
+    assert torch.equal(sampling.sample(logits, temperature=1.3, top_p=0.95), a)
+
+
+def test_generate_samples_with_the_kernel_only_for_the_plain_warpers(monkeypatch):
+    calls = []
+    original = sampling.sample
+
+    def spy(logits, **kwargs):
+        calls.append(kwargs)
+        return original(logits, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample", spy)
+    model = sharp_tiny()
+    ids = torch.randint(3, 300, (1, 20))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        first = model.generate(ids, max_new_tokens=4, do_sample=True, temperature=0.7, top_k=30, top_p=0.9)
+        assert calls == [dict(temperature=0.7, top_k=30, top_p=0.9)] * 4
+        torch.manual_seed(0)
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=True, temperature=0.7, top_k=30,
+                                          top_p=0.9), first)
+        calls.clear()
+        model.generate(ids, max_new_tokens=3, do_sample=True, repetition_penalty=1.2)
+        model.generate(ids, max_new_tokens=3, do_sample=True, top_p=0.9, output_scores=True,
+                       return_dict_in_generate=True)
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert calls == []
