@@ -170,7 +170,7 @@ def chunks(dim: int, fa4, keys: int = 262144) -> None:
         print(f"  fa4 num_splits={splits:2d}: {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s (d=100)")
 
 
-def group_tiles(dims, reps: int, tiles) -> None:
+def group_tiles(dims, reps: int, tiles, m: int = 262144) -> None:
     """longllama's FlashAttention 4 call for a window group (4 windows x 2048 queries, each seeing its own prefix of a
     256k-key memory, flash4.memory_attention) per stored memory width and tile shape (flash4.TILES; None: the
     package's own). Head dimension 100 zero-padded (128 for width 128, the Code 7B shape); outputs compared with fp32
@@ -180,7 +180,7 @@ def group_tiles(dims, reps: int, tiles) -> None:
     if not flash4.usable(torch.empty(1, 1, 1, 112, device="cuda", dtype=torch.bfloat16)):
         print("FlashAttention 4 not usable here; --group-tiles skipped")
         return
-    m, n = 262144, 2048
+    n = 2048
     used = [m - 3 * n, m - 2 * n, m - n, m]
     saved = dict(flash4.TILES)
     for width in dims:
@@ -226,15 +226,20 @@ def main() -> None:
     parser.add_argument("--chunks", action="store_true", help="only compare chunked reads of a long memory")
     parser.add_argument("--group-tiles", action="store_true",
                         help="only longllama's window-group call, per stored width (--dims) and tile shape")
+    parser.add_argument("--group-keys", type=int, default=262144, help="--group-tiles: memory keys")
+    parser.add_argument("--all-tiles", action="store_true", help="--group-tiles: a wider sweep of tile shapes")
     args = parser.parse_args()
     dims = [int(d) for d in args.dims.split(",")]
     print(torch.cuda.get_device_name(), torch.__version__, "cuDNN", torch.backends.cudnn.version())
     fa4 = _fa4()
     records: list = []
     if args.group_tiles:
-        group_tiles(dims, 5, [None, (128, 160, True, True), (128, 128, False, True), (128, 176, False, True),
-                              (192, 96, False, True), (192, 112, False, True), (192, 128, False, True),
-                              (192, 144, False, True)])
+        tiles = [None, (128, 160, True, True), (128, 128, False, True), (128, 176, False, True), (192, 96, False, True),
+                 (192, 112, False, True), (192, 128, False, True), (192, 144, False, True)]
+        if args.all_tiles:
+            tiles = [None] + [(tm, tn, rs, ov) for tm in (128, 192) for tn in range(64, 192, 16)
+                              for rs in (True, False) for ov in (True, False) if not (tm == 192 and rs)]
+        group_tiles(dims, 5, tiles, args.group_keys)
         return
     if args.chunks:
         for dim in dims:

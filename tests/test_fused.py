@@ -88,6 +88,20 @@ def test_decoding_products_fall_back_to_torch_off_the_gpu():
     assert torch.equal(fused.compiled().linear(x, w), torch.nn.functional.linear(x, w))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_residual_is_added_inside_the_product_for_many_rows(dtype):
+    from longllama import gemv
+
+    torch.manual_seed(0)
+    x, w, r = torch.randn(2, 50, 64, dtype=dtype), torch.randn(24, 64, dtype=dtype), torch.randn(2, 50, 24, dtype=dtype)
+    got = gemv.linear(x, w, residual=r)
+    want = r.double() + x.double() @ w.double().T
+    assert got.shape == r.shape and got.dtype == dtype
+    assert (got.double() - want).abs().max() <= (1e-4 if dtype == torch.float32 else 0.02 * want.abs().max())
+    mixed = gemv.linear(x, w, residual=r.double())  # another dtype: added after the product, in the residual's
+    assert mixed.dtype == torch.float64 and torch.equal(mixed, r.double() + torch.nn.functional.linear(x, w))
+
+
 def test_rope_pad_and_merge_heads_match_their_definitions():
     from longllama.attention import merge_partials
 

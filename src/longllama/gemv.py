@@ -83,10 +83,17 @@ def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm) -> t
 
 def linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
            norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
-    """x @ weight.T (no bias), plus `residual` when given; with norm = (weight, eps), of rms_norm(x) instead of x."""
+    """x @ weight.T (no bias), plus `residual` when given; with norm = (weight, eps), of rms_norm(x) instead of x.
+    Where the kernel does not apply (many rows: the ingest) the residual is added inside the matrix product
+    (addmm: one rounding, no separate pass over the activations)."""
     if not applies(x, weight, norm=norm) or (residual is not None and residual.dtype != x.dtype):
-        y = F.linear(_normed(x, norm), weight)
-        return y if residual is None else residual + y
+        x = _normed(x, norm)
+        if residual is None:
+            return F.linear(x, weight)
+        if residual.dtype != x.dtype or residual.shape[:-1] != x.shape[:-1]:
+            return residual + F.linear(x, weight)
+        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
+        return out.view(residual.shape)
     return _stacked(x, (weight,), residual, norm)
 
 

@@ -99,10 +99,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, ops: fused.Ops = fused.EAGER) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: fused.Ops = fused.EAGER,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """down(silu(gate(x)) * up(x)), plus `residual` when given (inside the product where ops.linear can)."""
         if ops is fused.EAGER:  # through the modules (hooks and wrappers of training see their calls)
-            return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
-        return ops.linear(ops.linear_swiglu(x, self.gate_proj.weight, self.up_proj.weight), self.down_proj.weight)
+            y = self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+            return y if residual is None else residual + y
+        h = ops.linear_swiglu(x, self.gate_proj.weight, self.up_proj.weight)
+        if residual is None:
+            return ops.linear(h, self.down_proj.weight)
+        return ops.linear(h, self.down_proj.weight, residual=residual)
 
 
 class Attention(nn.Module):
@@ -285,7 +291,7 @@ class DecoderLayer(nn.Module):
         a, probs = self.self_attn(self.input_layernorm(x, ops), **attn_kwargs)
         x, normed = ops.add_rms_norm(x, a, self.post_attention_layernorm.weight,
                                      self.post_attention_layernorm.variance_epsilon)
-        return x + self.mlp(normed, ops), probs
+        return self.mlp(normed, ops, residual=x), probs
 
 
 def window_visibility(batch: int, n: int, past: int, pad_valid: torch.Tensor | None,
