@@ -130,7 +130,7 @@ class StaticDecoder:
                                 visible, ops)
             post = layer.post_attention_layernorm
             h, normed = ops.add_rms_norm(h, a, post.weight, post.variance_epsilon)
-            h = h + layer.mlp(normed, ops)
+            h = layer.mlp(normed, ops, residual=h)
         self.slot.add_(1)
         h = model.norm(h, ops)
         return ops.linear(h[:, 0], self.model.lm_head.weight).float()

@@ -77,14 +77,13 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     if used is not None:  # from pinned memory: an asynchronous copy (a pageable one would wait for the stream)
         seqused = torch.tensor(used, dtype=torch.int32)
         seqused = seqused.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else seqused
+    args = (q.transpose(1, 2), kt, vt)
+    options = dict(seqused_k=seqused, softmax_scale=scale, causal=False, return_lse=True)
     tile = TILES.get(q.shape[-1])
     if tile is None:
-        out, lse = func(q.transpose(1, 2), kt, vt, seqused_k=seqused, softmax_scale=scale, causal=False,
-                        return_lse=True)
+        out, lse = func(*args, **options)
     else:
-        out, lse = _forward()(q.transpose(1, 2), kt, vt, seqused_k=seqused, softmax_scale=scale, causal=False,
-                              return_lse=True, tile_mn=tile[:2], mma_pv_is_rs=tile[2],
-                              intra_wg_overlap=tile[3])[:2]
+        out, lse = _forward()(*args, **options, tile_mn=tile[:2], mma_pv_is_rs=tile[2], intra_wg_overlap=tile[3])[:2]
     return out.transpose(1, 2), lse
 
 

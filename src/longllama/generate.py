@@ -219,12 +219,14 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
     warpers = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
     fused = s.do_sample and not output_scores and all(type(p) in warpers for p in procs)
     for step in range(s.max_new_tokens):
+        kernel = fused and sampling.applies(logits)  # the kernel reads the logits in any float dtype
+        if output_logits or not kernel:
+            logits = logits.float()
         if output_logits:
-            raw.append(logits.float())
-        if fused and sampling.applies(logits):
+            raw.append(logits)
+        if kernel:
             token = sampling.sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
         else:
-            logits = logits.float()
             processed = procs(sequences, logits) if len(procs) else logits
             if output_scores:
                 scores.append(processed)

@@ -106,9 +106,7 @@ class MLP(nn.Module):
             y = self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
             return y if residual is None else residual + y
         h = ops.linear_swiglu(x, self.gate_proj.weight, self.up_proj.weight)
-        if residual is None:
-            return ops.linear(h, self.down_proj.weight)
-        return ops.linear(h, self.down_proj.weight, residual=residual)
+        return ops.linear(h, self.down_proj.weight, residual=residual)  # gemv.linear: the non-eager ops
 
 
 class Attention(nn.Module):
