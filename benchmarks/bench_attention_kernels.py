@@ -170,7 +170,20 @@ def chunks(dim: int, fa4, keys: int = 262144) -> None:
         print(f"  fa4 num_splits={splits:2d}: {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s (d=100)")
 
 
-def group_tiles(dims, reps: int, tiles, m: int = 262144) -> None:
+def _merged(parts):
+    """flash4.group_attention's parts merged into one (out, lse), as merge_heads does (a part of fewer rows covers
+    the last rows)."""
+    from longllama.attention import merge_partials
+
+    out, lse = parts[0][0].float(), parts[0][1]
+    for o, x in parts[1:]:
+        skip = out.shape[0] - o.shape[0]
+        rest = merge_partials(out[skip:], lse[skip:], o, x, with_lse=True)
+        out, lse = torch.cat([out[:skip], rest[0]]), torch.cat([lse[:skip], rest[1]])
+    return out, lse
+
+
+def group_tiles(dims, reps: int, tiles, m: int = 262144, splits=()) -> None:
     """longllama's FlashAttention 4 call for a window group (4 windows x 2048 queries, each seeing its own prefix of a
     256k-key memory, flash4.memory_attention) per stored memory width and tile shape (flash4.TILES; None: the
     package's own). Head dimension 100 zero-padded (128 for width 128, the Code 7B shape); outputs compared with fp32
@@ -189,6 +202,7 @@ def group_tiles(dims, reps: int, tiles, m: int = 262144) -> None:
         q, k, v = (torch.nn.functional.pad(torch.randn(b, 32, s, d, device="cuda", dtype=torch.bfloat16,
                                                        generator=gen), (0, width - d))
                    for b, s in ((4, n), (1, m), (1, m)))
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)  # token-major, as the ingest path lays q out
         want = []
         for i, u in enumerate(used):
             s = q[i, :2].float() @ k[0, :2, :u].float().transpose(-1, -2) * 0.1
@@ -201,20 +215,29 @@ def group_tiles(dims, reps: int, tiles, m: int = 262144) -> None:
             if tile is not None:
                 flash4.TILES[width] = tile
             name = "the package's tile" if tile is None else f"tile {tile[0]}x{tile[1]} rs={tile[2]} overlap={tile[3]}"
-            fn = lambda: flash4.memory_attention(q, k, v, scale=0.1, used=used)  # noqa: E731
-            try:
-                with torch.no_grad():
-                    out, lse = fn()
-            except Exception as exc:  # noqa: BLE001 - a configuration that does not compile or launch is a result
-                print(f"  {name}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
-                continue
-            e = max((out[i, :2, :, :d].float() - w[0]).abs().max().item() for i, w in enumerate(want))
-            el = max((lse[i, :2].float() - w[1]).abs().max().item() for i, w in enumerate(want))
-            ms = timed(fn, reps)
-            print(f"  {name}: {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s (d={d})  |out - fp32| {e:.1e}  "
-                  f"|lse - fp32| {el:.1e}")
+            one = lambda: flash4.memory_attention(q, k, v, scale=0.1, used=used)  # noqa: E731
+            calls = {"one call": (one, one)}
+            for s in splits:  # timed: the two kernel calls (the merge is the ingest path's merge with local attention)
+                def two(s=s):
+                    flash4.KEY_PARTS = s
+                    return flash4.group_attention(q, k, v, scale=0.1, used=used)
+                label = f"split, key parts {s or f'auto ({flash4.key_parts(used[0])})'}"
+                calls[label] = (two, lambda two=two: _merged(two()))
+            for how, (fn, checked) in calls.items():
+                try:
+                    with torch.no_grad():
+                        out, lse = checked()
+                except Exception as exc:  # noqa: BLE001 - a configuration that does not compile or launch: a result
+                    print(f"  {name}, {how}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                    continue
+                e = max((out[i, :2, :, :d].float() - w[0]).abs().max().item() for i, w in enumerate(want))
+                el = max((lse[i, :2].float() - w[1]).abs().max().item() for i, w in enumerate(want))
+                ms = timed(fn, reps)
+                print(f"  {name}, {how}: {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s (d={d})  |out - fp32| {e:.1e}"
+                      f"  |lse - fp32| {el:.1e}")
     flash4.TILES.clear()
     flash4.TILES.update(saved)
+    flash4.KEY_PARTS = None
 
 
 def main() -> None:
@@ -228,6 +251,11 @@ def main() -> None:
                         help="only longllama's window-group call, per stored width (--dims) and tile shape")
     parser.add_argument("--group-keys", type=int, default=262144, help="--group-tiles: memory keys")
     parser.add_argument("--all-tiles", action="store_true", help="--group-tiles: a wider sweep of tile shapes")
+    parser.add_argument("--split", default=None,
+                        help="--group-tiles: also the group as two calls (flash4.group_attention, merged eagerly) "
+                             "with these key parts of the first, comma-separated (0: flash4.key_parts' choice)")
+    parser.add_argument("--tile-list", default=None,
+                        help="--group-tiles: tiles to try, m,n,rs,overlap;... (0: the package's own)")
     args = parser.parse_args()
     dims = [int(d) for d in args.dims.split(",")]
     print(torch.cuda.get_device_name(), torch.__version__, "cuDNN", torch.backends.cudnn.version())
@@ -239,7 +267,11 @@ def main() -> None:
         if args.all_tiles:
             tiles = [None] + [(tm, tn, rs, ov) for tm in (128, 192) for tn in range(64, 192, 16)
                               for rs in (True, False) for ov in (True, False) if not (tm == 192 and rs)]
-        group_tiles(dims, 5, tiles, args.group_keys)
+        if args.tile_list:
+            tiles = [None if t == "0" else tuple(int(x) if i < 2 else bool(int(x)) for i, x in enumerate(t.split(",")))
+                     for t in args.tile_list.split(";")]
+        splits = [int(s) or None for s in args.split.split(",")] if args.split else []
+        group_tiles(dims, 5, tiles, args.group_keys, splits)
         return
     if args.chunks:
         for dim in dims:

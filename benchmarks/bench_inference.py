@@ -156,6 +156,8 @@ def attention_kernel() -> str:
         widths += f",fa4-tiles={flash4.TILES}"
     from longllama import windows
     widths += f",group-tokens={windows.WINDOW_GROUP_TOKENS}"
+    if hasattr(flash4, "SPLIT_GROUPS"):
+        widths += f",split-groups={flash4.SPLIT_GROUPS},key-parts={flash4.KEY_PARTS or 'auto'}"
     return (f"local={attention.CUDA_KERNEL},memory={attention.MEMORY_KERNEL}->{memory},"
             f"piece={attention.MEMORY_PIECE},chunk={attention.MEMORY_CHUNK}{widths}"
             + (",fa4-failed" if flash4._broken else ""))
@@ -215,6 +217,10 @@ def main() -> None:
                          "0,0,0,0: the package's own")
     ap.add_argument("--group-tokens", type=int, default=None,
                     help="tokens per window group of the ingest (windows.WINDOW_GROUP_TOKENS)")
+    ap.add_argument("--no-split-groups", action="store_true",
+                    help="a window group's memory attention in one FlashAttention 4 call (flash4.SPLIT_GROUPS off)")
+    ap.add_argument("--key-parts", type=int, default=None,
+                    help="key parts of a split window group's common-prefix call (flash4.KEY_PARTS; default: auto)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from longllama import attention
@@ -239,6 +245,10 @@ def main() -> None:
         flash4.TILES.pop(width, None)
         if m:
             flash4.TILES[width] = (m, n, bool(rs), bool(overlap))
+    if args.no_split_groups or args.key_parts:
+        from longllama import flash4
+        flash4.SPLIT_GROUPS = not args.no_split_groups
+        flash4.KEY_PARTS = args.key_parts or None
     if args.group_tokens:
         from longllama import windows
         windows.WINDOW_GROUP_TOKENS = args.group_tokens
@@ -262,7 +272,13 @@ def main() -> None:
             impl = "longllama-offload" if args.mem_offload else impl
         vocab = model.config.vocab_size
         compiled = not hf and fused.wanted(model.config.compile_elementwise, torch.device(device))
-        warm = torch.randint(3, vocab, (1, 2 * preset(args.shape).max_position_embeddings), device=device)
+        window = preset(args.shape).max_position_embeddings
+        try:  # windows for two window groups (the first with a window that has no memory yet) and a last window:
+            # the kernels and compiled shapes of a long ingest's groups are made here, not in a timed run
+            from longllama.windows import WINDOW_GROUP_TOKENS as group_tokens
+        except ImportError:  # code from before window groups (a baseline run)
+            group_tokens = 0
+        warm = torch.randint(3, vocab, (1, max(2, 2 * (group_tokens // window) + 1) * window), device=device)
         warm_s = ingest(model, warm, hf=hf)[0]
         print(f"{impl:18s} warm-up ingest of {warm.shape[1]} tokens (compilation included): {warm_s:.1f} s")
         if args.check and not hf:

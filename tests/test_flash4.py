@@ -61,7 +61,8 @@ def test_memory_attention_is_one_call_over_the_stored_memory(fake, kv_heads):
 
 
 @pytest.mark.parametrize("prefixes", [[0, 16, 32, 48], [40, 56, 72], [0]])
-def test_grouped_windows_see_their_own_memory_prefix_in_one_call(fake, prefixes):
+def test_grouped_windows_see_their_own_memory_prefix_in_one_call(fake, monkeypatch, prefixes):
+    monkeypatch.setattr(flash4, "SPLIT_GROUPS", False)
     torch.manual_seed(0)
     g, n = len(prefixes), 16
     q, k, v = torch.randn(g, 4, n, 8), torch.randn(g, 2, n, 8), torch.randn(g, 2, n, 8)
@@ -81,15 +82,113 @@ def test_grouped_windows_see_their_own_memory_prefix_in_one_call(fake, prefixes)
         assert fake_calls == 0
 
 
-def test_whole_model_with_flash4_equals_one_window_at_a_time(fake, monkeypatch):
+class FakeForward:
+    """The package's private forward entry point (flash4._forward): records its tile arguments, then the same maths
+    as FakeVarlen."""
+
+    def __init__(self, fake: FakeVarlen):
+        self.fake, self.seen = fake, []
+
+    def __call__(self, q, k, v, **kwargs):
+        self.seen.append({name: kwargs.pop(name) for name in ("tile_mn", "mma_pv_is_rs", "intra_wg_overlap")})
+        return (*self.fake(q, k, v, **kwargs), None, None, None)
+
+
+@pytest.fixture
+def tiled(fake, monkeypatch):
+    """Width 8 with a listed tile of 12 query rows (windows of 16 rows leave rows computed in vain)."""
+    forward = FakeForward(fake)
+    monkeypatch.setattr(flash4, "_forward", lambda: forward)
+    monkeypatch.setattr(flash4, "TILES", {8: (12, 16, False, True)})
+    return forward
+
+
+@pytest.mark.parametrize("prefixes", [[0, 16, 32, 48], [40, 56, 72], [0, 24], [16, 16, 40]])
+def test_a_split_group_is_all_rows_over_the_common_prefix_then_the_rest(fake, tiled, prefixes):
+    torch.manual_seed(0)
+    g, n, heads = len(prefixes), 16, 4
+    q, k, v = torch.randn(g, heads, n, 8), torch.randn(g, 2, n, 8), torch.randn(g, 2, n, 8)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # token-major, as the ingest path lays q out
+    total = prefixes[-1] + n
+    memory = (torch.randn(1, 2, total, 8), torch.randn(1, 2, total, 8))
+    got = attention.window_attention(q, k, v, 8, padded_mem=memory, used=prefixes)
+    calls = list(fake.calls)
+    flash4._broken.append("off")
+    want = attention.window_attention(q, k, v, 8, padded_mem=memory, used=prefixes)
+    assert (got - want).abs().max() < 1e-5
+    rows = [m for m in prefixes if m]
+    if len(rows) < 2 or min(rows) < rows[0] or rows[1:].count(rows[0]):  # not split: the one call of the prefixes
+        assert [c["seqused"] for c in calls] == [rows]
+        return
+    first = g - len(rows)
+    assert len(calls) == 2 and calls[0]["seqused"] is None and calls[1]["seqused"] == [m - rows[0] for m in rows[1:]]
+    assert calls[0]["q"].shape == (1, len(rows) * n, heads, 8)  # every row's queries as one sequence
+    assert calls[0]["q"].data_ptr() == q[first].data_ptr()  # a view of the token-major queries, not a copy
+    assert calls[0]["k"].shape[1] == rows[0] and calls[0]["k"].data_ptr() == memory[0].data_ptr()
+    assert calls[1]["k"].data_ptr() == memory[0][:, :, rows[0]].data_ptr()  # the rest read in place
+    assert tiled.seen == [dict(tile_mn=(12, 16), mma_pv_is_rs=False, intra_wg_overlap=True)] * 2
+
+
+@pytest.mark.parametrize("pieces", [2, 3])
+def test_the_common_prefix_goes_in_key_parts_as_batch_rows_of_one_call(fake, tiled, monkeypatch, pieces):
+    monkeypatch.setattr(flash4, "KEY_PARTS", pieces)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 16, 8), torch.randn(3, 2, 16, 8), torch.randn(3, 2, 16, 8)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    memory = (torch.randn(1, 2, 90, 8), torch.randn(1, 2, 90, 8))
+    prefixes = [50, 66, 82]
+    got = attention.window_attention(q, k, v, 8, padded_mem=memory, used=prefixes)
+    calls = list(fake.calls)
+    flash4._broken.append("off")
+    want = attention.window_attention(q, k, v, 8, padded_mem=memory, used=prefixes)
+    assert (got - want).abs().max() < 1e-5
+    length = {2: 32, 3: 24}[pieces]  # ceil(50 / pieces) up to a multiple of 8
+    assert len(calls) == 2 and calls[0]["seqused"] == [length] * (pieces - 1) + [50 - (pieces - 1) * length]
+    assert calls[0]["q"].shape[0] == pieces and calls[0]["q"].stride(0) == 0  # the same queries, not copied
+    assert calls[0]["k"].stride(0) == length * memory[0].stride(2)  # part j starts at key j * length
+    assert calls[0]["k"].data_ptr() == memory[0].data_ptr()
+    assert calls[1]["seqused"] == [16, 32]
+
+
+def test_key_parts_need_room_in_the_memory_and_keys_for_the_last_part(fake, tiled, monkeypatch):
+    monkeypatch.setattr(flash4, "KEY_PARTS", 4)
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, 8)
+    memory = (torch.randn(1, 2, 21, 8), torch.randn(1, 2, 21, 8))
+    parts = flash4.group_attention(q, *memory, scale=0.3, used=[5, 21])  # 4 parts of 8 keys: no room, one part
+    assert [c["seqused"] for c in fake.calls] == [None, [16]] and len(parts) == 2
+
+
+def test_groups_split_only_where_the_tile_leaves_rows_in_vain(monkeypatch):
+    monkeypatch.setattr(flash4, "TILES", {112: (192, 144, False, True)})
+    assert flash4.splits_group(112, 2048) and not flash4.splits_group(112, 1920)  # 1920 = 10 x 192
+    assert not flash4.splits_group(128, 4096)  # the package's tile (Code 7B): not measured better split
+    monkeypatch.setattr(flash4, "SPLIT_GROUPS", False)
+    assert not flash4.splits_group(112, 2048)
+
+
+def test_long_common_prefixes_go_in_parts(monkeypatch):
+    assert flash4.key_parts(65536) == 1 and flash4.key_parts(flash4.PARTS_FROM) == flash4.PARTS > 1
+    monkeypatch.setattr(flash4, "KEY_PARTS", 2)
+    assert flash4.key_parts(100) == 2
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_whole_model_with_flash4_equals_one_window_at_a_time(fake, monkeypatch, split):
     torch.manual_seed(0)
     model = sharp_tiny(num_key_value_heads=2)
     model.config.attn_impl = "fast"
     ids = torch.randint(3, 320, (1, 64 * 7 + 20))
     monkeypatch.setattr(windows, "WINDOW_GROUP_TOKENS", 256)
+    width = attention.memory_storage_dim(model.config.head_dim, ids.device)
+    if split:  # a tile of 48 rows for the memory's width (windows of 64 rows), the common prefix in 2 parts
+        monkeypatch.setattr(flash4, "TILES", {width: (48, 16, False, True)})
+        monkeypatch.setattr(flash4, "_forward", lambda: FakeForward(fake))
+        monkeypatch.setattr(flash4, "KEY_PARTS", 2)
     with torch.no_grad():
         got = model(ids, use_cache=True).logits
     assert fake.calls and any(c["seqused"] for c in fake.calls)  # grouped windows took the one-call path
+    assert any(c["seqused"] is not None and c["q"].stride(0) == 0 for c in fake.calls) == split  # key parts
     flash4._broken.append("off")
     monkeypatch.setattr(windows, "WINDOW_GROUP_TOKENS", 0)
     with torch.no_grad():

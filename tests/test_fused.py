@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from longllama import LongLlamaForCausalLM, fused
+from longllama import LongLlamaForCausalLM, attention, fused
 from longllama.attention import resolve_kernel
 from longllama.config import preset
 
@@ -119,3 +119,23 @@ def test_rope_pad_and_merge_heads_match_their_definitions():
     want = merge_partials(out[..., :6], lse, mem_out[..., :6], mem_lse).transpose(1, 2).reshape(2, 5, 24)
     assert got.shape == (2, 5, 24) and (got - want).abs().max() < 1e-6
     assert torch.equal(fused.heads(out, 6), out[..., :6].transpose(1, 2).reshape(2, 5, 24))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_merge_heads_adds_partials_over_more_keys_for_the_last_rows(compiled):
+    """A window group split in two memory calls (flash4.group_attention): the second covers rows 1.. only."""
+    torch.manual_seed(0)
+    b, h, n, d = 3, 2, 5, 6
+    q = torch.randn(b, h, n, d)
+    local, mem, extra = (torch.randn(b, h, s, d) for s in (n, 7, 4))
+    want = []
+    for i in range(b):  # one softmax over the local keys, the memory and (rows 1..) the extra keys
+        keys = torch.cat([local[i], mem[i]] + ([extra[i]] if i else []), 1)
+        want.append(torch.softmax(q[i] @ keys.transpose(-1, -2), -1)
+                    @ torch.cat([local[i], mem[i]] + ([extra[i]] if i else []), 1))
+    want = torch.stack(want).transpose(1, 2).reshape(b, n, h * d)
+    parts = [attention.partial_attention(q, keys, keys, causal=False, scale=1.0) for keys in (local, mem)]
+    o2, l2 = attention.partial_attention(q[1:], extra[1:], extra[1:], causal=False, scale=1.0)
+    merge = fused.compiled().merge_heads if compiled else fused.merge_heads
+    got = merge(*parts[0], *parts[1], d, more=((o2, l2),))
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-5

@@ -10,10 +10,11 @@
              attentions that return their log-sum-exp, merged exactly into one softmax (cuDNN's or FlashAttention's
              kernel on CUDA, see CUDA_KERNEL / MEMORY_KERNEL; torch's blockwise kernel or explicit fp32 maths
              elsewhere); the memory is read as stored, zero-padded in the head dimension (a multiple of 16 on GPUs,
-             memory_storage_dim), by FlashAttention 4 in one call where it serves (flash4.py), else in pieces
-             of MEMORY_PIECE x 2^j keys for cuDNN. window_attention is the ingest path (windows with no
-             local cache: inputs padded once by fused.rope_pad, several memory windows of one sequence as a batch,
-             windows.WINDOW_GROUP_TOKENS, the merge fused with the heads' layout). With `mem_top_k`
+             memory_storage_dim), by FlashAttention 4 where it serves (flash4.py: one call, or for a window
+             group two, flash4.group_attention), else in pieces of MEMORY_PIECE x 2^j keys for cuDNN.
+             window_attention is the ingest path (windows with no local cache: inputs padded once by
+             fused.rope_pad, several memory windows of one sequence as a batch, windows.WINDOW_GROUP_TOKENS, the
+             merge fused with the heads' layout). With `mem_top_k`
              (kNN memory) each query's k best memory keys are chosen over chunks of scores and attended in fp32.
              A few queries (decoding): one joint softmax over local and memory scores, values applied as two
              products instead of a concatenation. Padded inputs and cross-batch training memory (masks over keys)
@@ -567,6 +568,23 @@ def _over_memory(q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, scale: flo
     return out[..., :q.shape[-1]], lse
 
 
+def _group_over_memory(q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, scale: float,
+                       used: list[int] | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """_over_memory for the rows of a window group, as partial attentions for merge_heads: by
+    flash4.group_attention where FlashAttention 4 serves and flash4.splits_group says so, else one part."""
+    if (used is not None and len(used) > 1 and flash4.splits_group(pk.shape[-1], q.shape[2])
+            and resolve_memory_kernel(q) == "fa4"):
+        try:
+            parts = flash4.group_attention(_pad_to(q, pk.shape[-1]), pk, pv, scale=scale, used=used)
+        except ValueError:  # prefixes it does not split: the one call below
+            pass
+        except Exception as exc:  # noqa: BLE001 - reported once; cuDNN serves from here on
+            flash4.failed(exc)
+        else:
+            return [(out[..., :q.shape[-1]], lse) for out, lse in parts]
+    return [_over_memory(q, pk, pv, scale, used=used)]
+
+
 def heads(out: torch.Tensor, head_dim: int) -> torch.Tensor:
     """An attention output (b, h, n, w >= head_dim) laid out as o_proj's input (b, n, h * head_dim)."""
     b, h, n, _ = out.shape
@@ -574,10 +592,17 @@ def heads(out: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def merge_heads(out: torch.Tensor, lse: torch.Tensor, mem_out: torch.Tensor, mem_lse: torch.Tensor,
-                head_dim: int) -> torch.Tensor:
+                head_dim: int, more: tuple = ()) -> torch.Tensor:
     """Local and memory partial attentions (b, h, n, w) with their log-sum-exp (b, h, n) merged in fp32 into one
-    softmax, in out's dtype, laid out as o_proj's input (b, n, h * head_dim)."""
-    merged = merge_partials(out[..., :head_dim].float(), lse, mem_out[..., :head_dim], mem_lse)
+    softmax, in out's dtype, laid out as o_proj's input (b, n, h * head_dim). `more`: (out, lse) pairs over further
+    memory keys of the last rows (fewer rows: the others see none of those keys; flash4.group_attention)."""
+    mem, mem_lse = mem_out[..., :head_dim].float(), mem_lse
+    for part, part_lse in more:
+        skip = out.shape[0] - part.shape[0]
+        part = F.pad(part[..., :head_dim].float(), (0, 0, 0, 0, 0, 0, skip, 0))
+        part_lse = F.pad(part_lse, (0, 0, 0, 0, skip, 0), value=-math.inf)  # weight 0 in the merge
+        mem, mem_lse = merge_partials(mem, mem_lse, part, part_lse, with_lse=True)
+    merged = merge_partials(out[..., :head_dim].float(), lse, mem, mem_lse)
     return heads(merged.to(out.dtype), head_dim)
 
 
@@ -602,8 +627,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim
     if padded_mem is None or padded_mem[0].shape[2] == 0 or first == q.shape[0]:
         return lay_out(out, head_dim)
     pk, pv = _as_stored(padded_mem, dtype, q.shape[-1])
-    mem_out, mem_lse = _over_memory(q[first:], pk, pv, scale, used=None if used is None else used[first:])
-    merged = merge(out[first:], lse[first:], mem_out, mem_lse, head_dim)
+    parts = _group_over_memory(q[first:], pk, pv, scale, None if used is None else used[first:])
+    merged = merge(out[first:], lse[first:], *parts[0], head_dim, more=tuple(parts[1:]))
     return merged if first == 0 else torch.cat([lay_out(out[:first], head_dim), merged])
 
 

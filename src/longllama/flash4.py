@@ -8,6 +8,8 @@ head_dim 128 (~587 against ~522 over 64k keys). What it brings end to end (3B sh
 shape), and a group of windows with different memory prefixes is one batched call (`used`: keys each batch row
 sees, the memory itself shared, not copied): 128k tokens in 2.34 s against 2.40 (first call 2.36 against 2.71),
 256k in 6.03 s against 6.23. cuDNN stays faster on the causal local windows, so only memory attention comes here.
+Where the tile shape leaves query rows unused in a window (192-row tiles, 2048-row windows), a window group goes as
+all its queries over the common prefix plus a small call for the group's own windows (group_attention).
 
 The package compiles each kernel configuration on its first use in a process (~1.5-2 s); its on-disk cache of
 compiled kernels is switched on here (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 unless the variable is set), for
@@ -85,6 +87,65 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     else:
         out, lse = _forward()(*args, **options, tile_mn=tile[:2], mma_pv_is_rs=tile[2], intra_wg_overlap=tile[3])[:2]
     return out.transpose(1, 2), lse
+
+
+# A window group's memory attention as two calls (group_attention) instead of one call of per-row prefixes: see there.
+SPLIT_GROUPS = True
+# The keys of group_attention's call over the common prefix go in parts (batch rows of one call, merged by
+# log-sum-exp with the rest): KEY_PARTS parts from PARTS_FROM keys on, one part below (KEY_PARTS None: this rule).
+# Measured on an H100 (bench_attention_kernels.py --group-tiles --split, memory 112 wide, tile 192 x 144, one
+# machine): a window group over 64k keys took 10.60 ms in 1 part, 10.76 in 2, 11.13 in 3; over 256k keys 46.31 in
+# 2, 45.56 in 3, 49.89 in 4 (47.94 as the one call of per-row prefixes); over 1M keys 190.5 / 190.7 / 190.4 in
+# 2 / 3 / 4 against 196.9 in 1 (200.3 as one call). More query tiles than the SMs can hold at once go in rounds; in
+# parts, each tile's work is smaller and the last round less empty. The package's own split-KV is not there for
+# SM 9.0 ("SplitKV not supported on SM 9.0").
+PARTS, PARTS_FROM = 3, 131072
+KEY_PARTS: int | None = None
+
+
+def key_parts(keys: int) -> int:
+    """In how many parts group_attention reads a common prefix of `keys` memory keys (see PARTS)."""
+    return KEY_PARTS or (PARTS if keys >= PARTS_FROM else 1)
+
+
+def splits_group(width: int, rows: int) -> bool:
+    """Whether group_attention serves window groups of `rows` queries per window at a stored width: where
+    SPLIT_GROUPS asks for it and the width's tile (TILES) does not divide a window (rows computed in vain)."""
+    return SPLIT_GROUPS and width in TILES and rows % TILES[width][0] != 0
+
+
+
+def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                    used: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """memory_attention of a window group's rows q (b, h, n, d) over increasing prefixes `used` of one memory k, v
+    (1, h_kv, M, d), as partial attentions to merge by log-sum-exp: all b * n queries as one sequence over the prefix
+    every row sees (used[0] keys, in key_parts parts: batch rows of one call), then rows 1..
+    over the rest of theirs (the group's own earlier windows, a few thousand keys). Returns (out (b, h, n, d), lse
+    (b, h, n)) per part of the common prefix, then, where rows see more than used[0] keys, (out, lse) of rows 1..
+    only (b - 1 rows). Why: a tile of queries (192 rows) then spans the group's windows (2048 rows each: 11 tiles
+    compute 2112 rows, 43 tiles 8256 rows for 4 windows), the tiles reading one head's keys at once are ~4x as many
+    (shared in the L2 cache), and the parts fill the SMs' last round of tiles (PARTS). Raises ValueError where
+    this does not apply (a row with no memory, a prefix shorter than row 0's, a memory of several batch rows)."""
+    b, h, n, d = q.shape
+    rest = [m - used[0] for m in used[1:]]
+    if len(used) != b or used[0] < 1 or k.shape[0] != 1 or any(m < 1 for m in rest):
+        raise ValueError(f"group_attention needs increasing memory prefixes (>= 1 key) of one memory, got {used}")
+    flat = q.transpose(1, 2).reshape(1, b * n, h, d).transpose(1, 2)  # a view if q is token-major (the ingest's)
+    pieces = key_parts(used[0])
+    length = -(-(-(-used[0] // pieces)) // 8) * 8  # keys per part, a multiple of 8 (aligned rows for the kernel)
+    last = used[0] - (pieces - 1) * length
+    if pieces > 1 and last >= 1 and pieces * length <= k.shape[2]:  # parts: batch rows of strided views, no copy
+        size, stride = (pieces, k.shape[1], length, d), (length * k.stride(2), *k.stride()[1:])
+        kp, vp = (x.as_strided(size, stride, x.storage_offset()) for x in (k, v))
+        out, lse = memory_attention(flat.expand(pieces, -1, -1, -1), kp, vp, scale=scale,
+                                    used=[length] * (pieces - 1) + [last])
+    else:
+        out, lse = memory_attention(flat, k[:, :, :used[0]], v[:, :, :used[0]], scale=scale)
+    parts = [(o.unflatten(1, (b, n)).transpose(0, 1), x.unflatten(1, (b, n)).transpose(0, 1)) for o, x in zip(out, lse)]
+    if rest:
+        end = used[0] + max(rest)
+        parts.append(memory_attention(q[1:], k[:, :, used[0]:end], v[:, :, used[0]:end], scale=scale, used=rest))
+    return parts
 
 
 def failed(exc: BaseException) -> None:
