@@ -92,13 +92,14 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
 # A window group's memory attention as two calls (group_attention) instead of one call of per-row prefixes: see there.
 SPLIT_GROUPS = True
 # The keys of group_attention's call over the common prefix go in parts (batch rows of one call, merged by
-# log-sum-exp with the rest): KEY_PARTS parts from PARTS_FROM keys on, one part below (KEY_PARTS None: this rule).
+# log-sum-exp with the rest): PARTS parts from PARTS_FROM keys on, one part below; KEY_PARTS, where set, instead.
 # Measured on an H100 (bench_attention_kernels.py --group-tiles --split, memory 112 wide, tile 192 x 144, one
 # machine): a window group over 64k keys took 10.60 ms in 1 part, 10.76 in 2, 11.13 in 3; over 256k keys 46.31 in
 # 2, 45.56 in 3, 49.89 in 4 (47.94 as the one call of per-row prefixes); over 1M keys 190.5 / 190.7 / 190.4 in
 # 2 / 3 / 4 against 196.9 in 1 (200.3 as one call). More query tiles than the SMs can hold at once go in rounds; in
-# parts, each tile's work is smaller and the last round less empty. The package's own split-KV is not there for
-# SM 9.0 ("SplitKV not supported on SM 9.0").
+# parts, each tile's work is smaller and the last round less empty. End to end (bench_inference.py, alternating on
+# another machine): 1M tokens in 48.4 / 48.5 s with 3 parts against 49.3 / 49.3 s with 1; 256k within 0.2 %. The
+# package's own split-KV is not there for SM 9.0 ("SplitKV not supported on SM 9.0").
 PARTS, PARTS_FROM = 3, 131072
 KEY_PARTS: int | None = None
 
@@ -112,7 +113,6 @@ def splits_group(width: int, rows: int) -> bool:
     """Whether group_attention serves window groups of `rows` queries per window at a stored width: where
     SPLIT_GROUPS asks for it and the width's tile (TILES) does not divide a window (rows computed in vain)."""
     return SPLIT_GROUPS and width in TILES and rows % TILES[width][0] != 0
-
 
 
 def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
@@ -132,7 +132,8 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         raise ValueError(f"group_attention needs increasing memory prefixes (>= 1 key) of one memory, got {used}")
     flat = q.transpose(1, 2).reshape(1, b * n, h, d).transpose(1, 2)  # a view if q is token-major (the ingest's)
     pieces = key_parts(used[0])
-    length = -(-(-(-used[0] // pieces)) // 8) * 8  # keys per part, a multiple of 8 (aligned rows for the kernel)
+    share = -(-used[0] // pieces)
+    length = -(-share // 8) * 8  # keys per part, a multiple of 8 (aligned rows for the kernel)
     last = used[0] - (pieces - 1) * length
     if pieces > 1 and last >= 1 and pieces * length <= k.shape[2]:  # parts: batch rows of strided views, no copy
         size, stride = (pieces, k.shape[1], length, d), (length * k.stride(2), *k.stride()[1:])
