@@ -159,6 +159,30 @@ def test_key_parts_need_room_in_the_memory_and_keys_for_the_last_part(fake, tile
     assert [c["seqused"] for c in fake.calls] == [None, [16]] and len(parts) == 2
 
 
+def test_a_failing_split_warns_once_and_groups_go_as_one_call(fake, tiled, monkeypatch):
+    monkeypatch.setattr(flash4, "KEY_PARTS", 2)
+    monkeypatch.setattr(flash4, "_split_broken", [])
+    forward = tiled
+
+    def refuse_shared_queries(q, k, v, **kwargs):  # a kernel that rejects queries shared by batch rows (stride 0)
+        if q.stride(0) == 0:
+            raise RuntimeError("zero batch stride")
+        return forward(q, k, v, **kwargs)
+
+    monkeypatch.setattr(flash4, "_forward", lambda: refuse_shared_queries)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 16, 8), torch.randn(3, 2, 16, 8), torch.randn(3, 2, 16, 8)
+    memory = (torch.randn(1, 2, 90, 8), torch.randn(1, 2, 90, 8))
+    with pytest.warns(RuntimeWarning, match="split window groups failed .*zero batch stride.*one call per group"):
+        got = attention.window_attention(q, k, v, 8, padded_mem=memory, used=[50, 66, 82])
+    attention.window_attention(q, k, v, 8, padded_mem=memory, used=[50, 66, 82])
+    assert [c["seqused"] for c in fake.calls] == [[50, 66, 82]] * 2  # FlashAttention 4 still serves, one call
+    assert not flash4._broken
+    flash4._broken.append("off")
+    want = attention.window_attention(q, k, v, 8, padded_mem=memory, used=[50, 66, 82])
+    assert (got - want).abs().max() < 1e-5
+
+
 def test_groups_split_only_where_the_tile_leaves_rows_in_vain(monkeypatch):
     monkeypatch.setattr(flash4, "TILES", {112: (192, 144, False, True)})
     assert flash4.splits_group(112, 2048) and not flash4.splits_group(112, 1920)  # 1920 = 10 x 192

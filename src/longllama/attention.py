@@ -578,8 +578,8 @@ def _group_over_memory(q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, scal
             parts = flash4.group_attention(_pad_to(q, pk.shape[-1]), pk, pv, scale=scale, used=used)
         except ValueError:  # prefixes it does not split: the one call below
             pass
-        except Exception as exc:  # noqa: BLE001 - reported once; cuDNN serves from here on
-            flash4.failed(exc)
+        except Exception as exc:  # noqa: BLE001 - reported once; the one call below from here on
+            flash4.split_failed(exc)
         else:
             return [(out[..., :q.shape[-1]], lse) for out, lse in parts]
     return [_over_memory(q, pk, pv, scale, used=used)]

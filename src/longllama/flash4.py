@@ -112,7 +112,18 @@ def key_parts(keys: int) -> int:
 def splits_group(width: int, rows: int) -> bool:
     """Whether group_attention serves window groups of `rows` queries per window at a stored width: where
     SPLIT_GROUPS asks for it and the width's tile (TILES) does not divide a window (rows computed in vain)."""
-    return SPLIT_GROUPS and width in TILES and rows % TILES[width][0] != 0
+    return SPLIT_GROUPS and not _split_broken and width in TILES and rows % TILES[width][0] != 0
+
+
+_split_broken: list[str] = []  # group_attention's first failure, once one happened
+
+
+def split_failed(exc: BaseException) -> None:
+    """Record a failure of group_attention: one warning, and window groups go as one call from here on (a failure
+    of that one call is then handled by `failed`)."""
+    _split_broken.append(f"{type(exc).__name__}: {exc}")
+    warnings.warn(f"FlashAttention 4's split window groups failed ({_split_broken[0][:200]}); one call per group "
+                  "from here on", RuntimeWarning, stacklevel=3)
 
 
 def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
