@@ -170,25 +170,13 @@ def chunks(dim: int, fa4, keys: int = 262144) -> None:
         print(f"  fa4 num_splits={splits:2d}: {ms:8.3f} ms {flops / ms / 1e9:6.1f} TFLOP/s (d=100)")
 
 
-def _merged(parts):
-    """flash4.group_attention's parts merged into one (out, lse), as merge_heads does (a part of fewer rows covers
-    the last rows)."""
-    from longllama.attention import merge_partials
-
-    out, lse = parts[0][0].float(), parts[0][1]
-    for o, x in parts[1:]:
-        skip = out.shape[0] - o.shape[0]
-        rest = merge_partials(out[skip:], lse[skip:], o, x, with_lse=True)
-        out, lse = torch.cat([out[:skip], rest[0]]), torch.cat([lse[:skip], rest[1]])
-    return out, lse
-
-
 def group_tiles(dims, reps: int, tiles, m: int = 262144, splits=()) -> None:
     """longllama's FlashAttention 4 call for a window group (4 windows x 2048 queries, each seeing its own prefix of a
     256k-key memory, flash4.memory_attention) per stored memory width and tile shape (flash4.TILES; None: the
     package's own). Head dimension 100 zero-padded (128 for width 128, the Code 7B shape); outputs compared with fp32
     maths on two heads."""
     from longllama import flash4
+    from longllama.attention import merge_memory_parts
 
     if not flash4.usable(torch.empty(1, 1, 1, 112, device="cuda", dtype=torch.bfloat16)):
         print("FlashAttention 4 not usable here; --group-tiles skipped")
@@ -222,7 +210,7 @@ def group_tiles(dims, reps: int, tiles, m: int = 262144, splits=()) -> None:
                     flash4.KEY_PARTS = s
                     return flash4.group_attention(q, k, v, scale=0.1, used=used)
                 label = f"split, key parts {s or f'auto ({flash4.key_parts(used[0])})'}"
-                calls[label] = (two, lambda two=two: _merged(two()))
+                calls[label] = (two, lambda two=two: merge_memory_parts(two(), width))
             for how, (fn, checked) in calls.items():
                 try:
                     with torch.no_grad():

@@ -591,17 +591,26 @@ def heads(out: torch.Tensor, head_dim: int) -> torch.Tensor:
     return out[..., :head_dim].transpose(1, 2).reshape(b, n, h * head_dim)
 
 
+def merge_memory_parts(parts, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial attentions (out (b', h, n, w), lse (b', h, n)) over disjoint memory key sets merged in fp32 into one
+    (out (b, h, n, head_dim), lse), b the first part's rows; a later part of fewer rows covers the last rows (the
+    others see none of its keys; flash4.group_attention)."""
+    (mem, mem_lse), *more = parts
+    mem = mem[..., :head_dim].float()
+    for part, part_lse in more:
+        skip = mem.shape[0] - part.shape[0]
+        part = F.pad(part[..., :head_dim].float(), (0, 0, 0, 0, 0, 0, skip, 0))
+        part_lse = F.pad(part_lse, (0, 0, 0, 0, skip, 0), value=-math.inf)  # weight 0 in the merge
+        mem, mem_lse = merge_partials(mem, mem_lse, part, part_lse, with_lse=True)
+    return mem, mem_lse
+
+
 def merge_heads(out: torch.Tensor, lse: torch.Tensor, mem_out: torch.Tensor, mem_lse: torch.Tensor,
                 head_dim: int, more: tuple = ()) -> torch.Tensor:
     """Local and memory partial attentions (b, h, n, w) with their log-sum-exp (b, h, n) merged in fp32 into one
     softmax, in out's dtype, laid out as o_proj's input (b, n, h * head_dim). `more`: (out, lse) pairs over further
-    memory keys of the last rows (fewer rows: the others see none of those keys; flash4.group_attention)."""
-    mem, mem_lse = mem_out[..., :head_dim].float(), mem_lse
-    for part, part_lse in more:
-        skip = out.shape[0] - part.shape[0]
-        part = F.pad(part[..., :head_dim].float(), (0, 0, 0, 0, 0, 0, skip, 0))
-        part_lse = F.pad(part_lse, (0, 0, 0, 0, skip, 0), value=-math.inf)  # weight 0 in the merge
-        mem, mem_lse = merge_partials(mem, mem_lse, part, part_lse, with_lse=True)
+    memory keys, merged first (merge_memory_parts)."""
+    mem, mem_lse = merge_memory_parts(((mem_out, mem_lse), *more), head_dim)
     merged = merge_partials(out[..., :head_dim].float(), lse, mem, mem_lse)
     return heads(merged.to(out.dtype), head_dim)
 

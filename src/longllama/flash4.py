@@ -26,6 +26,7 @@ import warnings
 import torch
 
 _broken: list[str] = []  # the first failure's message, once one happened
+_split_broken: list[str] = []  # group_attention's first failure, once one happened
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,8 +115,6 @@ def splits_group(width: int, rows: int) -> bool:
     SPLIT_GROUPS asks for it and the width's tile (TILES) does not divide a window (rows computed in vain)."""
     return SPLIT_GROUPS and not _split_broken and width in TILES and rows % TILES[width][0] != 0
 
-
-_split_broken: list[str] = []  # group_attention's first failure, once one happened
 
 
 def split_failed(exc: BaseException) -> None:
