@@ -118,9 +118,18 @@ def check(model, n: int) -> dict:
 
     def logits():
         with torch.no_grad():
-            return model(ids, use_cache=False).logits[0, -256:].float()
+            return model(ids, use_cache=False, logits_to_keep=256).logits[0].float()
+    from longllama import windows
+
+    skip = getattr(windows, "SKIP_DEAD_LAYERS", False)
     try:
         fast = logits()
+        if skip:  # the same logits with every window through every layer (nothing but the work may differ)
+            windows.SKIP_DEAD_LAYERS = False
+            every = logits()
+            windows.SKIP_DEAD_LAYERS = True
+            print(f"check {n} tokens: windows stopped after the last memory layer vs every layer: max |diff| "
+                  f"{(fast - every).abs().max().item():.3g}")
         model.config.attn_impl = "eager"
         exact16 = logits()
         model.float()
@@ -128,13 +137,15 @@ def check(model, n: int) -> dict:
     finally:
         model.to(torch.bfloat16)
         model.config.attn_impl = impl
+        if skip:
+            windows.SKIP_DEAD_LAYERS = True
     err = lambda a: ((a - exact32).norm() / exact32.norm()).item()  # noqa: E731
     fast_err, exact_err = err(fast), err(exact16)
     ok = fast_err <= 1.5 * exact_err + 1e-3
     print(f"check {n} tokens: fast bf16 vs exact fp32 rel {fast_err:.2e}, exact bf16 vs exact fp32 rel "
           f"{exact_err:.2e}: {'PASS' if ok else 'FAIL'}")
     return dict(benchmark="check", tokens=n, fast_rel=round(fast_err, 5), exact_bf16_rel=round(exact_err, 5),
-                passed=ok)
+                passed=ok, skip_vs_every_layer=None if not skip else (fast - every).abs().max().item())
 
 
 def attention_kernel() -> str:
@@ -156,22 +167,61 @@ def attention_kernel() -> str:
         widths += f",fa4-tiles={flash4.TILES}"
     from longllama import windows
     widths += f",group-tokens={windows.WINDOW_GROUP_TOKENS}"
+    if hasattr(windows, "SKIP_DEAD_LAYERS"):
+        widths += f",skip-layers={windows.SKIP_DEAD_LAYERS}"
     if hasattr(flash4, "SPLIT_GROUPS"):
         widths += f",split-groups={flash4.SPLIT_GROUPS},key-parts={flash4.KEY_PARTS or 'auto'}"
+    if hasattr(flash4, "FOLD_PARTS"):
+        widths += f",fold-parts={flash4.FOLD_PARTS}"
     return (f"local={attention.CUDA_KERNEL},memory={attention.MEMORY_KERNEL}->{memory},"
             f"piece={attention.MEMORY_PIECE},chunk={attention.MEMORY_CHUNK}{widths}"
             + (",fa4-failed" if flash4._broken else ""))
 
 
-def ingest_flops(config, params: int, n: int, *, hf: bool) -> float:
-    """Matrix FLOPs: 2 x params x n, plus attention: causal over everything in every layer (hf), or causal within
-    windows everywhere and, in memory layers, over all earlier windows (longllama)."""
-    h = config.hidden_size
+def ingest_flops(config, n: int, *, hf: bool) -> float:
+    """FLOPs of the work an ingest of n tokens does (logits of the last position only): the layers' matrix products,
+    the last position's lm_head, and attention: causal over everything in every layer (hf), or causal within
+    windows everywhere and, in memory layers, over all earlier windows (longllama). With windows.SKIP_DEAD_LAYERS,
+    the layers after the last memory layer see only the final window (last_context_length tokens)."""
+    h, layers, d = config.hidden_size, config.num_hidden_layers, config.head_dim
+    per_layer = 2 * h * d * (config.num_attention_heads + config.num_key_value_heads) + 3 * h * config.intermediate_size
+    head = 2 * h * config.vocab_size
     if hf:
-        return 2 * params * n + 2 * h * n * n * config.num_hidden_layers
+        return 2 * per_layer * n * layers + head + 2 * h * n * n * layers
+    from longllama import windows
+
     window = config.max_position_embeddings
-    local = 2 * h * n * window * config.num_hidden_layers  # ~ causal attention inside windows
-    return 2 * params * n + local + 2 * h * n * n * len(config.mem_layers)
+    deep = layers
+    if getattr(windows, "SKIP_DEAD_LAYERS", False):
+        deep = max(config.mem_layers) + 1 if config.mem_layers else 0
+    final = min(n, config.last_context_length)
+    tokens = n * deep + final * (layers - deep)  # token-layers: every token to `deep`, the final window beyond
+    local = 2 * h * window * (n * deep + final * (layers - deep) * final / window)  # ~ causal within windows
+    return 2 * per_layer * tokens + head + local + 2 * h * n * n * len(config.mem_layers)
+
+
+# The floors of ../shared/BENCHMARKS.md (H100): matrix work at 750 TFLOP/s, decoding's bytes at 3 TB/s.
+FLOOR_FLOPS, FLOOR_BYTES = 750e12, 3e12
+
+
+def ingest_floor_s(config, params: int, n: int, *, hf: bool) -> float:
+    """BENCHMARKS.md's ingest floor: 2 x params x n (every layer, every token) plus attention (hf: causal over
+    everything in every layer; longllama: causal within windows, and over the memory in the memory layers), at
+    FLOOR_FLOPS. Skipping the layers after the last memory layer for windows whose output is dropped does less
+    than this counts, so an ingest can come closer to it than the matrix kernels' own speed would allow."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    if hf:
+        return (2 * params * n + 2 * h * n * n * layers) / FLOOR_FLOPS
+    window = config.max_position_embeddings
+    return (2 * params * n + 2 * h * n * window * layers + 2 * h * n * n * len(config.mem_layers)) / FLOOR_FLOPS
+
+
+def decode_floor_ms(config, params: int, n: int, *, hf: bool) -> float:
+    """BENCHMARKS.md's decoding floor: the weights plus, per token of context, the keys and values a step reads (the
+    memory layers' for longllama, every layer's KV cache for hf; bf16, head_dim as is), at FLOOR_BYTES."""
+    layers = config.num_hidden_layers if hf else len(config.mem_layers)
+    cache = n * layers * 2 * config.num_key_value_heads * config.head_dim * 2
+    return (params * 2 + cache) / FLOOR_BYTES * 1e3
 
 
 def memory_gib(config, n: int) -> float:
@@ -221,6 +271,10 @@ def main() -> None:
                     help="a window group's memory attention in one FlashAttention 4 call (flash4.SPLIT_GROUPS off)")
     ap.add_argument("--key-parts", type=int, default=None,
                     help="key parts of a split window group's common-prefix call (flash4.KEY_PARTS; default: auto)")
+    ap.add_argument("--no-fold", action="store_true",
+                    help="key parts merged inside the merge with local attention (flash4.FOLD_PARTS off)")
+    ap.add_argument("--no-skip-layers", action="store_true",
+                    help="every memory window through every layer (windows.SKIP_DEAD_LAYERS off)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from longllama import attention
@@ -252,6 +306,12 @@ def main() -> None:
     if args.group_tokens:
         from longllama import windows
         windows.WINDOW_GROUP_TOKENS = args.group_tokens
+    if args.no_skip_layers:
+        from longllama import windows
+        windows.SKIP_DEAD_LAYERS = False
+    if args.no_fold:
+        from longllama import flash4
+        flash4.FOLD_PARTS = False
 
     device = "cuda"
     card = torch.cuda.get_device_name()
@@ -294,18 +354,21 @@ def main() -> None:
                 print(f"{impl:18s} ingest {n:>8d}: out of memory")
                 torch.cuda.empty_cache()
                 continue
-            flops = ingest_flops(model.config, params_count(model), n, hf=hf)
+            flops = ingest_flops(model.config, n, hf=hf)
             weights = params_count(model) * 2 / 2**30
             memory = 0.0 if hf else memory_gib(model.config, n)
+            floor = ingest_floor_s(model.config, params_count(model), n, hf=hf)
             rec = dict(benchmark="ingest", impl=impl, kernel=None if hf else attention_kernel(),
                        compile=None if hf else compiled, shape=args.shape, tokens=n, seconds=round(seconds, 4),
                        first_seconds=round(runs[0][0], 4), runs=args.repeat,
                        tokens_per_s=round(n / seconds), tflops=round(flops / seconds / 1e12, 1),
+                       floor_seconds=round(floor, 3), pct_of_floor=round(100 * floor / seconds, 1),
                        peak_gib=round(peak, 2), weights_gib=round(weights, 2), memory_gib=round(memory, 2),
                        device=card, date=today)
             records.append(rec)
             print(f"{impl:18s} ingest {n:>8d}: {seconds:8.3f} s {n / seconds:10.0f} tok/s "
-                  f"{flops / seconds / 1e12:6.1f} TFLOP/s  peak {peak:6.2f} GiB "
+                  f"{flops / seconds / 1e12:6.1f} TFLOP/s {100 * floor / seconds:5.1f} % of floor  "
+                  f"peak {peak:6.2f} GiB "
                   f"(weights {weights:.1f} + memory {memory:.1f} GiB); first run {runs[0][0]:.3f} s")
         for after in [int(t) for t in str(args.decode_after).split(",") if int(t)]:
             if hf and after > 131072:
@@ -313,12 +376,14 @@ def main() -> None:
             ids = torch.randint(3, vocab, (1, after), device=device)
             for mode in ("greedy", "sampling") if args.decode_sampling else ("greedy",):
                 ms, warmup = decode_ms(model, ids, args.decode_tokens, hf=hf, sample=mode == "sampling")
+                floor_ms = decode_floor_ms(model.config, params_count(model), after, hf=hf)
                 records.append(dict(benchmark="decode", impl=impl, kernel=None if hf else attention_kernel(),
                                     compile=None if hf else compiled, shape=args.shape, tokens=after, mode=mode,
-                                    ms_per_token=round(ms, 2), warmup_seconds=round(warmup, 2), device=card,
-                                    date=today))
-                print(f"{impl:18s} decode after {after} ({mode}): {ms:.2f} ms/token (warm-up generation "
-                      f"{warmup:.1f} s)")
+                                    ms_per_token=round(ms, 2), warmup_seconds=round(warmup, 2),
+                                    floor_ms=round(floor_ms, 2), pct_of_floor=round(100 * floor_ms / ms, 1),
+                                    device=card, date=today))
+                print(f"{impl:18s} decode after {after} ({mode}): {ms:.2f} ms/token, {100 * floor_ms / ms:.0f} % of "
+                      f"floor (warm-up generation {warmup:.1f} s)")
             if not hf:
                 records.append(dict(benchmark="tuned", impl=impl, shape=args.shape, configs=tuned_configs()))
         del model

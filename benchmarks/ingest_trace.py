@@ -49,15 +49,21 @@ def main() -> None:
     ap.add_argument("--no-split-groups", action="store_true", help="flash4.SPLIT_GROUPS off")
     ap.add_argument("--key-parts", type=int, default=None, help="flash4.KEY_PARTS (default: auto)")
     ap.add_argument("--rows", type=int, default=16, help="lines of the per-group table")
+    ap.add_argument("--no-fold", action="store_true",
+                    help="key parts merged inside the merge with local attention (flash4.FOLD_PARTS off)")
+    ap.add_argument("--no-skip-layers", action="store_true", help="windows.SKIP_DEAD_LAYERS off")
     args = ap.parse_args()
     flash4.SPLIT_GROUPS = not args.no_split_groups
+    windows.SKIP_DEAD_LAYERS = not args.no_skip_layers
+    flash4.FOLD_PARTS = not args.no_fold
     flash4.KEY_PARTS = args.key_parts
     torch.manual_seed(0)
     model = _longllama("3b", "cuda")
     config = model.config
     layers = model.model.layers
     print(torch.cuda.get_device_name(), torch.__version__,
-          f"split-groups={flash4.SPLIT_GROUPS} key-parts={flash4.KEY_PARTS or 'auto'}")
+          f"split-groups={flash4.SPLIT_GROUPS} key-parts={flash4.KEY_PARTS or 'auto'} "
+          f"skip-layers={windows.SKIP_DEAD_LAYERS} fold-parts={flash4.FOLD_PARTS}")
     warm = (2 * (windows.WINDOW_GROUP_TOKENS // config.max_position_embeddings) + 1) * config.max_position_embeddings
     with torch.no_grad():  # compilation and kernel loading: two window groups (one with a memory-less window) + one
         model(torch.randint(3, config.vocab_size, (1, warm), device="cuda"), use_cache=False, logits_to_keep=1)

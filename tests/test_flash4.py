@@ -148,6 +148,52 @@ def test_the_common_prefix_goes_in_key_parts_as_batch_rows_of_one_call(fake, til
     assert calls[0]["k"].stride(0) == length * memory[0].stride(2)  # part j starts at key j * length
     assert calls[0]["k"].data_ptr() == memory[0].data_ptr()
     assert calls[1]["seqused"] == [16, 32]
+    flash4._broken.clear()
+    parts = flash4.group_attention(q, *memory, scale=0.3, used=prefixes)
+    assert len(parts) == 2 and parts[0][0].shape == (3, 4, 16, 8)  # the key parts folded into one, then the rest
+
+
+def _parts(p, h, n, w, dtype=torch.float32):
+    """P partial attentions as memory_attention returns them: out (P, h, n, w) token-major, lse (P, h, n)."""
+    out = torch.randn(p, n, h, w).to(dtype).transpose(1, 2)
+    lse = torch.randn(p, h, n) * 4
+    lse[0, 0, :3] = -float("inf")  # rows a part gives no keys
+    lse[:, 1, n // 2] = -float("inf")  # a row no part gives keys: weight 0, no NaN
+    return out, lse
+
+
+def test_fold_is_the_merge_of_the_parts():
+    torch.manual_seed(0)
+    out, lse = _parts(3, 4, 37, 12)
+    got, got_lse = flash4.fold(out, lse)
+    rows = [(o[None], x[None]) for o, x in zip(out, lse)]
+    want, want_lse = attention.merge_memory_parts(rows, 12)
+    assert got.shape == (1, 4, 37, 12) and got.transpose(1, 2).is_contiguous()  # laid out as one part's output
+    finite = torch.isfinite(want_lse)
+    assert not finite[0, 1, 18] and got_lse[0, 1, 18] == -float("inf") and torch.equal(got[0, 1, 18], torch.zeros(12))
+    assert (got - want.nan_to_num())[finite].abs().max() < 1e-5
+    assert (got_lse - want_lse)[finite].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p,n,w", [(3, 70, 20), (1, 32, 8), (2, 5, 112)])
+def test_fold_kernel_equals_its_torch_definition(monkeypatch, dtype, p, n, w):
+    from longllama import kernels
+
+    pytest.importorskip("triton")
+    if not kernels.interpreting():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
+    torch.manual_seed(p * n)
+    out, lse = _parts(p, 4, n, w, dtype)
+    want, want_lse = flash4.fold(out, lse)
+    monkeypatch.setattr(kernels, "CPU", True)
+    got, got_lse = flash4.fold(out, lse)
+    assert got.dtype == dtype and got.stride() == want.stride()
+    rtol = 1e-5 if dtype == torch.float32 else 2 ** -7  # bf16: both round the fp32 sum, maybe to neighbours
+    assert ((got.float() - want.float()).abs() <= rtol * want.float().abs() + 1e-6).all()
+    assert torch.equal(torch.isinf(got_lse), torch.isinf(want_lse))
+    finite = torch.isfinite(want_lse)
+    assert (got_lse - want_lse)[finite].abs().max() < 1e-5
 
 
 def test_key_parts_need_room_in_the_memory_and_keys_for_the_last_part(fake, tiled, monkeypatch):

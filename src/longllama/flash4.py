@@ -25,6 +25,8 @@ import warnings
 
 import torch
 
+from longllama import kernels
+
 _broken: list[str] = []  # the first failure's message, once one happened
 _split_broken: list[str] = []  # group_attention's first failure, once one happened
 
@@ -92,8 +94,8 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
 
 # A window group's memory attention as two calls (group_attention) instead of one call of per-row prefixes: see there.
 SPLIT_GROUPS = True
-# The keys of group_attention's call over the common prefix go in parts (batch rows of one call, merged by
-# log-sum-exp with the rest): PARTS parts from PARTS_FROM keys on, one part below; KEY_PARTS, where set, instead.
+# The keys of group_attention's call over the common prefix go in parts (batch rows of one call, folded into one
+# partial attention by `fold`): PARTS parts from PARTS_FROM keys on, one part below; KEY_PARTS, where set, instead.
 # Measured on an H100 (bench_attention_kernels.py --group-tiles --split, memory 112 wide, tile 192 x 144, one
 # machine): a window group over 64k keys took 10.60 ms in 1 part, 10.76 in 2, 11.13 in 3; over 256k keys 46.31 in
 # 2, 45.56 in 3, 49.89 in 4 (47.94 as the one call of per-row prefixes); over 1M keys 190.5 / 190.7 / 190.4 in
@@ -103,6 +105,7 @@ SPLIT_GROUPS = True
 # package's own split-KV is not there for SM 9.0 ("SplitKV not supported on SM 9.0").
 PARTS, PARTS_FROM = 3, 131072
 KEY_PARTS: int | None = None
+FOLD_PARTS = True  # parts folded into one by `fold` (False: each part goes to the merge with local attention)
 
 
 def key_parts(keys: int) -> int:
@@ -114,7 +117,6 @@ def splits_group(width: int, rows: int) -> bool:
     """Whether group_attention serves window groups of `rows` queries per window at a stored width: where
     SPLIT_GROUPS asks for it and the width's tile (TILES) does not divide a window (rows computed in vain)."""
     return SPLIT_GROUPS and not _split_broken and width in TILES and rows % TILES[width][0] != 0
-
 
 
 def split_failed(exc: BaseException) -> None:
@@ -129,10 +131,10 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
                     used: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """memory_attention of a window group's rows q (b, h, n, d) over increasing prefixes `used` of one memory k, v
     (1, h_kv, M, d), as partial attentions to merge by log-sum-exp: all b * n queries as one sequence over the prefix
-    every row sees (used[0] keys, in key_parts parts: batch rows of one call), then rows 1..
+    every row sees (used[0] keys, in key_parts parts: batch rows of one call, folded into one), then rows 1..
     over the rest of theirs (the group's own earlier windows, a few thousand keys). Returns (out (b, h, n, d), lse
-    (b, h, n)) per part of the common prefix, then, where rows see more than used[0] keys, (out, lse) of rows 1..
-    only (b - 1 rows). Why: a tile of queries (192 rows) then spans the group's windows (2048 rows each: 11 tiles
+    (b, h, n)) over the common prefix, then, where rows see more than used[0] keys, (out, lse) of rows 1.. only
+    (b - 1 rows). Why: a tile of queries (192 rows) then spans the group's windows (2048 rows each: 11 tiles
     compute 2112 rows, 43 tiles 8256 rows for 4 windows), the tiles reading one head's keys at once are ~4x as many
     (shared in the L2 cache), and the parts fill the SMs' last round of tiles (PARTS). Raises ValueError where
     this does not apply (a row with no memory, a prefix shorter than row 0's, a memory of several batch rows)."""
@@ -150,6 +152,8 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         kp, vp = (x.as_strided(size, stride, x.storage_offset()) for x in (k, v))
         out, lse = memory_attention(flat.expand(pieces, -1, -1, -1), kp, vp, scale=scale,
                                     used=[length] * (pieces - 1) + [last])
+        if FOLD_PARTS:
+            out, lse = fold(out, lse)
     else:
         out, lse = memory_attention(flat, k[:, :, :used[0]], v[:, :, :used[0]], scale=scale)
     parts = [(o.unflatten(1, (b, n)).transpose(0, 1), x.unflatten(1, (b, n)).transpose(0, 1)) for o, x in zip(out, lse)]
@@ -157,6 +161,40 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         end = used[0] + max(rest)
         parts.append(memory_attention(q[1:], k[:, :, used[0]:end], v[:, :, used[0]:end], scale=scale, used=rest))
     return parts
+
+
+_FOLD_ROWS = 32  # query rows per program of the fold kernel
+
+
+@functools.lru_cache(maxsize=1)
+def _fold_kernel():
+    from longllama.fold_kernels import fold as kernel
+
+    return kernel
+
+
+def fold(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial attentions of the same queries over P disjoint key sets, out (P, h, n, w) and lse (P, h, n) fp32 as
+    memory_attention returns them, as one partial attention over all their keys: out (1, h, n, w) in out's dtype,
+    laid out as memory_attention lays out a single part (token-major), and lse (1, h, n). So the compiled merge with
+    local attention (attention.merge_heads) sees the same tensors with or without key parts and compiles nothing
+    new when a long input first reaches PARTS_FROM keys (merging three parts there cost ~0.85 s in a process whose
+    caches held it, 6.7 s on a machine that had never compiled it; H100, ingest_trace.py). A Triton kernel on GPUs (fold_kernels.py), the same maths in
+    torch elsewhere; the result is rounded to out's dtype once, as a single part's output is."""
+    parts, h, n, w = out.shape
+    res = torch.empty(1, n, h, w, dtype=out.dtype, device=out.device).transpose(1, 2)
+    res_lse = torch.empty(1, h, n, dtype=torch.float32, device=out.device)
+    if kernels.usable(out) and out.stride(-1) == 1 and lse.stride(-1) == 1:
+        grid = (-(-n // _FOLD_ROWS), h)
+        _fold_kernel()[grid](out, lse, res, res_lse, parts, n, w, out.stride(0), out.stride(2), out.stride(1),
+                             lse.stride(0), lse.stride(1), res.stride(2), res.stride(1), res_lse.stride(1),
+                             BLOCK_R=_FOLD_ROWS, BLOCK_W=kernels.pow2(w))
+        return res, res_lse
+    total = torch.logsumexp(lse, 0, keepdim=True)
+    weight = torch.where(torch.isinf(total), 0.0, (lse - total).exp())  # rows with no keys at all: weight 0
+    res.copy_((out.float() * weight[..., None]).sum(0, keepdim=True))
+    res_lse.copy_(total)
+    return res, res_lse
 
 
 def failed(exc: BaseException) -> None:

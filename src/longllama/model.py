@@ -340,12 +340,15 @@ def forward_window(layers: nn.ModuleList, norm: RMSNorm, rope: RotaryTable, h: t
                    positions: torch.Tensor, mask: torch.Tensor | None, cache: LongLlamaCache, use_cache: bool,
                    impl: str = "eager", output_hidden_states: bool = False,
                    output_attentions: bool = False, cross_batch=None,
-                   rope_length: int | None = None, grouped: bool = False) -> tuple[torch.Tensor, list, list]:
+                   rope_length: int | None = None, grouped: bool = False,
+                   depth: int | None = None) -> tuple[torch.Tensor | None, list, list]:
     """Run one window (SPEC B.3) through all layers and the final norm, updating `cache` in place.
 
     h (b, q, hidden) embeddings; positions (b, q); mask (b, P+q) 2-D attention mask over local cache + window, or
     None; `rope_length` a known bound above every relative position of the window (see RotaryTable.gather);
     `grouped`: the batch rows are consecutive memory windows of one sequence (Window.grouped).
+    `depth`: run only the first `depth` layers, for a window whose output nobody reads (windows._depth); the hidden
+    states returned are then None.
     Returns the normed hidden states, the per-layer inputs (if asked) and the attention probabilities (if asked).
     """
     config = layers[0].self_attn.config
@@ -353,12 +356,14 @@ def forward_window(layers: nn.ModuleList, norm: RMSNorm, rope: RotaryTable, h: t
                          dtype=h.dtype, impl=impl, cross_batch=cross_batch, ops=fused.ops(config, h.device, impl),
                          rope_length=rope_length, grouped=grouped)
     hidden, attentions = [], []
-    for layer, state in zip(layers, cache.layers):
+    for layer, state in zip(layers, cache.layers[:depth]):  # zip ends with the shorter
         if output_hidden_states:
             hidden.append(h)
         h, probs = layer(h, positions=positions, window=window, state=state, use_cache=use_cache,
                          output_attentions=output_attentions)
         attentions.append(probs)
+    if depth is not None and depth < len(layers):
+        return None, hidden, attentions
     h = norm(h, window.ops)
     if output_hidden_states:
         hidden.append(h)

@@ -1,5 +1,7 @@
 """Long inputs in windows (SPEC B.2): everything but the last `last_context_length` tokens goes through the model in
 windows of the context window size (and, in memory layers, into memory); the final window stays in the local cache.
+A memory window whose output the caller does not keep (`keep_last`) and which fills no local cache only goes up to
+the last memory layer (SKIP_DEAD_LAYERS): what the layers above would compute is dropped unread.
 """
 
 from __future__ import annotations
@@ -95,11 +97,14 @@ def run_windows(decoder, embeds: torch.Tensor | TokenEmbeddings, *, cache: LongL
             break
         beg, end = group[0][0], group[-1][1]
         g = len(group)
-        h, _, _ = decoder.forward_window(
-            embeds[:, beg:end].reshape(g, window, -1), positions=positions[:, beg:end].reshape(g, window),
-            mask=None, cache=cache, use_cache=False, rope_length=rope_length, grouped=True)
-        if not keep_last or end > n - keep_last:
-            outputs.append(h.reshape(1, end - beg, -1))
+        kept = not keep_last or end > n - keep_last
+        depth = _depth(decoder, kept, False, per_layer=False)
+        if depth != 0:
+            h, _, _ = decoder.forward_window(
+                embeds[:, beg:end].reshape(g, window, -1), positions=positions[:, beg:end].reshape(g, window),
+                mask=None, cache=cache, use_cache=False, rope_length=rope_length, grouped=True, depth=depth)
+            if kept:
+                outputs.append(h.reshape(1, end - beg, -1))
         if progress is not None:
             progress(end)
         done += g
@@ -114,14 +119,19 @@ def run_windows(decoder, embeds: torch.Tensor | TokenEmbeddings, *, cache: LongL
         mask = None
         if attention_mask is not None:
             mask = attention_mask[:, p0 + beg - p_cur: p0 + end]
-        h, hidden, attn = decoder.forward_window(
-            embeds[:, beg:end], positions=positions[:, beg:end], mask=mask, cache=cache,
-            use_cache=bool(win_use_cache), output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions and last, cross_batch=cross_batch, rope_length=rope_length)
-        if not keep_last or end > n - keep_last:
-            outputs.append(h)
-        layer_hidden.append(hidden)
-        attentions = attn
+        kept = not keep_last or end > n - keep_last
+        depth = _depth(decoder, kept, bool(win_use_cache),
+                       per_layer=output_hidden_states or output_attentions or cross_batch is not None)
+        if depth != 0:
+            h, hidden, attn = decoder.forward_window(
+                embeds[:, beg:end], positions=positions[:, beg:end], mask=mask, cache=cache,
+                use_cache=bool(win_use_cache), output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions and last, cross_batch=cross_batch, rope_length=rope_length,
+                depth=depth)
+            if kept:
+                outputs.append(h)
+            layer_hidden.append(hidden)
+            attentions = attn
         if progress is not None:
             progress(end)
     all_hidden = None
@@ -134,6 +144,20 @@ def run_windows(decoder, embeds: torch.Tensor | TokenEmbeddings, *, cache: LongL
         hidden=hidden,
         cache=cache, all_hidden=all_hidden,
         attentions=tuple(attentions) if output_attentions else None)
+
+
+# A window whose output is dropped (run_windows' keep_last) and which keeps no local cache changes nothing after the
+# last memory layer: it runs only up to there (_depth). False: every window through every layer (for comparison).
+SKIP_DEAD_LAYERS = True
+
+
+def _depth(decoder, kept: bool, use_cache: bool, *, per_layer: bool) -> int | None:
+    """How many layers a window goes through: all (None) where its output is kept, it fills local caches or per-layer
+    outputs / training ask for every layer; else the memory layers' (their memory is all it leaves), 0 with none."""
+    if kept or use_cache or per_layer or not SKIP_DEAD_LAYERS:
+        return None
+    mem_layers = decoder.config.mem_layers
+    return max(mem_layers) + 1 if mem_layers else 0
 
 
 # Memory windows of a fresh call (batch 1, no mask, fast attention) go through the model this many tokens at a

@@ -1,0 +1,40 @@
+"""benchmarks/bench_inference.py's arithmetic: the floors of ../shared/BENCHMARKS.md and the FLOPs an ingest does."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+bench = pytest.importorskip("bench_inference")
+
+from longllama import windows  # noqa: E402
+from longllama.config import preset  # noqa: E402
+
+PARAMS_3B = 3_426_473_600  # the 3B shape's parameters, embeddings and lm_head included (BENCHMARKS.md: 3.43 B)
+
+
+def test_floors_are_those_of_the_benchmarks_page():
+    config = preset("3b")
+    ingest = {n: bench.ingest_floor_s(config, PARAMS_3B, n, hf=False) for n in (131072, 262144, 1048576)}
+    assert ingest[131072] == pytest.approx(1.7, abs=0.05)  # "128k ~ 1.3e15 FLOP (~1.7 s at 750 TFLOP/s)"
+    assert ingest[262144] == pytest.approx(4.2, abs=0.1)  # "256k ~ 3.1e15 (~4.2 s)"
+    assert 37 <= ingest[1048576] <= 38.5  # "1M ~ 2.8e16 (~37 s)", local attention counted here
+    assert bench.decode_floor_ms(config, PARAMS_3B, 32768, hf=False) == pytest.approx(2.7, abs=0.05)
+    assert bench.decode_floor_ms(config, PARAMS_3B, 262144, hf=False) == pytest.approx(5.6, abs=0.1)  # "~5.5 ms"
+
+
+def test_ingest_flops_count_the_layers_each_window_runs(monkeypatch):
+    config = preset("3b")
+    n = 262144
+    monkeypatch.setattr(windows, "SKIP_DEAD_LAYERS", False)
+    every = bench.ingest_flops(config, n, hf=False)
+    monkeypatch.setattr(windows, "SKIP_DEAD_LAYERS", True)
+    skip = bench.ingest_flops(config, n, hf=False)
+    h, inter = config.hidden_size, config.intermediate_size
+    per_token_layer = 2 * (4 * h * h + 3 * h * inter) + 2 * h * config.max_position_embeddings  # products + local
+    dropped = (n - config.last_context_length) * 7 * per_token_layer  # layers 19-25 for all but the final window
+    assert every - skip == pytest.approx(dropped, rel=0.01)
+    assert bench.ingest_flops(config, n, hf=True) > every  # full attention in every layer
