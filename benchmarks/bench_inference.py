@@ -173,6 +173,8 @@ def attention_kernel() -> str:
         widths += f",split-groups={flash4.SPLIT_GROUPS},key-parts={flash4.KEY_PARTS or 'auto'}"
     if hasattr(flash4, "FOLD_PARTS"):
         widths += f",fold-parts={flash4.FOLD_PARTS}"
+    if hasattr(fused, "ROWS_DYNAMIC"):
+        widths += f",rows-dynamic={fused.ROWS_DYNAMIC}"
     return (f"local={attention.CUDA_KERNEL},memory={attention.MEMORY_KERNEL}->{memory},"
             f"piece={attention.MEMORY_PIECE},chunk={attention.MEMORY_CHUNK}{widths}"
             + (",fa4-failed" if flash4._broken else ""))
@@ -273,6 +275,8 @@ def main() -> None:
                     help="key parts of a split window group's common-prefix call (flash4.KEY_PARTS; default: auto)")
     ap.add_argument("--no-fold", action="store_true",
                     help="key parts merged inside the merge with local attention (flash4.FOLD_PARTS off)")
+    ap.add_argument("--static-rows", action="store_true",
+                    help="compiled functions specialise the number of rows first (fused.ROWS_DYNAMIC off)")
     ap.add_argument("--no-skip-layers", action="store_true",
                     help="every memory window through every layer (windows.SKIP_DEAD_LAYERS off)")
     ap.add_argument("--out", default=None)
@@ -309,6 +313,8 @@ def main() -> None:
     if args.no_skip_layers:
         from longllama import windows
         windows.SKIP_DEAD_LAYERS = False
+    if args.static_rows:
+        fused.ROWS_DYNAMIC = False
     if args.no_fold:
         from longllama import flash4
         flash4.FOLD_PARTS = False

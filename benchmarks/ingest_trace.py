@@ -17,7 +17,7 @@ import time
 import torch
 from bench_inference import _longllama
 
-from longllama import flash4, windows
+from longllama import flash4, fused, windows
 
 _FIELDS = "clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
 
@@ -52,10 +52,12 @@ def main() -> None:
     ap.add_argument("--no-fold", action="store_true",
                     help="key parts merged inside the merge with local attention (flash4.FOLD_PARTS off)")
     ap.add_argument("--no-skip-layers", action="store_true", help="windows.SKIP_DEAD_LAYERS off")
+    ap.add_argument("--static-rows", action="store_true", help="fused.ROWS_DYNAMIC off")
     args = ap.parse_args()
     flash4.SPLIT_GROUPS = not args.no_split_groups
     windows.SKIP_DEAD_LAYERS = not args.no_skip_layers
     flash4.FOLD_PARTS = not args.no_fold
+    fused.ROWS_DYNAMIC = not args.static_rows
     flash4.KEY_PARTS = args.key_parts
     torch.manual_seed(0)
     model = _longllama("3b", "cuda")
@@ -63,7 +65,8 @@ def main() -> None:
     layers = model.model.layers
     print(torch.cuda.get_device_name(), torch.__version__,
           f"split-groups={flash4.SPLIT_GROUPS} key-parts={flash4.KEY_PARTS or 'auto'} "
-          f"skip-layers={windows.SKIP_DEAD_LAYERS} fold-parts={flash4.FOLD_PARTS}")
+          f"skip-layers={windows.SKIP_DEAD_LAYERS} fold-parts={flash4.FOLD_PARTS} "
+          f"rows-dynamic={fused.ROWS_DYNAMIC}")
     warm = (2 * (windows.WINDOW_GROUP_TOKENS // config.max_position_embeddings) + 1) * config.max_position_embeddings
     with torch.no_grad():  # compilation and kernel loading: two window groups (one with a memory-less window) + one
         model(torch.randint(3, config.vocab_size, (1, warm), device="cuda"), use_cache=False, logits_to_keep=1)
@@ -117,7 +120,7 @@ def main() -> None:
     print(f"{'pass':>6} {'tokens':>7} {'keys before':>12} {'pass ms':>9} {'mem-layer attn ms':>18} {'rest ms':>8} "
           f"{'attn us/1k keys/layer':>22}")
     step = max(1, groups // args.rows)
-    for g in list(range(0, groups, step)) + ([groups - 1] if (groups - 1) % step else []):
+    for g in list(range(0, groups, step)) + [g for g in range(max(groups - 3, 0), groups) if g % step]:  # + the end
         per_key = attn_ms[g] / n_mem / max(before[g], 1) * 1e6
         print(f"{g:6d} {tokens[g]:7d} {before[g]:12d} {group_ms[g]:9.2f} {attn_ms[g]:18.2f} "
               f"{group_ms[g] - attn_ms[g]:8.2f} {per_key:22.2f}")

@@ -139,3 +139,20 @@ def test_merge_heads_adds_partials_over_more_keys_for_the_last_rows(compiled):
     merge = fused.compiled().merge_heads if compiled else fused.merge_heads
     got = merge(*parts[0], *parts[1], d, more=((o2, l2),))
     assert got.shape == want.shape and (got - want).abs().max() < 1e-5
+
+
+def test_compiled_functions_take_any_number_of_rows_from_two_in_one_graph():
+    """A window group of 4 windows, then the last group of 3 or 2: no new compilation (one row is its own graph)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    norm = fused.compiled().rms_norm
+    weight = torch.nn.Parameter(torch.randn(16))
+    graphs = []
+    for rows in (4, 3, 2, 5, 1, 1):
+        x = torch.randn(rows, 8, 16)
+        with torch.no_grad():
+            got = norm(x, weight, 1e-6)
+        assert (got - fused.rms_norm(x, weight, 1e-6)).abs().max() < 1e-5
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert [b - a for a, b in zip(graphs, graphs[1:])] == [0, 0, 0, 1, 0]

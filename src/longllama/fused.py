@@ -7,8 +7,9 @@ round differently within the activation dtype.
 
 `ops(config, device, impl)` picks the set for one forward: compiled on the fast path when the config asks for it
 ("auto", the default: on GPUs) and no gradient is recorded (inference). Compilation happens on first use, once per
-process and shape family (seconds; torch.compile's cache keeps the kernels for later processes). If compiling
-fails, the plain functions run instead, after one warning.
+process and shape family (seconds; torch.compile's cache keeps the kernels for later processes), the number of
+rows (a window group's windows, a batch) dynamic from two rows up. If compiling fails, the plain functions run
+instead, after one warning.
 """
 
 from __future__ import annotations
@@ -142,13 +143,42 @@ def _guarded(name: str, eager: Callable, fn: Callable, what: str = "torch.compil
     return call
 
 
+def _activations(args, kwargs):
+    """The activation tensors among a call's arguments (nested in tuples and lists too): 3 or more dimensions."""
+    stack = [*args, *kwargs.values()]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, (tuple, list)):
+            stack.extend(x)
+        elif isinstance(x, torch.Tensor) and x.dim() >= 3 and not isinstance(x, torch.nn.Parameter):
+            yield x
+
+
+ROWS_DYNAMIC = True  # False: every number of rows specialised first (torch.compile's default), for comparison
+
+
+def _rows_dynamic(fn: Callable) -> Callable:
+    """`fn` (compiled) with the first dimension of its activations marked dynamic where it holds two or more rows:
+    one graph then serves every number of rows from 2 up (a window group of 4 windows and the last group of 1-3),
+    instead of a new compilation inside the first call that ends on a shorter group (six of them, ~2 s with warm
+    caches, at the end of a 1M-token ingest). One row stays its own graph (torch.compile specialises size 1)."""
+    def call(*args, **kwargs):
+        for x in _activations(args, kwargs) if ROWS_DYNAMIC else ():
+            if x.shape[0] >= 2:
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+        return fn(*args, **kwargs)
+    return call
+
+
 def compiled() -> Ops:
-    """The same functions through torch.compile (built lazily; shapes first specialised, then dynamic)."""
+    """The same functions through torch.compile (built lazily; the number of rows dynamic from 2 rows up, other
+    sizes first specialised, then dynamic)."""
     global _compiled
     if _compiled is None:
         names = ("rms_norm", "add_rms_norm", "rotate", "swiglu", "pad_to", "rope_pad", "merge_heads", "heads",
                  "few_query_attention")
-        fns = {name: _guarded(name, getattr(EAGER, name), torch.compile(getattr(EAGER, name))) for name in names}
+        fns = {name: _guarded(name, getattr(EAGER, name), _rows_dynamic(torch.compile(getattr(EAGER, name))))
+               for name in names}
 
         def kernel_or_compiled_rope_pad(q, k, v, cos, sin, width, rotate_qk):  # the Triton kernel where it applies
             out = kernel_rope_pad(q, k, v, cos, sin, width, rotate_qk) if q.is_cuda else None
