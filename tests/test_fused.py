@@ -8,11 +8,11 @@ from longllama.attention import resolve_kernel
 from longllama.config import preset
 
 
-@pytest.mark.parametrize("top_k", [None, 4])
-def test_compiled_elementwise_equals_eager_in_forward_and_decoding(top_k):
+@pytest.mark.parametrize("top_k,batch", [(None, 1), (4, 1), (None, 3)])
+def test_compiled_elementwise_equals_eager_in_forward_and_decoding(top_k, batch):
     torch.manual_seed(0)
     model = LongLlamaForCausalLM(preset("tiny", attn_impl="fast", mem_top_k=top_k)).eval()
-    ids = torch.randint(3, 320, (1, 200))
+    ids = torch.randint(3, 320, (batch, 200))  # batch 3: rows dynamic in the compiled functions (ROWS_DYNAMIC)
     with torch.no_grad():
         eager = model(ids, use_cache=False).logits
         eager_tokens = model.generate(ids, max_new_tokens=12, decoder="static")
