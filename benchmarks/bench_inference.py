@@ -296,28 +296,23 @@ def main() -> None:
         generate.AHEAD = False
     if args.memory_chunk is not None:
         attention.MEMORY_CHUNK = args.memory_chunk
-    if args.fa4_tile:
-        from longllama import flash4
-        m, n, rs, overlap = (int(x) for x in args.fa4_tile.split(","))
-        width = attention.memory_storage_dim(preset(args.shape).head_dim, torch.device("cuda"))
-        flash4.TILES.pop(width, None)
-        if m:
-            flash4.TILES[width] = (m, n, bool(rs), bool(overlap))
-    if args.no_split_groups or args.key_parts:
-        from longllama import flash4
-        flash4.SPLIT_GROUPS = not args.no_split_groups
-        flash4.KEY_PARTS = args.key_parts or None
-    if args.group_tokens:
-        from longllama import windows
-        windows.WINDOW_GROUP_TOKENS = args.group_tokens
-    if args.no_skip_layers:
-        from longllama import windows
-        windows.SKIP_DEAD_LAYERS = False
     if args.static_rows:
         fused.ROWS_DYNAMIC = False
-    if args.no_fold:
-        from longllama import flash4
-        flash4.FOLD_PARTS = False
+    if args.fa4_tile or args.no_split_groups or args.key_parts or args.no_fold:
+        from longllama import flash4  # only where asked: a baseline run of code from before flash4.py passes none
+        if args.fa4_tile:
+            m, n, rs, overlap = (int(x) for x in args.fa4_tile.split(","))
+            width = attention.memory_storage_dim(preset(args.shape).head_dim, torch.device("cuda"))
+            flash4.TILES.pop(width, None)
+            if m:
+                flash4.TILES[width] = (m, n, bool(rs), bool(overlap))
+        flash4.SPLIT_GROUPS = not args.no_split_groups
+        flash4.KEY_PARTS = args.key_parts or None
+        flash4.FOLD_PARTS = not args.no_fold
+    if args.group_tokens or args.no_skip_layers:
+        from longllama import windows
+        windows.WINDOW_GROUP_TOKENS = args.group_tokens or windows.WINDOW_GROUP_TOKENS
+        windows.SKIP_DEAD_LAYERS = not args.no_skip_layers
 
     device = "cuda"
     card = torch.cuda.get_device_name()

@@ -179,8 +179,9 @@ def fold(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     laid out as memory_attention lays out a single part (token-major), and lse (1, h, n). So the compiled merge with
     local attention (attention.merge_heads) sees the same tensors with or without key parts and compiles nothing
     new when a long input first reaches PARTS_FROM keys (merging three parts there cost ~0.85 s in a process whose
-    caches held it, 6.7 s on a machine that had never compiled it; H100, ingest_trace.py). A Triton kernel on GPUs (fold_kernels.py), the same maths in
-    torch elsewhere; the result is rounded to out's dtype once, as a single part's output is."""
+    caches held it, 6.7 s on a machine that had never compiled it; H100, ingest_trace.py). A Triton kernel on GPUs
+    (fold_kernels.py), the same maths in torch elsewhere; the result is rounded to out's dtype once, as a single
+    part's output is."""
     parts, h, n, w = out.shape
     res = torch.empty(1, n, h, w, dtype=out.dtype, device=out.device).transpose(1, 2)
     res_lse = torch.empty(1, h, n, dtype=torch.float32, device=out.device)
