@@ -1,4 +1,4 @@
-"""Matrix-vector products of decoding (one row of x, bf16) on the GPU: cuBLAS (F.linear) against longllama.gemv's
+"""Matrix-vector products of decoding (one row of x, bf16) on the GPU: cuBLAS (F.linear) against longllama.fast.gemv's
 Triton kernels, for the weight shapes of the 3B and Code 7B models: q/k/v stacked in one launch, the output and down
 projections, the gate/up pair with its SwiGLU in one pass, lm_head. Weights are read cold, as in a decoding step:
 each timed call takes the next of several copies that together overflow the 50 MB L2 cache. Prints microseconds
@@ -6,13 +6,15 @@ per call, GB/s of weights read and the error against an fp32 product."""
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 import triton.testing
 
-from longllama import gemv
+from longllama.fast import gemv
 
-L2_BYTES = 50 * 2 ** 20
+L2_BYTES = 50 * 2**20
 
 
 def _copies(shapes) -> int:
@@ -22,9 +24,11 @@ def _copies(shapes) -> int:
 
 def cold_us(fns) -> float:
     """Microseconds per call of one pass over fns (each on its own weights), launches inside a CUDA graph."""
+
     def run():
         for fn in fns:
             fn()
+
     run()
     return triton.testing.do_bench_cudagraph(run, rep=200) * 1e3 / len(fns)
 
@@ -32,8 +36,10 @@ def cold_us(fns) -> float:
 def case(name: str, shapes, k: int, ours, theirs) -> None:
     """`shapes`: the (N, K) weights of one call; ours/theirs(x, weights) compute it."""
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    sets = [[torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) * 0.02 for n, kk in shapes]
-            for _ in range(_copies(shapes))]
+    sets = [
+        [torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) * 0.02 for n, kk in shapes]
+        for _ in range(_copies(shapes))
+    ]
     gbytes = sum(n * kk * 2 for n, kk in shapes) / 1e9
     ref = theirs(x.float(), [w.float() for w in sets[0]])
     for path, fn in (("cuBLAS", theirs), ("triton", ours)):
@@ -43,9 +49,11 @@ def case(name: str, shapes, k: int, ours, theirs) -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no options: --help only
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}\n{'product':28s} {'path':7s} {'us':>8s} {'GB/s':>7s} {'rel err':>9s}")
     for shape, hidden, inter, vocab in (("3b", 3200, 8640, 32000), ("code-7b", 4096, 11008, 32016)):
+
         def cat(x, ws):
             return torch.cat([F.linear(x, w) for w in ws], -1)
 
@@ -54,11 +62,22 @@ def main() -> None:
 
         def swiglu(x, ws):
             return F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1])
-        case(f"{shape} q/k/v {3 * hidden}x{hidden}", [(hidden, hidden)] * 3, hidden,
-             lambda x, ws: gemv.linear_stacked(x, tuple(ws)), cat)
+
+        case(
+            f"{shape} q/k/v {3 * hidden}x{hidden}",
+            [(hidden, hidden)] * 3,
+            hidden,
+            lambda x, ws: gemv.linear_stacked(x, tuple(ws)),
+            cat,
+        )
         case(f"{shape} o {hidden}x{hidden}", [(hidden, hidden)], hidden, lambda x, ws: gemv.linear(x, ws[0]), one)
-        case(f"{shape} gate/up+SwiGLU {inter}x{hidden}", [(inter, hidden)] * 2, hidden,
-             lambda x, ws: gemv.linear_swiglu(x, *ws), swiglu)
+        case(
+            f"{shape} gate/up+SwiGLU {inter}x{hidden}",
+            [(inter, hidden)] * 2,
+            hidden,
+            lambda x, ws: gemv.linear_swiglu(x, *ws),
+            swiglu,
+        )
         case(f"{shape} down {hidden}x{inter}", [(hidden, inter)], inter, lambda x, ws: gemv.linear(x, ws[0]), one)
         case(f"{shape} lm_head {vocab}x{hidden}", [(vocab, hidden)], hidden, lambda x, ws: gemv.linear(x, ws[0]), one)
 

@@ -3,7 +3,9 @@
 Random bf16 weights, batch 1, no_grad. Ingest = one forward over the whole input with the logits of the last position
 only, timed twice: the first call of a process (builds any new cuDNN plans) and the next; decode = mean time between
 streamed tokens over N greedy tokens (after a warm-up generation). Prints a table and, with --out, writes
-records in the format of benchmarks/results/*.json.
+records in the format of benchmarks/results/*.json, each with the model's execution plan (`plan`).
+Execution choices are changed with `--plan KEY=VALUE` (ExecutionPlan fields, repeatable), e.g.
+`--plan memory_kernel=cudnn --plan window_group_tokens=4096`.
 
     python benchmarks/bench_inference.py --shape 3b --tokens 8192,32768 --decode-after 8192 --out results.json
 """
@@ -17,8 +19,9 @@ import time
 
 import torch
 
-from longllama import LongLlamaForCausalLM, fused
+from longllama import LongLlamaForCausalLM
 from longllama.config import preset
+from longllama.plan import ExecutionPlan, check_changes, parse_overrides
 
 
 def _random_model(cls, config, device):
@@ -39,9 +42,15 @@ def _hf_llama(shape: str, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = preset(shape)
-    config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                         max_position_embeddings=1 << 21, rope_theta=c.rope_theta)
+    config = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        max_position_embeddings=1 << 21,
+        rope_theta=c.rope_theta,
+    )
     config._attn_implementation = "sdpa"
     return _random_model(LlamaForCausalLM, config, device)
 
@@ -78,19 +87,26 @@ class _Clock:
 def tuned_configs() -> dict:
     """The configurations Triton's autotuner chose in this process, per kernel and key (for pruning the lists)."""
     try:
-        from longllama import decode_attention, gemv_kernels
+        from longllama.fast import decode_attention, gemv_kernels
     except ImportError:
         return {}
-    kernels = {"gemv": gemv_kernels.gemv, "gemv_swiglu": gemv_kernels.gemv_swiglu,
-               "partials": decode_attention._kernels()[0]}
-    return {f"{name} {key}": str(config) for name, kernel in kernels.items()
-            for key, config in getattr(kernel, "cache", {}).items()}
+    kernels = {
+        "gemv": gemv_kernels.gemv,
+        "gemv_swiglu": gemv_kernels.gemv_swiglu,
+        "partials": decode_attention._kernels()[0],
+    }
+    return {
+        f"{name} {key}": str(config)
+        for name, kernel in kernels.items()
+        for key, config in getattr(kernel, "cache", {}).items()
+    }
 
 
 def decode_ms(model, ids, new_tokens: int, *, hf: bool, sample: bool = False) -> tuple[float, float]:
     """Mean time between streamed tokens, from the third new token to the last (the first comes with the prompt's
     ingest, the second with any graph capture); greedy, or sampling (temperature 0.8, top-p 0.9). Also the seconds of
     the warm-up generation before it (the prompt, 4 tokens, and whatever a first call compiles or tunes)."""
+
     def run(n, streamer=None):
         kwargs = dict(max_new_tokens=n, do_sample=sample, streamer=streamer)
         if sample:
@@ -99,6 +115,7 @@ def decode_ms(model, ids, new_tokens: int, *, hf: bool, sample: bool = False) ->
             kwargs.update(min_new_tokens=n, pad_token_id=0)
         with torch.no_grad():
             model.generate(ids, **kwargs)
+
     torch.cuda.synchronize()
     start = time.perf_counter()
     run(4)  # warm-up: any compilation stays out of the timing
@@ -119,17 +136,17 @@ def check(model, n: int) -> dict:
     def logits():
         with torch.no_grad():
             return model(ids, use_cache=False, logits_to_keep=256).logits[0].float()
-    from longllama import windows
 
-    skip = getattr(windows, "SKIP_DEAD_LAYERS", False)
+    skip = model.plan.skip_dead_layers
     try:
         fast = logits()
         if skip:  # the same logits with every window through every layer (nothing but the work may differ)
-            windows.SKIP_DEAD_LAYERS = False
+            model.set_plan(skip_dead_layers=False)
             every = logits()
-            windows.SKIP_DEAD_LAYERS = True
-            print(f"check {n} tokens: windows stopped after the last memory layer vs every layer: max |diff| "
-                  f"{(fast - every).abs().max().item():.3g}")
+            print(
+                f"check {n} tokens: windows stopped after the last memory layer vs every layer: max |diff| "
+                f"{(fast - every).abs().max().item():.3g}"
+            )
         model.config.attn_impl = "eager"
         exact16 = logits()
         model.float()
@@ -137,64 +154,51 @@ def check(model, n: int) -> dict:
     finally:
         model.to(torch.bfloat16)
         model.config.attn_impl = impl
-        if skip:
-            windows.SKIP_DEAD_LAYERS = True
+        model.set_plan(skip_dead_layers=skip)
     err = lambda a: ((a - exact32).norm() / exact32.norm()).item()  # noqa: E731
     fast_err, exact_err = err(fast), err(exact16)
     ok = fast_err <= 1.5 * exact_err + 1e-3
-    print(f"check {n} tokens: fast bf16 vs exact fp32 rel {fast_err:.2e}, exact bf16 vs exact fp32 rel "
-          f"{exact_err:.2e}: {'PASS' if ok else 'FAIL'}")
-    return dict(benchmark="check", tokens=n, fast_rel=round(fast_err, 5), exact_bf16_rel=round(exact_err, 5),
-                passed=ok, skip_vs_every_layer=None if not skip else (fast - every).abs().max().item())
+    print(
+        f"check {n} tokens: fast bf16 vs exact fp32 rel {fast_err:.2e}, exact bf16 vs exact fp32 rel "
+        f"{exact_err:.2e}: {'PASS' if ok else 'FAIL'}"
+    )
+    return dict(
+        benchmark="check",
+        tokens=n,
+        fast_rel=round(fast_err, 5),
+        exact_bf16_rel=round(exact_err, 5),
+        passed=ok,
+        skip_vs_every_layer=None if not skip else (fast - every).abs().max().item(),
+    )
 
 
-def attention_kernel() -> str:
-    """The kernel settings, the memory kernel as resolved now (after a FlashAttention 4 failure: its fallback)."""
-    from longllama import attention
-    try:
-        from longllama import flash4
-    except ImportError:  # code from before flash4.py (a baseline run)
-        return (f"local={attention.CUDA_KERNEL},memory={attention.MEMORY_KERNEL},piece={attention.MEMORY_PIECE},"
-                f"chunk={attention.MEMORY_CHUNK}")
+def plan_record(model) -> dict:
+    """The model's execution plan as a record field, with the memory kernel as resolved now (FlashAttention 4 or,
+    after a failure of it, its fallback) and the fast paths that failed."""
+    from longllama.fast import attention
 
-    probe = torch.empty(1, 1, 1, 112, device="cuda", dtype=torch.bfloat16)
-    memory = attention.resolve_memory_kernel(probe)
-    widths = "" if not hasattr(attention, "MEMORY_WIDTH") else (
-        f",memory-width={attention.MEMORY_WIDTH},local-width={attention.LOCAL_WIDTH}")
-    if hasattr(fused, "ROPE_KERNEL"):
-        widths += f",rope-kernel={fused.ROPE_KERNEL}"
-    if getattr(flash4, "TILES", None):
-        widths += f",fa4-tiles={flash4.TILES}"
-    from longllama import windows
-    widths += f",group-tokens={windows.WINDOW_GROUP_TOKENS}"
-    if hasattr(windows, "SKIP_DEAD_LAYERS"):
-        widths += f",skip-layers={windows.SKIP_DEAD_LAYERS}"
-    if hasattr(flash4, "SPLIT_GROUPS"):
-        widths += f",split-groups={flash4.SPLIT_GROUPS},key-parts={flash4.KEY_PARTS or 'auto'}"
-    if hasattr(flash4, "FOLD_PARTS"):
-        widths += f",fold-parts={flash4.FOLD_PARTS}"
-    if hasattr(fused, "ROWS_DYNAMIC"):
-        widths += f",rows-dynamic={fused.ROWS_DYNAMIC}"
-    return (f"local={attention.CUDA_KERNEL},memory={attention.MEMORY_KERNEL}->{memory},"
-            f"piece={attention.MEMORY_PIECE},chunk={attention.MEMORY_CHUNK}{widths}"
-            + (",fa4-failed" if flash4._broken else ""))
+    plan = model.plan
+    probe = torch.empty(1, 1, 1, plan.memory_storage_dim(model.config.head_dim), device="cuda", dtype=torch.bfloat16)
+    return {
+        **plan.to_dict(),
+        "memory_kernel_resolved": attention.resolve_memory_kernel(probe, plan),
+        "failures": repr(plan.failures),
+    }
 
 
-def ingest_flops(config, n: int, *, hf: bool) -> float:
+def ingest_flops(config, n: int, *, hf: bool, skip_dead_layers: bool = True) -> float:
     """FLOPs of the work an ingest of n tokens does (logits of the last position only): the layers' matrix products,
     the last position's lm_head, and attention: causal over everything in every layer (hf), or causal within
-    windows everywhere and, in memory layers, over all earlier windows (longllama). With windows.SKIP_DEAD_LAYERS,
+    windows everywhere and, in memory layers, over all earlier windows (longllama). With the plan's skip_dead_layers,
     the layers after the last memory layer see only the final window (last_context_length tokens)."""
     h, layers, d = config.hidden_size, config.num_hidden_layers, config.head_dim
     per_layer = 2 * h * d * (config.num_attention_heads + config.num_key_value_heads) + 3 * h * config.intermediate_size
     head = 2 * h * config.vocab_size
     if hf:
         return 2 * per_layer * n * layers + head + 2 * h * n * n * layers
-    from longllama import windows
-
     window = config.max_position_embeddings
     deep = layers
-    if getattr(windows, "SKIP_DEAD_LAYERS", False):
+    if skip_dead_layers:
         deep = max(config.mem_layers) + 1 if config.mem_layers else 0
     final = min(n, config.last_context_length)
     tokens = n * deep + final * (layers - deep)  # token-layers: every token to `deep`, the final window beyond
@@ -202,7 +206,7 @@ def ingest_flops(config, n: int, *, hf: bool) -> float:
     return 2 * per_layer * tokens + head + local + 2 * h * n * n * len(config.mem_layers)
 
 
-# The floors of ../shared/BENCHMARKS.md (H100): matrix work at 750 TFLOP/s, decoding's bytes at 3 TB/s.
+# The project's benchmark floors (H100; benchmarks/RESULTS.md): matrix work at 750 TFLOP/s, decoding's bytes at 3 TB/s.
 FLOOR_FLOPS, FLOOR_BYTES = 750e12, 3e12
 
 
@@ -228,9 +232,7 @@ def decode_floor_ms(config, params: int, n: int, *, hf: bool) -> float:
 
 def memory_gib(config, n: int) -> float:
     """Memory cache size: keys and values of every memory layer, head dimension padded as stored on GPUs."""
-    from longllama.attention import memory_storage_dim
-
-    kv = config.num_key_value_heads * memory_storage_dim(config.head_dim, torch.device("cuda"))
+    kv = config.num_key_value_heads * ExecutionPlan(device="cuda").memory_storage_dim(config.head_dim)
     return n * len(config.mem_layers) * 2 * kv * 2 / 2**30
 
 
@@ -246,74 +248,27 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--impls", default="longllama,hf-llama")
     ap.add_argument("--hf-tokens", default=None, help="ingest lengths for hf-llama (default: --tokens)")
-    ap.add_argument("--kernel", default=None, choices=["auto", "flash", "cudnn"],
-                    help="local-attention kernel (default: attention.CUDA_KERNEL)")
-    ap.add_argument("--memory-kernel", default=None, choices=["auto", "fa4", "flash", "cudnn"],
-                    help="memory-attention kernel (default: attention.MEMORY_KERNEL)")
-    ap.add_argument("--memory-chunk", type=int, default=None, help="FlashAttention: keys per chunk of a split-KV call")
     ap.add_argument("--mem-offload", action="store_true", help="memory in pinned CPU memory (mem_offload)")
-    ap.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
-                    help="compile_elementwise (fused RMSNorm/RoPE/SwiGLU; auto: on, as on any GPU)")
+    ap.add_argument(
+        "--compile",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="compile_elementwise (fused RMSNorm/RoPE/SwiGLU; auto: on, as on any GPU)",
+    )
     ap.add_argument("--decode-sampling", action="store_true", help="also time decoding with sampling")
     ap.add_argument("--repeat", type=int, default=2, help="ingests per length; the last is reported as seconds")
     ap.add_argument("--check", type=int, default=0, help="tokens of an input to check against the exact path")
-    ap.add_argument("--no-ahead", action="store_true", help="static decoding one step at a time (generate.AHEAD)")
-    ap.add_argument("--memory-width", type=int, default=None,
-                    help="the memory's head dimension padded to a multiple of this (attention.MEMORY_WIDTH)")
-    ap.add_argument("--local-width", type=int, default=None,
-                    help="local attention's head dimension padded to a multiple of this (attention.LOCAL_WIDTH)")
-    ap.add_argument("--no-rope-kernel", action="store_true",
-                    help="rope_pad compiled by Inductor instead of the Triton kernel (fused.ROPE_KERNEL)")
-    ap.add_argument("--fa4-tile", default=None,
-                    help="FlashAttention 4 tile for memory attention, tile_m,tile_n,rs,overlap (flash4.TILES); "
-                         "0,0,0,0: the package's own")
-    ap.add_argument("--group-tokens", type=int, default=None,
-                    help="tokens per window group of the ingest (windows.WINDOW_GROUP_TOKENS)")
-    ap.add_argument("--no-split-groups", action="store_true",
-                    help="a window group's memory attention in one FlashAttention 4 call (flash4.SPLIT_GROUPS off)")
-    ap.add_argument("--key-parts", type=int, default=None,
-                    help="key parts of a split window group's common-prefix call (flash4.KEY_PARTS; default: auto)")
-    ap.add_argument("--no-fold", action="store_true",
-                    help="key parts merged inside the merge with local attention (flash4.FOLD_PARTS off)")
-    ap.add_argument("--static-rows", action="store_true",
-                    help="compiled functions specialise the number of rows first (fused.ROWS_DYNAMIC off)")
-    ap.add_argument("--no-skip-layers", action="store_true",
-                    help="every memory window through every layer (windows.SKIP_DEAD_LAYERS off)")
+    ap.add_argument(
+        "--plan",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an execution-plan field for the longllama models (repeatable), e.g. memory_kernel=cudnn",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from longllama import attention
-
-    attention.CUDA_KERNEL = args.kernel or attention.CUDA_KERNEL
-    attention.MEMORY_KERNEL = args.memory_kernel or attention.MEMORY_KERNEL
-    if args.memory_width:
-        attention.MEMORY_WIDTH = args.memory_width
-    if args.local_width:
-        attention.LOCAL_WIDTH = args.local_width
-    if args.no_rope_kernel:
-        fused.ROPE_KERNEL = False
-    if args.no_ahead:
-        from longllama import generate
-        generate.AHEAD = False
-    if args.memory_chunk is not None:
-        attention.MEMORY_CHUNK = args.memory_chunk
-    if args.static_rows:
-        fused.ROWS_DYNAMIC = False
-    if args.fa4_tile or args.no_split_groups or args.key_parts or args.no_fold:
-        from longllama import flash4  # only where asked: a baseline run of code from before flash4.py passes none
-        if args.fa4_tile:
-            m, n, rs, overlap = (int(x) for x in args.fa4_tile.split(","))
-            width = attention.memory_storage_dim(preset(args.shape).head_dim, torch.device("cuda"))
-            flash4.TILES.pop(width, None)
-            if m:
-                flash4.TILES[width] = (m, n, bool(rs), bool(overlap))
-        flash4.SPLIT_GROUPS = not args.no_split_groups
-        flash4.KEY_PARTS = args.key_parts or None
-        flash4.FOLD_PARTS = not args.no_fold
-    if args.group_tokens or args.no_skip_layers:
-        from longllama import windows
-        windows.WINDOW_GROUP_TOKENS = args.group_tokens or windows.WINDOW_GROUP_TOKENS
-        windows.SKIP_DEAD_LAYERS = not args.no_skip_layers
-
+    changes = parse_overrides(args.plan)
+    check_changes(changes)  # a bad field or value: an error before any model is built
     device = "cuda"
     card = torch.cuda.get_device_name()
     today = datetime.date.today().isoformat()
@@ -331,20 +286,30 @@ def main() -> None:
             setting = {"auto": "auto", "yes": True, "no": False}[args.compile]
             model = _longllama(args.shape, device, mem_offload=args.mem_offload, compile_elementwise=setting)
             impl = "longllama-offload" if args.mem_offload else impl
+        if not hf:
+            model.set_plan(**changes)
+            print(f"{impl:18s} {model.plan}")
         vocab = model.config.vocab_size
-        compiled = not hf and fused.wanted(model.config.compile_elementwise, torch.device(device))
+        compiled = None if hf else model.plan.compile
         window = preset(args.shape).max_position_embeddings
-        try:  # windows for two window groups (the first with a window that has no memory yet) and a last window:
-            # the kernels and compiled shapes of a long ingest's groups are made here, not in a timed run
-            from longllama.windows import WINDOW_GROUP_TOKENS as group_tokens
-        except ImportError:  # code from before window groups (a baseline run)
-            group_tokens = 0
+        # windows for two window groups (the first with a window that has no memory yet) and a last window: the
+        # kernels and compiled shapes of a long ingest's groups are made here, not in a timed run
+        group_tokens = 0 if hf else model.plan.window_group_tokens
         warm = torch.randint(3, vocab, (1, max(2, 2 * (group_tokens // window) + 1) * window), device=device)
         warm_s = ingest(model, warm, hf=hf)[0]
         print(f"{impl:18s} warm-up ingest of {warm.shape[1]} tokens (compilation included): {warm_s:.1f} s")
         if args.check and not hf:
-            records.append(dict(check(model, args.check), impl=impl, kernel=attention_kernel(),
-                                compile=compiled, shape=args.shape, device=card, date=today))
+            records.append(
+                dict(
+                    check(model, args.check),
+                    impl=impl,
+                    plan=plan_record(model),
+                    compile=compiled,
+                    shape=args.shape,
+                    device=card,
+                    date=today,
+                )
+            )
         lengths = args.hf_tokens if hf and args.hf_tokens else args.tokens
         for n in [int(t) for t in lengths.split(",") if t and int(t)]:
             ids = torch.randint(3, vocab, (1, n), device=device)
@@ -355,22 +320,37 @@ def main() -> None:
                 print(f"{impl:18s} ingest {n:>8d}: out of memory")
                 torch.cuda.empty_cache()
                 continue
-            flops = ingest_flops(model.config, n, hf=hf)
+            flops = ingest_flops(model.config, n, hf=hf, skip_dead_layers=not hf and model.plan.skip_dead_layers)
             weights = params_count(model) * 2 / 2**30
             memory = 0.0 if hf else memory_gib(model.config, n)
             floor = ingest_floor_s(model.config, params_count(model), n, hf=hf)
-            rec = dict(benchmark="ingest", impl=impl, kernel=None if hf else attention_kernel(),
-                       compile=None if hf else compiled, shape=args.shape, tokens=n, seconds=round(seconds, 4),
-                       first_seconds=round(runs[0][0], 4), runs=args.repeat,
-                       tokens_per_s=round(n / seconds), tflops=round(flops / seconds / 1e12, 1),
-                       floor_seconds=round(floor, 3), pct_of_floor=round(100 * floor / seconds, 1),
-                       peak_gib=round(peak, 2), weights_gib=round(weights, 2), memory_gib=round(memory, 2),
-                       device=card, date=today)
+            rec = dict(
+                benchmark="ingest",
+                impl=impl,
+                plan=None if hf else plan_record(model),
+                compile=None if hf else compiled,
+                shape=args.shape,
+                tokens=n,
+                seconds=round(seconds, 4),
+                first_seconds=round(runs[0][0], 4),
+                runs=args.repeat,
+                tokens_per_s=round(n / seconds),
+                tflops=round(flops / seconds / 1e12, 1),
+                floor_seconds=round(floor, 3),
+                pct_of_floor=round(100 * floor / seconds, 1),
+                peak_gib=round(peak, 2),
+                weights_gib=round(weights, 2),
+                memory_gib=round(memory, 2),
+                device=card,
+                date=today,
+            )
             records.append(rec)
-            print(f"{impl:18s} ingest {n:>8d}: {seconds:8.3f} s {n / seconds:10.0f} tok/s "
-                  f"{flops / seconds / 1e12:6.1f} TFLOP/s {100 * floor / seconds:5.1f} % of floor  "
-                  f"peak {peak:6.2f} GiB "
-                  f"(weights {weights:.1f} + memory {memory:.1f} GiB); first run {runs[0][0]:.3f} s")
+            print(
+                f"{impl:18s} ingest {n:>8d}: {seconds:8.3f} s {n / seconds:10.0f} tok/s "
+                f"{flops / seconds / 1e12:6.1f} TFLOP/s {100 * floor / seconds:5.1f} % of floor  "
+                f"peak {peak:6.2f} GiB "
+                f"(weights {weights:.1f} + memory {memory:.1f} GiB); first run {runs[0][0]:.3f} s"
+            )
         for after in [int(t) for t in str(args.decode_after).split(",") if int(t)]:
             if hf and after > 131072:
                 continue
@@ -378,13 +358,27 @@ def main() -> None:
             for mode in ("greedy", "sampling") if args.decode_sampling else ("greedy",):
                 ms, warmup = decode_ms(model, ids, args.decode_tokens, hf=hf, sample=mode == "sampling")
                 floor_ms = decode_floor_ms(model.config, params_count(model), after, hf=hf)
-                records.append(dict(benchmark="decode", impl=impl, kernel=None if hf else attention_kernel(),
-                                    compile=None if hf else compiled, shape=args.shape, tokens=after, mode=mode,
-                                    ms_per_token=round(ms, 2), warmup_seconds=round(warmup, 2),
-                                    floor_ms=round(floor_ms, 2), pct_of_floor=round(100 * floor_ms / ms, 1),
-                                    device=card, date=today))
-                print(f"{impl:18s} decode after {after} ({mode}): {ms:.2f} ms/token, {100 * floor_ms / ms:.0f} % of "
-                      f"floor (warm-up generation {warmup:.1f} s)")
+                records.append(
+                    dict(
+                        benchmark="decode",
+                        impl=impl,
+                        plan=None if hf else plan_record(model),
+                        compile=None if hf else compiled,
+                        shape=args.shape,
+                        tokens=after,
+                        mode=mode,
+                        ms_per_token=round(ms, 2),
+                        warmup_seconds=round(warmup, 2),
+                        floor_ms=round(floor_ms, 2),
+                        pct_of_floor=round(100 * floor_ms / ms, 1),
+                        device=card,
+                        date=today,
+                    )
+                )
+                print(
+                    f"{impl:18s} decode after {after} ({mode}): {ms:.2f} ms/token, {100 * floor_ms / ms:.0f} % of "
+                    f"floor (warm-up generation {warmup:.1f} s)"
+                )
             if not hf:
                 records.append(dict(benchmark="tuned", impl=impl, shape=args.shape, configs=tuned_configs()))
         del model

@@ -2,7 +2,7 @@
 
 Every rank trains its own micro-batch of --batch x --seq random tokens (seeded per rank) with cross-batch memory
 (range 3, dataset packing 4) inside that micro-batch, as `longllama train` does with parallel=fsdp2. The model is
-built with the same seed on every rank, so the weights agree, then sharded by `longllama.train.parallelize`
+built with the same seed on every rank, so the weights agree, then sharded by `longllama.training.parallel.parallelize`
 (`fully_shard` per decoder layer, then the root). bf16 autocast over fp32 weights, AdamW (b2 0.95, fused on CUDA),
 global-norm clipping at 1.0, as benchmarks/bench_train.py (the one-GPU benchmark, whose FLOP count and 989 TFLOP/s
 H100 SXM bf16 peak this script reuses). The default --parallel fsdp2 is used for one process too, so 1 and N GPUs run
@@ -44,11 +44,10 @@ from bench_train import PEAK, model_flops
 
 from longllama import LongLlamaForCausalLM
 from longllama.config import LongLlamaConfig, preset
-from longllama.cross_batch import CrossBatch
-from longllama.train import (
+from longllama.training.config import TrainConfig, TrainError
+from longllama.training.cross_batch import CrossBatch
+from longllama.training.parallel import (
     Processes,
-    TrainConfig,
-    TrainError,
     checkpoint_layers,
     parallelize,
     start_processes,
@@ -62,15 +61,28 @@ SEQ = {"1b": 2048, "3b": 2048, "tiny": 64}
 
 def make_config(shape: str, seq: int) -> LongLlamaConfig:
     """The model of a --shape, with a context window (and last window) of `seq` tokens."""
-    window = {"max_position_embeddings": seq, "last_context_length": seq, "mem_dtype": "bfloat16",
-              "attn_impl": "fast"}
+    window = {"max_position_embeddings": seq, "last_context_length": seq, "mem_dtype": "bfloat16", "attn_impl": "fast"}
     if shape == "1b":
-        return LongLlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
-                               num_attention_heads=16, mem_layers=[5, 10, 15], **window)
+        return LongLlamaConfig(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5504,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            mem_layers=[5, 10, 15],
+            **window,
+        )
     if shape == "3b":
         return preset("3b", mem_layers=[6, 12, 18], **window)
-    return LongLlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                           num_attention_heads=4, mem_layers=[1], **{**window, "mem_dtype": "float32"})
+    return LongLlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mem_layers=[1],
+        **{**window, "mem_dtype": "float32"},
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any] | None]:
@@ -110,8 +122,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
 def read_baseline(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The record of this benchmark in `path`, checked to be of the same shape, batch and seq."""
     data = json.loads(path.read_text())
-    records = [r for r in (data if isinstance(data, list) else [data])
-               if isinstance(r, dict) and r.get("impl") == IMPL and "tokens_per_s_per_gpu" in r]
+    records = [
+        r
+        for r in (data if isinstance(data, list) else [data])
+        if isinstance(r, dict) and r.get("impl") == IMPL and "tokens_per_s_per_gpu" in r
+    ]
     if not records:
         raise ValueError(f"holds no {IMPL} record: pass the --out file of an earlier run of this script")
     base = records[0]
@@ -141,8 +156,13 @@ def bench(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
         checkpoint_layers(model)
     if args.parallel == "fsdp2":
         model = parallelize(model, "fsdp2", procs)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01,
-                            **({"fused": True} if cuda else {"foreach": True}))
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=1e-4,
+        betas=(0.9, 0.95),
+        weight_decay=0.01,
+        **({"fused": True} if cuda else {"foreach": True}),
+    )
     rows = torch.Generator(device="cpu").manual_seed(1000 + procs.rank)  # each rank its own micro-batch
     ids = torch.randint(3, config.vocab_size, (args.batch, args.seq), generator=rows).to(procs.device)
 
@@ -175,35 +195,63 @@ def bench(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     seconds = elapsed / args.steps
     per_gpu = args.batch * args.seq / seconds
     flops = model_flops(config, params, args.batch, args.seq, CROSS.cross_batch_range)
-    return {"config": config, "params": params, "seconds": seconds, "tokens_per_s": per_gpu * procs.world,
-            "tokens_per_s_per_gpu": per_gpu, "mfu": flops / seconds / PEAK if cuda else None,
-            "peak_gib": peak if cuda else None, "loss": procs.mean(float(loss)),
-            "device": torch.cuda.get_device_name(procs.device) if cuda else "cpu"}
+    return {
+        "config": config,
+        "params": params,
+        "seconds": seconds,
+        "tokens_per_s": per_gpu * procs.world,
+        "tokens_per_s_per_gpu": per_gpu,
+        "mfu": flops / seconds / PEAK if cuda else None,
+        "peak_gib": peak if cuda else None,
+        "loss": procs.mean(float(loss)),
+        "device": torch.cuda.get_device_name(procs.device) if cuda else "cpu",
+    }
 
 
 def report(args: argparse.Namespace, procs: Processes, r: dict[str, Any], baseline: dict[str, Any] | None) -> None:
     mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
     peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f} GiB"
-    print(f"{args.shape} x {procs.world} GPU(s) ({r['device']}, {args.parallel}"
-          f"{', activation checkpointing' if args.activation_checkpointing else ''}): {_count(r['params'])} params  "
-          f"{r['seconds'] * 1e3:.1f} ms/step  {r['tokens_per_s']:.0f} tokens/s  "
-          f"({r['tokens_per_s_per_gpu']:.0f} per GPU)  MFU {mfu}  peak {peak}/GPU  loss {r['loss']:.3f}")
-    record = {"benchmark": "train", "impl": IMPL, "shape": args.shape, "gpus": procs.world,
-              "tokens": procs.world * args.batch * args.seq, "seconds": round(r["seconds"], 4),
-              "tokens_per_s": round(r["tokens_per_s"]), "tokens_per_s_per_gpu": round(r["tokens_per_s_per_gpu"]),
-              "mfu": None if r["mfu"] is None else round(r["mfu"], 4),
-              "peak_gib": None if r["peak_gib"] is None else round(r["peak_gib"], 2),
-              "device": r["device"], "date": datetime.date.today().isoformat(), "params": r["params"],
-              "batch_per_gpu": args.batch, "seq": args.seq, "steps": args.steps, "parallel": args.parallel,
-              "activation_checkpointing": args.activation_checkpointing, "mem_layers": r["config"].mem_layers,
-              "cross_batch_range": CROSS.cross_batch_range, "dataset_packing": CROSS.dataset_packing,
-              "loss": round(r["loss"], 4)}
+    print(
+        f"{args.shape} x {procs.world} GPU(s) ({r['device']}, {args.parallel}"
+        f"{', activation checkpointing' if args.activation_checkpointing else ''}): {_count(r['params'])} params  "
+        f"{r['seconds'] * 1e3:.1f} ms/step  {r['tokens_per_s']:.0f} tokens/s  "
+        f"({r['tokens_per_s_per_gpu']:.0f} per GPU)  MFU {mfu}  peak {peak}/GPU  loss {r['loss']:.3f}"
+    )
+    record = {
+        "benchmark": "train",
+        "impl": IMPL,
+        "shape": args.shape,
+        "gpus": procs.world,
+        "tokens": procs.world * args.batch * args.seq,
+        "seconds": round(r["seconds"], 4),
+        "tokens_per_s": round(r["tokens_per_s"]),
+        "tokens_per_s_per_gpu": round(r["tokens_per_s_per_gpu"]),
+        "mfu": None if r["mfu"] is None else round(r["mfu"], 4),
+        "peak_gib": None if r["peak_gib"] is None else round(r["peak_gib"], 2),
+        "device": r["device"],
+        "date": datetime.date.today().isoformat(),
+        "params": r["params"],
+        "batch_per_gpu": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "parallel": args.parallel,
+        "activation_checkpointing": args.activation_checkpointing,
+        "mem_layers": r["config"].mem_layers,
+        "cross_batch_range": CROSS.cross_batch_range,
+        "dataset_packing": CROSS.dataset_packing,
+        "loss": round(r["loss"], 4),
+    }
     if baseline is not None:
         efficiency = r["tokens_per_s_per_gpu"] / baseline["tokens_per_s_per_gpu"]
-        record.update(scaling_efficiency=round(efficiency, 4), baseline_gpus=baseline.get("gpus"),
-                      baseline_tokens_per_s_per_gpu=baseline["tokens_per_s_per_gpu"])
-        print(f"scaling efficiency {100 * efficiency:.1f} % of {baseline['tokens_per_s_per_gpu']} tokens/s per GPU "
-              f"on {baseline.get('gpus')} GPU(s)")
+        record.update(
+            scaling_efficiency=round(efficiency, 4),
+            baseline_gpus=baseline.get("gpus"),
+            baseline_tokens_per_s_per_gpu=baseline["tokens_per_s_per_gpu"],
+        )
+        print(
+            f"scaling efficiency {100 * efficiency:.1f} % of {baseline['tokens_per_s_per_gpu']} tokens/s per GPU "
+            f"on {baseline.get('gpus')} GPU(s)"
+        )
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

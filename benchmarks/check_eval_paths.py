@@ -15,10 +15,11 @@ import sys
 import torch
 
 from longllama import LongLlamaForCausalLM
-from longllama.cross_batch import make_cross_batch
-from longllama.data import TokenizedDocs, build_pipeline, iter_documents
+from longllama.documents import iter_documents
 from longllama.tokenizer import load_tokenizer
-from longllama.train import sequence_mean_loss
+from longllama.training.cross_batch import make_cross_batch
+from longllama.training.data.pretrain import TokenizedDocs, build_pipeline
+from longllama.training.tasks import sequence_mean_loss
 
 
 def batch_of(model_dir: str, data: str, batch: int, seq: int) -> dict[str, torch.Tensor]:
@@ -60,10 +61,12 @@ def main() -> int:
                     value = loss(model, batch, cuda, autocast=autocast, impl=impl)
                     bad = abs(value - reference) > 0.05
                     ok &= not bad
-                    print(f"{cuda.type} {weights} weights, autocast={autocast!s:5}, {mode:5} mode, {impl:5}: "
-                          f"{value:.4f} ({value - reference:+.4f}){'  FAIL' if bad else ''}")
+                    print(
+                        f"{cuda.type} {weights} weights, autocast={autocast!s:5}, {mode:5} mode, {impl:5}: "
+                        f"{value:.4f} ({value - reference:+.4f}){'  FAIL' if bad else ''}"
+                    )
     # Training's cross-batch memory (range 7, k = 4 packs: the small model's recipe), on the fused path ("fast",
-    # attention.joint_attention) and the masked one ("sdpa"), bf16 autocast over fp32 weights, against CPU fp32.
+    # fast.attention.joint_attention) and the masked one ("sdpa"), bf16 autocast over fp32 weights, against CPU fp32.
     cross = make_cross_batch(cross_batch_range=7, data_pipeline="doc_aware_k4")
     model.to("cpu", torch.float32)
     expected = loss(model, batch, torch.device("cpu"), autocast=False, impl="eager", cross=cross)
@@ -73,13 +76,17 @@ def main() -> int:
         value = loss(model, batch, cuda, autocast=True, impl=impl, cross=cross)
         bad = abs(value - expected) > 0.05
         ok &= not bad
-        print(f"cross-batch, {cuda.type} fp32 weights, autocast=True, train mode, {impl:5}: {value:.4f} "
-              f"({value - expected:+.4f}){'  FAIL' if bad else ''}")
+        print(
+            f"cross-batch, {cuda.type} fp32 weights, autocast=True, train mode, {impl:5}: {value:.4f} "
+            f"({value - expected:+.4f}){'  FAIL' if bad else ''}"
+        )
     for b in (1, 2, 8):  # the same rows in smaller batches
         sub = {name: value[:b] for name, value in batch.items()}
         model.train(False)
-        print(f"batch {b}: fast {loss(model, sub, cuda, autocast=False, impl='fast'):.4f} "
-              f"eager {loss(model, sub, cuda, autocast=False, impl='eager'):.4f}")
+        print(
+            f"batch {b}: fast {loss(model, sub, cuda, autocast=False, impl='fast'):.4f} "
+            f"eager {loss(model, sub, cuda, autocast=False, impl='eager'):.4f}"
+        )
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

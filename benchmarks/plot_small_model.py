@@ -3,7 +3,8 @@
     python benchmarks/plot_small_model.py benchmarks/results/h200x2-2026-11-26-small-model.json \
         --logs benchmarks/results/small-model-2026-11-26 --out benchmarks/results
 
-Writes small-model-passkey.png (accuracy against prompt length, one line per model / setting), small-model-perplexity.png
+Writes small-model-passkey.png (accuracy against prompt length, one line per model / setting),
+small-model-perplexity.png
 and, from the training logs (log-fot.jsonl, log-no-negatives.jsonl), small-model-loss.png.
 """
 
@@ -27,8 +28,13 @@ def _passkey(records: list[dict], out: Path) -> None:
         rows.sort(key=lambda r: r["length"])
         ax.plot([r["length"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=model)
         for r in rows:
-            ax.annotate(f'{round(r["accuracy"] * r["trials"])}/{r["trials"]}', (r["length"], r["accuracy"]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(
+                f"{round(r['accuracy'] * r['trials'])}/{r['trials']}",
+                (r["length"], r["accuracy"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.05, 1.1)
     ax.set_xlabel("prompt length (tokens)")
@@ -63,13 +69,22 @@ def _loss(logs: Path, out: Path) -> None:
             continue
         rows = [json.loads(line) for line in path.open()]
         train = [r for r in rows if "loss" in r]
-        ax.plot([r["tokens"] / 1e6 for r in train], [r["loss"] for r in train], alpha=0.7, linewidth=0.8,
-                label=f"{name} (train)")
+        ax.plot(
+            [r["tokens"] / 1e6 for r in train],
+            [r["loss"] for r in train],
+            alpha=0.7,
+            linewidth=0.8,
+            label=f"{name} (train)",
+        )
         evals = [r for r in rows if "eval_loss" in r]
         per_step = train[-1]["tokens"] / train[-1]["step"]
         if evals:
-            ax.plot([r["step"] * per_step / 1e6 for r in evals],
-                    [r["eval_loss"] for r in evals], marker="o", label=f"{name} (held-out)")
+            ax.plot(
+                [r["step"] * per_step / 1e6 for r in evals],
+                [r["eval_loss"] for r in evals],
+                marker="o",
+                label=f"{name} (held-out)",
+            )
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("loss")
     ax.set_ylim(1, 5)

@@ -1,6 +1,7 @@
 """Where the time goes (3B shape, bf16, one GPU): host syncs inside an ingest, GPU busy time against wall time of an
 ingest with the heaviest kernels, attention kernels on the memory shape, a decoding step's attention kernel against
-the general path (GB/s), and a decode step (CUDA graph replay against the sum of its kernels).
+the general path (GB/s), and a decode step (CUDA graph replay against the sum of its kernels). Execution choices of
+the model are changed with `--plan KEY=VALUE` (ExecutionPlan fields, repeatable).
 
     PYTHONPATH=src python benchmarks/profile_step.py --tokens 131072 --decode-after 32768
 """
@@ -11,10 +12,13 @@ import argparse
 import time
 import traceback
 import warnings
+from unittest import mock
 
 import torch
-from bench_inference import _longllama
+from bench_inference import _longllama, plan_record
 from torch.profiler import ProfilerActivity, profile
+
+from longllama.plan import ExecutionPlan, parse_overrides
 
 
 def sync_points(model, ids) -> None:
@@ -24,7 +28,12 @@ def sync_points(model, ids) -> None:
 
     def hook(message, category, filename, lineno, file=None, line=None):
         frames = [f for f in traceback.extract_stack() if "longllama" in f.filename]
-        where = f"{frames[-1].filename.split('/')[-1]}:{frames[-1].lineno} {frames[-1].line}" if frames else "?"
+        # the path inside the package: attention.py and fast/attention.py both exist
+        where = (
+            f"{frames[-1].filename.rsplit('longllama/', 1)[-1]}:{frames[-1].lineno} {frames[-1].line}"
+            if frames
+            else "?"
+        )
         seen[where] = seen.get(where, 0) + 1
 
     warnings.showwarning = hook
@@ -93,21 +102,23 @@ def timed_calls(fn, reps: int) -> tuple[float, float]:
 
 def local_kernels() -> None:
     """Causal attention of one 2048-token window (local attention), 32 heads, head_dim 100 padded."""
-    from longllama.attention import partial_attention
+    from longllama.fast.attention import partial_attention
 
     print("== kernels: causal 2048 x 2048, 32 heads, TFLOP/s on head_dim 100 (half the square)")
     for dim in (104, 112):
         q, k, v = (torch.randn(1, 32, 2048, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         for kernel in ("flash", "cudnn"):
-            ms, _ = timed_calls(lambda q=q, k=k, v=v, kernel=kernel: partial_attention(
-                q, k, v, causal=True, scale=0.1, kernel=kernel), 20)
+            ms, _ = timed_calls(
+                lambda q=q, k=k, v=v, kernel=kernel: partial_attention(q, k, v, causal=True, scale=0.1, kernel=kernel),
+                20,
+            )
             print(f"{kernel:6s} d={dim}: {ms:8.3f} ms  {2 * 32 * 2048 * 2048 * 100 / ms / 1e9:6.1f} TFLOP/s")
 
 
 def kernels(m: int, queries: int) -> None:
     """Memory-attention kernels: `queries` queries x m keys, 32 heads, padded head dims; device ms from CUDA events,
     host ms per call from a loop that never waits."""
-    from longllama.attention import partial_attention
+    from longllama.fast.attention import partial_attention
 
     print(f"== kernels: {queries} queries x {m} keys, 32 heads, TFLOP/s on head_dim 100")
     for dim in (104, 112, 128):
@@ -116,8 +127,12 @@ def kernels(m: int, queries: int) -> None:
         v = torch.randn(1, 32, m, dim, device="cuda", dtype=torch.bfloat16)
         for kernel in ("flash", "cudnn"):
             try:
-                ms, host = timed_calls(lambda q=q, k=k, v=v, kernel=kernel: partial_attention(
-                    q, k, v, causal=False, scale=0.1, kernel=kernel), 10)
+                ms, host = timed_calls(
+                    lambda q=q, k=k, v=v, kernel=kernel: partial_attention(
+                        q, k, v, causal=False, scale=0.1, kernel=kernel
+                    ),
+                    10,
+                )
             except RuntimeError as exc:
                 print(f"{kernel:6s} d={dim}: failed: {str(exc).splitlines()[0][:100]}")
                 continue
@@ -127,7 +142,7 @@ def kernels(m: int, queries: int) -> None:
 
 def plan_cost() -> None:
     """cuDNN builds an execution plan per new shape: the first call of a shape against the next one."""
-    from longllama.attention import partial_attention
+    from longllama.fast.attention import partial_attention
 
     q = torch.randn(1, 32, 2048, 112, device="cuda", dtype=torch.bfloat16)
     for m in (6144, 10240, 14336, 18432):
@@ -164,43 +179,46 @@ def _graph_ms(fn, calls: int = 10, replays: int = 5) -> float:
 def decode_attention_bandwidth(lengths) -> None:
     """One memory layer's decoding attention (3B heads, 2048 local slots, M memory keys stored at head_dim 112): the
     Triton split kernel against the general path (matrix products and a softmax), as GB/s of keys and values."""
-    from longllama import decode_attention
     from longllama.attention import few_query_attention
+    from longllama.fast import decode_attention
 
     print("== decode attention, one layer, 32 heads, 2048 local slots + M memory keys (bytes as stored)")
     q = torch.randn(1, 32, 100, device="cuda", dtype=torch.bfloat16)
     keys, values = (torch.randn(1, 32, 2048, 100, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     for used in (10, 2048):
         slot = torch.tensor([used - 1], device="cuda")
-        print(f"no memory, {used} local slots in use: kernel "
-              f"{_graph_ms(lambda: decode_attention.attend(q, keys, values, slot, None)) * 1e3:.1f} us")
+        print(
+            f"no memory, {used} local slots in use: kernel "
+            f"{_graph_ms(lambda: decode_attention.attend(q, keys, values, slot, None)) * 1e3:.1f} us"
+        )
     slot = torch.tensor([2047], device="cuda")  # every local slot in use
     visible = torch.ones(1, 1, 1, 2048, dtype=torch.bool, device="cuda")
     for m in lengths:
-        mem = tuple(torch.nn.functional.pad(torch.randn(1, 32, m, 100, device="cuda", dtype=torch.bfloat16), (0, 12))
-                    for _ in range(2))
+        mem = tuple(
+            torch.nn.functional.pad(torch.randn(1, 32, m, 100, device="cuda", dtype=torch.bfloat16), (0, 12))
+            for _ in range(2)
+        )
         gbytes = 2 * 32 * (2048 * 100 + m * 112) * 2 / 1e9
-        general = _graph_ms(lambda: few_query_attention(q[:, :, None], keys, values, visible, mem[0][..., :100],
-                                                        mem[1][..., :100], mem))
+        general = _graph_ms(
+            lambda: few_query_attention(q[:, :, None], keys, values, visible, mem[0][..., :100], mem[1][..., :100], mem)
+        )
         line = f"M={m:8d}: general {general:7.3f} ms {gbytes / general * 1e3:5.0f} GB/s; kernel"
-        default = decode_attention._TARGET_PROGRAMS
-        for target in (1024, 2048, 4096):  # programs aimed at (chunk size)
-            decode_attention._TARGET_PROGRAMS = target
-            kernel = _graph_ms(lambda: decode_attention.attend(q, keys, values, slot, mem))
+        for target in (1024, 2048, 4096):  # programs aimed at (chunk size): a kernel constant, not a plan field
+            with mock.patch.object(decode_attention, "_TARGET_PROGRAMS", target):
+                kernel = _graph_ms(lambda: decode_attention.attend(q, keys, values, slot, mem))
             line += f", {target} programs {kernel:6.3f} ms {gbytes / kernel * 1e3:5.0f} GB/s"
-        decode_attention._TARGET_PROGRAMS = default
         print(line)
 
 
 def decode_profile(model, ids, rows: int) -> None:
-    from longllama.decode import StaticDecoder
+    from longllama.fast.decode import StaticDecoder
 
     with torch.no_grad():
         out = model.model.run(ids, cache=model.model.resolve_cache(None, True), use_cache=True, keep_last=1)
         token = torch.zeros(1, dtype=torch.long, device="cuda")
         results = {}
         for graphs in (True, False):
-            dec = StaticDecoder(model, out.cache.fork(), graphs=graphs)
+            dec = StaticDecoder(model, out.cache.fork(), plan=model.plan, graphs=graphs)
             for _ in range(3):
                 dec.step(token)
             torch.cuda.synchronize()
@@ -209,14 +227,16 @@ def decode_profile(model, ids, rows: int) -> None:
                 dec.step(token)
             torch.cuda.synchronize()
             results[graphs] = (time.perf_counter() - t0) / 50 * 1e3
-        dec = StaticDecoder(model, out.cache.fork(), graphs=False)
+        dec = StaticDecoder(model, out.cache.fork(), plan=model.plan, graphs=False)
         dec.step(token)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
                 dec.step(token)
             torch.cuda.synchronize()
-    print(f"== decode after {ids.shape[1]}: graph replay {results[True]:.2f} ms/step, no graph "
-          f"{results[False]:.2f} ms/step; kernels of 10 steps without graph:")
+    print(
+        f"== decode after {ids.shape[1]}: graph replay {results[True]:.2f} ms/step, no graph "
+        f"{results[False]:.2f} ms/step; kernels of 10 steps without graph:"
+    )
     busy, count = kernel_summary(prof, rows)
     print(f"per step: {busy / 10:.2f} ms of kernels, {count / 10:.0f} kernels")
 
@@ -229,9 +249,20 @@ def main() -> None:
     ap.add_argument("--kernel-keys", type=int, default=65536)
     ap.add_argument("--compile", choices=["auto", "yes", "no"], default="auto", help="compile_elementwise")
     ap.add_argument("--skip", default="", help="sections to skip: sync,ingest,kernels,decode,decode-attention")
+    ap.add_argument(
+        "--plan",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an execution-plan field of the model (repeatable), e.g. memory_kernel=cudnn",
+    )
     args = ap.parse_args()
+    changes = parse_overrides(args.plan)
+    ExecutionPlan().replace(**changes)  # a bad field or value: an error before the model is built
     print(torch.cuda.get_device_name(), torch.__version__, torch.backends.cudnn.version())
     model = _longllama("3b", "cuda", compile_elementwise={"auto": "auto", "yes": True, "no": False}[args.compile])
+    model.set_plan(**changes)
+    print(f"plan: {plan_record(model)}")
     ids = torch.randint(3, 32000, (1, args.tokens), device="cuda")
     with torch.no_grad():
         model(ids[:, :4096], use_cache=False, logits_to_keep=1)
@@ -248,7 +279,7 @@ def main() -> None:
     if "decode-attention" not in skip:
         decode_attention_bandwidth([32768, 262144])
     if "decode" not in skip:
-        decode_profile(model, ids[:, :args.decode_after], args.rows)
+        decode_profile(model, ids[:, : args.decode_after], args.rows)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 decoding end to end with the table as shipped and with the sweep's choices, in one process.
 
 Kernel times are per call from CUDA graphs (no launch gaps), with the L2 cache flushed before each call (a decoding
-step reads every layer's keys once; nothing is warm in L2), the flush's own time subtracted.
+step reads every layer's keys once; nothing is warm in L2), the flush's own time subtracted. The sweep's choices are
+the kernel's chunk constants (fast/decode_attention.py) and its measured table (fast/tables.py), not plan fields:
+the "tuned" run sets them in this process only, for its own duration. `--plan KEY=VALUE` (ExecutionPlan fields)
+changes the end-to-end model; the memory's row width swept follows its plan unless --memory-width is given.
 
     cd benchmarks && python tune_decode.py --out tune.json
 """
@@ -10,13 +13,16 @@ step reads every layer's keys once; nothing is warm in L2), the flush's own time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
+from unittest import mock
 
 import torch
-
 from profile_step import _graph_ms
+
+from longllama.plan import ExecutionPlan, parse_overrides
 
 H, D = 32, 100  # the 3B shape's heads and head_dim
 
@@ -26,9 +32,11 @@ _FLUSH: list[float] = []
 
 def flushed_ms(fn, scratch: torch.Tensor) -> float:
     """ms per call of fn with a 64 MiB write before each (evicts L2), less the write's own time (timed once)."""
+
     def both():
         scratch.zero_()
         fn()
+
     if not _FLUSH:
         _FLUSH.append(min(_graph_ms(scratch.zero_) for _ in range(3)))
     return _graph_ms(both) - _FLUSH[0]
@@ -41,114 +49,195 @@ def _part(keys, values, n: int, local: bool, chunk: int, slot: torch.Tensor, q: 
     acc = torch.empty(rows, count, 128, dtype=torch.float32, device="cuda")
     m = torch.empty(rows, count, dtype=torch.float32, device="cuda")
     lsum = torch.empty_like(m)
-    args = (q, keys, values, acc, m, lsum, slot, n, 0, count, H, 1, q.stride(0), q.stride(1), keys.stride(0),
-            keys.stride(1), values.stride(0), values.stride(1), 1.4426950408889634 / math.sqrt(D), chunk, D)
-    constants = dict(S_KN=keys.stride(2), S_VN=values.stride(2), D_READ=min(keys.shape[-1], 112), FROM_PTR=local,
-                     BLOCK_D=128)
+    args = (
+        q,
+        keys,
+        values,
+        acc,
+        m,
+        lsum,
+        slot,
+        n,
+        0,
+        count,
+        H,
+        1,
+        q.stride(0),
+        q.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        values.stride(0),
+        values.stride(1),
+        1.4426950408889634 / math.sqrt(D),
+        chunk,
+        D,
+    )
+    constants = dict(
+        S_KN=keys.stride(2), S_VN=values.stride(2), D_READ=min(keys.shape[-1], 112), FROM_PTR=local, BLOCK_D=128
+    )
     return (rows, count), args, constants
 
 
 def sweep(shapes, chunks, configs, scratch) -> list[dict]:
     """Time `partials` for every (shape, chunk, BLOCK_N, num_warps, num_stages)."""
-    from longllama import decode_kernels
+    from longllama.fast import decode_kernels
 
     fn = decode_kernels.partials.fn  # the kernel without the autotuner
     q = torch.randn(1, H, D, device="cuda", dtype=torch.bfloat16)
     records = []
     for name, (n, width, local) in shapes.items():
-        keys, values = (torch.nn.functional.pad(torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16),
-                                                (0, width - D)) for _ in range(2))
+        keys, values = (
+            torch.nn.functional.pad(torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16), (0, width - D))
+            for _ in range(2)
+        )
         slot = torch.tensor([n - 1], device="cuda")
         gbytes = 2 * H * n * width * 2 / 1e9
         for chunk in chunks[name]:
             grid, args, constants = _part(keys, values, n, local, chunk, slot, q)
             for block_n, warps, stages in configs:
+
                 def call():
                     fn[grid](*args, **constants, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
                 try:
                     ms = flushed_ms(call, scratch)
                 except Exception as exc:  # noqa: BLE001 - a configuration that does not compile or launch
                     print(f"{name} chunk {chunk} {block_n}/{warps}/{stages}: failed ({type(exc).__name__})")
                     continue
-                records.append(dict(shape=name, n=n, width=width, chunk=chunk, block_n=block_n, warps=warps,
-                                    stages=stages, us=round(ms * 1e3, 2), gb_s=round(gbytes / ms * 1e3)))
+                records.append(
+                    dict(
+                        shape=name,
+                        n=n,
+                        width=width,
+                        chunk=chunk,
+                        block_n=block_n,
+                        warps=warps,
+                        stages=stages,
+                        us=round(ms * 1e3, 2),
+                        gb_s=round(gbytes / ms * 1e3),
+                    )
+                )
         del keys, values
         best = sorted((r for r in records if r["shape"] == name), key=lambda r: r["us"])[:6]
-        print(f"== {name}: {n} keys, rows {width} wide; best of {len(configs)} configurations x chunks "
-              f"{chunks[name]}")
+        print(f"== {name}: {n} keys, rows {width} wide; best of {len(configs)} configurations x chunks {chunks[name]}")
         for r in best:
-            print(f"  chunk {r['chunk']:5d} BLOCK_N {r['block_n']:3d} warps {r['warps']} stages {r['stages']}: "
-                  f"{r['us']:8.1f} us {r['gb_s']:5d} GB/s")
+            print(
+                f"  chunk {r['chunk']:5d} BLOCK_N {r['block_n']:3d} warps {r['warps']} stages {r['stages']}: "
+                f"{r['us']:8.1f} us {r['gb_s']:5d} GB/s"
+            )
         for chunk in chunks[name]:
-            top = min((r for r in records if r["shape"] == name and r["chunk"] == chunk), key=lambda r: r["us"],
-                      default=None)
+            top = min(
+                (r for r in records if r["shape"] == name and r["chunk"] == chunk), key=lambda r: r["us"], default=None
+            )
             if top:
                 print(f"  best at chunk {chunk:5d}: {top['us']:8.1f} us")
     return records
 
 
+@contextlib.contextmanager
+def chunking(min_chunk: int, target: int):
+    """decode_attention's _MIN_CHUNK and _TARGET_PROGRAMS (which set the chunk of each shape) set to these values
+    inside the `with` block, restored after it."""
+    from longllama.fast import decode_attention
+
+    with (
+        mock.patch.object(decode_attention, "_MIN_CHUNK", min_chunk),
+        mock.patch.object(decode_attention, "_TARGET_PROGRAMS", target),
+    ):
+        yield
+
+
 def choose(records, targets=(1024, 2048, 4096, 8192), min_chunks=(32, 64, 128, 256)):
-    """The sweep's choices: decode_attention's _MIN_CHUNK and _TARGET_PROGRAMS (which set the chunk of each shape)
-    whose shapes' best times, each relative to that shape's best anywhere, sum to the least; per chunk the best
-    configuration."""
-    from longllama import decode_attention
+    """The sweep's choices: decode_attention's _MIN_CHUNK and _TARGET_PROGRAMS whose shapes' best times, each relative
+    to that shape's best anywhere, sum to the least; per chunk the best configuration."""
+    from longllama.fast import decode_attention
 
     lengths = {"local": 2048, "memory 32k": 32768, "memory 256k": 262144}
 
     def best(shape, chunk):
-        return min((r for r in records if r["shape"] == shape and r["chunk"] == chunk), key=lambda r: r["us"],
-                   default=None)
+        return min(
+            (r for r in records if r["shape"] == shape and r["chunk"] == chunk), key=lambda r: r["us"], default=None
+        )
+
     fastest = {s: min(r["us"] for r in records if r["shape"] == s) for s in lengths}
-    saved = decode_attention._MIN_CHUNK, decode_attention._TARGET_PROGRAMS
     options = []
     for min_chunk in min_chunks:
         for target in targets:
-            decode_attention._MIN_CHUNK, decode_attention._TARGET_PROGRAMS = min_chunk, target
-            picks = [best(s, decode_attention._chunk(n, H)) for s, n in lengths.items()]
+            with chunking(min_chunk, target):
+                picks = [best(s, decode_attention._chunk(n, H)) for s, n in lengths.items()]
             if all(picks):
                 options.append((sum(p["us"] / fastest[p["shape"]] for p in picks), min_chunk, target, picks))
-    decode_attention._MIN_CHUNK, decode_attention._TARGET_PROGRAMS = saved
     _, min_chunk, target, picks = min(options, key=lambda o: o[0])
     return min_chunk, target, picks
 
 
-def apply(min_chunk, target, picks, card: str) -> None:
-    """Use the sweep's choices in this process: chunk settings, table entries and their configurations."""
+@contextlib.contextmanager
+def tuned(choice: dict | None, card: str):
+    """The sweep's choices in force inside the `with` block (chunk constants, table entries for this GPU and their
+    configurations in the kernel's list), the shipped ones restored after it; None: the shipped ones as they are.
+    The autotuner's in-process choices are dropped on both sides, so each setting picks its own."""
     import triton
 
-    from longllama import decode_attention, decode_kernels
+    from longllama.fast import decode_kernels, tables
 
-    decode_attention._MIN_CHUNK, decode_attention._TARGET_PROGRAMS = min_chunk, target
-    for p in picks:
-        meta, warps, stages = {"BLOCK_N": p["block_n"]}, p["warps"], p["stages"]
-        decode_attention._MEASURED[(card, "torch.bfloat16", p["chunk"], D, min(p["width"], 112))] = (
-            meta, warps, stages)
-        if not any(c.kwargs == meta and c.num_warps == warps and c.num_stages == stages
-                   for c in decode_kernels.partials.configs):
-            decode_kernels.partials.configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
-    decode_kernels.partials.cache.clear()
+    partials = decode_kernels.partials
+    partials.cache.clear()
+    if choice is None:
+        yield
+        return
+    table, configs = dict(tables.DECODE_ATTENTION), list(partials.configs)
+    try:
+        with chunking(choice["min_chunk"], choice["target_programs"]):
+            for p in choice["picks"]:
+                meta, warps, stages = {"BLOCK_N": p["block_n"]}, p["warps"], p["stages"]
+                tables.DECODE_ATTENTION[(card, "torch.bfloat16", p["chunk"], D, min(p["width"], 112))] = (
+                    meta,
+                    warps,
+                    stages,
+                )
+                if not any(c.kwargs == meta and c.num_warps == warps and c.num_stages == stages for c in configs):
+                    partials.configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+            yield
+    finally:
+        tables.DECODE_ATTENTION.clear()
+        tables.DECODE_ATTENTION.update(table)
+        partials.configs[:] = configs
+        partials.cache.clear()
 
 
-def end_to_end(settings, lengths, tokens: int) -> list[dict]:
-    """Greedy and sampling decoding after each prompt length, per setting (a function that sets it up)."""
+def end_to_end(settings, lengths, tokens: int, changes: dict) -> list[dict]:
+    """Greedy and sampling decoding after each prompt length, per setting (a context in which it holds), with the
+    model's plan changed by `changes`."""
     import bench_inference as bench
-    from longllama import decode_attention
+
+    from longllama.fast import decode_attention
 
     torch.manual_seed(0)
     model = bench._longllama("3b", "cuda")
+    model.set_plan(**changes)
+    print(f"plan: {model.plan}")
     vocab = model.config.vocab_size
     bench.ingest(model, torch.randint(3, vocab, (1, 4096), device="cuda"), hf=False)
     records = []
     for after in lengths:
         ids = torch.randint(3, vocab, (1, after), device="cuda")
-        for name, setup in settings:
-            setup()
-            for mode in ("greedy", "sampling"):
-                ms, warm = bench.decode_ms(model, ids, tokens, hf=False, sample=mode == "sampling")
-                records.append(dict(setting=name, tokens=after, mode=mode, ms_per_token=round(ms, 3),
-                                    warmup_seconds=round(warm, 1), min_chunk=decode_attention._MIN_CHUNK,
-                                    target_programs=decode_attention._TARGET_PROGRAMS))
-                print(f"decode after {after:7d} ({mode:8s}) {name:8s}: {ms:.3f} ms/token (warm-up {warm:.1f} s)")
+        for name, setting in settings:
+            with setting():
+                for mode in ("greedy", "sampling"):
+                    ms, warm = bench.decode_ms(model, ids, tokens, hf=False, sample=mode == "sampling")
+                    records.append(
+                        dict(
+                            setting=name,
+                            tokens=after,
+                            mode=mode,
+                            ms_per_token=round(ms, 3),
+                            warmup_seconds=round(warm, 1),
+                            min_chunk=decode_attention._MIN_CHUNK,
+                            target_programs=decode_attention._TARGET_PROGRAMS,
+                            plan=bench.plan_record(model),
+                        )
+                    )
+                    print(f"decode after {after:7d} ({mode:8s}) {name:8s}: {ms:.3f} ms/token (warm-up {warm:.1f} s)")
     return records
 
 
@@ -160,24 +249,44 @@ def main() -> None:
     ap.add_argument("--block-n", default="16,32,64", help="BLOCK_N values swept")
     ap.add_argument("--warps", default="1,2,4,8", help="num_warps values swept")
     ap.add_argument("--stages", default="1,2,3", help="num_stages values swept")
-    ap.add_argument("--memory-width", type=int, default=104, help="the memory's stored row width (3B: 104)")
+    ap.add_argument(
+        "--memory-width",
+        type=int,
+        default=None,
+        help="the memory's stored row width swept (default: the plan's, 112 for the 3B model)",
+    )
+    ap.add_argument(
+        "--plan",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an execution-plan field of the end-to-end model (repeatable), e.g. memory_width=64",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from longllama import decode_attention
+    changes = parse_overrides(args.plan)
+    memory_width = args.memory_width or ExecutionPlan(device="cuda").replace(**changes).memory_storage_dim(D)
 
     card = torch.cuda.get_device_name()
     print(card, torch.__version__, datetime.date.today().isoformat())
     scratch = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
     result = dict(device=card, date=datetime.date.today().isoformat())
-    shipped = (decode_attention._MIN_CHUNK, decode_attention._TARGET_PROGRAMS, dict(decode_attention._MEASURED))
     if not args.skip_sweep:
+
         def ints(text):
             return [int(x) for x in text.split(",") if x]
+
         configs = [(n, w, s) for n in ints(args.block_n) for w in ints(args.warps) for s in ints(args.stages)]
-        shapes = {"local": (2048, 104, True), "memory 32k": (32768, args.memory_width, False),
-                  "memory 256k": (262144, args.memory_width, False)}
-        chunks = {"local": [32, 64, 128, 256], "memory 32k": [128, 256, 512, 1024, 2048],
-                  "memory 256k": [1024, 2048, 4096, 8192]}
+        shapes = {
+            "local": (2048, 104, True),
+            "memory 32k": (32768, memory_width, False),
+            "memory 256k": (262144, memory_width, False),
+        }
+        chunks = {
+            "local": [32, 64, 128, 256],
+            "memory 32k": [128, 256, 512, 1024, 2048],
+            "memory 256k": [1024, 2048, 4096, 8192],
+        }
         result["sweep"] = sweep(shapes, chunks, configs, scratch)
         min_chunk, target, picks = choose(result["sweep"])
         result["choice"] = dict(min_chunk=min_chunk, target_programs=target, picks=picks)
@@ -185,21 +294,11 @@ def main() -> None:
         for p in picks:
             print(f"  ({p['chunk']}, {min(p['width'], 112)}, {p['block_n']}, {p['warps']}, {p['stages']})")
 
-    def as_shipped():
-        from longllama import decode_kernels
-
-        decode_attention._MIN_CHUNK, decode_attention._TARGET_PROGRAMS = shipped[:2]
-        decode_attention._MEASURED.clear()
-        decode_attention._MEASURED.update(shipped[2])
-        decode_kernels.partials.cache.clear()
-
-    def tuned():
-        if "choice" in result:
-            c = result["choice"]
-            apply(c["min_chunk"], c["target_programs"], c["picks"], card)
-
+    settings = [("shipped", lambda: tuned(None, card))]
+    if "choice" in result:
+        settings.append(("tuned", lambda: tuned(result["choice"], card)))
     lengths = [int(t) for t in args.decode_after.split(",") if t and int(t)]
-    result["decode"] = end_to_end([("shipped", as_shipped), ("tuned", tuned)], lengths, args.decode_tokens)
+    result["decode"] = end_to_end(settings, lengths, args.decode_tokens, changes)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -16,21 +16,42 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_train_fsdp.py"
 ARGS = ["--shape", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu"]
-FIELDS = {"benchmark", "impl", "shape", "gpus", "tokens", "seconds", "tokens_per_s", "tokens_per_s_per_gpu", "mfu",
-          "peak_gib", "device", "date"}
+FIELDS = {
+    "benchmark",
+    "impl",
+    "shape",
+    "gpus",
+    "tokens",
+    "seconds",
+    "tokens_per_s",
+    "tokens_per_s_per_gpu",
+    "mfu",
+    "peak_gib",
+    "device",
+    "date",
+}
 
 pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available()
+    not torch.distributed.is_available()
+    or not torch.distributed.is_gloo_available()
     or importlib.util.find_spec("torch.distributed.run") is None,
-    reason="needs torch.distributed with gloo and torchrun")
+    reason="needs torch.distributed with gloo and torchrun",
+)
 
 
 def launch(*args: str, procs: int = 1) -> subprocess.CompletedProcess:
     """The script as one process, or as `procs` processes through torch's own launcher on a free port."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, *launcher, str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=REPO, check=False)
+    return subprocess.run(
+        [sys.executable, *launcher, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+        check=False,
+    )
 
 
 def record(path: Path) -> dict:
@@ -51,8 +72,13 @@ def baseline(tmp_path_factory) -> Path:
 
 def test_one_process(baseline):
     r = record(baseline)
-    assert (r["benchmark"], r["impl"], r["shape"], r["gpus"], r["device"]) == ("train", "longllama-fot-fsdp2",
-                                                                               "tiny", 1, "cpu")
+    assert (r["benchmark"], r["impl"], r["shape"], r["gpus"], r["device"]) == (
+        "train",
+        "longllama-fot-fsdp2",
+        "tiny",
+        1,
+        "cpu",
+    )
     assert r["tokens"] == 8 * 64 and r["tokens_per_s"] == r["tokens_per_s_per_gpu"] > 0
     assert r["mfu"] is None and r["peak_gib"] is None and "scaling_efficiency" not in r
 
@@ -64,16 +90,18 @@ def test_two_processes_with_baseline(baseline, tmp_path):
     assert "scaling efficiency" in done.stdout
     r, base = record(out), record(baseline)
     assert r["gpus"] == 2 and r["tokens"] == 2 * 8 * 64
-    assert r["scaling_efficiency"] == pytest.approx(r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"],
-                                                    rel=1e-3)
+    assert r["scaling_efficiency"] == pytest.approx(r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"], rel=1e-3)
     assert r["loss"] == pytest.approx(base["loss"], abs=0.1)  # same weights, other rows: the same ~log(vocab)
 
 
 def test_bad_arguments_are_one_line_errors(baseline, tmp_path):
     other = tmp_path / "other.json"
     other.write_text(json.dumps([{**record(baseline), "seq": 32}]))
-    for args, hint in [(["--batch", "6"], "multiple of 4"), (["--baseline", str(other)], "seq"),
-                       (["--baseline", str(tmp_path / "missing.json")], "No such file")]:
+    for args, hint in [
+        (["--batch", "6"], "multiple of 4"),
+        (["--baseline", str(other)], "seq"),
+        (["--baseline", str(tmp_path / "missing.json")], "No such file"),
+    ]:
         done = launch(*ARGS, *args)
         assert done.returncode == 2 and done.stdout == "", args
         assert done.stderr.strip().splitlines()[-1].startswith("bench_train_fsdp: error:") and hint in done.stderr

@@ -1,4 +1,5 @@
-"""benchmarks/bench_inference.py's arithmetic: the floors of ../shared/BENCHMARKS.md and the FLOPs an ingest does."""
+"""benchmarks/bench_inference.py's arithmetic: the project's benchmark floors (benchmarks/RESULTS.md) and the FLOPs an
+ingest does."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 bench = pytest.importorskip("bench_inference")
 
-from longllama import windows  # noqa: E402
 from longllama.config import preset  # noqa: E402
 
 PARAMS_3B = 3_426_473_600  # the 3B shape's parameters, embeddings and lm_head included (BENCHMARKS.md: 3.43 B)
@@ -26,13 +26,11 @@ def test_floors_are_those_of_the_benchmarks_page():
     assert bench.decode_floor_ms(config, PARAMS_3B, 262144, hf=False) == pytest.approx(5.6, abs=0.1)  # "~5.5 ms"
 
 
-def test_ingest_flops_count_the_layers_each_window_runs(monkeypatch):
+def test_ingest_flops_count_the_layers_each_window_runs():
     config = preset("3b")
     n = 262144
-    monkeypatch.setattr(windows, "SKIP_DEAD_LAYERS", False)
-    every = bench.ingest_flops(config, n, hf=False)
-    monkeypatch.setattr(windows, "SKIP_DEAD_LAYERS", True)
-    skip = bench.ingest_flops(config, n, hf=False)
+    every = bench.ingest_flops(config, n, hf=False, skip_dead_layers=False)
+    skip = bench.ingest_flops(config, n, hf=False, skip_dead_layers=True)
     h, inter = config.hidden_size, config.intermediate_size
     per_token_layer = 2 * (4 * h * h + 3 * h * inter) + 2 * h * config.max_position_embeddings  # products + local
     dropped = (n - config.last_context_length) * 7 * per_token_layer  # layers 19-25 for all but the final window

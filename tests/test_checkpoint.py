@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from conftest import reference_root
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from longllama.checkpoint import (
@@ -29,19 +30,40 @@ from longllama.checkpoint import (
 from longllama.config import ConfigError, LongLlamaConfig
 from longllama.errors import CheckpointError
 
-from conftest import reference_root
-
 FIXTURE_CASE = (reference_root() or Path("/nonexistent")) / "dropin_llama"
 FIXTURE = FIXTURE_CASE / "checkpoint"
-LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-                "bos_token_id", "eos_token_id", "pad_token_id", "rope_parameters")
+LLAMA_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "rope_parameters",
+)
 
 
 def _tiny_llama(folder: Path, *, seed: int, **overrides) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         rope_theta=5e5, initializer_range=0.2, pad_token_id=0, **overrides)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=5e5,
+        initializer_range=0.2,
+        pad_token_id=0,
+        **overrides,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # random norm weights, so a swapped norm tensor would show in the logits
@@ -68,7 +90,7 @@ def _assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
     assert sorted(got) == sorted(want)
     for name, tensor in want.items():
         assert got[name].dtype == tensor.dtype, name
-        assert torch.equal(got[name], tensor), name
+        assert torch.equal(got[name], tensor), name  # conversions copy tensors, no arithmetic
 
 
 def _copy_config(src: Path, dst: Path, **changes) -> None:
@@ -209,7 +231,8 @@ def test_reference_fixture_converts_to_safetensors(tmp_path):
 
 @pytest.mark.skipif(not FIXTURE.is_dir(), reason="shared reference fixtures are not present")
 def test_reference_fixture_becomes_a_llama_with_the_reference_logits(tmp_path):
-    """The dropin case (mem_layers=[]) pins down logits that plain LLaMA reproduces window by window (SPEC B.8)."""
+    """The dropin case (mem_layers=[]) pins down logits that plain LLaMA reproduces window by window
+    (docs/inference.md#relation-to-llama)."""
     dst = tmp_path / "llama"
     longllama_to_llama(FIXTURE, dst)
     config = json.loads((dst / "config.json").read_text())
@@ -267,31 +290,38 @@ def test_converted_llama_gives_the_original_logits(llama, round_trip):
         want = llama[1](ids).logits
         got = reloaded(ids).logits
     assert want.abs().max() > 0.1  # the comparison below is not trivially about zeros
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same weights back, the same LLaMA code
 
 
 def test_tied_embeddings_survive_the_round_trip(tmp_path):
     model = _tiny_llama(tmp_path / "tied", seed=1, tie_word_embeddings=True)
-    llama_to_longllama(tmp_path / "tied", tmp_path / "long", mem_layers=[0, 1], last_context_length=5,
-                       mem_dtype="float32")
+    llama_to_longllama(
+        tmp_path / "tied", tmp_path / "long", mem_layers=[0, 1], last_context_length=5, mem_dtype="float32"
+    )
     raw = json.loads((tmp_path / "long" / "config.json").read_text())
     assert (raw["tie_word_embeddings"], raw["last_context_length"], raw["mem_dtype"]) == (True, 5, "float32")
     longllama_to_llama(tmp_path / "long", tmp_path / "back")
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)  # as above, tied
 
 
-@pytest.mark.parametrize("changes,error,match", [
-    ({"model_type": "mistral"}, ConfigError, "model_type"),
-    ({"attention_bias": True}, ConfigError, "attention_bias"),
-    ({"mlp_bias": True}, ConfigError, "mlp_bias"),
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, ConfigError, "linear"),
-    ({"rope_parameters": None, "rope_theta": 1e4, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
-     ConfigError, "dynamic"),
-    ({"num_key_value_heads": 4}, CheckpointError, "k_proj"),
-])
+@pytest.mark.parametrize(
+    "changes,error,match",
+    [
+        ({"model_type": "mistral"}, ConfigError, "model_type"),
+        ({"attention_bias": True}, ConfigError, "attention_bias"),
+        ({"mlp_bias": True}, ConfigError, "mlp_bias"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, ConfigError, "linear"),
+        (
+            {"rope_parameters": None, "rope_theta": 1e4, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+            ConfigError,
+            "dynamic",
+        ),
+        ({"num_key_value_heads": 4}, CheckpointError, "k_proj"),
+    ],
+)
 def test_llama_to_longllama_rejects(llama, tmp_path, changes, error, match):
     src = tmp_path / "src"
     shutil.copytree(llama[0], src)
@@ -301,8 +331,9 @@ def test_llama_to_longllama_rejects(llama, tmp_path, changes, error, match):
     assert not (tmp_path / "dst").exists()
 
 
-@pytest.mark.parametrize("edit,match", [("add bias", "q_proj.bias is not a LLaMA tensor"),
-                                         ("drop norm", "model.norm.weight is missing")])
+@pytest.mark.parametrize(
+    "edit,match", [("add bias", "q_proj.bias is not a LLaMA tensor"), ("drop norm", "model.norm.weight is missing")]
+)
 def test_conversion_rejects_weights_that_do_not_match_the_config(llama, reference_state, tmp_path, edit, match):
     src = tmp_path / "src"
     _copy_config(llama[0], src)
@@ -366,7 +397,7 @@ def _bin_missing_a_middle_chunk(folder: Path, state: dict[str, torch.Tensor]) ->
     path = _bin(folder, state)
     data = path.read_bytes()
     # The zip directory at the end survives, but its offsets no longer match the file.
-    path.write_bytes(data[: len(data) // 2] + data[len(data) // 2 + 20_000:])
+    path.write_bytes(data[: len(data) // 2] + data[len(data) // 2 + 20_000 :])
 
 
 def _bin_with_corrupt_pickle(folder: Path, state: dict[str, torch.Tensor]) -> None:
@@ -383,11 +414,11 @@ def _wrong_header_shape(folder: Path, state: dict[str, torch.Tensor]) -> None:
     path = folder / "model.safetensors"
     data = path.read_bytes()
     size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
+    header = json.loads(data[8 : 8 + size])
     header["model.norm.weight"]["shape"] = [65]
     text = json.dumps(header, separators=(",", ":")).encode()
     assert len(text) <= size
-    path.write_bytes(data[:8] + text.ljust(size) + data[8 + size:])
+    path.write_bytes(data[:8] + text.ljust(size) + data[8 + size :])
 
 
 def _bin_shards(folder: Path, state: dict[str, torch.Tensor]) -> None:
@@ -404,30 +435,41 @@ def _misplaced_tensor(folder: Path, state: dict[str, torch.Tensor]) -> None:
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     shards = sorted(set(index["weight_map"].values()))
-    index["weight_map"]["model.norm.weight"] = shards[0] if index["weight_map"]["model.norm.weight"] != shards[0] \
-        else shards[1]
+    index["weight_map"]["model.norm.weight"] = (
+        shards[0] if index["weight_map"]["model.norm.weight"] != shards[0] else shards[1]
+    )
     index_path.write_text(json.dumps(index))
 
 
 BREAKERS: dict[str, tuple[Callable[[Path, dict], object], str]] = {
     "missing config": (lambda f, s: (f / "config.json").unlink(), "config"),
-    "config not JSON": (lambda f, s: (f / "config.json").write_text("{\"vocab_size\": 12,"), "not valid JSON"),
+    "config not JSON": (lambda f, s: (f / "config.json").write_text('{"vocab_size": 12,'), "not valid JSON"),
     "config not an object": (lambda f, s: (f / "config.json").write_text("[1, 2]"), "JSON object"),
     "no weights": (lambda f, s: (f / "model.safetensors").unlink(), "no weights"),
     "missing safetensors shard": (
-        lambda f, s: (_safe_shards(f, s), _first_shard(f, "model.safetensors.index.json").unlink()), "missing"),
+        lambda f, s: (_safe_shards(f, s), _first_shard(f, "model.safetensors.index.json").unlink()),
+        "missing",
+    ),
     "missing bin shard": (
-        lambda f, s: (_bin_shards(f, s), _first_shard(f, "pytorch_model.bin.index.json").unlink()), "missing"),
+        lambda f, s: (_bin_shards(f, s), _first_shard(f, "pytorch_model.bin.index.json").unlink()),
+        "missing",
+    ),
     "index without weight_map": (
-        lambda f, s: (_safe_shards(f, s), (f / "model.safetensors.index.json").write_text("{}")), "weight_map"),
+        lambda f, s: (_safe_shards(f, s), (f / "model.safetensors.index.json").write_text("{}")),
+        "weight_map",
+    ),
     "index names a tensor its shard lacks": (_misplaced_tensor, "does not hold"),
     "safetensors truncated in the data": (
-        lambda f, s: _truncate(f / "model.safetensors", (f / "model.safetensors").stat().st_size - 10), "truncated"),
+        lambda f, s: _truncate(f / "model.safetensors", (f / "model.safetensors").stat().st_size - 10),
+        "truncated",
+    ),
     "safetensors truncated in the header": (lambda f, s: _truncate(f / "model.safetensors", 40), "header"),
     "safetensors shorter than 8 bytes": (lambda f, s: _truncate(f / "model.safetensors", 5), "truncated"),
     "safetensors header not JSON": (lambda f, s: _overwrite(f / "model.safetensors", 8, b"#!%"), "corrupt header"),
     "safetensors header length absurd": (
-        lambda f, s: _overwrite(f / "model.safetensors", 0, (2**40).to_bytes(8, "little")), "header"),
+        lambda f, s: _overwrite(f / "model.safetensors", 0, (2**40).to_bytes(8, "little")),
+        "header",
+    ),
     "safetensors header shape disagrees with offsets": (_wrong_header_shape, "does not match"),
     "bin truncated": (_truncated_bin, "truncated"),
     "bin missing a middle chunk": (_bin_missing_a_middle_chunk, "corrupt zip"),

@@ -1,4 +1,5 @@
-"""LongLlamaForSequenceClassification (SPEC B.10): the same long-input handling, a `score` head read at the last
+"""LongLlamaForSequenceClassification (docs/inference.md#other-entry-points): the same long-input handling, a `score`
+head read at the last
 non-pad token; equals transformers' LLaMA classifier when the input fits in the final window."""
 
 from __future__ import annotations
@@ -16,10 +17,18 @@ def _pair(num_labels=3):
     torch.manual_seed(0)
     ours = LongLlamaForSequenceClassification(preset("tiny", num_labels=num_labels, pad_token_id=0)).eval()
     c = ours.config
-    llama = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads, num_labels=num_labels,
-        pad_token_id=0, max_position_embeddings=c.max_position_embeddings)).eval()
+    llama = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_labels=num_labels,
+            pad_token_id=0,
+            max_position_embeddings=c.max_position_embeddings,
+        )
+    ).eval()
     llama.config._attn_implementation = "eager"
     llama.load_state_dict(ours.state_dict())
     return ours, llama

@@ -16,18 +16,19 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
+from conftest import assert_one_line_errors
 
 from longllama import LongLlamaForCausalLM
 from longllama.cli import TextStreamer, main
 from longllama.config import preset
 from longllama.tokenizer import encode_prompt, load_tokenizer
 
-from conftest import assert_one_line_errors
-
 VOCAB = 300
 PROMPT = "the quick brown fox"
-WORDS = ("the quick brown fox jumps over a lazy dog memory layer attention context long llama token window "
-         "café naïve 東京 2023 42 , . !").split()
+WORDS = (
+    "the quick brown fox jumps over a lazy dog memory layer attention context long llama token window "
+    "café naïve 東京 2023 42 , . !"
+).split()
 
 
 def _corpus(seed: int = 0, lines: int = 300) -> list[str]:
@@ -37,9 +38,19 @@ def _corpus(seed: int = 0, lines: int = 300) -> list[str]:
 
 def _train_tokenizer(folder: Path) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()), model_prefix=str(folder / "tokenizer"), model_type="bpe",
-        vocab_size=VOCAB, byte_fallback=True, character_coverage=0.99, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=1, minloglevel=2)
+        sentence_iterator=iter(_corpus()),
+        model_prefix=str(folder / "tokenizer"),
+        model_type="bpe",
+        vocab_size=VOCAB,
+        byte_fallback=True,
+        character_coverage=0.99,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
 
 
 def _tiny_model(folder: Path) -> None:
@@ -78,7 +89,7 @@ def _expected(loaded, prompt: str, *, seed: int | None = None, **settings) -> st
     prompt_text = tokenizer.decode(ids, skip_special_tokens=True)
     full = tokenizer.decode(sequence, skip_special_tokens=True)
     assert full.startswith(prompt_text)
-    return full[len(prompt_text):]
+    return full[len(prompt_text) :]
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:
@@ -100,8 +111,17 @@ def test_prompt_greedy_equals_model_generate(checkpoint: Path, loaded, capsys) -
 def test_prompt_file_reads_the_same_prompt(checkpoint: Path, loaded, capsys, tmp_path: Path) -> None:
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("a lazy dog\nmemory layer", encoding="utf-8")
-    code, out, _ = _run(capsys, "--model", str(checkpoint), "--prompt-file", str(prompt_file),
-                        "--max-new-tokens", "8", "--dtype", "float32")
+    code, out, _ = _run(
+        capsys,
+        "--model",
+        str(checkpoint),
+        "--prompt-file",
+        str(prompt_file),
+        "--max-new-tokens",
+        "8",
+        "--dtype",
+        "float32",
+    )
     assert code == 0
     assert out == _expected(loaded, "a lazy dog\nmemory layer", max_new_tokens=8, do_sample=False) + "\n"
 
@@ -137,12 +157,61 @@ def test_progress_is_reported_after_each_window(checkpoint: Path, loaded, capsys
     assert calls == [min(end, memory_part) for end in range(cw, memory_part + cw, cw)] + [n]
 
 
+def test_plan_changes_reach_the_model_and_verbose_prints_the_plan(
+    checkpoint: Path, loaded, capsys, monkeypatch
+) -> None:
+    plans = []
+    original = LongLlamaForCausalLM.generate
+
+    def spy(self, *args, **kwargs):
+        plans.append(self.plan)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LongLlamaForCausalLM, "generate", spy)
+    code, out, err = _run(
+        capsys,
+        "--model",
+        str(checkpoint),
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "8",
+        "--plan",
+        "skip_dead_layers=false",
+        "--plan",
+        "window_group_tokens=128",
+        "--verbose",
+    )
+    assert code == 0
+    assert out == _expected(loaded, PROMPT, max_new_tokens=8, do_sample=False) + "\n"  # the same maths
+    plan = plans[0]  # the command's model (the expected text's model.generate comes next)
+    assert not plan.skip_dead_layers and plan.window_group_tokens == 128 and plan.device == "cpu"
+    assert "ExecutionPlan(" in err and "window_group_tokens=128" in err and "skip_dead_layers=False" in err
+    code, _, err = _run(capsys, "--model", str(checkpoint), "--prompt", PROMPT, "--max-new-tokens", "2")
+    assert code == 0 and "ExecutionPlan(" not in err and plans[-1].skip_dead_layers  # only when asked
+
+
 def test_sampling_is_seeded(checkpoint: Path, loaded, capsys) -> None:
-    args = ["--model", str(checkpoint), "--prompt", PROMPT, "--max-new-tokens", "10", "--temperature", "1.5",
-            "--top-k", "50", "--top-p", "0.9", "--seed", "3"]
+    args = [
+        "--model",
+        str(checkpoint),
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "10",
+        "--temperature",
+        "1.5",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+    ]
     code, out, _ = _run(capsys, *args)
-    expected = _expected(loaded, PROMPT, seed=3, max_new_tokens=10, do_sample=True, temperature=1.5, top_k=50,
-                         top_p=0.9)
+    expected = _expected(
+        loaded, PROMPT, seed=3, max_new_tokens=10, do_sample=True, temperature=1.5, top_k=50, top_p=0.9
+    )
     assert code == 0 and out == expected + "\n"
     assert _run(capsys, *args)[1] == out
 
@@ -190,6 +259,10 @@ def _error_cases(checkpoint: Path, tmp_path: Path) -> dict[str, tuple[list[str],
         "bad device": ([*ok, "--prompt", PROMPT, "--device", "tpu"], "use auto, cpu, cuda or cuda:N"),
         "bad grouping": ([*ok, "--prompt", PROMPT, "--mem-attention-grouping", "4"], "HEADS,QUERIES"),
         "negative temperature": ([*ok, "--prompt", PROMPT, "--temperature", "-1"], "greedy"),
+        "unknown plan field": ([*ok, "--prompt", PROMPT, "--plan", "no_such_choice=1"], "--plan"),
+        "plan without a value": ([*ok, "--prompt", PROMPT, "--plan", "window_group_tokens"], "KEY=VALUE"),
+        "bad plan value": ([*ok, "--prompt", PROMPT, "--plan", "memory_width=12"], "multiple of 8"),
+        "plan device": ([*ok, "--prompt", PROMPT, "--plan", "device=cuda"], "--plan"),
         "no tokenizer": (["--model", str(no_tokenizer), "--prompt", PROMPT], "tokenizer.model"),
     }
     if not torch.cuda.is_available():
@@ -210,9 +283,24 @@ def test_help_returns_0(capsys) -> None:
 def test_console_script_exit_status(checkpoint: Path, tmp_path: Path) -> None:
     script = shutil.which("longllama", path=os.path.dirname(sys.executable))
     command = [script] if script else [sys.executable, "-m", "longllama.cli"]
-    result = subprocess.run([*command, "generate", "--model", str(checkpoint), "--prompt-file", "-",
-                             "--max-new-tokens", "5", "--device", "cpu"],
-                            input=PROMPT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            *command,
+            "generate",
+            "--model",
+            str(checkpoint),
+            "--prompt-file",
+            "-",
+            "--max-new-tokens",
+            "5",
+            "--device",
+            "cpu",
+        ],
+        input=PROMPT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     # Only the progress bar on stderr: no transformers notices or warnings.

@@ -15,7 +15,12 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from longllama.corpus import (
+from longllama.errors import InputError
+from longllama.tokenizer import load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # scripts/corpus.py: a tool, not the library
+
+from corpus import (  # noqa: E402
     EVAL_FILLER,
     EVAL_FILLER_SENTENCES,
     EVAL_QUESTION,
@@ -33,12 +38,32 @@ from longllama.corpus import (
     tokenizer_sentences,
     train_tokenizer,
 )
-from longllama.errors import InputError
-from longllama.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("value", "parser", "buffer", "stream", "token", "window", "memory", "layer", "cache", "config", "reader",
-         "writer", "index", "offset", "length", "record", "field", "schema", "render", "option", "return", "result")
+WORDS = (
+    "value",
+    "parser",
+    "buffer",
+    "stream",
+    "token",
+    "window",
+    "memory",
+    "layer",
+    "cache",
+    "config",
+    "reader",
+    "writer",
+    "index",
+    "offset",
+    "length",
+    "record",
+    "field",
+    "schema",
+    "render",
+    "option",
+    "return",
+    "result",
+)
 
 
 def _module(rng: random.Random, functions: int = 12) -> str:
@@ -81,17 +106,38 @@ def fake_python(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     stdlib, site = root / "stdlib", root / "site"
     for relative in ("alpha.py", "beta.py", "email/__init__.py", "email/parser.py", "json/decoder.py"):
         _write(stdlib / relative, _module(rng))
-    for relative in ("test/test_alpha.py", "json/tests/test_json.py", "site-packages/stray.py",
-                     "__pycache__/alpha.py", "email/test_thing.py"):
+    for relative in (
+        "test/test_alpha.py",
+        "json/tests/test_json.py",
+        "site-packages/stray.py",
+        "__pycache__/alpha.py",
+        "email/test_thing.py",
+    ):
         _write(stdlib / relative, "THIS_MUST_NOT_APPEAR = 1\n")
     shared = _module(rng)
-    _distribution(site, "Foo_Bar", "1.2.3", {"foo_bar/__init__.py": _module(rng), "foo_bar/core.py": shared,
-                                             "foo_bar/tests/test_core.py": "THIS_MUST_NOT_APPEAR = 2\n",
-                                             "foo_bar/data.txt": "not python\n"})
+    _distribution(
+        site,
+        "Foo_Bar",
+        "1.2.3",
+        {
+            "foo_bar/__init__.py": _module(rng),
+            "foo_bar/core.py": shared,
+            "foo_bar/tests/test_core.py": "THIS_MUST_NOT_APPEAR = 2\n",
+            "foo_bar/data.txt": "not python\n",
+        },
+    )
     # vendored copy of foo_bar/core.py; a non-UTF-8 file; an empty __init__
-    _distribution(site, "vendoring", "0.1", {"vendoring/_vendor/core.py": shared, "vendoring/main.py": _module(rng),
-                                             "vendoring/latin1.py": b"# caf\xe9\nx = 1\n",
-                                             "vendoring/__init__.py": ""})
+    _distribution(
+        site,
+        "vendoring",
+        "0.1",
+        {
+            "vendoring/_vendor/core.py": shared,
+            "vendoring/main.py": _module(rng),
+            "vendoring/latin1.py": b"# caf\xe9\nx = 1\n",
+            "vendoring/__init__.py": "",
+        },
+    )
     for index in range(12):
         _distribution(site, f"pkg{index}", f"{index}.0", {f"pkg{index}/__init__.py": _module(rng, functions=4)})
     return stdlib, site
@@ -102,8 +148,16 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _small(**overrides) -> CorpusOptions:
-    settings = {"synthetic": 6, "heldout_synthetic": 2, "synthetic_chars": (3_000, 12_000), "vocab_size": 400,
-                "heldout_fraction": 0.2, "max_doc_chars": 6_000, "tokenizer_sample_chars": 400_000, "num_threads": 1}
+    settings = {
+        "synthetic": 6,
+        "heldout_synthetic": 2,
+        "synthetic_chars": (3_000, 12_000),
+        "vocab_size": 400,
+        "heldout_fraction": 0.2,
+        "max_doc_chars": 6_000,
+        "tokenizer_sample_chars": 400_000,
+        "num_threads": 1,
+    }
     return CorpusOptions(**{**settings, **overrides})
 
 
@@ -114,8 +168,9 @@ def _small(**overrides) -> CorpusOptions:
 
 def test_packages_are_grouped_and_test_suites_left_out(fake_python: tuple[Path, Path]) -> None:
     stdlib, site = fake_python
-    sources = {source.name: source for source in find_sources(CorpusOptions(), stdlib_dir=stdlib,
-                                                              site_paths=[str(site)])}
+    sources = {
+        source.name: source for source in find_sources(CorpusOptions(), stdlib_dir=stdlib, site_paths=[str(site)])
+    }
     expected_pkgs = {f"pkg{index}" for index in range(12)}
     assert set(sources) == {"stdlib", "stdlib.email", "stdlib.json", "foo-bar", "vendoring"} | expected_pkgs
     assert [path for path, _ in sources["stdlib"].files] == ["alpha.py", "beta.py"]
@@ -136,8 +191,9 @@ def test_split_is_by_package_name_seeded_and_never_empty() -> None:
     few = split_packages(dict.fromkeys(list(names)[:300], 1000), seed=0, heldout_fraction=0.1)
     assert all(few[name] == split[name] for name in few)
     assert split != split_packages(names, seed=1, heldout_fraction=0.1)
-    capped = split_packages({**names, **dict.fromkeys(held, 10 ** 9)}, seed=0, heldout_fraction=0.1,
-                            max_heldout_bytes=10**6)
+    capped = split_packages(
+        {**names, **dict.fromkeys(held, 10**9)}, seed=0, heldout_fraction=0.1, max_heldout_bytes=10**6
+    )
     assert all(capped[name] == "train" for name in held)
     assert set(split_packages({"a": 1, "b": 1}, seed=0, heldout_fraction=0.001).values()) == {"train", "heldout"}
     assert set(split_packages({"a": 1, "b": 1}, seed=0, heldout_fraction=0.999).values()) == {"train", "heldout"}
@@ -167,8 +223,14 @@ def test_documents_are_capped_at_file_boundaries() -> None:
 def pool() -> FillerPool:
     rng = random.Random(2)
     # The evaluation's filler inside the source text: the pool must not hand it out, in any style.
-    poisoned = "\n".join([_module(rng), f"# {EVAL_FILLER}", "# Here we go, said the parser, and off it went",
-                          f'HINT = "{EVAL_FILLER_SENTENCES[1].capitalize()} and the buffer is full of tokens"'])
+    poisoned = "\n".join(
+        [
+            _module(rng),
+            f"# {EVAL_FILLER}",
+            "# Here we go, said the parser, and off it went",
+            f'HINT = "{EVAL_FILLER_SENTENCES[1].capitalize()} and the buffer is full of tokens"',
+        ]
+    )
     return FillerPool([_module(rng) for _ in range(20)] + [poisoned] * 5)
 
 
@@ -190,10 +252,10 @@ def test_kv_document_states_every_asked_pair_before_the_questions(pool: FillerPo
     record = kv_document(pool, np.random.default_rng(4), chars=40_000, style="code")
     lines = record["text"].split("\n")
     questions = [line for line in lines if line.startswith("What is the value of ")]
-    assert questions and lines[-len(questions):] == questions
+    assert questions and lines[-len(questions) :] == questions
     first_question = len(lines) - len(questions)
     for question in questions:
-        key, value = question[len("What is the value of "):].split("? The value of ")[1].rsplit(" is ", 1)
+        key, value = question[len("What is the value of ") :].split("? The value of ")[1].rsplit(" is ", 1)
         assert f"{key}: {value[:-1]}" in lines[1:first_question]
     stated = [line for line in lines[1:first_question] if re.fullmatch(r"[a-z]+_[a-z]+_\d{3}: [0-9a-f]+", line)]
     assert len(stated) == record["pairs"] == len({line.split(":")[0] for line in stated})
@@ -229,10 +291,18 @@ def test_tokenizer_is_llama_style_and_matches_load_tokenizer(tmp_path: Path) -> 
     processor = spm.SentencePieceProcessor(model_file=str(model))
     assert (processor.unk_id(), processor.bos_id(), processor.eos_id(), processor.pad_id()) == (0, 1, 2, -1)
     assert processor.get_piece_size() == 500
-    assert any(set(processor.id_to_piece(i)) == {"\u2581"} and len(processor.id_to_piece(i)) >= 4
-               for i in range(processor.get_piece_size()))  # indentation runs are pieces
-    code = ["def f(x):\n    if x:\n        return 1\n\treturn 2\n", "\tclass A:\n\t\tpass\n",
-            "    leading indentation\n  \n\n\n  x  =  1  ", "x = 12345  # 🦙 café\r\n", " ", "\n\n\tz"]
+    assert any(
+        set(processor.id_to_piece(i)) == {"\u2581"} and len(processor.id_to_piece(i)) >= 4
+        for i in range(processor.get_piece_size())
+    )  # indentation runs are pieces
+    code = [
+        "def f(x):\n    if x:\n        return 1\n\treturn 2\n",
+        "\tclass A:\n\t\tpass\n",
+        "    leading indentation\n  \n\n\n  x  =  1  ",
+        "x = 12345  # 🦙 café\r\n",
+        " ",
+        "\n\n\tz",
+    ]
     tokenizer = load_tokenizer(tmp_path)
     for text in code:
         assert tokenizer.encode(text) == [1] + processor.encode(text)
@@ -250,8 +320,7 @@ def test_tokenizer_is_llama_style_and_matches_load_tokenizer(tmp_path: Path) -> 
 def test_prepare_corpus_splits_by_package_and_records_versions(fake_python: tuple[Path, Path], tmp_path: Path) -> None:
     stdlib, site = fake_python
     (tmp_path / "keep.txt").write_text("unrelated")  # an existing folder with other files is fine
-    result = prepare_corpus(tmp_path, _small(max_heldout_doc_chars=2_000), stdlib_dir=stdlib,
-                            site_paths=[str(site)])
+    result = prepare_corpus(tmp_path, _small(max_heldout_doc_chars=2_000), stdlib_dir=stdlib, site_paths=[str(site)])
     train, heldout = _read_jsonl(tmp_path / "train.jsonl"), _read_jsonl(tmp_path / "heldout.jsonl")
     # Each split has its own document cap (6000 for training here, 2000 for held-out).
     code_lengths = [len(r["text"]) for r in train if r["source"] == "code"]
@@ -284,8 +353,13 @@ def test_same_packages_and_seed_give_identical_files(tmp_path: Path) -> None:
     prepare_corpus(second, options)
     prepare_corpus(other, _small(limit_packages=8, heldout_fraction=0.1, count_tokens=False, seed=1))
     names = sorted(str(path.relative_to(first)) for path in first.rglob("*") if path.is_file())
-    assert names == ["heldout-synthetic.jsonl", "heldout.jsonl", "manifest.json", "tokenizer/tokenizer.model",
-                     "train.jsonl"]
+    assert names == [
+        "heldout-synthetic.jsonl",
+        "heldout.jsonl",
+        "manifest.json",
+        "tokenizer/tokenizer.model",
+        "train.jsonl",
+    ]
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     assert (first / "train.jsonl").read_bytes() != (other / "train.jsonl").read_bytes()
@@ -305,9 +379,18 @@ def test_unwritable_output_is_a_one_line_input_error(tmp_path: Path) -> None:
     assert "\n" not in str(caught.value) and "--out" in str(caught.value)
 
 
-@pytest.mark.parametrize("bad", [{"heldout_fraction": 1.0}, {"heldout_fraction": -0.1}, {"vocab_size": 100},
-                                 {"synthetic_chars": (5_000, 2_000)}, {"limit_packages": 0}, {"synthetic": -1},
-                                 {"max_heldout_doc_chars": 10}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"heldout_fraction": 1.0},
+        {"heldout_fraction": -0.1},
+        {"vocab_size": 100},
+        {"synthetic_chars": (5_000, 2_000)},
+        {"limit_packages": 0},
+        {"synthetic": -1},
+        {"max_heldout_doc_chars": 10},
+    ],
+)
 def test_bad_options_are_input_errors(tmp_path: Path, bad: dict) -> None:
     with pytest.raises(InputError):
         prepare_corpus(tmp_path, _small(**bad))
@@ -317,7 +400,12 @@ def test_bad_options_are_input_errors(tmp_path: Path, bad: dict) -> None:
 def test_script_prints_one_line_errors(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_corpus.py"), "--out", str(blocker / "x")],
-                          check=False, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "prepare_corpus.py"), "--out", str(blocker / "x")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert done.stderr.startswith("error: cannot write to output folder") and done.stderr.count("\n") == 1

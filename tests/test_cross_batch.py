@@ -1,5 +1,7 @@
-"""Cross-batch memory (SPEC C.3, F18): the R_eff lists, the no-leak and R = 0 invariants on a tiny model, gradients
-through other entries, one memory layer against an explicit transcription of SPEC C.3 steps 1-6, and the first pack
+"""Cross-batch memory (docs/training.md#cross-batch-memory, F18): the R_eff lists, the no-leak and R = 0 invariants on a
+tiny model, gradients
+through other entries, one memory layer against an explicit transcription of docs/training.md#cross-batch-memory steps
+1-6, and the first pack
 of a batch against inference memory on the same stream.
 """
 
@@ -11,9 +13,11 @@ import pytest
 import torch
 
 from longllama import LongLlamaForCausalLM
-from longllama.attention import attend, joint_attention
+from longllama.attention import attend
 from longllama.config import preset
-from longllama.cross_batch import (
+from longllama.errors import InputError
+from longllama.fast.attention import joint_attention
+from longllama.training.cross_batch import (
     EVAL_CROSS_BATCH_RANGE,
     CrossBatch,
     dataset_packing_of,
@@ -21,7 +25,6 @@ from longllama.cross_batch import (
     make_cross_batch,
     pack_sizes,
 )
-from longllama.errors import InputError
 
 VOCAB = 320
 L = 32
@@ -32,12 +35,15 @@ def r_eff(batch: int, r: int, k: int, stepping: bool = True) -> list[int]:
     return effective_ranges(batch, cross_batch_range=r, dataset_packing=k, stepping=stepping)
 
 
-@pytest.mark.parametrize("batch, r, k, expected", [
-    (4, 2, 2, [0, 1, 0, 2]),  # setup_test
-    (8, 6, 4, [0, 1, 2, 3, 0, 3, 6, 6]),  # README example
-    (16, 3, 4, [0, 1, 2, 3] + [0, 2, 3, 3] * 3),  # the 3B recipe
-    (16, 7, 4, [0, 1, 2, 3] + [0, 3, 6, 7] * 3),
-])
+@pytest.mark.parametrize(
+    "batch, r, k, expected",
+    [
+        (4, 2, 2, [0, 1, 0, 2]),  # setup_test
+        (8, 6, 4, [0, 1, 2, 3, 0, 3, 6, 6]),  # README example
+        (16, 3, 4, [0, 1, 2, 3] + [0, 2, 3, 3] * 3),  # the 3B recipe
+        (16, 7, 4, [0, 1, 2, 3] + [0, 3, 6, 7] * 3),
+    ],
+)
 def test_spec_r_eff_lists(batch, r, k, expected):
     assert r_eff(batch, r, k) == expected
 
@@ -56,10 +62,12 @@ def test_positives_and_negatives_per_pack_index(r, recipe):
         assert (positives, ranges[b] - positives) == recipe[b % k]
 
 
-@pytest.mark.parametrize("r, stepping, recipe", [(3, True, [0, 1, 2, 3]), (7, True, [0, 1, 2, 3]),
-                                                 (2, False, [0, 1, 2, 2]), (1, True, [0, 1, 1, 1])])
+@pytest.mark.parametrize(
+    "r, stepping, recipe",
+    [(3, True, [0, 1, 2, 3]), (7, True, [0, 1, 2, 3]), (2, False, [0, 1, 2, 2]), (1, True, [0, 1, 1, 1])],
+)
 def test_without_negatives_only_the_own_pack_is_reached(r, stepping, recipe):
-    # The ablation keeps each entry's positives (those of the SPEC setting) and drops every other stream's chunk.
+    # The ablation keeps each entry's positives (those of the reference's setting) and drops every other stream's chunk.
     k = 4
     spec = effective_ranges(4 * k, cross_batch_range=r, dataset_packing=k, stepping=stepping)
     ablation = effective_ranges(4 * k, cross_batch_range=r, dataset_packing=k, stepping=stepping, negatives=False)
@@ -67,29 +75,34 @@ def test_without_negatives_only_the_own_pack_is_reached(r, stepping, recipe):
     assert all(a == min(s, b % k) for b, (a, s) in enumerate(zip(ablation, spec, strict=True)))
     cb = CrossBatch(r, k, stepping, negatives=False)
     assert [s - 1 for s in cb.pack_sizes(4 * k)] == ablation
-    assert make_cross_batch(cross_batch_range=r, data_pipeline="doc_aware_k4", stepping=stepping,
-                            negatives=False) == cb
+    assert make_cross_batch(cross_batch_range=r, data_pipeline="doc_aware_k4", stepping=stepping, negatives=False) == cb
 
 
-@pytest.mark.parametrize("batch, r, k, stepping, expected", [
-    (4, 2, 1, True, [0, 1, 2, 2]),  # k = 1: stepping has no effect
-    (4, 2, 2, False, [0, 1, 2, 2]),
-    (8, 6, 4, False, [0, 1, 2, 3, 4, 5, 6, 6]),
-    (4, 0, 2, True, [0, 0, 0, 0]),
-    (3, 5, 1, True, [0, 1, 2]),  # R larger than the batch
-    (6, 6, 4, True, [0, 1, 2, 3, 0, 3]),  # pack_sizes itself accepts a partial pack
-])
+@pytest.mark.parametrize(
+    "batch, r, k, stepping, expected",
+    [
+        (4, 2, 1, True, [0, 1, 2, 2]),  # k = 1: stepping has no effect
+        (4, 2, 2, False, [0, 1, 2, 2]),
+        (8, 6, 4, False, [0, 1, 2, 3, 4, 5, 6, 6]),
+        (4, 0, 2, True, [0, 0, 0, 0]),
+        (3, 5, 1, True, [0, 1, 2]),  # R larger than the batch
+        (6, 6, 4, True, [0, 1, 2, 3, 0, 3]),  # pack_sizes itself accepts a partial pack
+    ],
+)
 def test_r_eff_without_stepping_and_edge_cases(batch, r, k, stepping, expected):
     assert r_eff(batch, r, k, stepping) == expected
     assert pack_sizes(batch, cross_batch_range=r, dataset_packing=k, stepping=stepping) == [x + 1 for x in expected]
 
 
 # -- settings and errors -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(cross_batch_range=-1), "cross_batch_range=-1"),
-    (dict(cross_batch_range=1, dataset_packing=0), "dataset_packing=0"),
-    (dict(cross_batch_range=1.5), "cross_batch_range=1.5"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(cross_batch_range=-1), "cross_batch_range=-1"),
+        (dict(cross_batch_range=1, dataset_packing=0), "dataset_packing=0"),
+        (dict(cross_batch_range=1.5), "cross_batch_range=1.5"),
+    ],
+)
 def test_bad_settings_are_one_line_input_errors(kwargs, words):
     with pytest.raises(InputError, match=words) as info:
         CrossBatch(**kwargs)
@@ -110,8 +123,9 @@ def test_batch_must_hold_whole_packs():
 def test_make_cross_batch_from_config_values():
     assert make_cross_batch(cross_batch_range=2, data_pipeline="doc_aware_k2") == CrossBatch(2, 2, True)
     assert make_cross_batch() == CrossBatch(1, 1, True)
-    evaluation = make_cross_batch(cross_batch_range=EVAL_CROSS_BATCH_RANGE, data_pipeline="doc_aware_k1",
-                                  stepping=False)
+    evaluation = make_cross_batch(
+        cross_batch_range=EVAL_CROSS_BATCH_RANGE, data_pipeline="doc_aware_k1", stepping=False
+    )
     assert evaluation == CrossBatch(0, 1, False)
     assert [dataset_packing_of(name) for name in ("linear", "doc_aware", "doc_aware_k4")] == [1, 1, 4]
     with pytest.raises(InputError, match="doc_aware_kx"):
@@ -140,18 +154,20 @@ def test_range_zero_gives_empty_memory():
     assert mem_k.shape == mem_v.shape == (4, 2, 0, 5) and valid.shape == (4, 0) and valid.dtype == torch.bool
 
 
-# -- one memory layer against SPEC C.3 steps 1-6 ---------------------------------------------------------------------
+# -- one memory layer against docs/training.md#cross-batch-memory steps 1-6
+# ---------------------------------------------------------------------
 def rope_half(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     d = x.shape[-1]
     inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     ang = positions.double()[:, None] * inv[None]
     cos, sin = torch.cat([ang.cos()] * 2, -1).float(), torch.cat([ang.sin()] * 2, -1).float()
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 def spec_cross_batch_layer(q, k, v, *, r: int, k_pack: int, stepping: bool) -> torch.Tensor:
-    """SPEC C.3 steps 2-6 with explicit loops: selector b-c with wrap-around, additive 0/-1e6 biases, one fp32
+    """docs/training.md#cross-batch-memory steps 2-6 with explicit loops: selector b-c with wrap-around, additive 0/-1e6
+    biases, one fp32
     softmax over n_att*L keys. q (B, H, L, D), k, v (B, H_kv, L, D); returns (B, H, L, D)."""
     bsz, h, n, d = q.shape
     k, v = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (k, v))  # query head i uses kv head i // group
@@ -189,8 +205,9 @@ def test_memory_layer_matches_spec_steps(r, k_pack, stepping):
     pos = torch.arange(n)
     mem_k, mem_v, mem_valid = CrossBatch(r, k_pack, stepping).memory(k, v)
     visible = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
-    got, _ = attend(rope_half(q, pos), rope_half(k, pos), v, visible=visible, mem_k=mem_k, mem_v=mem_v,
-                    mem_valid=mem_valid)
+    got, _ = attend(
+        rope_half(q, pos), rope_half(k, pos), v, visible=visible, mem_k=mem_k, mem_v=mem_v, mem_valid=mem_valid
+    )
     expected = spec_cross_batch_layer(q, k, v, r=r, k_pack=k_pack, stepping=stepping)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -198,7 +215,7 @@ def test_memory_layer_matches_spec_steps(r, k_pack, stepping):
 @pytest.mark.parametrize("r, k_pack, stepping", [(2, 2, True), (6, 4, True), (3, 1, False), (0, 2, True)])
 def test_joint_attention_matches_spec_steps_with_gradients(r, k_pack, stepping):
     # The fused path of training (no mask: each earlier entry whole or not at all), forward and backward, against
-    # the SPEC steps and against the masked exact path.
+    # the documented steps (docs/training.md#cross-batch-memory) and against the masked exact path.
     gen = torch.Generator().manual_seed(r * 10 + k_pack + 1)
     bsz, h, h_kv, n, d = 8, 4, 2, 5, 8
     q = 2.0 * torch.randn(bsz, h, n, d, generator=gen)
@@ -211,8 +228,9 @@ def test_joint_attention_matches_spec_steps_with_gradients(r, k_pack, stepping):
         ql, kl, vl = rope_half(leaves[0], pos), rope_half(leaves[1], pos), leaves[2]
         if fused:
             got = joint_attention(ql, kl, vl, cb.parts(leaves[1], vl))
-            torch.testing.assert_close(got, spec_cross_batch_layer(q, k, v, r=r, k_pack=k_pack, stepping=stepping),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                got, spec_cross_batch_layer(q, k, v, r=r, k_pack=k_pack, stepping=stepping), atol=1e-5, rtol=1e-5
+            )
         else:
             mem_k, mem_v, mem_valid = cb.memory(leaves[1], vl)
             visible = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
@@ -228,8 +246,9 @@ def test_joint_attention_matches_spec_steps_with_gradients(r, k_pack, stepping):
 def model(request) -> LongLlamaForCausalLM:
     """The tiny model on the exact path and on the fused one (cross-batch memory by joint_attention)."""
     torch.manual_seed(0)
-    net = LongLlamaForCausalLM(preset("tiny", max_position_embeddings=L, last_context_length=L,
-                                      attn_impl=request.param)).eval()
+    net = LongLlamaForCausalLM(
+        preset("tiny", max_position_embeddings=L, last_context_length=L, attn_impl=request.param)
+    ).eval()
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for param in net.parameters():  # std 0.15: sharp attention, so a leaked key shows in the logits
@@ -267,8 +286,9 @@ def test_dependencies_helper():
     assert dependencies([1, 2, 1, 2], 2) == [{0}, {0, 1}, {2}, {2, 3}]
 
 
-@pytest.mark.parametrize("cb", [CrossBatch(6, 4), CrossBatch(2, 2), CrossBatch(3, 1, stepping=False)],
-                         ids=["k4R6", "k2R2", "k1R3"])
+@pytest.mark.parametrize(
+    "cb", [CrossBatch(6, 4), CrossBatch(2, 2), CrossBatch(3, 1, stepping=False)], ids=["k4R6", "k2R2", "k1R3"]
+)
 def test_f18_entry_depends_exactly_on_its_reach(model, cb):
     """Perturbing entry j changes entry i iff j is within i's reach (never i < j, never across a pack start);
     every other entry stays bitwise unchanged."""
@@ -277,7 +297,8 @@ def test_f18_entry_depends_exactly_on_its_reach(model, cb):
     base = cross_logits(model, ids, cb)
     sizes = cb.pack_sizes(bsz)
     deps = dependencies(sizes, len(model.config.mem_layers))
-    # F18 as SPEC states it follows: no entry depends on a later one, and pack_size 1 means depending on no other.
+    # Invariant 18 (docs/invariants.md) follows: no entry depends on a later one, and pack_size 1 means depending on no
+    # other.
     assert all(max(deps[i]) == i and (sizes[i] > 1 or deps[i] == {i}) for i in range(bsz))
     for j in range(bsz):
         other = ids.clone()
@@ -286,7 +307,7 @@ def test_f18_entry_depends_exactly_on_its_reach(model, cb):
         for i in range(bsz):
             if j in deps[i]:
                 assert (logits[i] - base[i]).abs().max() > 1e-3, f"entry {i} ignores entry {j} in its reach"
-            else:
+            else:  # the same batch shapes, entry i's rows unchanged: only a leak could change a bit
                 assert torch.equal(logits[i], base[i]), f"entry {j} leaks into entry {i} (reach {deps[i]})"
 
 
@@ -302,8 +323,9 @@ def test_f18_pack_size_one_entries_equal_plain_model(model):
             assert (logits[b] - plain[b]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("cb", [CrossBatch(0, 4), make_cross_batch(cross_batch_range=0, data_pipeline="doc_aware_k1",
-                                                                   stepping=False)])
+@pytest.mark.parametrize(
+    "cb", [CrossBatch(0, 4), make_cross_batch(cross_batch_range=0, data_pipeline="doc_aware_k1", stepping=False)]
+)
 def test_range_zero_equals_plain_model(model, cb):
     ids = batch_ids(8, 2)
     plain = plain_logits(model, ids)
@@ -358,8 +380,9 @@ def test_fused_cross_batch_training_step_equals_exact_path(overrides):
     grads, losses = [], []
     for impl in ("eager", "fast"):
         torch.manual_seed(0)
-        net = LongLlamaForCausalLM(preset("tiny", max_position_embeddings=L, last_context_length=L, attn_impl=impl,
-                                          **overrides))
+        net = LongLlamaForCausalLM(
+            preset("tiny", max_position_embeddings=L, last_context_length=L, attn_impl=impl, **overrides)
+        )
         loss = net(ids, labels=ids, cross_batch=cb).loss
         loss.backward()
         losses.append(loss.detach())

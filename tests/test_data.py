@@ -1,5 +1,7 @@
-"""Data tests: the doc-aware pipelines of SPEC C.2 (invariant F19), resuming from a state dict, the file readers, and
-the instruction / chat examples of SPEC D.1 (invariant F20), with a tiny SentencePiece model trained here."""
+"""Data tests: the doc-aware pipelines of docs/training.md#batching-pipelines (invariant F19), resuming from a state
+dict, the file readers, and
+the instruction / chat examples of docs/finetuning.md#examples (invariant F20), with a tiny SentencePiece model trained
+here."""
 
 from __future__ import annotations
 
@@ -11,42 +13,57 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+from conftest import train_llama_spm
 
-from longllama.data import (
+from longllama.documents import ListDocuments, iter_documents
+from longllama.errors import InputError
+from longllama.tokenizer import load_tokenizer
+from longllama.training.data.pretrain import (
+    DocAwarePipeline,
+    KPackingPipeline,
+    LinearPipeline,
     Prefetcher,
+    TokenizedDocs,
+    build_pipeline,
+    dataset_packing,
+)
+from longllama.training.data.sft import (
     IGNORE_INDEX,
     MIXTURES,
     TEMPLATES,
     ChatExample,
     ChatTemplate,
-    DocAwarePipeline,
     InstructionExample,
     InstructionTemplate,
-    KPackingPipeline,
-    LinearPipeline,
-    ListDocuments,
     MixedDataset,
     SFTDataset,
     SFTLengths,
-    TokenizedDocs,
-    build_pipeline,
     collate_sft,
-    dataset_packing,
     filter_rows,
-    iter_documents,
     make_filter,
     parse_replace_rules,
     read_rows,
 )
-from longllama.errors import InputError
-from longllama.tokenizer import load_tokenizer
-
-from conftest import train_llama_spm
 
 UNK, BOS, EOS = 0, 1, 2
 WORDS = [
-    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "memory", "layer", "attention", "context",
-    "long", "llama", "token", "answer",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "memory",
+    "layer",
+    "attention",
+    "context",
+    "long",
+    "llama",
+    "token",
+    "answer",
 ]
 
 
@@ -93,7 +110,8 @@ def _take(pipeline, count: int) -> list[dict[str, torch.Tensor]]:
 
 
 def _spec_doc_aware(docs: list[list[int]], batch: int, length: int, steps: int) -> list[tuple[list, list, list]]:
-    """SPEC C.2 `doc_aware` spelled out literally, as an independent check of the pipeline."""
+    """docs/training.md#batching-pipelines `doc_aware` spelled out literally, as an independent check of the
+    pipeline."""
     source = iter([[BOS] + d + [EOS], [0] + [1] * (len(d) + 1)] for d in docs)
     rows = [([], []) for _ in range(batch)]
     out = []
@@ -234,8 +252,9 @@ def corpus(tmp_path: Path) -> list[Path]:
 
 
 def _file_pipeline(kind: str, paths: list[Path], tokenizer, read_ahead: int = 0, **reader):
-    source = TokenizedDocs(iter_documents(paths, loop=True, **reader), tokenizer=tokenizer, min_length=4,
-                           read_ahead=read_ahead)
+    source = TokenizedDocs(
+        iter_documents(paths, loop=True, **reader), tokenizer=tokenizer, min_length=4, read_ahead=read_ahead
+    )
     return build_pipeline(kind, source, batch_size=4, seq_len=16)
 
 
@@ -273,8 +292,12 @@ def test_resume_from_files(kind: str, shuffle_seed, corpus: list[Path], tokenize
 def test_prefetcher_gives_the_same_batches_and_states_as_its_pipeline(process: bool) -> None:
     docs = _int_docs(200, 3, high=40)
     plain = build_pipeline("doc_aware_k2", _int_source(docs, loop=True), batch_size=4, seq_len=8)
-    prefetched = Prefetcher(build_pipeline("doc_aware_k2", _int_source(docs, loop=True), batch_size=4, seq_len=8),
-                            state_at=lambda index: index % 3 == 0, depth=3, process=process)
+    prefetched = Prefetcher(
+        build_pipeline("doc_aware_k2", _int_source(docs, loop=True), batch_size=4, seq_len=8),
+        state_at=lambda index: index % 3 == 0,
+        depth=3,
+        process=process,
+    )
     assert prefetched.state_dict() == plain.state_dict()  # not started: the pipeline's own state
     for index in range(1, 10):
         assert _same([next(prefetched)], [next(plain)])
@@ -286,8 +309,11 @@ def test_prefetcher_gives_the_same_batches_and_states_as_its_pipeline(process: b
     with pytest.raises(RuntimeError, match="before the first next"):
         prefetched.load_state_dict(plain.state_dict())
     # A resumed prefetcher continues the numbering and the batches.
-    resumed = Prefetcher(build_pipeline("doc_aware_k2", _int_source(docs, loop=True), batch_size=4, seq_len=8),
-                         state_at=lambda index: index % 3 == 0, process=process)
+    resumed = Prefetcher(
+        build_pipeline("doc_aware_k2", _int_source(docs, loop=True), batch_size=4, seq_len=8),
+        state_at=lambda index: index % 3 == 0,
+        process=process,
+    )
     resumed.load_state_dict(prefetched.state_dict())
     resumed.set_position(9)
     expected = _take(plain, 3)
@@ -298,16 +324,17 @@ def test_prefetcher_gives_the_same_batches_and_states_as_its_pipeline(process: b
 
 @pytest.mark.parametrize("process", [True, False], ids=["process", "thread"])
 def test_prefetcher_raises_the_pipelines_error_in_the_caller(process: bool) -> None:
-    finite = Prefetcher(build_pipeline("doc_aware", _int_source(_int_docs(3, 0, low=1, high=3)), batch_size=2,
-                                       seq_len=4), process=process)
+    finite = Prefetcher(
+        build_pipeline("doc_aware", _int_source(_int_docs(3, 0, low=1, high=3)), batch_size=2, seq_len=4),
+        process=process,
+    )
     with pytest.raises(StopIteration):
         for _ in range(100):
             next(finite)
 
 
 @pytest.mark.parametrize("read_ahead", [1, 3, 7])
-def test_read_ahead_gives_the_same_batches_and_resumes_anywhere(read_ahead: int, corpus: list[Path],
-                                                                tokenizer) -> None:
+def test_read_ahead_gives_the_same_batches_and_resumes_anywhere(read_ahead: int, corpus: list[Path], tokenizer) -> None:
     # Batched encoding of chunks of documents changes nothing the pipeline yields, and a state saved inside a
     # chunk restores into either setting (and another chunk size).
     expected = _take(_file_pipeline("doc_aware_k2", corpus, tokenizer, shuffle_seed=3), 40)
@@ -349,8 +376,9 @@ def test_resume_from_list_with_shuffle() -> None:
 
 def test_shuffle_is_seeded_and_changes_per_epoch() -> None:
     def order(seed):
-        return [next(reader) for reader in [ListDocuments(list(range(10)), loop=True, shuffle_seed=seed)]
-                for _ in range(30)]
+        return [
+            next(reader) for reader in [ListDocuments(list(range(10)), loop=True, shuffle_seed=seed)] for _ in range(30)
+        ]
 
     assert order(1) == order(1) and order(1) != order(2)
     epochs = [order(1)[i * 10 : (i + 1) * 10] for i in range(3)]
@@ -394,13 +422,16 @@ def test_folder_expands_to_sorted_files(tmp_path: Path) -> None:
     assert list(iter_documents(tmp_path)) == ["first", "second"]
 
 
-@pytest.mark.parametrize("content, field, words", [
-    ('{"text": "ok"}\nnot json\n', "text", "line 2"),
-    ('{"text": "ok"}\n{"other": "x"}\n', "text", "no field 'text'"),
-    ('{"text": 5}\n', "text", "not text"),
-    ('["a list"]\n', "text", "JSON object"),
-    ('{"text": "ok"}\n', "text+", "field"),
-])
+@pytest.mark.parametrize(
+    "content, field, words",
+    [
+        ('{"text": "ok"}\nnot json\n', "text", "line 2"),
+        ('{"text": "ok"}\n{"other": "x"}\n', "text", "no field 'text'"),
+        ('{"text": 5}\n', "text", "not text"),
+        ('["a list"]\n', "text", "JSON object"),
+        ('{"text": "ok"}\n', "text+", "field"),
+    ],
+)
 def test_reader_errors(tmp_path: Path, content: str, field: str, words: str) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text(content, encoding="utf-8")
@@ -538,7 +569,7 @@ def test_instruction_examples(tokenizer, sp: spm.SentencePieceProcessor) -> None
         pad = ids == UNK  # pad = unk = 0 for a tokenizer without a pad token
         assert torch.equal(attention, ~pad)
         assert (labels[pad] == IGNORE_INDEX).all()
-        # Per-segment tokenization without specials (SPEC D.1), then the length limits.
+        # Per-segment tokenization without specials (docs/finetuning.md#examples), then the length limits.
         given = ([BOS] + sp.encode(f"{row['system_prompt']}\n{row['question']}\n"))[:40]
         answer = (sp.encode(row["response"]) + [EOS])[:30]
         want_ids = (given + answer)[:64]
@@ -569,8 +600,13 @@ def test_instruction_templates_of_spec() -> None:
     assert math[1] == "O"
     assert InstructionExample(Recorder(), template="code-7b-instruct-openorca").texts(row)[0].endswith("\n\nQ ")
     custom = InstructionTemplate(
-        prompt_field="system_prompt", pre_prompt="<", post_prompt=">", pre_question="Q:", post_question="|",
-        pre_response="A:", post_response=".",
+        prompt_field="system_prompt",
+        pre_prompt="<",
+        post_prompt=">",
+        pre_question="Q:",
+        post_question="|",
+        pre_response="A:",
+        post_response=".",
     )
     assert InstructionExample(Recorder(), template=custom).texts(row) == ("<>Q:Q|", "A:R.")
     assert isinstance(TEMPLATES["sharegpt-3b-v1.1"], ChatTemplate)

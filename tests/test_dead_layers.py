@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from longllama import windows
-
 from conftest import sharp_tiny
 
 
-def _run(model, ids, *, skip: bool, monkeypatch, **kwargs):
-    """Logits, cache and, per layer, how many tokens went through it."""
-    monkeypatch.setattr(windows, "SKIP_DEAD_LAYERS", skip)
+def _run(model, ids, *, skip: bool, **kwargs):
+    """Logits, cache and, per layer, how many tokens went through it (the plan's skip_dead_layers as given)."""
+    model.set_plan(skip_dead_layers=skip)
     tokens = [0] * model.config.num_hidden_layers
-    hooks = [layer.register_forward_pre_hook(lambda mod, args, i=i: tokens.__setitem__(i, tokens[i] + args[0].shape[0]
-                                                                                       * args[0].shape[1]))
-             for i, layer in enumerate(model.model.layers)]
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda mod, args, i=i: tokens.__setitem__(i, tokens[i] + args[0].shape[0] * args[0].shape[1])
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
     try:
         with torch.no_grad():
             out = model(ids, **kwargs)
@@ -28,6 +28,8 @@ def _run(model, ids, *, skip: bool, monkeypatch, **kwargs):
 
 
 def _same_memory(a, b):
+    """Bitwise: the layers that still run do the same ops on the same inputs; skipping the rest changes nothing
+    they compute."""
     for la, lb in zip(a.layers, b.layers):
         assert (la.memory is None) == (lb.memory is None)
         if la.memory is not None:
@@ -42,57 +44,94 @@ def _same_memory(a, b):
 @pytest.mark.parametrize("impl,batch", [("eager", 1), ("eager", 2), ("fast", 1), ("fast", 2)])
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("mem_layers", [[1], [0, 1], []])
-def test_dropped_windows_stop_after_the_last_memory_layer(monkeypatch, impl, batch, use_cache, mem_layers):
+def test_dropped_windows_stop_after_the_last_memory_layer(impl, batch, use_cache, mem_layers):
     # tiny: 4 layers, window 64; 300 tokens with last_context_length 40: memory windows 64 x 4 + 4, final window 40.
-    # "fast" on one row reads the memory windows in groups (WINDOW_GROUP_TOKENS 128: two windows per group).
-    monkeypatch.setattr(windows, "WINDOW_GROUP_TOKENS", 128)
+    # "fast" on one row reads the memory windows in groups (window_group_tokens 128: two windows per group).
     model = sharp_tiny(mem_layers=mem_layers)
+    model.set_plan(window_group_tokens=128)
     model.config.attn_impl = impl
     ids = torch.randint(3, 320, (batch, 300))
     kwargs = dict(use_cache=use_cache, last_context_length=40, logits_to_keep=5)
-    full, full_tokens = _run(model, ids, skip=False, monkeypatch=monkeypatch, **kwargs)
-    fast, tokens = _run(model, ids, skip=True, monkeypatch=monkeypatch, **kwargs)
-    assert torch.equal(full.logits, fast.logits)
+    full, full_tokens = _run(model, ids, skip=False, **kwargs)
+    fast, tokens = _run(model, ids, skip=True, **kwargs)
+    assert model.plan.window_group_tokens == 128
+    assert torch.equal(full.logits, fast.logits)  # the final window runs every layer in both: the same ops
     _same_memory(full.past_key_values, fast.past_key_values)
     depth = max(mem_layers) + 1 if mem_layers else 0
     assert full_tokens == [300 * batch] * 4
     assert tokens == [300 * batch] * depth + [40 * batch] * (4 - depth)  # the final window runs every layer
 
 
-def test_kept_outputs_and_per_layer_outputs_run_every_layer(monkeypatch):
+def test_kept_outputs_and_per_layer_outputs_run_every_layer():
     model = sharp_tiny(mem_layers=[1])
     ids = torch.randint(3, 320, (1, 300))
-    kept, tokens = _run(model, ids, skip=True, monkeypatch=monkeypatch, use_cache=False, last_context_length=40,
-                        logits_to_keep=100)  # the last 100 positions reach into the memory window before the final
+    kept, tokens = _run(
+        model, ids, skip=True, use_cache=False, last_context_length=40, logits_to_keep=100
+    )  # the last 100 positions reach into the memory window before the final
     assert tokens == [300, 300, 108, 108]  # windows 192-256 and 256-260 run whole, then the final 40
-    full, _ = _run(model, ids, skip=True, monkeypatch=monkeypatch, use_cache=False, last_context_length=40)
-    assert torch.equal(kept.logits, full.logits[:, -100:])
-    _, tokens = _run(model, ids, skip=True, monkeypatch=monkeypatch, use_cache=False, last_context_length=40,
-                     logits_to_keep=1, output_hidden_states=True)
+    full, _ = _run(model, ids, skip=True, use_cache=False, last_context_length=40)
+    assert torch.equal(kept.logits, full.logits[:, -100:])  # lm_head rows of the same hidden states
+    _, tokens = _run(
+        model, ids, skip=True, use_cache=False, last_context_length=40, logits_to_keep=1, output_hidden_states=True
+    )
     assert tokens == [300] * 4
 
 
-def test_a_continuation_that_fills_local_caches_runs_every_layer(monkeypatch):
+def test_a_continuation_that_fills_local_caches_runs_every_layer():
     # A call on top of a local cache with use_cache: its memory windows pass through the local caches of every layer.
     model = sharp_tiny(mem_layers=[1])
     ids = torch.randint(3, 320, (1, 200))
     with torch.no_grad():
         first = model(ids[:, :30], use_cache=True)
-    out, tokens = _run(model, ids[:, 30:], skip=True, monkeypatch=monkeypatch, past_key_values=first.past_key_values,
-                       use_cache=True, last_context_length=40, logits_to_keep=1)
+    out, tokens = _run(
+        model,
+        ids[:, 30:],
+        skip=True,
+        past_key_values=first.past_key_values,
+        use_cache=True,
+        last_context_length=40,
+        logits_to_keep=1,
+    )
     assert tokens == [170] * 4
-    ref, _ = _run(model, ids[:, 30:], skip=False, monkeypatch=monkeypatch, past_key_values=first.past_key_values,
-                  use_cache=True, last_context_length=40, logits_to_keep=1)
-    assert torch.equal(out.logits, ref.logits)
+    ref, _ = _run(
+        model,
+        ids[:, 30:],
+        skip=False,
+        past_key_values=first.past_key_values,
+        use_cache=True,
+        last_context_length=40,
+        logits_to_keep=1,
+    )
+    assert torch.equal(out.logits, ref.logits)  # every layer ran in both: the same computation
 
 
-def test_generate_reads_its_prompt_through_the_memory_layers_only(monkeypatch):
+def test_generate_reads_its_prompt_through_the_memory_layers_only():
     model = sharp_tiny(mem_layers=[0, 1])
     ids = torch.randint(3, 320, (1, 300))
-    outs = {}
-    for skip in (False, True):
-        monkeypatch.setattr(windows, "SKIP_DEAD_LAYERS", skip)
-        outs[skip] = model.generate(ids, max_new_tokens=8, do_sample=False, last_context_length=40,
-                                    output_scores=True, return_dict_in_generate=True)
+    outs, tokens = {}, [0] * model.config.num_hidden_layers
+    hooks = [
+        layer.register_forward_pre_hook(lambda mod, args, i=i: tokens.__setitem__(i, tokens[i] + args[0].shape[1]))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        for skip in (False, True):
+            model.set_plan(skip_dead_layers=skip)
+            tokens[:] = [0] * len(tokens)
+            outs[skip] = model.generate(
+                ids,
+                max_new_tokens=8,
+                do_sample=False,
+                last_context_length=40,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+            if skip:  # the prompt's memory windows (260 tokens) stop after layer 1; the final 40 and 7 steps do not
+                assert tokens == [300 + 7] * 2 + [40 + 7] * 2
+            else:
+                assert tokens == [300 + 7] * 4
+    finally:
+        for hook in hooks:
+            hook.remove()
     assert torch.equal(outs[False].sequences, outs[True].sequences)
+    # the skipped layers' outputs are never read: the same memory, then the same decoding
     assert torch.equal(torch.stack(outs[False].scores), torch.stack(outs[True].scores))

@@ -32,20 +32,23 @@ def folder(tmp_path_factory, model):
     return path
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (dict(mem_layers=[4]), "mem_layers"),
-    (dict(mem_layers=[-1]), "mem_layers"),
-    (dict(mem_layers=[1, 1]), "repeats"),
-    (dict(mem_attention_grouping=(0, 16)), "mem_attention_grouping"),
-    (dict(mem_attention_grouping=(4, -1)), "mem_attention_grouping"),
-    (dict(mem_attention_grouping=(4,)), "mem_attention_grouping"),
-    (dict(mem_dtype="int8"), "mem_dtype"),
-    (dict(mem_dtype="bf16x"), "mem_dtype"),
-    (dict(last_context_length=0), "last_context_length"),
-    (dict(num_key_value_heads=3), "num_key_value_heads"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
-    (dict(hidden_act="gelu"), "hidden_act"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (dict(mem_layers=[4]), "mem_layers"),
+        (dict(mem_layers=[-1]), "mem_layers"),
+        (dict(mem_layers=[1, 1]), "repeats"),
+        (dict(mem_attention_grouping=(0, 16)), "mem_attention_grouping"),
+        (dict(mem_attention_grouping=(4, -1)), "mem_attention_grouping"),
+        (dict(mem_attention_grouping=(4,)), "mem_attention_grouping"),
+        (dict(mem_dtype="int8"), "mem_dtype"),
+        (dict(mem_dtype="bf16x"), "mem_dtype"),
+        (dict(last_context_length=0), "last_context_length"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+        (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+    ],
+)
 def test_config_values_out_of_range(overrides, words):
     with pytest.raises(ConfigError) as info:
         preset("tiny", **overrides)
@@ -53,11 +56,14 @@ def test_config_values_out_of_range(overrides, words):
     assert isinstance(info.value, LongLlamaError)
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (dict(mem_layers=[9]), "mem_layers"),
-    (dict(mem_attention_grouping=(0, 2048)), "mem_attention_grouping"),
-    (dict(mem_dtype="float64"), "mem_dtype"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (dict(mem_layers=[9]), "mem_layers"),
+        (dict(mem_attention_grouping=(0, 2048)), "mem_attention_grouping"),
+        (dict(mem_dtype="float64"), "mem_dtype"),
+    ],
+)
 def test_load_time_overrides_are_validated(folder, overrides, words):
     with pytest.raises(ConfigError) as info:
         LongLlamaForCausalLM.from_pretrained(folder, **overrides)
@@ -91,11 +97,14 @@ def test_truncated_weights(folder, tmp_path):
     assert "model.safetensors" in _one_line(info.value)
 
 
-@pytest.mark.parametrize("ids, words", [
-    (torch.tensor([[5, 320, 7]]), "outside the vocabulary"),
-    (torch.tensor([[5, -1, 7]]), "outside the vocabulary"),
-    (torch.zeros(1, 0, dtype=torch.long), "non-empty"),
-])
+@pytest.mark.parametrize(
+    "ids, words",
+    [
+        (torch.tensor([[5, 320, 7]]), "outside the vocabulary"),
+        (torch.tensor([[5, -1, 7]]), "outside the vocabulary"),
+        (torch.zeros(1, 0, dtype=torch.long), "non-empty"),
+    ],
+)
 def test_bad_token_ids(model, ids, words):
     with pytest.raises(InputError) as info:
         model(ids)
@@ -157,8 +166,14 @@ def test_memory_for_non_memory_layer_is_rejected(model):
 
 def test_config_accepts_original_fields():
     """Fields the released config.json files carry (auto_map, torch_dtype, transformers_version) are accepted."""
-    config = LongLlamaConfig(**{**preset("tiny").to_dict(), "auto_map": {"AutoConfig": "x.Y"},
-                                "torch_dtype": "bfloat16", "transformers_version": "4.30.2"})
+    config = LongLlamaConfig(
+        **{
+            **preset("tiny").to_dict(),
+            "auto_map": {"AutoConfig": "x.Y"},
+            "torch_dtype": "bfloat16",
+            "transformers_version": "4.30.2",
+        }
+    )
     assert config.dtype == torch.bfloat16
     assert config.mem_dtype == "float32" and config.num_key_value_heads == config.num_attention_heads
 

@@ -1,7 +1,7 @@
 """Grouped-query attention (num_key_value_heads=2 with 4 query heads) in the local cache and the memory.
 
 Query head j uses key/value head j // (heads / kv_heads), as in transformers' LLaMA. The memory stores only the
-key/value heads. Helpers (sharp random weights, the SPEC transcription) come from test_invariants.py.
+key/value heads. Helpers (sharp random weights, the transcription of docs/inference.md) come from test_invariants.py.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_invariants import (  # noqa: E402
-    assert_decoding_matches_spec,
-    assert_padded_call_matches_spec,
     IMPLS,
     ORDER_TOL,
     _long_run,
     _padded_mask,
+    assert_decoding_matches_spec,
+    assert_padded_call_matches_spec,
     hf_llama,
     ids_of,
     legacy,
@@ -42,7 +42,7 @@ def test_gqa_short_input_equals_llama(mem_layers, n, lcl):
     assert model.model.layers[0].self_attn.k_proj.weight.shape == (KV * 16, 64)
     ids = ids_of(2, n, seed=40)
     ours, theirs = model(ids, last_context_length=lcl).logits, llama(ids).logits
-    assert torch.equal(ours, theirs), max_diff(ours, theirs)
+    assert torch.equal(ours, theirs), max_diff(ours, theirs)  # the same fp32 ops in the same order (test_F1)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -72,9 +72,11 @@ def test_gqa_memory_stores_only_kv_heads(use_cache):
             assert state.memory is None
     layer = model.model.layers[1]
     windows = seen[:2] if use_cache else seen
-    expected = torch.cat([layer.self_attn.k_proj(layer.input_layernorm(h)).view(b, h.shape[1], KV, 16).transpose(1, 2)
-                          for h in windows], dim=2)
-    assert torch.equal(cache.layers[1].memory.keys, expected)
+    expected = torch.cat(
+        [layer.self_attn.k_proj(layer.input_layernorm(h)).view(b, h.shape[1], KV, 16).transpose(1, 2) for h in windows],
+        dim=2,
+    )
+    assert torch.equal(cache.layers[1].memory.keys, expected)  # the same modules on the same window-shaped inputs
 
 
 @torch.no_grad()

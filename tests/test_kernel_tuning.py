@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longllama import kernels
+from longllama.fast import kernels
 
 triton = pytest.importorskip("triton")
 
 
 def _configs():
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n in (1, 4) for k in (256, 1024)
-            for w in (2, 4)]
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n in (1, 4) for k in (256, 1024) for w in (2, 4)
+    ]
 
 
 @pytest.fixture
@@ -44,21 +45,23 @@ def test_anything_unmeasured_is_tuned_over_the_whole_list(monkeypatch, change):
 
 def test_the_shipped_tables_name_configurations_of_their_lists():
     # An entry outside its kernel's list would silently fall back to tuning in full.
-    from longllama import decode_attention, gemv_kernels
+    from longllama.fast import gemv_kernels, tables
 
     listed = {(tuple(sorted(c.kwargs.items())), c.num_warps) for c in gemv_kernels._CONFIGS}
-    for table in (gemv_kernels.MEASURED, gemv_kernels.MEASURED_SWIGLU):
+    for table in (tables.GEMV, tables.GEMV_SWIGLU):
         assert table and all((tuple(sorted(meta.items())), w) in listed for meta, w in table.values())
-    from longllama import decode_kernels
+    from longllama.fast import decode_kernels
 
     decode_listed = {(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in decode_kernels._CONFIGS}
-    for meta, w, *stages in decode_attention._MEASURED.values():  # num_stages: as listed, default 3
+    assert tables.DECODE_ATTENTION
+    for meta, w, *stages in tables.DECODE_ATTENTION.values():  # num_stages: as listed, default 3
         assert (meta["BLOCK_N"], w, stages[0] if stages else 3) in decode_listed
 
 
 def test_an_unexpected_call_convention_tunes_over_everything(monkeypatch):
     def broken(t):
         raise RuntimeError("no device name")
+
     monkeypatch.setattr(kernels, "_device_name", broken)
     prune = kernels.measured_choice({}, ["N"])
     configs = _configs()

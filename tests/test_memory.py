@@ -34,6 +34,7 @@ def filled(n: int, seed: int = 0, dtype=torch.float32) -> tuple[MemoryCache, tup
 
 
 def assert_holds(mem: MemoryCache, k, v, valid) -> None:
+    """Bitwise: the memory stores copies (cast once to its dtype), no arithmetic."""
     assert mem.length == k.shape[2]
     assert torch.equal(mem.keys, k.to(mem.dtype)) and torch.equal(mem.values, v.to(mem.dtype))
     assert torch.equal(mem.valid, valid)
@@ -91,8 +92,9 @@ def test_amortised_growth(n):
     """n one-token appends re-allocate O(log n) times."""
     mem = MemoryCache(1, 1, 2, dtype=torch.float32)
     for i in range(n):
-        mem.append(torch.full((1, 1, 1, 2), float(i)), torch.full((1, 1, 1, 2), -float(i)),
-                   torch.ones(1, 1, dtype=torch.bool))
+        mem.append(
+            torch.full((1, 1, 1, 2), float(i)), torch.full((1, 1, 1, 2), -float(i)), torch.ones(1, 1, dtype=torch.bool)
+        )
     assert mem.length == n
     assert mem.copies <= math.ceil(math.log2(n)) + 1
     assert mem.copies <= math.ceil(math.log2(n / 256)) + 1  # doubling from the 256-entry minimum
@@ -156,7 +158,8 @@ def test_clear_releases_the_buffer():
     assert old >= B * H * 1000 * D * 4
     mem.clear()
     assert mem.keys.untyped_storage().nbytes() == 0, (
-        "MemoryCache.clear keeps the old buffer alive through a zero-length view")
+        "MemoryCache.clear keeps the old buffer alive through a zero-length view"
+    )
 
 
 def test_index_select():
@@ -231,8 +234,12 @@ def test_load_corrupt_file_raises_checkpoint_error(tmp_path, kind):
     path = tmp_path / "memory.safetensors"
     if kind != "missing":
         good = _write_good(path)
-        content = {"empty": b"", "garbage": b"this is not a safetensors file" * 3, "truncated": good[: len(good) // 2],
-                   "header-only": good[:8]}.get(kind)
+        content = {
+            "empty": b"",
+            "garbage": b"this is not a safetensors file" * 3,
+            "truncated": good[: len(good) // 2],
+            "header-only": good[:8],
+        }.get(kind)
         if content is not None:
             path.write_bytes(content)
         else:
@@ -244,8 +251,11 @@ def test_load_corrupt_file_raises_checkpoint_error(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["values-shape", "valid-shape", "3-d"])
 def test_load_inconsistent_file_raises_checkpoint_error(tmp_path, kind):
     """A readable file whose tensors do not fit together is corrupt too (not an InputError / IndexError)."""
-    tensors = {"keys": torch.zeros(B, H, 5, D), "values": torch.zeros(B, H, 5, D),
-               "valid": torch.ones(B, 5, dtype=torch.bool)}
+    tensors = {
+        "keys": torch.zeros(B, H, 5, D),
+        "values": torch.zeros(B, H, 5, D),
+        "valid": torch.ones(B, 5, dtype=torch.bool),
+    }
     if kind == "values-shape":
         tensors["values"] = torch.zeros(B, H, 4, D)
     elif kind == "valid-shape":
@@ -264,9 +274,17 @@ LENGTHS = [4096, 16384, 32768] + ([65536] if os.environ.get("LONGLLAMA_SLOW_TEST
 
 @pytest.fixture(scope="module")
 def small_model():
-    config = LongLlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=2, max_position_embeddings=256, last_context_length=128,
-                             mem_layers=[1], mem_dtype="bfloat16")
+    config = LongLlamaConfig(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        last_context_length=128,
+        mem_layers=[1],
+        mem_dtype="bfloat16",
+    )
     torch.manual_seed(0)
     return LongLlamaForCausalLM(config).eval()
 
@@ -306,4 +324,4 @@ def test_long_input_is_embedded_one_window_at_a_time():
     assert sum(lengths) == ids.shape[1] and max(lengths) <= 16
     with torch.no_grad():
         embedded = model(inputs_embeds=model.model.embed_tokens(ids), use_cache=False).logits
-    torch.testing.assert_close(logits, embedded, rtol=0, atol=0)
+    torch.testing.assert_close(logits, embedded, rtol=0, atol=0)  # the same embedding rows, the same windows

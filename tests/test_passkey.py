@@ -1,4 +1,5 @@
-"""Tests of the passkey retrieval task (SPEC E.1, invariant F21) and the `longllama passkey` command.
+"""Tests of the passkey retrieval task (docs/evaluation.md#passkey-retrieval, invariant F21) and the `longllama passkey`
+command.
 
 The prompt texts are written out here rather than imported, so a typo in the module's constants fails the test.
 Models are a fake whose `generate` answers from the prompt text (to check the scoring rule) and a tiny random
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_errors, train_llama_spm
 
 from longllama import LongLlamaForCausalLM
 from longllama.cli import main
@@ -23,11 +25,11 @@ from longllama.errors import InputError
 from longllama.evals import passkey as task
 from longllama.tokenizer import encode_prompt, load_tokenizer
 
-from conftest import assert_one_line_errors, train_llama_spm
-
 SENTENCE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-        "I will quiz you about the important information there.")
+TASK = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
 QUESTION = "What is the pass key? The pass key is"
 FILLER = " ".join([SENTENCE] * 5000)
 VOCAB = 400
@@ -41,8 +43,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sentences = [SENTENCE, TASK, QUESTION, " ".join([SENTENCE] * 3), FILLER[:1000]]
     sentences += [f"The pass key is {k}. Remember it. {k} is the pass key." for k in rng.integers(1, 50000, 50)]
     # LLaMA's normalization (none): newlines survive as byte pieces, so the prompt's five lines reach the model.
-    train_llama_spm(folder, sentences, vocab_size=VOCAB, normalization_rule_name="identity",
-                    remove_extra_whitespaces=False)
+    train_llama_spm(
+        folder, sentences, vocab_size=VOCAB, normalization_rule_name="identity", remove_extra_whitespaces=False
+    )
     torch.manual_seed(0)
     LongLlamaForCausalLM(preset("tiny", vocab_size=VOCAB)).save_pretrained(folder)
     return folder
@@ -69,7 +72,7 @@ def test_f21_seed_555_prompt() -> None:
     assert lines[0] == TASK
     assert len(lines[1]) == 4782 and lines[1] == FILLER[:4782]
     assert lines[2] == "The pass key is 15338. Remember it. 15338 is the pass key."
-    assert lines[3] == FILLER[:30000 - 4782]  # the suffix also comes from the start of the filler
+    assert lines[3] == FILLER[: 30000 - 4782]  # the suffix also comes from the start of the filler
     assert lines[4] == QUESTION
     assert prompt == "\n".join([TASK, FILLER[:4782], lines[2], FILLER[:25218], QUESTION])
     assert task.prefix_chars_of(prompt) == 4782
@@ -87,14 +90,20 @@ def test_depth_places_the_key_and_keeps_the_seeded_key() -> None:
         prompt, depth_key = task.passkey_prompt(1000, 7, depth=depth)
         lines = prompt.split("\n")
         assert depth_key == key
-        assert len(lines) == 5 and lines[1] == FILLER[:prefix] and lines[3] == FILLER[:1000 - prefix]
+        assert len(lines) == 5 and lines[1] == FILLER[:prefix] and lines[3] == FILLER[: 1000 - prefix]
         assert lines[2] == f"The pass key is {key}. Remember it. {key} is the pass key."
     assert task.passkey_prompt(1000, 8)[1] != key
 
 
-@pytest.mark.parametrize("call", [lambda: task.passkey_prompt(0, 1), lambda: task.passkey_prompt(100, 1, depth=1.5),
-                                  lambda: task.passkey_prompt(100, 1, depth=float("nan")),
-                                  lambda: task.passkey_prompt(100, 1, depth=-0.1)])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: task.passkey_prompt(0, 1),
+        lambda: task.passkey_prompt(100, 1, depth=1.5),
+        lambda: task.passkey_prompt(100, 1, depth=float("nan")),
+        lambda: task.passkey_prompt(100, 1, depth=-0.1),
+    ],
+)
 def test_bad_generator_arguments(call) -> None:
     with pytest.raises(InputError):
         call()
@@ -112,7 +121,8 @@ def test_calibrated_length_is_close_to_the_request(tokenizer, tokens: int) -> No
     actual = [task.prompt_tokens(tokenizer, task.passkey_prompt(n_garbage, seed)[0]) for seed in (3, 4, 5)]
     assert all(abs(a - tokens) <= max(3, 0.02 * tokens) for a in actual), (tokens, n_garbage, actual)
     assert task.prompt_tokens(tokenizer, task.passkey_prompt(n_garbage, 3)[0]) == len(
-        encode_prompt(tokenizer, task.passkey_prompt(n_garbage, 3)[0]))
+        encode_prompt(tokenizer, task.passkey_prompt(n_garbage, 3)[0])
+    )
 
 
 def test_too_short_length_is_refused(tokenizer) -> None:
@@ -139,7 +149,7 @@ class FakeModel:
         prompt = self.tokenizer.decode(input_ids[0].tolist(), skip_special_tokens=True)
         key = int(re.search(r"The pass key is (\d+)\.", prompt).group(1))
         answer = encode_prompt(self.tokenizer, str(key), bos=False)
-        generated = list(self.reply(key, answer, prompt))[:settings["max_new_tokens"]]
+        generated = list(self.reply(key, answer, prompt))[: settings["max_new_tokens"]]
         return torch.cat([input_ids, torch.tensor([generated], dtype=torch.long)], dim=1)
 
 
@@ -148,11 +158,13 @@ def test_scoring_needs_the_exact_answer_ids(tokenizer) -> None:
     answer = encode_prompt(tokenizer, str(key), bos=False)
     assert answer[0] != tokenizer.bos_token_id
     wrong_digit = encode_prompt(tokenizer, str(key)[:-1] + str((key + 1) % 10), bos=False)
-    cases = {"exact": (lambda k, a, p: a, True),
-             "with BOS first": (lambda k, a, p: [tokenizer.bos_token_id] + a, False),
-             "stopped at EOS": (lambda k, a, p: a[:2] + [tokenizer.eos_token_id], False),
-             "cut short": (lambda k, a, p: a[:-1], False),
-             "last digit wrong": (lambda k, a, p: wrong_digit, False)}
+    cases = {
+        "exact": (lambda k, a, p: a, True),
+        "with BOS first": (lambda k, a, p: [tokenizer.bos_token_id] + a, False),
+        "stopped at EOS": (lambda k, a, p: a[:2] + [tokenizer.eos_token_id], False),
+        "cut short": (lambda k, a, p: a[:-1], False),
+        "last digit wrong": (lambda k, a, p: wrong_digit, False),
+    }
     for name, (reply, expected) in cases.items():
         model = FakeModel(tokenizer, reply)
         scored = task.score_passkey(model, tokenizer, prompt, key, last_context_length=77)
@@ -163,8 +175,9 @@ def test_scoring_needs_the_exact_answer_ids(tokenizer) -> None:
         assert settings["max_new_tokens"] == len(answer), name
         assert settings["do_sample"] is False and settings["num_beams"] == 1
         assert settings["last_context_length"] == 77
-    assert task.score_passkey(FakeModel(tokenizer, lambda k, a, p: a), tokenizer, prompt, key)["generated"].strip() \
-        == str(key)
+    assert task.score_passkey(FakeModel(tokenizer, lambda k, a, p: a), tokenizer, prompt, key)[
+        "generated"
+    ].strip() == str(key)
 
 
 def test_run_and_summarize_count_per_length_and_depth(tokenizer) -> None:
@@ -192,8 +205,10 @@ def test_run_and_summarize_count_per_length_and_depth(tokenizer) -> None:
 
 
 def test_files_are_replaced_atomically(tmp_path: Path, monkeypatch) -> None:
-    records = [{"length": 100, "tokens": 101, "depth": None, "correct": True},
-               {"length": 100, "tokens": 99, "depth": None, "correct": False}]
+    records = [
+        {"length": 100, "tokens": 101, "depth": None, "correct": True},
+        {"length": 100, "tokens": 99, "depth": None, "correct": False},
+    ]
     summary = task.summarize(records)
     out = tmp_path / "results.json"
     out.write_text("old")
@@ -231,8 +246,25 @@ def _run(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_command_end_to_end(checkpoint: Path, tokenizer, tmp_path: Path, capsys) -> None:
     out, plot = tmp_path / "results.json", tmp_path / "passkey.png"
-    code, stdout, err = _run(capsys, "--model", str(checkpoint), "--lengths", "300,200", "--depths", "0,1",
-                             "--trials", "2", "--seed", "3", "--device", "cpu", "--out", str(out), "--plot", str(plot))
+    code, stdout, err = _run(
+        capsys,
+        "--model",
+        str(checkpoint),
+        "--lengths",
+        "300,200",
+        "--depths",
+        "0,1",
+        "--trials",
+        "2",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--plot",
+        str(plot),
+    )
     assert code == 0, err
     assert "all depths" in stdout and f"wrote {out}" in stdout and f"wrote {plot}" in stdout
     assert "passkey" in err  # the progress bar
@@ -244,8 +276,20 @@ def test_command_end_to_end(checkpoint: Path, tokenizer, tmp_path: Path, capsys)
     assert saved["summary"]["lengths"] == [200, 300] and saved["summary"]["depths"] == [0.0, 1.0]
     records = saved["records"]
     assert len(records) == 8 and sorted({r["seed"] for r in records}) == [3, 4]
-    fields = {"length", "tokens", "n_garbage", "depth", "prefix_chars", "seed", "key", "answer", "answer_ids",
-              "generated_ids", "generated", "correct"}
+    fields = {
+        "length",
+        "tokens",
+        "n_garbage",
+        "depth",
+        "prefix_chars",
+        "seed",
+        "key",
+        "answer",
+        "answer_ids",
+        "generated_ids",
+        "generated",
+        "correct",
+    }
     assert all(set(r) == fields for r in records)
     assert all(abs(r["tokens"] - r["length"]) <= 6 for r in records)
     assert all(r["correct"] == (r["generated_ids"] == r["answer_ids"]) for r in records)
@@ -255,14 +299,28 @@ def test_command_end_to_end(checkpoint: Path, tokenizer, tmp_path: Path, capsys)
     prompt, key = task.passkey_prompt(first["n_garbage"], first["seed"], depth=first["depth"])
     ids = torch.tensor([encode_prompt(tokenizer, prompt)])
     expected = model.generate(ids, max_new_tokens=len(first["answer_ids"]), last_context_length=lcl)
-    assert first["key"] == key and first["generated_ids"] == expected[0, ids.shape[1]:].tolist()
+    assert first["key"] == key and first["generated_ids"] == expected[0, ids.shape[1] :].tolist()
 
 
 def test_command_without_depths_uses_the_random_place(checkpoint: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "r.json"
-    code, stdout, err = _run(capsys, "--model", str(checkpoint), "--lengths", "250", "--trials", "2",
-                             "--device", "cpu", "--last-context-length", "64", "--mem-layers", "none",
-                             "--out", str(out))
+    code, stdout, err = _run(
+        capsys,
+        "--model",
+        str(checkpoint),
+        "--lengths",
+        "250",
+        "--trials",
+        "2",
+        "--device",
+        "cpu",
+        "--last-context-length",
+        "64",
+        "--mem-layers",
+        "none",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     saved = json.loads(out.read_text())
     assert saved["summary"]["depths"] == [None] and "depth random" in stdout
@@ -277,8 +335,23 @@ def test_command_with_top_k_memory(checkpoint: Path, tmp_path: Path, capsys) -> 
     runs = {}
     for k in ("0", "1"):
         out = tmp_path / f"k{k}.json"
-        code, _, err = _run(capsys, "--model", str(checkpoint), "--lengths", "600", "--trials", "3", "--device", "cpu",
-                            "--last-context-length", "64", "--mem-top-k", k, "--out", str(out))
+        code, _, err = _run(
+            capsys,
+            "--model",
+            str(checkpoint),
+            "--lengths",
+            "600",
+            "--trials",
+            "3",
+            "--device",
+            "cpu",
+            "--last-context-length",
+            "64",
+            "--mem-top-k",
+            k,
+            "--out",
+            str(out),
+        )
         assert code == 0, err
         runs[k] = json.loads(out.read_text())
     assert runs["1"]["settings"]["mem_top_k"] == 1
@@ -299,15 +372,41 @@ def test_command_cut_short_keeps_its_finished_trials(checkpoint: Path, tmp_path:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(task, "_trial", trial)
-    code, _, _ = _run(capsys, "--model", str(checkpoint), "--lengths", "250", "--trials", "4", "--device", "cpu",
-                      "--last-context-length", "64", "--out", str(out))
+    code, _, _ = _run(
+        capsys,
+        "--model",
+        str(checkpoint),
+        "--lengths",
+        "250",
+        "--trials",
+        "4",
+        "--device",
+        "cpu",
+        "--last-context-length",
+        "64",
+        "--out",
+        str(out),
+    )
     assert code == 130
     saved = json.loads(out.read_text())
     assert saved["settings"]["complete"] is False and [r["seed"] for r in saved["records"]] == [0, 1]
     assert saved["summary"]["overall"]["trials"] == 2
     monkeypatch.setattr(task, "_trial", real)
-    code, _, err = _run(capsys, "--model", str(checkpoint), "--lengths", "250", "--trials", "4", "--device", "cpu",
-                        "--last-context-length", "64", "--out", str(out))
+    code, _, err = _run(
+        capsys,
+        "--model",
+        str(checkpoint),
+        "--lengths",
+        "250",
+        "--trials",
+        "4",
+        "--device",
+        "cpu",
+        "--last-context-length",
+        "64",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     saved = json.loads(out.read_text())
     assert saved["settings"]["complete"] is True and len(saved["records"]) == 4

@@ -14,15 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_one_line_errors, sharp_tiny, train_llama_spm
 
 from longllama import LongLlamaForCausalLM
 from longllama.cli import build_parser, main
-from longllama.data import iter_documents
+from longllama.documents import iter_documents
 from longllama.errors import InputError
 from longllama.evals import perplexity as task
 from longllama.tokenizer import load_tokenizer
-
-from conftest import assert_one_line_errors, sharp_tiny, train_llama_spm
 
 VOCAB = 300
 CONTEXTS = [0, 16, 40, 100]  # 100 + T spans two memory windows of 64 tokens before the final window of 24
@@ -35,8 +34,16 @@ def code_text(rng: random.Random, lines: int) -> str:
     out = []
     for _ in range(lines):
         a, b = rng.choice(names), rng.choice(names)
-        out.append(rng.choice([f"def {a}_{b}({a}, {b}):", f"    {a} = {b} + {rng.randint(0, 99)}",
-                               f"    return {a} * {b}", f"for {a} in range({rng.randint(1, 9)}):"]))
+        out.append(
+            rng.choice(
+                [
+                    f"def {a}_{b}({a}, {b}):",
+                    f"    {a} = {b} + {rng.randint(0, 99)}",
+                    f"    return {a} * {b}",
+                    f"for {a} in range({rng.randint(1, 9)}):",
+                ]
+            )
+        )
     return "\n".join(out)
 
 
@@ -47,8 +54,13 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = random.Random(0)
     lengths = [3, 60, 4, 60, 60, 2]
     texts = [code_text(rng, n) for n in lengths]
-    train_llama_spm(root / "tiny", texts + [code_text(rng, 40)], vocab_size=VOCAB, normalization_rule_name="identity",
-                    remove_extra_whitespaces=False)
+    train_llama_spm(
+        root / "tiny",
+        texts + [code_text(rng, 40)],
+        vocab_size=VOCAB,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+    )
     sharp_tiny(vocab_size=VOCAB).save_pretrained(root / "tiny")
     with open(root / "docs.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps({"text": text, "package": "x"}) + "\n" for text in texts)
@@ -83,7 +95,7 @@ def test_documents_are_the_long_ones_cut_to_what_is_needed(folder: Path, tokeniz
     assert [d.index for d in documents] == long_enough
     for d in documents:
         assert d.total_tokens == lengths[d.index]
-        assert d.ids == list(tokenizer.encode(texts[d.index], add_special_tokens=False))[:max(CONTEXTS) + T]
+        assert d.ids == list(tokenizer.encode(texts[d.index], add_special_tokens=False))[: max(CONTEXTS) + T]
     two = task.load_documents(iter(texts), tokenizer, needed_tokens=max(CONTEXTS) + T, max_docs=2)
     assert [d.index for d in two] == [1, 3]
     with pytest.raises(InputError, match="no document is long enough"):
@@ -95,14 +107,14 @@ def test_scored_positions_are_exactly_the_target(model, tokenizer, documents, co
     doc = documents[0]
     ids = task.context_input(doc, context, max_context=max(CONTEXTS), target_tokens=T, bos_id=tokenizer.bos_token_id)
     assert len(ids) == 1 + context + T and ids[0] == tokenizer.bos_token_id
-    assert ids[-T:] == doc.ids[max(CONTEXTS):] and ids[1:] == doc.ids[max(CONTEXTS) - context:]
+    assert ids[-T:] == doc.ids[max(CONTEXTS) :] and ids[1:] == doc.ids[max(CONTEXTS) - context :]
     got = task.target_nll(model, ids, target_tokens=T, last_context_length=LCL)
     logits = full_logits(model, ids, LCL)
     # Input positions C .. C+T-1 predict the target ids at C+1 .. C+T.
-    expected = F.cross_entropy(logits[context:context + T], torch.tensor(ids[context + 1:]), reduction="none")
+    expected = F.cross_entropy(logits[context : context + T], torch.tensor(ids[context + 1 :]), reduction="none")
     assert got.shape == (T,)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    shifted = F.cross_entropy(logits[context - 1:context + T - 1], torch.tensor(ids[context:-1]), reduction="none")
+    shifted = F.cross_entropy(logits[context - 1 : context + T - 1], torch.tensor(ids[context:-1]), reduction="none")
     assert not torch.allclose(got, shifted, atol=1e-3)  # an off-by-one would be seen
 
 
@@ -133,8 +145,14 @@ class Recorder:
 
 def test_every_context_scores_the_same_documents_and_targets(model, tokenizer, documents) -> None:
     recorder = Recorder(model)
-    records = task.run_perplexity(recorder, documents, contexts=[100, 0, 40, 16, 40], target_tokens=T,
-                                  bos_id=tokenizer.bos_token_id, progress=False)
+    records = task.run_perplexity(
+        recorder,
+        documents,
+        contexts=[100, 0, 40, 16, 40],
+        target_tokens=T,
+        bos_id=tokenizer.bos_token_id,
+        progress=False,
+    )
     assert len(records) == len(recorder.calls) == len(documents) * len(CONTEXTS)
     for context in CONTEXTS:
         assert sorted(r["document"] for r in records if r["context"] == context) == [1, 3, 4]
@@ -169,8 +187,9 @@ def test_settings_are_checked(model, tokenizer, documents) -> None:
 def test_plot_has_zero_at_the_left_of_a_log2_axis(tmp_path: Path) -> None:
     from matplotlib.figure import Figure
 
-    summary = task.summarize([{"document": 0, "context": c, "tokens": 4, "nll_sum": 4.0 / (1 + c)}
-                              for c in [0, 1024, 4096]])
+    summary = task.summarize(
+        [{"document": 0, "context": c, "tokens": 4, "nll_sum": 4.0 / (1 + c)} for c in [0, 1024, 4096]]
+    )
     path = task.plot_summary(summary, tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ax = Figure().subplots()
@@ -195,9 +214,25 @@ def _run(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_command_end_to_end(folder: Path, model, tokenizer, documents, tmp_path: Path, capsys) -> None:
     out, plot = tmp_path / "ppl.json", tmp_path / "ppl.png"
-    code, stdout, err = _run(capsys, "--model", str(folder / "tiny"), "--data", str(folder / "docs.jsonl"),
-                             "--contexts", "100,0,16,40", "--target-tokens", str(T), "--max-docs", "2",
-                             "--device", "cpu", "--out", str(out), "--plot", str(plot))
+    code, stdout, err = _run(
+        capsys,
+        "--model",
+        str(folder / "tiny"),
+        "--data",
+        str(folder / "docs.jsonl"),
+        "--contexts",
+        "100,0,16,40",
+        "--target-tokens",
+        str(T),
+        "--max-docs",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--plot",
+        str(plot),
+    )
     assert code == 0, err
     assert "perplexity" in stdout and f"wrote {out}" in stdout and f"wrote {plot}" in stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -209,26 +244,35 @@ def test_command_end_to_end(folder: Path, model, tokenizer, documents, tmp_path:
     assert len(records) == 8 and sorted({r["document"] for r in records}) == [1, 3]
     # The saved score is the model's loss on the target, from its full logits.
     record = next(r for r in records if r["document"] == 3 and r["context"] == 40)
-    ids = [tokenizer.bos_token_id] + documents[1].ids[max(CONTEXTS) - 40:]
+    ids = [tokenizer.bos_token_id] + documents[1].ids[max(CONTEXTS) - 40 :]
     logits = full_logits(model, ids, LCL)
-    expected = F.cross_entropy(logits[40:40 + T], torch.tensor(ids[41:]))
+    expected = F.cross_entropy(logits[40 : 40 + T], torch.tensor(ids[41:]))
     assert record["mean_nll"] == pytest.approx(float(expected), abs=1e-5)
 
 
 def test_command_errors_are_one_line(folder: Path, tmp_path: Path, capsys) -> None:
-    ok = ["--model", str(folder / "tiny"), "--data", str(folder / "docs.jsonl"), "--device", "cpu",
-          "--target-tokens", str(T)]
+    ok = [
+        "--model",
+        str(folder / "tiny"),
+        "--data",
+        str(folder / "docs.jsonl"),
+        "--device",
+        "cpu",
+        "--target-tokens",
+        str(T),
+    ]
     cases = {
         "no data": (["--model", str(folder / "tiny")], "--data"),
-        "missing data file": (["--model", str(folder / "tiny"), "--data", str(tmp_path / "nope.jsonl")],
-                              "does not exist"),
+        "missing data file": (
+            ["--model", str(folder / "tiny"), "--data", str(tmp_path / "nope.jsonl")],
+            "does not exist",
+        ),
         "none long enough": ([*ok, "--contexts", "0,64k"], "no document is long enough"),
         "bad contexts": ([*ok, "--contexts", "0,abc"], "whole number of tokens"),
         "negative context": ([*ok, "--contexts", "-16"], "0 or more"),
         "empty contexts": ([*ok, "--contexts", ","], "context lengths"),
         "target too long": ([*ok, "--contexts", "0,16", "--target-tokens", "24"], "more than"),  # the last one wins
-        "out folder missing": ([*ok, "--contexts", "0,16", "--out", str(tmp_path / "no" / "r.json")],
-                               "does not exist"),
+        "out folder missing": ([*ok, "--contexts", "0,16", "--out", str(tmp_path / "no" / "r.json")], "does not exist"),
     }
     assert_one_line_errors(lambda *args: _run(capsys, *args), cases)
 

@@ -5,31 +5,46 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import sharp_tiny
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from longllama import kernels, sampling
+from longllama.fast import kernels, sampling
 
-from conftest import sharp_tiny
+pytest.importorskip("triton")
 
 
 @pytest.fixture(autouse=True)
-def cpu_kernels(monkeypatch):
-    monkeypatch.setattr(kernels, "CPU", True)
+def interpreter():
+    """The kernel runs on CPU tensors in Triton's interpreter (conftest turns it on before Triton's import)."""
+    if not kernels.interpreting():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
 
 
 def _warped(logits, temperature, top_k, top_p):
     scores = logits.float()
-    for warper in ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + \
-            ([TopKLogitsWarper(top_k=top_k)] if top_k else []) + ([TopPLogitsWarper(top_p=top_p)] if top_p < 1 else []):
+    for warper in (
+        ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+        + ([TopKLogitsWarper(top_k=top_k)] if top_k else [])
+        + ([TopPLogitsWarper(top_p=top_p)] if top_p < 1 else [])
+    ):
         scores = warper(None, scores)
     return scores
 
 
 @pytest.mark.parametrize("vocab", [300, 257])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, 1.0), (0.8, None, 0.9), (1.5, 50, 0.9),
-                                                     (0.7, 20, 1.0), (1.0, 1, 1.0), (1.0, None, 0.0),
-                                                     (1.0, 400, 0.5)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [
+        (1.0, None, 1.0),
+        (0.8, None, 0.9),
+        (1.5, 50, 0.9),
+        (0.7, 20, 1.0),
+        (1.0, 1, 1.0),
+        (1.0, None, 0.0),
+        (1.0, 400, 0.5),
+    ],
+)
 def test_keeps_the_tokens_the_warpers_keep(vocab, dtype, temperature, top_k, top_p):
     torch.manual_seed(0)
     logits = (torch.randn(5, vocab) * 3).to(dtype)
@@ -73,16 +88,22 @@ def test_generate_samples_with_the_kernel_only_for_the_plain_warpers(monkeypatch
     monkeypatch.setattr(sampling, "sample", spy)
     model = sharp_tiny()
     ids = torch.randint(3, 300, (1, 20))
+    assert sampling.applies(torch.zeros(1, 300), cpu=True) and not sampling.applies(torch.zeros(1, 300))
     with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, do_sample=True, temperature=0.7)
+        assert calls == []  # CPU logits go to the kernel only where the plan says interpret_kernels
+        model.set_plan(interpret_kernels=True)
         torch.manual_seed(0)
         first = model.generate(ids, max_new_tokens=4, do_sample=True, temperature=0.7, top_k=30, top_p=0.9)
         assert calls == [dict(temperature=0.7, top_k=30, top_p=0.9)] * 4
         torch.manual_seed(0)
-        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=True, temperature=0.7, top_k=30,
-                                          top_p=0.9), first)
+        assert torch.equal(
+            model.generate(ids, max_new_tokens=4, do_sample=True, temperature=0.7, top_k=30, top_p=0.9), first
+        )
         calls.clear()
         model.generate(ids, max_new_tokens=3, do_sample=True, repetition_penalty=1.2)
-        model.generate(ids, max_new_tokens=3, do_sample=True, top_p=0.9, output_scores=True,
-                       return_dict_in_generate=True)
+        model.generate(
+            ids, max_new_tokens=3, do_sample=True, top_p=0.9, output_scores=True, return_dict_in_generate=True
+        )
         model.generate(ids, max_new_tokens=3, do_sample=False)
     assert calls == []

@@ -29,15 +29,31 @@ def test_commands_default_to_the_shipped_model(capsys):
     assert "shipped small model" in err and out.strip()
 
 
-def test_shipped_model_retrieves_pass_keys_from_memory(tmp_path, capsys):
+def test_shipped_model_retrieves_pass_keys_from_memory(tmp_path, capsys, bf16_cpu_attention):
     # 4k tokens = 8 windows of 512: the key is read back from the memory layers (the local context holds 256).
     out = tmp_path / "r.json"
     assert main(["passkey", "--lengths", "4k", "--trials", "3", "--device", "cpu", "--out", str(out)]) == 0
     summary = json.loads(out.read_text())["summary"]
     assert summary["overall"]["accuracy"] == 1.0, capsys.readouterr().out
     # Without memory layers the same prompts fail: the key is never in the local context.
-    assert main(["passkey", "--lengths", "4k", "--trials", "3", "--device", "cpu", "--mem-layers", "none",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "passkey",
+                "--lengths",
+                "4k",
+                "--trials",
+                "3",
+                "--device",
+                "cpu",
+                "--mem-layers",
+                "none",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["summary"]["overall"]["accuracy"] == 0.0
 
 

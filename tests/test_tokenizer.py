@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from conftest import train_llama_spm
 from transformers import AutoTokenizer
 
 from longllama.errors import CheckpointError, InputError
 from longllama.tokenizer import encode_prompt, load_tokenizer
-
-from conftest import train_llama_spm
 
 UNK, BOS, EOS = 0, 1, 2
 
@@ -85,8 +84,15 @@ def _corpus(seed: int = 1234, lines: int = 300) -> list[str]:
 
 def _train(folder: Path, *, model_type: str = "bpe", **options: object) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    train_llama_spm(folder, _corpus(), vocab_size=400, model_type=model_type, allow_whitespace_only_pieces=True,
-                    character_coverage=0.9995, **options)
+    train_llama_spm(
+        folder,
+        _corpus(),
+        vocab_size=400,
+        model_type=model_type,
+        allow_whitespace_only_pieces=True,
+        character_coverage=0.9995,
+        **options,
+    )
     return folder
 
 

@@ -19,15 +19,19 @@ import pytest
 import torch
 
 from longllama import LongLlamaForCausalLM
-from longllama import train as training
-from longllama.train import list_checkpoints, load_config, read_log
+from longllama.training import loop
+from longllama.training.checkpoints import list_checkpoints
+from longllama.training.config import load_config
+from longllama.training.logs import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRETRAIN = REPO / "configs" / "tiny-pretrain.yaml"
 TINY_FINETUNE = REPO / "configs" / "tiny-finetune.yaml"
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
 
 # Steps 1-4, checkpoints at 2 and 4, evaluation at 2 and 4 (which runs on both ranks too).
 SETTINGS = {"steps": 4, "save_every": 2, "eval_every": 2, "eval_steps": 1, "progress": False, "data.batch_size": 8}
@@ -37,24 +41,38 @@ def overrides(out: Path, **settings) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in {**SETTINGS, "out_dir": str(out), **settings}.items()]
 
 
-def single_process(out: Path, config: Path = TINY_PRETRAIN, **settings) -> training.TrainResult:
+def single_process(out: Path, config: Path = TINY_PRETRAIN, **settings) -> loop.TrainResult:
     # One thread, as torchrun gives each rank: CPU reductions then add in the same order as in the ranks.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return training.train(load_config(config, overrides=overrides(out, grad_accum=2, **settings)))
+        return loop.train(load_config(config, overrides=overrides(out, grad_accum=2, **settings)))
     finally:
         torch.set_num_threads(threads)
 
 
-def torchrun(out: Path, parallel: str, *extra: str, config: Path = TINY_PRETRAIN, module: str = "longllama.cli",
-             **settings) -> None:
+def torchrun(
+    out: Path, parallel: str, *extra: str, config: Path = TINY_PRETRAIN, module: str = "longllama.cli", **settings
+) -> None:
     """2 processes through torch's own launcher, on a free port (--standalone)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", module, *(["train"] if module == "longllama.cli" else []), str(config), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        module,
+        *(["train"] if module == "longllama.cli" else []),
+        str(config),
+        *extra,
+    ]
     for item in overrides(out, parallel=parallel, grad_accum=1, **settings):
         command += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # One thread per rank, MKL's too (torch.set_num_threads(1) sets both in single_process): an inherited
+    # MKL_NUM_THREADS=2 made the ranks' products sum in another order (gradients off by an fp32 step).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -87,7 +105,7 @@ def runs(tmp_path_factory):
 
 
 def test_ddp_two_processes_equal_one_process(runs):
-    torchrun(runs / "ddp", "ddp", module="longllama.train")  # the train module's own torchrun entry
+    torchrun(runs / "ddp", "ddp", module="longllama.training")  # the training package's own torchrun entry
     assert_same_run(runs / "single", runs / "ddp", atol=0.0)  # same sums in the same order: bitwise
 
 

@@ -60,10 +60,20 @@ def train_tokenizer(texts: list[str], folder: Path) -> None:
     folder.mkdir(exist_ok=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=VOCAB_SIZE,
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=VOCAB_SIZE,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
         # As LLaMA's: no character map (which alone would be ~240 KB) and spaces kept as they are.
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
     )
     (folder / "tokenizer.model").write_bytes(model.getvalue())
 

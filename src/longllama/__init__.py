@@ -4,6 +4,7 @@ Importing the package registers the `longllama` model type with transformers' Au
 `AutoConfig` / `AutoModelForCausalLM.from_pretrained(folder)` load LongLLaMA checkpoints with no remote code.
 """
 
+from longllama.cache import LongLlamaCache
 from longllama.config import LongLlamaConfig
 from longllama.hf import (
     LongLlamaForCausalLM,
@@ -11,7 +12,6 @@ from longllama.hf import (
     LongLlamaModel,
     register_auto_classes,
 )
-from longllama.cache import LongLlamaCache
 from longllama.memory import MemoryCache
 
 __version__ = "0.1.0"

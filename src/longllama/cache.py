@@ -5,7 +5,8 @@ Per layer:
     local positions    (batch, P)                      int64 absolute positions (only differences matter)
     memory             MemoryCache or None             memory layers only
 
-`to_legacy()` / `from_legacy()` convert to and from the reference's tuple format (6 tensors per layer, SPEC B.7).
+`to_legacy()` / `from_legacy()` convert to and from the reference's tuple format (6 tensors per layer,
+docs/inference.md#cache-format).
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ class LayerState:
     def local_length(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def set_local(self, keys: torch.Tensor | None, values: torch.Tensor | None,
-                  positions: torch.Tensor | None) -> None:
+    def set_local(self, keys: torch.Tensor | None, values: torch.Tensor | None, positions: torch.Tensor | None) -> None:
         self.keys, self.values, self.positions = keys, values, positions
 
 
@@ -95,8 +95,9 @@ class LongLlamaCache:
         self.index_select(beam_idx)
 
     # -- the reference's tuple format ----------------------------------------------------------------------------
-    def to_legacy(self, *, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str | None = None) -> tuple[tuple[torch.Tensor, ...], ...]:
+    def to_legacy(
+        self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> tuple[tuple[torch.Tensor, ...], ...]:
         """The reference's past_key_values: per layer (local_K, local_V, local_pos [b,1,P,1], mem_K, mem_V,
         mem_mask [b,1,M,1] additive in `dtype`: 0 visible, finfo.min padding); missing parts are (b,0,0,0)."""
         batch = self._batch_size()
@@ -150,5 +151,7 @@ class LongLlamaCache:
         return 0
 
     def __repr__(self) -> str:
-        return (f"LongLlamaCache(layers={len(self.layers)}, local_length={self.local_length}, "
-                f"memory_length={self.memory_length})")
+        return (
+            f"LongLlamaCache(layers={len(self.layers)}, local_length={self.local_length}, "
+            f"memory_length={self.memory_length})"
+        )

@@ -37,29 +37,80 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_LAYOUTS = (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)
 
 # Files that travel with the weights when a folder is converted.
-AUX_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "added_tokens.json")
+AUX_FILES = (
+    "generation_config.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 # The safetensors library refuses headers above 100 MB; anything larger is corruption, not a real header.
 _MAX_SAFETENSORS_HEADER = 100_000_000
 _SAFETENSORS_ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
 }
 _STALE_BUFFER = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _SHARD_NAME = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 _ZIP_LOCAL_HEADER = 30
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 # LLaMA config fields that LongLlamaConfig shares under the same name.
-_SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
-                  "rms_norm_eps", "use_cache", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
-_FOT_FIELDS = ("last_context_length", "mem_layers", "mem_positionals", "mem_dtype", "mem_attention_grouping",
-               "torch_attention", "gradient_checkpoint_every_ith")
+_SHARED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "use_cache",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+_FOT_FIELDS = (
+    "last_context_length",
+    "mem_layers",
+    "mem_positionals",
+    "mem_dtype",
+    "mem_attention_grouping",
+    "torch_attention",
+    "gradient_checkpoint_every_ith",
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -178,8 +229,9 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
             raise _corrupt(path, f"is truncated ({size} bytes, shorter than the 8-byte header length)")
         header_len = int.from_bytes(prefix, "little")
         if header_len > _MAX_SAFETENSORS_HEADER or 8 + header_len > size:
-            raise _corrupt(path, f"has a corrupt or truncated header (declares {header_len} header bytes, "
-                                 f"file has {size})")
+            raise _corrupt(
+                path, f"has a corrupt or truncated header (declares {header_len} header bytes, file has {size})"
+            )
         raw = handle.read(header_len)
     try:
         header = json.loads(raw)
@@ -365,8 +417,9 @@ def _parse_size(size: int | str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
     unit = match.group(2).upper() if match else None
     if unit not in _SIZE_UNITS or int(float(match.group(1)) * _SIZE_UNITS[unit]) <= 0:
-        raise InputError(f"max_shard_size={size!r} is not a positive size: use bytes or a string such as "
-                         "'5GB' or '500MiB'")
+        raise InputError(
+            f"max_shard_size={size!r} is not a positive size: use bytes or a string such as '5GB' or '500MiB'"
+        )
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
@@ -386,9 +439,11 @@ def _split_shards(tensors: Mapping[str, torch.Tensor], limit: int) -> list[dict[
 
 def _stage_files(folder: Path, shards: list[dict[str, torch.Tensor]]) -> list[tuple[Path, Path]]:
     """Write every output under a temporary name; returns (temporary, final) pairs, index last."""
-    names = [SAFE_SINGLE] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]
+    names = (
+        [SAFE_SINGLE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     staged: list[tuple[Path, Path]] = []
     try:
         for name, shard in zip(names, shards):
@@ -416,8 +471,9 @@ def _temp_sibling(path: Path) -> Path:
 
 
 def _safetensors_files(folder: Path) -> set[Path]:
-    found = {folder / SAFE_SINGLE, folder / SAFE_INDEX} | {p for p in folder.glob("model-*.safetensors")
-                                                           if _SHARD_NAME.match(p.name)}
+    found = {folder / SAFE_SINGLE, folder / SAFE_INDEX} | {
+        p for p in folder.glob("model-*.safetensors") if _SHARD_NAME.match(p.name)
+    }
     if (folder / SAFE_INDEX).is_file():
         try:
             found |= {folder / shard for shard in _read_index(folder / SAFE_INDEX).values()}
@@ -430,8 +486,13 @@ def _safetensors_files(folder: Path) -> set[Path]:
 # Conversions
 
 
-def convert_to_safetensors(src: PathLike, dst: PathLike, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                           dtype: torch.dtype | None = None) -> None:
+def convert_to_safetensors(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Copy a model folder (any weight layout, legacy .bin included) to `dst` with safetensors weights.
 
     `dtype` (e.g. torch.bfloat16) casts the floating-point weights and records it in the config (`dtype`, and the
@@ -484,13 +545,21 @@ def longllama_to_llama(src: PathLike, dst: PathLike, *, max_shard_size: int | st
     check_model_folder(src_folder, allow_legacy_bin=True)
     raw = _read_json(src_folder / "config.json", what="config")
     if raw.get("model_type") != "longllama":
-        raise ConfigError(f"config model_type={raw.get('model_type')!r} is not 'longllama': "
-                          "pass a LongLLaMA folder (use llama_to_longllama for the other direction)")
+        raise ConfigError(
+            f"config model_type={raw.get('model_type')!r} is not 'longllama': "
+            "pass a LongLLaMA folder (use llama_to_longllama for the other direction)"
+        )
     long_config = _longllama_from_json(raw)
     shared = {name: getattr(long_config, name) for name in _SHARED_FIELDS}
     dtype = long_config.to_dict().get("dtype")
-    llama = LlamaConfig(**shared, rope_theta=long_config.rope_theta, attention_bias=False, mlp_bias=False,
-                        dtype=dtype, architectures=["LlamaForCausalLM"])
+    llama = LlamaConfig(
+        **shared,
+        rope_theta=long_config.rope_theta,
+        attention_bias=False,
+        mlp_bias=False,
+        dtype=dtype,
+        architectures=["LlamaForCausalLM"],
+    )
     config = json.loads(llama.to_json_string(use_diff=True))
     state = load_state_dict(src_folder)
     _check_llama_tensors(state, llama.to_dict())
@@ -511,8 +580,10 @@ def _llama_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
     from transformers import LlamaConfig
 
     if raw.get("model_type") != "llama":
-        raise ConfigError(f"config model_type={raw.get('model_type')!r} is not 'llama': pass a LlamaForCausalLM "
-                          "folder (other architectures cannot be converted)")
+        raise ConfigError(
+            f"config model_type={raw.get('model_type')!r} is not 'llama': pass a LlamaForCausalLM "
+            "folder (other architectures cannot be converted)"
+        )
     # LlamaConfig normalises the three historic rope spellings (rope_theta, rope_scaling, rope_parameters).
     try:
         llama = LlamaConfig.from_dict(dict(raw))
@@ -532,12 +603,16 @@ def _plain_rope_theta(llama: Any) -> float:
     params = getattr(llama, "rope_parameters", None)
     if params is None:  # transformers versions before rope_parameters
         scaling = getattr(llama, "rope_scaling", None)
-        params = {"rope_type": "default" if not scaling else scaling.get("rope_type", scaling.get("type")),
-                  "rope_theta": getattr(llama, "rope_theta", 10000.0)}
+        params = {
+            "rope_type": "default" if not scaling else scaling.get("rope_type", scaling.get("type")),
+            "rope_theta": getattr(llama, "rope_theta", 10000.0),
+        }
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
-        raise ConfigError(f"rope scaling {rope_type!r} is not supported: LongLLaMA uses plain RoPE "
-                          "(rope_type 'default'); convert a model without rope scaling")
+        raise ConfigError(
+            f"rope scaling {rope_type!r} is not supported: LongLLaMA uses plain RoPE "
+            "(rope_type 'default'); convert a model without rope scaling"
+        )
     return float(params.get("rope_theta", 10000.0))
 
 
@@ -558,10 +633,14 @@ def _expected_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     head_dim = config.get("head_dim") or hidden // heads
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     per_layer = {
-        "self_attn.q_proj.weight": (heads * head_dim, hidden), "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-        "self_attn.v_proj.weight": (kv_heads * head_dim, hidden), "self_attn.o_proj.weight": (hidden, heads * head_dim),
-        "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
-        "mlp.down_proj.weight": (hidden, inter), "input_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (heads * head_dim, hidden),
+        "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+        "self_attn.o_proj.weight": (hidden, heads * head_dim),
+        "mlp.gate_proj.weight": (inter, hidden),
+        "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter),
+        "input_layernorm.weight": (hidden,),
         "post_attention_layernorm.weight": (hidden,),
     }
     for layer in range(config["num_hidden_layers"]):
@@ -579,16 +658,21 @@ def _check_llama_tensors(state: Mapping[str, torch.Tensor], config: Mapping[str,
     unexpected = sorted(set(state) - set(expected) - tied_head)
     if missing or unexpected:
         name, kind = (missing[0], "is missing") if missing else (unexpected[0], "is not a LLaMA tensor")
-        raise CheckpointError(f"weight {name} {kind} ({len(missing)} missing, {len(unexpected)} unexpected): "
-                              "the weights do not match config.json; convert a plain LlamaForCausalLM checkpoint")
+        raise CheckpointError(
+            f"weight {name} {kind} ({len(missing)} missing, {len(unexpected)} unexpected): "
+            "the weights do not match config.json; convert a plain LlamaForCausalLM checkpoint"
+        )
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
-            raise CheckpointError(f"weight {name} has shape {tuple(state[name].shape)}, config.json implies {shape}: "
-                                  "the weights and config.json do not belong together")
+            raise CheckpointError(
+                f"weight {name} has shape {tuple(state[name].shape)}, config.json implies {shape}: "
+                "the weights and config.json do not belong together"
+            )
 
 
-def _write_folder(dst: PathLike, *, src: Path, config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
-                  max_shard_size: int | str) -> None:
+def _write_folder(
+    dst: PathLike, *, src: Path, config: Mapping[str, Any], state: Mapping[str, torch.Tensor], max_shard_size: int | str
+) -> None:
     """Build the whole destination in a sibling temporary folder, then rename it into place."""
     final = Path(dst)
     _check_destination(final, src)

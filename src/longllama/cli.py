@@ -5,7 +5,8 @@ into the model's memory (a progress bar on stderr shows tokens/s) and streams th
 `longllama train CONFIG.yaml [--set KEY=VALUE | --KEY VALUE ...] [--resume]` trains from a YAML config (configs/);
 `longllama finetune ...` is the same with mode finetune. Under `torchrun --nproc_per_node N` with `parallel: ddp` or
 `fsdp2` the processes train together.
-`longllama passkey --model DIR [--lengths 4096,16384] [--depths 0,0.5,1]` runs the passkey retrieval test (SPEC E.1)
+`longllama passkey --model DIR [--lengths 4096,16384] [--depths 0,0.5,1]` runs the passkey retrieval test
+(docs/evaluation.md#passkey-retrieval)
 over prompt lengths (in tokens) and key depths, prints the accuracy table and can save JSON results and a plot.
 `longllama perplexity --model DIR --data FILE.jsonl [--contexts 0,1k,4k,16k,64k]` scores the same target tokens of
 held-out documents after contexts of each length, prints perplexity per context length and can save JSON and a plot.
@@ -83,7 +84,7 @@ class TextStreamer:
         text = self._pending_text()
         ready = text if final else text.rstrip(REPLACEMENT_CHAR)
         if len(ready) > self._written:
-            new = ready[self._written:]
+            new = ready[self._written :]
             self._write(new)
             self.text += new
             self._written = len(ready)
@@ -96,7 +97,7 @@ class TextStreamer:
         if not self._pending:
             return ""
         text = self._decode(self._anchor + self._pending)
-        return text[len(self._anchor_text):] if text.startswith(self._anchor_text) else text
+        return text[len(self._anchor_text) :] if text.startswith(self._anchor_text) else text
 
     def _decode(self, ids: list[int]) -> str:
         # Keep special tokens so the anchor is decoded as itself (and then cut off); the others are filtered in put().
@@ -130,12 +131,26 @@ class PromptProgress:
 # Subcommands
 
 
-def generate(*, model: str | None, prompt: str | None = None, prompt_file: str | None = None,
-             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float | None = None,
-             top_k: int | None = None, seed: int | None = None, last_context_length: int | None = None,
-             dtype: str = "auto", device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None,
-             mem_layers: list[int] | None = None, mem_top_k: int | None = None,
-             compile_elementwise: bool | None = None) -> int:
+def generate(
+    *,
+    model: str | None,
+    prompt: str | None = None,
+    prompt_file: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    last_context_length: int | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    mem_attention_grouping: tuple[int, int] | None = None,
+    mem_layers: list[int] | None = None,
+    mem_top_k: int | None = None,
+    compile_elementwise: bool | None = None,
+    plan: list[str] | None = None,
+    verbose: bool = False,
+) -> int:
     """Continue a prompt with a LongLLaMA checkpoint, streaming the new text to stdout."""
     import torch
 
@@ -147,17 +162,32 @@ def generate(*, model: str | None, prompt: str | None = None, prompt_file: str |
     text = read_prompt(prompt, prompt_file)
     tokenizer = load_tokenizer(folder)  # before the model: a bad tokenizer or prompt fails in a second, not minutes
     ids = encode_prompt(tokenizer, text, bos=True)
-    lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping,
-                    mem_layers=mem_layers, mem_top_k=mem_top_k,
-                    compile_elementwise=compile_elementwise)
+    lm = load_model(
+        folder,
+        dtype=dtype,
+        device=torch_device,
+        mem_attention_grouping=mem_attention_grouping,
+        mem_layers=mem_layers,
+        mem_top_k=mem_top_k,
+        compile_elementwise=compile_elementwise,
+        plan=plan,
+        verbose=verbose,
+    )
     if seed is not None:
         torch.manual_seed(seed)
     input_ids = torch.tensor([ids], dtype=torch.long, device=torch_device)
     streamer = TextStreamer(tokenizer, sys.stdout)
     progress = PromptProgress(len(ids), sys.stderr)
     try:
-        lm.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, progress=progress,
-                    last_context_length=last_context_length, max_new_tokens=max_new_tokens, **settings)
+        lm.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            streamer=streamer,
+            progress=progress,
+            last_context_length=last_context_length,
+            max_new_tokens=max_new_tokens,
+            **settings,
+        )
     finally:
         progress.close()
     return 0
@@ -190,8 +220,10 @@ def _model_folder(model: str | None) -> Path:
         if (SHIPPED_MODEL / "config.json").is_file():
             print(f"{PROG}: no --model given: using the shipped small model ({SHIPPED_MODEL})", file=sys.stderr)
             return SHIPPED_MODEL
-        raise CliError("no model given: pass --model DIR with a LongLLaMA checkpoint folder "
-                       "(config.json, weights and tokenizer.model)")
+        raise CliError(
+            "no model given: pass --model DIR with a LongLLaMA checkpoint folder "
+            "(config.json, weights and tokenizer.model)"
+        )
     folder = Path(model).expanduser()
     if not folder.is_dir():
         raise CliError(f"--model {model}: no such folder; pass the path of a local LongLLaMA checkpoint folder")
@@ -212,8 +244,9 @@ def resolve_device(name: str):
         raise CliError(f"--device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise CliError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); "
-                           "use --device cpu")
+            raise CliError(
+                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             choices = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
@@ -235,29 +268,44 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         except FileNotFoundError:
             raise CliError(f"prompt file {prompt_file} does not exist: check the --prompt-file path") from None
         except OSError as exc:
-            raise CliError(f"cannot read prompt file {prompt_file} ({exc.strerror or exc}): "
-                           "pass a readable text file") from None
+            raise CliError(
+                f"cannot read prompt file {prompt_file} ({exc.strerror or exc}): pass a readable text file"
+            ) from None
         except UnicodeDecodeError as exc:
-            raise InputError(f"prompt file {prompt_file} is not UTF-8 text ({exc.reason} at byte {exc.start}): "
-                             "save it as UTF-8") from None
+            raise InputError(
+                f"prompt file {prompt_file} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8"
+            ) from None
     if not text:
         raise InputError(f"prompt file {prompt_file} is empty: write the prompt text into it")
     return text
 
 
-def load_model(folder: Path, *, dtype: str, device, mem_attention_grouping: tuple[int, int] | None,
-               mem_layers: list[int] | None = None, mem_top_k: int | None = None,
-               compile_elementwise: bool | None = None):
+def load_model(
+    folder: Path,
+    *,
+    dtype: str,
+    device,
+    mem_attention_grouping: tuple[int, int] | None,
+    mem_layers: list[int] | None = None,
+    mem_top_k: int | None = None,
+    compile_elementwise: bool | None = None,
+    plan: list[str] | None = None,
+    verbose: bool = False,
+):
     """LongLlamaForCausalLM from `folder` in `dtype` ('auto': the checkpoint's own), on `device`, in eval mode;
     `mem_layers` replaces the checkpoint's memory layers (e.g. [] for an ablation without memory), `mem_top_k`
     (0: dense) its kNN memory setting, `compile_elementwise` (None: the checkpoint's, "auto" by default) whether
-    RMSNorm/RoPE/SwiGLU run through torch.compile."""
+    RMSNorm/RoPE/SwiGLU run through torch.compile; `plan` KEY=VALUE changes of the execution plan (checked before
+    the model loads); `verbose` prints the plan to stderr."""
     import torch
 
     from longllama import LongLlamaForCausalLM
+    from longllama.plan import check_changes, parse_overrides
 
     if dtype not in DTYPES:  # argparse checks too; this guards calls from Python
         raise CliError(f"--dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+    changes = parse_overrides(plan)
+    check_changes(changes)  # a bad field or value fails before minutes of loading
     overrides = {} if mem_attention_grouping is None else {"mem_attention_grouping": tuple(mem_attention_grouping)}
     if mem_layers is not None:
         overrides["mem_layers"] = list(mem_layers)
@@ -266,8 +314,12 @@ def load_model(folder: Path, *, dtype: str, device, mem_attention_grouping: tupl
     if compile_elementwise is not None:
         overrides["compile_elementwise"] = compile_elementwise
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = LongLlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype, **overrides)
-    return model.to(device).eval()
+    model = LongLlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype, **overrides).to(device).eval()
+    if changes:
+        model.set_plan(**changes)
+    if verbose:
+        print(f"{PROG}: {model.plan}", file=sys.stderr)
+    return model
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -348,17 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train(*, config: str, overrides: list[str] | None = None, resume: bool | str = False,
-          mode: str | None = None) -> int:
+def train(
+    *, config: str, overrides: list[str] | None = None, resume: bool | str = False, mode: str | None = None
+) -> int:
     """Train LongLLaMA from a YAML config (see configs/): FoT pre-training or instruction fine-tuning, as the
     config's `mode` says. `--set KEY=VALUE` (or `--KEY VALUE`) overrides a setting, e.g. `--set steps=10` or
     `--optim.lr 3e-4`; `--resume` continues from the newest checkpoint in out_dir."""
-    from longllama import train as training
+    from longllama.training import loop
+    from longllama.training.config import load_config
 
-    settings = training.load_config(config, overrides=overrides or (), mode=mode)
+    settings = load_config(config, overrides=overrides or (), mode=mode)
     if resume:
         settings.resume = resume
-    result = training.train(settings)
+    result = loop.train(settings)
     if result.main:
         print(f"trained to step {result.step}; model in {result.export_dir or settings.out_dir}")
     return 0
@@ -370,15 +424,28 @@ def finetune(*, config: str, overrides: list[str] | None = None, resume: bool | 
 
 
 def _add_train(commands) -> None:
-    helps = {"train": "train or fine-tune from a YAML config (FoT pre-training, DDP / FSDP2 under torchrun)",
-             "finetune": "instruction / chat fine-tuning from a YAML config (train with mode finetune)"}
+    helps = {
+        "train": "train or fine-tune from a YAML config (FoT pre-training, DDP / FSDP2 under torchrun)",
+        "finetune": "instruction / chat fine-tuning from a YAML config (train with mode finetune)",
+    }
     for name, func in (("train", train), ("finetune", finetune)):
         p = commands.add_parser(name, help=helps[name], description=func.__doc__)
         p.add_argument("config", help="YAML config file (e.g. configs/tiny-pretrain.yaml)")
-        p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                       help="override a setting (dotted keys, YAML values); repeatable. --KEY VALUE works too")
-        p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                       help="continue from the newest checkpoint in out_dir (or from CHECKPOINT)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a setting (dotted keys, YAML values); repeatable. --KEY VALUE works too",
+        )
+        p.add_argument(
+            "--resume",
+            nargs="?",
+            const=True,
+            default=False,
+            metavar="CHECKPOINT",
+            help="continue from the newest checkpoint in out_dir (or from CHECKPOINT)",
+        )
         p.set_defaults(func=func)
 
 
@@ -402,8 +469,16 @@ def _option_overrides(tokens: list[str]) -> list[str]:
     return out
 
 
-def convert(*, src: str, dst: str, to: str, mem_layers: list[int] | None = None,
-            last_context_length: int | None = None, mem_dtype: str = "bfloat16", dtype: str | None = None) -> int:
+def convert(
+    *,
+    src: str,
+    dst: str,
+    to: str,
+    mem_layers: list[int] | None = None,
+    last_context_length: int | None = None,
+    mem_dtype: str = "bfloat16",
+    dtype: str | None = None,
+) -> int:
     """Convert a checkpoint folder: `safetensors` (.bin -> safetensors, same model), `longllama` (a transformers
     LLaMA folder -> LongLLaMA with the chosen memory layers) or `llama` (LongLLaMA -> plain LLaMA)."""
     from longllama import checkpoint
@@ -417,8 +492,9 @@ def convert(*, src: str, dst: str, to: str, mem_layers: list[int] | None = None,
     elif to == "longllama":
         if mem_layers is None:
             return _fail("--to longllama needs --mem-layers, e.g. --mem-layers 6,12,18")
-        checkpoint.llama_to_longllama(src, dst, mem_layers=mem_layers, last_context_length=last_context_length,
-                                      mem_dtype=mem_dtype)
+        checkpoint.llama_to_longllama(
+            src, dst, mem_layers=mem_layers, last_context_length=last_context_length, mem_dtype=mem_dtype
+        )
     else:
         checkpoint.longllama_to_llama(src, dst)
     print(f"wrote {dst}")
@@ -430,65 +506,130 @@ def _int_list(text: str) -> list[int]:
 
 
 def _add_convert(commands) -> None:
-    p = commands.add_parser("convert", help="convert checkpoint folders (safetensors, LLaMA <-> LongLLaMA)",
-                            description=convert.__doc__)
+    p = commands.add_parser(
+        "convert", help="convert checkpoint folders (safetensors, LLaMA <-> LongLLaMA)", description=convert.__doc__
+    )
     p.add_argument("src", help="source checkpoint folder")
     p.add_argument("dst", help="destination folder (must not exist or be empty); written atomically")
     p.add_argument("--to", required=True, choices=["safetensors", "longllama", "llama"], help="what to make")
     p.add_argument("--mem-layers", type=_int_list, metavar="I,J,...", help="memory layers (with --to longllama)")
-    p.add_argument("--last-context-length", type=_positive_int, metavar="N",
-                   help="final window kept in the local cache (with --to longllama; default: half the window)")
-    p.add_argument("--mem-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                   help="storage dtype of the memory (with --to longllama)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                   help="cast the weights (with --to safetensors), e.g. bfloat16 to halve a float32 checkpoint")
+    p.add_argument(
+        "--last-context-length",
+        type=_positive_int,
+        metavar="N",
+        help="final window kept in the local cache (with --to longllama; default: half the window)",
+    )
+    p.add_argument(
+        "--mem-dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="storage dtype of the memory (with --to longllama)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="cast the weights (with --to safetensors), e.g. bfloat16 to halve a float32 checkpoint",
+    )
     p.set_defaults(func=convert)
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --dtype, --device and --mem-attention-grouping: how every model-running command loads its model."""
-    p.add_argument("--model", metavar="DIR", help="LongLLaMA checkpoint folder (config.json, weights, tokenizer.model); "
-                                                  "default: the small model shipped with the package")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="weights dtype (auto: as stored in the checkpoint)")
-    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where to run (auto: CUDA when available)")
-    p.add_argument("--mem-attention-grouping", type=_grouping, metavar="H,Q",
-                   help="memory attention in chunks of H heads and Q queries, to bound its memory use (e.g. 1,2048)")
-    p.add_argument("--mem-layers", type=_layer_list, metavar="I,J,...|none",
-                   help="use these layers as memory layers instead of the checkpoint's ('none': no memory at all)")
-    p.add_argument("--mem-top-k", type=_non_negative_int, metavar="K",
-                   help="kNN memory: each query of a memory layer attends to its K best memory keys only "
-                        "(0: dense; default: the checkpoint's mem_top_k)")
-    p.add_argument("--compile", dest="compile_elementwise", action=argparse.BooleanOptionalAction,
-                   help="fuse RMSNorm, RoPE and SwiGLU with torch.compile (default: on GPUs only; a one-time compile "
-                        "of a few seconds)")
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        help="LongLLaMA checkpoint folder (config.json, weights, tokenizer.model); "
+        "default: the small model shipped with the package",
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (auto: as stored in the checkpoint)")
+    p.add_argument(
+        "--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}", help="where to run (auto: CUDA when available)"
+    )
+    p.add_argument(
+        "--mem-attention-grouping",
+        type=_grouping,
+        metavar="H,Q",
+        help="memory attention in chunks of H heads and Q queries, to bound its memory use (e.g. 1,2048)",
+    )
+    p.add_argument(
+        "--mem-layers",
+        type=_layer_list,
+        metavar="I,J,...|none",
+        help="use these layers as memory layers instead of the checkpoint's ('none': no memory at all)",
+    )
+    p.add_argument(
+        "--mem-top-k",
+        type=_non_negative_int,
+        metavar="K",
+        help="kNN memory: each query of a memory layer attends to its K best memory keys only "
+        "(0: dense; default: the checkpoint's mem_top_k)",
+    )
+    p.add_argument(
+        "--compile",
+        dest="compile_elementwise",
+        action=argparse.BooleanOptionalAction,
+        help="fuse RMSNorm, RoPE and SwiGLU with torch.compile (default: on GPUs only; a one-time compile "
+        "of a few seconds)",
+    )
+    p.add_argument(
+        "--plan",
+        action="append",
+        metavar="KEY=VALUE",
+        help="change one execution choice of the model's plan (repeatable), e.g. memory_kernel=cudnn or "
+        "window_group_tokens=4096; --verbose shows them all",
+    )
+    p.add_argument("--verbose", action="store_true", help="print the execution plan (kernels, widths, grouping)")
 
 
 def _add_generate(commands) -> None:
-    p = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout",
-                            description=generate.__doc__)
+    p = commands.add_parser(
+        "generate", help="continue a prompt, streaming the text to stdout", description=generate.__doc__
+    )
     _add_model_arguments(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", metavar="TEXT", help="the prompt text")
     source.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file ('-': stdin)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N", help="at most N new tokens (256)")
-    p.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
-                   help="0 (default): greedy decoding; > 0: sample at this temperature")
+    p.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=0.0,
+        metavar="T",
+        help="0 (default): greedy decoding; > 0: sample at this temperature",
+    )
     p.add_argument("--top-p", type=_probability, metavar="P", help="nucleus sampling: keep the top P of probability")
     p.add_argument("--top-k", type=_non_negative_int, metavar="K", help="sample among the K likeliest tokens (0: all)")
     p.add_argument("--seed", type=int, metavar="S", help="random seed, for repeatable sampling")
-    p.add_argument("--last-context-length", type=_positive_int, metavar="N",
-                   help="prompt tokens kept in the local context (default: the model's config)")
+    p.add_argument(
+        "--last-context-length",
+        type=_positive_int,
+        metavar="N",
+        help="prompt tokens kept in the local context (default: the model's config)",
+    )
     p.set_defaults(func=generate)
 
 
-def passkey(*, model: str | None, lengths: list[int] | None = None, depths: list[float | None] | None = None,
-            trials: int = 10, seed: int = 0, last_context_length: int | None = None, dtype: str = "auto",
-            device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None,
-            mem_layers: list[int] | None = None, mem_top_k: int | None = None,
-            compile_elementwise: bool | None = None, out: str | None = None, plot: str | None = None) -> int:
-    """Passkey retrieval (SPEC E.1): hide a pass key in filler text at each prompt length (in tokens) and key depth,
+def passkey(
+    *,
+    model: str | None,
+    lengths: list[int] | None = None,
+    depths: list[float | None] | None = None,
+    trials: int = 10,
+    seed: int = 0,
+    last_context_length: int | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    mem_attention_grouping: tuple[int, int] | None = None,
+    mem_layers: list[int] | None = None,
+    mem_top_k: int | None = None,
+    compile_elementwise: bool | None = None,
+    plan: list[str] | None = None,
+    verbose: bool = False,
+    out: str | None = None,
+    plot: str | None = None,
+) -> int:
+    """Passkey retrieval (docs/evaluation.md#passkey-retrieval): hide a pass key in filler text at each prompt length
+    (in tokens) and key depth,
     greedy-decode the answer and count exact matches. Prints accuracy per length and depth; --out saves every trial
     as JSON, --plot draws accuracy against length and a length x depth heatmap."""
     from longllama.evals import passkey as task
@@ -504,22 +645,48 @@ def passkey(*, model: str | None, lengths: list[int] | None = None, depths: list
     # Everything that can fail without the model is checked before loading it: that can take minutes.
     tokenizer = load_tokenizer(folder)
     task.check_lengths(tokenizer, lengths, seed=seed)
-    # The model's own (1024 for the released checkpoints, as SPEC E.1 uses) unless given.
+    # The model's own (1024 for the released checkpoints, as docs/evaluation.md#passkey-retrieval uses) unless given.
     last_context_length = _last_context_length(folder, last_context_length)
-    lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping,
-                    mem_layers=mem_layers, mem_top_k=mem_top_k,
-                    compile_elementwise=compile_elementwise)
-    settings = {"model": str(folder), "lengths": lengths, "depths": depths, "trials": trials, "seed": seed,
-                "last_context_length": last_context_length, "dtype": dtype, "device": str(torch_device),
-                "mem_attention_grouping": mem_attention_grouping, "mem_layers": mem_layers,
-                "mem_top_k": mem_top_k}
+    lm = load_model(
+        folder,
+        dtype=dtype,
+        device=torch_device,
+        mem_attention_grouping=mem_attention_grouping,
+        mem_layers=mem_layers,
+        mem_top_k=mem_top_k,
+        compile_elementwise=compile_elementwise,
+        plan=plan,
+        verbose=verbose,
+    )
+    settings = {
+        "model": str(folder),
+        "lengths": lengths,
+        "depths": depths,
+        "trials": trials,
+        "seed": seed,
+        "last_context_length": last_context_length,
+        "dtype": dtype,
+        "device": str(torch_device),
+        "mem_attention_grouping": mem_attention_grouping,
+        "mem_layers": mem_layers,
+        "mem_top_k": mem_top_k,
+        "plan": lm.plan.to_dict(),
+    }
 
     def save_so_far(records: list[dict]) -> None:  # a run killed or cut by a time limit keeps its finished trials
         task.save_results(out_path, records, task.summarize(records), settings={**settings, "complete": False})
 
-    records = task.run_passkey(lm, tokenizer, lengths=lengths, depths=depths, trials=trials, seed0=seed,
-                               last_context_length=last_context_length, progress=True,
-                               on_record=save_so_far if out_path is not None else None)
+    records = task.run_passkey(
+        lm,
+        tokenizer,
+        lengths=lengths,
+        depths=depths,
+        trials=trials,
+        seed0=seed,
+        last_context_length=last_context_length,
+        progress=True,
+        on_record=save_so_far if out_path is not None else None,
+    )
     return _report(task, records, {**settings, "complete": True}, out_path, plot_path)
 
 
@@ -566,7 +733,7 @@ def _lengths(text: str) -> list[int]:
 
 def _depths(text: str) -> list[float | None]:
     """Key depths in [0, 1] (0: key right after the instruction, 1: right before the question); 'none' (or
-    'random') is the SPEC's random place."""
+    'random') is the reference's random place (docs/evaluation.md#passkey-retrieval)."""
     values: list[float | None] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         value = None if part.lower() in ("none", "random") else _parse(float, part, "a depth in [0, 1] or 'none'")
@@ -580,41 +747,79 @@ def _depths(text: str) -> list[float | None]:
 
 
 def _add_passkey(commands) -> None:
-    p = commands.add_parser("passkey", help="passkey retrieval accuracy over prompt lengths and key depths",
-                            description=passkey.__doc__)
+    p = commands.add_parser(
+        "passkey", help="passkey retrieval accuracy over prompt lengths and key depths", description=passkey.__doc__
+    )
     _add_model_arguments(p)
-    p.add_argument("--lengths", type=_lengths, metavar="N,N,...",
-                   help="prompt lengths in tokens, a k suffix meaning x1024, m x1024^2 (default: 4096,16384)")
-    p.add_argument("--depths", type=_depths, metavar="D,D,...|none",
-                   help="key depths in [0, 1], e.g. 0,0.5,1 (default: none, a random place per trial as in the SPEC)")
-    p.add_argument("--trials", type=_positive_int, default=10, metavar="N",
-                   help="prompts per length and depth, seeds S .. S+N-1 (10)")
+    p.add_argument(
+        "--lengths",
+        type=_lengths,
+        metavar="N,N,...",
+        help="prompt lengths in tokens, a k suffix meaning x1024, m x1024^2 (default: 4096,16384)",
+    )
+    p.add_argument(
+        "--depths",
+        type=_depths,
+        metavar="D,D,...|none",
+        help="key depths in [0, 1], e.g. 0,0.5,1 (default: none, a random place per trial, as the reference did)",
+    )
+    p.add_argument(
+        "--trials",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="prompts per length and depth, seeds S .. S+N-1 (10)",
+    )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed of the prompt generator (0)")
-    p.add_argument("--last-context-length", type=_positive_int, metavar="N",
-                   help="prompt tokens kept in the local context (default: the model's config; 1024 for the "
-                        "released checkpoints, as the reference evaluation)")
-    p.add_argument("--out", metavar="FILE", help="write the settings, summary and every trial as JSON (rewritten "
-                                                 "after each trial: a run cut short keeps its finished trials)")
+    p.add_argument(
+        "--last-context-length",
+        type=_positive_int,
+        metavar="N",
+        help="prompt tokens kept in the local context (default: the model's config; 1024 for the "
+        "released checkpoints, as the reference evaluation)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write the settings, summary and every trial as JSON (rewritten "
+        "after each trial: a run cut short keeps its finished trials)",
+    )
     p.add_argument("--plot", metavar="FILE", help="draw accuracy against length and a length x depth heatmap (.png)")
     p.set_defaults(func=passkey)
 
 
-def perplexity(*, model: str | None, data: str | None, contexts: list[int] | None = None,
-               target_tokens: int = 512, max_docs: int | None = None, last_context_length: int | None = None,
-               dtype: str = "auto", device: str = "auto", mem_attention_grouping: tuple[int, int] | None = None,
-               mem_layers: list[int] | None = None, mem_top_k: int | None = None,
-               compile_elementwise: bool | None = None, out: str | None = None, plot: str | None = None) -> int:
+def perplexity(
+    *,
+    model: str | None,
+    data: str | None,
+    contexts: list[int] | None = None,
+    target_tokens: int = 512,
+    max_docs: int | None = None,
+    last_context_length: int | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    mem_attention_grouping: tuple[int, int] | None = None,
+    mem_layers: list[int] | None = None,
+    mem_top_k: int | None = None,
+    compile_elementwise: bool | None = None,
+    plan: list[str] | None = None,
+    verbose: bool = False,
+    out: str | None = None,
+    plot: str | None = None,
+) -> int:
     """Held-out perplexity against context length: for each document with at least max(C) + T tokens, the same T
     target tokens are scored after C tokens of context, for every C (one forward call each; the context beyond the
     final window goes to the memory). Prints mean NLL and perplexity per C; --out saves JSON, --plot a PNG."""
-    from longllama.data import iter_documents
+    from longllama.documents import iter_documents
     from longllama.evals import perplexity as task
     from longllama.tokenizer import load_tokenizer
 
     folder = _model_folder(model)
     if data is None:
-        raise CliError("no data given: pass --data FILE.jsonl with a \"text\" field (e.g. heldout.jsonl of "
-                       "scripts/prepare_corpus.py)")
+        raise CliError(
+            'no data given: pass --data FILE.jsonl with a "text" field (e.g. heldout.jsonl of '
+            "scripts/prepare_corpus.py)"
+        )
     texts = iter_documents(data, field="text")  # checks the file exists; reads nothing yet
     torch_device = resolve_device(device)
     contexts = contexts or list(task.DEFAULT_CONTEXTS)
@@ -626,17 +831,41 @@ def perplexity(*, model: str | None, data: str | None, contexts: list[int] | Non
     lcl = _last_context_length(folder, last_context_length)
     contexts = task.check_settings(contexts, target_tokens=target_tokens, last_context_length=lcl)
     tokenizer = load_tokenizer(folder)
-    documents = task.load_documents(texts, tokenizer,
-                                    needed_tokens=contexts[-1] + target_tokens, max_docs=max_docs)
-    lm = load_model(folder, dtype=dtype, device=torch_device, mem_attention_grouping=mem_attention_grouping,
-                    mem_layers=mem_layers, mem_top_k=mem_top_k,
-                    compile_elementwise=compile_elementwise)
-    records = task.run_perplexity(lm, documents, contexts=contexts, target_tokens=target_tokens,
-                                  bos_id=tokenizer.bos_token_id, last_context_length=lcl, progress=True)
-    settings = {"model": str(folder), "data": str(data), "contexts": contexts, "target_tokens": target_tokens,
-                "max_docs": max_docs, "last_context_length": lcl, "dtype": dtype, "device": str(torch_device),
-                "mem_attention_grouping": mem_attention_grouping, "mem_layers": mem_layers,
-                "mem_top_k": mem_top_k}
+    documents = task.load_documents(texts, tokenizer, needed_tokens=contexts[-1] + target_tokens, max_docs=max_docs)
+    lm = load_model(
+        folder,
+        dtype=dtype,
+        device=torch_device,
+        mem_attention_grouping=mem_attention_grouping,
+        mem_layers=mem_layers,
+        mem_top_k=mem_top_k,
+        compile_elementwise=compile_elementwise,
+        plan=plan,
+        verbose=verbose,
+    )
+    records = task.run_perplexity(
+        lm,
+        documents,
+        contexts=contexts,
+        target_tokens=target_tokens,
+        bos_id=tokenizer.bos_token_id,
+        last_context_length=lcl,
+        progress=True,
+    )
+    settings = {
+        "model": str(folder),
+        "data": str(data),
+        "contexts": contexts,
+        "target_tokens": target_tokens,
+        "max_docs": max_docs,
+        "last_context_length": lcl,
+        "dtype": dtype,
+        "device": str(torch_device),
+        "mem_attention_grouping": mem_attention_grouping,
+        "mem_layers": mem_layers,
+        "mem_top_k": mem_top_k,
+        "plan": lm.plan.to_dict(),
+    }
     return _report(task, records, settings, out_path, plot_path)
 
 
@@ -666,17 +895,33 @@ def _context_lengths(text: str) -> list[int]:
 
 
 def _add_perplexity(commands) -> None:
-    p = commands.add_parser("perplexity", help="held-out perplexity of fixed target tokens against context length",
-                            description=perplexity.__doc__)
+    p = commands.add_parser(
+        "perplexity",
+        help="held-out perplexity of fixed target tokens against context length",
+        description=perplexity.__doc__,
+    )
     _add_model_arguments(p)
-    p.add_argument("--data", metavar="FILE", help="documents: .jsonl with a \"text\" field (or .txt / .parquet)")
-    p.add_argument("--contexts", type=_context_lengths, metavar="C,C,...",
-                   help="context lengths in tokens, a k suffix meaning x1024 (default: 0,1k,4k,16k,64k)")
-    p.add_argument("--target-tokens", type=_positive_int, default=512, metavar="T",
-                   help="tokens scored per document, the same for every context length (512)")
+    p.add_argument("--data", metavar="FILE", help='documents: .jsonl with a "text" field (or .txt / .parquet)')
+    p.add_argument(
+        "--contexts",
+        type=_context_lengths,
+        metavar="C,C,...",
+        help="context lengths in tokens, a k suffix meaning x1024 (default: 0,1k,4k,16k,64k)",
+    )
+    p.add_argument(
+        "--target-tokens",
+        type=_positive_int,
+        default=512,
+        metavar="T",
+        help="tokens scored per document, the same for every context length (512)",
+    )
     p.add_argument("--max-docs", type=_positive_int, metavar="N", help="evaluate at most N documents (default: all)")
-    p.add_argument("--last-context-length", type=_positive_int, metavar="N",
-                   help="tokens of the final window, more than --target-tokens (default: the model's config)")
+    p.add_argument(
+        "--last-context-length",
+        type=_positive_int,
+        metavar="N",
+        help="tokens of the final window, more than --target-tokens (default: the model's config)",
+    )
     p.add_argument("--out", metavar="FILE", help="write the settings, summary and per-document results as JSON")
     p.add_argument("--plot", metavar="FILE", help="draw perplexity against context length (.png)")
     p.set_defaults(func=perplexity)
@@ -720,8 +965,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
-            return _fail(f"out of memory ({_one_line(exc)[:200]}): try --dtype bfloat16, a smaller "
-                         "--last-context-length or --mem-attention-grouping 1,1024")
+            return _fail(
+                f"out of memory ({_one_line(exc)[:200]}): try --dtype bfloat16, a smaller "
+                "--last-context-length or --mem-attention-grouping 1,1024"
+            )
         raise
 
 

@@ -29,9 +29,7 @@ def _dtype_name(value: Any) -> str:
     if isinstance(value, torch.dtype):
         value = str(value).removeprefix("torch.")
     if not isinstance(value, str) or value not in MEM_DTYPES:
-        raise ConfigError(
-            f"mem_dtype={value!r} is not supported: use one of {', '.join(MEM_DTYPES)}"
-        )
+        raise ConfigError(f"mem_dtype={value!r} is not supported: use one of {', '.join(MEM_DTYPES)}")
     return value
 
 
@@ -105,17 +103,30 @@ class LongLlamaConfig(PreTrainedConfig):
         self.mem_layers = [] if self.mem_layers is None else list(self.mem_layers)
         self.mem_dtype = _dtype_name(self.mem_dtype)
         if self.mem_attention_grouping is not None:
-            if isinstance(self.mem_attention_grouping, (str, bytes)) or not hasattr(self.mem_attention_grouping, "__len__"):
-                raise ConfigError(f"mem_attention_grouping={self.mem_attention_grouping!r} must be two positive "
-                                  "integers (heads per chunk, queries per chunk), e.g. (4, 2048), or null")
+            if isinstance(self.mem_attention_grouping, (str, bytes)) or not hasattr(
+                self.mem_attention_grouping, "__len__"
+            ):
+                raise ConfigError(
+                    f"mem_attention_grouping={self.mem_attention_grouping!r} must be two positive "
+                    "integers (heads per chunk, queries per chunk), e.g. (4, 2048), or null"
+                )
             self.mem_attention_grouping = tuple(self.mem_attention_grouping)
 
     def check(self) -> None:
         """Normalise the FoT fields and raise ConfigError with a one-line message if any value is out of range."""
         self._normalize()
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-                     "last_context_length", "gradient_checkpoint_every_ith"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "last_context_length",
+            "gradient_checkpoint_every_ith",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
@@ -146,7 +157,7 @@ class LongLlamaConfig(PreTrainedConfig):
         if self.attn_impl not in ATTN_IMPLS:
             raise ConfigError(f"attn_impl={self.attn_impl!r} is not supported: use one of {', '.join(ATTN_IMPLS)}")
         if self.compile_elementwise not in (True, False, "auto"):
-            raise ConfigError(f"compile_elementwise={self.compile_elementwise!r} must be true, false or \"auto\"")
+            raise ConfigError(f'compile_elementwise={self.compile_elementwise!r} must be true, false or "auto"')
         grouping = self.mem_attention_grouping
         if grouping is not None and (
             len(grouping) != 2 or any(not isinstance(g, int) or isinstance(g, bool) or g <= 0 for g in grouping)
@@ -169,15 +180,38 @@ class LongLlamaConfig(PreTrainedConfig):
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A model small enough for tests and CPU training in seconds.
-    "tiny": dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
-                 num_attention_heads=4, max_position_embeddings=64, last_context_length=24,
-                 mem_layers=[1, 3], mem_dtype="float32"),
-    "3b": dict(vocab_size=32000, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26,
-               num_attention_heads=32, max_position_embeddings=2048, last_context_length=1024,
-               mem_layers=[6, 12, 18]),
-    "code-7b": dict(vocab_size=32016, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                    num_attention_heads=32, max_position_embeddings=4096, last_context_length=2048,
-                    mem_layers=[8, 16, 24], rope_theta=1e6),
+    "tiny": dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        last_context_length=24,
+        mem_layers=[1, 3],
+        mem_dtype="float32",
+    ),
+    "3b": dict(
+        vocab_size=32000,
+        hidden_size=3200,
+        intermediate_size=8640,
+        num_hidden_layers=26,
+        num_attention_heads=32,
+        max_position_embeddings=2048,
+        last_context_length=1024,
+        mem_layers=[6, 12, 18],
+    ),
+    "code-7b": dict(
+        vocab_size=32016,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        max_position_embeddings=4096,
+        last_context_length=2048,
+        mem_layers=[8, 16, 24],
+        rope_theta=1e6,
+    ),
 }
 
 

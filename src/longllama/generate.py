@@ -1,4 +1,5 @@
-"""Decoding: read the prompt in windows, then one token at a time through the local cache (SPEC B.6).
+"""Decoding: read the prompt in windows, then one token at a time through the local cache (docs/inference.md,
+Generation).
 
 The prompt goes through the long-input handler (memory windows, then a final window that fills the local cache);
 each new token is appended to the local cache, and when it would overflow the context window the whole old cache
@@ -22,10 +23,11 @@ from transformers.generation.logits_process import (
 )
 from transformers.utils import ModelOutput
 
-from longllama import sampling
 from longllama.cache import CacheAlias, LongLlamaCache
-from longllama.decode import StaticDecoder
 from longllama.errors import InputError
+from longllama.fast import sampling
+from longllama.fast.decode import StaticDecoder
+from longllama.plan import ExecutionPlan
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +53,19 @@ class Settings:
     pad_token_id: int = 0
 
 
-_SETTING_NAMES = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                  "repetition_penalty", "eos_token_id", "pad_token_id", "num_beams")
+_SETTING_NAMES = (
+    "max_new_tokens",
+    "max_length",
+    "min_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "eos_token_id",
+    "pad_token_id",
+    "num_beams",
+)
 
 
 def _settings(model, prompt_len: int, generation_config, overrides: dict) -> Settings:
@@ -74,13 +87,16 @@ def _settings(model, prompt_len: int, generation_config, overrides: dict) -> Set
         pad = eos_ids[0] if eos_ids else 0
     top_k = values.get("top_k")
     return Settings(
-        max_new_tokens=int(max_new), min_new_tokens=int(values.get("min_new_tokens") or 0),
+        max_new_tokens=int(max_new),
+        min_new_tokens=int(values.get("min_new_tokens") or 0),
         do_sample=bool(values.get("do_sample")),
         temperature=float(values["temperature"]) if values.get("temperature") is not None else 1.0,
         top_k=int(top_k) if top_k else None,
         top_p=float(values["top_p"]) if values.get("top_p") is not None else 1.0,
-        repetition_penalty=float(values.get("repetition_penalty") or 1.0), eos_token_ids=eos_ids,
-        pad_token_id=int(pad))
+        repetition_penalty=float(values.get("repetition_penalty") or 1.0),
+        eos_token_ids=eos_ids,
+        pad_token_id=int(pad),
+    )
 
 
 def _processors(s: Settings, prompt_len: int, extra) -> LogitsProcessorList:
@@ -106,29 +122,31 @@ def _processors(s: Settings, prompt_len: int, extra) -> LogitsProcessorList:
 def _prompt_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s: Settings) -> torch.Tensor:
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
-            raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
-                             f"{tuple(input_ids.shape)}: pass one mask value per prompt token")
+            raise InputError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                f"{tuple(input_ids.shape)}: pass one mask value per prompt token"
+            )
         return attention_mask.to(input_ids.device).long()
     # transformers' rule: pad tokens in the prompt (when pad != eos) are masked out.
     if s.pad_token_id not in s.eos_token_ids and bool((input_ids == s.pad_token_id).any()):
-        logger.warning("no attention_mask given and the prompt holds pad token %d: masking those positions; "
-                       "pass attention_mask to be explicit", s.pad_token_id)
+        logger.warning(
+            "no attention_mask given and the prompt holds pad token %d: masking those positions; "
+            "pass attention_mask to be explicit",
+            s.pad_token_id,
+        )
         return (input_ids != s.pad_token_id).long()
     return torch.ones_like(input_ids)
 
 
-def _static_decoder(model, state: LongLlamaCache, mask, mode: str, device: torch.device):
+def _static_decoder(model, state: LongLlamaCache, mask, mode: str, plan: ExecutionPlan):
     if mode not in ("auto", "static", "dynamic"):
         raise InputError(f"decoder={mode!r} is not supported: use 'auto', 'static' or 'dynamic'")
-    if mode == "dynamic" or (mode == "auto" and device.type != "cuda"):
+    if mode == "dynamic" or (mode == "auto" and not plan.on_gpu):
         return None
     if not StaticDecoder.usable(state, mask):
         return None
     # An offloaded memory is copied in every step; keep those copies out of graph capture.
-    return StaticDecoder(model, state, graphs=device.type == "cuda" and not model.config.mem_offload)
-
-
-AHEAD = True  # static decoding queues each next step before the host waits (_Ahead); False: one step at a time
+    return StaticDecoder(model, state, plan=plan, graphs=plan.on_gpu and not model.config.mem_offload)
 
 
 class _Ahead:
@@ -164,12 +182,25 @@ class _Ahead:
         return logits, False
 
 
-def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-             generation_config=None, last_context_length: int | None = None,
-             past_key_values: LongLlamaCache | None = None, cache: LongLlamaCache | None = None,
-             streamer=None, logits_processor=None, output_scores: bool = False, output_logits: bool = False,
-             return_dict_in_generate: bool = False, use_cache: bool = True, progress=None,
-             decoder: str = "auto", **settings):
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    generation_config=None,
+    last_context_length: int | None = None,
+    past_key_values: LongLlamaCache | None = None,
+    cache: LongLlamaCache | None = None,
+    streamer=None,
+    logits_processor=None,
+    output_scores: bool = False,
+    output_logits: bool = False,
+    return_dict_in_generate: bool = False,
+    use_cache: bool = True,
+    progress=None,
+    decoder: str = "auto",
+    **settings,
+):
     """Generate up to `max_new_tokens` after `input_ids` (b, n).
 
     Settings (explicit values win over the model's generation config): max_new_tokens / max_length,
@@ -184,8 +215,9 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
     """
     unknown = sorted(set(settings) - set(_SETTING_NAMES))
     if unknown:
-        raise InputError(f"generate() got unsupported argument(s) {', '.join(unknown)}: "
-                         "see help(longllama.generate.generate)")
+        raise InputError(
+            f"generate() got unsupported argument(s) {', '.join(unknown)}: see help(longllama.generate.generate)"
+        )
     if not use_cache:
         raise InputError("use_cache=False is not supported by generate: the local cache is how LongLLaMA decodes")
     if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -205,21 +237,30 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
-    out = model.model.run(input_ids, cache=state, attention_mask=mask, position_ids=positions, use_cache=True,
-                          last_context_length=last_context_length, progress=progress, keep_last=1)
+    out = model.model.run(
+        input_ids,
+        cache=state,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        last_context_length=last_context_length,
+        progress=progress,
+        keep_last=1,
+    )
     logits = model.lm_head(out.hidden[:, -1])
     next_pos = (positions[:, -1] if positions is not None else state.next_positions() - 1) + 1
-    static = _static_decoder(model, state, mask, decoder, device)
+    plan = model.plan
+    static = _static_decoder(model, state, mask, decoder, plan)
     sequences, scores, raw = input_ids, [], []
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
     eos = torch.tensor(s.eos_token_ids, device=device, dtype=torch.long)
-    ahead = _Ahead(input_ids.shape[0], device) if static is not None and AHEAD else None
+    ahead = _Ahead(input_ids.shape[0], device) if static is not None else None
     # Temperature, top-k and top-p alone (the common case) are one kernel on GPUs (sampling.py); any other processor,
     # or scores asked for, takes transformers' warpers.
     warpers = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
     fused = s.do_sample and not output_scores and all(type(p) in warpers for p in procs)
     for step in range(s.max_new_tokens):
-        kernel = fused and sampling.applies(logits)  # the kernel reads the logits in any float dtype
+        kernel = fused and sampling.applies(logits, cpu=plan.interpret_kernels)  # it reads any float dtype
         if output_logits or not kernel:
             logits = logits.float()
         if output_logits:
@@ -252,8 +293,15 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
             break
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model.model.run(token[:, None], cache=state, attention_mask=mask, position_ids=next_pos[:, None],
-                              use_cache=True, last_context_length=last_context_length, validate=False)
+        out = model.model.run(
+            token[:, None],
+            cache=state,
+            attention_mask=mask,
+            position_ids=next_pos[:, None],
+            use_cache=True,
+            last_context_length=last_context_length,
+            validate=False,
+        )
         logits = model.lm_head(out.hidden[:, -1])
         next_pos = next_pos + 1
     if static is not None:
@@ -262,5 +310,9 @@ def generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | N
         streamer.end()
     if not return_dict_in_generate:
         return sequences
-    return GenerateOutput(sequences=sequences, scores=tuple(scores) if output_scores else None,
-                          logits=tuple(raw) if output_logits else None, cache=state)
+    return GenerateOutput(
+        sequences=sequences,
+        scores=tuple(scores) if output_scores else None,
+        logits=tuple(raw) if output_logits else None,
+        cache=state,
+    )

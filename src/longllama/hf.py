@@ -29,7 +29,8 @@ from longllama.cache import CacheAlias, LongLlamaCache
 from longllama.checkpoint import check_model_folder
 from longllama.config import ConfigError, LongLlamaConfig
 from longllama.errors import CheckpointError, InputError, LongLlamaError
-from longllama.model import DecoderLayer, RMSNorm, RotaryTable, attention_impl, forward_window
+from longllama.model import DecoderLayer, RMSNorm, RotaryTable
+from longllama.plan import ExecutionPlan, build_plan, check_changes
 from longllama.windows import TokenEmbeddings, default_positions, run_windows
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,33 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rope = RotaryTable(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        self._plan: tuple[tuple, ExecutionPlan] | None = None  # (what it was built from, the plan)
+        self._plan_changes: dict = {}
         self.post_init()
+
+    @property
+    def plan(self) -> ExecutionPlan:
+        """The ExecutionPlan for the device the weights are on: built once from the config, the device and what is
+        installed, with the changes of `set_plan`; built anew when one of those changes (a move to another device,
+        a new attn_impl in the config)."""
+        config = self.config
+        key = (
+            str(self.embed_tokens.weight.device),
+            config.attn_impl,
+            config.torch_attention,
+            config.compile_elementwise,
+        )
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, build_plan(config, self.embed_tokens.weight.device, **self._plan_changes))
+        return self._plan[1]
+
+    def set_plan(self, **changes) -> ExecutionPlan:
+        """Change execution choices (ExecutionPlan fields, e.g. memory_kernel="cudnn", window_group_tokens=4096):
+        validated now (a one-line error names a bad field or value), kept for later devices too. Returns the plan."""
+        check_changes(changes)  # unknown fields and bad values fail here, before anything changes
+        self._plan_changes = {**self._plan_changes, **changes}
+        self._plan = None
+        return self.plan
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -107,16 +134,23 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
     def new_cache(self) -> LongLlamaCache:
         return LongLlamaCache(self.config.num_hidden_layers)
 
-    def forward_window(self, h, **kwargs):
-        impl = attention_impl(self.config, h.device)
-        return forward_window(self.layers, self.norm, self.rope, h, impl=impl, **kwargs)
-
-    def run(self, input_ids: torch.Tensor | None = None, *, cache: LongLlamaCache,
-            attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-            inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-            last_context_length: int | None = None, output_hidden_states: bool = False,
-            output_attentions: bool = False, progress=None, keep_last: int = 0, validate: bool = True,
-            cross_batch=None):
+    def run(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        cache: LongLlamaCache,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        last_context_length: int | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        progress=None,
+        keep_last: int = 0,
+        validate: bool = True,
+        cross_batch=None,
+    ):
         """Like `forward`, but extends `cache` in place (generation owns its cache and needs no copy).
         `progress(tokens_done)` is called after each window of the input; `keep_last` > 0 returns only the hidden
         states of the last positions; `validate=False` skips the token-id range check (ids the model produced)."""
@@ -129,24 +163,41 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         if lcl <= 0:
             raise InputError(f"last_context_length={lcl} must be a positive number of tokens")
         return run_windows(
-            self, embeds, cache=cache, fresh=fresh, attention_mask=attention_mask,
-            positions=position_ids.to(embeds.device).long(), use_cache=use_cache,
-            default_use_cache=self.config.use_cache, window=self.config.max_position_embeddings,
-            last_context_length=lcl, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions, progress=progress, keep_last=keep_last, cross_batch=cross_batch)
+            self,
+            embeds,
+            plan=self.plan,
+            cache=cache,
+            fresh=fresh,
+            attention_mask=attention_mask,
+            positions=position_ids.to(embeds.device).long(),
+            use_cache=use_cache,
+            default_use_cache=self.config.use_cache,
+            window=self.config.max_position_embeddings,
+            last_context_length=lcl,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            progress=progress,
+            keep_last=keep_last,
+            cross_batch=cross_batch,
+        )
 
-    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, *,
-               validate: bool = True) -> torch.Tensor | TokenEmbeddings:
+    def _embed(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, *, validate: bool = True
+    ) -> torch.Tensor | TokenEmbeddings:
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
-                raise InputError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)}: expected (batch, n > 0, hidden)")
+                raise InputError(
+                    f"inputs_embeds has shape {tuple(inputs_embeds.shape)}: expected (batch, n > 0, hidden)"
+                )
             return inputs_embeds
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise InputError(f"input_ids has shape {tuple(input_ids.shape)}: pass a non-empty (batch, n) tensor of token ids")
+            raise InputError(
+                f"input_ids has shape {tuple(input_ids.shape)}: pass a non-empty (batch, n) tensor of token ids"
+            )
         if validate:
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
@@ -156,37 +207,62 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 )
         return TokenEmbeddings(self.embed_tokens, input_ids)
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None,
-                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                last_context_length: int | None = None, output_hidden_states: bool | None = None,
-                output_attentions: bool | None = None, return_dict: bool | None = None, cache=None,
-                **kwargs) -> LongLlamaOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        last_context_length: int | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        cache=None,
+        **kwargs,
+    ) -> LongLlamaOutput:
         _reject_unknown(kwargs)
         state = self.resolve_cache(past_key_values if past_key_values is not None else cache, use_cache)
-        out = self.run(input_ids, cache=state, attention_mask=attention_mask, position_ids=position_ids,
-                       inputs_embeds=inputs_embeds, use_cache=use_cache, last_context_length=last_context_length,
-                       output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions))
-        return LongLlamaOutput(last_hidden_state=out.hidden, cache=out.cache,
-                               hidden_states=out.all_hidden, attentions=out.attentions)
+        out = self.run(
+            input_ids,
+            cache=state,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            last_context_length=last_context_length,
+            output_hidden_states=bool(output_hidden_states),
+            output_attentions=bool(output_attentions),
+        )
+        return LongLlamaOutput(
+            last_hidden_state=out.hidden, cache=out.cache, hidden_states=out.all_hidden, attentions=out.attentions
+        )
 
     def resolve_cache(self, past, use_cache: bool | None) -> LongLlamaCache:
         """A private copy of the caller's cache (legacy tuples are converted), or a new one."""
         if past is None:
             return self.new_cache()
         if use_cache is False:
-            raise InputError("past_key_values was given with use_cache=False: pass use_cache=True (or None) to continue")
+            raise InputError(
+                "past_key_values was given with use_cache=False: pass use_cache=True (or None) to continue"
+            )
         if isinstance(past, LongLlamaCache):
             state = past.fork()
         elif isinstance(past, (tuple, list)):
-            state = LongLlamaCache.from_legacy(past, mem_layers=self.config.mem_layers,
-                                               mem_dtype=self.config.memory_dtype)
+            state = LongLlamaCache.from_legacy(
+                past, mem_layers=self.config.mem_layers, mem_dtype=self.config.memory_dtype
+            )
         else:
-            raise InputError(f"past_key_values of type {type(past).__name__} is not supported: pass the "
-                             "LongLlamaCache (or tuple) returned by this model")
+            raise InputError(
+                f"past_key_values of type {type(past).__name__} is not supported: pass the "
+                "LongLlamaCache (or tuple) returned by this model"
+            )
         if len(state.layers) != self.config.num_hidden_layers:
-            raise InputError(f"past_key_values has {len(state.layers)} layers, the model has "
-                             f"{self.config.num_hidden_layers}: pass the past returned by this model")
+            raise InputError(
+                f"past_key_values has {len(state.layers)} layers, the model has "
+                f"{self.config.num_hidden_layers}: pass the past returned by this model"
+            )
         return state
 
 
@@ -214,6 +290,15 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
     def can_generate(cls) -> bool:
         return True  # our own `generate` (generate.py); this makes transformers load generation_config.json
 
+    @property
+    def plan(self) -> ExecutionPlan:
+        """How the model runs on its device (LongLlamaModel.plan)."""
+        return self.model.plan
+
+    def set_plan(self, **changes) -> ExecutionPlan:
+        """Change execution choices (LongLlamaModel.set_plan)."""
+        return self.model.set_plan(**changes)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
@@ -226,13 +311,24 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                use_cache: bool | None = None, last_context_length: int | None = None,
-                output_hidden_states: bool | None = None, output_attentions: bool | None = None,
-                return_dict: bool | None = None, logits_to_keep: int = 0, cache=None, cross_batch=None,
-                **kwargs) -> LongLlamaCausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        last_context_length: int | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        cache=None,
+        cross_batch=None,
+        **kwargs,
+    ) -> LongLlamaCausalLMOutput:
         """Logits of every position (or of the last `logits_to_keep`), the loss if `labels` are given, and the
         cache to continue from (`past_key_values`). The caller's cache is never modified.
 
@@ -242,21 +338,32 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
         if cross_batch is not None:
             n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             if n > self.config.max_position_embeddings:
-                raise InputError(f"cross_batch reads one window: got {n} tokens, the window is "
-                                 f"{self.config.max_position_embeddings}: pass shorter training sequences")
+                raise InputError(
+                    f"cross_batch reads one window: got {n} tokens, the window is "
+                    f"{self.config.max_position_embeddings}: pass shorter training sequences"
+                )
             if past_key_values is not None or cache is not None:
                 raise InputError("cross_batch reads one window without a cache: do not pass past_key_values")
             if attention_mask is not None and not bool(attention_mask.all()):
-                raise InputError("cross_batch takes unpadded batches (other entries' padding would become memory): "
-                                 "pack documents without padding")
+                raise InputError(
+                    "cross_batch takes unpadded batches (other entries' padding would become memory): "
+                    "pack documents without padding"
+                )
             last_context_length, use_cache = n, False
         state = self.model.resolve_cache(past_key_values if past_key_values is not None else cache, use_cache)
-        out = self.model.run(input_ids, cache=state, attention_mask=attention_mask, position_ids=position_ids,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             last_context_length=last_context_length,
-                             output_hidden_states=bool(output_hidden_states),
-                             output_attentions=bool(output_attentions), keep_last=int(logits_to_keep or 0),
-                             cross_batch=cross_batch)
+        out = self.model.run(
+            input_ids,
+            cache=state,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            last_context_length=last_context_length,
+            output_hidden_states=bool(output_hidden_states),
+            output_attentions=bool(output_attentions),
+            keep_last=int(logits_to_keep or 0),
+            cross_batch=cross_batch,
+        )
         hidden = out.hidden if not logits_to_keep else out.hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None
@@ -264,8 +371,9 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
             if logits_to_keep:
                 raise InputError("labels need the logits of every position: do not pass logits_to_keep with labels")
             loss = causal_lm_loss(logits, labels)
-        return LongLlamaCausalLMOutput(loss=loss, logits=logits, cache=out.cache,
-                                       hidden_states=out.all_hidden, attentions=out.attentions)
+        return LongLlamaCausalLMOutput(
+            loss=loss, logits=logits, cache=out.cache, hidden_states=out.all_hidden, attentions=out.attentions
+        )
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs):
@@ -284,8 +392,8 @@ class LongLlamaClassifierOutput(ModelOutput, CacheAlias):
 
 
 class LongLlamaForSequenceClassification(LongLlamaPreTrainedModel):
-    """LongLLaMA with a `score` head read at the last non-pad token (SPEC B.10: the count of ids != pad_token_id,
-    minus one, so right padding is assumed; the last position when no pad id is set)."""
+    """LongLLaMA with a `score` head read at the last non-pad token (docs/inference.md#other-entry-points: the count of
+    ids != pad_token_id, minus one, so right padding is assumed; the last position when no pad id is set)."""
 
     def __init__(self, config: LongLlamaConfig):
         super().__init__(config)
@@ -297,18 +405,33 @@ class LongLlamaForSequenceClassification(LongLlamaPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                use_cache: bool | None = None, last_context_length: int | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None, cache=None,
-                **kwargs) -> LongLlamaClassifierOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        last_context_length: int | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache=None,
+        **kwargs,
+    ) -> LongLlamaClassifierOutput:
         _reject_unknown(kwargs)
         state = self.model.resolve_cache(past_key_values if past_key_values is not None else cache, use_cache)
-        out = self.model.run(input_ids, cache=state, attention_mask=attention_mask, position_ids=position_ids,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             last_context_length=last_context_length,
-                             output_hidden_states=bool(output_hidden_states))
+        out = self.model.run(
+            input_ids,
+            cache=state,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            last_context_length=last_context_length,
+            output_hidden_states=bool(output_hidden_states),
+        )
         logits = self.score(out.hidden)  # (B, N, labels)
         pooled = logits[torch.arange(logits.shape[0], device=logits.device), self._last_index(input_ids, logits)]
         loss = None if labels is None else self._loss(pooled, labels.to(pooled.device))
@@ -341,10 +464,15 @@ class LongLlamaForSequenceClassification(LongLlamaPreTrainedModel):
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of logits[:, :-1] against labels[:, 1:], ignoring -100 (in fp32)."""
     if labels.shape != logits.shape[:2]:
-        raise InputError(f"labels have shape {tuple(labels.shape)}, expected {tuple(logits.shape[:2])}: "
-                         "pass one label per input token (-100 to ignore)")
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                           labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        raise InputError(
+            f"labels have shape {tuple(labels.shape)}, expected {tuple(logits.shape[:2])}: "
+            "pass one label per input token (-100 to ignore)"
+        )
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1).to(logits.device),
+        ignore_index=-100,
+    )
 
 
 def register_auto_classes() -> None:
@@ -355,6 +483,13 @@ def register_auto_classes() -> None:
     AutoModelForSequenceClassification.register(LongLlamaConfig, LongLlamaForSequenceClassification, exist_ok=True)
 
 
-__all__ = ["LongLlamaModel", "LongLlamaForCausalLM", "LongLlamaForSequenceClassification", "LongLlamaOutput",
-           "LongLlamaCausalLMOutput",
-           "register_auto_classes", "causal_lm_loss", "ConfigError"]
+__all__ = [
+    "LongLlamaModel",
+    "LongLlamaForCausalLM",
+    "LongLlamaForSequenceClassification",
+    "LongLlamaOutput",
+    "LongLlamaCausalLMOutput",
+    "register_auto_classes",
+    "causal_lm_loss",
+    "ConfigError",
+]

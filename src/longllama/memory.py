@@ -1,6 +1,7 @@
 """The memory of one memory layer: (key, value, valid) triples of all earlier windows, grown in amortised O(1).
 
-Storage only: the keys are stored exactly as given (un-rotated k_proj outputs, see SPEC B.4); positions and attention
+Storage only: the keys are stored exactly as given (un-rotated k_proj outputs, see docs/inference.md#attention);
+positions and attention
 are the model's concern.
 
 Shapes:
@@ -39,9 +40,18 @@ class MemoryCache:
     that want a multiple of 8 (head_dim 100 -> 104, say) read the memory in place instead of copying it per window.
     """
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device | str | None = None, capacity: int = 0, storage_dim: int | None = None,
-                 pin_memory: bool = False):
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+        capacity: int = 0,
+        storage_dim: int | None = None,
+        pin_memory: bool = False,
+    ):
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.storage_dim = head_dim if storage_dim is None else max(storage_dim, head_dim)
         self.dtype = dtype
@@ -134,9 +144,9 @@ class MemoryCache:
         if self.length + n > self.capacity or not self._owns_end():
             self.reserve(max(self.length + n, 2 * self.capacity, _MIN_CAPACITY))
         end = self.length + n
-        self._k[:, :, self.length:end, : self.head_dim] = keys
-        self._v[:, :, self.length:end, : self.head_dim] = values
-        self._valid[:, self.length:end] = valid
+        self._k[:, :, self.length : end, : self.head_dim] = keys
+        self._v[:, :, self.length : end, : self.head_dim] = values
+        self._valid[:, self.length : end] = valid
         self.length = end
         self._written[0] = end
 
@@ -177,8 +187,11 @@ class MemoryCache:
     def save(self, path: str | os.PathLike) -> None:
         """Write the live part to a safetensors file, atomically (a temporary file renamed into place)."""
         path = Path(path)
-        tensors = {"keys": self.keys.contiguous().cpu(), "values": self.values.contiguous().cpu(),
-                   "valid": self.valid.contiguous().cpu()}
+        tensors = {
+            "keys": self.keys.contiguous().cpu(),
+            "values": self.values.contiguous().cpu(),
+            "valid": self.valid.contiguous().cpu(),
+        }
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
@@ -189,26 +202,32 @@ class MemoryCache:
                 os.unlink(tmp)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None,
-             storage_dim: int | None = None) -> MemoryCache:
+    def load(
+        cls, path: str | os.PathLike, *, device: torch.device | str | None = None, storage_dim: int | None = None
+    ) -> MemoryCache:
         """Read a memory written by `save`."""
         try:
             tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
             keys, values, valid = tensors["keys"], tensors["values"], tensors["valid"]
         except (OSError, KeyError, RuntimeError, ValueError, SafetensorError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CheckpointError(f"cannot read memory file {path}: {first}; write it again with MemoryCache.save") \
-                from None
+            raise CheckpointError(
+                f"cannot read memory file {path}: {first}; write it again with MemoryCache.save"
+            ) from None
         if keys.dim() != 4 or values.shape != keys.shape or valid.shape != (keys.shape[0], keys.shape[2]):
             raise CheckpointError(
                 f"memory file {path} holds keys {tuple(keys.shape)}, values {tuple(values.shape)}, valid "
                 f"{tuple(valid.shape)}: expected (batch, heads, M, head_dim) twice and (batch, M); write it again "
-                "with MemoryCache.save")
-        mem = cls(keys.shape[0], keys.shape[1], keys.shape[3], dtype=keys.dtype, device=keys.device,
-                  storage_dim=storage_dim)
+                "with MemoryCache.save"
+            )
+        mem = cls(
+            keys.shape[0], keys.shape[1], keys.shape[3], dtype=keys.dtype, device=keys.device, storage_dim=storage_dim
+        )
         mem.append(keys, values, valid.to(torch.bool))
         return mem
 
     def __repr__(self) -> str:
-        return (f"MemoryCache(batch={self.batch}, kv_heads={self.kv_heads}, length={self.length}, "
-                f"capacity={self.capacity}, head_dim={self.head_dim}, dtype={self.dtype})")
+        return (
+            f"MemoryCache(batch={self.batch}, kv_heads={self.kv_heads}, length={self.length}, "
+            f"capacity={self.capacity}, head_dim={self.head_dim}, dtype={self.dtype})"
+        )

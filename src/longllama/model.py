@@ -1,6 +1,7 @@
 """The LongLLaMA network for one window: RMSNorm, RoPE, MLP, attention over local cache and memory, decoder layers.
 
-A window of q new tokens goes through every layer. Each layer's attention (SPEC B.4) joins the layer's local cache,
+A window of q new tokens goes through every layer. Each layer's attention (docs/inference.md#attention) joins the
+layer's local cache,
 moves the whole old cache to memory when the window would overflow it, rotates queries and keys with positions
 relative to the oldest local token, and, in memory layers, attends in the same softmax to the memory, whose keys are
 stored un-rotated. Splitting long inputs into windows is `windows.py`'s job.
@@ -13,20 +14,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from longllama import fused
-from longllama.attention import (
-    FEW_QUERIES,
-    attend,
-    heads,
-    joint_attention,
-    joint_attention_supported,
-    local_width,
-    memory_storage_dim,
-    window_attention,
-)
+from longllama import attention
+from longllama.attention import FEW_QUERIES
 from longllama.cache import LayerState, LongLlamaCache
 from longllama.config import LongLlamaConfig
+from longllama.fast import attention as fast_attention
+from longllama.fast.fused import ops_for
 from longllama.memory import MemoryCache
+from longllama.ops import EAGER, Ops, heads
+from longllama.plan import ExecutionPlan
 
 
 class RMSNorm(nn.Module):
@@ -35,7 +31,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, x: torch.Tensor, ops: fused.Ops = fused.EAGER) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: Ops = EAGER) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.variance_epsilon)
 
 
@@ -61,32 +57,31 @@ class RotaryTable:
             self._tables[device] = table
         return table
 
-    def gather(self, positions: torch.Tensor, dtype: torch.dtype,
-               length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(
+        self, positions: torch.Tensor, dtype: torch.dtype, length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (b, 1, n, d) in `dtype` for positions (b, n) (non-negative ints). `length`: a known bound above
         every position (saves reading the largest one back from the device)."""
         cos, sin = self.get(int(positions.max()) + 1 if length is None else length, positions.device)
         return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)  # (B, 1, N, D)
 
 
-rotate = fused.rotate
-
-
 @dataclass
 class Window:
-    """What every layer of one window shares (SPEC B.3): masks, the kernel choice and the RoPE of the local span."""
+    """What every layer of one window shares (docs/inference.md#window-masks): masks, the plan and the RoPE of the local
+    span."""
 
     visible: torch.Tensor | None  # (b|1, 1, n, P+n) bool: keys each query may see; None: all
     pad_valid: torch.Tensor | None  # (b, P+n) bool: False on padding columns; None: no padding
     is_causal: bool  # visible is the plain causal mask of a window with no local cache and no padding
     cos: torch.Tensor  # (b, 1, span, d): RoPE of the local span after any overflow, relative to its oldest token
     sin: torch.Tensor
-    impl: str  # attention implementation (attention.attend)
+    plan: ExecutionPlan  # how to run it (attention implementation, kernels, widths)
     # Training (FoT): memory layers take their memory from other batch entries instead of the cache. An object with
     # `memory(keys, values) -> (mem_k, mem_v, mem_valid)` given this layer's un-rotated keys and values (b, h_kv,
     # n, d); see cross_batch.py.
     cross_batch: object | None = None
-    ops: fused.Ops = fused.EAGER  # elementwise functions, compiled or not (fused.ops)
+    ops: Ops = EAGER  # elementwise functions, compiled or not (fast.fused.ops_for)
     # The batch rows are consecutive windows of one sequence, read into memory (run_windows' window groups): memory
     # layers give window j the memory before it, plus its own causal keys (fast path, no cache, no padding).
     grouped: bool = False
@@ -99,18 +94,17 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, ops: fused.Ops = fused.EAGER,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: Ops = EAGER, residual: torch.Tensor | None = None) -> torch.Tensor:
         """down(silu(gate(x)) * up(x)), plus `residual` when given (inside the product where ops.linear can)."""
-        if ops is fused.EAGER:  # through the modules (hooks and wrappers of training see their calls)
+        if ops is EAGER:  # through the modules (hooks and wrappers of training see their calls)
             y = self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
             return y if residual is None else residual + y
         h = ops.linear_swiglu(x, self.gate_proj.weight, self.up_proj.weight)
-        return ops.linear(h, self.down_proj.weight, residual=residual)  # gemv.linear: the non-eager ops
+        return ops.linear(h, self.down_proj.weight, residual=residual)  # fast.gemv.linear: the non-eager ops
 
 
 class Attention(nn.Module):
-    """Self-attention over the local cache plus, in memory layers, the memory (SPEC B.4)."""
+    """Self-attention over the local cache plus, in memory layers, the memory (docs/inference.md#attention)."""
 
     def __init__(self, config: LongLlamaConfig, layer_idx: int):
         super().__init__()
@@ -129,19 +123,34 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
 
-    def new_memory(self, batch: int, device: torch.device) -> MemoryCache:
+    def new_memory(self, batch: int, device: torch.device, plan: ExecutionPlan) -> MemoryCache:
         offload = self.config.mem_offload
-        storage = memory_storage_dim(self.head_dim, torch.device(device))  # padded for the device's kernels
-        return MemoryCache(batch, self.num_kv_heads, self.head_dim, dtype=self.config.memory_dtype,
-                           device="cpu" if offload else device, storage_dim=storage, pin_memory=offload)
+        storage = plan.memory_storage_dim(self.head_dim)  # padded for the device's kernels
+        return MemoryCache(
+            batch,
+            self.num_kv_heads,
+            self.head_dim,
+            dtype=self.config.memory_dtype,
+            device="cpu" if offload else device,
+            storage_dim=storage,
+            pin_memory=offload,
+        )
 
-    def _append_memory(self, state: LayerState, k, v, valid) -> None:
+    def _append_memory(self, state: LayerState, k, v, valid, plan: ExecutionPlan) -> None:
         if state.memory is None:
-            state.memory = self.new_memory(k.shape[0], k.device)
+            state.memory = self.new_memory(k.shape[0], k.device, plan)
         state.memory.append(k, v, valid)
 
-    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, window: Window, state: LayerState,
-                use_cache: bool, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        positions: torch.Tensor,
+        window: Window,
+        state: LayerState,
+        use_cache: bool,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (b, q, hidden); positions (b, q) of the new tokens; `window` holds masks and RoPE of the window."""
         n = x.shape[1]
         if self._ingests(x, window, state, output_attentions):
@@ -160,7 +169,7 @@ class Attention(nn.Module):
             if old + n > self.config.max_position_embeddings:
                 # Overflow: the whole old cache leaves; memory layers keep it as memory, the others lose it.
                 if mem_layer and use_cache:
-                    self._append_memory(state, state.keys, state.values, _columns(pad_valid, 0, old))
+                    self._append_memory(state, state.keys, state.values, _columns(pad_valid, 0, old), window.plan)
                 visible = None if visible is None else visible[..., old:]
                 pad_valid = None if pad_valid is None else pad_valid[:, old:]
             else:
@@ -181,26 +190,59 @@ class Attention(nn.Module):
         if mem_layer and window.cross_batch is not None:
             memory, fresh_to_memory = None, False
             # Fused kernels need no mask: the window is causal and each earlier entry is seen whole or not at all.
-            joint = (window.impl == "fast" and window.is_causal and not output_attentions
-                     and joint_attention_supported(q_rot, k_rot, v))
+            joint = (
+                window.plan.attention == "fast"
+                and window.is_causal
+                and not output_attentions
+                and fast_attention.joint_attention_supported(q_rot, k_rot, v)
+            )
             if not joint:
                 mem_k, mem_v, mem_valid = window.cross_batch.memory(k, v)
         if memory is not None and memory.length:
             mem_k, mem_v, padded, mem_valid = read_memory(memory, q.device)
         grouping = self.config.mem_attention_grouping if mem_layer else None
         top_k = self.config.mem_top_k if memory is not None else None  # never in cross-batch training
+        plan = window.plan
         if joint:
-            out, probs = joint_attention(q_rot, k_rot, v, window.cross_batch.parts(k, v)), None
+            out, probs = fast_attention.joint_attention(q_rot, k_rot, v, window.cross_batch.parts(k, v)), None
+        elif plan.attention == "fast" and not output_attentions:
+            out, probs = (
+                fast_attention.attend(
+                    q_rot,
+                    k_rot,
+                    v,
+                    plan=plan,
+                    visible=visible,
+                    mem_k=mem_k,
+                    mem_v=mem_v,
+                    mem_valid=mem_valid,
+                    is_causal=window.is_causal,
+                    padded_mem=padded,
+                    mem_top_k=top_k,
+                    pad=window.ops.pad_to,
+                ),
+                None,
+            )
         else:
-            out, probs = attend(q_rot, k_rot, v, visible=visible, mem_k=mem_k, mem_v=mem_v, mem_valid=mem_valid,
-                                impl=window.impl, grouping=grouping, is_causal=window.is_causal,
-                                padded_mem=padded, mem_top_k=top_k, return_probs=output_attentions,
-                                pad=window.ops.pad_to)
+            impl = "sdpa" if plan.attention == "sdpa" else "eager"
+            out, probs = attention.attend(
+                q_rot,
+                k_rot,
+                v,
+                visible=visible,
+                mem_k=mem_k,
+                mem_v=mem_v,
+                mem_valid=mem_valid,
+                impl=impl,
+                grouping=grouping,
+                mem_top_k=top_k,
+                return_probs=output_attentions,
+            )
 
         if fresh_to_memory:
             # After attention, so a window never sees its own keys twice.
             end = k.shape[2]
-            self._append_memory(state, k[:, :, -n:], v[:, :, -n:], _columns(pad_valid, end - n, end))
+            self._append_memory(state, k[:, :, -n:], v[:, :, -n:], _columns(pad_valid, end - n, end), plan)
         return self._output(out), probs
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:
@@ -210,18 +252,25 @@ class Attention(nn.Module):
     def _ingests(self, x: torch.Tensor, window: Window, state: LayerState, output_attentions: bool) -> bool:
         """Whether the window takes the ingest path (_ingest): fast attention, inference, a causal window of more than
         a few tokens with no local cache and no padding, no cross-batch or kNN memory, every memory entry valid."""
-        if not (window.impl == "fast" and window.is_causal and state.local_length == 0 and not output_attentions
-                and window.cross_batch is None and x.shape[1] > FEW_QUERIES):
+        if not (
+            window.plan.attention == "fast"
+            and window.is_causal
+            and state.local_length == 0
+            and not output_attentions
+            and window.cross_batch is None
+            and x.shape[1] > FEW_QUERIES
+        ):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or self.q_proj.weight.requires_grad):
             return False
         memory = state.memory
         return not self.is_memory_layer or self.config.mem_top_k is None and (memory is None or memory.all_valid())
 
-    def _ingest(self, x: torch.Tensor, positions: torch.Tensor, window: Window, state: LayerState,
-                use_cache: bool) -> torch.Tensor:
+    def _ingest(
+        self, x: torch.Tensor, positions: torch.Tensor, window: Window, state: LayerState, use_cache: bool
+    ) -> torch.Tensor:
         """Attention of a window with no local cache (see _ingests), the same maths as the general path: q, k and v
-        rotated and padded for the kernels in one pass (fused.rope_pad), token-major (q's heads side by side, as the
+        rotated and padded for the kernels in one pass (ops.rope_pad), token-major (q's heads side by side, as the
         kernels and o_proj read them); in memory layers padded to the memory's stored width, so the queries serve
         local and memory attention. With `window.grouped` the rows are consecutive windows of one sequence: all of
         them join the memory first, and row j sees the memory before it."""
@@ -239,24 +288,33 @@ class Attention(nn.Module):
 
             def joined(t):  # (g, h_kv, n, d) -> (1, h_kv, g * n, d), windows in order
                 return t.transpose(0, 1).reshape(1, self.num_kv_heads, b * n, d)
-            self._append_memory(state, joined(k_heads), joined(v_heads), None)
+
+            self._append_memory(state, joined(k_heads), joined(v_heads), None, window.plan)
             used = [before + j * n for j in range(b)]
         padded = None
         if mem_layer and state.memory is not None and state.memory.length:
             padded = read_memory(state.memory, x.device)[2]
         if not mem_layer:
-            width = local_width(d)
+            width = window.plan.local_storage_dim(d)
         elif padded is not None and padded[0].shape[-1] % 8 == 0:
             width = padded[0].shape[-1]
         else:
-            width = memory_storage_dim(d, x.device)
+            width = window.plan.memory_storage_dim(d)
         rotate_qk = self.config.mem_positionals or not mem_layer
         cos, sin = window.cos.transpose(1, 2), window.sin.transpose(1, 2)  # (b|1, n, 1, d)
         qp, kp, vp = window.ops.rope_pad(q, k, v, cos, sin, width, rotate_qk)
-        out = window_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), d, padded_mem=padded,
-                               used=used, ops=window.ops)
+        out = fast_attention.window_attention(
+            qp.transpose(1, 2),
+            kp.transpose(1, 2),
+            vp.transpose(1, 2),
+            d,
+            plan=window.plan,
+            padded_mem=padded,
+            used=used,
+            ops=window.ops,
+        )
         if mem_layer and not window.grouped and not use_cache:  # after attention: never its own keys twice
-            self._append_memory(state, k_heads, v_heads, None)
+            self._append_memory(state, k_heads, v_heads, None, window.plan)
         return self.o_proj(out)
 
 
@@ -287,14 +345,17 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, **attn_kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         ops = attn_kwargs["window"].ops
         a, probs = self.self_attn(self.input_layernorm(x, ops), **attn_kwargs)
-        x, normed = ops.add_rms_norm(x, a, self.post_attention_layernorm.weight,
-                                     self.post_attention_layernorm.variance_epsilon)
+        x, normed = ops.add_rms_norm(
+            x, a, self.post_attention_layernorm.weight, self.post_attention_layernorm.variance_epsilon
+        )
         return self.mlp(normed, ops, residual=x), probs
 
 
-def window_visibility(batch: int, n: int, past: int, pad_valid: torch.Tensor | None,
-                      device: torch.device) -> torch.Tensor | None:
-    """(b|1, 1, n, past+n) bool: which keys each query of the window may see (SPEC B.3), or None for all."""
+def window_visibility(
+    batch: int, n: int, past: int, pad_valid: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """(b|1, 1, n, past+n) bool: which keys each query of the window may see (docs/inference.md#window-masks), or
+    None for all."""
     visible = None
     if n > 1:
         cols = torch.arange(past + n, device=device)
@@ -306,20 +367,21 @@ def window_visibility(batch: int, n: int, past: int, pad_valid: torch.Tensor | N
     return visible
 
 
-def attention_impl(config: LongLlamaConfig, device: torch.device) -> str:
-    """The attention implementation a model runs with: the config's choice, "auto" meaning the exact path on the
-    CPU and the fast one on GPUs; `torch_attention` (the reference's flag) selects SDPA."""
-    if config.torch_attention:
-        return "sdpa"
-    if config.attn_impl != "auto":
-        return config.attn_impl
-    return "fast" if device.type == "cuda" else "eager"
-
-
-def make_window(cache: LongLlamaCache, positions: torch.Tensor, mask: torch.Tensor | None, *, window_size: int,
-                rope: RotaryTable, dtype: torch.dtype, impl: str, cross_batch=None,
-                ops: fused.Ops = fused.EAGER, rope_length: int | None = None, grouped: bool = False) -> Window:
-    """Masks, kernel hints and RoPE tables of one window of new tokens, shared by all layers."""
+def make_window(
+    cache: LongLlamaCache,
+    positions: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    window_size: int,
+    rope: RotaryTable,
+    dtype: torch.dtype,
+    plan: ExecutionPlan,
+    cross_batch=None,
+    rope_length: int | None = None,
+    grouped: bool = False,
+) -> Window:
+    """Masks, the plan, its elementwise functions and RoPE tables of one window of new tokens, shared by all
+    layers."""
     b, n = positions.shape
     past = cache.local_length
     pad_valid = None if mask is None else mask.to(torch.bool)
@@ -332,17 +394,38 @@ def make_window(cache: LongLlamaCache, positions: torch.Tensor, mask: torch.Tens
     # Relative RoPE: the oldest local token sits at position 0, so memory keys (stored un-rotated) act as if there.
     rel = span - span.min(dim=-1, keepdim=True).values
     cos, sin = rope.gather(rel, dtype, rope_length)
-    return Window(visible=visible, pad_valid=pad_valid, is_causal=past == 0 and n > 1 and pad_valid is None,
-                  cos=cos, sin=sin, impl=impl, cross_batch=cross_batch, ops=ops, grouped=grouped)
+    return Window(
+        visible=visible,
+        pad_valid=pad_valid,
+        is_causal=past == 0 and n > 1 and pad_valid is None,
+        cos=cos,
+        sin=sin,
+        plan=plan,
+        cross_batch=cross_batch,
+        ops=ops_for(plan),
+        grouped=grouped,
+    )
 
 
-def forward_window(layers: nn.ModuleList, norm: RMSNorm, rope: RotaryTable, h: torch.Tensor, *,
-                   positions: torch.Tensor, mask: torch.Tensor | None, cache: LongLlamaCache, use_cache: bool,
-                   impl: str = "eager", output_hidden_states: bool = False,
-                   output_attentions: bool = False, cross_batch=None,
-                   rope_length: int | None = None, grouped: bool = False,
-                   depth: int | None = None) -> tuple[torch.Tensor | None, list, list]:
-    """Run one window (SPEC B.3) through all layers and the final norm, updating `cache` in place.
+def forward_window(
+    layers: nn.ModuleList,
+    norm: RMSNorm,
+    rope: RotaryTable,
+    h: torch.Tensor,
+    *,
+    positions: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache: LongLlamaCache,
+    use_cache: bool,
+    plan: ExecutionPlan,
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+    cross_batch=None,
+    rope_length: int | None = None,
+    grouped: bool = False,
+    depth: int | None = None,
+) -> tuple[torch.Tensor | None, list, list]:
+    """Run one window (docs/inference.md#window-masks) through all layers and the final norm, updating `cache` in place.
 
     h (b, q, hidden) embeddings; positions (b, q); mask (b, P+q) 2-D attention mask over local cache + window, or
     None; `rope_length` a known bound above every relative position of the window (see RotaryTable.gather);
@@ -352,15 +435,25 @@ def forward_window(layers: nn.ModuleList, norm: RMSNorm, rope: RotaryTable, h: t
     Returns the normed hidden states, the per-layer inputs (if asked) and the attention probabilities (if asked).
     """
     config = layers[0].self_attn.config
-    window = make_window(cache, positions, mask, window_size=config.max_position_embeddings, rope=rope,
-                         dtype=h.dtype, impl=impl, cross_batch=cross_batch, ops=fused.ops(config, h.device, impl),
-                         rope_length=rope_length, grouped=grouped)
+    window = make_window(
+        cache,
+        positions,
+        mask,
+        window_size=config.max_position_embeddings,
+        rope=rope,
+        dtype=h.dtype,
+        plan=plan,
+        cross_batch=cross_batch,
+        rope_length=rope_length,
+        grouped=grouped,
+    )
     hidden, attentions = [], []
     for layer, state in zip(layers, cache.layers[:depth]):  # zip ends with the shorter
         if output_hidden_states:
             hidden.append(h)
-        h, probs = layer(h, positions=positions, window=window, state=state, use_cache=use_cache,
-                         output_attentions=output_attentions)
+        h, probs = layer(
+            h, positions=positions, window=window, state=state, use_cache=use_cache, output_attentions=output_attentions
+        )
         attentions.append(probs)
     if depth is not None and depth < len(layers):
         return None, hidden, attentions

@@ -1,7 +1,10 @@
-"""Long inputs in windows (SPEC B.2): everything but the last `last_context_length` tokens goes through the model in
-windows of the context window size (and, in memory layers, into memory); the final window stays in the local cache.
-A memory window whose output the caller does not keep (`keep_last`) and which fills no local cache only goes up to
-the last memory layer (SKIP_DEAD_LAYERS): what the layers above would compute is dropped unread.
+"""Long inputs in windows (docs/inference.md#long-inputs-in-windows): everything but the last `last_context_length`
+tokens goes
+through the model in windows of the context window size (and, in memory layers, into memory); the final window stays
+in the local cache. Memory windows of one sequence may go through several at a time, as a batch of windows (the
+plan's window_group_tokens), and a memory window whose output the caller does not keep (`keep_last`) and which fills
+no local cache only goes up to the last memory layer (the plan's skip_dead_layers): what the layers above would
+compute is dropped unread.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import torch
 
 from longllama.cache import LongLlamaCache
 from longllama.errors import InputError
-from longllama.model import attention_impl
+from longllama.model import forward_window
+from longllama.plan import ExecutionPlan
 
 
 @dataclass
@@ -51,7 +55,7 @@ def window_spans(n: int, *, window: int, last_context_length: int) -> list[tuple
 
 
 def default_positions(cache: LongLlamaCache, batch: int, n: int, device: torch.device) -> torch.Tensor:
-    """Positions continue after the cached ones, or start at 0 (SPEC B.2 step 2)."""
+    """Positions continue after the cached ones, or start at 0 (docs/inference.md#long-inputs-in-windows, step 2)."""
     start = cache.next_positions()
     steps = torch.arange(n, device=device)[None, :]
     if start is None:
@@ -59,21 +63,36 @@ def default_positions(cache: LongLlamaCache, batch: int, n: int, device: torch.d
     return start.to(device)[:, None] + steps
 
 
-def run_windows(decoder, embeds: torch.Tensor | TokenEmbeddings, *, cache: LongLlamaCache, fresh: bool,
-                attention_mask: torch.Tensor | None, positions: torch.Tensor, use_cache: bool | None,
-                default_use_cache: bool, window: int, last_context_length: int,
-                output_hidden_states: bool = False, output_attentions: bool = False,
-                progress=None, keep_last: int = 0, cross_batch=None) -> WindowsOutput:
+def run_windows(
+    decoder,
+    embeds: torch.Tensor | TokenEmbeddings,
+    *,
+    plan: ExecutionPlan,
+    cache: LongLlamaCache,
+    fresh: bool,
+    attention_mask: torch.Tensor | None,
+    positions: torch.Tensor,
+    use_cache: bool | None,
+    default_use_cache: bool,
+    window: int,
+    last_context_length: int,
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+    progress=None,
+    keep_last: int = 0,
+    cross_batch=None,
+) -> WindowsOutput:
     """Run an input of embeddings (b, n, hidden) through the decoder in windows, updating `cache` in place.
 
-    `decoder` has `layers` and `forward_window` (LongLlamaModel). `progress(tokens_done)`, if given, is called after
+    `decoder` holds `config`, `layers`, `norm` and `rope` (LongLlamaModel); `plan` says how to run them (the
+    model's plan for this device). `progress(tokens_done)`, if given, is called after
     each window. `keep_last` > 0 keeps only the hidden states of the last `keep_last` positions (long inputs whose
     logits are needed only at the end need not hold all of them). `cross_batch` (training) is handed to every
     window (model.Window.cross_batch)."""
     b, n, _ = embeds.shape
     p0 = cache.local_length
     if attention_mask is not None:
-        attention_mask = attention_mask[:, -(p0 + n):]
+        attention_mask = attention_mask[:, -(p0 + n) :]
         if attention_mask.shape != (b, p0 + n):
             raise InputError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({b}, {p0 + n}) = (batch, cached "
@@ -82,27 +101,41 @@ def run_windows(decoder, embeds: torch.Tensor | TokenEmbeddings, *, cache: LongL
     final_use_cache = default_use_cache if use_cache is None else use_cache
     spans = window_spans(n, window=window, last_context_length=last_context_length)
     if fresh and cross_batch is None:  # cross-batch memory comes from the batch, not the cache
-        _reserve_memory(decoder, cache, b, n if not final_use_cache else spans[-1][0], embeds.device)
+        _reserve_memory(decoder, cache, b, n if not final_use_cache else spans[-1][0], embeds.device, plan)
     outputs, layer_hidden, attentions = [], [], None
     rope_length = _relative_span(cache, positions)
     if attention_mask is not None and attention_mask.shape[0] == 1 and bool(attention_mask.all()):
         attention_mask = None  # all ones: the same as no mask (and lets memory windows go in groups)
-    grouped = _groupable(decoder, b, cache, attention_mask, output_hidden_states or output_attentions, cross_batch,
-                         embeds.device)
+    grouped = _groupable(
+        decoder.config, plan, b, cache, attention_mask, output_hidden_states or output_attentions, cross_batch
+    )
+    group_windows = max(1, plan.window_group_tokens // window)
     done = 0  # spans read in groups
     while done < len(spans) - 1 and grouped:  # memory windows of one sequence, several at once
-        group = [span for span in spans[done:done + max(1, WINDOW_GROUP_TOKENS // window)][:len(spans) - 1 - done]
-                 if span[1] - span[0] == window]
+        group = [
+            span for span in spans[done : done + group_windows][: len(spans) - 1 - done] if span[1] - span[0] == window
+        ]
         if len(group) < 2 or cache.local_length:
             break
         beg, end = group[0][0], group[-1][1]
         g = len(group)
         kept = not keep_last or end > n - keep_last
-        depth = _depth(decoder, kept, False, per_layer=False)
+        depth = _depth(decoder.config, plan, kept, False, per_layer=False)
         if depth != 0:
-            h, _, _ = decoder.forward_window(
-                embeds[:, beg:end].reshape(g, window, -1), positions=positions[:, beg:end].reshape(g, window),
-                mask=None, cache=cache, use_cache=False, rope_length=rope_length, grouped=True, depth=depth)
+            h, _, _ = forward_window(
+                decoder.layers,
+                decoder.norm,
+                decoder.rope,
+                embeds[:, beg:end].reshape(g, window, -1),
+                plan=plan,
+                positions=positions[:, beg:end].reshape(g, window),
+                mask=None,
+                cache=cache,
+                use_cache=False,
+                rope_length=rope_length,
+                grouped=True,
+                depth=depth,
+            )
             if kept:
                 outputs.append(h.reshape(1, end - beg, -1))
         if progress is not None:
@@ -118,16 +151,32 @@ def run_windows(decoder, embeds: torch.Tensor | TokenEmbeddings, *, cache: LongL
             win_use_cache = bool(final_use_cache) if p_cur else False
         mask = None
         if attention_mask is not None:
-            mask = attention_mask[:, p0 + beg - p_cur: p0 + end]
+            mask = attention_mask[:, p0 + beg - p_cur : p0 + end]
         kept = not keep_last or end > n - keep_last
-        depth = _depth(decoder, kept, bool(win_use_cache),
-                       per_layer=output_hidden_states or output_attentions or cross_batch is not None)
+        depth = _depth(
+            decoder.config,
+            plan,
+            kept,
+            bool(win_use_cache),
+            per_layer=output_hidden_states or output_attentions or cross_batch is not None,
+        )
         if depth != 0:
-            h, hidden, attn = decoder.forward_window(
-                embeds[:, beg:end], positions=positions[:, beg:end], mask=mask, cache=cache,
-                use_cache=bool(win_use_cache), output_hidden_states=output_hidden_states,
-                output_attentions=output_attentions and last, cross_batch=cross_batch, rope_length=rope_length,
-                depth=depth)
+            h, hidden, attn = forward_window(
+                decoder.layers,
+                decoder.norm,
+                decoder.rope,
+                embeds[:, beg:end],
+                plan=plan,
+                positions=positions[:, beg:end],
+                mask=mask,
+                cache=cache,
+                use_cache=bool(win_use_cache),
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions and last,
+                cross_batch=cross_batch,
+                rope_length=rope_length,
+                depth=depth,
+            )
             if kept:
                 outputs.append(h)
             layer_hidden.append(hidden)
@@ -141,37 +190,38 @@ def run_windows(decoder, embeds: torch.Tensor | TokenEmbeddings, *, cache: LongL
     if keep_last:
         hidden = hidden[:, -keep_last:]
     return WindowsOutput(
-        hidden=hidden,
-        cache=cache, all_hidden=all_hidden,
-        attentions=tuple(attentions) if output_attentions else None)
+        hidden=hidden, cache=cache, all_hidden=all_hidden, attentions=tuple(attentions) if output_attentions else None
+    )
 
 
-# A window whose output is dropped (run_windows' keep_last) and which keeps no local cache changes nothing after the
-# last memory layer: it runs only up to there (_depth). False: every window through every layer (for comparison).
-SKIP_DEAD_LAYERS = True
-
-
-def _depth(decoder, kept: bool, use_cache: bool, *, per_layer: bool) -> int | None:
-    """How many layers a window goes through: all (None) where its output is kept, it fills local caches or per-layer
-    outputs / training ask for every layer; else the memory layers' (their memory is all it leaves), 0 with none."""
-    if kept or use_cache or per_layer or not SKIP_DEAD_LAYERS:
+def _depth(config, plan: ExecutionPlan, kept: bool, use_cache: bool, *, per_layer: bool) -> int | None:
+    """How many layers a window goes through: all (None) where its output is kept, it fills local caches, per-layer
+    outputs / training ask for every layer or the plan says so (skip_dead_layers off); else the memory layers'
+    (their memory is all it leaves: the layers above change nothing but their dropped output), 0 with none."""
+    if kept or use_cache or per_layer or not plan.skip_dead_layers:
         return None
-    mem_layers = decoder.config.mem_layers
+    mem_layers = config.mem_layers
     return max(mem_layers) + 1 if mem_layers else 0
 
 
-# Memory windows of a fresh call (batch 1, no mask, fast attention) go through the model this many tokens at a
-# time, as a batch of windows (model.Window.grouped): the same maths, larger matrix products, fewer kernel calls.
-WINDOW_GROUP_TOKENS = 8192
-
-
-def _groupable(decoder, batch: int, cache: LongLlamaCache, mask, per_layer_outputs: bool, cross_batch,
-               device: torch.device) -> bool:
-    config = decoder.config
-    return (batch == 1 and mask is None and not per_layer_outputs and cross_batch is None
-            and cache.local_length == 0 and config.mem_top_k is None and not config.mem_offload
-            and all(layer.memory is None or layer.memory.all_valid() for layer in cache.layers)
-            and attention_impl(config, device) == "fast" and not torch.is_grad_enabled())
+def _groupable(
+    config, plan: ExecutionPlan, batch: int, cache: LongLlamaCache, mask, per_layer_outputs: bool, cross_batch
+) -> bool:
+    """Whether memory windows go in groups (the plan's window_group_tokens at a time, as a batch of windows,
+    model.Window.grouped: the same maths, larger matrix products, fewer kernel calls): a fresh call of batch 1 with
+    no mask and fast attention, for inference."""
+    return (
+        batch == 1
+        and mask is None
+        and not per_layer_outputs
+        and cross_batch is None
+        and cache.local_length == 0
+        and config.mem_top_k is None
+        and not config.mem_offload
+        and all(layer.memory is None or layer.memory.all_valid() for layer in cache.layers)
+        and plan.attention == "fast"
+        and not torch.is_grad_enabled()
+    )
 
 
 def _relative_span(cache: LongLlamaCache, positions: torch.Tensor) -> int:
@@ -184,7 +234,7 @@ def _relative_span(cache: LongLlamaCache, positions: torch.Tensor) -> int:
     return int(hi - lo) + 1
 
 
-def _reserve_memory(decoder, cache: LongLlamaCache, batch: int, added: int, device) -> None:
+def _reserve_memory(decoder, cache: LongLlamaCache, batch: int, added: int, device, plan: ExecutionPlan) -> None:
     """A fresh call knows how much memory it adds: allocate it once instead of growing."""
     if added == 0:
         return
@@ -192,5 +242,5 @@ def _reserve_memory(decoder, cache: LongLlamaCache, batch: int, added: int, devi
         attn = layer.self_attn
         if attn.is_memory_layer:
             if state.memory is None:
-                state.memory = attn.new_memory(batch, device)
+                state.memory = attn.new_memory(batch, device, plan)
             state.memory.reserve(state.memory.length + added)

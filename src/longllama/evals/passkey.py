@@ -1,4 +1,5 @@
-"""Passkey retrieval (SPEC E.1): hide a number in filler text, ask the model for it back, score exact matches.
+"""Passkey retrieval (docs/evaluation.md#passkey-retrieval): hide a number in filler text, ask the model for it back,
+score exact matches.
 
 The prompt generator is the landmark-attention one LongLLaMA evaluates with: the filler sentence repeated, a pass
 key line at a random character offset, drawn from numpy's global RNG under a fixed seed (and the RNG put back).
@@ -33,8 +34,10 @@ from longllama.tokenizer import encode_prompt
 logger = logging.getLogger(__name__)
 
 FILLER_SENTENCE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-TASK_LINE = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-             "I will quiz you about the important information there.")
+TASK_LINE = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION_LINE = "What is the pass key? The pass key is"
 KEY_RANGE = (1, 50000)  # numpy randint bounds: 50000 itself is never drawn
@@ -58,7 +61,8 @@ def filler(n_chars: int) -> str:
 def passkey_prompt(n_garbage: int, seed: int, *, depth: float | None = None) -> tuple[str, int]:
     """The passkey prompt with `n_garbage` filler characters, and its pass key.
 
-    With `depth` None (the SPEC generator) the key line sits after randint(0, n_garbage) filler characters; with a
+    With `depth` None (the reference's generator) the key line sits after randint(0, n_garbage) filler characters; with
+    a
     depth in [0, 1] it sits after round(depth * n_garbage) of them. The random offset is drawn either way, so one
     seed gives the same key at every depth. numpy's global RNG is restored afterwards.
     """
@@ -76,8 +80,13 @@ def passkey_prompt(n_garbage: int, seed: int, *, depth: float | None = None) -> 
         prefix_chars = round(depth * n_garbage)
     garbage = filler(n_garbage)
     # Both parts come from the start of the filler (as the reference does), so neither starts mid-sentence.
-    lines = [TASK_LINE, garbage[:prefix_chars], KEY_LINE.format(key=key), garbage[:n_garbage - prefix_chars],
-             QUESTION_LINE]
+    lines = [
+        TASK_LINE,
+        garbage[:prefix_chars],
+        KEY_LINE.format(key=key),
+        garbage[: n_garbage - prefix_chars],
+        QUESTION_LINE,
+    ]
     return "\n".join(lines), key
 
 
@@ -112,8 +121,9 @@ def shortest_length(tokenizer, *, seed: int = 0) -> int:
     return prompt_tokens(tokenizer, passkey_prompt(1, seed)[0])
 
 
-def n_garbage_for_tokens(tokenizer, tokens: int, *, seed: int = 0, depth: float | None = None,
-                         max_rounds: int = 8) -> int:
+def n_garbage_for_tokens(
+    tokenizer, tokens: int, *, seed: int = 0, depth: float | None = None, max_rounds: int = 8
+) -> int:
     """Filler characters that make the prompt (seed, depth) about `tokens` tokens long with `tokenizer`.
 
     The token count is linear in the filler size apart from a fixed part (instruction, key and question lines, BOS)
@@ -123,8 +133,10 @@ def n_garbage_for_tokens(tokenizer, tokens: int, *, seed: int = 0, depth: float 
     """
     fixed = shortest_length(tokenizer, seed=seed)
     if tokens <= fixed:
-        raise InputError(f"a passkey prompt of {tokens} tokens is too short: without filler it already has {fixed} "
-                         f"tokens with this tokenizer; ask for more than {fixed}")
+        raise InputError(
+            f"a passkey prompt of {tokens} tokens is too short: without filler it already has {fixed} "
+            f"tokens with this tokenizer; ask for more than {fixed}"
+        )
     rate = chars_per_token(tokenizer)
     tolerance = max(2, tokens // 1000)
     n_garbage = max(1, round((tokens - fixed) * rate))
@@ -144,16 +156,19 @@ def check_lengths(tokenizer, lengths: Sequence[int], *, seed: int = 0) -> None:
     fixed = shortest_length(tokenizer, seed=seed)
     short = [length for length in lengths if length <= fixed]
     if short:
-        raise InputError(f"passkey length(s) {', '.join(map(str, short))} are too short: the prompt without filler "
-                         f"already has {fixed} tokens with this tokenizer; ask for more than {fixed}")
+        raise InputError(
+            f"passkey length(s) {', '.join(map(str, short))} are too short: the prompt without filler "
+            f"already has {fixed} tokens with this tokenizer; ask for more than {fixed}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Scoring
 
 
-def score_passkey(model, tokenizer, prompt: str, key: int, *,
-                  last_context_length: int | None = DEFAULT_LAST_CONTEXT_LENGTH) -> dict[str, Any]:
+def score_passkey(
+    model, tokenizer, prompt: str, key: int, *, last_context_length: int | None = DEFAULT_LAST_CONTEXT_LENGTH
+) -> dict[str, Any]:
     """Greedy-decode as many tokens as the answer has and compare them with the answer's ids, exactly.
 
     The answer ids are those of str(key) without BOS; as the tokenizer adds the dummy-prefix space, they are the
@@ -162,24 +177,42 @@ def score_passkey(model, tokenizer, prompt: str, key: int, *,
     ids = encode_prompt(tokenizer, prompt, bos=True)
     answer_ids = encode_prompt(tokenizer, str(key), bos=False)
     input_ids = torch.tensor([ids], dtype=torch.long, device=getattr(model, "device", None))
-    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, num_beams=1,
-                            max_new_tokens=len(answer_ids), last_context_length=last_context_length)
-    generated = [int(t) for t in output[0, len(ids):].tolist()]  # shorter than the answer if EOS came first
-    return {"tokens": len(ids), "answer_ids": answer_ids, "generated_ids": generated,
-            "generated": tokenizer.decode(generated, skip_special_tokens=True),
-            "correct": generated == answer_ids}
+    output = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=len(answer_ids),
+        last_context_length=last_context_length,
+    )
+    generated = [int(t) for t in output[0, len(ids) :].tolist()]  # shorter than the answer if EOS came first
+    return {
+        "tokens": len(ids),
+        "answer_ids": answer_ids,
+        "generated_ids": generated,
+        "generated": tokenizer.decode(generated, skip_special_tokens=True),
+        "correct": generated == answer_ids,
+    }
 
 
-def run_passkey(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[float | None] | None = None,
-                trials: int, seed0: int = 0, last_context_length: int | None = DEFAULT_LAST_CONTEXT_LENGTH,
-                progress: bool = True,
-                on_record: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+def run_passkey(
+    model,
+    tokenizer,
+    *,
+    lengths: Sequence[int],
+    depths: Sequence[float | None] | None = None,
+    trials: int,
+    seed0: int = 0,
+    last_context_length: int | None = DEFAULT_LAST_CONTEXT_LENGTH,
+    progress: bool = True,
+    on_record: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
     """One record per (length, depth, trial): seeds seed0 .. seed0 + trials - 1 at every length and depth.
     `on_record` gets the records so far after every trial (the CLI saves them, so a run cut short keeps its trials).
 
     `lengths` are prompt lengths in tokens; each gets one filler size (calibrated on the first seed), so a length's
     prompts differ only by the key and its place, and each record keeps its prompt's actual token count. `depths`
-    None is the SPEC's random key placement only.
+    None is the reference's random key placement only.
     """
     depths = [None] if depths is None else list(depths)
     for depth in depths:
@@ -192,8 +225,9 @@ def run_passkey(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[fl
     records = []
     with _trial_bar(len(grid), enabled=progress) as bar:
         for length, depth, seed in grid:
-            records.append(_trial(model, tokenizer, length, sizes[length], depth, seed,
-                                  last_context_length=last_context_length))
+            records.append(
+                _trial(model, tokenizer, length, sizes[length], depth, seed, last_context_length=last_context_length)
+            )
             bar.update(1)
             bar.set_postfix(length=length, correct=f"{sum(r['correct'] for r in records)}/{len(records)}")
             if on_record is not None:
@@ -201,17 +235,35 @@ def run_passkey(model, tokenizer, *, lengths: Sequence[int], depths: Sequence[fl
     return records
 
 
-def _trial(model, tokenizer, length: int, n_garbage: int, depth: float | None, seed: int, *,
-           last_context_length: int | None) -> dict[str, Any]:
+def _trial(
+    model, tokenizer, length: int, n_garbage: int, depth: float | None, seed: int, *, last_context_length: int | None
+) -> dict[str, Any]:
     prompt, key = passkey_prompt(n_garbage, seed, depth=depth)
     scored = score_passkey(model, tokenizer, prompt, key, last_context_length=last_context_length)
-    logger.info("length %d (%d tokens) depth %s seed %d: key %d, generated %r -> %s", length, scored["tokens"],
-                "random" if depth is None else depth, seed, key, scored["generated"],
-                "correct" if scored["correct"] else "wrong")
-    return {"length": length, "tokens": scored["tokens"], "n_garbage": n_garbage, "depth": depth,
-            "prefix_chars": prefix_chars_of(prompt), "seed": seed, "key": key, "answer": str(key),
-            "answer_ids": scored["answer_ids"], "generated_ids": scored["generated_ids"],
-            "generated": scored["generated"], "correct": scored["correct"]}
+    logger.info(
+        "length %d (%d tokens) depth %s seed %d: key %d, generated %r -> %s",
+        length,
+        scored["tokens"],
+        "random" if depth is None else depth,
+        seed,
+        key,
+        scored["generated"],
+        "correct" if scored["correct"] else "wrong",
+    )
+    return {
+        "length": length,
+        "tokens": scored["tokens"],
+        "n_garbage": n_garbage,
+        "depth": depth,
+        "prefix_chars": prefix_chars_of(prompt),
+        "seed": seed,
+        "key": key,
+        "answer": str(key),
+        "answer_ids": scored["answer_ids"],
+        "generated_ids": scored["generated_ids"],
+        "generated": scored["generated"],
+        "correct": scored["correct"],
+    }
 
 
 def _trial_bar(total: int, *, enabled: bool):
@@ -228,20 +280,31 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy per (length, depth), per length (all depths) and overall; lengths ascending, depths as first seen."""
     lengths = sorted({r["length"] for r in records})
     depths = list(dict.fromkeys(r["depth"] for r in records))
-    cells = [_accuracy([r for r in records if r["length"] == length and r["depth"] == depth],
-                       length=length, depth=depth)
-             for length in lengths for depth in depths]
+    cells = [
+        _accuracy([r for r in records if r["length"] == length and r["depth"] == depth], length=length, depth=depth)
+        for length in lengths
+        for depth in depths
+    ]
     by_length = [_accuracy([r for r in records if r["length"] == length], length=length) for length in lengths]
-    return {"lengths": lengths, "depths": depths, "by_length_depth": [c for c in cells if c["trials"]],
-            "by_length": by_length, "overall": _accuracy(records)}
+    return {
+        "lengths": lengths,
+        "depths": depths,
+        "by_length_depth": [c for c in cells if c["trials"]],
+        "by_length": by_length,
+        "overall": _accuracy(records),
+    }
 
 
 def _accuracy(group: Sequence[dict[str, Any]], **labels: Any) -> dict[str, Any]:
     correct = sum(bool(r["correct"]) for r in group)
     tokens = [r["tokens"] for r in group]
-    return {**labels, "trials": len(group), "correct": correct,
-            "accuracy": correct / len(group) if group else None,
-            "mean_tokens": sum(tokens) / len(tokens) if tokens else None}
+    return {
+        **labels,
+        "trials": len(group),
+        "correct": correct,
+        "accuracy": correct / len(group) if group else None,
+        "mean_tokens": sum(tokens) / len(tokens) if tokens else None,
+    }
 
 
 def depth_label(depth: float | None) -> str:
@@ -268,8 +331,13 @@ def _percent(group: dict[str, Any] | None) -> str:
     return "-" if group is None or group["accuracy"] is None else f"{100 * group['accuracy']:.1f}%"
 
 
-def save_results(path: str | os.PathLike[str], records: Sequence[dict[str, Any]], summary: dict[str, Any], *,
-                 settings: dict[str, Any] | None = None) -> Path:
+def save_results(
+    path: str | os.PathLike[str],
+    records: Sequence[dict[str, Any]],
+    summary: dict[str, Any],
+    *,
+    settings: dict[str, Any] | None = None,
+) -> Path:
     """Write {settings, summary, records} as JSON, atomically: a half-written file never replaces a good one."""
     text = json.dumps({"settings": settings or {}, "summary": summary, "records": list(records)}, indent=2)
     return _replace_atomically(Path(path), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
@@ -305,8 +373,14 @@ def _plot_curves(ax, summary: dict[str, Any]) -> None:
         points = [(c["length"], c["accuracy"]) for c in summary["by_length_depth"] if c["depth"] == depth]
         ax.plot(*zip(*points), marker="o", alpha=0.8, label=f"depth {depth_label(depth)}")
     if len(summary["depths"]) > 1:
-        ax.plot(lengths, [t["accuracy"] for t in summary["by_length"]], color="black", linewidth=2.5, marker="s",
-                label="all depths")
+        ax.plot(
+            lengths,
+            [t["accuracy"] for t in summary["by_length"]],
+            color="black",
+            linewidth=2.5,
+            marker="s",
+            label="all depths",
+        )
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(length) for length in lengths])
     ax.minorticks_off()

@@ -71,14 +71,17 @@ def check_settings(contexts: Sequence[int], *, target_tokens: int, last_context_
     if isinstance(target_tokens, bool) or not isinstance(target_tokens, int) or target_tokens < 1:
         raise InputError(f"target_tokens={target_tokens!r} must be at least 1")
     if last_context_length is not None and last_context_length <= target_tokens:
-        raise InputError(f"last context length {last_context_length} must be more than the {target_tokens} target "
-                         "tokens (the final window holds the target and the token before it): raise "
-                         "--last-context-length or lower --target-tokens")
+        raise InputError(
+            f"last context length {last_context_length} must be more than the {target_tokens} target "
+            "tokens (the final window holds the target and the token before it): raise "
+            "--last-context-length or lower --target-tokens"
+        )
     return sorted(set(contexts))
 
 
-def load_documents(texts: Iterable[str], tokenizer, *, needed_tokens: int, max_docs: int | None = None
-                   ) -> list[Document]:
+def load_documents(
+    texts: Iterable[str], tokenizer, *, needed_tokens: int, max_docs: int | None = None
+) -> list[Document]:
     """The documents (in data order) with at least `needed_tokens` tokens, each cut to that many; at most
     `max_docs` of them. Fails when none is long enough, naming the longest one seen."""
     if max_docs is not None and max_docs < 1:
@@ -94,20 +97,23 @@ def load_documents(texts: Iterable[str], tokenizer, *, needed_tokens: int, max_d
             if max_docs is not None and len(chosen) == max_docs:
                 break
     if not chosen:
-        raise InputError(f"no document is long enough: the evaluation needs {needed_tokens} tokens (largest context "
-                         f"+ target), the longest of {seen} document(s) has {longest}; pass smaller --contexts or "
-                         "--target-tokens, or longer documents")
+        raise InputError(
+            f"no document is long enough: the evaluation needs {needed_tokens} tokens (largest context "
+            f"+ target), the longest of {seen} document(s) has {longest}; pass smaller --contexts or "
+            "--target-tokens, or longer documents"
+        )
     logger.info("%d of %d document(s) read have at least %d tokens", len(chosen), seen, needed_tokens)
     return chosen
 
 
-def context_input(document: Document, context: int, *, max_context: int, target_tokens: int,
-                  bos_id: int) -> list[int]:
+def context_input(document: Document, context: int, *, max_context: int, target_tokens: int, bos_id: int) -> list[int]:
     """[BOS] + the `context` tokens before the target + the target (the target ends the input)."""
     if not 0 <= context <= max_context or len(document.ids) != max_context + target_tokens:
-        raise InputError(f"context {context} does not fit document {document.index} cut for max context "
-                         f"{max_context} and {target_tokens} target tokens")
-    return [bos_id] + document.ids[max_context - context:]
+        raise InputError(
+            f"context {context} does not fit document {document.index} cut for max context "
+            f"{max_context} and {target_tokens} target tokens"
+        )
+    return [bos_id] + document.ids[max_context - context :]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -115,26 +121,37 @@ def context_input(document: Document, context: int, *, max_context: int, target_
 
 
 @torch.inference_mode()
-def target_nll(model, input_ids: Sequence[int], *, target_tokens: int,
-               last_context_length: int | None = None) -> torch.Tensor:
+def target_nll(
+    model, input_ids: Sequence[int], *, target_tokens: int, last_context_length: int | None = None
+) -> torch.Tensor:
     """NLL (float32, natural log) of each of the last `target_tokens` ids of `input_ids`, in one forward call.
 
     The input position before each target token predicts it; `logits_to_keep = T + 1` keeps exactly those T
     positions plus the last one (which predicts nothing here and is dropped).
     """
     if len(input_ids) <= target_tokens:
-        raise InputError(f"an input of {len(input_ids)} tokens leaves no token before its {target_tokens} target "
-                         "tokens; start it with BOS")
+        raise InputError(
+            f"an input of {len(input_ids)} tokens leaves no token before its {target_tokens} target "
+            "tokens; start it with BOS"
+        )
     device = getattr(model, "device", None)
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
-    logits = model(ids, use_cache=False, last_context_length=last_context_length,
-                   logits_to_keep=target_tokens + 1).logits
+    logits = model(
+        ids, use_cache=False, last_context_length=last_context_length, logits_to_keep=target_tokens + 1
+    ).logits
     return F.cross_entropy(logits[0, :-1].float(), ids[0, -target_tokens:], reduction="none").cpu()
 
 
-def run_perplexity(model, documents: Sequence[Document], *, contexts: Sequence[int], target_tokens: int,
-                   bos_id: int, last_context_length: int | None = None, progress: bool = True
-                   ) -> list[dict[str, Any]]:
+def run_perplexity(
+    model,
+    documents: Sequence[Document],
+    *,
+    contexts: Sequence[int],
+    target_tokens: int,
+    bos_id: int,
+    last_context_length: int | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """One record per (document, context length): the target's summed and mean NLL.
 
     `last_context_length` None means the model's configured one.
@@ -146,12 +163,20 @@ def run_perplexity(model, documents: Sequence[Document], *, contexts: Sequence[i
     with _bar(len(documents) * len(contexts), enabled=progress) as bar:
         for document in documents:
             for context in contexts:
-                ids = context_input(document, context, max_context=max_context, target_tokens=target_tokens,
-                                    bos_id=bos_id)
+                ids = context_input(
+                    document, context, max_context=max_context, target_tokens=target_tokens, bos_id=bos_id
+                )
                 nll = target_nll(model, ids, target_tokens=target_tokens, last_context_length=lcl)
-                records.append({"document": document.index, "document_tokens": document.total_tokens,
-                                "context": context, "tokens": target_tokens, "nll_sum": float(nll.sum()),
-                                "mean_nll": float(nll.mean())})
+                records.append(
+                    {
+                        "document": document.index,
+                        "document_tokens": document.total_tokens,
+                        "context": context,
+                        "tokens": target_tokens,
+                        "nll_sum": float(nll.sum()),
+                        "mean_nll": float(nll.mean()),
+                    }
+                )
                 logger.info("document %d context %d: mean NLL %.4f", document.index, context, nll.mean())
                 bar.update(1)
     return records
@@ -176,8 +201,15 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         group = [r for r in records if r["context"] == context]
         tokens = sum(r["tokens"] for r in group)
         mean_nll = sum(r["nll_sum"] for r in group) / tokens
-        rows.append({"context": context, "documents": len({r["document"] for r in group}), "tokens": tokens,
-                     "mean_nll": mean_nll, "perplexity": math.exp(mean_nll)})
+        rows.append(
+            {
+                "context": context,
+                "documents": len({r["document"] for r in group}),
+                "tokens": tokens,
+                "mean_nll": mean_nll,
+                "perplexity": math.exp(mean_nll),
+            }
+        )
     for row in rows:
         row["delta_nll"] = row["mean_nll"] - rows[0]["mean_nll"]
     return {"contexts": contexts, "by_context": rows}
@@ -185,14 +217,28 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(summary: dict[str, Any]) -> str:
     header = ["context", "docs", "tokens", "mean NLL", "perplexity", "dNLL"]
-    rows = [[str(r["context"]), str(r["documents"]), str(r["tokens"]), f"{r['mean_nll']:.4f}",
-             f"{r['perplexity']:.3f}", f"{r['delta_nll']:+.4f}"] for r in summary["by_context"]]
+    rows = [
+        [
+            str(r["context"]),
+            str(r["documents"]),
+            str(r["tokens"]),
+            f"{r['mean_nll']:.4f}",
+            f"{r['perplexity']:.3f}",
+            f"{r['delta_nll']:+.4f}",
+        ]
+        for r in summary["by_context"]
+    ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(text.rjust(width) for text, width in zip(row, widths)) for row in [header, *rows])
 
 
-def save_results(path: str | os.PathLike[str], records: Sequence[dict[str, Any]], summary: dict[str, Any], *,
-                 settings: dict[str, Any] | None = None) -> Path:
+def save_results(
+    path: str | os.PathLike[str],
+    records: Sequence[dict[str, Any]],
+    summary: dict[str, Any],
+    *,
+    settings: dict[str, Any] | None = None,
+) -> Path:
     """Write {settings, summary, records} as JSON, atomically."""
     text = json.dumps({"settings": settings or {}, "summary": summary, "records": list(records)}, indent=2)
     return replace_atomically(Path(path), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
@@ -212,8 +258,11 @@ def plot_summary(summary: dict[str, Any], path: str | os.PathLike[str], *, title
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity of the target tokens")
     documents = rows[0]["documents"]
-    ax.set_title(title or f"held-out perplexity ({documents} document{'s' if documents != 1 else ''}, "
-                          f"{rows[0]['tokens'] // documents} target tokens each)")
+    ax.set_title(
+        title
+        or f"held-out perplexity ({documents} document{'s' if documents != 1 else ''}, "
+        f"{rows[0]['tokens'] // documents} target tokens each)"
+    )
     ax.grid(alpha=0.3)
     return replace_atomically(Path(path), lambda tmp: figure.savefig(tmp, format=fmt, dpi=120))
 

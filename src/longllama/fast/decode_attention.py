@@ -1,0 +1,165 @@
+"""A decoding step's attention as Triton kernels: one query per head against the local cache and the memory.
+
+Reading the keys and values is the whole cost of this step (after 256k tokens the three memory layers of the 3B
+model hold ~11 GB), so the keys are cut into chunks, one program per (row, head, chunk) streams its chunk once and
+keeps a running softmax (max, sum, weighted values in fp32), and a second kernel merges the chunks' partial results
+exactly ("split-K" / flash decoding). The local cache and the memory are two sets of chunks of the same softmax:
+local slots past the current one are masked before reading (not read at all), and the memory is read as stored,
+zero-padded head dimension included (aligned rows load as whole vectors; the zeros add nothing). Before it,
+`rope_store` takes a step's fused q/k/v projection, rotates q and k and writes the new key (raw and rotated) and
+value into the static local buffers, in one kernel instead of five.
+
+Compared with attention.few_query_attention: scores and probabilities stay in fp32 (the unfused path rounds them
+to the activation dtype before the products), so results agree within the activation dtype's rounding. Only dense
+memories (no kNN top-k, every key valid) come here; decode.py keeps the general path for the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from longllama.fast import kernels
+
+_LOG2E = 1.4426950408889634
+_TARGET_PROGRAMS = 4096  # chunks x rows x heads aimed at (benchmarks/tune_decode.py)
+_MIN_CHUNK, _MAX_CHUNK = 64, 8192
+_DEFAULTS = {"BLOCK_N": 32}  # the interpreter's configuration (no autotuning there)
+_MERGE_BLOCK = 64
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """The kernels (decode_kernels.py), imported on first use: Triton is only needed where they run."""
+    from longllama.fast import decode_kernels as k
+
+    return k.partials, k.merge, k.rope_store
+
+
+def applies(x: torch.Tensor, *, cpu: bool = False) -> bool:
+    """Whether the kernels serve a step whose activations are x (CUDA, or CPU under the interpreter with `cpu`;
+    bf16/fp16/fp32)."""
+    return kernels.usable(x, cpu=cpu) and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _chunk(n: int, rows: int) -> int:
+    """Keys per program: about _TARGET_PROGRAMS programs over `rows` (batch x heads) rows, a power of two."""
+    want = max(1, -(-n * rows // _TARGET_PROGRAMS))
+    return min(_MAX_CHUNK, max(_MIN_CHUNK, 1 << (want - 1).bit_length()))
+
+
+def rope_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slot: torch.Tensor,
+    raw: torch.Tensor,
+    rot: torch.Tensor,
+    values: torch.Tensor,
+    heads: int,
+    rotate: bool,
+) -> torch.Tensor:
+    """qkv (b, 1, (heads + 2 kv_heads) d) of one step; cos, sin (window, d) tables; slot (1,) long. Writes the key
+    into raw (as is) and rot (rotated when `rotate`), the value into values at `slot`: contiguous buffers
+    (b, kv_heads, window, width >= d) whose columns past d are left alone. Returns q (b, heads, d), rotated when
+    `rotate`."""
+    b, kv_heads = raw.shape[:2]
+    d = cos.shape[-1]
+    if not (raw.is_contiguous() and rot.is_contiguous() and values.is_contiguous()):
+        raise ValueError("rope_store: the local buffers must be contiguous")
+    qkv = qkv.reshape(b, (heads + 2 * kv_heads) * d).contiguous()
+    q = torch.empty(b, heads, d, dtype=qkv.dtype, device=qkv.device)
+    rope = _kernels()[2]
+    rope[(b, heads + kv_heads)](
+        qkv,
+        cos.contiguous(),
+        sin.contiguous(),
+        slot,
+        q,
+        raw,
+        rot,
+        values,
+        heads,
+        kv_heads,
+        raw.stride(0),
+        raw.stride(1),
+        raw.stride(2),
+        D=d,
+        ROTATE=rotate,
+        BLOCK_D=kernels.pow2(d),
+    )
+    return q
+
+
+def attend(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot: torch.Tensor,
+    memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """q (b, h, d); keys, values (b, h_kv, window, d') of which slots 0..slot are in use; memory (keys, values)
+    (b, h_kv, M, d'') as stored, or None; d', d'' >= d, the columns past d zero (those past the next multiple of 16
+    are not read). Returns the attention output
+    (b, h, d) in q's dtype: one softmax over the used local slots and the whole memory, with scale 1/sqrt(d)."""
+    partials, merge, _ = _kernels()
+    b, h, d = q.shape
+    kv_heads, window = keys.shape[1], keys.shape[2]
+    if h % kv_heads:
+        raise ValueError(f"decode attention: {h} query heads do not share {kv_heads} key/value heads evenly")
+    rows = b * h
+    parts = [(keys, values, window, True)]
+    if memory is not None and memory[0].shape[2]:
+        parts.append((memory[0], memory[1], memory[0].shape[2], False))
+    chunks = [_chunk(n, rows) for _, _, n, _ in parts]
+    counts = [-(-n // c) for (_, _, n, _), c in zip(parts, chunks)]
+    splits = sum(counts)
+    block_d = kernels.pow2(max(d, *(k.shape[-1] for k, _, _, _ in parts)))
+    acc = torch.empty(rows, splits, block_d, dtype=torch.float32, device=q.device)
+    m = torch.empty(rows, splits, dtype=torch.float32, device=q.device)
+    lsum = torch.empty(rows, splits, dtype=torch.float32, device=q.device)
+    scale_log2 = _LOG2E / math.sqrt(d)
+    # Columns read per row: the stored rows up to the next multiple of 16 past d (aligned vector loads); zero padding
+    # beyond that (a memory stored 128 wide for head_dim 100) is never read.
+    read = -(-d // 16) * 16
+    split0 = 0
+    for (k, v, n, local), chunk, count in zip(parts, chunks, counts):
+        kernels.launch(
+            partials,
+            lambda meta, count=count: (rows, count),
+            (
+                q,
+                k,
+                v,
+                acc,
+                m,
+                lsum,
+                slot,
+                n,
+                split0,
+                splits,
+                h,
+                h // kv_heads,
+                q.stride(0),
+                q.stride(1),
+                k.stride(0),
+                k.stride(1),
+                v.stride(0),
+                v.stride(1),
+                scale_log2,
+                chunk,
+                d,
+            ),
+            _DEFAULTS,
+            S_KN=k.stride(2),
+            S_VN=v.stride(2),
+            D_READ=min(k.shape[-1], read),
+            FROM_PTR=local,
+            BLOCK_D=block_d,
+        )
+        split0 += count
+    out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
+    merge[(rows,)](acc, m, lsum, out, splits, d, BLOCK_S=_MERGE_BLOCK, BLOCK_D=block_d)
+    return out

@@ -1,0 +1,154 @@
+"""Matrix-vector products for decoding: y = x W^T for a few rows of x (bf16/fp16, CUDA), as Triton kernels that
+stream W once at close to the memory bandwidth. A decoding step is bound by reading the weights; cuBLAS ran the 3B
+model's 3200 x 3200 products at ~1.6 TB/s with cold weights on an H100 (bench_gemv.py), with a split-K
+pass and a reduction kernel after it.
+
+`linear(x, weight, residual=None, norm=None)` takes the kernel where it applies (CUDA, bf16/fp16, at most
+`max_rows` rows, contiguous weights) and F.linear elsewhere; with `residual`, the sum residual + x W^T comes out of the
+same
+pass; with `norm` = (RMSNorm weight, eps), the product is of rms_norm(x), each program normalising the row itself
+(the row is a few KB; this saves the norm's own kernel). `linear_stacked(x, (w1, w2, ...))` is x [w1; w2; ...]^T
+without concatenating the weights (the q, k and v projections of a layer in one launch). `linear_swiglu(x, gate,
+up)` computes silu(x gate^T) * (x up^T) in the same pass over both weights. Accumulation is in fp32, as in cuBLAS;
+the order of the sums differs; results are rounded to the activation dtype where the unfused functions round. The
+loop over K is unrolled (K is a compile-time constant), which keeps every load of a program in flight at once
+(cold-weight products 5-15 % faster than the rolled loop, bench_gemv.py).
+
+Under Triton's interpreter the kernels run on CPU tensors (the tests; see kernels.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from longllama.fast import kernels
+from longllama.ops import rms_norm
+
+MAX_ROWS = 4  # default of max_rows (the plan's gemv_max_rows)
+_DEFAULTS = {"BLOCK_N": 8, "BLOCK_K": 256}  # the interpreter's configuration (no autotuning there)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """The kernels (gemv_kernels.py), imported on first use: Triton is only needed where they run."""
+    from longllama.fast import gemv_kernels
+
+    return gemv_kernels.gemv, gemv_kernels.gemv_swiglu
+
+
+def _grid(n: int, rows: int):
+    """Launch grid: blocks of BLOCK_N output columns, one row of x each."""
+    return lambda meta: (-(-n // meta["BLOCK_N"]), rows)
+
+
+def applies(x: torch.Tensor, *weights: torch.Tensor, norm=None, max_rows: int = MAX_ROWS, cpu: bool = False) -> bool:
+    """Whether the kernel serves x (..., K) against these (N, K) weights (and the RMSNorm weight of `norm`): at most
+    `max_rows` rows; `cpu` lets CPU tensors through under the interpreter (kernels.usable)."""
+    rows = x.numel() // x.shape[-1]
+    ok = (
+        kernels.usable(x, cpu=cpu)
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and rows <= max_rows
+        and all(
+            w.dtype == x.dtype and w.device == x.device and w.is_contiguous() and w.shape[1] == x.shape[-1]
+            for w in weights
+        )
+    )
+    return ok and (norm is None or (norm[0].dtype == x.dtype and norm[0].is_contiguous()))
+
+
+def _normed(x: torch.Tensor, norm) -> torch.Tensor:
+    return x if norm is None else rms_norm(x, norm[0], norm[1])
+
+
+def _prepared(x: torch.Tensor, norm):
+    """x as (rows, K) contiguous, and the kernel's norm arguments (weight pointer, eps, NORM)."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    if norm is None:
+        return flat, (flat, 0.0), False
+    return flat, (norm[0], float(norm[1])), True
+
+
+def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm) -> torch.Tensor:
+    w0 = weights[0]
+    sizes = [w.shape[0] for w in weights] + [0, 0]
+    offsets = [(w.data_ptr() - w0.data_ptr()) // w0.element_size() for w in weights[1:]] + [0, 0]
+    n = sum(w.shape[0] for w in weights)
+    k = x.shape[-1]
+    flat, norm_args, normed = _prepared(x, norm)
+    rows = flat.shape[0]
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    r = y if residual is None else residual.reshape(rows, n).contiguous()
+    kernels.launch(
+        _kernels()[0],
+        _grid(n, rows),
+        (flat, *norm_args, w0, offsets[0], offsets[1], r, y, rows, n, sizes[0], sizes[1], k),
+        _DEFAULTS,
+        NORM=normed,
+        RESIDUAL=residual is not None,
+    )
+    return y.view(*x.shape[:-1], n)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+    *,
+    max_rows: int = MAX_ROWS,
+    cpu: bool = False,
+) -> torch.Tensor:
+    """x @ weight.T (no bias), plus `residual` when given; with norm = (weight, eps), of rms_norm(x) instead of x.
+    Where the kernel does not apply (many rows: the ingest) the residual is added inside the matrix product
+    (addmm: one rounding, no separate pass over the activations)."""
+    if not applies(x, weight, norm=norm, max_rows=max_rows, cpu=cpu) or (
+        residual is not None and residual.dtype != x.dtype
+    ):
+        x = _normed(x, norm)
+        if residual is None:
+            return F.linear(x, weight)
+        if residual.dtype != x.dtype or residual.shape[:-1] != x.shape[:-1]:
+            return residual + F.linear(x, weight)
+        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
+        return out.view(residual.shape)
+    return _stacked(x, (weight,), residual, norm)
+
+
+def linear_stacked(
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    norm: tuple[torch.Tensor, float] | None = None,
+    *,
+    max_rows: int = MAX_ROWS,
+    cpu: bool = False,
+) -> torch.Tensor:
+    """x @ cat(weights).T for two or three weights (N_i, K), in one launch where the kernel applies; `norm` as in
+    `linear`."""
+    if len(weights) > 3 or not applies(x, *weights, norm=norm, max_rows=max_rows, cpu=cpu):
+        x = _normed(x, norm)
+        return torch.cat([F.linear(x, w) for w in weights], dim=-1)
+    return _stacked(x, weights, None, norm)
+
+
+def linear_swiglu(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    norm: tuple[torch.Tensor, float] | None = None,
+    *,
+    max_rows: int = MAX_ROWS,
+    cpu: bool = False,
+) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T), rounding as the unfused functions do; `norm` as in `linear`."""
+    if not applies(x, gate, up, norm=norm, max_rows=max_rows, cpu=cpu):
+        x = _normed(x, norm)
+        return F.silu(F.linear(x, gate)) * F.linear(x, up)
+    flat, norm_args, normed = _prepared(x, norm)
+    rows, n, k = flat.shape[0], gate.shape[0], flat.shape[1]
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    kernels.launch(_kernels()[1], _grid(n, rows), (flat, *norm_args, gate, up, y, rows, n, k), _DEFAULTS, NORM=normed)
+    return y.view(*x.shape[:-1], n)

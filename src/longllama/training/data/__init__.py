@@ -1,0 +1,1 @@
+"""Training data: pre-training batches (pretrain) and fine-tuning examples (sft)."""
