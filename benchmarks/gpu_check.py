@@ -42,13 +42,6 @@ class Fallbacks(logging.Handler):
         print(f"fallback: {self.messages[-1]}")
 
 
-def failed_paths(plan: ExecutionPlan) -> list[str]:
-    """The fast paths recorded as failed under `plan` (each then served by its fallback)."""
-    from longllama.fast import flash4
-
-    return [name for name in (flash4.FAILED, flash4.SPLIT_FAILED) if name in plan.failures]
-
-
 def kernel_plan(**changes) -> ExecutionPlan:
     """A fast-path plan for one GPU, for the checks that call the kernels' functions directly."""
     return ExecutionPlan(device="cuda", attention="fast", **changes)
@@ -78,7 +71,7 @@ def check_static_decoder(model, prompt) -> bool:
     equal = int(differ[0]) if len(differ) else new_a.shape[1]
     steps = min(equal + 1, len(a.scores))
     e = rel(torch.stack(b.scores[:steps]), torch.stack(a.scores[:steps]))
-    failed = failed_paths(model.plan)
+    failed = model.plan.failures.names()
     print(
         f"static (CUDA graph) vs dynamic decoding: first {equal} of {new_a.shape[1]} new tokens equal; scores over "
         f"the {steps} steps with equal inputs rel {e:.2e}" + (f"; fell back: {', '.join(failed)}" if failed else "")
@@ -327,7 +320,7 @@ def run_path(model, name: str, config: dict, changes: dict, ids, want, bound: fl
         for key, value in saved.items():
             setattr(model.config, key, value)
         model.set_plan(**restore)
-    failed = failed_paths(plan)
+    failed = plan.failures.names()
     print(
         f"bf16, long input, {name} vs {against}: rel {e:.2e}" + (f"; fell back: {', '.join(failed)}" if failed else "")
     )

@@ -18,7 +18,7 @@ import torch
 from bench_inference import _longllama, plan_record
 from torch.profiler import ProfilerActivity, profile
 
-from longllama.plan import ExecutionPlan, parse_overrides
+from longllama.plan import check_changes, parse_overrides
 
 
 def sync_points(model, ids) -> None:
@@ -258,7 +258,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     changes = parse_overrides(args.plan)
-    ExecutionPlan().replace(**changes)  # a bad field or value: an error before the model is built
+    check_changes(changes)  # a bad field or value: an error before the model is built
     print(torch.cuda.get_device_name(), torch.__version__, torch.backends.cudnn.version())
     model = _longllama("3b", "cuda", compile_elementwise={"auto": "auto", "yes": True, "no": False}[args.compile])
     model.set_plan(**changes)

@@ -23,7 +23,7 @@ def test_compiled_elementwise_equals_eager_in_forward_and_decoding(top_k, batch)
         eager = model(ids, use_cache=False).logits
         eager_tokens = model.generate(ids, max_new_tokens=12, decoder="static")
         model.set_plan(compile=True)
-        assert fused.ops_for(model.plan) is fused.compiled(rope_kernel=True, gemv_max_rows=4, cpu=False)
+        assert fused.ops_for(model.plan) is fused.compiled()
         compiled = model(ids, use_cache=False).logits
         compiled_tokens = model.generate(ids, max_new_tokens=12, decoder="static")
     assert (compiled - eager).abs().max() < 1e-5
@@ -37,7 +37,7 @@ def test_compiled_only_for_inference_and_by_default_only_on_gpus(monkeypatch):
     with torch.enable_grad():
         assert fused.ops_for(plan) is ops.EAGER  # training: never
     with torch.no_grad():
-        assert fused.ops_for(plan) is fused.compiled(rope_kernel=True, gemv_max_rows=4, cpu=False)
+        assert fused.ops_for(plan) is fused.compiled()
         assert fused.ops_for(plan.replace(gemv_max_rows=2, interpret_kernels=True)) is fused.compiled(
             rope_kernel=True, gemv_max_rows=2, cpu=True
         )  # one set per choice of the kernels' options
@@ -98,9 +98,7 @@ def test_decoding_products_fall_back_to_torch_off_the_gpu():
     assert torch.equal(gemv.linear(x, w), torch.nn.functional.linear(x, w))
     expected = torch.nn.functional.silu(x @ w.T) * (x @ u.T)
     assert (gemv.linear_swiglu(x, w, u) - expected).abs().max() < 1e-6
-    assert torch.equal(
-        fused.compiled(rope_kernel=True, gemv_max_rows=4, cpu=False).linear(x, w), torch.nn.functional.linear(x, w)
-    )
+    assert torch.equal(fused.compiled().linear(x, w), torch.nn.functional.linear(x, w))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -153,7 +151,7 @@ def test_merge_heads_adds_partials_over_more_keys_for_the_last_rows(compiled):
     want = torch.stack(want).transpose(1, 2).reshape(b, n, h * d)
     parts = [attention.partial_attention(q, keys, keys, causal=False, scale=1.0) for keys in (local, mem)]
     o2, l2 = attention.partial_attention(q[1:], extra[1:], extra[1:], causal=False, scale=1.0)
-    merge = fused.compiled(rope_kernel=True, gemv_max_rows=4, cpu=False).merge_heads if compiled else ops.merge_heads
+    merge = fused.compiled().merge_heads if compiled else ops.merge_heads
     got = merge(*parts[0], *parts[1], d, more=((o2, l2),))
     assert got.shape == want.shape and (got - want).abs().max() < 1e-5
 
@@ -163,7 +161,7 @@ def test_compiled_functions_take_any_number_of_rows_from_two_in_one_graph():
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    norm = fused.compiled(rope_kernel=True, gemv_max_rows=4, cpu=False).rms_norm
+    norm = fused.compiled().rms_norm
     weight = torch.nn.Parameter(torch.randn(16))
     before = counters["stats"]["unique_graphs"]
     graphs = []

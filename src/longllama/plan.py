@@ -41,8 +41,12 @@ class Failures:
         self._seen.setdefault(name, message)
         warnings.warn(f"{name} failed ({message}); {fallback}", RuntimeWarning, stacklevel=3)
 
+    def names(self) -> list[str]:
+        """The fast paths recorded as failed (each served by its fallback since), in order of name."""
+        return sorted(self._seen)
+
     def __repr__(self) -> str:
-        return f"Failures({sorted(self._seen)})"
+        return f"Failures({self.names()})"
 
 
 @dataclass(frozen=True)
