@@ -20,13 +20,21 @@ from longllama.memory import MemoryCache
 
 
 class CacheAlias:
-    """Outputs carry the cache as `cache` (transformers >= 5.24's name) and `past_key_values` (the older one)."""
+    """Outputs carry the cache as `cache` (transformers >= 5.24's name) and `past_key_values` (the older one, which
+    this project's documents use), both as attribute and as key. Listed before ModelOutput among the bases: from 5.24
+    ModelOutput answers the old name itself, with a deprecation warning that does not concern our outputs."""
 
     cache: LongLlamaCache | None
 
     @property
     def past_key_values(self) -> LongLlamaCache | None:
         return self.cache
+
+    def __getitem__(self, key):
+        return super().__getitem__(self._replace_old_cache_name(key) if isinstance(key, str) else key)
+
+    def _replace_old_cache_name(self, key: str) -> str:
+        return "cache" if key in ("past_key_values", "cache_params") else key
 
 
 @dataclass
@@ -59,7 +67,7 @@ class LongLlamaCache:
     @property
     def memory_length(self) -> int:
         """Tokens in memory (the same in every memory layer; 0 when there is none)."""
-        return max((s.memory.length for s in self.layers if s.memory is not None), default=0)
+        return max([0] + [s.memory.length for s in self.layers if s.memory is not None])  # (a list: torch.compile)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].local_length

@@ -136,8 +136,8 @@ class MemoryCache:
             )
         if valid is None:
             valid = torch.ones(self.batch, n, dtype=torch.bool, device=self.device)
-        elif not self.has_invalid:
-            self.has_invalid = not bool(valid.all())
+        elif not self.has_invalid:  # a traced graph assumes padding rather than read the flags back
+            self.has_invalid = torch.compiler.is_compiling() or not bool(valid.all())
         if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
             self._append_differentiable(keys, values, valid)
             return

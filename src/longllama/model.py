@@ -61,9 +61,19 @@ class RotaryTable:
         self, positions: torch.Tensor, dtype: torch.dtype, length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (b, 1, n, d) in `dtype` for positions (b, n) (non-negative ints). `length`: a known bound above
-        every position (saves reading the largest one back from the device)."""
+        every position (saves reading the largest one back from the device); without one, a traced graph computes
+        the rows it needs instead of reading the largest position back."""
+        if length is None and torch.compiler.is_compiling():
+            return self._computed(positions, dtype)
         cos, sin = self.get(int(positions.max()) + 1 if length is None else length, positions.device)
         return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)  # (B, 1, N, D)
+
+    def _computed(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d))
+        freqs = positions.float()[..., None] * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 @dataclass
@@ -166,7 +176,7 @@ class Attention(nn.Module):
 
         if state.local_length:
             old = state.local_length
-            if old + n > self.config.max_position_embeddings:
+            if old + n > self.config.context_window:
                 # Overflow: the whole old cache leaves; memory layers keep it as memory, the others lose it.
                 if mem_layer and use_cache:
                     self._append_memory(state, state.keys, state.values, _columns(pad_valid, 0, old), window.plan)
@@ -361,7 +371,7 @@ def window_visibility(
         cols = torch.arange(past + n, device=device)
         rows = torch.arange(n, device=device)
         visible = (cols[None, :] <= rows[:, None] + past)[None, None]  # (1, 1, N, P+N)
-    if pad_valid is not None and not bool(pad_valid.all()):
+    if pad_valid is not None and (torch.compiler.is_compiling() or not bool(pad_valid.all())):
         pad = pad_valid[:, None, None, :]
         visible = pad if visible is None else visible & pad
     return visible
@@ -386,8 +396,8 @@ def make_window(
     past = cache.local_length
     pad_valid = None if mask is None else mask.to(torch.bool)
     visible = window_visibility(b, n, past, pad_valid, positions.device)
-    if pad_valid is not None and bool(pad_valid.all()):
-        pad_valid = None
+    if pad_valid is not None and not torch.compiler.is_compiling() and bool(pad_valid.all()):
+        pad_valid = None  # all visible: the unmasked paths (a traced graph keeps the mask rather than read it)
     span = positions
     if past and past + n <= window_size:
         span = torch.cat([cache.layers[0].positions, positions], dim=1)
@@ -439,7 +449,7 @@ def forward_window(
         cache,
         positions,
         mask,
-        window_size=config.max_position_embeddings,
+        window_size=config.context_window,
         rope=rope,
         dtype=h.dtype,
         plan=plan,
