@@ -377,10 +377,25 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs):
-        """Greedy or sampled decoding (see `longllama.generate.generate` for the arguments)."""
+        """Greedy, sampled or beam-search decoding with transformers' generation arguments (see
+        `longllama.generate.generate`)."""
         from longllama.generate import generate
 
         return generate(self, input_ids, **kwargs)
+
+    def compute_transition_scores(
+        self,
+        sequences: torch.Tensor,
+        scores: tuple[torch.Tensor, ...],
+        beam_indices: torch.Tensor | None = None,
+        normalize_logits: bool = False,
+    ) -> torch.Tensor:
+        """The score of each generated token (batch * num_return_sequences, generated) from `generate`'s
+        return_dict_in_generate output, as transformers computes it (its GenerationMixin method, which reads only
+        the outputs and the vocabulary size, called on this model)."""
+        from transformers.generation import GenerationMixin
+
+        return GenerationMixin.compute_transition_scores(self, sequences, scores, beam_indices, normalize_logits)
 
 
 @dataclass
