@@ -28,8 +28,8 @@ from transformers.generation.stopping_criteria import (
 
 from longllama.errors import InputError
 
-# Values that fields left unset take (transformers' global defaults, except top_k: LongLLaMA has never applied a
-# top-k filter unless asked, and keeps it so).
+# Values that fields left unset take: transformers' global defaults (sampling keeps the 50 best tokens unless top_k
+# says otherwise, as transformers and the reference's generation did).
 DEFAULTS = {
     "max_length": 20,
     "min_length": 0,
@@ -37,6 +37,7 @@ DEFAULTS = {
     "early_stopping": False,
     "num_beams": 1,
     "temperature": 1.0,
+    "top_k": 50,
     "top_p": 1.0,
     "typical_p": 1.0,
     "repetition_penalty": 1.0,
