@@ -267,3 +267,25 @@ def test_unsupported_options_are_one_line_errors(pair):
             model.generate(ids, max_new_tokens=2, **kwargs)
         message = str(info.value)
         assert "\n" not in message and hint in message, (hint, message)
+
+
+def test_shared_memory_exports_and_selections_are_per_row(tmp_path):
+    from longllama import MemoryCache
+
+    model = tiny()
+    with torch.no_grad():
+        cache = model(prompt(batch=2, n=150, seed=11), use_cache=True).cache
+    mem = next(s.memory for s in cache.layers if s.memory is not None)
+    keys = mem.keys.clone()
+    shared = cache.fork()
+    shared.expand_rows(3)
+    legacy = shared.to_legacy()
+    layer = next(i for i, s in enumerate(shared.layers) if s.memory is not None)
+    assert torch.equal(legacy[layer][3], keys.repeat_interleave(3, dim=0))  # one row per beam in exports
+    memory = shared.layers[layer].memory
+    memory.save(tmp_path / "m.safetensors")
+    assert torch.equal(MemoryCache.load(tmp_path / "m.safetensors").keys, keys.repeat_interleave(3, dim=0))
+    memory.index_select(torch.tensor([2, 0, 1, 5, 5, 3]))  # beams reordered within their prompt: still shared
+    assert memory.share == 3 and memory.keys.data_ptr() == mem.keys.data_ptr()
+    memory.index_select(torch.tensor([4, 0]))  # rows across prompts: the selected rows become stored rows
+    assert memory.share == 1 and torch.equal(memory.keys, keys[[1, 0]])
