@@ -102,6 +102,17 @@ class LongLlamaCache:
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         self.index_select(beam_idx)
 
+    def expand_rows(self, times: int) -> None:
+        """Each batch row becomes `times` consecutive rows (the beams, or the returned sequences, of one prompt):
+        local caches are repeated (at most one window each), memories are shared, not copied (MemoryCache.expand)."""
+        if times == 1:
+            return
+        for s in self.layers:
+            if s.keys is not None:
+                s.set_local(*(t.repeat_interleave(times, dim=0) for t in (s.keys, s.values, s.positions)))
+            if s.memory is not None:
+                s.memory.expand(times)
+
     # -- the reference's tuple format ----------------------------------------------------------------------------
     def to_legacy(
         self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
@@ -119,9 +130,10 @@ class LongLlamaCache:
             else:
                 local = (empty, empty, empty)
             if s.memory is not None:
-                mask = torch.zeros(s.memory.valid.shape, dtype=dtype, device=s.memory.device)
-                mask.masked_fill_(~s.memory.valid, torch.finfo(dtype).min)
-                mem = (s.memory.keys, s.memory.values, mask[:, None, :, None])
+                keys, values, valid = s.memory.logical()
+                mask = torch.zeros(valid.shape, dtype=dtype, device=s.memory.device)
+                mask.masked_fill_(~valid, torch.finfo(dtype).min)
+                mem = (keys, values, mask[:, None, :, None])
             else:
                 mem = (empty, empty, empty)
             out.append(local + mem)
@@ -155,7 +167,7 @@ class LongLlamaCache:
             if s.keys is not None:
                 return s.keys.shape[0]
             if s.memory is not None:
-                return s.memory.batch
+                return s.memory.rows
         return 0
 
     def __repr__(self) -> str:

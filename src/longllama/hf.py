@@ -390,7 +390,8 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs):
-        """Greedy or sampled decoding (see `longllama.generate.generate` for the arguments).
+        """Greedy, sampled or beam-search decoding with transformers' generation arguments (see
+        `longllama.generate.generate`).
 
         A right-padded batch (pads after a row's prompt, as tokenizers pad by default) is read left-aligned, each
         row's pads moved in front of its prompt, so every row continues its own last token; the sequences returned
@@ -408,6 +409,20 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
         rows = sequences.shape[0] // input_ids.shape[0]  # several sequences per prompt (num_return_sequences)
         sequences[:, : input_ids.shape[1]] = input_ids.to(sequences.device).repeat_interleave(rows, dim=0)
         return out
+
+    def compute_transition_scores(
+        self,
+        sequences: torch.Tensor,
+        scores: tuple[torch.Tensor, ...],
+        beam_indices: torch.Tensor | None = None,
+        normalize_logits: bool = False,
+    ) -> torch.Tensor:
+        """The score of each generated token (batch * num_return_sequences, generated) from `generate`'s
+        return_dict_in_generate output, as transformers computes it (its GenerationMixin method, which reads only
+        the outputs and the vocabulary size, called on this model)."""
+        from transformers.generation import GenerationMixin
+
+        return GenerationMixin.compute_transition_scores(self, sequences, scores, beam_indices, normalize_logits)
 
 
 @dataclass

@@ -208,8 +208,10 @@ class Attention(nn.Module):
             )
             if not joint:
                 mem_k, mem_v, mem_valid = window.cross_batch.memory(k, v)
+        share = 1  # query rows per stored memory row (beams sharing their prompt's memory, memory.py)
         if memory is not None and memory.length:
             mem_k, mem_v, padded, mem_valid = read_memory(memory, q.device)
+            share = memory.share
         grouping = self.config.mem_attention_grouping if mem_layer else None
         top_k = self.config.mem_top_k if memory is not None else None  # never in cross-batch training
         plan = window.plan
@@ -230,6 +232,7 @@ class Attention(nn.Module):
                     padded_mem=padded,
                     mem_top_k=top_k,
                     pad=window.ops.pad_to,
+                    mem_share=share,
                 ),
                 None,
             )
@@ -247,6 +250,7 @@ class Attention(nn.Module):
                 grouping=grouping,
                 mem_top_k=top_k,
                 return_probs=output_attentions,
+                mem_share=share,
             )
 
         if fresh_to_memory:
@@ -274,7 +278,9 @@ class Attention(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.q_proj.weight.requires_grad):
             return False
         memory = state.memory
-        return not self.is_memory_layer or self.config.mem_top_k is None and (memory is None or memory.all_valid())
+        return not self.is_memory_layer or (
+            self.config.mem_top_k is None and (memory is None or (memory.all_valid() and memory.share == 1))
+        )
 
     def _ingest(
         self, x: torch.Tensor, positions: torch.Tensor, window: Window, state: LayerState, use_cache: bool
