@@ -423,7 +423,9 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
         if attention_mask is not None and position_ids is None:
             position_ids = attention_mask.long().cumsum(-1) - 1
             position_ids = position_ids[:, -input_ids.shape[1] :]
-        inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None and not cached else {"input_ids": input_ids}
+        inputs = (
+            {"inputs_embeds": inputs_embeds} if inputs_embeds is not None and not cached else {"input_ids": input_ids}
+        )
         inputs.update(
             position_ids=position_ids,
             past_key_values=past,
