@@ -298,3 +298,55 @@ def test_lora_setting_errors_are_one_line(base_folder, tmp_path, capsys, monkeyp
     assert "pip install 'longllama[lora]'" in run()
     with pytest.raises(TrainError, match="fsdp2"):
         load_config(TINY_FINETUNE, overrides=["lora.enabled=true", "parallel=fsdp2"])
+
+
+def test_lora_pretraining_with_cross_batch_memory(tmp_path):
+    """FoT pre-training (cross-batch memory) with LoRA: the adapters start as a no-op, so the first loss is the full
+    model's; activation checkpointing changes no loss."""
+
+    def run(out: str, **settings) -> dict[int, float]:
+        base = {"out_dir": str(tmp_path / out), "progress": False, "eval_every": 0, "steps": 3, "data.batch_size": 8}
+        overrides = [f"{k}={json.dumps(v)}" for k, v in {**base, **settings}.items()]
+        return loop.train(load_config(REPO / "configs" / "tiny-pretrain.yaml", overrides=overrides)).losses
+
+    full = run("full")
+    lora = run("lora", **{"lora.enabled": True, "lora.rank": 4})
+    recomputed = run("ckpt", activation_checkpointing=True, **{"lora.enabled": True, "lora.rank": 4})
+    assert lora[1] == pytest.approx(full[1], rel=1e-6)
+    assert lora[3] != pytest.approx(full[3], rel=1e-3)  # then only the adapters learn
+    assert recomputed == pytest.approx(lora, rel=1e-6)
+
+
+def test_transformers_trainer_with_activation_checkpointing(tmp_path):
+    """transformers' Trainer turns gradient checkpointing on through the model's API; the losses do not change."""
+    import inspect
+
+    from transformers import Trainer, TrainingArguments
+
+    names = inspect.signature(TrainingArguments).parameters
+    flag = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    rows = [{"input_ids": r, "labels": r} for r in long_input(batch=4, seed=5)]
+
+    def losses(checkpointing: bool) -> tuple[list[float], LongLlamaForCausalLM]:
+        torch.manual_seed(0)
+        model = get_peft_model(LongLlamaForCausalLM(preset("tiny")), lora_config(task_type="CAUSAL_LM"))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(checkpointing)),
+            per_device_train_batch_size=2,
+            max_steps=2,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            logging_steps=1,
+            save_strategy="no",
+            disable_tqdm=True,
+            **{flag: checkpointing, f"{flag}_kwargs": {"use_reentrant": False}},
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        return [r["loss"] for r in trainer.state.log_history if "loss" in r], model.get_base_model()
+
+    plain, _ = losses(False)
+    recomputed, model = losses(True)
+    assert model.model.gradient_checkpointing
+    assert len(plain) == 2 and recomputed == pytest.approx(plain, rel=1e-6)
