@@ -3,8 +3,8 @@
 `longllama generate --model DIR --prompt TEXT` loads a checkpoint folder and its `tokenizer.model`, reads the prompt
 into the model's memory (a progress bar on stderr shows tokens/s) and streams the continuation to stdout.
 `longllama train CONFIG.yaml [--set KEY=VALUE | --KEY VALUE ...] [--resume]` trains from a YAML config (configs/);
-`longllama finetune ...` is the same with mode finetune. Under `torchrun --nproc_per_node N` with `parallel: ddp` or
-`fsdp2` the processes train together.
+`longllama finetune ...` is the same with mode finetune; `--lora` on either trains peft LoRA adapters only.
+Under `torchrun --nproc_per_node N` with `parallel: ddp` or `fsdp2` the processes train together.
 `longllama passkey --model DIR [--lengths 4096,16384] [--depths 0,0.5,1]` runs the passkey retrieval test
 (docs/evaluation.md#passkey-retrieval)
 over prompt lengths (in tokens) and key depths, prints the accuracy table and can save JSON results and a plot.

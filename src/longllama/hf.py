@@ -9,9 +9,11 @@ as transformers >= 5.24 calls it); outputs carry it as `cache` with `past_key_va
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +35,7 @@ from longllama.errors import CheckpointError, InputError, LongLlamaError
 from longllama.model import DecoderLayer, RMSNorm, RotaryTable
 from longllama.plan import ExecutionPlan, build_plan, check_changes
 from longllama.recompute import checkpointing
-from longllama.windows import TokenEmbeddings, default_positions, run_windows
+from longllama.windows import TokenEmbeddings, WindowsOutput, default_positions, run_windows
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,17 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         return model
 
 
+def _recomputing(run: Callable[..., WindowsOutput]) -> Callable[..., WindowsOutput]:
+    """LongLlamaModel.run with the decoder layers recomputed in backward while gradient checkpointing is on."""
+
+    @functools.wraps(run)
+    def wrapper(self, *args, **kwargs):
+        with self._checkpointing():
+            return run(self, *args, **kwargs)
+
+    return wrapper
+
+
 class LongLlamaModel(LongLlamaPreTrainedModel):
     """Embeddings, decoder layers and final norm; `forward` reads inputs of any length in windows."""
 
@@ -142,6 +155,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
     def new_cache(self) -> LongLlamaCache:
         return LongLlamaCache(self.config.num_hidden_layers)
 
+    @_recomputing
     def run(
         self,
         input_ids: torch.Tensor | None = None,
@@ -170,25 +184,24 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         lcl = self.config.last_context_length if last_context_length is None else int(last_context_length)
         if lcl <= 0:
             raise InputError(f"last_context_length={lcl} must be a positive number of tokens")
-        with self._checkpointing():
-            return run_windows(
-                self,
-                embeds,
-                plan=self.plan,
-                cache=cache,
-                fresh=fresh,
-                attention_mask=attention_mask,
-                positions=position_ids.to(embeds.device).long(),
-                use_cache=use_cache,
-                default_use_cache=self.config.use_cache,
-                window=self.config.max_position_embeddings,
-                last_context_length=lcl,
-                output_hidden_states=output_hidden_states,
-                output_attentions=output_attentions,
-                progress=progress,
-                keep_last=keep_last,
-                cross_batch=cross_batch,
-            )
+        return run_windows(
+            self,
+            embeds,
+            plan=self.plan,
+            cache=cache,
+            fresh=fresh,
+            attention_mask=attention_mask,
+            positions=position_ids.to(embeds.device).long(),
+            use_cache=use_cache,
+            default_use_cache=self.config.use_cache,
+            window=self.config.max_position_embeddings,
+            last_context_length=lcl,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            progress=progress,
+            keep_last=keep_last,
+            cross_batch=cross_batch,
+        )
 
     def _checkpointing(self) -> contextlib.AbstractContextManager:
         """Decoder layers recomputed in backward while gradient checkpointing is on (gradient_checkpointing_enable),
