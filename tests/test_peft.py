@@ -350,3 +350,15 @@ def test_transformers_trainer_with_activation_checkpointing(tmp_path):
     recomputed, model = losses(True)
     assert model.model.gradient_checkpointing
     assert len(plain) == 2 and recomputed == pytest.approx(plain, rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_lora_ddp_two_processes_equal_one_process(tmp_path):
+    """Cross-batch pre-training with LoRA under DDP (torchrun, 2 CPU processes) takes the steps of one process with
+    gradient accumulation over the same micro-batches; the merged exports agree."""
+    from test_train_distributed import assert_same_run, single_process, torchrun
+
+    lora = {"lora.enabled": True, "lora.rank": 4, "eval_every": 0}
+    single_process(tmp_path / "single", **lora)
+    torchrun(tmp_path / "ddp", "ddp", **lora)
+    assert_same_run(tmp_path / "single", tmp_path / "ddp", atol=1e-6)
