@@ -39,9 +39,12 @@ def apply_lora(model: nn.Module, lora: LoraSettings, settings: ModelSettings) ->
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.targets),
-        base_model_name_or_path=_base_folder(lora, settings),
     )
-    return get_peft_model(model, config)
+    base = _base_folder(lora, settings)
+    peft_model = get_peft_model(model, config)
+    if base is not None:  # peft takes the name the weights were loaded under; the adapter names the resolved folder
+        peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = base
+    return peft_model
 
 
 def _base_folder(lora: LoraSettings, settings: ModelSettings) -> str | None:
