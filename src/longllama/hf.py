@@ -8,9 +8,12 @@ as transformers >= 5.24 calls it); outputs carry it as `cache` with `past_key_va
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +34,8 @@ from longllama.config import ConfigError, LongLlamaConfig
 from longllama.errors import CheckpointError, InputError, LongLlamaError
 from longllama.model import DecoderLayer, RMSNorm, RotaryTable
 from longllama.plan import ExecutionPlan, build_plan, check_changes
-from longllama.windows import TokenEmbeddings, default_positions, run_windows
+from longllama.recompute import checkpointing
+from longllama.windows import TokenEmbeddings, WindowsOutput, default_positions, run_windows
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +60,9 @@ class LongLlamaCausalLMOutput(CacheAlias, ModelOutput):
 class LongLlamaPreTrainedModel(PreTrainedModel):
     config_class = LongLlamaConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    # gradient_checkpointing_enable() flags LongLlamaModel (its `gradient_checkpointing` attribute), which then
+    # recomputes decoder layers through recompute.py: layers write memory inside forward.
+    supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     # Checkpoints written in the transformers 4.30 era carry rotary buffers; RoPE tables are computed here.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
@@ -88,8 +94,23 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         return model
 
 
+def _recomputing(run: Callable[..., WindowsOutput]) -> Callable[..., WindowsOutput]:
+    """LongLlamaModel.run with the decoder layers recomputed in backward while gradient checkpointing is on."""
+
+    @functools.wraps(run)
+    def wrapper(self, *args, **kwargs):
+        with self._checkpointing():
+            return run(self, *args, **kwargs)
+
+    return wrapper
+
+
 class LongLlamaModel(LongLlamaPreTrainedModel):
     """Embeddings, decoder layers and final norm; `forward` reads inputs of any length in windows."""
+
+    # Set by transformers' gradient_checkpointing_enable / _disable, with the checkpoint function to use.
+    gradient_checkpointing = False
+    _gradient_checkpointing_func = None
 
     def __init__(self, config: LongLlamaConfig):
         super().__init__(config)
@@ -147,6 +168,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
     def new_cache(self) -> LongLlamaCache:
         return LongLlamaCache(self.config.num_hidden_layers)
 
+    @_recomputing
     def run(
         self,
         input_ids: torch.Tensor | None = None,
@@ -192,6 +214,15 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             progress=progress,
             keep_last=keep_last,
             cross_batch=cross_batch,
+        )
+
+    def _checkpointing(self) -> contextlib.AbstractContextManager:
+        """Decoder layers recomputed in backward while gradient checkpointing is on (gradient_checkpointing_enable),
+        in training mode with gradients; `config.gradient_checkpoint_every_ith` picks the layers."""
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return contextlib.nullcontext()
+        return checkpointing(
+            self.layers, every=self.config.gradient_checkpoint_every_ith, checkpoint=self._gradient_checkpointing_func
         )
 
     def _embed(
@@ -423,6 +454,41 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
         from transformers.generation import GenerationMixin
 
         return GenerationMixin.compute_transition_scores(self, sequences, scores, beam_indices, normalize_logits)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: LongLlamaCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict:
+        """The `forward` arguments of one decoding step, as the reference built them (docs/inference.md#generation):
+        with a cache only the last token is read; positions come from the attention mask (cumulative sum - 1, so
+        left pads sit at -1), the last one with a cache. `attention_mask` covers cached and new tokens, as `forward`
+        expects. Wrappers such as peft's PeftModelForCausalLM call it; `generate` builds the same steps itself."""
+        past = past_key_values if past_key_values is not None else kwargs.get("cache")
+        if isinstance(past, LongLlamaCache):
+            cached = bool(past.local_length or past.memory_length)
+        else:
+            cached = bool(past)  # the reference's tuples
+        if cached:
+            input_ids = input_ids[:, -1:]
+        position_ids = kwargs.get("position_ids")
+        if attention_mask is not None and position_ids is None:
+            position_ids = attention_mask.long().cumsum(-1) - 1
+            position_ids = position_ids[:, -input_ids.shape[1] :]
+        inputs = (
+            {"inputs_embeds": inputs_embeds} if inputs_embeds is not None and not cached else {"input_ids": input_ids}
+        )
+        inputs.update(
+            position_ids=position_ids,
+            past_key_values=past,
+            attention_mask=attention_mask,
+            use_cache=kwargs.get("use_cache"),
+            last_context_length=kwargs.get("last_context_length"),
+        )
+        return inputs
 
 
 @dataclass
