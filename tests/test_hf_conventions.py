@@ -81,9 +81,11 @@ def test_cache_is_readable_by_its_old_name_without_a_warning(caplog):
             got = [out.past_key_values, out["past_key_values"], out.get("past_key_values")]
             assert "past_key_values" in out
             again = model(torch.tensor([[7]]), past_key_values=out.past_key_values)
+            generated = model.generate(torch.tensor([[1, 5]]), max_new_tokens=2, return_dict_in_generate=True)
+            got += [generated.past_key_values, generated["past_key_values"]]
     finally:
         hf_logging.disable_propagation()
-    assert all(g is out.cache for g in got)
+    assert all(g is out.cache for g in got[:3]) and all(g is generated.cache for g in got[3:])
     assert again.past_key_values.local_length == 5
     assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
 

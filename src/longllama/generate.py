@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class GenerateOutput(ModelOutput, CacheAlias):
+class GenerateOutput(CacheAlias, ModelOutput):
     sequences: torch.Tensor | None = None
     sequences_scores: torch.Tensor | None = None
     scores: tuple[torch.Tensor, ...] | None = None
