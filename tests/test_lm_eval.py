@@ -42,11 +42,7 @@ def _task_files(folder: Path, docs: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
+def task_folder(tmp_path_factory) -> tuple[Path, list[dict]]:
     folder = tmp_path_factory.mktemp("tasks")
     docs = []
     for seed, depth in enumerate(DEPTHS):
@@ -54,6 +50,16 @@ def evaluated(tmp_path_factory):
         wrong = [str((key * 7 + 1111 * i) % 50000) for i in range(1, 4)]
         docs.append({"prompt": prompt, "key": str(key), "choices": [str(key), *wrong]})
     _task_files(folder, docs)
+    return folder, docs
+
+
+@pytest.fixture(scope="module")
+def evaluated(task_folder):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    folder, docs = task_folder
     tokenizer = load_tokenizer(SHIPPED_MODEL)
     model = LongLlamaForCausalLM.from_pretrained(SHIPPED_MODEL).eval()
     seen, generated = [], []
@@ -94,3 +100,39 @@ def test_generate_until_stops_at_the_stop_sequence(evaluated):
     # before its default budget of 256 new tokens.
     assert len(evaluated["generated"]) == TRIALS
     assert max(evaluated["generated"]) < 16
+
+
+def test_eval_command_writes_the_record(task_folder, tmp_path, capsys):
+    from longllama.cli import main
+
+    out = tmp_path / "harness.json"
+    args = ["eval", "lm-eval", "--tasks", "longllama_passkey_until", "--include-path", str(task_folder[0])]
+    assert main([*args, "--limit", "1", "--log-samples", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["summary"]["longllama_passkey_until"]["exact_match,clean"] == 1.0
+    assert (
+        record["settings"]["max_length"]
+        == LongLlamaForCausalLM.config_class.from_pretrained(SHIPPED_MODEL).max_position_embeddings
+    )
+    assert len(record["records"]) == 1 and record["records"][0]["task"] == "longllama_passkey_until"
+    assert "longllama_passkey_until" in capsys.readouterr().out  # the harness's table
+    assert main(["eval", "lm-eval", "--tasks", "no_such_task"]) == 2
+    assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
+
+
+def test_harness_finds_the_model_by_name(task_folder):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from longllama.evals import harness
+
+    harness.register()
+    harness.register()  # twice: no error
+    results = simple_evaluate(
+        model="longllama",
+        model_args=f"pretrained={SHIPPED_MODEL},dtype=float32",
+        tasks=["longllama_passkey_choice"],
+        limit=1,
+        task_manager=TaskManager(include_path=str(task_folder[0])),
+    )
+    assert results["results"]["longllama_passkey_choice"]["acc,none"] == 1.0

@@ -397,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_passkey(commands)
     _add_perplexity(commands)
+    _add_eval(commands)
     return parser
 
 
@@ -648,6 +649,7 @@ def passkey(
     greedy-decode the answer and count exact matches. Prints accuracy per length and depth; --out saves every trial
     as JSON, --plot draws accuracy against length and a length x depth heatmap."""
     from longllama.evals import passkey as task
+    from longllama.evals import records
     from longllama.tokenizer import load_tokenizer
 
     folder = _model_folder(model)
@@ -656,7 +658,7 @@ def passkey(
     out_path = _output_file(out, "--out")
     plot_path = _output_file(plot, "--plot")
     if plot_path is not None:
-        task.plot_format(plot_path)
+        records.plot_format(plot_path)
     # Everything that can fail without the model is checked before loading it: that can take minutes.
     tokenizer = load_tokenizer(folder)
     task.check_lengths(tokenizer, lengths, seed=seed)
@@ -689,7 +691,7 @@ def passkey(
     }
 
     def save_so_far(records: list[dict]) -> None:  # a run killed or cut by a time limit keeps its finished trials
-        task.save_results(out_path, records, task.summarize(records), settings={**settings, "complete": False})
+        records.save_results(out_path, records, task.summarize(records), settings={**settings, "complete": False})
 
     records = task.run_passkey(
         lm,
@@ -942,6 +944,55 @@ def _add_perplexity(commands) -> None:
     p.set_defaults(func=perplexity)
 
 
+def _add_eval(commands) -> None:
+    import importlib
+
+    from longllama.evals import EVAL_TASKS
+
+    p = commands.add_parser(
+        "eval",
+        help="evaluation suites (" + ", ".join(EVAL_TASKS) + ")",
+        description="Run an evaluation suite on a LongLLaMA checkpoint; each writes a JSON record with --out.",
+    )
+    tasks = p.add_subparsers(dest="eval_task", metavar="TASK", parser_class=_Parser)
+    tasks.required = True
+    for module in EVAL_TASKS.values():
+        importlib.import_module(module).add_parser(tasks, _eval_options)
+
+
+def _eval_options(p: argparse.ArgumentParser) -> None:
+    """The options every `longllama eval` task takes (model, device, precision, plan, output, limit, seed)."""
+    p.add_argument("--model", metavar="DIR", help="checkpoint folder (default: the shipped small model)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--plan", action="append", metavar="KEY=VALUE", help="change an execution-plan field (see --verbose)"
+    )
+    p.add_argument("--verbose", action="store_true", help="print the execution plan")
+    p.add_argument("--out", metavar="FILE.json", help="write the settings, summary and per-sample results as JSON")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate at most N samples per task")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+
+
+def eval_model(
+    model: str | None, *, dtype: str = "auto", device: str = "auto", plan: list[str] | None = None, verbose: bool
+):
+    """(folder, model, tokenizer) for an evaluation: the checkpoint in `model` (the shipped one if None)."""
+    from longllama.tokenizer import load_tokenizer
+
+    folder = _model_folder(model)
+    tokenizer = load_tokenizer(folder)
+    lm = load_model(
+        folder, dtype=dtype, device=resolve_device(device), mem_attention_grouping=None, plan=plan, verbose=verbose
+    )
+    return folder, lm, tokenizer
+
+
+def output_file(name: str | None, option: str = "--out") -> Path | None:
+    """An output path whose folder exists and is writable (checked before the run)."""
+    return _output_file(name, option)
+
+
 def _quiet_libraries() -> None:
     """Library warnings still reach stderr through logging; transformers' progress bars and notices do not."""
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
@@ -968,6 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     command: Callable[..., int] = args.pop("func")
     args.pop("command")
+    args.pop("eval_task", None)
     _quiet_libraries()
     try:
         return command(**args)

@@ -1,1 +1,8 @@
-"""Evaluation tasks, one module per task (`passkey`: pass key retrieval from long filler text)."""
+"""Evaluation tasks, one module per task: `passkey` (pass key retrieval from long filler text), `perplexity`
+(perplexity against context length), and the suites behind `longllama eval TASK`, listed in EVAL_TASKS."""
+
+# `longllama eval` subcommands and the modules that define them. Each module has `add_parser(tasks, common)`, which
+# adds its subparser (with `common(parser)` for the options every evaluation shares) and sets `func`.
+EVAL_TASKS = {
+    "lm-eval": "longllama.evals.harness",
+}

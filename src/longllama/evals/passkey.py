@@ -14,13 +14,11 @@ On top of it this module adds what a sweep needs:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import numbers
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,8 @@ import numpy as np
 import torch
 
 from longllama.errors import InputError
+from longllama.evals.records import plot_format, save_results  # noqa: F401  (part of this module's API)
+from longllama.evals.records import replace_atomically as _replace_atomically
 from longllama.tokenizer import encode_prompt
 
 logger = logging.getLogger(__name__)
@@ -331,29 +331,6 @@ def _percent(group: dict[str, Any] | None) -> str:
     return "-" if group is None or group["accuracy"] is None else f"{100 * group['accuracy']:.1f}%"
 
 
-def save_results(
-    path: str | os.PathLike[str],
-    records: Sequence[dict[str, Any]],
-    summary: dict[str, Any],
-    *,
-    settings: dict[str, Any] | None = None,
-) -> Path:
-    """Write {settings, summary, records} as JSON, atomically: a half-written file never replaces a good one."""
-    text = json.dumps({"settings": settings or {}, "summary": summary, "records": list(records)}, indent=2)
-    return _replace_atomically(Path(path), lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
-
-
-def plot_format(path: str | os.PathLike[str]) -> str:
-    """The matplotlib format a plot path asks for (by its suffix; none means png), checked before any work."""
-    from matplotlib.figure import Figure
-
-    suffix = Path(path).suffix.lower().lstrip(".") or "png"
-    supported = Figure().canvas.get_supported_filetypes()
-    if suffix not in supported:
-        raise InputError(f"cannot plot to {path}: use one of the suffixes {', '.join(sorted(supported))}")
-    return suffix
-
-
 def plot_summary(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Two panels: accuracy against length (log x) per depth, and a length x depth accuracy heatmap."""
     # A bare Figure rather than pyplot: no GUI backend to pick, no global figure state left behind.
@@ -407,19 +384,3 @@ def _plot_heatmap(figure, ax, summary: dict[str, Any]) -> None:
     ax.set_ylabel("key depth")
     ax.set_title("accuracy by length and depth")
     figure.colorbar(image, ax=ax, label="accuracy")
-
-
-def _replace_atomically(path: Path, write) -> Path:
-    """Call write(temporary path) beside `path`, then move the result over `path` in one step."""
-    # mkstemp makes the file private (0600): keep the mode of the file replaced, or give the usual 0644.
-    mode = path.stat().st_mode & 0o777 if path.is_file() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from longllama.errors import InputError
+from longllama.evals.passkey import plot_format
 
 # Shared with the passkey task: the check of a plot file's suffix and the write-then-rename of result files.
-from longllama.evals.passkey import _replace_atomically as replace_atomically
-from longllama.evals.passkey import plot_format
+from longllama.evals.records import replace_atomically
 
 logger = logging.getLogger(__name__)
 
