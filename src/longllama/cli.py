@@ -649,7 +649,7 @@ def passkey(
     greedy-decode the answer and count exact matches. Prints accuracy per length and depth; --out saves every trial
     as JSON, --plot draws accuracy against length and a length x depth heatmap."""
     from longllama.evals import passkey as task
-    from longllama.evals import records
+    from longllama.evals import records as eval_records
     from longllama.tokenizer import load_tokenizer
 
     folder = _model_folder(model)
@@ -658,7 +658,7 @@ def passkey(
     out_path = _output_file(out, "--out")
     plot_path = _output_file(plot, "--plot")
     if plot_path is not None:
-        records.plot_format(plot_path)
+        eval_records.plot_format(plot_path)
     # Everything that can fail without the model is checked before loading it: that can take minutes.
     tokenizer = load_tokenizer(folder)
     task.check_lengths(tokenizer, lengths, seed=seed)
@@ -691,7 +691,7 @@ def passkey(
     }
 
     def save_so_far(records: list[dict]) -> None:  # a run killed or cut by a time limit keeps its finished trials
-        records.save_results(out_path, records, task.summarize(records), settings={**settings, "complete": False})
+        eval_records.save_results(out_path, records, task.summarize(records), settings={**settings, "complete": False})
 
     records = task.run_passkey(
         lm,
