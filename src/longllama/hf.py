@@ -21,6 +21,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     PreTrainedModel,
 )
 from transformers.utils import ModelOutput
@@ -31,6 +32,7 @@ from longllama.config import ConfigError, LongLlamaConfig
 from longllama.errors import CheckpointError, InputError, LongLlamaError
 from longllama.model import DecoderLayer, RMSNorm, RotaryTable
 from longllama.plan import ExecutionPlan, build_plan, check_changes
+from longllama.tokenizer import LongLlamaTokenizer
 from longllama.windows import TokenEmbeddings, default_positions, run_windows
 
 logger = logging.getLogger(__name__)
@@ -476,11 +478,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def register_auto_classes() -> None:
-    """Make AutoConfig / AutoModel / AutoModelForCausalLM resolve `model_type: "longllama"` to these classes."""
+    """Make AutoConfig / AutoModel / AutoModelForCausalLM resolve `model_type: "longllama"` to these classes, and
+    AutoTokenizer resolve it (and `tokenizer_class: LongLlamaTokenizer`) to the exact SentencePiece tokenizer."""
     AutoConfig.register("longllama", LongLlamaConfig, exist_ok=True)
     AutoModel.register(LongLlamaConfig, LongLlamaModel, exist_ok=True)
     AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=True)
     AutoModelForSequenceClassification.register(LongLlamaConfig, LongLlamaForSequenceClassification, exist_ok=True)
+    AutoTokenizer.register(LongLlamaConfig, tokenizer_class=LongLlamaTokenizer, exist_ok=True)
 
 
 __all__ = [
