@@ -253,3 +253,16 @@ def test_chat_rejects_unknown_roles_and_marker_text() -> None:
         tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
     with pytest.raises(InputError, match="marker"):
         tokenizer.apply_chat_template([{"role": "user", "content": f"a{tokenizer_module._SEGMENT_MARK}b"}])
+
+
+def test_training_export_writes_tokenizer_files(tmp_path: Path) -> None:
+    from longllama.config import preset
+    from longllama.training.checkpoints import export_model
+    from longllama.training.parallel import Processes
+
+    model = LongLlamaForCausalLM(preset("tiny", vocab_size=8192))
+    folder = export_model(model, tmp_path / "model", procs=Processes(), tokenizer=SHIPPED_MODEL / TOKENIZER_FILE)
+    for name, text in tokenizer_files(folder).items():
+        assert (folder / name).read_text(encoding="utf-8") == text
+    auto = AutoTokenizer.from_pretrained(folder)
+    assert auto.model_max_length == _context(folder) and auto.encode("hi") == load_tokenizer(SHIPPED_MODEL).encode("hi")
