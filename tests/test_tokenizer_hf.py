@@ -228,9 +228,17 @@ def test_chat_text_is_the_instruct_format() -> None:
         "\nUSER:  A haiku about 東京,\nplease </s>" + "\nASSISTANT: "
     )
     assert text == expected
-    # Without import longllama the same template renders the same text.
-    script = f"result = tokenizer.apply_chat_template({CONVERSATION!r}, tokenize=False, add_generation_prompt=True)"
-    assert _plain_transformers(SHIPPED_MODEL, script) == expected
+    # Without import longllama the same template renders the same text, but transformers tokenizes it joined: the
+    # pieces merge across their joints ("USER: " + "What" differs from "USER:" "▁" + "▁What"), and "</s>" stays text.
+    script = (
+        f"chat = {CONVERSATION!r}\n"
+        "result = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),\n"
+        "          tokenizer.apply_chat_template(chat[:2], tokenize=True, return_dict=False)]"
+    )
+    plain_text, plain_ids = _plain_transformers(SHIPPED_MODEL, script)
+    assert plain_text == expected
+    joined = tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False)
+    assert plain_ids == tokenizer.encode(joined, add_special_tokens=False) != _sft_ids(tokenizer, CONVERSATION[:2])
 
 
 def test_chat_output_options() -> None:
