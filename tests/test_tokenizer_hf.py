@@ -28,7 +28,7 @@ from longllama.tokenizer import (
     load_tokenizer,
     tokenizer_files,
 )
-from longllama.training.data.sft import CHAT_PROMPT, ChatExample, ChatTemplate, SFTLengths
+from longllama.training.data.sft import CHAT_PROMPT, ChatExample, ChatTemplate, InstructionExample, SFTLengths
 
 TEXTS = [
     "Hello world",
@@ -274,3 +274,43 @@ def test_training_export_writes_tokenizer_files(tmp_path: Path) -> None:
         assert (folder / name).read_text(encoding="utf-8") == text
     auto = AutoTokenizer.from_pretrained(folder)
     assert auto.model_max_length == _context(folder) and auto.encode("hi") == load_tokenizer(SHIPPED_MODEL).encode("hi")
+
+
+INSTRUCTION_ROWS = {
+    "openorca-3b": (
+        {"system_prompt": "You are terse.", "question": "Name a colour.\n  ", "response": " Blue, 42 東京."},
+        [("system", "system_prompt"), ("user", "question"), ("assistant", "response")],
+    ),
+    "code-7b-instruct-mathinstruct": (
+        {"instruction": "What is 12 * 12?", "output": "144"},
+        [("user", "instruction"), ("assistant", "output")],
+    ),
+    "code-7b-instruct-openorca": (
+        {"question": "Translate 'hi' to French.", "response": "Salut </s> !"},
+        [("user", "question"), ("assistant", "response")],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", INSTRUCTION_ROWS)
+def test_instruction_templates_equal_the_fine_tuning_codes(name: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
+    row, roles = INSTRUCTION_ROWS[name]
+    messages = [{"role": role, "content": row[field]} for role, field in roles]
+    build = InstructionExample(tokenizer, template=name, lengths=SFTLengths(always_pad=False, random_pad=False))
+    expected = build(row)["input_ids"].tolist()
+    assert tokenizer.apply_chat_template(messages, chat_template=name, return_dict=False) == expected
+    # The prompt for an answer: the same ids up to where the answer starts.
+    prompt = tokenizer.apply_chat_template(messages[:-1], chat_template=name, add_generation_prompt=True)
+    given = [1] + tokenizer.encode(build.texts(row)[0], add_special_tokens=False)
+    assert prompt["input_ids"] == given == expected[: len(given)]
+
+
+def test_openorca_without_system_message_keeps_its_newline() -> None:
+    tokenizer = load_tokenizer(SHIPPED_MODEL)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Q"}], chat_template="openorca-3b", tokenize=False
+    )
+    assert text == "<s>\nQ\n"  # docs/finetuning.md: an empty system prompt still contributes its newline
+    with pytest.raises(Exception, match="one user message"):
+        tokenizer.apply_chat_template(CONVERSATION, chat_template="openorca-3b", tokenize=False)

@@ -45,11 +45,15 @@ batched generation needs. `model_max_length` is the usable context the folder's 
 Chat template: the instruct checkpoints' chat format (docs/finetuning.md, `sharegpt-3b-v1.1`): BOS, the system text
 (`CHAT_SYSTEM_PROMPT`, or the conversation's leading system message verbatim), per user turn `"\nUSER: " + text`,
 per assistant turn `"\nASSISTANT: " + text + EOS`, and `"\nASSISTANT: "` as the generation prompt. Models without
-chat training (the small shipped one) carry the same template. The fine-tuning code tokenizes each of those pieces on
+chat training (the small shipped one) carry the same template. The instruction formats of the fine-tuning
+templates are named templates beside it (`apply_chat_template(..., chat_template="openorca-3b")`, and
+`code-7b-instruct-mathinstruct` / `code-7b-instruct-openorca`): an optional system message (OpenOrca's system
+prompt), one user message, optionally the answer. The fine-tuning code tokenizes each of those pieces on
 its own (each gets SentencePiece's dummy-prefix space, so `"USER: " + "hi"` becomes `USER: ▁` then `▁hi`); tokenizing
 the joined text instead merges across the joints (`▁▁` then `hi` for LLaMA), ids the model never saw.
 `LongLlamaTokenizer.apply_chat_template(..., tokenize=True)` therefore renders the template with a segment marker
-and tokenizes each segment on its own: the ids equal the fine-tuning code's for the same conversation. The plain
+and tokenizes each segment on its own: the ids equal the fine-tuning code's for the same conversation (every named
+template too). The plain
 `TokenizersBackend` (transformers without `import longllama`) tokenizes the joined text; since our tokenizer keeps
 the text `</s>` as text, that path also misses the BOS/EOS ids: import longllama for chat ids.
 
@@ -94,6 +98,10 @@ CHAT_SYSTEM_PROMPT = (
 )
 USER_PREFIX = "\nUSER: "
 ASSISTANT_PREFIX = "\nASSISTANT: "
+AI_TASK_PROMPT = (
+    "You are an AI assistant. User will you give you a task. "
+    "Your goal is to complete the task as faithfully as you can.\n\n"
+)
 
 # Template variables only LongLlamaTokenizer passes; elsewhere they render as nothing, leaving the plain text.
 _SEGMENT_VAR, _SPECIAL_VAR = "segment_break", "special_mark"
@@ -106,41 +114,88 @@ def _jinja_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is also a valid Jinja one
 
 
-def _chat_template() -> str:
-    """The Jinja chat template of the module docstring; `mark` separates the segments the fine-tuning code
-    tokenized one by one, `special` flags BOS/EOS segments."""
-    mark, special = f"{_SEGMENT_VAR} | default('')", f"{_SPECIAL_VAR} | default('')"
-    user, assistant, system = map(_jinja_string, (USER_PREFIX, ASSISTANT_PREFIX, CHAT_SYSTEM_PROMPT))
-    lines = [
-        f"{{%- set mark = {mark} -%}}",
-        f"{{%- set special = {special} -%}}",
-        "{%- if messages and messages[0]['role'] == 'system' -%}",
-        "{%- set system = messages[0]['content'] -%}",
-        "{%- set turns = messages[1:] -%}",
-        "{%- else -%}",
-        f"{{%- set system = {system} -%}}",
-        "{%- set turns = messages -%}",
-        "{%- endif -%}",
-        "{{- special + bos_token + mark + system -}}",
-        "{%- for message in turns -%}",
-        "{%- if message['role'] == 'user' -%}",
-        f"{{{{- mark + {user} + mark + message['content'] -}}}}",
-        "{%- elif message['role'] == 'assistant' -%}",
-        f"{{{{- mark + {assistant} + mark + message['content'] + mark + special + eos_token -}}}}",
-        "{%- else -%}",
-        "{{- raise_exception('LongLLaMA chats hold user and assistant turns after an optional first system message; "
-        "got the role ' + message['role']) -}}",
-        "{%- endif -%}",
-        "{%- endfor -%}",
-        "{%- if add_generation_prompt -%}",
-        f"{{{{- mark + {assistant} -}}}}",
-        "{%- endif -%}",
+def _template(lines: list[str]) -> str:
+    """Join template lines after the lines that read the two marker variables: `mark` separates the segments the
+    fine-tuning code tokenized one by one, `special` flags BOS/EOS segments."""
+    head = [
+        f"{{%- set mark = {_SEGMENT_VAR} | default('') -%}}",
+        f"{{%- set special = {_SPECIAL_VAR} | default('') -%}}",
     ]
     # Every tag trims the whitespace around it, so the line breaks are for readers of the saved template only.
-    return "\n".join(lines) + "\n"
+    return "\n".join(head + lines) + "\n"
 
 
-CHAT_TEMPLATE = _chat_template()
+def _chat_template() -> str:
+    """The chat format of the module docstring (fine-tuning templates sharegpt-3b-v1.1, code-7b-instruct-sharegpt)."""
+    user, assistant, system = map(_jinja_string, (USER_PREFIX, ASSISTANT_PREFIX, CHAT_SYSTEM_PROMPT))
+    return _template(
+        [
+            "{%- if messages and messages[0]['role'] == 'system' -%}",
+            "{%- set system = messages[0]['content'] -%}",
+            "{%- set turns = messages[1:] -%}",
+            "{%- else -%}",
+            f"{{%- set system = {system} -%}}",
+            "{%- set turns = messages -%}",
+            "{%- endif -%}",
+            "{{- special + bos_token + mark + system -}}",
+            "{%- for message in turns -%}",
+            "{%- if message['role'] == 'user' -%}",
+            f"{{{{- mark + {user} + mark + message['content'] -}}}}",
+            "{%- elif message['role'] == 'assistant' -%}",
+            f"{{{{- mark + {assistant} + mark + message['content'] + mark + special + eos_token -}}}}",
+            "{%- else -%}",
+            "{{- raise_exception('LongLLaMA chats hold user and assistant turns after an optional first system "
+            "message; got the role ' + message['role']) -}}",
+            "{%- endif -%}",
+            "{%- endfor -%}",
+            "{%- if add_generation_prompt -%}",
+            f"{{{{- mark + {assistant} -}}}}",
+            "{%- endif -%}",
+        ]
+    )
+
+
+def _instruction_template(*, system: bool, pre_question: str, post_question: str) -> str:
+    """An instruction format (docs/finetuning.md): BOS, then one segment [system + "\\n"] + pre_question + question +
+    post_question, then the answer and EOS as segments of their own. The answer follows the question directly, so
+    the generation prompt adds nothing."""
+    pre, post = _jinja_string(pre_question), _jinja_string(post_question)
+    system_lines = (
+        [
+            "{%- if messages and messages[0]['role'] == 'system' -%}",
+            "{%- set prompt = messages[0]['content'] + '\\n' -%}{%- set turns = messages[1:] -%}",
+            "{%- else -%}{%- set prompt = '\\n' -%}{%- set turns = messages -%}{%- endif -%}",
+        ]
+        if system
+        else ["{%- set prompt = '' -%}{%- set turns = messages -%}"]
+    )
+    return _template(
+        [
+            *system_lines,
+            "{%- if not turns or turns | length > 2 or turns[0]['role'] != 'user' or (turns | length == 2 and "
+            "turns[1]['role'] != 'assistant') -%}",
+            "{{- raise_exception('this instruction format takes "
+            + ("an optional system message, " if system else "")
+            + "one user message and optionally the assistant answer') -}}",
+            "{%- endif -%}",
+            f"{{{{- special + bos_token + mark + prompt + {pre} + turns[0]['content'] + {post} -}}}}",
+            "{%- if turns | length == 2 -%}",
+            "{{- mark + turns[1]['content'] + mark + special + eos_token -}}",
+            "{%- endif -%}",
+        ]
+    )
+
+
+# Named as the fine-tuning templates they reproduce (TEMPLATES in the sft data module); "default" is the chat.
+CHAT_TEMPLATES = {
+    "default": _chat_template(),
+    "openorca-3b": _instruction_template(system=True, pre_question="", post_question="\n"),
+    "code-7b-instruct-mathinstruct": _instruction_template(
+        system=False, pre_question=AI_TASK_PROMPT, post_question="\nAnswer: "
+    ),
+    "code-7b-instruct-openorca": _instruction_template(system=False, pre_question=AI_TASK_PROMPT, post_question=" "),
+}
+CHAT_TEMPLATE = CHAT_TEMPLATES["default"]
 
 # apply_chat_template arguments that shape the tokenized output rather than the rendered text.
 _OUTPUT_OPTIONS = ("padding", "truncation", "max_length", "return_tensors", "return_dict")
@@ -290,10 +345,11 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> LongLlamaTokenizer:
 def tokenizer_files(model_dir: str | os.PathLike[str]) -> dict[str, str]:
     """The text of the transformers tokenizer files (TRANSFORMERS_FILES) for `model_dir/tokenizer.model` and its
     `config.json`: the same on every supported transformers version."""
-    tokenizer = load_tokenizer(model_dir)
-    _, settings = _settings(Path(model_dir))
+    backend, settings = _settings(Path(model_dir))
+    # The tokenizer adds the BOS post-processor and the special tokens to its copy of the backend.
+    tokenizer = LongLlamaTokenizer(tokenizer_object=backend, **settings)
     config = {"tokenizer_class": LongLlamaTokenizer.__name__, **settings}
-    config.pop("vocab_file")
+    config.pop("vocab_file")  # the folder's own tokenizer.model, found by name
     return {
         TOKENIZER_JSON: tokenizer.backend_tokenizer.to_str(pretty=True) + "\n",
         TOKENIZER_CONFIG: _json_text(config),
@@ -333,7 +389,8 @@ def _settings(model_dir: Path) -> tuple[Tokenizer, dict[str, Any]]:
         "clean_up_tokenization_spaces": False,
         # Batched generation continues every row at the right edge.
         "padding_side": "left",
-        "chat_template": CHAT_TEMPLATE,
+        # transformers' list form of named templates, which every supported version reads.
+        "chat_template": [{"name": name, "template": text} for name, text in CHAT_TEMPLATES.items()],
         **special,
     }
     context = _usable_context(model_dir, config)
