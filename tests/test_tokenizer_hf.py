@@ -314,3 +314,20 @@ def test_openorca_without_system_message_keeps_its_newline() -> None:
     assert text == "<s>\nQ\n"  # docs/finetuning.md: an empty system prompt still contributes its newline
     with pytest.raises(Exception, match="one user message"):
         tokenizer.apply_chat_template(CONVERSATION, chat_template="openorca-3b", tokenize=False)
+
+
+def test_classifier_reads_each_rows_last_token_with_the_tokenizers_left_padding() -> None:
+    from longllama import LongLlamaForSequenceClassification
+
+    config = LongLlamaConfig.from_pretrained(SHIPPED_MODEL, num_labels=3)
+    torch.manual_seed(0)
+    model = LongLlamaForSequenceClassification(config).float().eval()
+    tokenizer = load_tokenizer(SHIPPED_MODEL)
+    texts = ["short one", "a longer sentence with several more words in it"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    assert tokenizer.padding_side == "left" and batch["attention_mask"][0, 0] == 0
+    with torch.no_grad():
+        together = model(**batch).logits
+        alone = torch.cat([model(**tokenizer(text, return_tensors="pt")).logits for text in texts])
+    # Relative RoPE: the padded row differs from the unpadded one only by rounding.
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)

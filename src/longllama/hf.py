@@ -394,8 +394,8 @@ class LongLlamaClassifierOutput(ModelOutput, CacheAlias):
 
 
 class LongLlamaForSequenceClassification(LongLlamaPreTrainedModel):
-    """LongLLaMA with a `score` head read at the last non-pad token (docs/inference.md#other-entry-points: the count of
-    ids != pad_token_id, minus one, so right padding is assumed; the last position when no pad id is set)."""
+    """LongLLaMA with a `score` head read at the last non-pad token (docs/inference.md#other-entry-points: padding on
+    either side; the last position when no pad id is set)."""
 
     def __init__(self, config: LongLlamaConfig):
         super().__init__(config)
@@ -445,7 +445,11 @@ class LongLlamaForSequenceClassification(LongLlamaPreTrainedModel):
             if logits.shape[0] > 1 and pad is None:
                 raise InputError("batches need pad_token_id in the config to find each row's last token: set it")
             return torch.full((logits.shape[0],), logits.shape[1] - 1, device=logits.device)
-        return (input_ids.to(logits.device) != pad).sum(-1) - 1
+        real = input_ids.to(logits.device) != pad  # (B, N)
+        positions = torch.arange(real.shape[-1], device=logits.device)
+        # The last real token wherever the padding is: tokenizers pad on the left for generation.
+        last = (positions * real).argmax(-1)
+        return torch.where(real.any(-1), last, real.shape[-1] - 1)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         kind = self.config.problem_type
