@@ -462,7 +462,8 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, *, bos: bool = 
         raise InputError("prompt is empty; pass some text to continue from")
     # Prepend BOS here rather than through the tokenizer's post-processor, so the result does not depend on how a
     # tokenizer loaded elsewhere was configured (add_bos_token / add_eos_token).
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    # verbose=False: transformers would warn of "indexing errors" past model_max_length; windows read any length.
+    ids = list(tokenizer.encode(text, add_special_tokens=False, verbose=False))
     if bos:
         if tokenizer.bos_token_id is None:
             raise InputError("this tokenizer has no BOS token; call encode_prompt with bos=False")
