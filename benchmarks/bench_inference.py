@@ -196,7 +196,7 @@ def ingest_flops(config, n: int, *, hf: bool, skip_dead_layers: bool = True) -> 
     head = 2 * h * config.vocab_size
     if hf:
         return 2 * per_layer * n * layers + head + 2 * h * n * n * layers
-    window = config.max_position_embeddings
+    window = config.context_window
     deep = layers
     if skip_dead_layers:
         deep = max(config.mem_layers) + 1 if config.mem_layers else 0
@@ -218,7 +218,7 @@ def ingest_floor_s(config, params: int, n: int, *, hf: bool) -> float:
     h, layers = config.hidden_size, config.num_hidden_layers
     if hf:
         return (2 * params * n + 2 * h * n * n * layers) / FLOOR_FLOPS
-    window = config.max_position_embeddings
+    window = config.context_window
     return (2 * params * n + 2 * h * n * window * layers + 2 * h * n * n * len(config.mem_layers)) / FLOOR_FLOPS
 
 
@@ -291,7 +291,7 @@ def main() -> None:
             print(f"{impl:18s} {model.plan}")
         vocab = model.config.vocab_size
         compiled = None if hf else model.plan.compile
-        window = preset(args.shape).max_position_embeddings
+        window = preset(args.shape).context_window
         # windows for two window groups (the first with a window that has no memory yet) and a last window: the
         # kernels and compiled shapes of a long ingest's groups are made here, not in a timed run
         group_tokens = 0 if hf else model.plan.window_group_tokens

@@ -64,7 +64,7 @@ def main() -> None:
     config = model.config
     layers = model.model.layers
     print(torch.cuda.get_device_name(), torch.__version__, plan_record(model))
-    window = config.max_position_embeddings
+    window = config.context_window
     warm = (2 * (model.plan.window_group_tokens // window) + 1) * window
     with torch.no_grad():  # compilation and kernel loading: two window groups (one with a memory-less window) + one
         model(torch.randint(3, config.vocab_size, (1, warm), device="cuda"), use_cache=False, logits_to_keep=1)

@@ -32,7 +32,7 @@ def test_ingest_flops_count_the_layers_each_window_runs():
     every = bench.ingest_flops(config, n, hf=False, skip_dead_layers=False)
     skip = bench.ingest_flops(config, n, hf=False, skip_dead_layers=True)
     h, inter = config.hidden_size, config.intermediate_size
-    per_token_layer = 2 * (4 * h * h + 3 * h * inter) + 2 * h * config.max_position_embeddings  # products + local
+    per_token_layer = 2 * (4 * h * h + 3 * h * inter) + 2 * h * config.context_window  # products + local
     dropped = (n - config.last_context_length) * 7 * per_token_layer  # layers 19-25 for all but the final window
     assert every - skip == pytest.approx(dropped, rel=0.01)
     assert bench.ingest_flops(config, n, hf=True) > every  # full attention in every layer

@@ -270,7 +270,9 @@ def test_llama_to_longllama_config(llama, round_trip):
     source = llama[1].config
     config = LongLlamaConfig(**{k: v for k, v in raw.items() if k != "model_type"})
     for name in LLAMA_FIELDS[:-1]:
-        assert getattr(config, name) == getattr(source, name), name
+        mine = "context_window" if name == "max_position_embeddings" else name  # LLaMA's context is the window
+        assert getattr(config, mine) == getattr(source, name), name
+    assert config.max_position_embeddings > config.context_window  # the memory's usable context is advertised
 
 
 def test_round_trip_keeps_tensors_bitwise_and_llama_fields(llama, reference_state, round_trip):

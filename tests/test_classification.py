@@ -26,7 +26,7 @@ def _pair(num_labels=3):
             num_attention_heads=c.num_attention_heads,
             num_labels=num_labels,
             pad_token_id=0,
-            max_position_embeddings=c.max_position_embeddings,
+            max_position_embeddings=c.context_window,
         )
     ).eval()
     llama.config._attn_implementation = "eager"

@@ -131,7 +131,7 @@ def test_long_prompt_reads_in_windows_with_progress(checkpoint: Path, loaded, ca
     model, tokenizer = loaded
     prompt = " ".join(random.Random(1).choice(WORDS) for _ in range(200))
     n = len(encode_prompt(tokenizer, prompt))
-    assert n > 4 * model.config.max_position_embeddings  # several memory windows, then the final one
+    assert n > 4 * model.config.context_window  # several memory windows, then the final one
     code, out, err = _run(capsys, "--model", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "10", *extra)
     lcl = {"last_context_length": 40} if extra else {}
     assert code == 0
@@ -151,7 +151,7 @@ def test_progress_is_reported_after_each_window(checkpoint: Path, loaded, capsys
 
     monkeypatch.setattr(LongLlamaForCausalLM, "generate", spy)
     code, _, _ = _run(capsys, "--model", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "2")
-    cw, lcl = model.config.max_position_embeddings, model.config.last_context_length
+    cw, lcl = model.config.context_window, model.config.last_context_length
     memory_part = n - lcl
     assert code == 0
     assert calls == [min(end, memory_part) for end in range(cw, memory_part + cw, cw)] + [n]

@@ -114,10 +114,11 @@ def test_bad_token_ids(model, ids, words):
 def test_generate_rejects_bad_input(model):
     ids = torch.tensor([[1, 5, 7]])
     cases = [
-        (dict(num_beams=4), "num_beams"),
+        (dict(penalty_alpha=0.6, top_k=4), "penalty_alpha"),
+        (dict(num_beams=4, num_beam_groups=2), "num_beam_groups"),
         (dict(do_sample=True, temperature=0.0), "temperature"),
         (dict(max_new_tokens=0), "max_new_tokens"),
-        (dict(typical_p=0.5), "unsupported"),
+        (dict(typical_q=0.5), "unsupported"),
     ]
     for kwargs, words in cases:
         with pytest.raises(InputError) as info:

@@ -78,6 +78,7 @@ def _overrides_of(model: LongLlamaForCausalLM) -> dict:
         num_hidden_layers=c.num_hidden_layers,
         num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads,
+        context_window=c.context_window,
         max_position_embeddings=c.max_position_embeddings,
         last_context_length=c.last_context_length,
         mem_layers=list(c.mem_layers),
@@ -99,7 +100,7 @@ def hf_llama(model: LongLlamaForCausalLM) -> LlamaForCausalLM:
         num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads,
         head_dim=c.head_dim,
-        max_position_embeddings=c.max_position_embeddings,
+        max_position_embeddings=c.context_window,
         rms_norm_eps=c.rms_norm_eps,
         rope_theta=c.rope_theta,
         pad_token_id=0,
@@ -156,7 +157,7 @@ class SpecReference:
         start = torch.zeros(b, dtype=torch.long) if first is None else first[2].max(-1).values + 1
         pos = start[:, None] + torch.arange(n)[None]
         mask2d = torch.ones(b, p0 + n) if attention_mask is None else attention_mask[:, -(p0 + n) :].float()
-        cw = self.c.max_position_embeddings
+        cw = self.c.context_window
         m = max(n - lcl, 0)
         spans = [(beg, min(m, beg + cw)) for beg in range(0, m, cw)] + [(m, n)]
         hidden = []
@@ -200,7 +201,7 @@ class SpecReference:
         dt, min_dt = torch.float32, torch.finfo(torch.float32).min
         c_min = max(min_dt, -1e6)
         b, q = ids.shape
-        H, Hkv, d, cw = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.max_position_embeddings
+        H, Hkv, d, cw = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.context_window
         P = 0 if self.layers[0]["local"] is None else self.layers[0]["local"][0].shape[2]
         causal = torch.zeros(q, P + q)
         if q > 1:

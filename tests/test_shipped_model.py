@@ -17,7 +17,7 @@ def test_shipped_folder_is_small_and_loads():
     assert size <= 40 * 2**20
     model = LongLlamaForCausalLM.from_pretrained(SHIPPED_MODEL)
     params = sum(p.numel() for p in model.parameters())
-    assert params <= 15_000_000 and model.config.max_position_embeddings <= 512
+    assert params <= 15_000_000 and model.config.context_window <= 512
     assert model.config.mem_layers == [4, 6] and model.dtype == torch.bfloat16
     tokenizer = load_tokenizer(SHIPPED_MODEL)
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer)) == (1, 2, model.config.vocab_size)

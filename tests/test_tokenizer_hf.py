@@ -113,14 +113,19 @@ def _context(folder: Path) -> int:
     return LongLlamaConfig.from_pretrained(folder).max_position_embeddings
 
 
-def test_model_max_length_is_the_configs_usable_context() -> None:
+def test_model_max_length_is_the_configs_usable_context(tmp_path: Path) -> None:
     config = LongLlamaConfig.from_pretrained(SHIPPED_MODEL)
     tokenizer = load_tokenizer(SHIPPED_MODEL)
     assert tokenizer.model_max_length == config.max_position_embeddings
-    window = getattr(config, "context_window", None)
-    if window is None:
-        pytest.skip("this config has no separate attention window (context_window) yet")
-    assert tokenizer.model_max_length > window
+    assert tokenizer.model_max_length > config.context_window  # the usable context, not the attention window
+    # An older config (no context_window) reads its max_position_embeddings as the window and advertises more.
+    old = json.loads((SHIPPED_MODEL / "config.json").read_text())
+    old.pop("context_window")
+    old["max_position_embeddings"] = config.context_window
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    shutil.copy(SHIPPED_MODEL / TOKENIZER_FILE, tmp_path / TOKENIZER_FILE)
+    older = LongLlamaConfig.from_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path).model_max_length == older.max_position_embeddings > config.context_window
 
 
 def test_pad_token_comes_from_config(sp, tmp_path: Path) -> None:

@@ -14,6 +14,12 @@ step's attention in plain PyTorch (one joint softmax, no concatenated values), s
 Shapes: q (b, h, q, d); k, v (b, h_kv, kv, d); visible (b or 1, 1, q, kv) bool or None (all visible);
 mem_k, mem_v (b, h_kv, M, d) in the memory dtype; mem_valid (b, M) bool or None. Returns (b, h, q, d) and, for
 "eager" with return_probs, the probabilities (b, h, q, kv + M).
+
+Shared memory (`mem_share` = s > 1, beams of one prompt, memory.py): q, k, v and visible have b * s rows while
+mem_k, mem_v and mem_valid have b, row i of the memory serving query rows i*s .. i*s+s-1. Memory attention has no
+causal mask, so the s query rows of one memory row are folded into its query dimension (fold_rows: (b*s, h, q, d)
+-> (b, h, s*q, d)) against the memory, and the memory scores or partial results unfolded back into the same softmax
+as the per-row local part: the same maths, no copy of the memory.
 """
 
 from __future__ import annotations
@@ -45,6 +51,29 @@ def _scores(
     return s.clamp_min(c_min)
 
 
+def fold_rows(x: torch.Tensor, share: int) -> torch.Tensor:
+    """(b*s, h, t, ...) -> (b, h, s*t, ...): the s consecutive rows that share one memory row, as more queries."""
+    if share == 1:
+        return x
+    bs, h, t, *rest = x.shape
+    return x.reshape(bs // share, share, h, t, *rest).transpose(1, 2).reshape(bs // share, h, share * t, *rest)
+
+
+def unfold_rows(x: torch.Tensor, share: int) -> torch.Tensor:
+    """fold_rows undone: (b, h, s*t, ...) -> (b*s, h, t, ...)."""
+    if share == 1:
+        return x
+    b, h, st, *rest = x.shape
+    return x.reshape(b, h, share, st // share, *rest).transpose(1, 2).reshape(b * share, h, st // share, *rest)
+
+
+def _memory_scores(q, mem_k, mem_valid, c_min, mem_top_k, share: int, head_dim: int | None = None):
+    """Scores (b*s, h, q, M) of every query row over its (possibly shared) memory, top k applied."""
+    mem_visible = None if mem_valid is None else mem_valid[:, None, None, :]
+    scores = _scores(fold_rows(q, share), mem_k, mem_visible, c_min, head_dim=head_dim)
+    return unfold_rows(_keep_top_k(scores, mem_top_k, c_min), share)
+
+
 def _weighted(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     b, h, n, kv = p.shape
     hkv = v.shape[1]
@@ -65,20 +94,24 @@ def _keep_top_k(scores: torch.Tensor, k: int | None, c_min: float) -> torch.Tens
     return scores.masked_fill(~top_k_mask(scores, k), c_min)
 
 
-def _eager(q, k, v, visible, mem_k, mem_v, mem_valid, return_probs, mem_top_k=None):
+def _eager(q, k, v, visible, mem_k, mem_v, mem_valid, return_probs, mem_top_k=None, mem_share=1):
     c_min = clamp_value(q.dtype)
     scores = _scores(q, k, visible, c_min)
     values = v
     if mem_k is not None:
-        mem_visible = None if mem_valid is None else mem_valid[:, None, None, :]
-        mem_scores = _keep_top_k(_scores(q, mem_k.to(k.dtype), mem_visible, c_min), mem_top_k, c_min)
+        mem_scores = _memory_scores(q, mem_k.to(k.dtype), mem_valid, c_min, mem_top_k, mem_share)
         scores = torch.cat([scores, mem_scores], dim=-1)
+        if mem_share > 1:  # the values stay shared: local and memory parts weighted apart, then added
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            kv = k.shape[2]
+            mem_part = unfold_rows(_weighted(fold_rows(probs[..., kv:], mem_share), mem_v.to(v.dtype)), mem_share)
+            return _weighted(probs[..., :kv], v) + mem_part, (probs if return_probs else None)
         values = torch.cat([v, mem_v.to(v.dtype)], dim=2)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return _weighted(probs, values), (probs if return_probs else None)
 
 
-def _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping, mem_top_k=None):
+def _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping, mem_top_k=None, mem_share=1):
     """Memory attention in (heads, queries) chunks, to bound the size of the score matrix."""
     gh, gq = grouping
     b, h, n, _ = q.shape
@@ -90,7 +123,16 @@ def _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping, mem_top_
         for q0 in range(0, n, gq):
             vis = None if visible is None else visible[:, :, q0 : q0 + gq]
             out[:, h0 : h0 + gh, q0 : q0 + gq] = _eager(
-                q[:, h0 : h0 + gh, q0 : q0 + gq], sel[0], sel[1], vis, sel[2], sel[3], mem_valid, False, mem_top_k
+                q[:, h0 : h0 + gh, q0 : q0 + gq],
+                sel[0],
+                sel[1],
+                vis,
+                sel[2],
+                sel[3],
+                mem_valid,
+                False,
+                mem_top_k,
+                mem_share,
             )[0]
     return out
 
@@ -148,10 +190,10 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 FEW_QUERIES = 16  # at most this many queries: a decoding step (few_query_attention)
 
 
-def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, mem_top_k=None):
+def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, mem_top_k=None, mem_share=1):
     """Decoding: scores against local and memory keys in one softmax; no concatenation of the memory values.
     The memory is read as stored (zero-padded head dimension, contiguous rows), with q padded to match; with
-    `mem_top_k`, each query keeps only its k best memory scores."""
+    `mem_top_k`, each query keeps only its k best memory scores; `mem_share` as in the module docstring."""
     c_min = clamp_value(q.dtype)
     local = _scores(q, k, visible, c_min)
     if mem_k is None:
@@ -162,11 +204,12 @@ def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, mem_top_k=No
         mem_k, mem_v = padded_mem
     mem_k, mem_v = mem_k.to(q.dtype), mem_v.to(q.dtype)
     qp = pad_to(q, mem_k.shape[-1])
-    mem_scores = _keep_top_k(_scores(qp, mem_k, None, c_min, head_dim=d), mem_top_k, c_min)
+    mem_scores = _memory_scores(qp, mem_k, None, c_min, mem_top_k, mem_share, head_dim=d)
     scores = torch.cat([local, mem_scores], dim=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     kv = k.shape[2]
-    return _weighted(probs[..., :kv], v) + _weighted(probs[..., kv:], mem_v)[..., :d]
+    mem_part = unfold_rows(_weighted(fold_rows(probs[..., kv:], mem_share), mem_v), mem_share)
+    return _weighted(probs[..., :kv], v) + mem_part[..., :d]
 
 
 def memory_inputs(mem_k, mem_v, mem_valid, padded_mem, mem_top_k):
@@ -192,13 +235,17 @@ def attend(
     grouping: tuple[int, int] | None = None,
     mem_top_k: int | None = None,
     return_probs: bool = False,
+    mem_share: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One softmax over local and memory keys by the exact implementation `impl` ("eager" or "sdpa"); see the
     module docstring for shapes. With `mem_top_k`, each query sees only its k highest-scoring memory keys (kNN
-    memory; dense when the memory holds at most k keys). Probabilities (`return_probs`) come from "eager"."""
+    memory; dense when the memory holds at most k keys). Probabilities (`return_probs`) come from "eager".
+    `mem_share`: query rows per memory row (module docstring)."""
     mem_k, mem_v, mem_valid, _, mem_top_k = memory_inputs(mem_k, mem_v, mem_valid, None, mem_top_k)
-    if impl == "sdpa" and not return_probs and mem_top_k is None:
+    share = mem_share if mem_k is not None else 1
+    # SDPA takes one key set per row: a shared memory goes through the explicit joint softmax (folded), not a copy.
+    if impl == "sdpa" and not return_probs and mem_top_k is None and share == 1:
         return _sdpa(q, k, v, visible, mem_k, mem_v, mem_valid), None
     if grouping is not None and not return_probs:
-        return _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping, mem_top_k), None
-    return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, return_probs, mem_top_k)
+        return _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping, mem_top_k, share), None
+    return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, return_probs, mem_top_k, share)

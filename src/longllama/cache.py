@@ -20,13 +20,21 @@ from longllama.memory import MemoryCache
 
 
 class CacheAlias:
-    """Outputs carry the cache as `cache` (transformers >= 5.24's name) and `past_key_values` (the older one)."""
+    """Outputs carry the cache as `cache` (transformers >= 5.24's name) and `past_key_values` (the older one, which
+    this project's documents use), both as attribute and as key. Listed before ModelOutput among the bases: from 5.24
+    ModelOutput answers the old name itself, with a deprecation warning that does not concern our outputs."""
 
     cache: LongLlamaCache | None
 
     @property
     def past_key_values(self) -> LongLlamaCache | None:
         return self.cache
+
+    def __getitem__(self, key):
+        return super().__getitem__(self._replace_old_cache_name(key) if isinstance(key, str) else key)
+
+    def _replace_old_cache_name(self, key: str) -> str:
+        return "cache" if key in ("past_key_values", "cache_params") else key
 
 
 @dataclass
@@ -59,7 +67,7 @@ class LongLlamaCache:
     @property
     def memory_length(self) -> int:
         """Tokens in memory (the same in every memory layer; 0 when there is none)."""
-        return max((s.memory.length for s in self.layers if s.memory is not None), default=0)
+        return max([0] + [s.memory.length for s in self.layers if s.memory is not None])  # (a list: torch.compile)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].local_length
@@ -94,6 +102,17 @@ class LongLlamaCache:
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         self.index_select(beam_idx)
 
+    def expand_rows(self, times: int) -> None:
+        """Each batch row becomes `times` consecutive rows (the beams, or the returned sequences, of one prompt):
+        local caches are repeated (at most one window each), memories are shared, not copied (MemoryCache.expand)."""
+        if times == 1:
+            return
+        for s in self.layers:
+            if s.keys is not None:
+                s.set_local(*(t.repeat_interleave(times, dim=0) for t in (s.keys, s.values, s.positions)))
+            if s.memory is not None:
+                s.memory.expand(times)
+
     # -- the reference's tuple format ----------------------------------------------------------------------------
     def to_legacy(
         self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
@@ -111,9 +130,10 @@ class LongLlamaCache:
             else:
                 local = (empty, empty, empty)
             if s.memory is not None:
-                mask = torch.zeros(s.memory.valid.shape, dtype=dtype, device=s.memory.device)
-                mask.masked_fill_(~s.memory.valid, torch.finfo(dtype).min)
-                mem = (s.memory.keys, s.memory.values, mask[:, None, :, None])
+                keys, values, valid = s.memory.logical()
+                mask = torch.zeros(valid.shape, dtype=dtype, device=s.memory.device)
+                mask.masked_fill_(~valid, torch.finfo(dtype).min)
+                mem = (keys, values, mask[:, None, :, None])
             else:
                 mem = (empty, empty, empty)
             out.append(local + mem)
@@ -147,7 +167,7 @@ class LongLlamaCache:
             if s.keys is not None:
                 return s.keys.shape[0]
             if s.memory is not None:
-                return s.memory.batch
+                return s.memory.rows
         return 0
 
     def __repr__(self) -> str:

@@ -103,6 +103,7 @@ _SHARED_FIELDS = (
     "pad_token_id",
 )
 _FOT_FIELDS = (
+    "context_window",
     "last_context_length",
     "mem_layers",
     "mem_positionals",
@@ -552,6 +553,7 @@ def longllama_to_llama(src: PathLike, dst: PathLike, *, max_shard_size: int | st
         )
     long_config = _longllama_from_json(raw)
     shared = {name: getattr(long_config, name) for name in _SHARED_FIELDS}
+    shared["max_position_embeddings"] = long_config.context_window  # plain LLaMA reads no further than the window
     dtype = long_config.to_dict().get("dtype")
     llama = LlamaConfig(
         **shared,

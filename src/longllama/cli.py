@@ -3,8 +3,8 @@
 `longllama generate --model DIR --prompt TEXT` loads a checkpoint folder and its `tokenizer.model`, reads the prompt
 into the model's memory (a progress bar on stderr shows tokens/s) and streams the continuation to stdout.
 `longllama train CONFIG.yaml [--set KEY=VALUE | --KEY VALUE ...] [--resume]` trains from a YAML config (configs/);
-`longllama finetune ...` is the same with mode finetune. Under `torchrun --nproc_per_node N` with `parallel: ddp` or
-`fsdp2` the processes train together.
+`longllama finetune ...` is the same with mode finetune; `--lora` on either trains peft LoRA adapters only.
+Under `torchrun --nproc_per_node N` with `parallel: ddp` or `fsdp2` the processes train together.
 `longllama passkey --model DIR [--lengths 4096,16384] [--depths 0,0.5,1]` runs the passkey retrieval test
 (docs/evaluation.md#passkey-retrieval)
 over prompt lengths (in tokens) and key depths, prints the accuracy table and can save JSON results and a plot.
@@ -401,15 +401,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(
-    *, config: str, overrides: list[str] | None = None, resume: bool | str = False, mode: str | None = None
+    *,
+    config: str,
+    overrides: list[str] | None = None,
+    resume: bool | str = False,
+    mode: str | None = None,
+    lora: bool = False,
 ) -> int:
     """Train LongLLaMA from a YAML config (see configs/): FoT pre-training or instruction fine-tuning, as the
     config's `mode` says. `--set KEY=VALUE` (or `--KEY VALUE`) overrides a setting, e.g. `--set steps=10` or
-    `--optim.lr 3e-4`; `--resume` continues from the newest checkpoint in out_dir."""
+    `--optim.lr 3e-4`; `--resume` continues from the newest checkpoint in out_dir. `--lora` trains LoRA adapters
+    only (peft; settings lora.rank, lora.alpha, lora.targets, lora.dropout, lora.export=merged|adapter)."""
     from longllama.training import loop
     from longllama.training.config import load_config
 
-    settings = load_config(config, overrides=overrides or (), mode=mode)
+    overrides = list(overrides or ())
+    if lora:
+        overrides.insert(0, "lora.enabled=true")  # explicit --set lora.enabled=... still wins
+    settings = load_config(config, overrides=overrides, mode=mode)
     if resume:
         settings.resume = resume
     result = loop.train(settings)
@@ -418,9 +427,9 @@ def train(
     return 0
 
 
-def finetune(*, config: str, overrides: list[str] | None = None, resume: bool | str = False) -> int:
-    """Instruction / chat fine-tuning: `train` with mode finetune."""
-    return train(config=config, overrides=overrides, resume=resume, mode="finetune")
+def finetune(*, config: str, overrides: list[str] | None = None, resume: bool | str = False, lora: bool = False) -> int:
+    """Instruction / chat fine-tuning: `train` with mode finetune (`--lora`: LoRA adapters only)."""
+    return train(config=config, overrides=overrides, resume=resume, mode="finetune", lora=lora)
 
 
 def _add_train(commands) -> None:
@@ -445,6 +454,12 @@ def _add_train(commands) -> None:
             default=False,
             metavar="CHECKPOINT",
             help="continue from the newest checkpoint in out_dir (or from CHECKPOINT)",
+        )
+        p.add_argument(
+            "--lora",
+            action="store_true",
+            help="train LoRA adapters only (needs peft: pip install 'longllama[lora]'); settings under lora.*, "
+            "e.g. --lora.rank 16 --lora.export adapter",
         )
         p.set_defaults(func=func)
 

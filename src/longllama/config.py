@@ -20,6 +20,11 @@ MEM_DTYPES = {
 # kernels with no per-window copy of the memory; "auto": eager on the CPU, fast on GPUs.
 ATTN_IMPLS = ("auto", "eager", "sdpa", "fast")
 
+# The usable context advertised by configs that do not state one (every checkpoint written before `context_window`
+# existed): the input length the released LongLLaMA checkpoints were shown to handle (256k-token pass keys). Longer
+# inputs are still read; tools such as lm-eval and pipelines truncate to this number.
+DEFAULT_CONTEXT = 262144
+
 
 class ConfigError(LongLlamaError, ValueError):
     """A configuration value is out of range; the message names the field and the fix."""
@@ -40,7 +45,11 @@ class LongLlamaConfig(PreTrainedConfig):
     `mem_layers` (indices of the layers that also attend to the memory), `last_context_length` (size of the final
     window kept in the local cache), `mem_positionals` (RoPE in memory layers), `mem_dtype` (storage dtype of the
     memory), `mem_attention_grouping` ((heads, queries) per chunk of memory attention) and `torch_attention`
-    (use `scaled_dot_product_attention`). `max_position_embeddings` is the context window. `attn_impl` picks the
+    (use `scaled_dot_product_attention`). `context_window` is the attention window (the size of memory windows and the
+    cap of the local cache: the reference's `max_position_embeddings`); `max_position_embeddings` is the usable
+    context, what evaluation tools and pipelines read (the memory makes it far longer than the window). A config
+    without `context_window` (any older checkpoint) reads `max_position_embeddings` as the window and advertises
+    DEFAULT_CONTEXT, or the window if larger. `attn_impl` picks the
     attention implementation ("auto", "eager", "sdpa", "fast"); `mem_offload` keeps the memory in pinned CPU memory
     (for memories larger than the GPU), copied to the GPU whenever it is read. `mem_top_k` (inference only; null:
     dense memory attention as in the reference) lets each query of a memory layer see only its k highest-scoring
@@ -62,7 +71,8 @@ class LongLlamaConfig(PreTrainedConfig):
     num_key_value_heads: int | None = None
     head_dim: int | None = None
     hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
+    max_position_embeddings: int | None = None
+    context_window: int | None = None
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-6
     use_cache: bool = True
@@ -85,6 +95,11 @@ class LongLlamaConfig(PreTrainedConfig):
     gradient_checkpoint_every_ith: int = 1
 
     def __post_init__(self, **kwargs):
+        if self.context_window is None:  # the reference's config: its max_position_embeddings is the window
+            self.context_window = 2048 if self.max_position_embeddings is None else self.max_position_embeddings
+            self.max_position_embeddings = None
+        if self.max_position_embeddings is None and isinstance(self.context_window, int):
+            self.max_position_embeddings = max(DEFAULT_CONTEXT, self.context_window)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads:
@@ -124,12 +139,18 @@ class LongLlamaConfig(PreTrainedConfig):
             "num_key_value_heads",
             "head_dim",
             "max_position_embeddings",
+            "context_window",
             "last_context_length",
             "gradient_checkpoint_every_ith",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.max_position_embeddings < self.context_window:
+            raise ConfigError(
+                f"max_position_embeddings={self.max_position_embeddings} (the usable context) is below "
+                f"context_window={self.context_window}: set it to at least the window"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "

@@ -4,7 +4,8 @@ Generation).
 The prompt goes through the long-input handler (memory windows, then a final window that fills the local cache);
 each new token is appended to the local cache, and when it would overflow the context window the whole old cache
 moves to memory (memory layers) or is dropped (other layers). Positions follow the attention mask (cumulative sum
-minus one, so left pads sit at -1) as the reference's generation did. Logits processors come from transformers.
+minus one, so left pads sit at -1) as the reference's generation did. Settings, logits processors and stopping
+criteria are transformers' (generation_config.py); beam search is beam.py.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ from dataclasses import dataclass
 
 import torch
 from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
-    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 from transformers.utils import ModelOutput
 
+from longllama import generation_config as gen_config
+from longllama.beam import beam_search
 from longllama.cache import CacheAlias, LongLlamaCache
 from longllama.errors import InputError
 from longllama.fast import sampling
@@ -33,93 +33,18 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class GenerateOutput(ModelOutput, CacheAlias):
+class GenerateOutput(CacheAlias, ModelOutput):
     sequences: torch.Tensor | None = None
+    sequences_scores: torch.Tensor | None = None
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
+    beam_indices: torch.Tensor | None = None
     cache: LongLlamaCache | None = None
 
 
-@dataclass
-class Settings:
-    max_new_tokens: int
-    min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int = 0
-
-
-_SETTING_NAMES = (
-    "max_new_tokens",
-    "max_length",
-    "min_new_tokens",
-    "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "repetition_penalty",
-    "eos_token_id",
-    "pad_token_id",
-    "num_beams",
-)
-
-
-def _settings(model, prompt_len: int, generation_config, overrides: dict) -> Settings:
-    """Merge explicit arguments over the generation config (the model's, from generation_config.json)."""
-    base = generation_config if generation_config is not None else getattr(model, "generation_config", None)
-    values = {name: getattr(base, name, None) for name in _SETTING_NAMES}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if (values.get("num_beams") or 1) != 1:
-        raise InputError(f"num_beams={values['num_beams']} is not supported: use num_beams=1 (greedy or sampling)")
-    max_new = values.get("max_new_tokens")
-    if max_new is None:
-        max_new = (values.get("max_length") or 20) - prompt_len
-    if max_new < 1:
-        raise InputError(f"max_new_tokens={max_new} must be at least 1")
-    eos = values.get("eos_token_id")
-    eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-    pad = values.get("pad_token_id")
-    if pad is None:
-        pad = eos_ids[0] if eos_ids else 0
-    top_k = values.get("top_k")
-    return Settings(
-        max_new_tokens=int(max_new),
-        min_new_tokens=int(values.get("min_new_tokens") or 0),
-        do_sample=bool(values.get("do_sample")),
-        temperature=float(values["temperature"]) if values.get("temperature") is not None else 1.0,
-        top_k=int(top_k) if top_k else None,
-        top_p=float(values["top_p"]) if values.get("top_p") is not None else 1.0,
-        repetition_penalty=float(values.get("repetition_penalty") or 1.0),
-        eos_token_ids=eos_ids,
-        pad_token_id=int(pad),
-    )
-
-
-def _processors(s: Settings, prompt_len: int, extra) -> LogitsProcessorList:
-    procs = LogitsProcessorList()
-    if s.repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(penalty=s.repetition_penalty))
-    if s.min_new_tokens > 0 and s.eos_token_ids:
-        procs.append(MinNewTokensLengthLogitsProcessor(prompt_len, s.min_new_tokens, list(s.eos_token_ids)))
-    if extra:
-        procs.extend(extra)
-    if s.do_sample:
-        if s.temperature <= 0:
-            raise InputError(f"temperature={s.temperature} must be > 0 when sampling: use do_sample=False for greedy")
-        if s.temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(s.temperature))
-        if s.top_k:
-            procs.append(TopKLogitsWarper(top_k=s.top_k))
-        if s.top_p < 1.0:
-            procs.append(TopPLogitsWarper(top_p=s.top_p))
-    return procs
-
-
-def _prompt_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s: Settings) -> torch.Tensor:
+def _prompt_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int | None, eos: torch.Tensor | None
+) -> torch.Tensor:
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise InputError(
@@ -128,13 +53,15 @@ def _prompt_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s
             )
         return attention_mask.to(input_ids.device).long()
     # transformers' rule: pad tokens in the prompt (when pad != eos) are masked out.
-    if s.pad_token_id not in s.eos_token_ids and bool((input_ids == s.pad_token_id).any()):
+    pad = 0 if pad_token_id is None else pad_token_id
+    is_eos = eos is not None and bool((eos == pad).any())
+    if not is_eos and bool((input_ids == pad).any()):
         logger.warning(
             "no attention_mask given and the prompt holds pad token %d: masking those positions; "
             "pass attention_mask to be explicit",
-            s.pad_token_id,
+            pad,
         )
-        return (input_ids != s.pad_token_id).long()
+        return (input_ids != pad).long()
     return torch.ones_like(input_ids)
 
 
@@ -143,6 +70,8 @@ def _static_decoder(model, state: LongLlamaCache, mask, mode: str, plan: Executi
         raise InputError(f"decoder={mode!r} is not supported: use 'auto', 'static' or 'dynamic'")
     if mode == "dynamic" or (mode == "auto" and not plan.on_gpu):
         return None
+    if any(layer.memory is not None and layer.memory.share > 1 for layer in state.layers):
+        return None  # rows sharing a memory (several returned sequences) decode through the generic path
     if not StaticDecoder.usable(state, mask):
         return None
     # An offloaded memory is copied in every step; keep those copies out of graph capture.
@@ -193,44 +122,55 @@ def generate(
     cache: LongLlamaCache | None = None,
     streamer=None,
     logits_processor=None,
-    output_scores: bool = False,
-    output_logits: bool = False,
-    return_dict_in_generate: bool = False,
-    use_cache: bool = True,
+    stopping_criteria=None,
+    tokenizer=None,
+    prefix_allowed_tokens_fn=None,
     progress=None,
     decoder: str = "auto",
     **settings,
 ):
-    """Generate up to `max_new_tokens` after `input_ids` (b, n).
+    """Generate up to `max_new_tokens` after `input_ids` (b, n), with transformers' generation vocabulary.
 
-    Settings (explicit values win over the model's generation config): max_new_tokens / max_length,
-    min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id (int or list),
-    pad_token_id, num_beams (only 1). `last_context_length` sets the final prompt window kept in the local cache.
-    `past_key_values` continues from an earlier call's cache (left unchanged). `streamer` gets `put(tokens)` /
-    `end()` calls as tokens come; `progress(tokens_done)` is called after each window of the prompt.
+    Settings are GenerationConfig fields, given as arguments or as `generation_config=` (explicit arguments win,
+    then that config, then the model's generation config): max_new_tokens / max_length, min_length,
+    min_new_tokens, do_sample, temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff,
+    repetition_penalty, encoder_repetition_penalty, no_repeat_ngram_size, bad_words_ids, sequence_bias,
+    suppress_tokens, begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id, renormalize_logits,
+    remove_invalid_values, exponential_decay_length_penalty, eos_token_id (int or list), pad_token_id,
+    stop_strings (with `tokenizer=`), max_time, num_beams, length_penalty, early_stopping (True / False /
+    "never"), num_return_sequences, output_scores, output_logits, return_dict_in_generate. Options LongLLaMA does
+    not implement (contrastive search, diverse beams, constraints, assistants, watermarking, ...) are refused
+    with a one-line InputError. `logits_processor` and `stopping_criteria` (transformers' lists, or lm-eval's
+    criteria) join the built ones as in transformers.
+
+    `last_context_length` sets the final prompt window kept in the local cache. `past_key_values` continues from
+    an earlier call's cache (left unchanged). `streamer` gets `put(tokens)` / `end()` calls as tokens come (not
+    with beam search); `progress(tokens_done)` is called after each window of the prompt.
     `decoder`: "static" decodes from fixed buffers (decode.py; replayed as a CUDA graph on GPUs), "dynamic" through
-    the generic forward; "auto" (default) takes "static" on GPUs. Padded batches always decode dynamically.
-    Returns the sequences (prompt included) or, with return_dict_in_generate, a
-    GenerateOutput with `scores` (processed logits per step), `logits` (raw) and the final cache.
+    the generic forward; "auto" (default) takes "static" on GPUs. Padded batches, beam search and several returned
+    sequences per prompt decode dynamically.
+    Returns the sequences (prompt included) or, with return_dict_in_generate, a GenerateOutput with `scores`
+    (processed scores per step), `logits` (raw), for beam search `sequences_scores` and `beam_indices` (as
+    transformers shapes them: model.compute_transition_scores reads them), and the final cache.
     """
-    unknown = sorted(set(settings) - set(_SETTING_NAMES))
-    if unknown:
-        raise InputError(
-            f"generate() got unsupported argument(s) {', '.join(unknown)}: see help(longllama.generate.generate)"
-        )
-    if not use_cache:
-        raise InputError("use_cache=False is not supported by generate: the local cache is how LongLLaMA decodes")
     if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         shape = None if input_ids is None else tuple(input_ids.shape)
         raise InputError(f"input_ids of shape {shape}: pass a non-empty (batch, n) tensor of prompt token ids")
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device)
     n = input_ids.shape[1]
-    s = _settings(model, n, generation_config, settings)
-    procs = _processors(s, n, logits_processor)
+    config = gen_config.merged_config(model, generation_config, settings, n)
+    plan_g = gen_config.plan_of(config, n, device)
+    c = plan_g.config
+    beams, n_return = int(c.num_beams), int(c.num_return_sequences)
+    if beams > 1 and streamer is not None:
+        raise InputError("streamer cannot be used with beam search: use num_beams=1 or drop the streamer")
+    if decoder not in ("auto", "static", "dynamic"):
+        raise InputError(f"decoder={decoder!r} is not supported: use 'auto', 'static' or 'dynamic'")
+    criteria = gen_config.stopping_criteria(plan_g, stopping_criteria, tokenizer, with_length_and_eos=beams > 1)
     past = past_key_values if past_key_values is not None else cache
     state = model.model.resolve_cache(past, True)
-    mask = _prompt_mask(input_ids, attention_mask, s) if past is None else attention_mask
+    mask = _prompt_mask(input_ids, attention_mask, plan_g.pad_token_id, plan_g.eos) if past is None else attention_mask
     positions = None
     if past is None:
         positions = mask.cumsum(-1) - 1  # left pads get -1; only differences matter (relative RoPE)
@@ -249,52 +189,19 @@ def generate(
     )
     logits = model.lm_head(out.hidden[:, -1])
     next_pos = (positions[:, -1] if positions is not None else state.next_positions() - 1) + 1
-    plan = model.plan
-    static = _static_decoder(model, state, mask, decoder, plan)
-    sequences, scores, raw = input_ids, [], []
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
-    eos = torch.tensor(s.eos_token_ids, device=device, dtype=torch.long)
-    ahead = _Ahead(input_ids.shape[0], device) if static is not None else None
-    # Temperature, top-k and top-p alone (the common case) are one kernel on GPUs (sampling.py); any other processor,
-    # or scores asked for, takes transformers' warpers.
-    warpers = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
-    fused = s.do_sample and not output_scores and all(type(p) in warpers for p in procs)
-    for step in range(s.max_new_tokens):
-        kernel = fused and sampling.applies(logits, cpu=plan.interpret_kernels)  # it reads any float dtype
-        if output_logits or not kernel:
-            logits = logits.float()
-        if output_logits:
-            raw.append(logits)
-        if kernel:
-            token = sampling.sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-        else:
-            processed = procs(sequences, logits) if len(procs) else logits
-            if output_scores:
-                scores.append(processed)
-            if s.do_sample:
-                token = torch.multinomial(torch.softmax(processed, dim=-1), num_samples=1).squeeze(1)
-            else:
-                token = processed.argmax(dim=-1)
-        token = torch.where(unfinished, token, torch.full_like(token, s.pad_token_id))
-        sequences = torch.cat([sequences, token[:, None]], dim=1)
-        if len(eos):
-            unfinished &= ~torch.isin(token, eos)
-        last = step == s.max_new_tokens - 1
-        if ahead is not None and not last:
-            # The next step goes to the GPU before the host waits for this token (streamer, end of sequence), so
-            # the GPU never idles on the host; a step past the end is taken back (undo).
-            logits, done = ahead.step(static, token, unfinished, streamer, check=len(eos) > 0)
-            if done:
-                break
-            continue
-        if streamer is not None:
-            streamer.put(token.cpu())
-        if last or not bool(unfinished.any()):
-            break
+    rows = beams if beams > 1 else n_return  # decoding rows per prompt; the prompt was read once
+    if mask is not None:
+        mask = mask.repeat_interleave(rows, dim=0)
+    next_pos = next_pos.repeat_interleave(rows, dim=0)
+    prompt_rows = input_ids.repeat_interleave(rows, dim=0)
+    procs = gen_config.logits_processors(plan_g, prompt_rows, mask, logits_processor, prefix_allowed_tokens_fn)
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        nonlocal mask, next_pos
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model.model.run(
-            token[:, None],
+        step_out = model.model.run(
+            tokens[:, None],
             cache=state,
             attention_mask=mask,
             position_ids=next_pos[:, None],
@@ -302,13 +209,109 @@ def generate(
             last_context_length=last_context_length,
             validate=False,
         )
-        logits = model.lm_head(out.hidden[:, -1])
         next_pos = next_pos + 1
+        return model.lm_head(step_out.hidden[:, -1])
+
+    if beams > 1:
+
+        def step(tokens: torch.Tensor, beam_idx: torch.Tensor) -> torch.Tensor:
+            nonlocal next_pos
+            state.index_select(beam_idx)  # beams of one prompt: the shared memory is not touched
+            next_pos = next_pos[beam_idx]
+            return forward(tokens)
+
+        result = beam_search(
+            step,
+            state,
+            input_ids,
+            logits,
+            processors=procs,
+            criteria=criteria,
+            num_beams=beams,
+            num_return_sequences=n_return,
+            do_sample=bool(c.do_sample),
+            length_penalty=float(c.length_penalty),
+            early_stopping=c.early_stopping,
+            max_length=plan_g.max_length,
+            eos=plan_g.eos,
+            pad_token_id=plan_g.pad_token_id,
+            output_scores=bool(c.output_scores and c.return_dict_in_generate),
+            output_logits=bool(c.output_logits and c.return_dict_in_generate),
+        )
+        if not c.return_dict_in_generate:
+            return result.sequences
+        return GenerateOutput(
+            sequences=result.sequences,
+            sequences_scores=result.sequences_scores if c.output_scores else None,
+            scores=result.scores if c.output_scores else None,
+            logits=result.logits if c.output_logits else None,
+            beam_indices=result.beam_indices,
+            cache=result.cache,
+        )
+
+    if rows > 1:
+        state.expand_rows(rows)
+        logits = logits.repeat_interleave(rows, dim=0)
+    output_scores, output_logits = bool(c.output_scores), bool(c.output_logits)
+    plan = model.plan
+    static = _static_decoder(model, state, mask, decoder, plan)
+    sequences, scores, raw = prompt_rows, [], []
+    unfinished = torch.ones(prompt_rows.shape[0], dtype=torch.bool, device=device)
+    eos = plan_g.eos if plan_g.eos is not None else torch.empty(0, dtype=torch.long, device=device)
+    # transformers pads the rows that ended only where an eos criterion exists; other criteria merely stop the
+    # call once every row has met them.
+    pads = len(eos) > 0 or any(hasattr(cr, "eos_token_id") for cr in criteria)
+    pad_id = plan_g.pad_token_id if plan_g.pad_token_id is not None else 0
+    ahead = _Ahead(prompt_rows.shape[0], device) if static is not None else None
+    # Temperature, top-k and top-p alone (the common case) are one kernel on GPUs (sampling.py); any other processor,
+    # or scores asked for, takes transformers' warpers.
+    warpers = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    do_sample = bool(c.do_sample)
+    fused = do_sample and not output_scores and all(type(p) in warpers for p in procs)
+    top_k = int(c.top_k) if c.top_k else None
+    for step_i in range(plan_g.max_new_tokens):
+        kernel = fused and sampling.applies(logits, cpu=plan.interpret_kernels)  # it reads any float dtype
+        if output_logits or not kernel:
+            logits = logits.float()
+        if output_logits:
+            raw.append(logits)
+        if kernel:
+            token = sampling.sample(logits, temperature=float(c.temperature), top_k=top_k, top_p=float(c.top_p))
+        else:
+            processed = procs(sequences, logits) if len(procs) else logits
+            if output_scores:
+                scores.append(processed)
+            if do_sample:
+                token = torch.multinomial(torch.softmax(processed, dim=-1), num_samples=1).squeeze(1)
+            else:
+                token = processed.argmax(dim=-1)
+        if pads:
+            token = torch.where(unfinished, token, torch.full_like(token, pad_id))
+        sequences = torch.cat([sequences, token[:, None]], dim=1)
+        if len(eos):
+            unfinished &= ~torch.isin(token, eos)
+        if len(criteria):  # the caller's criteria read the sequences (on the host where they need it)
+            hit = criteria(sequences, tuple(scores) if output_scores else None)
+            unfinished &= ~torch.as_tensor(hit, device=device)
+        check = len(eos) > 0 or len(criteria) > 0
+        last = step_i == plan_g.max_new_tokens - 1
+        if ahead is not None and not last:
+            # The next step goes to the GPU before the host waits for this token (streamer, end of sequence), so
+            # the GPU never idles on the host; a step past the end is taken back (undo).
+            logits, done = ahead.step(static, token, unfinished, streamer, check=check)
+            if done:
+                break
+            continue
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if last or not bool(unfinished.any()):
+            break
+        logits = forward(token)
     if static is not None:
         state = static.to_cache()
     if streamer is not None:
         streamer.end()
-    if not return_dict_in_generate:
+    if not c.return_dict_in_generate:
         return sequences
     return GenerateOutput(
         sequences=sequences,

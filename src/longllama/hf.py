@@ -8,9 +8,12 @@ as transformers >= 5.24 calls it); outputs carry it as `cache` with `past_key_va
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,14 +35,15 @@ from longllama.config import ConfigError, LongLlamaConfig
 from longllama.errors import CheckpointError, InputError, LongLlamaError
 from longllama.model import DecoderLayer, RMSNorm, RotaryTable
 from longllama.plan import ExecutionPlan, build_plan, check_changes
+from longllama.recompute import checkpointing
 from longllama.tokenizer import LongLlamaTokenizer
-from longllama.windows import TokenEmbeddings, default_positions, run_windows
+from longllama.windows import TokenEmbeddings, WindowsOutput, default_positions, run_windows
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LongLlamaOutput(ModelOutput, CacheAlias):
+class LongLlamaOutput(CacheAlias, ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     cache: LongLlamaCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -47,7 +51,7 @@ class LongLlamaOutput(ModelOutput, CacheAlias):
 
 
 @dataclass
-class LongLlamaCausalLMOutput(ModelOutput, CacheAlias):
+class LongLlamaCausalLMOutput(CacheAlias, ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: LongLlamaCache | None = None
@@ -58,7 +62,9 @@ class LongLlamaCausalLMOutput(ModelOutput, CacheAlias):
 class LongLlamaPreTrainedModel(PreTrainedModel):
     config_class = LongLlamaConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    # gradient_checkpointing_enable() flags LongLlamaModel (its `gradient_checkpointing` attribute), which then
+    # recomputes decoder layers through recompute.py: layers write memory inside forward.
+    supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     # Checkpoints written in the transformers 4.30 era carry rotary buffers; RoPE tables are computed here.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
@@ -86,11 +92,27 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
                 "LLaMA checkpoint (re-copy or re-convert it)"
             ) from exc
         model.config.check()
+        _ = model.base_model.plan  # for the device the weights were loaded to
         return model
+
+
+def _recomputing(run: Callable[..., WindowsOutput]) -> Callable[..., WindowsOutput]:
+    """LongLlamaModel.run with the decoder layers recomputed in backward while gradient checkpointing is on."""
+
+    @functools.wraps(run)
+    def wrapper(self, *args, **kwargs):
+        with self._checkpointing():
+            return run(self, *args, **kwargs)
+
+    return wrapper
 
 
 class LongLlamaModel(LongLlamaPreTrainedModel):
     """Embeddings, decoder layers and final norm; `forward` reads inputs of any length in windows."""
+
+    # Set by transformers' gradient_checkpointing_enable / _disable, with the checkpoint function to use.
+    gradient_checkpointing = False
+    _gradient_checkpointing_func = None
 
     def __init__(self, config: LongLlamaConfig):
         super().__init__(config)
@@ -98,10 +120,11 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rope = RotaryTable(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        self.rope = RotaryTable(config.head_dim, config.rope_theta, config.context_window)
         self._plan: tuple[tuple, ExecutionPlan] | None = None  # (what it was built from, the plan)
         self._plan_changes: dict = {}
         self.post_init()
+        _ = self.plan  # built now, so a traced call (torch.compile) finds it ready
 
     @property
     def plan(self) -> ExecutionPlan:
@@ -116,8 +139,19 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             config.compile_elementwise,
         )
         if self._plan is None or self._plan[0] != key:
+            if torch.compiler.is_compiling():
+                raise InputError(
+                    f"the execution plan was made for {self._plan[0] if self._plan else None}, the model is now {key}: "
+                    "call the model (or read model.plan) once after the change, before tracing it"
+                )
             self._plan = (key, build_plan(config, self.embed_tokens.weight.device, **self._plan_changes))
         return self._plan[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if hasattr(self, "_plan_changes"):  # moved (to(), cuda(), ...): plan for the new device before any trace
+            _ = self.plan
+        return out
 
     def set_plan(self, **changes) -> ExecutionPlan:
         """Change execution choices (ExecutionPlan fields, e.g. memory_kernel="cudnn", window_group_tokens=4096):
@@ -136,6 +170,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
     def new_cache(self) -> LongLlamaCache:
         return LongLlamaCache(self.config.num_hidden_layers)
 
+    @_recomputing
     def run(
         self,
         input_ids: torch.Tensor | None = None,
@@ -174,13 +209,22 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             positions=position_ids.to(embeds.device).long(),
             use_cache=use_cache,
             default_use_cache=self.config.use_cache,
-            window=self.config.max_position_embeddings,
+            window=self.config.context_window,
             last_context_length=lcl,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             progress=progress,
             keep_last=keep_last,
             cross_batch=cross_batch,
+        )
+
+    def _checkpointing(self) -> contextlib.AbstractContextManager:
+        """Decoder layers recomputed in backward while gradient checkpointing is on (gradient_checkpointing_enable),
+        in training mode with gradients; `config.gradient_checkpoint_every_ith` picks the layers."""
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return contextlib.nullcontext()
+        return checkpointing(
+            self.layers, every=self.config.gradient_checkpoint_every_ith, checkpoint=self._gradient_checkpointing_func
         )
 
     def _embed(
@@ -200,7 +244,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             raise InputError(
                 f"input_ids has shape {tuple(input_ids.shape)}: pass a non-empty (batch, n) tensor of token ids"
             )
-        if validate:
+        if validate and not torch.compiler.is_compiling():  # a traced graph cannot stop on a value it has not read
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise InputError(
@@ -339,10 +383,10 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
         _reject_unknown(kwargs)
         if cross_batch is not None:
             n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            if n > self.config.max_position_embeddings:
+            if n > self.config.context_window:
                 raise InputError(
                     f"cross_batch reads one window: got {n} tokens, the window is "
-                    f"{self.config.max_position_embeddings}: pass shorter training sequences"
+                    f"{self.config.context_window}: pass shorter training sequences"
                 )
             if past_key_values is not None or cache is not None:
                 raise InputError("cross_batch reads one window without a cache: do not pass past_key_values")
@@ -379,14 +423,78 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs):
-        """Greedy or sampled decoding (see `longllama.generate.generate` for the arguments)."""
+        """Greedy, sampled or beam-search decoding with transformers' generation arguments (see
+        `longllama.generate.generate`).
+
+        A right-padded batch (pads after a row's prompt, as tokenizers pad by default) is read left-aligned, each
+        row's pads moved in front of its prompt, so every row continues its own last token; the sequences returned
+        start with the prompts exactly as given."""
         from longllama.generate import generate
 
-        return generate(self, input_ids, **kwargs)
+        mask = kwargs.get("attention_mask")
+        moved = right_padding(input_ids, mask) if isinstance(input_ids, torch.Tensor) else None
+        if moved is None:
+            return generate(self, input_ids, **kwargs)
+        logger.info("right-padded prompts: generating from them left-aligned")
+        aligned_ids, aligned_mask = left_align(input_ids, mask, moved)
+        out = generate(self, aligned_ids, **{**kwargs, "attention_mask": aligned_mask})
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        rows = sequences.shape[0] // input_ids.shape[0]  # several sequences per prompt (num_return_sequences)
+        sequences[:, : input_ids.shape[1]] = input_ids.to(sequences.device).repeat_interleave(rows, dim=0)
+        return out
+
+    def compute_transition_scores(
+        self,
+        sequences: torch.Tensor,
+        scores: tuple[torch.Tensor, ...],
+        beam_indices: torch.Tensor | None = None,
+        normalize_logits: bool = False,
+    ) -> torch.Tensor:
+        """The score of each generated token (batch * num_return_sequences, generated) from `generate`'s
+        return_dict_in_generate output, as transformers computes it (its GenerationMixin method, which reads only
+        the outputs and the vocabulary size, called on this model)."""
+        from transformers.generation import GenerationMixin
+
+        return GenerationMixin.compute_transition_scores(self, sequences, scores, beam_indices, normalize_logits)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: LongLlamaCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> dict:
+        """The `forward` arguments of one decoding step, as the reference built them (docs/inference.md#generation):
+        with a cache only the last token is read; positions come from the attention mask (cumulative sum - 1, so
+        left pads sit at -1), the last one with a cache. `attention_mask` covers cached and new tokens, as `forward`
+        expects. Wrappers such as peft's PeftModelForCausalLM call it; `generate` builds the same steps itself."""
+        past = past_key_values if past_key_values is not None else kwargs.get("cache")
+        if isinstance(past, LongLlamaCache):
+            cached = bool(past.local_length or past.memory_length)
+        else:
+            cached = bool(past)  # the reference's tuples
+        if cached:
+            input_ids = input_ids[:, -1:]
+        position_ids = kwargs.get("position_ids")
+        if attention_mask is not None and position_ids is None:
+            position_ids = attention_mask.long().cumsum(-1) - 1
+            position_ids = position_ids[:, -input_ids.shape[1] :]
+        inputs = (
+            {"inputs_embeds": inputs_embeds} if inputs_embeds is not None and not cached else {"input_ids": input_ids}
+        )
+        inputs.update(
+            position_ids=position_ids,
+            past_key_values=past,
+            attention_mask=attention_mask,
+            use_cache=kwargs.get("use_cache"),
+            last_context_length=kwargs.get("last_context_length"),
+        )
+        return inputs
 
 
 @dataclass
-class LongLlamaClassifierOutput(ModelOutput, CacheAlias):
+class LongLlamaClassifierOutput(CacheAlias, ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: LongLlamaCache | None = None
@@ -465,6 +573,30 @@ class LongLlamaForSequenceClassification(LongLlamaPreTrainedModel):
         if kind == "single_label_classification":
             return F.cross_entropy(logits.float(), labels.view(-1))
         return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+def right_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(b,) how many masked positions end each row, or None when no row ends with one (left-padded, unpadded or
+    no mask). A row with nothing visible is refused."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape != input_ids.shape:
+        return None  # generate reports malformed masks itself
+    visible = attention_mask.to(torch.bool)
+    if bool(visible[:, -1].all()):
+        return None
+    if not bool(visible.any(dim=1).all()):
+        raise InputError("a prompt row is all padding (attention_mask all 0): drop that row or give it a token")
+    n = visible.shape[1]
+    last = n - 1 - visible.flip(1).long().argmax(dim=1)  # index of each row's last visible token
+    return n - 1 - last
+
+
+def left_align(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, trailing: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate each row right by its `trailing` masked positions, so they come first (left padding)."""
+    n = input_ids.shape[1]
+    index = (torch.arange(n, device=input_ids.device)[None, :] - trailing.to(input_ids.device)[:, None]) % n
+    return input_ids.gather(1, index), attention_mask.gather(1, index.to(attention_mask.device))
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

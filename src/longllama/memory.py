@@ -15,6 +15,13 @@ knows the final length can `reserve` it and pay no copy at all.
 `fork()` gives a second MemoryCache over the same buffer (O(1)); whichever fork appends first past the shared end
 keeps writing in place, the other copies before its own append (copy on write), so a memory loaded once can be
 continued several times (e.g. different questions about one document).
+
+Shared rows (`share` > 1, docs/inference.md#beam-search): each stored row serves `share` consecutive logical rows
+(the beams or returned sequences of one prompt), so a prompt's memory is never copied per beam. Attention folds the
+logical rows of one stored row into its query dimension (attention.fold_rows). Reordering logical rows within their
+prompt (`index_select`, as beam search does) touches no memory; an append of per-row entries (a beam's local cache
+overflowing into memory) first materialises one stored row per logical row: a copy of the whole memory, `share`
+times its size, paid once (later appends write in place).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ class MemoryCache:
         pin_memory: bool = False,
     ):
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self.share = 1  # logical rows per stored row (see the module docstring)
         self.storage_dim = head_dim if storage_dim is None else max(storage_dim, head_dim)
         self.dtype = dtype
         self.pin_memory = pin_memory  # page-locked CPU buffers: copies to the GPU run at full PCIe speed
@@ -79,6 +87,13 @@ class MemoryCache:
     def values(self) -> torch.Tensor:
         return self._v[:, :, : self.length, : self.head_dim]
 
+    def logical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values and valid flags with one row per logical row (a copy where rows are shared: exports)."""
+        k, v, valid = self.keys, self.values, self.valid
+        if self.share > 1:
+            k, v, valid = (t.repeat_interleave(self.share, dim=0) for t in (k, v, valid))
+        return k, v, valid
+
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values with the zero padding up to `storage_dim` (for kernels)."""
         return self._k[:, :, : self.length], self._v[:, :, : self.length]
@@ -94,6 +109,11 @@ class MemoryCache:
     @property
     def capacity(self) -> int:
         return self._k.shape[2]
+
+    @property
+    def rows(self) -> int:
+        """Logical batch rows: stored rows times `share`."""
+        return self.batch * self.share
 
     def all_valid(self) -> bool:
         return not self.has_invalid
@@ -129,6 +149,8 @@ class MemoryCache:
     def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Append keys/values (batch, kv_heads, n, head_dim) and their valid flags (batch, n; None: all valid)."""
         n = keys.shape[2]
+        if self.share > 1 and keys.shape[0] == self.rows:
+            self.materialise()
         if keys.shape != (self.batch, self.kv_heads, n, self.head_dim) or values.shape != keys.shape:
             raise InputError(
                 f"memory append got keys {tuple(keys.shape)} / values {tuple(values.shape)}, expected "
@@ -136,8 +158,8 @@ class MemoryCache:
             )
         if valid is None:
             valid = torch.ones(self.batch, n, dtype=torch.bool, device=self.device)
-        elif not self.has_invalid:
-            self.has_invalid = not bool(valid.all())
+        elif not self.has_invalid:  # a traced graph assumes padding rather than read the flags back
+            self.has_invalid = torch.compiler.is_compiling() or not bool(valid.all())
         if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
             self._append_differentiable(keys, values, valid)
             return
@@ -167,8 +189,33 @@ class MemoryCache:
         self.has_invalid = False
         self._written = [0]
 
+    def expand(self, times: int) -> None:
+        """Each logical row becomes `times` consecutive logical rows (beams of one prompt) with no copy: the stored
+        rows are shared (`share`)."""
+        if times < 1:
+            raise InputError(f"expand(times={times}): pass a positive number of rows per row")
+        self.share *= times
+
+    def materialise(self) -> None:
+        """One stored row per logical row (a copy of the memory, `share` times its size); no-op when not shared."""
+        if self.share > 1:
+            self._select(torch.arange(self.batch, device=self.device).repeat_interleave(self.share))
+            self.share = 1
+
     def index_select(self, rows: torch.Tensor) -> None:
-        """Keep (or repeat) batch rows `rows`, e.g. to reorder beams or drop finished sequences."""
+        """Keep (or repeat) logical batch rows `rows`, e.g. to reorder beams or drop finished sequences. With shared
+        rows, a selection that keeps every logical row within its group (beam search's reordering) changes no stored
+        row; any other selection materialises the selected rows."""
+        if self.share > 1:
+            groups = rows // self.share
+            same = torch.arange(self.batch, device=rows.device).repeat_interleave(self.share)
+            if groups.shape == same.shape and bool((groups == same).all()):
+                return
+            self.share = 1
+            rows = groups
+        self._select(rows)
+
+    def _select(self, rows: torch.Tensor) -> None:
         k, v = self.padded()
         self._k, self._v, self._valid = k[rows], v[rows], self.valid[rows]
         self.batch = self._k.shape[0]
@@ -187,10 +234,11 @@ class MemoryCache:
     def save(self, path: str | os.PathLike) -> None:
         """Write the live part to a safetensors file, atomically (a temporary file renamed into place)."""
         path = Path(path)
+        keys, values, valid = self.logical()
         tensors = {
-            "keys": self.keys.contiguous().cpu(),
-            "values": self.values.contiguous().cpu(),
-            "valid": self.valid.contiguous().cpu(),
+            "keys": keys.contiguous().cpu(),
+            "values": values.contiguous().cpu(),
+            "valid": valid.contiguous().cpu(),
         }
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -228,6 +276,6 @@ class MemoryCache:
 
     def __repr__(self) -> str:
         return (
-            f"MemoryCache(batch={self.batch}, kv_heads={self.kv_heads}, length={self.length}, "
+            f"MemoryCache(batch={self.batch}, share={self.share}, kv_heads={self.kv_heads}, length={self.length}, "
             f"capacity={self.capacity}, head_dim={self.head_dim}, dtype={self.dtype})"
         )

@@ -61,9 +61,19 @@ class RotaryTable:
         self, positions: torch.Tensor, dtype: torch.dtype, length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (b, 1, n, d) in `dtype` for positions (b, n) (non-negative ints). `length`: a known bound above
-        every position (saves reading the largest one back from the device)."""
+        every position (saves reading the largest one back from the device); without one, a traced graph computes
+        the rows it needs instead of reading the largest position back."""
+        if length is None and torch.compiler.is_compiling():
+            return self._computed(positions, dtype)
         cos, sin = self.get(int(positions.max()) + 1 if length is None else length, positions.device)
         return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)  # (B, 1, N, D)
+
+    def _computed(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d))
+        freqs = positions.float()[..., None] * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 @dataclass
@@ -166,7 +176,7 @@ class Attention(nn.Module):
 
         if state.local_length:
             old = state.local_length
-            if old + n > self.config.max_position_embeddings:
+            if old + n > self.config.context_window:
                 # Overflow: the whole old cache leaves; memory layers keep it as memory, the others lose it.
                 if mem_layer and use_cache:
                     self._append_memory(state, state.keys, state.values, _columns(pad_valid, 0, old), window.plan)
@@ -198,8 +208,10 @@ class Attention(nn.Module):
             )
             if not joint:
                 mem_k, mem_v, mem_valid = window.cross_batch.memory(k, v)
+        share = 1  # query rows per stored memory row (beams sharing their prompt's memory, memory.py)
         if memory is not None and memory.length:
             mem_k, mem_v, padded, mem_valid = read_memory(memory, q.device)
+            share = memory.share
         grouping = self.config.mem_attention_grouping if mem_layer else None
         top_k = self.config.mem_top_k if memory is not None else None  # never in cross-batch training
         plan = window.plan
@@ -220,6 +232,7 @@ class Attention(nn.Module):
                     padded_mem=padded,
                     mem_top_k=top_k,
                     pad=window.ops.pad_to,
+                    mem_share=share,
                 ),
                 None,
             )
@@ -237,6 +250,7 @@ class Attention(nn.Module):
                 grouping=grouping,
                 mem_top_k=top_k,
                 return_probs=output_attentions,
+                mem_share=share,
             )
 
         if fresh_to_memory:
@@ -264,7 +278,9 @@ class Attention(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.q_proj.weight.requires_grad):
             return False
         memory = state.memory
-        return not self.is_memory_layer or self.config.mem_top_k is None and (memory is None or memory.all_valid())
+        return not self.is_memory_layer or (
+            self.config.mem_top_k is None and (memory is None or (memory.all_valid() and memory.share == 1))
+        )
 
     def _ingest(
         self, x: torch.Tensor, positions: torch.Tensor, window: Window, state: LayerState, use_cache: bool
@@ -361,7 +377,7 @@ def window_visibility(
         cols = torch.arange(past + n, device=device)
         rows = torch.arange(n, device=device)
         visible = (cols[None, :] <= rows[:, None] + past)[None, None]  # (1, 1, N, P+N)
-    if pad_valid is not None and not bool(pad_valid.all()):
+    if pad_valid is not None and (torch.compiler.is_compiling() or not bool(pad_valid.all())):
         pad = pad_valid[:, None, None, :]
         visible = pad if visible is None else visible & pad
     return visible
@@ -386,8 +402,8 @@ def make_window(
     past = cache.local_length
     pad_valid = None if mask is None else mask.to(torch.bool)
     visible = window_visibility(b, n, past, pad_valid, positions.device)
-    if pad_valid is not None and bool(pad_valid.all()):
-        pad_valid = None
+    if pad_valid is not None and not torch.compiler.is_compiling() and bool(pad_valid.all()):
+        pad_valid = None  # all visible: the unmasked paths (a traced graph keeps the mask rather than read it)
     span = positions
     if past and past + n <= window_size:
         span = torch.cat([cache.layers[0].positions, positions], dim=1)
@@ -439,7 +455,7 @@ def forward_window(
         cache,
         positions,
         mask,
-        window_size=config.max_position_embeddings,
+        window_size=config.context_window,
         rope=rope,
         dtype=h.dtype,
         plan=plan,

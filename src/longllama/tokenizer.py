@@ -40,7 +40,8 @@ this package writes (conversions, training exports).
 Pad token: LLaMA's SentencePiece model has no pad piece; the folder's `config.json` names `pad_token_id` 0 (LLaMA's
 `<unk>`), so that piece becomes the pad token, as the fine-tuning code pads with it. Padding is on the left, as
 batched generation needs. `model_max_length` is the usable context the folder's config reports
-(`max_position_embeddings`); without a `config.json` transformers' default (no limit) stays.
+(`max_position_embeddings`, not the attention window `context_window`); without a `config.json` transformers'
+default (no limit) stays.
 
 Chat template: the instruct checkpoints' chat format (docs/finetuning.md, `sharegpt-3b-v1.1`): BOS, the system text
 (`CHAT_SYSTEM_PROMPT`, or the conversation's leading system message verbatim), per user turn `"\nUSER: " + text`,

@@ -103,8 +103,11 @@ def run_windows(
     if fresh and cross_batch is None:  # cross-batch memory comes from the batch, not the cache
         _reserve_memory(decoder, cache, b, n if not final_use_cache else spans[-1][0], embeds.device, plan)
     outputs, layer_hidden, attentions = [], [], None
-    rope_length = _relative_span(cache, positions)
-    if attention_mask is not None and attention_mask.shape[0] == 1 and bool(attention_mask.all()):
+    # Both reads below pick a faster path from values on the device; traced graphs (torch.compile, export) take the
+    # general path instead of reading them back.
+    tracing = torch.compiler.is_compiling()
+    rope_length = None if tracing else _relative_span(cache, positions)
+    if attention_mask is not None and attention_mask.shape[0] == 1 and not tracing and bool(attention_mask.all()):
         attention_mask = None  # all ones: the same as no mask (and lets memory windows go in groups)
     grouped = _groupable(
         decoder.config, plan, b, cache, attention_mask, output_hidden_states or output_attentions, cross_batch

@@ -27,9 +27,11 @@ from longllama.attention import (
     _sdpa,
     _torch_sdpa,
     few_query_attention,
+    fold_rows,
     kernel_head_dim,
     memory_inputs,
     pad_to,
+    unfold_rows,
 )
 from longllama.fast import flash4
 from longllama.ops import heads, merge_heads, merge_partials
@@ -323,18 +325,32 @@ def attend(
     padded_mem: tuple[torch.Tensor, torch.Tensor] | None = None,
     mem_top_k: int | None = None,
     pad=None,
+    mem_share: int = 1,
 ) -> torch.Tensor:
     """attention.attend's function by the fast path (shapes there). `is_causal` tells that `visible` is exactly the
     top-left causal mask of a window with no local cache and no padding (fast kernels then need no mask);
     `padded_mem` are the memory keys/values as stored, zero-padded in the head dimension (MemoryCache.padded());
-    `pad(x, dim)` zero-pads local inputs for kernels (ops.pad_to, compiled or not)."""
+    `pad(x, dim)` zero-pads local inputs for kernels (ops.pad_to, compiled or not); `mem_share` query rows per
+    memory row (attention.py's module docstring: the rows are folded into the queries of the memory part)."""
     mem_k, mem_v, mem_valid, padded_mem, top_k = memory_inputs(mem_k, mem_v, mem_valid, padded_mem, mem_top_k)
+    share = mem_share if mem_k is not None else 1
     local_plain = visible is None or is_causal
+    if share > 1 and (mem_valid is not None or not local_plain or top_k is not None):
+        if q.shape[2] <= FEW_QUERIES or not q.is_cuda:
+            # Masks or kNN with a shared memory: the exact maths, folded (decoding steps on GPUs too: few scores).
+            return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False, top_k, share)[0]
+        # Many masked queries on a GPU: the masked SDPA takes one key set per row, so the memory is expanded here
+        # (a copy per call; beam search decodes one token per step and never comes here).
+        mem_k, mem_v = (t.repeat_interleave(share, dim=0) for t in (mem_k, mem_v))
+        mem_valid = None if mem_valid is None else mem_valid.repeat_interleave(share, dim=0)
+        padded_mem, share = None, 1
     if top_k is not None and (mem_valid is not None or (q.requires_grad and torch.is_grad_enabled())):
         # Padding or gradients with a top-k memory: the exact maths (a masked top k of the full scores).
         return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False, top_k)[0]
     if top_k is not None and not local_plain and q.shape[2] > FEW_QUERIES:
         return _local_then_top_k(q, k, v, visible, mem_k, mem_v, top_k)
+    if share > 1 and q.requires_grad and torch.is_grad_enabled():
+        return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False, None, share)[0]
     if q.requires_grad and torch.is_grad_enabled() and q.is_cuda:
         # Training: torch's public SDPA (flash for the plain causal case) has the backward passes; the
         # log-sum-exp merge below is for inference only.
@@ -351,16 +367,20 @@ def attend(
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     d = q.shape[-1]
     if q.shape[2] <= FEW_QUERIES:
-        return few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, top_k)
+        return few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, top_k, share)
     dim = kernel_head_dim(d)
     scale = 1.0 / math.sqrt(d)
     out, lse = _local_partial(q, k, v, bool(is_causal), scale, plan, pad)
     if mem_k is not None:
+        qm = fold_rows(q, share)  # rows sharing a memory row as more queries (no causal mask over memory)
         if top_k is not None:
-            mem_out, mem_lse = top_k_memory_attention(q, mem_k.to(q.dtype), mem_v.to(q.dtype), top_k=top_k, scale=scale)
+            mem_out, mem_lse = top_k_memory_attention(
+                qm, mem_k.to(q.dtype), mem_v.to(q.dtype), top_k=top_k, scale=scale
+            )
         else:
             pk, pv = _as_stored(padded_mem if padded_mem is not None else (mem_k, mem_v), q.dtype, dim)
-            mem_out, mem_lse = _over_memory(q, pk, pv, scale, plan)
+            mem_out, mem_lse = _over_memory(qm, pk, pv, scale, plan)
+        mem_out, mem_lse = unfold_rows(mem_out, share), unfold_rows(mem_lse, share)
         out = merge_partials(out.float(), lse, mem_out[..., :d], mem_lse)  # the merge in fp32
     return out.to(q.dtype)
 

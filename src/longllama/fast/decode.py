@@ -51,7 +51,7 @@ class StaticDecoder:
     def __init__(self, model, cache: LongLlamaCache, *, plan: ExecutionPlan, graphs: bool):
         config = model.config
         self.model, self.config, self.plan = model, config, plan
-        self.window = config.max_position_embeddings
+        self.window = config.context_window
         self.graphs = graphs
         state0 = cache.layers[0]
         b = state0.keys.shape[0]

@@ -12,7 +12,9 @@ One loop runs both, on one CPU or GPU, or on several GPUs through torchrun with 
 * cross_batch: FoT's training-time memory across the entries of a micro-batch;
 * tasks: what a batch is, its loss and its evaluation batches, per mode;
 * loop: optimiser, learning rate, micro-batches, steps, evaluation, the run;
-* parallel: processes, DDP / FSDP2, activation checkpointing and compile, applied from outside the model;
+* parallel: processes, DDP / FSDP2, activation checkpointing (longllama.recompute) and compile, applied from
+  outside the model;
+* lora: LoRA adapters through peft (`lora.enabled`, `--lora`) and their merged or adapter export;
 * checkpoints: the starting model, training checkpoints (save, resume) and the exported model;
 * logs: log.jsonl, the progress bar, the loss curve.
 

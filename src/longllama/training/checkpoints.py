@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "model"
+ADAPTER_DIR = "adapter"  # lora.export=adapter
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
 
@@ -176,7 +177,7 @@ def save_checkpoint(
         if procs.main:
             temp.mkdir(parents=True)
         procs.barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
         with _single_process_dcp(procs):
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=temp, no_dist=not procs.distributed)
         torch.save(_rng_state(), temp / f"rng-{procs.rank}.pt")
@@ -192,6 +193,15 @@ def save_checkpoint(
         raise
     logger.info("saved checkpoint %s", final)
     return final
+
+
+def _state_options(model: nn.Module) -> Any:
+    """What a checkpoint holds: every weight, or only the trainable ones where some are frozen (LoRA: the base model
+    is rebuilt from model.path / the preset on resume, so only the adapters and their optimiser state are saved)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 
 @contextlib.contextmanager
@@ -251,11 +261,12 @@ def load_checkpoint(
     if not (folder / STATE_FILE).is_file():
         raise TrainError(f"{folder} is not a complete training checkpoint (no {STATE_FILE}); pick another one")
     trainer_state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    model_state, optim_state = get_state_dict(model, optimizer)
+    options = _state_options(model)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optim": optim_state}
     with _single_process_dcp(procs):
         dcp.load(state, checkpoint_id=folder, no_dist=not procs.distributed)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     rng_file = folder / f"rng-{procs.rank}.pt"
     _set_rng_state(torch.load(rng_file if rng_file.is_file() else folder / "rng-0.pt", weights_only=False))
     return trainer_state
@@ -284,6 +295,25 @@ def export_model(model: nn.Module, folder: Path, *, procs: Processes, tokenizer:
 
                 shutil.copy2(tokenizer, temp / "tokenizer.model")
                 write_tokenizer_files(temp)  # AutoTokenizer then loads the exact tokenizer (after config.json)
+            _replace_folder(temp, folder)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+    procs.barrier()
+    return folder
+
+
+def export_adapter(model: nn.Module, folder: Path, *, procs: Processes, tokenizer: Path | None = None) -> Path:
+    """Write a peft model's adapter (adapter_config.json + weights, tokenizer.model if given) on rank 0, into a
+    temporary folder that is renamed into place."""
+    if procs.main:
+        peft_model = getattr(model, "module", model)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        temp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            peft_model.save_pretrained(temp)
+            if tokenizer is not None:
+                shutil.copy2(tokenizer, temp / "tokenizer.model")
             _replace_folder(temp, folder)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)

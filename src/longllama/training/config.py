@@ -25,6 +25,7 @@ PARALLEL = ("none", "ddp", "fsdp2")
 SCHEDULES = ("cosine", "constant")
 AUTOCAST = ("auto", "none", "bfloat16")
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LORA_EXPORTS = ("merged", "adapter")
 
 
 class TrainError(LongLlamaError, ValueError):
@@ -88,12 +89,42 @@ class OptimSettings:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA through peft (docs/finetuning.md#lora): only the adapters train; the rest of the model is frozen."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    export: str = "merged"  # merged: a full model folder; adapter: a peft adapter folder over model.path
+
+    def check(self, model: ModelSettings) -> None:
+        if not self.enabled:
+            return
+        _choice("lora.export", self.export, LORA_EXPORTS)
+        _positive("lora.rank", self.rank)
+        if not self.alpha > 0:
+            raise TrainError(f"lora.alpha={self.alpha} must be a positive number (the scale is alpha / rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TrainError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise TrainError(f"lora.targets={self.targets!r} must list module names, e.g. [q_proj, v_proj]")
+        if self.export == "adapter" and model.path is None:
+            raise TrainError(
+                "lora.export=adapter needs a base checkpoint the adapter applies to: set model.path to a "
+                "LongLLaMA folder, or use lora.export=merged"
+            )
+
+
+@dataclass
 class TrainConfig:
     mode: str = "pretrain"
     out_dir: str = "runs/longllama"
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     steps: int = 100
     grad_accum: int = 1
     seed: int = 42
@@ -139,6 +170,9 @@ class TrainConfig:
             raise TrainError("no model: set model.preset (e.g. tiny) or model.path (a checkpoint folder)")
         if not self.data.train:
             raise TrainError("data.train is empty: list the training files (.jsonl, .txt, .parquet) or folders")
+        self.lora.check(self.model)
+        if self.lora.enabled and self.parallel == "fsdp2":
+            raise TrainError("lora with parallel=fsdp2 is not supported: use parallel=ddp (adapters are small)")
 
 
 def _choice(name: str, value: Any, choices: Sequence[str]) -> None:

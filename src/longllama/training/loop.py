@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from longllama.training.checkpoints import (
+    ADAPTER_DIR,
     EXPORT_DIR,
     build_model,
+    export_adapter,
     export_model,
     list_checkpoints,
     load_checkpoint,
@@ -29,6 +31,7 @@ from longllama.training.checkpoints import (
 )
 from longllama.training.config import OptimSettings, TrainConfig, TrainError
 from longllama.training.logs import LOG_FILE, PLOT_FILE, RunLog, plot_losses
+from longllama.training.lora import apply_lora, is_peft, merged, require_peft
 from longllama.training.parallel import (
     Processes,
     checkpoint_layers,
@@ -60,9 +63,13 @@ def learning_rate(update: int, optim: OptimSettings, *, steps: int) -> float:
 
 def make_optimizer(model: nn.Module, optim: OptimSettings) -> torch.optim.Optimizer:
     # One group: the reference decays every parameter, norms and embeddings included
-    # (docs/training.md#loss-optimiser-and-micro-batches).
+    # (docs/training.md#loss-optimiser-and-micro-batches); frozen ones (LoRA's base model) have no state.
     return torch.optim.AdamW(
-        model.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps, weight_decay=optim.weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=optim.lr,
+        betas=(optim.b1, optim.b2),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
     )
 
 
@@ -128,6 +135,8 @@ class Trainer:
             checkpoint_layers(model, every=model.config.gradient_checkpoint_every_ith)
         if config.compile:
             compile_layers(model)
+        if config.lora.enabled:  # after the layer wrappers, which reach the layers through the plain model
+            model = apply_lora(model, config.lora, config.model)
         return parallelize(model, config.parallel, self.procs)
 
     def _saves_after(self, step: int) -> bool:
@@ -290,12 +299,21 @@ class Trainer:
             "tokens_per_s": tokens / elapsed,
         }
 
+    def _export(self) -> Path:
+        """The trained model as a from_pretrained folder; with LoRA, merged into the weights (the run's model becomes
+        the merged one) or as a peft adapter folder, as lora.export says."""
+        tokenizer = tokenizer_file(self.config.model)
+        if not is_peft(self.model):
+            return export_model(self.model, self.out_dir / EXPORT_DIR, procs=self.procs, tokenizer=tokenizer)
+        if self.config.lora.export == "adapter":
+            return export_adapter(self.model, self.out_dir / ADAPTER_DIR, procs=self.procs, tokenizer=tokenizer)
+        self.model = merged(self.model)
+        return export_model(self.model, self.out_dir / EXPORT_DIR, procs=self.procs, tokenizer=tokenizer)
+
     def _finish(self, losses: dict[int, float], evals: dict[int, float]) -> TrainResult:
         export_dir = None
         if self.config.export:
-            export_dir = export_model(
-                self.model, self.out_dir / EXPORT_DIR, procs=self.procs, tokenizer=tokenizer_file(self.config.model)
-            )
+            export_dir = self._export()
         if self.procs.main and (self.out_dir / LOG_FILE).is_file():
             plot_losses(self.out_dir / LOG_FILE, self.out_dir / PLOT_FILE)
         return TrainResult(
@@ -341,6 +359,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     """Run `config` (resuming if asked), export the model and plot the loss. `on_step(step, record)` is called after
     every step (tests use it to stop a run midway)."""
     config.check()
+    if config.lora.enabled:
+        require_peft()  # before any process group or model exists
     procs = start_processes(config)
     try:
         trainer = Trainer(config, procs)

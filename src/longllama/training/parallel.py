@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,51 +11,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from longllama.cache import LayerState
+from longllama.recompute import wrap_layers
 from longllama.training.config import TrainConfig, TrainError
 
 
 def checkpoint_layers(model: nn.Module, *, every: int = 1) -> int:
-    """Recompute decoder layers idx % every == 0 in the backward pass instead of keeping their activations.
+    """Recompute decoder layers idx % every == 0 in the backward pass instead of keeping their activations
+    (recompute.py: the recomputation starts from the layer's state before the first pass).
 
     The layer's forward is wrapped on the instance, so the model code is untouched and FSDP/DDP hooks still run.
     Returns the number of layers wrapped."""
-    layers = _decoder_layers(model)
-    for idx, layer in enumerate(layers):
-        if idx % every == 0:
-            layer.forward = _checkpointed(layer.forward)
-    return len(range(0, len(layers), every))
+    return wrap_layers(_decoder_layers(model), every=every)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     inner = getattr(model, "module", model)  # DDP
     return inner.model.layers
-
-
-def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
-    from torch.utils.checkpoint import checkpoint
-
-    def run(x: torch.Tensor, *, state: LayerState, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():
-            return forward(x, state=state, **kwargs)
-        # A memory window appends to the layer's memory; the recomputation must start from the state the first
-        # pass saw and must not append again, so it runs on a copy of that state.
-        before = _copy_state(state)
-        calls = [0]
-
-        def body(h: torch.Tensor) -> Any:
-            target = state if calls[0] == 0 else _copy_state(before)
-            calls[0] += 1
-            return forward(h, state=target, **kwargs)
-
-        return checkpoint(body, x, use_reentrant=False)
-
-    return run
-
-
-def _copy_state(state: LayerState) -> LayerState:
-    memory = None if state.memory is None else state.memory.fork()
-    return LayerState(state.keys, state.values, state.positions, memory)
 
 
 def compile_layers(model: nn.Module) -> None:
