@@ -498,8 +498,9 @@ def convert_to_safetensors(
 
     `dtype` (e.g. torch.bfloat16) casts the floating-point weights and records it in the config (`dtype`, and the
     older `torch_dtype` where the source has one);
-    None keeps them as stored. The generation/tokenizer files are copied unchanged. `dst` must not exist or be
-    empty; it appears complete or not at all.
+    None keeps them as stored. The generation files and tokenizer.model are copied unchanged; the transformers
+    tokenizer files are rebuilt from tokenizer.model (longllama.tokenizer.write_tokenizer_files). `dst` must not exist
+    or be empty; it appears complete or not at all.
     """
     src_folder = _existing_folder(src)
     check_model_folder(src_folder, allow_legacy_bin=True)
@@ -686,6 +687,7 @@ def _write_folder(
         for name in AUX_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, temp / name)
+        _rebuild_tokenizer_files(temp)
         save_state_dict(state, temp, max_shard_size=max_shard_size)
         # POSIX rename(2) also replaces an empty directory, and is atomic within one file system.
         os.replace(temp, final)
@@ -693,6 +695,20 @@ def _write_folder(
         shutil.rmtree(temp, ignore_errors=True)
         raise
     logger.info("wrote %s from %s", final, src)
+
+
+def _rebuild_tokenizer_files(folder: Path) -> None:
+    """Rewrite the transformers tokenizer files from the folder's tokenizer.model (and its new config.json): copied
+    ones may name LlamaTokenizer, whose 5.x conversion is inexact, or the source's context length."""
+    from longllama.tokenizer import TOKENIZER_FILE, write_tokenizer_files
+
+    if not (folder / TOKENIZER_FILE).is_file():
+        return
+    try:
+        write_tokenizer_files(folder)
+    except CheckpointError as exc:
+        # A tokenizer longllama cannot encode exactly does not stop the conversion of the weights.
+        logger.warning("kept the copied tokenizer files: %s", exc)
 
 
 def _check_destination(final: Path, src: Path) -> None:

@@ -24,6 +24,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     PreTrainedModel,
 )
 from transformers.utils import ModelOutput
@@ -35,6 +36,7 @@ from longllama.errors import CheckpointError, InputError, LongLlamaError
 from longllama.model import DecoderLayer, RMSNorm, RotaryTable
 from longllama.plan import ExecutionPlan, build_plan, check_changes
 from longllama.recompute import checkpointing
+from longllama.tokenizer import LongLlamaTokenizer
 from longllama.windows import TokenEmbeddings, WindowsOutput, default_positions, run_windows
 
 logger = logging.getLogger(__name__)
@@ -500,8 +502,8 @@ class LongLlamaClassifierOutput(CacheAlias, ModelOutput):
 
 
 class LongLlamaForSequenceClassification(LongLlamaPreTrainedModel):
-    """LongLLaMA with a `score` head read at the last non-pad token (docs/inference.md#other-entry-points: the count of
-    ids != pad_token_id, minus one, so right padding is assumed; the last position when no pad id is set)."""
+    """LongLLaMA with a `score` head read at the last non-pad token (docs/inference.md#other-entry-points: padding on
+    either side; the last position when no pad id is set)."""
 
     def __init__(self, config: LongLlamaConfig):
         super().__init__(config)
@@ -551,7 +553,11 @@ class LongLlamaForSequenceClassification(LongLlamaPreTrainedModel):
             if logits.shape[0] > 1 and pad is None:
                 raise InputError("batches need pad_token_id in the config to find each row's last token: set it")
             return torch.full((logits.shape[0],), logits.shape[1] - 1, device=logits.device)
-        return (input_ids.to(logits.device) != pad).sum(-1) - 1
+        real = input_ids.to(logits.device) != pad  # (B, N)
+        positions = torch.arange(real.shape[-1], device=logits.device)
+        # The last real token wherever the padding is: tokenizers pad on the left for generation.
+        last = (positions * real).argmax(-1)
+        return torch.where(real.any(-1), last, real.shape[-1] - 1)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         kind = self.config.problem_type
@@ -608,11 +614,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def register_auto_classes() -> None:
-    """Make AutoConfig / AutoModel / AutoModelForCausalLM resolve `model_type: "longllama"` to these classes."""
+    """Make AutoConfig / AutoModel / AutoModelForCausalLM resolve `model_type: "longllama"` to these classes, and
+    AutoTokenizer resolve it (and `tokenizer_class: LongLlamaTokenizer`) to the exact SentencePiece tokenizer."""
     AutoConfig.register("longllama", LongLlamaConfig, exist_ok=True)
     AutoModel.register(LongLlamaConfig, LongLlamaModel, exist_ok=True)
     AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=True)
     AutoModelForSequenceClassification.register(LongLlamaConfig, LongLlamaForSequenceClassification, exist_ok=True)
+    AutoTokenizer.register(LongLlamaConfig, tokenizer_class=LongLlamaTokenizer, exist_ok=True)
 
 
 __all__ = [

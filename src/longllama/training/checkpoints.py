@@ -273,8 +273,9 @@ def load_checkpoint(
 
 
 def export_model(model: nn.Module, folder: Path, *, procs: Processes, tokenizer: Path | None = None) -> Path:
-    """Write the full model as a from_pretrained folder (config.json + safetensors, tokenizer.model if given),
-    gathered on rank 0 from shards if needed, into a temporary folder that is renamed into place."""
+    """Write the full model as a from_pretrained folder (config.json + safetensors; tokenizer.model and its
+    transformers tokenizer files if given), gathered on rank 0 from shards if needed, into a temporary folder that is
+    renamed into place."""
     from longllama.checkpoint import save_state_dict
 
     state = _full_state_dict(model, procs)
@@ -290,7 +291,10 @@ def export_model(model: nn.Module, folder: Path, *, procs: Processes, tokenizer:
             config.save_pretrained(temp)
             save_state_dict(state, temp)
             if tokenizer is not None:
+                from longllama.tokenizer import write_tokenizer_files
+
                 shutil.copy2(tokenizer, temp / "tokenizer.model")
+                write_tokenizer_files(temp)  # AutoTokenizer then loads the exact tokenizer (after config.json)
             _replace_folder(temp, folder)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
