@@ -33,6 +33,12 @@ class CacheAlias:
     def __getitem__(self, key):
         return super().__getitem__(self._replace_old_cache_name(key) if isinstance(key, str) else key)
 
+    def __contains__(self, key) -> bool:
+        return super().__contains__(self._replace_old_cache_name(key) if isinstance(key, str) else key)
+
+    def get(self, key, default=None):
+        return super().get(self._replace_old_cache_name(key) if isinstance(key, str) else key, default)
+
     def _replace_old_cache_name(self, key: str) -> str:
         return "cache" if key in ("past_key_values", "cache_params") else key
 

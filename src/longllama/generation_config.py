@@ -203,10 +203,14 @@ def logits_processors(
     if c.encoder_repetition_penalty != 1.0:
         procs.append(lp.EncoderRepetitionPenaltyLogitsProcessor(c.encoder_repetition_penalty, input_ids))
     if c.repetition_penalty != 1.0:
-        options = {}
+        penalty = None
         if mask is not None and _accepts(lp.RepetitionPenaltyLogitsProcessor, "prompt_ignore_length"):
-            options["prompt_ignore_length"] = (mask != 0).int().argmax(dim=1)  # left pads are not repetitions
-        procs.append(lp.RepetitionPenaltyLogitsProcessor(c.repetition_penalty, **options))
+            try:  # left pads are not repetitions (transformers >= 5.24 passes them per row)
+                ignore = (mask != 0).int().argmax(dim=1)
+                penalty = lp.RepetitionPenaltyLogitsProcessor(c.repetition_penalty, prompt_ignore_length=ignore)
+            except ValueError:  # older releases take one int for the batch, and their generate passes none
+                penalty = None
+        procs.append(penalty or lp.RepetitionPenaltyLogitsProcessor(c.repetition_penalty))
     if c.no_repeat_ngram_size > 0:
         procs.append(lp.NoRepeatNGramLogitsProcessor(c.no_repeat_ngram_size))
     if c.encoder_no_repeat_ngram_size > 0:
