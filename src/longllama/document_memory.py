@@ -202,10 +202,10 @@ class DocumentMemory:
         template: str | None = None,
         system: str | None = None,
         last_context_length: int | None = None,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
         sources: list[dict[str, Any]] | None = None,
     ) -> DocumentMemory:
-        """Read `text` into a new memory: the format's prefix, then the document. `progress(tokens_done)` is
+        """Read `text` into a new memory: the format's prefix, then the document. `progress(tokens_done, total)` is
         called after each window; `last_context_length` (None: the model's) is the final window kept local."""
         fmt = chat_format(tokenizer, template, system=system)
         ids = list(fmt.prefix_ids) + fmt.document_ids(text)
@@ -215,7 +215,12 @@ class DocumentMemory:
         cache = model.model.new_cache()
         with torch.no_grad():
             out = model.model.run(
-                input_ids, cache=cache, use_cache=True, last_context_length=lcl, progress=progress, keep_last=1
+                input_ids,
+                cache=cache,
+                use_cache=True,
+                last_context_length=lcl,
+                progress=None if progress is None else (lambda done: progress(done, len(ids))),
+                keep_last=1,
             )
             logits = model.lm_head(out.hidden[:, -1])[0]
         return cls(
