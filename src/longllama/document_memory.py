@@ -495,7 +495,8 @@ class Conversation:
         """Start over on the same document."""
         self.cache = self.memory.cache  # generate() never modifies the cache it is given
         self.pending: list[int] = []  # ids the next turn must feed before its own (the end of the last answer)
-        self.turns: list[tuple[str, str]] = []
+        self.turns: list[tuple[str, str]] = []  # (question, answer)
+        self.answer_ids: list[list[int]] = []  # each answer's ids as fed back (stop text and EOS cut off)
 
     def ask(self, question: str, *, on_text: Callable[[str], None] | None = None) -> str:
         """Answer `question` (greedy unless the settings sample); `on_text(piece)` gets the text as it comes."""
@@ -519,6 +520,7 @@ class Conversation:
         answer, kept = streamer.answer(generated)
         self._continue(out.cache, ids, generated, kept)
         self.turns.append((question, answer))
+        self.answer_ids.append(kept)
         return answer
 
     def _continue(self, cache: LongLlamaCache, ids: list[int], generated: list[int], kept: list[int]) -> None:
