@@ -1215,7 +1215,9 @@ def _add_document_options(p: argparse.ArgumentParser) -> None:
 
 def _add_memory(commands) -> None:
     p = commands.add_parser(
-        "memory", help="document memories: read documents once, save, inspect", description=memory_build.__doc__
+        "memory",
+        help="document memories: read documents once, save, inspect",
+        description="Document memories: documents read into the model's memory once, saved as a folder (docs/chat.md).",
     )
     actions = p.add_subparsers(metavar="ACTION", parser_class=_Parser)
     actions.required = True
