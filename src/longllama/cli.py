@@ -398,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_passkey(commands)
     _add_perplexity(commands)
     _add_eval(commands)
+    _add_memory(commands)
+    _add_chat(commands)
     return parser
 
 
@@ -991,6 +993,260 @@ def eval_model(
 def output_file(name: str | None, option: str = "--out") -> Path | None:
     """An output path whose folder exists and is writable (checked before the run)."""
     return _output_file(name, option)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Document memories and chat (docs/chat.md)
+
+
+def memory_build(
+    *,
+    model: str | None,
+    files: list[str],
+    out: str,
+    template: str | None = None,
+    system: str | None = None,
+    last_context_length: int | None = None,
+    verbose: bool = False,
+    **model_options,
+) -> int:
+    """Read document files into a memory once and save it (a folder) for `longllama chat --memory` or
+    DocumentMemory.load; prints the token count and the path."""
+    from longllama.document_memory import read_documents
+
+    target = _memory_target(out)
+    text, sources = read_documents(files)  # before the model: a bad file fails in a second
+    folder, lm, tokenizer = _chat_model(model, template, system, verbose=verbose, **model_options)
+    memory = _read_into_memory(lm, tokenizer, text, sources, template, system, last_context_length)
+    memory.save(target)
+    print(f"{memory.tokens} tokens -> {target}")
+    return 0
+
+
+def memory_info(*, path: str) -> int:
+    """Print a saved memory's manifest: what it was built from and with."""
+    from longllama.document_memory import read_manifest
+
+    manifest = read_manifest(Path(path).expanduser())
+    settings = manifest["settings"]
+    lines = [
+        f"memory: {path} ({manifest['format']} version {manifest['version']})",
+        f"tokens: {manifest['tokens']} (local cache {manifest.get('local_length')}, "
+        f"memory {manifest.get('memory_length')})",
+        f"template: {settings.get('template')}; system text: {settings.get('system')!r}",
+        "settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("template", "system")),
+    ]
+    fingerprint = manifest["model"]
+    lines.append(f"model: {fingerprint.get('source')}; config sha256 {fingerprint.get('config_sha256')}")
+    for weights in fingerprint.get("weights", []):
+        lines.append(f"  weights {weights['name']}: {weights['bytes']} bytes, header {weights.get('header_sha256')}")
+    lines.append("tokenizer: " + ", ".join(f"{k} {v}" for k, v in manifest["tokenizer"].items()))
+    for source in manifest.get("sources", []):
+        lines.append(f"source {source['name']}: {source['bytes']} bytes, sha256 {source['sha256']}")
+    for name, entry in manifest["files"].items():
+        lines.append(f"file {name}: {entry['bytes']} bytes, sha256 {entry['sha256']}")
+    print("\n".join(lines))
+    return 0
+
+
+def chat(
+    *,
+    model: str | None,
+    file: list[str] | None = None,
+    memory: str | None = None,
+    template: str | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    seed: int | None = None,
+    last_context_length: int | None = None,
+    verbose: bool = False,
+    **model_options,
+) -> int:
+    """Chat about documents: read --file(s) into memory once (or load a saved --memory), then answer questions with
+    streamed text. Commands: /save PATH keeps the document memory, /reset starts the conversation over, /exit.
+    With standard input not a terminal, each line is a question and each answer is printed on its own line."""
+    import torch
+
+    from longllama.document_memory import DocumentMemory, read_documents, read_manifest
+
+    if file and memory:
+        raise CliError("--file and --memory both given: read documents with --file, or load a saved --memory")
+    if not file and not memory:
+        raise CliError("nothing to chat about: pass --file F (repeatable) or --memory PATH (from memory build)")
+    if memory:
+        read_manifest(Path(memory).expanduser())  # a wrong path fails before the model loads
+    else:
+        text, sources = read_documents(file)
+    folder, lm, tokenizer = _chat_model(model, template, system, verbose=verbose, **model_options)
+    if memory:
+        document = DocumentMemory.load(memory, lm, tokenizer, template=template, system=system)
+        print(f"{PROG}: loaded {document.tokens} tokens from {memory}", file=sys.stderr)
+    else:
+        document = _read_into_memory(lm, tokenizer, text, sources, template, system, last_context_length)
+    if seed is not None:
+        torch.manual_seed(seed)
+    settings = sampling_settings(temperature, top_p=top_p, top_k=None)
+    conversation = document.conversation(max_new_tokens=max_new_tokens, **settings)
+    _chat_loop(document, conversation, interactive=sys.stdin.isatty())
+    return 0
+
+
+def _chat_loop(document, conversation, *, interactive: bool) -> None:
+    if interactive:
+        print(f"{PROG}: ask about the document; /save PATH, /reset, /exit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and not line:
+            break
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        command, _, argument = line.strip().partition(" ")
+        try:
+            if command == "/exit":
+                break
+            if command == "/reset":
+                conversation.reset()
+                print(f"{PROG}: conversation reset", file=sys.stderr)
+            elif command == "/save":
+                if not argument.strip():
+                    raise InputError("/save needs a path: /save PATH")
+                saved = document.save(_memory_target(argument.strip()))
+                print(f"{PROG}: saved {document.tokens} tokens to {saved}", file=sys.stderr)
+            elif command.startswith("/") and command[1:].isalpha():
+                raise InputError(f"unknown command {command}: use /save PATH, /reset or /exit")
+            else:
+                conversation.ask(line, on_text=_write_out)
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+        except LongLlamaError as exc:  # one bad turn does not end the chat
+            print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+
+
+def _write_out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _memory_target(path: str) -> Path:
+    target = Path(path).expanduser()
+    if not target.parent.is_dir():
+        raise CliError(f"{path}: folder {target.parent} does not exist; create it or choose another path")
+    if target.exists() and not (target / "manifest.json").is_file():
+        raise CliError(f"{path} exists and is not a saved document memory: choose another path")
+    return target
+
+
+def _chat_model(model: str | None, template: str | None, system: str | None, *, verbose: bool, **options):
+    """(folder, model, tokenizer); the chat format is checked before the model loads."""
+    from longllama.chat_format import chat_format
+    from longllama.tokenizer import load_tokenizer
+
+    folder = _model_folder(model)
+    device = resolve_device(options.pop("device", "auto"))
+    tokenizer = load_tokenizer(folder)
+    chat_format(tokenizer, template, system=system)
+    lm = load_model(
+        folder,
+        dtype=options.pop("dtype", "auto"),
+        device=device,
+        mem_attention_grouping=options.pop("mem_attention_grouping", None),
+        verbose=verbose,
+        **options,
+    )
+    return folder, lm, tokenizer
+
+
+def _read_into_memory(lm, tokenizer, text: str, sources, template, system, last_context_length):
+    import time
+
+    from longllama.document_memory import DocumentMemory
+
+    bar: list[PromptProgress] = []
+
+    def progress(done: int, total: int) -> None:
+        if not bar:
+            bar.append(PromptProgress(total, sys.stderr))
+        bar[0](done)
+
+    start = time.perf_counter()
+    try:
+        memory = DocumentMemory.build(
+            lm,
+            tokenizer,
+            text,
+            template=template,
+            system=system,
+            last_context_length=last_context_length,
+            progress=progress,
+            sources=sources,
+        )
+    finally:
+        if bar:
+            bar[0].close()
+    seconds = time.perf_counter() - start
+    print(
+        f"{PROG}: read {memory.tokens} tokens in {seconds:.1f} s ({memory.tokens / max(seconds, 1e-9):.0f} tok/s)",
+        file=sys.stderr,
+    )
+    return memory
+
+
+def _add_document_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--template",
+        metavar="NAME|none",
+        help="chat template of the tokenizer (default: its default chat format); 'none': plain continuation, the "
+        "document then the question as is (base models)",
+    )
+    p.add_argument("--system", metavar="TEXT", help="system text before the document (default: the template's)")
+    p.add_argument(
+        "--last-context-length",
+        type=_positive_int,
+        metavar="N",
+        help="document tokens kept in the local context (default: the model's config)",
+    )
+
+
+def _add_memory(commands) -> None:
+    p = commands.add_parser(
+        "memory",
+        help="document memories: read documents once, save, inspect",
+        description="Document memories: documents read into the model's memory once, saved as a folder (docs/chat.md).",
+    )
+    actions = p.add_subparsers(metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    build = actions.add_parser("build", help="read files into a memory and save it", description=memory_build.__doc__)
+    _add_model_arguments(build)
+    build.add_argument("files", nargs="+", metavar="FILE", help="documents: text files (as is), .jsonl records")
+    build.add_argument("--out", required=True, metavar="PATH", help="the memory folder to write (atomically)")
+    _add_document_options(build)
+    build.set_defaults(func=memory_build)
+    info = actions.add_parser("info", help="print a saved memory's manifest", description=memory_info.__doc__)
+    info.add_argument("path", metavar="PATH", help="a memory folder written by memory build or /save")
+    info.set_defaults(func=memory_info)
+
+
+def _add_chat(commands) -> None:
+    p = commands.add_parser("chat", help="chat about documents read into memory once", description=chat.__doc__)
+    _add_model_arguments(p)
+    p.add_argument("--file", action="append", metavar="F", help="a document to read (repeatable)")
+    p.add_argument("--memory", metavar="PATH", help="a saved document memory (memory build, /save)")
+    _add_document_options(p)
+    p.add_argument(
+        "--max-new-tokens", type=_positive_int, default=256, metavar="N", help="at most N tokens per answer (256)"
+    )
+    p.add_argument(
+        "--temperature", type=_temperature, default=0.0, metavar="T", help="0 (default): greedy; > 0: sampling"
+    )
+    p.add_argument("--top-p", type=_probability, metavar="P", help="nucleus sampling: keep the top P of probability")
+    p.add_argument("--seed", type=int, metavar="S", help="random seed, for repeatable sampling")
+    p.set_defaults(func=chat)
 
 
 def _quiet_libraries() -> None:

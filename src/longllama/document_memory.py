@@ -1,0 +1,608 @@
+"""Document memories (docs/chat.md): a document read once into a LongLlamaCache, kept, saved, loaded and asked
+questions many times.
+
+A DocumentMemory holds the cache after the format's prefix (BOS, system text) and the document: every layer's local
+cache (the last window) and the memory layers' memories. It is never modified: each Conversation forks it (copy on
+write, O(layers)) and appends its own turns, so one memory serves many conversations at once (a server can load
+several, keep some on the GPU and fork one per request).
+
+A saved memory is a folder, written under a temporary name and renamed into place: the tensors as safetensors
+(`local.safetensors`: every layer's local cache; `memory.layer<i>.safetensors`: one per memory layer) and
+`manifest.json`: format version, model and tokenizer fingerprints, the settings the memory depends on, the token
+count, the source files and a sha256 of every tensor file. `load` checks all of it against the model it is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import shutil
+import struct
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import StoppingCriteriaList, StopStringCriteria
+
+from longllama.cache import LongLlamaCache
+from longllama.chat_format import ChatFormat, chat_format
+from longllama.errors import CheckpointError, InputError
+from longllama.memory import MemoryCache
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "longllama-document-memory"
+VERSION = 1
+MANIFEST = "manifest.json"
+LOCAL_FILE = "local.safetensors"
+_SAMPLES, _SAMPLE_BYTES = 16, 1 << 16  # weights-file fingerprint: 16 chunks of 64 KiB spread over each file
+_HASH_CHUNK = 1 << 24
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")  # read as records (documents.py); other files as is
+FILE_SEPARATOR = "\n\n"  # between the texts of several files or records
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _weights_entry(path: Path) -> dict[str, Any]:
+    """Name, size, the safetensors header's sha256 (tensor names, dtypes, shapes, offsets) and a sha256 of 16
+    evenly spaced 64 KiB samples of the file: a few MiB read even for a 7B checkpoint."""
+    size = path.stat().st_size
+    entry: dict[str, Any] = {"name": path.name, "bytes": size}
+    with open(path, "rb") as handle:
+        if path.suffix == ".safetensors" and size >= 8:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            handle.seek(0)
+            entry["header_sha256"] = hashlib.sha256(handle.read(8 + min(header_len, size))).hexdigest()
+        digest = hashlib.sha256()
+        step = max((size - _SAMPLE_BYTES) // max(_SAMPLES - 1, 1), 1)
+        for i in range(_SAMPLES):
+            handle.seek(min(i * step, max(size - _SAMPLE_BYTES, 0)))
+            digest.update(handle.read(_SAMPLE_BYTES))
+        entry["sample_sha256"] = digest.hexdigest()
+    return entry
+
+
+def model_fingerprint(model) -> dict[str, Any]:
+    """What identifies the model's weights: for a model loaded from a folder, config.json's sha256 plus each
+    weights file's name, size, header hash and sampled-content hash (cheap for any size); for a model built in
+    memory, the config and a sha256 of every parameter and buffer (reads them all)."""
+    folder = Path(str(getattr(model.config, "_name_or_path", "") or ""))
+    if folder.name and (folder / "config.json").is_file():
+        files = sorted(
+            p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.name.endswith(".bin"))
+        )
+        return {
+            "source": "folder",
+            "config_sha256": _sha256_file(folder / "config.json"),
+            "weights": [_weights_entry(p) for p in files],
+        }
+    digest = hashlib.sha256()
+    for name, tensor in [*model.state_dict().items()]:
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    config = json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str)
+    return {
+        "source": "parameters",
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "parameters_sha256": digest.hexdigest(),
+    }
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """tokenizer.model's sha256 (the file this package's tokenizers are built from), else the backend's JSON."""
+    source = getattr(tokenizer, "vocab_file", None)
+    if source and os.path.isfile(source):
+        return {"sha256": _sha256_file(Path(source))}
+    backend = tokenizer.backend_tokenizer.to_str()
+    return {"backend_sha256": hashlib.sha256(backend.encode()).hexdigest()}
+
+
+def memory_settings(model, fmt: ChatFormat, last_context_length: int) -> dict[str, Any]:
+    """The settings a document's memory depends on, beside its tokens and the weights."""
+    config = model.config
+    return {
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "mem_dtype": str(config.memory_dtype).removeprefix("torch."),
+        "last_context_length": int(last_context_length),
+        "context_window": int(config.context_window),
+        "mem_layers": sorted(int(i) for i in config.mem_layers),
+        "mem_top_k": config.mem_top_k,
+        "mem_positionals": bool(config.mem_positionals),
+        "template": fmt.template,
+        "system": fmt.system,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Documents
+
+
+def read_documents(paths: Sequence[str | os.PathLike[str]]) -> tuple[str, list[dict[str, Any]]]:
+    """The text of `paths` joined by blank lines (.jsonl / .json / .parquet: their records' `text` fields; any
+    other file: its UTF-8 text as is) and, per file, its name, size and sha256."""
+    from longllama.documents import iter_documents
+
+    if not paths:
+        raise InputError("no document files given: pass at least one file to read")
+    texts, sources = [], []
+    for name in paths:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise InputError(f"document file {name} does not exist: check the path")
+        if path.suffix.lower() in JSONL_SUFFIXES:
+            texts.extend(iter_documents([path]))
+        else:
+            try:
+                texts.append(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    f"document file {name} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8"
+                ) from None
+        sources.append({"name": path.name, "bytes": path.stat().st_size, "sha256": _sha256_file(path)})
+    text = FILE_SEPARATOR.join(t for t in texts if t)
+    if not text:
+        raise InputError(f"the files {', '.join(map(str, paths))} hold no text: pass files with some")
+    return text, sources
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The memory
+
+
+class DocumentMemory:
+    """A document read into a LongLlamaCache by `model`, for questions in the `format` it was built with.
+
+    `build(model, tokenizer, text)` / `from_files(...)` read a document; `save(path)` / `load(path, model,
+    tokenizer)` keep it; `ask`, `stream` and `conversation()` answer questions. The cache is never modified."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        cache: LongLlamaCache,
+        *,
+        fmt: ChatFormat,
+        tokens: int,
+        last_context_length: int,
+        sources: list[dict[str, Any]] | None = None,
+        next_logits: torch.Tensor | None = None,
+    ):
+        self.model, self.tokenizer, self.cache, self.format = model, tokenizer, cache, fmt
+        self.tokens = tokens  # prefix (BOS, system text) and document
+        self.last_context_length = last_context_length
+        self.sources = sources or []
+        self.next_logits = next_logits  # (vocab,) the model's prediction after the document, when it was read here
+
+    # -- building --------------------------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        model,
+        tokenizer,
+        text: str,
+        *,
+        template: str | None = None,
+        system: str | None = None,
+        last_context_length: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        sources: list[dict[str, Any]] | None = None,
+    ) -> DocumentMemory:
+        """Read `text` into a new memory: the format's prefix, then the document. `progress(tokens_done, total)` is
+        called after each window; `last_context_length` (None: the model's) is the final window kept local."""
+        fmt = chat_format(tokenizer, template, system=system)
+        ids = list(fmt.prefix_ids) + fmt.document_ids(text)
+        lcl = int(last_context_length or model.config.last_context_length)
+        device = model.lm_head.weight.device
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        cache = model.model.new_cache()
+        with torch.no_grad():
+            out = model.model.run(
+                input_ids,
+                cache=cache,
+                use_cache=True,
+                last_context_length=lcl,
+                progress=None if progress is None else (lambda done: progress(done, len(ids))),
+                keep_last=1,
+            )
+            logits = model.lm_head(out.hidden[:, -1])[0]
+        return cls(
+            model, tokenizer, cache, fmt=fmt, tokens=len(ids), last_context_length=lcl, sources=sources,
+            next_logits=logits,
+        )  # fmt: skip
+
+    @classmethod
+    def from_files(cls, model, tokenizer, paths: Sequence[str | os.PathLike[str]], **options: Any) -> DocumentMemory:
+        """`build` from files (read_documents: records of .jsonl / .parquet, any other file as text)."""
+        text, sources = read_documents(paths)
+        return cls.build(model, tokenizer, text, sources=sources, **options)
+
+    # -- questions -------------------------------------------------------------------------------------------------
+    def conversation(self, **settings: Any) -> Conversation:
+        """A new conversation about this document; `settings` are generate() settings for its answers."""
+        return Conversation(self, **settings)
+
+    def ask(self, question: str, **settings: Any) -> str:
+        """The answer to one question (a conversation of one turn)."""
+        return self.conversation(**settings).ask(question)
+
+    def stream(self, question: str, **settings: Any) -> Iterator[str]:
+        """The answer to one question as pieces of text, as they are generated."""
+        return self.conversation(**settings).stream(question)
+
+    def to(self, device: torch.device | str) -> DocumentMemory:
+        """Move the cache (in place: a server can keep some memories on the GPU, others in CPU memory)."""
+        for layer in self.cache.layers:
+            if layer.keys is not None:
+                layer.set_local(layer.keys.to(device), layer.values.to(device), layer.positions.to(device))
+            if layer.memory is not None:
+                layer.memory.to(device)
+        return self
+
+    # -- files ---------------------------------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": model_fingerprint(self.model),
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "settings": memory_settings(self.model, self.format, self.last_context_length),
+            "tokens": self.tokens,
+            "local_length": self.cache.local_length,
+            "memory_length": self.cache.memory_length,
+            "sources": self.sources,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the memory as a folder at `path`, atomically: written under a temporary name beside it, then
+        renamed into place (an existing memory folder there is replaced). Returns the path."""
+        target = Path(path).expanduser()
+        if target.exists() and not (target / MANIFEST).is_file():
+            raise InputError(f"{target} exists and is not a saved document memory: choose another path")
+        if not target.parent.is_dir():
+            raise InputError(f"folder {target.parent} does not exist: create it or choose another path")
+        manifest = self.manifest()
+        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        temp.mkdir()
+        try:
+            files = {}
+            for name, tensors in self._tensor_files().items():
+                save_file(tensors, str(temp / name), metadata={"format": FORMAT})
+                files[name] = {"bytes": (temp / name).stat().st_size, "sha256": _sha256_file(temp / name)}
+            manifest["files"] = files
+            (temp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            _fsync_folder(temp)
+            _replace_folder(temp, target)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        return target
+
+    def _tensor_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        local: dict[str, torch.Tensor] = {}
+        files = {LOCAL_FILE: local}
+        for i, layer in enumerate(self.cache.layers):
+            if layer.keys is not None:
+                # clone: layers may share one positions tensor, and safetensors refuses shared storage
+                for part in ("keys", "values", "positions"):
+                    local[f"layers.{i}.{part}"] = (
+                        getattr(layer, part).detach().cpu().clone(memory_format=torch.contiguous_format)
+                    )
+            if layer.memory is not None:
+                keys, values, valid = layer.memory.logical()
+                parts = {"keys": keys, "values": values, "valid": valid}
+                files[f"memory.layer{i}.safetensors"] = {
+                    k: t.detach().cpu().clone(memory_format=torch.contiguous_format) for k, t in parts.items()
+                }
+        return files
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model,
+        tokenizer,
+        *,
+        template: str | None = None,
+        system: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> DocumentMemory:
+        """Read a memory written by `save`, for `model` and `tokenizer`, checking the manifest against both (and
+        `template` / `system` when given) and every tensor file's checksum; `device`: the model's by default."""
+        folder = Path(path).expanduser()
+        manifest = read_manifest(folder)
+        _check_same(manifest, "model", model_fingerprint(model), folder, "the model the memory was built with")
+        _check_same(manifest, "tokenizer", tokenizer_fingerprint(tokenizer), folder, "that model's tokenizer")
+        saved = manifest["settings"]
+        fmt = chat_format(
+            tokenizer,
+            saved["template"] if template is None else template,
+            system=saved["system"] if system is None else system,
+        )
+        expected = memory_settings(model, fmt, saved["last_context_length"])
+        changed = [key for key in expected if saved.get(key) != expected[key]]
+        if changed:
+            key = changed[0]
+            raise CheckpointError(
+                f"memory {folder} was built with {key}={saved.get(key)!r}, this run uses {expected[key]!r}: run with "
+                f"the same {key}, or build the memory again (longllama memory build)"
+            )
+        device = model.lm_head.weight.device if device is None else torch.device(device)
+        tensors = {name: _read_tensor_file(folder, name, entry) for name, entry in manifest["files"].items()}
+        cache = _cache_from_files(model, tensors, folder, device)
+        if cache.local_length != manifest["local_length"] or cache.memory_length != manifest["memory_length"]:
+            raise CheckpointError(
+                f"memory {folder} holds {cache.local_length} local / {cache.memory_length} memory tokens, its "
+                "manifest says otherwise: build the memory again"
+            )
+        return cls(
+            model, tokenizer, cache, fmt=fmt, tokens=int(manifest["tokens"]),
+            last_context_length=int(saved["last_context_length"]), sources=manifest.get("sources"),
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return (
+            f"DocumentMemory(tokens={self.tokens}, template={self.format.template!r}, "
+            f"local_length={self.cache.local_length}, memory_length={self.cache.memory_length})"
+        )
+
+
+def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a saved memory, checked for its format and version."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"document memory {folder} does not exist: pass a folder written by memory build")
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{folder} has no {MANIFEST}: it is not a complete document memory; build it again (longllama memory build)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON ({exc}); build the memory again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a document memory manifest; pass a folder written by memory build")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(
+            f"{folder} is document memory version {manifest.get('version')}, this longllama reads version "
+            f"{VERSION}: build the memory again with this version"
+        )
+    missing = [key for key in ("model", "tokenizer", "settings", "tokens", "files") if key not in manifest]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: build the memory again")
+    return manifest
+
+
+def _check_same(manifest: dict[str, Any], key: str, current: dict[str, Any], folder: Path, what: str) -> None:
+    if manifest[key] != current:
+        raise CheckpointError(
+            f"memory {folder} was built with another {key} ({key} fingerprint differs): load it with {what}, "
+            "or build the memory again for this one"
+        )
+
+
+def _read_tensor_file(folder: Path, name: str, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+    path = folder / name
+    if not path.is_file():
+        raise CheckpointError(f"memory file {path} is missing: the folder is incomplete; build the memory again")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise CheckpointError(
+            f"memory file {path} has {size} bytes, the manifest says {entry['bytes']} (truncated?): build the memory "
+            "again"
+        )
+    if _sha256_file(path) != entry["sha256"]:
+        raise CheckpointError(f"memory file {path} fails its sha256 check (corrupt): build the memory again")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"cannot read memory file {path} ({exc}): build the memory again") from None
+
+
+def _cache_from_files(model, files: dict[str, dict[str, torch.Tensor]], folder: Path, device) -> LongLlamaCache:
+    config = model.config
+    cache = model.model.new_cache()
+    kv_heads, head_dim = config.num_key_value_heads, config.head_dim
+    local = files.get(LOCAL_FILE, {})
+    dtype = next(model.parameters()).dtype
+    for i, layer in enumerate(cache.layers):
+        if f"layers.{i}.keys" in local:
+            keys, values, positions = (local[f"layers.{i}.{part}"] for part in ("keys", "values", "positions"))
+            if keys.shape[1:] != (kv_heads, keys.shape[2], head_dim) or keys.dtype != dtype:
+                raise CheckpointError(f"memory {folder}: layer {i}'s local cache does not fit this model")
+            layer.set_local(keys.to(device), values.to(device), positions.to(device))
+        name = f"memory.layer{i}.safetensors"
+        if name in files:
+            if i not in config.mem_layers:
+                raise CheckpointError(f"memory {folder} has a memory for layer {i}, not a memory layer of this model")
+            part = files[name]
+            keys = part["keys"]
+            if keys.dim() != 4 or keys.shape[1] != kv_heads or keys.shape[3] != head_dim:
+                raise CheckpointError(f"memory {folder}: layer {i}'s memory does not fit this model")
+            memory = MemoryCache(
+                keys.shape[0],
+                kv_heads,
+                head_dim,
+                dtype=config.memory_dtype,
+                device=device,
+                capacity=keys.shape[2],
+                storage_dim=model.plan.memory_storage_dim(head_dim),
+            )
+            memory.append(keys.to(device), part["values"].to(device), part["valid"].to(device))
+            layer.memory = memory
+    return cache
+
+
+def _fsync_folder(folder: Path) -> None:
+    for item in folder.iterdir():
+        with open(item, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _replace_folder(temp: Path, target: Path) -> None:
+    """Rename `temp` to `target`; an existing `target` is moved aside first and removed after."""
+    if not target.exists():
+        os.rename(temp, target)
+        return
+    old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+    os.rename(target, old)
+    try:
+        os.rename(temp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Conversations
+
+
+class Conversation:
+    """Turns about one DocumentMemory, on a fork of its cache (the memory itself is never modified).
+
+    Settings are generate() settings (max_new_tokens, do_sample, temperature, top_p, ...); `stop` replaces the
+    format's stop strings (answers also end at EOS)."""
+
+    def __init__(self, memory: DocumentMemory, *, stop: Sequence[str] | None = None, **settings: Any):
+        self.memory = memory
+        self.settings = {"max_new_tokens": 256, "do_sample": False, **settings}
+        self.stop = tuple(memory.format.stop_strings if stop is None else stop)
+        self._criteria = (
+            StoppingCriteriaList([StopStringCriteria(memory.tokenizer, list(self.stop))]) if self.stop else None
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        """Start over on the same document."""
+        self.cache = self.memory.cache  # generate() never modifies the cache it is given
+        self.pending: list[int] = []  # ids the next turn must feed before its own (the end of the last answer)
+        self.turns: list[tuple[str, str]] = []  # (question, answer)
+        self.answer_ids: list[list[int]] = []  # each answer's ids as fed back (stop text and EOS cut off)
+
+    def ask(self, question: str, *, on_text: Callable[[str], None] | None = None) -> str:
+        """Answer `question` (greedy unless the settings sample); `on_text(piece)` gets the text as it comes."""
+        fmt, tokenizer = self.memory.format, self.memory.tokenizer
+        ids = self.pending + fmt.turn_ids(question, first=not self.turns)
+        device = self.memory.model.lm_head.weight.device
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        streamer = _AnswerText(tokenizer, self.stop, on_text)
+        with torch.no_grad():
+            out = self.memory.model.generate(
+                input_ids,
+                cache=self.cache,
+                attention_mask=None,
+                streamer=streamer,
+                stopping_criteria=self._criteria,
+                return_dict_in_generate=True,
+                last_context_length=self.memory.last_context_length,
+                **self.settings,
+            )
+        generated = [int(t) for t in out.sequences[0, len(ids) :].tolist()]
+        answer, kept = streamer.answer(generated)
+        self._continue(out.cache, ids, generated, kept)
+        self.turns.append((question, answer))
+        self.answer_ids.append(kept)
+        return answer
+
+    def _continue(self, cache: LongLlamaCache, ids: list[int], generated: list[int], kept: list[int]) -> None:
+        """The state for the next turn: the answer as kept (stop text cut off), then the format's end of answer."""
+        end = list(self.memory.format.end_ids)
+        fed = len(generated) - 1  # generate() feeds every new token but the last to the model
+        if generated[:fed] == kept[:fed] and len(kept) >= fed:
+            self.cache, self.pending = cache, kept[fed:] + end
+        else:  # the cache holds stop text the kept answer lacks: read the turn again from before it
+            self.pending = ids + kept + end
+
+    def stream(self, question: str) -> Iterator[str]:
+        """The answer to `question` as pieces of text, as they come (generation runs in a worker thread)."""
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.ask(question, on_text=pieces.put)
+            except BaseException as exc:
+                failure.append(exc)
+            finally:
+                pieces.put(done)
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        while (piece := pieces.get()) is not done:
+            yield piece
+        worker.join()
+        if failure:
+            raise failure[0]
+
+
+class _AnswerText:
+    """A generate() streamer that turns the answer's ids into text as they come, holding back text that may be the
+    start of a stop string (or an incomplete character), and passes each new piece to `on_text`."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], on_text: Callable[[str], None] | None):
+        self.tokenizer, self.stop, self.on_text = tokenizer, tuple(stop), on_text
+        self.ids: list[int] = []
+        self.shown = 0
+        self._prompt = True
+        self._special = set(tokenizer.all_special_ids)
+
+    def put(self, tokens) -> None:
+        if self._prompt:  # generate() passes the prompt first
+            self._prompt = False
+            return
+        self.ids.extend(int(t) for t in tokens.reshape(-1).tolist())
+        self._show(final=False)
+
+    def end(self) -> None:
+        self._show(final=True)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i not in self._special], skip_special_tokens=True)
+
+    def _visible(self, final: bool) -> str:
+        text = self._text(self.ids)
+        cut = min([text.find(s) for s in self.stop if s in text] or [len(text)])
+        text = text[:cut]
+        if not final:
+            text = text.rstrip("\ufffd")
+            for s in self.stop:  # a stop string may be starting at the end
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        text = text[:-k]
+                        break
+        return text
+
+    def _show(self, *, final: bool) -> None:
+        text = self._visible(final)
+        if len(text) > self.shown and self.on_text is not None:
+            self.on_text(text[self.shown :])
+        self.shown = max(self.shown, len(text))
+
+    def answer(self, generated: list[int]) -> tuple[str, list[int]]:
+        """(the answer's text, the ids kept for it): EOS and any stop string and what follows are cut off."""
+        text = self._visible(final=True)
+        eos = self.tokenizer.eos_token_id
+        kept = generated[: generated.index(eos)] if eos in generated else list(generated)
+        while kept and len(self._text(kept)) > len(text):
+            kept.pop()
+        return text, kept
