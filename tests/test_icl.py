@@ -240,3 +240,29 @@ def test_more_shots_than_examples_is_an_error(tmp_path, capsys):
     assert main(["eval", "icl", "--train", train, "--test", test, "--shots", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exceeds the 2 training examples" in err[0]
+
+
+def test_memory_mode_cache_reuse_equals_one_call(shipped):
+    # The demonstrations, read once, fill memory (beyond the final window); each label continues that cache. One
+    # call over the whole input whose final window is the cached window plus the continuation sees the same keys.
+    model, tokenizer = shipped
+    window = model.config.last_context_length
+    train = icl.synthetic_examples(100, seed=1)
+    question_text = icl.question_line(icl.synthetic_examples(1, seed=2)[0])
+    labels = sorted({e["label"] for e in train})
+    demo_ids = [icl.encode_text(tokenizer, icl.demonstration_line(e)) for e in train]
+    context, kept = icl.pack(demo_ids, mode="memory", window=window, question_tokens=0, label_tokens=0, bos=1)
+    assert kept == 100 and len(context) > model.config.context_window + window  # several memory windows
+    cache = icl.read_context(model, context, last_context_length=window)
+    question = icl.encode_text(tokenizer, question_text)
+    tails = icl.label_continuations(tokenizer, question_text, labels)
+    scores = icl.label_log_likelihoods(model, cache, question, tails, last_context_length=window)
+    assert icl.label_log_likelihoods(model, cache, question, tails, last_context_length=window) == scores
+    for score, tail in zip(scores, tails):
+        new = len(question) + len(tail)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([context + question + tail]), use_cache=False,
+                        last_context_length=window + new)  # fmt: skip
+        logprobs = torch.log_softmax(out.logits[0].float(), -1)
+        start = len(context) + len(question)
+        assert score == pytest.approx(sum(float(logprobs[start - 1 + j, t]) for j, t in enumerate(tail)), abs=1e-4)
