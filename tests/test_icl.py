@@ -190,8 +190,8 @@ def test_command_end_to_end(tmp_path, capsys):
     train = _write(tmp_path / "train.jsonl", icl.synthetic_examples(40, seed=1))
     test = _write(tmp_path / "test.jsonl", icl.synthetic_examples(10, seed=2))
     out, plot = tmp_path / "icl.json", tmp_path / "icl.png"
-    argv = ["eval", "icl", "--train", train, "--test", test, "--shots", "0,4,32", "--seeds", "2", "--limit", "4",
-            "--modes", "memory,truncated", "--out", str(out), "--plot", str(plot)]  # fmt: skip
+    files = ["--train", train, "--test", test, "--out", str(out), "--plot", str(plot)]
+    argv = "eval icl --dtype float32 --shots 0,4,32 --seeds 2 --limit 4 --modes memory,truncated".split() + files
     assert main(argv) == 0
     record = json.loads(out.read_text())
     assert set(record["summary"]["modes"]) == {"memory", "truncated"}
@@ -261,8 +261,9 @@ def test_memory_mode_cache_reuse_equals_one_call(shipped):
     for score, tail in zip(scores, tails):
         new = len(question) + len(tail)
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([context + question + tail]), use_cache=False,
-                        last_context_length=window + new)  # fmt: skip
+            out = model(
+                input_ids=torch.tensor([context + question + tail]), use_cache=False, last_context_length=window + new
+            )
         logprobs = torch.log_softmax(out.logits[0].float(), -1)
         start = len(context) + len(question)
         assert score == pytest.approx(sum(float(logprobs[start - 1 + j, t]) for j, t in enumerate(tail)), abs=1e-4)
