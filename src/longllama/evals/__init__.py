@@ -5,4 +5,6 @@
 # adds its subparser (with `common(parser)` for the options every evaluation shares) and sets `func`.
 EVAL_TASKS = {
     "lm-eval": "longllama.evals.harness",
+    "humaneval": "longllama.evals.humaneval",
+    "icl": "longllama.evals.icl",
 }
