@@ -11,7 +11,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +242,18 @@ def _replace_folder(temp: Path, final: Path) -> None:
     _fsync_folder(final.parent)
 
 
+def _write_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """write(temporary folder beside `folder`), then move it into place; nothing is left behind if write fails."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(temp)
+        _replace_folder(temp, folder)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
 def _prune(root: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints; also clear temporary folders left by saves that were killed."""
     for stale in root.glob(".step-*"):
@@ -284,9 +296,8 @@ def export_model(model: nn.Module, folder: Path, *, procs: Processes, tokenizer:
         config = inner.config
         config.architectures = [type(inner).__name__.removeprefix("FSDP")]
         config.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        temp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
+
+        def write(temp: Path) -> None:
             temp.mkdir()
             config.save_pretrained(temp)
             save_state_dict(state, temp)
@@ -295,10 +306,8 @@ def export_model(model: nn.Module, folder: Path, *, procs: Processes, tokenizer:
 
                 shutil.copy2(tokenizer, temp / "tokenizer.model")
                 write_tokenizer_files(temp)  # AutoTokenizer then loads the exact tokenizer (after config.json)
-            _replace_folder(temp, folder)
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
+
+        _write_folder(folder, write)
     procs.barrier()
     return folder
 
@@ -308,16 +317,13 @@ def export_adapter(model: nn.Module, folder: Path, *, procs: Processes, tokenize
     temporary folder that is renamed into place."""
     if procs.main:
         peft_model = getattr(model, "module", model)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        temp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
+
+        def write(temp: Path) -> None:
             peft_model.save_pretrained(temp)
             if tokenizer is not None:
                 shutil.copy2(tokenizer, temp / "tokenizer.model")
-            _replace_folder(temp, folder)
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
+
+        _write_folder(folder, write)
     procs.barrier()
     return folder
 
