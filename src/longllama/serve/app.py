@@ -349,6 +349,7 @@ class _Server:
                     stop=tuple(dict.fromkeys(format_stops + stops)),
                     seed=body.seed,
                     cancelled=cancelled,
+                    ignore_eos=body.ignore_eos,
                     on_text=lambda text: emit("text", text),
                 )
                 emit("done", result)

@@ -46,6 +46,7 @@ class _Sampling(_Body):
     stop: Stop | None = None
     seed: int | None = None
     memory: str | None = None
+    ignore_eos: bool = False  # generate through EOS (vLLM's extension): for benchmarks and tests
     presence_penalty: Annotated[float, Field(ge=0, le=0)] | None = None  # only 0 (no penalty) is implemented
     frequency_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
 

@@ -93,6 +93,7 @@ def generate_text(
     stop: Sequence[str],
     seed: int | None,
     cancelled: threading.Event,
+    ignore_eos: bool = False,
     on_text: Callable[[str], None] | None = None,
 ) -> Generated:
     """Continue `ids` (after `memory`'s document when given, which stays unchanged) on the worker thread; text
@@ -104,6 +105,8 @@ def generate_text(
     settings: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         settings = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+    if ignore_eos:
+        settings["suppress_tokens"] = [tokenizer.eos_token_id]
     criteria = StoppingCriteriaList([_Cancelled(cancelled)])
     if stop:
         criteria.append(StopStringCriteria(tokenizer, list(stop)))
