@@ -218,6 +218,36 @@ def test_a_pass_key_answered_from_a_memory(server, haystack, tokenizer):
     server.passkey = (memory["id"], answer.choices[0].text)
 
 
+def test_a_repeated_long_prompt_reuses_the_memory_of_its_whole_windows(server, tokenizer):
+    import torch
+
+    from longllama.cli import load_model
+
+    model = load_model(SHIPPED_MODEL, dtype="auto", device=torch.device("cpu"), mem_attention_grouping=None)
+    window, local = model.config.context_window, model.config.last_context_length
+    first, _ = passkey.passkey_prompt(passkey.n_garbage_for_tokens(tokenizer, 2200, seed=1), 11)
+    second = first.replace(QUESTION, "Answer with digits. " + QUESTION)
+    client = server.client()
+    answers = []
+    for prompt in (first, first, second):
+        out = client.completions.create(model="small", prompt=prompt, max_tokens=6, temperature=0)
+        answers.append((out.choices[0].text, out.usage))
+    ids = {text: [1, *tokenizer.encode(text, add_special_tokens=False)] for text in (first, second)}
+    for text, (answer, usage) in zip((first, first, second), answers):
+        # The reference: the whole prompt read at once in this process.
+        prompt_ids = torch.tensor([ids[text]])
+        with torch.no_grad():
+            expected = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=6)
+        assert answer == tokenizer.decode(expected[0, prompt_ids.shape[1] :], skip_special_tokens=True)
+        assert usage.prompt_tokens == len(ids[text])
+    windows = lambda n: (n - local) // window  # noqa: E731  whole memory windows before the final one
+    assert answers[0][1].prompt_tokens_details.cached_tokens == 0
+    assert answers[1][1].prompt_tokens_details.cached_tokens == windows(len(ids[first])) * window > 0
+    common = next(i for i, (a, b) in enumerate(zip(ids[first], ids[second])) if a != b)
+    shared = min(common // window, windows(len(ids[second])))
+    assert shared > 0 and answers[2][1].prompt_tokens_details.cached_tokens == shared * window
+
+
 def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server):
     post = lambda path, **kw: server.http("POST", path, **kw)  # noqa: E731
     _error(post("/v1/completions", content=b'{"prompt": "x", ', headers={"content-type": "application/json"}), 400)

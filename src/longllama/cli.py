@@ -1261,6 +1261,7 @@ def serve(
     max_prompt_tokens: int = 32768,
     max_tokens: int = 2048,
     memory_budget: int = 4 << 30,
+    prefix_cache_bytes: int = 1 << 30,
     max_body_bytes: int = 1 << 20,
     max_upload_bytes: int = 64 << 20,
     template: str | None = None,
@@ -1291,6 +1292,7 @@ def serve(
         max_prompt_tokens=max_prompt_tokens,
         max_tokens=max_tokens,
         memory_budget=memory_budget,
+        prefix_cache_bytes=prefix_cache_bytes,
         max_body_bytes=max_body_bytes,
         max_upload_bytes=max_upload_bytes,
         template=template,
@@ -1329,6 +1331,13 @@ def _add_serve(commands) -> None:
         default=4 << 30,
         metavar="BYTES",
         help="bytes of memories kept loaded (default 4 GiB); the others are read from disk when used",
+    )
+    p.add_argument(
+        "--prefix-cache-bytes",
+        type=_non_negative_int,
+        default=1 << 30,
+        metavar="BYTES",
+        help="memory kept of recent prompts' whole windows, reused by prompts that start the same (1 GiB; 0: off)",
     )
     p.add_argument(
         "--max-body-bytes", type=_positive_int, default=1 << 20, metavar="BYTES", help="request body limit (1 MiB)"

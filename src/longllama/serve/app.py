@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from longllama.chat_format import ChatFormat, chat_format
 from longllama.errors import CheckpointError, InputError
 from longllama.serve.memories import MemoryStore, valid_id
+from longllama.serve.prefix import PrefixCache
 from longllama.serve.schemas import UNSUPPORTED, ChatBody, CompletionBody, MemoryBody
 from longllama.serve.worker import Generated, ModelWorker, QueueFull, generate_text
 
@@ -49,6 +50,7 @@ class ServeConfig:
     max_tokens: int = 2048  # new tokens per request
     default_chat_tokens: int = 512  # chat requests that name no max_tokens
     memory_budget: int = 4 << 30  # bytes of memories kept loaded
+    prefix_cache_bytes: int = 1 << 30  # memory of recent prompts' whole windows, for prompts that repeat them (0: off)
     max_body_bytes: int = 1 << 20  # JSON requests
     max_upload_bytes: int = 64 << 20  # memory uploads
     template: str | None = None  # the chat format of chat requests without a memory (None: the tokenizer's)
@@ -200,6 +202,7 @@ class _Server:
             folder = self._temp.name
         self.store = MemoryStore(folder, model, tokenizer, budget=config.memory_budget)
         self.worker = ModelWorker(config.queue)
+        self.prefixes = PrefixCache(model, config.prefix_cache_bytes)
         self._formats: dict[tuple[str | None, str | None], ChatFormat] = {}
         self.created = int(time.time())
         chat_format(tokenizer, config.template)  # a bad --template fails at start
@@ -336,13 +339,19 @@ class _Server:
                     if memory is None:  # deleted while this request waited
                         raise APIError(404, f"no memory with id '{body.memory}'", param="memory")
                 ids, format_stops = prepare(memory)
-                cached = 0 if memory is None else memory.tokens
-                emit("ready", len(ids) + cached, cached)
+                if memory is not None:
+                    cache, lcl, cached = memory.cache, memory.last_context_length, memory.tokens
+                    prompt_tokens = len(ids) + memory.tokens
+                else:
+                    cache, read, cached = self.prefixes.read(ids)
+                    lcl, prompt_tokens, ids = None, len(ids), ids[read:]
+                emit("ready", prompt_tokens, cached)
                 result = generate_text(
                     self.model,
                     self.tokenizer,
                     ids,
-                    memory=memory,
+                    cache=cache,
+                    last_context_length=lcl,
                     max_tokens=max_tokens,
                     temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=1.0 if body.top_p is None else body.top_p,

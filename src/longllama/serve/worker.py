@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
-from longllama.document_memory import DocumentMemory, _AnswerText
+from longllama.cache import LongLlamaCache
+from longllama.document_memory import _AnswerText
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ def generate_text(
     tokenizer,
     ids: Sequence[int],
     *,
-    memory: DocumentMemory | None,
+    cache: LongLlamaCache | None = None,
+    last_context_length: int | None = None,
     max_tokens: int,
     temperature: float,
     top_p: float,
@@ -96,8 +98,8 @@ def generate_text(
     ignore_eos: bool = False,
     on_text: Callable[[str], None] | None = None,
 ) -> Generated:
-    """Continue `ids` (after `memory`'s document when given, which stays unchanged) on the worker thread; text
-    pieces go to `on_text` as they come, stop strings and EOS cut off."""
+    """Continue `ids` (after `cache` when given: a document memory's or a read prefix's, left unchanged) on the
+    worker thread; text pieces go to `on_text` as they come, stop strings and EOS cut off."""
     device = model.lm_head.weight.device
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
     # Each request draws from its own seed: a seeded request before it does not make this one repeat.
@@ -114,12 +116,12 @@ def generate_text(
     with torch.no_grad():
         out = model.generate(
             input_ids,
-            cache=None if memory is None else memory.cache,
-            attention_mask=None if memory is not None else torch.ones_like(input_ids),
+            cache=cache,
+            attention_mask=None if cache is not None else torch.ones_like(input_ids),
             streamer=streamer,
             stopping_criteria=criteria,
             return_dict_in_generate=True,
-            last_context_length=None if memory is None else memory.last_context_length,
+            last_context_length=last_context_length,
             max_new_tokens=max_tokens,
             eos_token_id=tokenizer.eos_token_id,
             **settings,
