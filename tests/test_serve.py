@@ -362,18 +362,24 @@ def test_memories_survive_a_restart_and_a_kill_mid_upload(server, memory_dir, ha
     tensor = next(p for p in damaged.iterdir() if p.suffix == ".safetensors")
     tensor.write_bytes(tensor.read_bytes()[:-10])
 
-    restarted = Server(memory_dir, "--queue", "2")
+    # A budget of one byte: only the memory used last stays loaded, the other is read from disk again.
+    restarted = Server(memory_dir, "--queue", "2", "--memory-budget", "1")
     try:
-        listed = [m["id"] for m in restarted.http("GET", "/v1/memories").json()["data"]]
-        assert listed == [memory_id]
+        listed = restarted.http("GET", "/v1/memories").json()["data"]
+        assert [m["id"] for m in listed] == [memory_id] and not listed[0]["loaded"]
         assert not leftover.exists()
-        again = restarted.client().completions.create(
-            model="small", prompt=QUESTION, max_tokens=6, temperature=0, extra_body={"memory": memory_id}
+        client = restarted.client()
+        ask = lambda memory: client.completions.create(  # noqa: E731
+            model="small", prompt=QUESTION, max_tokens=6, temperature=0, extra_body={"memory": memory}
         )
+        again = ask(memory_id)
         assert again.choices[0].text == answer
-        assert (
-            again.usage.prompt_tokens_details.cached_tokens
-            == restarted.http("GET", f"/v1/memories/{memory_id}").json()["tokens"]
-        )
+        info = restarted.http("GET", f"/v1/memories/{memory_id}").json()
+        assert again.usage.prompt_tokens_details.cached_tokens == info["tokens"] and info["loaded"]
+        other = restarted.http("POST", "/v1/memories", json={"text": "The pass key is 123.", "template": "none"})
+        assert other.status_code == 200 and other.json()["loaded"]
+        assert not restarted.http("GET", f"/v1/memories/{memory_id}").json()["loaded"]  # unloaded: over budget
+        assert ask(memory_id).choices[0].text == answer  # read back from disk
+        assert not restarted.http("GET", f"/v1/memories/{other.json()['id']}").json()["loaded"]
     finally:
         restarted.stop()

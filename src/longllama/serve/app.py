@@ -584,18 +584,19 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             info = await asyncio.wrap_future(future)
         except Exception as exc:
             raise _error_of(exc) from None
-        return JSONResponse(info.as_json())
+        return JSONResponse(info.as_json(loaded=server.store.is_loaded(info.id)))
 
     @app.get("/v1/memories")
     async def list_memories() -> dict[str, Any]:
-        return {"object": "list", "data": [info.as_json() for info in server.store.list()]}
+        infos = server.store.list()
+        return {"object": "list", "data": [info.as_json(loaded=server.store.is_loaded(info.id)) for info in infos]}
 
     @app.get("/v1/memories/{memory_id}")
     async def get_memory(memory_id: str) -> dict[str, Any]:
         info = server.store.info(memory_id)
         if info is None:
             raise APIError(404, f"no memory with id '{memory_id}'", param="memory_id", code="memory_not_found")
-        return info.as_json()
+        return info.as_json(loaded=server.store.is_loaded(memory_id))
 
     @app.delete("/v1/memories/{memory_id}")
     async def delete_memory(memory_id: str) -> dict[str, Any]:

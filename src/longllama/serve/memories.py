@@ -49,7 +49,7 @@ class MemoryInfo:
     template: str
     bytes: int  # on disk
 
-    def as_json(self) -> dict:
+    def as_json(self, *, loaded: bool) -> dict:
         return {
             "id": self.id,
             "object": "memory",
@@ -57,6 +57,7 @@ class MemoryInfo:
             "created": self.created,
             "template": self.template,
             "bytes": self.bytes,
+            "loaded": loaded,  # held in memory now, or read from disk when next used
         }
 
 
@@ -83,6 +84,9 @@ class MemoryStore:
             return None
         with self._lock:
             return self._index.get(memory_id)
+
+    def is_loaded(self, memory_id: str) -> bool:
+        return memory_id in self._hot  # a dict lookup: safe beside the worker's changes
 
     @property
     def loaded_bytes(self) -> int:
