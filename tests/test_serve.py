@@ -383,3 +383,26 @@ def test_memories_survive_a_restart_and_a_kill_mid_upload(server, memory_dir, ha
         assert not restarted.http("GET", f"/v1/memories/{other.json()['id']}").json()["loaded"]
     finally:
         restarted.stop()
+
+
+def test_serve_refuses_bad_options_in_one_line(tmp_path, capsys):
+    from conftest import assert_one_line_errors
+
+    from longllama.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(["serve", "--model", str(SHIPPED_MODEL), *args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert_one_line_errors(
+        run,
+        {
+            "memory dir is a file": (["--memory-dir", str(a_file)], "is a file"),
+            "unknown template": (["--template", "nope"], "not one of"),
+            "queue of zero": (["--queue", "0"], "--queue"),
+            "negative port": (["--port", "-1"], "--port"),
+        },
+    )

@@ -309,7 +309,12 @@ class _Server:
         if body.n not in (None, 1):
             raise APIError(400, f"n={body.n}: this server returns one choice per request; pass n=1", param="n")
         if body.memory is not None and self.store.info(body.memory) is None:
-            raise APIError(404, f"no memory with id '{body.memory}': list them with GET /v1/memories", param="memory")
+            raise APIError(
+                404,
+                f"no memory with id '{body.memory}': list them with GET /v1/memories",
+                param="memory",
+                code="memory_not_found",
+            )
 
     async def run(
         self,
