@@ -1276,6 +1276,9 @@ def serve(
         from longllama.serve import ServeConfig, create_app
     except ImportError as exc:
         raise CliError(f"serve needs FastAPI and uvicorn ({exc}): pip install 'longllama[serve]'") from None
+    import os
+
+    api_key = api_key or os.environ.get("LONGLLAMA_API_KEY") or None
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logger.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
     if memory_dir is not None:
@@ -1310,7 +1313,12 @@ def _add_serve(commands) -> None:
     _add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_non_negative_int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: $LONGLLAMA_API_KEY, which "
+        "keeps the key out of process listings)",
+    )
     p.add_argument(
         "--memory-dir", metavar="DIR", help="where memories are kept across restarts (default: a temporary folder)"
     )
