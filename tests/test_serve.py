@@ -222,6 +222,24 @@ def test_a_pass_key_answered_from_a_memory(server, haystack, tokenizer):
     server.passkey = (memory["id"], answer.choices[0].text)
 
 
+def test_reading_a_memory_streams_its_progress(server, tokenizer):
+    text, _ = passkey.passkey_prompt(passkey.n_garbage_for_tokens(tokenizer, 2000, seed=2), 1)
+    response = server.http("POST", "/v1/memories?stream=true", json={"text": text, "template": "none"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [event for event in response.text.split("\n\n") if event]
+    assert all(event.startswith("data: ") for event in events) and events[-1] == "data: [DONE]"
+    data = [json.loads(event[6:]) for event in events[:-1]]
+    progress, memory = data[:-1], data[-1]
+    total = 1 + len(tokenizer.encode(text, add_special_tokens=False))
+    assert len(progress) >= 2 and all(p["object"] == "memory.progress" and p["total"] == total for p in progress)
+    done = [p["tokens"] for p in progress]
+    assert done == sorted(done) and done[-1] == total
+    assert memory["object"] == "memory" and memory["tokens"] == total
+    assert server.http("DELETE", f"/v1/memories/{memory['id']}").status_code == 200
+    # A document that cannot be read is an error status, not an event of a started stream.
+    _error(server.http("POST", "/v1/memories?stream=true", json={"text": "x", "template": "no-such"}), 400)
+
+
 def test_a_repeated_long_prompt_reuses_the_memory_of_its_whole_windows(server, tokenizer):
     import torch
 

@@ -575,8 +575,23 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         if not text.strip():
             raise APIError(400, "the document is empty: send some text", param="text")
         template = config.template if template is None else template
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        stream = request.query_params.get("stream", "").lower() in ("1", "true")
+
+        def progress(done: int, total: int) -> None:
+            if stream:
+                loop.call_soon_threadsafe(events.put_nowait, ("progress", done, total))
+
+        def job() -> None:
+            try:
+                info = server.store.create(text, template=template, system=system, progress=progress)
+                loop.call_soon_threadsafe(events.put_nowait, ("done", info))
+            except BaseException as exc:
+                loop.call_soon_threadsafe(events.put_nowait, ("error", exc))
+
         try:
-            future = server.worker.submit(lambda: server.store.create(text, template=template, system=system))
+            server.worker.submit(job)
         except QueueFull:
             raise APIError(
                 429,
@@ -585,11 +600,27 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                 code="rate_limit_exceeded",
                 headers={"Retry-After": "1"},
             ) from None
-        try:
-            info = await asyncio.wrap_future(future)
-        except Exception as exc:
-            raise _error_of(exc) from None
-        return JSONResponse(info.as_json(loaded=server.store.is_loaded(info.id)))
+        first = await events.get()  # a document that cannot be read is an error status, not a stream event
+        if first[0] == "error":
+            raise _error_of(first[1])
+        if not stream:
+            return JSONResponse(first[1].as_json(loaded=server.store.is_loaded(first[1].id)))
+
+        async def reading() -> AsyncIterator[bytes]:
+            event = first
+            while True:
+                if event[0] == "progress":
+                    yield _sse({"object": "memory.progress", "tokens": event[1], "total": event[2]})
+                elif event[0] == "error":
+                    yield _sse(_error_of(event[1]).body())
+                    break
+                else:
+                    yield _sse(event[1].as_json(loaded=server.store.is_loaded(event[1].id)))
+                    break
+                event = await events.get()
+            yield _sse("[DONE]")
+
+        return StreamingResponse(reading(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/memories")
     async def list_memories() -> dict[str, Any]:

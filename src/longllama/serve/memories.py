@@ -14,6 +14,7 @@ import secrets
 import shutil
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,9 +94,19 @@ class MemoryStore:
         return sum(size for _, size in list(self._hot.values()))
 
     # -- the worker thread ---------------------------------------------------------------------------------------
-    def create(self, text: str, *, template: str | None, system: str | None) -> MemoryInfo:
-        """Read `text` into a new memory, save it and keep it loaded."""
-        memory = DocumentMemory.build(self.model, self.tokenizer, text, template=template, system=system)
+    def create(
+        self,
+        text: str,
+        *,
+        template: str | None,
+        system: str | None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> MemoryInfo:
+        """Read `text` into a new memory, save it and keep it loaded; `progress(tokens_done, total)` after each
+        window."""
+        memory = DocumentMemory.build(
+            self.model, self.tokenizer, text, template=template, system=system, progress=progress
+        )
         memory_id = new_id()
         path = memory.save(self.folder / memory_id)
         info = self._info(memory_id, path, memory.tokens, memory.format.template)

@@ -87,10 +87,11 @@ function useMemory(m) {
   for (const li of $("memories").children) li.className = m && li.dataset.id === m.id ? "current" : "";
 }
 function upload(file) {
+  // ?stream=true: the reply streams the reading's progress (server-sent events), then the memory
   const form = new FormData(); form.append("file", file);
   if ($("template").value) form.append("template", $("template").value);
-  const xhr = new XMLHttpRequest(); const start = performance.now();
-  xhr.open("POST", "/v1/memories");
+  const xhr = new XMLHttpRequest(); const start = performance.now(); let seen = 0, memory = null, failure = null;
+  xhr.open("POST", "/v1/memories?stream=true");
   for (const [k, v] of Object.entries(headers())) xhr.setRequestHeader(k, v);
   xhr.upload.onprogress = (e) => {
     if (!e.lengthComputable) return;
@@ -100,15 +101,31 @@ function upload(file) {
   xhr.upload.onload = () => {
     $("progress").removeAttribute("value"); setStatus("reading " + file.name + " into memory…");
   };
+  const readEvents = () => {
+    let cut;
+    while ((cut = xhr.responseText.indexOf("\\n\\n", seen)) >= 0) {
+      const event = xhr.responseText.slice(seen, cut); seen = cut + 2;
+      if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
+      const data = JSON.parse(event.slice(6));
+      if (data.error) failure = data.error.message;
+      else if (data.object === "memory.progress") {
+        $("progress").value = data.tokens / data.total;
+        setStatus("reading " + file.name + ": " + data.tokens + " / " + data.total + " tokens");
+      } else if (data.object === "memory") memory = data;
+    }
+  };
+  xhr.onprogress = () => { if (xhr.status === 200) readEvents(); };
   xhr.onload = () => {
     $("progress").value = 1;
-    let body = null; try { body = JSON.parse(xhr.responseText); } catch (e) {}
     if (xhr.status !== 200) {
+      let body = null; try { body = JSON.parse(xhr.responseText); } catch (e) {}
       setStatus(body && body.error ? body.error.message : "upload failed: " + xhr.status, true); return;
     }
+    readEvents();
+    if (failure || !memory) { setStatus(failure || "the reply held no memory", true); return; }
     const seconds = (performance.now() - start) / 1000;
-    setStatus(file.name + ": " + body.tokens + " tokens in " + seconds.toFixed(1) + " s");
-    useMemory(body); listMemories();
+    setStatus(file.name + ": " + memory.tokens + " tokens in " + seconds.toFixed(1) + " s");
+    useMemory(memory); listMemories();
   };
   xhr.onerror = () => setStatus("upload failed: the server could not be reached", true);
   xhr.send(form);
