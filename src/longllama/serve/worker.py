@@ -50,6 +50,14 @@ class ModelWorker:
         return future.result()
 
     def close(self) -> None:
+        """Drop the queued jobs (their requests get cancelled futures) and end the thread after the running one."""
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
         self._jobs.put(None)
         self._thread.join(timeout=10)
 
