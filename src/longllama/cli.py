@@ -400,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_memory(commands)
     _add_chat(commands)
+    _add_serve(commands)
     return parser
 
 
@@ -1247,6 +1248,121 @@ def _add_chat(commands) -> None:
     p.add_argument("--top-p", type=_probability, metavar="P", help="nucleus sampling: keep the top P of probability")
     p.add_argument("--seed", type=int, metavar="S", help="random seed, for repeatable sampling")
     p.set_defaults(func=chat)
+
+
+def serve(
+    *,
+    model: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    memory_dir: str | None = None,
+    queue: int = 8,
+    max_prompt_tokens: int = 32768,
+    max_tokens: int = 2048,
+    memory_budget: int = 4 << 30,
+    prefix_cache_bytes: int = 1 << 30,
+    max_body_bytes: int = 1 << 20,
+    max_upload_bytes: int = 64 << 20,
+    template: str | None = None,
+    verbose: bool = False,
+    **model_options,
+) -> int:
+    """Serve the model over an OpenAI-compatible HTTP API (completions, chat completions, streamed or not) with
+    document memories: POST a document to /v1/memories once, then ask about it with "memory": ID (docs/serve.md)."""
+    try:
+        import uvicorn
+
+        from longllama.serve import ServeConfig, create_app
+    except ImportError as exc:
+        raise CliError(f"serve needs FastAPI and uvicorn ({exc}): pip install 'longllama[serve]'") from None
+    import os
+
+    api_key = api_key or os.environ.get("LONGLLAMA_API_KEY") or None
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        logger.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
+    if memory_dir is not None:
+        folder_of_memories = Path(memory_dir).expanduser()
+        if folder_of_memories.exists() and not folder_of_memories.is_dir():
+            raise CliError(f"--memory-dir {memory_dir} is a file: pass a folder (it is created when missing)")
+        memory_dir = str(folder_of_memories)
+    folder, lm, tokenizer = _chat_model(model, template, None, verbose=verbose, **model_options)
+    config = ServeConfig(
+        model_id=folder.resolve().name,
+        api_key=api_key,
+        memory_dir=memory_dir,
+        queue=queue,
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens=max_tokens,
+        memory_budget=memory_budget,
+        prefix_cache_bytes=prefix_cache_bytes,
+        max_body_bytes=max_body_bytes,
+        max_upload_bytes=max_upload_bytes,
+        template=template,
+    )
+    app = create_app(lm, tokenizer, config)
+    print(f"{PROG}: serving {config.model_id} on http://{host}:{port} (OpenAI API under /v1)", file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0
+
+
+def _add_serve(commands) -> None:
+    p = commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server with document memories", description=serve.__doc__
+    )
+    _add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_non_negative_int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: $LONGLLAMA_API_KEY, which "
+        "keeps the key out of process listings)",
+    )
+    p.add_argument(
+        "--memory-dir", metavar="DIR", help="where memories are kept across restarts (default: a temporary folder)"
+    )
+    p.add_argument(
+        "--queue",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="requests that may wait for the model (8); more: 429",
+    )
+    p.add_argument(
+        "--max-prompt-tokens", type=_positive_int, default=32768, metavar="N", help="prompt tokens per request (32768)"
+    )
+    p.add_argument("--max-tokens", type=_positive_int, default=2048, metavar="N", help="new tokens per request (2048)")
+    p.add_argument(
+        "--memory-budget",
+        type=_positive_int,
+        default=4 << 30,
+        metavar="BYTES",
+        help="bytes of memories kept loaded (default 4 GiB); the others are read from disk when used",
+    )
+    p.add_argument(
+        "--prefix-cache-bytes",
+        type=_non_negative_int,
+        default=1 << 30,
+        metavar="BYTES",
+        help="memory kept of recent prompts' whole windows, reused by prompts that start the same (1 GiB; 0: off)",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=_positive_int, default=1 << 20, metavar="BYTES", help="request body limit (1 MiB)"
+    )
+    p.add_argument(
+        "--max-upload-bytes",
+        type=_positive_int,
+        default=64 << 20,
+        metavar="BYTES",
+        help="memory upload limit (64 MiB)",
+    )
+    p.add_argument(
+        "--template",
+        metavar="NAME|none",
+        help="chat format of chat requests and new memories (default: the tokenizer's); 'none': plain continuation",
+    )
+    p.set_defaults(func=serve)
 
 
 def _quiet_libraries() -> None:

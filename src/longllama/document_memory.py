@@ -256,6 +256,17 @@ class DocumentMemory:
                 layer.memory.to(device)
         return self
 
+    def nbytes(self) -> int:
+        """Bytes the cache holds (local caches and memory buffers): what keeping this memory loaded costs."""
+        total = self.cache.memory_bytes()
+        seen: set[int] = set()  # layers may share one positions tensor
+        for layer in self.cache.layers:
+            for tensor in (layer.keys, layer.values, layer.positions):
+                if tensor is not None and tensor.data_ptr() not in seen:
+                    seen.add(tensor.data_ptr())
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
     # -- files ---------------------------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
         return {
