@@ -5,4 +5,5 @@
 # adds its subparser (with `common(parser)` for the options every evaluation shares) and sets `func`.
 EVAL_TASKS = {
     "lm-eval": "longllama.evals.harness",
+    "ruler": "longllama.evals.ruler",
 }
