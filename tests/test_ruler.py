@@ -208,6 +208,40 @@ def test_deterministic_by_seed(tokenizer) -> None:
         assert a.outputs != ruler.make_sample(task, 1024, 2, tokenizer, seed=3).outputs
 
 
+class _Oracle:
+    """A stand-in model that continues each known prompt with the given text (truncated to the new tokens)."""
+
+    device = "cpu"
+
+    def __init__(self, tokenizer, continuations: dict[tuple[int, ...], str]):
+        self.tokenizer, self.continuations = tokenizer, continuations
+
+    def generate(self, input_ids, *, max_new_tokens: int, **_):
+        import torch
+
+        text = self.continuations[tuple(input_ids[0].tolist())]
+        new = encode_prompt(self.tokenizer, text, bos=False)[:max_new_tokens]
+        return torch.cat([input_ids, torch.tensor([new])], dim=1)
+
+
+@pytest.mark.parametrize("first_only", [False, True])
+def test_run_scores_answers(tokenizer, first_only: bool) -> None:
+    """All answers in the continuation score 1; only the first scores 1 / (number of answers) (string_match_all)."""
+    tasks, length, n = list(ruler.TASKS), 2048, 2
+    expected = {(t, i): ruler.make_sample(t, length, i, tokenizer, seed=5) for t in tasks for i in range(n)}
+    said = {k: s.outputs[:1] if first_only else s.outputs for k, s in expected.items()}
+    oracle = _Oracle(tokenizer, {tuple(s.ids): " " + ", ".join(said[k]) + "." for k, s in expected.items()})
+    records = ruler.run_ruler(oracle, tokenizer, tasks=tasks, lengths=[length], samples=n, seed=5, progress=False)
+    assert [(r["task"], r["index"]) for r in records] == list(expected)
+    for r in records:
+        assert r["score"] == pytest.approx(len(said[r["task"], r["index"]]) / len(r["outputs"])), r
+    summary = ruler.summarize(records)
+    assert [c["task"] for c in summary] == tasks
+    assert all(
+        c["score"] == pytest.approx(1 / len(expected[c["task"], 0].outputs) if first_only else 1) for c in summary
+    )
+
+
 def _run(capsys, *args: str) -> tuple[int, str, str]:
     code = main(["eval", "ruler", *args])
     out, err = capsys.readouterr()
