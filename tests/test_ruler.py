@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 
 from longllama.cli import SHIPPED_MODEL, main
+from longllama.errors import InputError
 from longllama.tokenizer import encode_prompt, load_tokenizer
 
 pytest.importorskip("wonderwords")
@@ -190,6 +191,15 @@ def test_lengths_within_tolerance(tokenizer, length: int) -> None:
         assert used == s.tokens + spec.max_new_tokens
         # never over; under by less than one haystack unit (the largest here: a uuid needle line, ~50 tokens)
         assert length - 64 <= used <= length, (task, used)
+
+
+def test_tight_lengths_draw_again(tokenizer) -> None:
+    """cwe at 4096 is near its shortest with this tokenizer: draws that cannot fit are replaced, never overlong."""
+    for index in range(6):
+        s = ruler.make_sample("cwe", 4096, index, tokenizer)
+        assert len(encode_prompt(tokenizer, s.prompt)) + 120 <= 4096
+    with pytest.raises(InputError, match="cwe at length 900 does not fit"):
+        ruler.make_sample("cwe", 900, 0, tokenizer)
 
 
 def test_pieces_encode_like_the_whole_text(tokenizer) -> None:

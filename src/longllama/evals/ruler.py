@@ -468,11 +468,28 @@ def _fit(count: Callable[[int], int], budget: int, lo: int, *, what: str) -> tup
     return good
 
 
+DRAWS = 10  # a sample whose shortest form is over its length is drawn again, at most this many times in all
+
+
 def make_sample(task_name: str, length: int, index: int, tokenizer, *, seed: int = 0) -> Sample:
-    """Sample `index` of `task_name` fitted to `length` tokens (prompt + the task's new tokens) for `tokenizer`."""
+    """Sample `index` of `task_name` fitted to `length` tokens (prompt + the task's new tokens) for `tokenizer`.
+
+    Near a task's shortest length some draws (long words, say) do not fit even with the least haystack; those are
+    drawn again from the next stream, as RULER's generators skip or retry them, so the sample stays deterministic.
+    """
     task = _task(task_name)
-    budget = length - task.max_new_tokens
-    build = _builder(task, length, tokenizer, f"ruler:{seed}:{task.name}:{length}:{index}")
+    for draw in range(DRAWS):
+        key = f"ruler:{seed}:{task.name}:{length}:{index}" + (f":{draw}" if draw else "")
+        try:
+            return _fitted_sample(task, length, index, tokenizer, key)
+        except InputError:
+            if draw == DRAWS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _fitted_sample(task: Task, length: int, index: int, tokenizer, key: str) -> Sample:
+    build = _builder(task, length, tokenizer, key)
     last: dict[int, tuple[tuple[str, str, list[str]], list[int]]] = {}
 
     def count(n: int) -> int:
@@ -480,7 +497,8 @@ def make_sample(task_name: str, length: int, index: int, tokenizer, *, seed: int
         last[n] = (built, _encode(tokenizer, built[0] + built[1]))
         return len(last[n][1])
 
-    units, _ = _fit(count, budget, _min_units(task), what=f"{task.name} at length {length}")
+    what = f"{task.name} at length {length}"
+    units, _ = _fit(count, length - task.max_new_tokens, _min_units(task), what=what)
     (text, prefix, outputs), ids = last[units]
     if any(o not in text for o in outputs):  # the generators' own invariant: every answer is in the context
         raise AssertionError(f"{task.name} sample {index}: an answer is missing from its text")
