@@ -162,6 +162,7 @@ def key_word(index: int) -> str:
 
 
 def key_words_count() -> int:
+    """How many needle keys there are (adjectives x nouns)."""
     nouns, adjectives, _ = _wonderwords()
     return len(nouns) * len(adjectives)
 
@@ -219,7 +220,11 @@ def _essay(n: int) -> list[str]:
     return [sentences[i % len(sentences)] for i in range(n)]
 
 
-def niah(rng: random.Random, n: int, *, haystack, type_k, type_v, num_k, num_v, num_q) -> tuple[str, str, list[str]]:
+def niah(
+    rng: random.Random, n: int, *, haystack: str, type_k: str, type_v: str, num_k: int, num_v: int, num_q: int
+) -> tuple[str, str, list[str]]:
+    """A needle-in-a-haystack sample with `n` haystack units (essay sentences, noise lines or distractor needles):
+    (input, answer prefix, answers)."""
     num_k = max(num_k, num_q)
     keys, values, needles = [], [], []
     for _ in range(num_k):
@@ -285,7 +290,8 @@ def _vt_text(rng: random.Random, n: int, num_chains: int, num_hops: int, letters
 VT_EXAMPLE_TOKENS = 500  # RULER's worked example: the same task with 3-letter names, fitted to 500 tokens
 
 
-def vt(rng: random.Random, n: int, *, num_chains, num_hops, example_noise: int) -> tuple[str, str, list[str]]:
+def vt(rng: random.Random, n: int, *, num_chains: int, num_hops: int, example_noise: int) -> tuple[str, str, list[str]]:
+    """A variable-tracking sample with `n` noise lines, after a worked example with `example_noise` of them."""
     example_input, example_prefix, example_answer = _vt_text(rng, example_noise, num_chains, num_hops, 3)
     example = example_input + example_prefix + " " + " ".join(example_answer) + "\n"
     text, prefix, answer = _vt_text(rng, n, num_chains, num_hops, 5)
@@ -307,8 +313,11 @@ def _cwe_list(rng: random.Random, n: int, repeats: int, uncommon_repeats: int, n
     return _numbered(listed), common
 
 
-def cwe(rng: random.Random, n: int, *, freq_cw, freq_ucw, num_cw, num_fewshot, short: bool):
-    """`short`: lengths under 4096 use RULER's smaller example and repeats."""
+def cwe(
+    rng: random.Random, n: int, *, freq_cw: int, freq_ucw: int, num_cw: int, num_fewshot: int, short: bool
+) -> tuple[str, str, list[str]]:
+    """A common-words sample listing `n` distinct words; `short` (lengths under 4096) uses RULER's smaller worked
+    example and repeats."""
     shots = []
     for _ in range(num_fewshot):
         context, answer = _cwe_list(rng, 20, 3, 1, num_cw) if short else _cwe_list(rng, 40, 10, 3, num_cw)
@@ -329,7 +338,8 @@ def zeta(s: float, terms: int = 1000) -> float:
     return partial + terms ** (1 - s) / (s - 1) + terms**-s / 2 + s * terms ** (-s - 1) / 12
 
 
-def fwe(rng: random.Random, n: int, *, alpha, coded_wordlen, vocab_size: int) -> tuple[str, str, list[str]]:
+def fwe(rng: random.Random, n: int, *, alpha: float, coded_wordlen: int, vocab_size: int) -> tuple[str, str, list[str]]:
+    """A frequent-words sample of about `n` coded words with Zipf(alpha) counts over `vocab_size` words."""
     vocab: set[str] = set()
     while len(vocab) < vocab_size:
         vocab.add("".join(rng.choices(string.ascii_lowercase, k=coded_wordlen)))
@@ -381,8 +391,8 @@ def _builder(task: Task, length: int, tokenizer, key: str) -> Callable[[int], tu
 
 def _vt_example_noise(tokenizer, task: Task) -> int:
     def count(n: int) -> int:
-        text, prefix, answer = _vt_text(random.Random(0), n, task.args["num_chains"], task.args["num_hops"], 3)
-        return _count(tokenizer, text + prefix + " " + " ".join(answer))
+        text, prefix, _ = _vt_text(random.Random(0), n, task.args["num_chains"], task.args["num_hops"], 3)
+        return _count(tokenizer, text + prefix)  # as RULER: the example's prompt, without its answer
 
     return _fit(count, VT_EXAMPLE_TOKENS, _min_units(task), what="vt's worked example")[0]
 
