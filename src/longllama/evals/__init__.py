@@ -7,4 +7,5 @@ EVAL_TASKS = {
     "lm-eval": "longllama.evals.harness",
     "humaneval": "longllama.evals.humaneval",
     "icl": "longllama.evals.icl",
+    "ruler": "longllama.evals.ruler",
 }
