@@ -160,7 +160,9 @@ def generate(
     torch_device = resolve_device(device)
     settings = sampling_settings(temperature, top_p=top_p, top_k=top_k)
     text = read_prompt(prompt, prompt_file)
-    tokenizer = load_tokenizer(folder)  # before the model: a bad tokenizer or prompt fails in a second, not minutes
+    tokenizer = load_tokenizer(
+        _tokenizer_folder(folder)
+    )  # before the model: a bad tokenizer or prompt fails in a second, not minutes
     ids = encode_prompt(tokenizer, text, bos=True)
     lm = load_model(
         folder,
@@ -215,6 +217,13 @@ def sampling_settings(temperature: float, *, top_p: float | None, top_k: int | N
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "small"
 
 
+# Its chat-tuned variant (configs/small-chat.yaml): LoRA adapters over it, merged at load; the chat commands' default.
+SHIPPED_CHAT_MODEL = SHIPPED_MODEL.parent / "small-chat"
+# Names --model takes for the shipped folders (a folder of that name in the working directory comes first).
+SHIPPED_NAMES = {"small": SHIPPED_MODEL, "small-chat": SHIPPED_CHAT_MODEL}
+LORA_INSTALL = "pip install 'longllama[lora]'"
+
+
 def _model_folder(model: str | None) -> Path:
     if model is None:
         if (SHIPPED_MODEL / "config.json").is_file():
@@ -225,9 +234,60 @@ def _model_folder(model: str | None) -> Path:
             "(config.json, weights and tokenizer.model)"
         )
     folder = Path(model).expanduser()
+    if not folder.is_dir() and model in SHIPPED_NAMES and SHIPPED_NAMES[model].is_dir():
+        return SHIPPED_NAMES[model]
     if not folder.is_dir():
-        raise CliError(f"--model {model}: no such folder; pass the path of a local LongLLaMA checkpoint folder")
+        raise CliError(
+            f"--model {model}: no such folder; pass the path of a local LongLLaMA checkpoint folder "
+            f"(or a shipped name: {', '.join(SHIPPED_NAMES)})"
+        )
     return folder
+
+
+def _chat_model_folder(model: str | None, template: str | None) -> tuple[Path, str | None]:
+    """(folder, template) of the chat commands: without --model the chat-tuned model when it is shipped and peft is
+    installed; without peft the base model, whose answers need plain continuation (template 'none' unless given)."""
+    if model is not None or not is_adapter_folder(SHIPPED_CHAT_MODEL):
+        return _model_folder(model), template
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        print(
+            f"{PROG}: warning: the chat-tuned model needs peft ({LORA_INSTALL}); using the base model"
+            + (" with --template none" if template is None else ""),
+            file=sys.stderr,
+        )
+        return _model_folder(None), "none" if template is None else template
+    print(f"{PROG}: no --model given: using the shipped chat model ({SHIPPED_CHAT_MODEL})", file=sys.stderr)
+    return SHIPPED_CHAT_MODEL, template
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """A peft adapter folder (adapter_config.json, no config.json of its own): adapters over a base model."""
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def adapter_base(folder: Path) -> Path:
+    """The base model folder of an adapter folder: its base_model_name_or_path, relative to the adapter folder
+    unless absolute."""
+    import json
+
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CliError(f"{folder}/adapter_config.json is unreadable ({exc}): export the adapters again") from None
+    path = Path(str(base)).expanduser()
+    path = path if path.is_absolute() else (folder / path).resolve()
+    if not (path / "config.json").is_file():
+        raise CliError(
+            f"{folder}: the adapters' base model {base} is not a LongLLaMA folder here: set base_model_name_or_path "
+            "in adapter_config.json to the base folder (absolute, or relative to the adapter folder)"
+        )
+    return path
+
+
+def _tokenizer_folder(folder: Path) -> Path:
+    return adapter_base(folder) if is_adapter_folder(folder) else folder
 
 
 def resolve_device(name: str):
@@ -314,12 +374,30 @@ def load_model(
     if compile_elementwise is not None:
         overrides["compile_elementwise"] = compile_elementwise
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = LongLlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype, **overrides).to(device).eval()
+    adapter = folder if is_adapter_folder(folder) else None
+    if adapter is not None:
+        folder = adapter_base(adapter)
+    model = LongLlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype, **overrides)
+    if adapter is not None:
+        model = _merge_adapter(model, adapter)
+    model = model.to(device).eval()
     if changes:
         model.set_plan(**changes)
     if verbose:
         print(f"{PROG}: {model.plan}", file=sys.stderr)
     return model
+
+
+def _merge_adapter(model, adapter: Path):
+    """`model` with the LoRA adapters of folder `adapter` added into its weights (peft's merge_and_unload)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise CliError(f"{adapter} holds LoRA adapters, which need peft: {LORA_INSTALL}") from None
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    # Document memories fingerprint a model by its folder's files; the base folder's would not tell the two apart.
+    merged.config._name_or_path = str(adapter)
+    return merged
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -663,7 +741,7 @@ def passkey(
     if plot_path is not None:
         eval_records.plot_format(plot_path)
     # Everything that can fail without the model is checked before loading it: that can take minutes.
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(_tokenizer_folder(folder))
     task.check_lengths(tokenizer, lengths, seed=seed)
     # The model's own (1024 for the released checkpoints, as docs/evaluation.md#passkey-retrieval uses) unless given.
     last_context_length = _last_context_length(folder, last_context_length)
@@ -850,7 +928,7 @@ def perplexity(
     # Everything that can fail without the model is checked before loading it: that can take minutes.
     lcl = _last_context_length(folder, last_context_length)
     contexts = task.check_settings(contexts, target_tokens=target_tokens, last_context_length=lcl)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(_tokenizer_folder(folder))
     documents = task.load_documents(texts, tokenizer, needed_tokens=contexts[-1] + target_tokens, max_docs=max_docs)
     lm = load_model(
         folder,
@@ -984,7 +1062,7 @@ def eval_model(
     from longllama.tokenizer import load_tokenizer
 
     folder = _model_folder(model)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(_tokenizer_folder(folder))
     lm = load_model(
         folder, dtype=dtype, device=resolve_device(device), mem_attention_grouping=None, plan=plan, verbose=verbose
     )
@@ -1017,7 +1095,7 @@ def memory_build(
 
     target = _memory_target(out)
     text, sources = read_documents(files)  # before the model: a bad file fails in a second
-    folder, lm, tokenizer = _chat_model(model, template, system, verbose=verbose, **model_options)
+    folder, lm, tokenizer, template = _chat_model(model, template, system, verbose=verbose, **model_options)
     memory = _read_into_memory(lm, tokenizer, text, sources, template, system, last_context_length)
     memory.save(target)
     print(f"{memory.tokens} tokens -> {target}")
@@ -1080,7 +1158,7 @@ def chat(
         read_manifest(Path(memory).expanduser())  # a wrong path fails before the model loads
     else:
         text, sources = read_documents(file)
-    folder, lm, tokenizer = _chat_model(model, template, system, verbose=verbose, **model_options)
+    folder, lm, tokenizer, template = _chat_model(model, template, system, verbose=verbose, **model_options)
     if memory:
         document = DocumentMemory.load(memory, lm, tokenizer, template=template, system=system)
         print(f"{PROG}: loaded {document.tokens} tokens from {memory}", file=sys.stderr)
@@ -1143,14 +1221,17 @@ def _memory_target(path: str) -> Path:
     return target
 
 
-def _chat_model(model: str | None, template: str | None, system: str | None, *, verbose: bool, **options):
-    """(folder, model, tokenizer); the chat format is checked before the model loads."""
+def _chat_model(
+    model: str | None, template: str | None, system: str | None, *, verbose: bool, chat_default: bool = True, **options
+):
+    """(folder, model, tokenizer, template); the chat format is checked before the model loads. `chat_default`:
+    without --model, the shipped chat model (and the template that suits the model chosen)."""
     from longllama.chat_format import chat_format
     from longllama.tokenizer import load_tokenizer
 
-    folder = _model_folder(model)
+    folder, template = _chat_model_folder(model, template) if chat_default else (_model_folder(model), template)
     device = resolve_device(options.pop("device", "auto"))
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(_tokenizer_folder(folder))
     chat_format(tokenizer, template, system=system)
     lm = load_model(
         folder,
@@ -1160,7 +1241,7 @@ def _chat_model(model: str | None, template: str | None, system: str | None, *, 
         verbose=verbose,
         **options,
     )
-    return folder, lm, tokenizer
+    return folder, lm, tokenizer, template
 
 
 def _read_into_memory(lm, tokenizer, text: str, sources, template, system, last_context_length):
@@ -1286,7 +1367,7 @@ def serve(
         if folder_of_memories.exists() and not folder_of_memories.is_dir():
             raise CliError(f"--memory-dir {memory_dir} is a file: pass a folder (it is created when missing)")
         memory_dir = str(folder_of_memories)
-    folder, lm, tokenizer = _chat_model(model, template, None, verbose=verbose, **model_options)
+    folder, lm, tokenizer, _ = _chat_model(model, template, None, verbose=verbose, chat_default=False, **model_options)
     config = ServeConfig(
         model_id=folder.resolve().name,
         api_key=api_key,
