@@ -138,3 +138,22 @@ def test_chat_without_model_or_template_answers_a_pass_key(tokenizer, tmp_path, 
     assert code == 0, captured.err
     assert "shipped chat model" in captured.err
     assert re.search(rf"(?<!\d){key}(?!\d)", captured.out), (key, captured.out)
+
+
+@shipped
+def test_without_peft_chat_falls_back_and_named_adapters_fail_in_one_line(tokenizer, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+    prompt, key = passkey.passkey_prompt(passkey.n_garbage_for_tokens(tokenizer, 2048, seed=0), 5)
+    path = tmp_path / "haystack.txt"
+    path.write_text(prompt[: -len(passkey.QUESTION_LINE)], encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", io.StringIO(passkey.QUESTION_LINE + "\n"))
+    code = main(["chat", "--file", str(path), "--max-new-tokens", "6", "--dtype", "float32"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "pip install 'longllama[lora]'" in captured.err and "--template none" in captured.err
+    assert captured.out.strip().startswith(str(key)), (key, captured.out)  # the base model's plain continuation
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the pass key?\n"))
+    code = main(["chat", "--model", "small-chat", "--file", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "pip install 'longllama[lora]'" in err[0], err
