@@ -122,15 +122,18 @@ def test_bad_top_k_is_a_config_error(bad):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_window_after_a_local_cache_with_top_k(kv_heads):
-    # 40 new queries after 20 cached keys (a mask that is not top-left causal): local part under the mask, memory
-    # by kNN, merged; the same as the masked top k of the exact path.
+@pytest.mark.parametrize("n", [40, 5])  # a window-sized block, and a few queries (below FEW_QUERIES)
+def test_window_after_a_local_cache_with_top_k(kv_heads, n):
+    # n new queries after 20 cached keys (a mask that is not top-left causal): local part under the mask, memory
+    # by kNN, merged; the same as the masked top k of the exact path, and not the dense memory attention.
     torch.manual_seed(2)
-    q = torch.randn(1, 4, 40, 16)
-    k, v = torch.randn(1, kv_heads, 60, 16), torch.randn(1, kv_heads, 60, 16)
+    q = torch.randn(1, 4, n, 16)
+    k, v = torch.randn(1, kv_heads, 20 + n, 16), torch.randn(1, kv_heads, 20 + n, 16)
     mem_k, mem_v = torch.randn(1, kv_heads, 500, 16), torch.randn(1, kv_heads, 500, 16)
-    visible = (torch.arange(60)[None, :] <= torch.arange(20, 60)[:, None])[None, None]
+    visible = (torch.arange(20 + n)[None, :] <= torch.arange(20, 20 + n)[:, None])[None, None]
     outs = [
         attend(q, k, v, visible=visible, mem_k=mem_k, mem_v=mem_v, impl=impl, mem_top_k=9) for impl in ("eager", "fast")
     ]
+    dense = attend(q, k, v, visible=visible, mem_k=mem_k, mem_v=mem_v, impl="eager")
     assert (outs[0] - outs[1]).abs().max() < 1e-5
+    assert (outs[1] - dense).abs().max() > 1e-3

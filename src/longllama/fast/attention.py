@@ -347,8 +347,10 @@ def attend(
     if top_k is not None and (mem_valid is not None or (q.requires_grad and torch.is_grad_enabled())):
         # Padding or gradients with a top-k memory: the exact maths (a masked top k of the full scores).
         return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False, top_k)[0]
-    if top_k is not None and not local_plain and q.shape[2] > FEW_QUERIES:
-        return _local_then_top_k(q, k, v, visible, mem_k, mem_v, top_k)
+    if top_k is not None and not local_plain:
+        if q.shape[2] > FEW_QUERIES:
+            return _local_then_top_k(q, k, v, visible, mem_k, mem_v, top_k)
+        return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False, top_k)[0]  # a few masked queries: exact
     if share > 1 and q.requires_grad and torch.is_grad_enabled():
         return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False, None, share)[0]
     if q.requires_grad and torch.is_grad_enabled() and q.is_cuda:
