@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import uuid
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from longllama.config import ConfigError, LongLlamaConfig
 from longllama.errors import CheckpointError, InputError
+from longllama.files import temp_sibling, write_folder
 
 logger = logging.getLogger(__name__)
 
@@ -448,10 +448,10 @@ def _stage_files(folder: Path, shards: list[dict[str, torch.Tensor]]) -> list[tu
     staged: list[tuple[Path, Path]] = []
     try:
         for name, shard in zip(names, shards):
-            staged.append((_temp_sibling(folder / name), folder / name))
+            staged.append((temp_sibling(folder / name), folder / name))
             safetensors.torch.save_file(shard, staged[-1][0], metadata={"format": "pt"})
         if len(shards) > 1:
-            staged.append((_temp_sibling(folder / SAFE_INDEX), folder / SAFE_INDEX))
+            staged.append((temp_sibling(folder / SAFE_INDEX), folder / SAFE_INDEX))
             staged[-1][0].write_text(_index_json(names, shards), encoding="utf-8")
     except BaseException:
         for temp, _ in staged:
@@ -464,11 +464,6 @@ def _index_json(names: list[str], shards: list[dict[str, torch.Tensor]]) -> str:
     weight_map = {tensor: name for name, shard in zip(names, shards) for tensor in shard}
     total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
     return json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"
-
-
-def _temp_sibling(path: Path) -> Path:
-    # A dot name with a .tmp suffix is never taken for a weight file by any loader.
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 def _safetensors_files(folder: Path) -> set[Path]:
@@ -679,21 +674,17 @@ def _write_folder(
     """Build the whole destination in a sibling temporary folder, then rename it into place."""
     final = Path(dst)
     _check_destination(final, src)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_sibling(final)
-    temp.mkdir()
-    try:
+
+    def write(temp: Path) -> None:
+        temp.mkdir()
         (temp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for name in AUX_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, temp / name)
         _rebuild_tokenizer_files(temp)
         save_state_dict(state, temp, max_shard_size=max_shard_size)
-        # POSIX rename(2) also replaces an empty directory, and is atomic within one file system.
-        os.replace(temp, final)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+
+    write_folder(final, write)  # the destination is empty or absent (_check_destination)
     logger.info("wrote %s from %s", final, src)
 
 

@@ -19,10 +19,8 @@ import json
 import logging
 import os
 import queue
-import shutil
 import struct
 import threading
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from transformers import StoppingCriteriaList, StopStringCriteria
 from longllama.cache import LongLlamaCache
 from longllama.chat_format import ChatFormat, chat_format
 from longllama.errors import CheckpointError, InputError
+from longllama.files import sync_files, write_folder
 from longllama.memory import MemoryCache
 
 logger = logging.getLogger(__name__)
@@ -290,20 +289,18 @@ class DocumentMemory:
         if not target.parent.is_dir():
             raise InputError(f"folder {target.parent} does not exist: create it or choose another path")
         manifest = self.manifest()
-        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-        temp.mkdir()
-        try:
+
+        def write(temp: Path) -> None:
+            temp.mkdir()
             files = {}
             for name, tensors in self._tensor_files().items():
                 save_file(tensors, str(temp / name), metadata={"format": FORMAT})
                 files[name] = {"bytes": (temp / name).stat().st_size, "sha256": _sha256_file(temp / name)}
             manifest["files"] = files
             (temp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-            _fsync_folder(temp)
-            _replace_folder(temp, target)
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
+            sync_files(temp)
+
+        write_folder(target, write)
         return target
 
     def _tensor_files(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -460,27 +457,6 @@ def _cache_from_files(model, files: dict[str, dict[str, torch.Tensor]], folder: 
             memory.append(keys.to(device), part["values"].to(device), part["valid"].to(device))
             layer.memory = memory
     return cache
-
-
-def _fsync_folder(folder: Path) -> None:
-    for item in folder.iterdir():
-        with open(item, "rb") as handle:
-            os.fsync(handle.fileno())
-
-
-def _replace_folder(temp: Path, target: Path) -> None:
-    """Rename `temp` to `target`; an existing `target` is moved aside first and removed after."""
-    if not target.exists():
-        os.rename(temp, target)
-        return
-    old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
-    os.rename(target, old)
-    try:
-        os.rename(temp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from longllama.config import LongLlamaConfig, preset
+from longllama.files import replace_folder, write_folder
 from longllama.training.config import WEIGHT_DTYPES, ModelSettings, TrainError
 from longllama.training.parallel import Processes
 
@@ -184,7 +185,7 @@ def save_checkpoint(
         procs.barrier()
         if procs.main:
             _write_json(temp / STATE_FILE, trainer_state)
-            _replace_folder(temp, final)
+            replace_folder(temp, final)
             _prune(root, keep)
         procs.barrier()
     except BaseException:
@@ -218,40 +219,6 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
         handle.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())  # on disk before the rename that makes the checkpoint visible
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename inside `folder` durable (POSIX; a no-op where folders cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _replace_folder(temp: Path, final: Path) -> None:
-    """Move a finished folder into place; an existing one (a re-save of the same step) is swapped out first."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
-        os.replace(final, old)
-        os.replace(temp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temp, final)
-    _fsync_folder(final.parent)
-
-
-def _write_folder(folder: Path, write: Callable[[Path], None]) -> None:
-    """write(temporary folder beside `folder`), then move it into place; nothing is left behind if write fails."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(temp)
-        _replace_folder(temp, folder)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -307,7 +274,7 @@ def export_model(model: nn.Module, folder: Path, *, procs: Processes, tokenizer:
                 shutil.copy2(tokenizer, temp / "tokenizer.model")
                 write_tokenizer_files(temp)  # AutoTokenizer then loads the exact tokenizer (after config.json)
 
-        _write_folder(folder, write)
+        write_folder(folder, write)
     procs.barrier()
     return folder
 
@@ -323,7 +290,7 @@ def export_adapter(model: nn.Module, folder: Path, *, procs: Processes, tokenize
             if tokenizer is not None:
                 shutil.copy2(tokenizer, temp / "tokenizer.model")
 
-        _write_folder(folder, write)
+        write_folder(folder, write)
     procs.barrier()
     return folder
 
