@@ -134,9 +134,9 @@ def _decode(model, ids, kernels_on: bool, **kwargs):
     real_attend = decode_attention.attend
     calls = []
 
-    def attend(*args):
+    def attend(*args, **kwargs):
         calls.append(1)
-        return real_attend(*args)
+        return real_attend(*args, **kwargs)
 
     model.set_plan(interpret_kernels=True, decode_kernels=kernels_on)
     with pytest.MonkeyPatch.context() as patch:
@@ -193,7 +193,7 @@ def test_the_static_decoder_takes_the_kernels_only_where_the_plan_says(interpret
     ids = torch.randint(3, 320, (1, 100))
     calls = []
     real = decode_attention.attend
-    monkeypatch.setattr(decode_attention, "attend", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(decode_attention, "attend", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     with torch.no_grad():
         model.generate(ids, decoder="static", max_new_tokens=3)  # CPU tensors, a plan without interpret_kernels
         assert not calls

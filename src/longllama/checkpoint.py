@@ -360,6 +360,59 @@ def _load_file(file: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
+def load_pretrained(cls, folder: PathLike, *, dtype: torch.dtype | str, device: torch.device | str, **overrides: Any):
+    """A model of class `cls` (LongLlamaForCausalLM or another LongLlamaPreTrainedModel) from the safetensors
+    weights of `folder`, read once, tensor by tensor, straight onto `device` in `dtype` ("auto": the checkpoint's
+    own): the model is built on the meta device (no memory, no initialisation) and takes the tensors as its
+    parameters (load_state_dict(assign=True)), so no full copy of the weights ever sits in CPU memory. `overrides`
+    change config fields, as in from_pretrained. Returns None where this path does not apply (.bin weights, tensor
+    names other than the model's): the caller then loads with from_pretrained."""
+    from safetensors import safe_open
+    from transformers import GenerationConfig
+
+    folder = _existing_folder(folder)
+    files = _check_weights(folder, allow_legacy_bin=True)
+    if any(f.suffix != ".safetensors" for f in files):
+        return None
+    config = cls.config_class.from_pretrained(folder, **overrides)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = cls(config)
+    expected = set(model.state_dict())
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    names: dict[str, Path] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if not _STALE_BUFFER.search(name):
+                    names[name] = file
+    if set(names) - expected or expected - set(names) - tied:
+        return None
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(file, framework="pt", device=str(device)) as handle:
+            for name in [n for n, f in names.items() if f == file]:
+                tensor = handle.get_tensor(name)
+                state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise CheckpointError(f"{folder} lacks the weights {', '.join(meta[:3])}: re-save the model")
+    model.config.dtype = dtype
+    model.config._name_or_path = str(folder)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError:  # no generation_config.json: the model's own defaults, as from_pretrained takes them
+        model.generation_config = GenerationConfig.from_model_config(model.config)
+    model.config.check()
+    return model.eval()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Saving
 

@@ -22,6 +22,7 @@ from transformers.generation.logits_process import (
 from transformers.utils import ModelOutput
 
 from longllama import generation_config as gen_config
+from longllama import timings
 from longllama.beam import beam_search
 from longllama.cache import CacheAlias, LongLlamaCache
 from longllama.errors import InputError
@@ -176,6 +177,7 @@ def generate(
         positions = mask.cumsum(-1) - 1  # left pads get -1; only differences matter (relative RoPE)
     if streamer is not None:
         streamer.put(input_ids.cpu())
+        streamer = timings.FirstToken(streamer)  # when the first new token reaches the host (--verbose)
 
     out = model.model.run(
         input_ids,
@@ -311,6 +313,9 @@ def generate(
         state = static.to_cache()
     if streamer is not None:
         streamer.end()
+    elif not timings.seen("token", timings.FIRST_TOKEN):  # no streamer: the first call's tokens on the host
+        sequences[:, -1:].cpu()
+        timings.record_once("token", timings.FIRST_TOKEN)
     if not c.return_dict_in_generate:
         return sequences
     return GenerateOutput(

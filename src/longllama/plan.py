@@ -73,6 +73,8 @@ class ExecutionPlan:
     decode_kernels: the static decoder's step as Triton kernels where they apply.
     gemv_max_rows: the matrix-vector kernel serves products of at most this many rows.
     interpret_kernels: CPU tensors go to the Triton kernels (under TRITON_INTERPRET=1: the kernel tests).
+    autotune: the decoding kernels' configurations by Triton's autotuner (minutes on a model's first decoding; what
+        `longllama tune` runs); off, each comes from a measured table or a rule, with no timing runs (fast/tables.py).
     """
 
     device: str = "cpu"
@@ -92,6 +94,7 @@ class ExecutionPlan:
     decode_kernels: bool = True
     gemv_max_rows: int = 4
     interpret_kernels: bool = False
+    autotune: bool = False
     failures: Failures = field(default_factory=Failures, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -184,6 +187,10 @@ def build_plan(config, device: torch.device | str, **overrides: Any) -> Executio
     """The plan for a model of `config` on `device`: the config's choices resolved for the device, FlashAttention
     4 for memory attention where it is installed and serves this GPU, then `overrides` (ExecutionPlan fields)."""
     device = torch.device(device)
+    if device.type == "cuda":  # before anything compiles: the compilers read their cache folders then
+        from longllama import caches
+
+        caches.configure()
     setting = getattr(config, "compile_elementwise", "auto")
     plan = ExecutionPlan(
         device=str(device),

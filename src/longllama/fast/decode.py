@@ -29,6 +29,7 @@ import logging
 
 import torch
 
+from longllama import timings
 from longllama.attention import kernel_head_dim
 from longllama.cache import LongLlamaCache
 from longllama.fast import decode_attention, gemv
@@ -69,7 +70,7 @@ class StaticDecoder:
             and plan.decode_kernels
             and decode_attention.applies(model.lm_head.weight, cpu=plan.interpret_kernels)
         )
-        self.gemv_options = dict(max_rows=plan.gemv_max_rows, cpu=plan.interpret_kernels)
+        self.gemv_options = dict(max_rows=plan.gemv_max_rows, cpu=plan.interpret_kernels, autotune=plan.autotune)
         self.checked = False  # a first step has run (with the kernels, or after falling back from them)
         self.head_dim = config.head_dim
         # Rows of the local buffers: zero-padded to a multiple of 8 elements for the kernels (16-byte aligned rows
@@ -194,7 +195,7 @@ class StaticDecoder:
                 q[:, :, None], rot, values, self._visible(), mem_k, mem_v, padded, self.config.mem_top_k
             )[:, :, 0]
         else:
-            out = decode_attention.attend(q, rot, values, self.slot, padded)
+            out = decode_attention.attend(q, rot, values, self.slot, padded, autotune=self.plan.autotune)
         h = gemv.linear(
             out.reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight, residual=h, **self.gemv_options
         )
@@ -224,6 +225,13 @@ class StaticDecoder:
         return out
 
     def _capture(self) -> None:
+        with timings.timed("capture", f"decoding step, memory of {self._memory_length()} keys"):
+            self._capture_now()
+
+    def _memory_length(self) -> int:
+        return max([0] + [m.length for m in self.memories if m is not None])
+
+    def _capture_now(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up outside the graph (allocator, cuBLAS handles, Triton tuning)

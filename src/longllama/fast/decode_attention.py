@@ -38,6 +38,11 @@ def _kernels():
     return k.partials, k.merge, k.rope_store
 
 
+def kernel_object():
+    """The partials kernel with its configuration choices (kernels.Kernel), for `longllama tune`."""
+    return _kernels()[0]
+
+
 def applies(x: torch.Tensor, *, cpu: bool = False) -> bool:
     """Whether the kernels serve a step whose activations are x (CUDA, or CPU under the interpreter with `cpu`;
     bf16/fp16/fp32)."""
@@ -99,11 +104,15 @@ def attend(
     values: torch.Tensor,
     slot: torch.Tensor,
     memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    autotune: bool = False,
 ) -> torch.Tensor:
     """q (b, h, d); keys, values (b, h_kv, window, d') of which slots 0..slot are in use; memory (keys, values)
     (b, h_kv, M, d'') as stored, or None; d', d'' >= d, the columns past d zero (those past the next multiple of 16
     are not read). Returns the attention output
-    (b, h, d) in q's dtype: one softmax over the used local slots and the whole memory, with scale 1/sqrt(d)."""
+    (b, h, d) in q's dtype: one softmax over the used local slots and the whole memory, with scale 1/sqrt(d).
+    `autotune`: the partials kernel's configuration by Triton's autotuner (the plan's field), else chosen from the
+    tables or the rule (kernels.Kernel)."""
     partials, merge, _ = _kernels()
     b, h, d = q.shape
     kv_heads, window = keys.shape[1], keys.shape[2]
@@ -153,6 +162,7 @@ def attend(
                 d,
             ),
             _DEFAULTS,
+            autotune=autotune,
             S_KN=k.stride(2),
             S_VN=v.stride(2),
             D_READ=min(k.shape[-1], read),

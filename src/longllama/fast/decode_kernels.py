@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from longllama.fast import kernels
+from longllama.fast import kernels, tables
 from longllama.fast.tables import DECODE_ATTENTION, DECODE_ATTENTION_CHOICES
 
 _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in DECODE_ATTENTION_CHOICES]
@@ -15,9 +15,8 @@ _CONFIGS += [
 ]
 
 
-@kernels.autotune(_CONFIGS, key=["chunk", "D", "D_READ"], measured=DECODE_ATTENTION)
 @triton.jit
-def partials(
+def partials_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -92,6 +91,16 @@ def partials(
     tl.store(acc_ptr + out * BLOCK_D + d, tl.sum(acc * w[:, None], axis=0))
     tl.store(m_ptr + out, m_i)
     tl.store(l_ptr + out, tl.sum(l_r * w, axis=0))
+
+
+partials = kernels.Kernel(
+    "decode_attention",
+    partials_kernel,
+    _CONFIGS,
+    ["chunk", "D", "D_READ"],
+    DECODE_ATTENTION,
+    tables.decode_attention_rule,
+)
 
 
 @triton.jit

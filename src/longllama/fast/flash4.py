@@ -11,18 +11,20 @@ window group goes as all its queries over the common prefix plus a small call fo
 (group_attention).
 
 The package compiles each kernel configuration on its first use in a process (~1.5-2 s); its on-disk cache of
-compiled kernels is switched on here (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 unless the variable is set), for
-later processes to load them (not timed here). Any failure (import, compilation, an unsupported shape) is reported
+compiled kernels is switched on, in longllama.caches' directory (unless the user set its variables), for later
+processes to load them; each call that compiled or loaded a kernel is logged (longllama.timings). Any failure
+(import, compilation, an unsupported shape) is reported
 once (the plan's failure record) and the caller falls back to cuDNN from then on.
 """
 
 from __future__ import annotations
 
 import functools
-import os
+import time
 
 import torch
 
+from longllama import caches, timings
 from longllama.fast import kernels
 from longllama.plan import ExecutionPlan
 
@@ -32,7 +34,7 @@ SPLIT_FAILED = "FlashAttention 4's split window groups"
 
 @functools.lru_cache(maxsize=1)
 def _varlen_func():
-    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    caches.configure()  # the package reads its cache settings at import
     try:
         from flash_attn.cute import flash_attn_varlen_func
     except Exception:  # noqa: BLE001 - not installed, or its CUDA libraries do not load: cuDNN serves instead
@@ -93,11 +95,23 @@ def memory_attention(
     args = (q.transpose(1, 2), kt, vt)
     options = dict(seqused_k=seqused, softmax_scale=scale, causal=False, return_lse=True)
     tile = plan.tile(q.shape[-1])
+    built = _compiled_count()
+    start = time.perf_counter()
     if tile is None:
         out, lse = func(*args, **options)
     else:
         out, lse = _forward()(*args, **options, tile_mn=tile[:2], mma_pv_is_rs=tile[2], intra_wg_overlap=tile[3])[:2]
+    if _compiled_count() != built:
+        timings.record("compile", f"FlashAttention 4 width {q.shape[-1]} tile {tile}", time.perf_counter() - start)
     return out.transpose(1, 2), lse
+
+
+def _compiled_count() -> int:
+    """Kernels the package holds compiled in this process (its forward's compile cache; 0 where it has none)."""
+    try:
+        return len(getattr(_forward(), "compile_cache", None) or ())
+    except Exception:  # noqa: BLE001 - a package without that entry point: nothing to count
+        return 0
 
 
 # The common prefix of a window group goes in PARTS parts from PARTS_FROM keys on (more query tiles than the SMs

@@ -6,20 +6,22 @@ dtype.
 
 `ops_for(plan)` picks the set for one forward: compiled where the plan asks for it (`plan.compile`, fast attention)
 and no gradient is recorded (inference), else ops.EAGER. Compilation happens on first use, once per process and
-shape family (seconds; torch.compile's cache keeps the kernels for later processes), the number of rows (a window
-group's windows, a batch) dynamic from two rows up. If compiling fails, the plain function runs instead, after one
-warning.
+shape family (seconds; Inductor's FX graph cache, in longllama.caches' directory, keeps the graphs for later
+processes), every dimension but the features dynamic from two elements up (rows, tokens, memory keys). If
+compiling fails, the plain function runs instead, after one warning.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from longllama import timings
 from longllama.fast import gemv, kernels
 from longllama.ops import EAGER, Ops
 from longllama.plan import ExecutionPlan
@@ -119,31 +121,42 @@ def _activations(args, kwargs):
             yield x
 
 
-def _rows_dynamic(fn: Callable) -> Callable:
-    """`fn` (compiled) with the first dimension of its activations marked dynamic where it holds two or more rows:
-    one graph then serves every number of rows from 2 up (a window group of 4 windows and the last group of 1-3),
-    instead of a new compilation inside the call that ends on a shorter group. One row stays its own graph
-    (torch.compile specialises size 1)."""
+def _dynamic(name: str, fn: Callable) -> Callable:
+    """`fn` (compiled) with every dimension but the last of its activations marked dynamic where it holds two or
+    more elements: one graph then serves every number of rows (a window group of 4 windows and the last group of
+    1-3), every prompt length (the last, shorter window) and every memory length, instead of a new compilation
+    inside the call that first meets a new size. Sizes of 1 stay their own graph (torch.compile specialises them);
+    the last dimension (the features) stays fixed, as the kernels' inner loops are built for it. Each call that
+    compiled (or loaded the graph from Inductor's cache on disk) is logged (longllama.timings)."""
 
     def call(*args, **kwargs):
         for x in _activations(args, kwargs):
-            if x.shape[0] >= 2:
-                torch._dynamo.maybe_mark_dynamic(x, 0)
-        return fn(*args, **kwargs)
+            for dim in range(x.dim() - 1):
+                if x.shape[dim] >= 2:
+                    torch._dynamo.maybe_mark_dynamic(x, dim)
+        counters = torch._dynamo.utils.counters
+        graphs, hits = counters["stats"]["unique_graphs"], counters["inductor"]["fxgraph_cache_hit"]
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if counters["stats"]["unique_graphs"] != graphs:
+            source = "inductor cache" if counters["inductor"]["fxgraph_cache_hit"] != hits else "built"
+            timings.record("compile", f"torch.compile {name}", time.perf_counter() - start, source)
+        return out
 
     return call
 
 
-def compiled(*, rope_kernel: bool = True, gemv_max_rows: int = 4, cpu: bool = False) -> Ops:
+def compiled(*, rope_kernel: bool = True, gemv_max_rows: int = 4, cpu: bool = False, autotune: bool = False) -> Ops:
     """ops.EAGER's functions through torch.compile (built once per set of options; the number of rows dynamic from
     2 rows up, other sizes first specialised, then dynamic). `rope_kernel`: rope_pad by the Triton kernel where it
     applies; `gemv_max_rows`: products of at most that many rows by the matrix-vector kernel; `cpu`: CPU tensors
-    go to the kernels (the interpreter's tests)."""
-    return _compiled(bool(rope_kernel), int(gemv_max_rows), bool(cpu))
+    go to the kernels (the interpreter's tests); `autotune`: the matrix-vector kernel's configurations by Triton's
+    autotuner (ExecutionPlan.autotune)."""
+    return _compiled(bool(rope_kernel), int(gemv_max_rows), bool(cpu), bool(autotune))
 
 
 @functools.cache
-def _compiled(rope_kernel: bool, gemv_max_rows: int, cpu: bool) -> Ops:
+def _compiled(rope_kernel: bool, gemv_max_rows: int, cpu: bool, autotune: bool) -> Ops:
     names = (
         "rms_norm",
         "add_rms_norm",
@@ -156,7 +169,8 @@ def _compiled(rope_kernel: bool, gemv_max_rows: int, cpu: bool) -> Ops:
         "few_query_attention",
     )
     fns = {
-        name: _guarded(name, getattr(EAGER, name), _rows_dynamic(torch.compile(getattr(EAGER, name)))) for name in names
+        name: _guarded(name, getattr(EAGER, name), _dynamic(name, torch.compile(getattr(EAGER, name))))
+        for name in names
     }
     rope_pad = fns["rope_pad"]
     if rope_kernel:
@@ -174,11 +188,11 @@ def _compiled(rope_kernel: bool, gemv_max_rows: int, cpu: bool) -> Ops:
         )
 
     def linear(x, weight, residual=None, norm=None):
-        return gemv.linear(x, weight, residual=residual, norm=norm, max_rows=gemv_max_rows, cpu=cpu)
+        return gemv.linear(x, weight, residual=residual, norm=norm, max_rows=gemv_max_rows, cpu=cpu, autotune=autotune)
 
     def fast_linear_swiglu(x, gate, up):  # decoding: one pass over both weights; else compiled SwiGLU
         if gemv.applies(x, gate, up, max_rows=gemv_max_rows, cpu=cpu):
-            return gemv.linear_swiglu(x, gate, up, max_rows=gemv_max_rows, cpu=cpu)
+            return gemv.linear_swiglu(x, gate, up, max_rows=gemv_max_rows, cpu=cpu, autotune=autotune)
         return fns["swiglu"](F.linear(x, gate), F.linear(x, up))
 
     return Ops(**{**fns, "rope_pad": rope_pad}, linear=linear, linear_swiglu=fast_linear_swiglu)
@@ -189,5 +203,10 @@ def ops_for(plan: ExecutionPlan) -> Ops:
     gradient flows (inference); else the plain ones (the exact paths "eager" and "sdpa" stay as the reference
     computes them)."""
     if plan.attention == "fast" and plan.compile and not torch.is_grad_enabled():
-        return compiled(rope_kernel=plan.rope_kernel, gemv_max_rows=plan.gemv_max_rows, cpu=plan.interpret_kernels)
+        return compiled(
+            rope_kernel=plan.rope_kernel,
+            gemv_max_rows=plan.gemv_max_rows,
+            cpu=plan.interpret_kernels,
+            autotune=plan.autotune,
+        )
     return EAGER

@@ -4,15 +4,15 @@ model's 3200 x 3200 products at ~1.6 TB/s with cold weights on an H100 (bench_ge
 pass and a reduction kernel after it.
 
 `linear(x, weight, residual=None, norm=None)` takes the kernel where it applies (CUDA, bf16/fp16, at most
-`max_rows` rows, contiguous weights) and F.linear elsewhere; with `residual`, the sum residual + x W^T comes out of the
-same
-pass; with `norm` = (RMSNorm weight, eps), the product is of rms_norm(x), each program normalising the row itself
-(the row is a few KB; this saves the norm's own kernel). `linear_stacked(x, (w1, w2, ...))` is x [w1; w2; ...]^T
-without concatenating the weights (the q, k and v projections of a layer in one launch). `linear_swiglu(x, gate,
-up)` computes silu(x gate^T) * (x up^T) in the same pass over both weights. Accumulation is in fp32, as in cuBLAS;
-the order of the sums differs; results are rounded to the activation dtype where the unfused functions round. The
-loop over K is unrolled (K is a compile-time constant), which keeps every load of a program in flight at once
-(cold-weight products 5-15 % faster than the rolled loop, bench_gemv.py).
+`max_rows` rows, contiguous weights) and F.linear elsewhere (`autotune`: the kernel's configuration by Triton's
+autotuner, the plan's field; else from the tables or the rule, kernels.Kernel); with `residual`, the sum
+residual + x W^T comes out of the same pass; with `norm` = (RMSNorm weight, eps), the product is of rms_norm(x),
+each program normalising the row itself (the row is a few KB; this saves the norm's own kernel). `linear_stacked(x,
+(w1, w2, ...))` is x [w1; w2; ...]^T without concatenating the weights (the q, k and v projections of a layer in one
+launch). `linear_swiglu(x, gate, up)` computes silu(x gate^T) * (x up^T) in the same pass over both weights.
+Accumulation is in fp32, as in cuBLAS; the order of the sums differs; results are rounded to the activation dtype
+where the unfused functions round. The loop over K is unrolled (K is a compile-time constant), which keeps every
+load of a program in flight at once (cold-weight products 5-15 % faster than the rolled loop, bench_gemv.py).
 
 Under Triton's interpreter the kernels run on CPU tensors (the tests; see kernels.py).
 """
@@ -37,6 +37,11 @@ def _kernels():
     from longllama.fast import gemv_kernels
 
     return gemv_kernels.gemv, gemv_kernels.gemv_swiglu
+
+
+def kernel_objects() -> tuple:
+    """The kernels with their configuration choices (kernels.Kernel: `tuned`, `cache`), for `longllama tune`."""
+    return _kernels()
 
 
 def _grid(n: int, rows: int):
@@ -72,7 +77,7 @@ def _prepared(x: torch.Tensor, norm):
     return flat, (norm[0], float(norm[1])), True
 
 
-def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm) -> torch.Tensor:
+def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm, autotune: bool = False) -> torch.Tensor:
     w0 = weights[0]
     sizes = [w.shape[0] for w in weights] + [0, 0]
     offsets = [(w.data_ptr() - w0.data_ptr()) // w0.element_size() for w in weights[1:]] + [0, 0]
@@ -87,6 +92,7 @@ def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm) -> t
         _grid(n, rows),
         (flat, *norm_args, w0, offsets[0], offsets[1], r, y, rows, n, sizes[0], sizes[1], k),
         _DEFAULTS,
+        autotune=autotune,
         NORM=normed,
         RESIDUAL=residual is not None,
     )
@@ -101,6 +107,7 @@ def linear(
     *,
     max_rows: int = MAX_ROWS,
     cpu: bool = False,
+    autotune: bool = False,
 ) -> torch.Tensor:
     """x @ weight.T (no bias), plus `residual` when given; with norm = (weight, eps), of rms_norm(x) instead of x.
     Where the kernel does not apply (many rows: the ingest) the residual is added inside the matrix product
@@ -115,7 +122,7 @@ def linear(
             return residual + F.linear(x, weight)
         out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
         return out.view(residual.shape)
-    return _stacked(x, (weight,), residual, norm)
+    return _stacked(x, (weight,), residual, norm, autotune)
 
 
 def linear_stacked(
@@ -125,13 +132,14 @@ def linear_stacked(
     *,
     max_rows: int = MAX_ROWS,
     cpu: bool = False,
+    autotune: bool = False,
 ) -> torch.Tensor:
     """x @ cat(weights).T for two or three weights (N_i, K), in one launch where the kernel applies; `norm` as in
     `linear`."""
     if len(weights) > 3 or not applies(x, *weights, norm=norm, max_rows=max_rows, cpu=cpu):
         x = _normed(x, norm)
         return torch.cat([F.linear(x, w) for w in weights], dim=-1)
-    return _stacked(x, weights, None, norm)
+    return _stacked(x, weights, None, norm, autotune)
 
 
 def linear_swiglu(
@@ -142,6 +150,7 @@ def linear_swiglu(
     *,
     max_rows: int = MAX_ROWS,
     cpu: bool = False,
+    autotune: bool = False,
 ) -> torch.Tensor:
     """silu(x @ gate.T) * (x @ up.T), rounding as the unfused functions do; `norm` as in `linear`."""
     if not applies(x, gate, up, norm=norm, max_rows=max_rows, cpu=cpu):
@@ -150,5 +159,12 @@ def linear_swiglu(
     flat, norm_args, normed = _prepared(x, norm)
     rows, n, k = flat.shape[0], gate.shape[0], flat.shape[1]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    kernels.launch(_kernels()[1], _grid(n, rows), (flat, *norm_args, gate, up, y, rows, n, k), _DEFAULTS, NORM=normed)
+    kernels.launch(
+        _kernels()[1],
+        _grid(n, rows),
+        (flat, *norm_args, gate, up, y, rows, n, k),
+        _DEFAULTS,
+        autotune=autotune,
+        NORM=normed,
+    )
     return y.view(*x.shape[:-1], n)

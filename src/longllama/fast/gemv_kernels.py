@@ -3,8 +3,7 @@
 import triton
 import triton.language as tl
 
-from longllama.fast import kernels
-from longllama.fast.tables import GEMV, GEMV_SWIGLU
+from longllama.fast import kernels, tables
 
 # Down to one output row per program: 3200 rows in 8-row blocks are 400 programs, which 132 SMs share
 # unevenly (3 or 4 each); small blocks even the load out.
@@ -15,8 +14,7 @@ _CONFIGS = [
     for w in (2, 4, 8)
     if n * k <= 8192
 ]
-tuned = kernels.autotune(_CONFIGS, key=["N", "K", "M", "NORM"], measured=GEMV)
-tuned_swiglu = kernels.autotune(_CONFIGS, key=["N", "K", "M", "NORM"], measured=GEMV_SWIGLU)
+_KEY = ["N", "K", "M", "NORM"]
 
 
 @triton.jit
@@ -42,9 +40,8 @@ def x_block(x_ptr, nw_ptr, row, ks, inv, K: tl.constexpr, NORM: tl.constexpr):
     return x.to(tl.float32)
 
 
-@tuned
 @triton.jit
-def gemv(
+def gemv_kernel(
     x_ptr,
     nw_ptr,
     eps,
@@ -88,9 +85,8 @@ def gemv(
     tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=cols < N)
 
 
-@tuned_swiglu
 @triton.jit
-def gemv_swiglu(
+def gemv_swiglu_kernel(
     x_ptr,
     nw_ptr,
     eps,
@@ -123,3 +119,9 @@ def gemv_swiglu(
     u = tl.sum(acc_u, axis=1).to(y_ptr.dtype.element_ty).to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + row * N + cols, (silu * u).to(y_ptr.dtype.element_ty), mask=cols < N)
+
+
+gemv = kernels.Kernel("gemv", gemv_kernel, _CONFIGS, _KEY, tables.GEMV, tables.gemv_rule)
+gemv_swiglu = kernels.Kernel(
+    "gemv_swiglu", gemv_swiglu_kernel, _CONFIGS, _KEY, tables.GEMV_SWIGLU, tables.gemv_swiglu_rule
+)

@@ -1,5 +1,6 @@
 """What the Triton kernels (gemv.py, decode_attention.py, sampling.py, ...) share: importing Triton lazily,
-autotuning on GPUs and a fixed configuration in Triton's interpreter, and whether a tensor can go to a kernel at all.
+choosing a kernel's configuration on GPUs (`Kernel`: measured tables or a rule by default, Triton's autotuner only
+where the plan asks for it) and a fixed one in Triton's interpreter, and whether a tensor can go to a kernel at all.
 
 The CPU tests run the kernels in Triton's interpreter: TRITON_INTERPRET=1 set before Triton is imported (Triton
 reads it then; tests/conftest.py does it on machines without a GPU) and a plan with `interpret_kernels` (passed
@@ -10,8 +11,12 @@ from __future__ import annotations
 
 import functools
 import os
+import time
+from collections.abc import Callable
 
 import torch
+
+from longllama import timings
 
 
 def interpreting() -> bool:
@@ -43,56 +48,99 @@ def usable(x: torch.Tensor, *, cpu: bool = False) -> bool:
     return x.is_cuda or (cpu and interpreting() and x.device.type == "cpu")
 
 
-def autotune(configs, key, measured: dict | None = None):
-    """triton.autotune on GPUs (the first call with a new key compiles and times every configuration); the
-    interpreter cannot time configurations, so there the kernel stays as it is and `launch` passes a fixed one.
+class Kernel:
+    """A Triton kernel with a list of configurations (meta-parameters, num_warps, num_stages) and how one is chosen
+    for a call, keyed by the GPU, the dtype of the first tensor argument and the values of `key`:
 
-    `measured`: {(GPU name, activation dtype, *key values): (meta-parameters, num_warps[, num_stages])}, the
-    configurations the autotuner (benchmarks/bench_inference.py records them) or a sweep (benchmarks/tune_decode.py)
-    chose on that GPU: a key found there compiles only that configuration, which `configs` must hold. A fresh machine
-    spent ~3 minutes tuning the 3B model's first decoding over the full lists (H100); keys or GPUs not in
-    the table are tuned as usual."""
-    if interpreting():
-        return lambda fn: fn
-    import inspect
+    - by default, without timing anything: the table `longllama tune` measured on this GPU (fast/tuning.py, in the
+      cache directory), else the shipped measured table (fast/tables.py), else `rule(key values)` (valid on any CUDA
+      GPU). The choice is made once per key and process, and logged (longllama.timings, kind "config").
+    - with `autotune` (the plan's field; `longllama tune`): Triton's autotuner over the whole list, which compiles and
+      times every configuration for each new key (minutes for a model's first decoding); its choices are kept in
+      `tuned` for `longllama tune` to write.
 
-    tune = triton()[0].autotune
-    # The choices are kept on disk (Triton's cache) where this Triton can: later processes skip the timing runs.
-    extra = {"cache_results": True} if "cache_results" in inspect.signature(tune).parameters else {}
-    if measured:
-        extra["prune_configs_by"] = {"early_config_prune": measured_choice(measured, key)}
-    return tune(configs=configs, key=key, **extra)
+    Under Triton's interpreter nothing is timed or chosen: `launch` passes the caller's fixed configuration."""
+
+    def __init__(self, name: str, fn, configs: list, key: list[str], shipped: dict, rule: Callable[..., tuple]):
+        self.name, self.fn, self.configs, self.key = name, fn, configs, list(key)
+        self.shipped, self.rule = shipped, rule
+        self.cache: dict[tuple, tuple] = {}  # (GPU, dtype, *key values) -> (meta, num_warps, num_stages, source)
+        self.tuned: dict[tuple, tuple] = {}  # choices the autotuner made in this process, same keys
+        self._compiled: set[tuple] = set()
+        self._autotuner = None
+
+    def _key(self, named: dict) -> tuple:
+        tensor = next((v for v in named.values() if isinstance(v, torch.Tensor)), None)
+        device = _device_name(tensor) if tensor is not None else None
+        dtype = str(tensor.dtype) if tensor is not None else None
+        return (device, dtype, *(_plain(named.get(k)) for k in self.key))
+
+    def choose(self, key: tuple) -> tuple[dict, int, int | None, str]:
+        """(meta-parameters, num_warps, num_stages or None, source) for (GPU, dtype, *key values), no timing."""
+        found = self.cache.get(key)
+        if found is None:
+            start = time.perf_counter()
+            found = _choice(self, key)
+            self.cache[key] = found
+            timings.record("config", f"{self.name} {self._describe(key)}", time.perf_counter() - start, found[3])
+        return found
+
+    def _describe(self, key: tuple) -> str:
+        return " ".join(f"{k}={v}" for k, v in zip(self.key, key[2:]))
+
+    def run(self, grid, args: tuple, constants: dict, *, autotune: bool = False) -> None:
+        named = {**dict(zip(self.fn.arg_names, args)), **constants}
+        key = self._key(named)
+        if autotune:
+            self._autotuned(grid, args, constants, key)
+            return
+        meta, warps, stages, _ = self.choose(key)
+        options = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
+        first = (key, tuple(sorted(meta.items())), warps, stages) not in self._compiled
+        start = time.perf_counter()
+        self.fn[grid](*args, **constants, **meta, **options)
+        if first:  # Triton compiled the kernel here, or read it from its cache directory
+            self._compiled.add((key, tuple(sorted(meta.items())), warps, stages))
+            timings.record("compile", f"triton {self.name} {self._describe(key)}", time.perf_counter() - start)
+
+    def _autotuned(self, grid, args, constants, key) -> None:
+        if self._autotuner is None:
+            self._autotuner = triton()[0].autotune(configs=self.configs, key=self.key)(self.fn)
+        tuner = self._autotuner
+        known = key in self.tuned
+        start = time.perf_counter()
+        tuner[grid](*args, **constants)
+        best = getattr(tuner, "best_config", None)
+        if not known and best is not None:
+            self.tuned[key] = (dict(best.kwargs), best.num_warps, best.num_stages)
+            timings.record("tune", f"{self.name} {self._describe(key)}", time.perf_counter() - start, str(best))
+
+
+def _plain(value):
+    """A key value as JSON keeps it (ints and bools; a tensor is never a key here)."""
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _choice(kernel: Kernel, key: tuple) -> tuple[dict, int, int | None, str]:
+    from longllama.fast import tuning
+
+    device, rest = key[0], key[1:]
+    local = tuning.table(device).get(kernel.name, {}).get(rest)
+    if local is not None:
+        return (*_normal(local), "tuned table")
+    shipped = kernel.shipped.get(key)
+    if shipped is not None:
+        return (*_normal(shipped), "shipped table")
+    return (*_normal(kernel.rule(dict(zip(kernel.key, key[2:])), kernel.shipped, key[1])), "rule")
+
+
+def _normal(entry) -> tuple[dict, int, int | None]:
+    meta, warps, *stages = entry
+    return dict(meta), int(warps), (int(stages[0]) if stages and stages[0] is not None else None)
 
 
 def _device_name(t: torch.Tensor) -> str | None:
     return torch.cuda.get_device_name(t.device) if t.is_cuda else None
-
-
-def measured_choice(measured: dict, key):
-    """Triton's early_config_prune: the measured configuration for this GPU, dtype and key, else all of them."""
-
-    def prune(configs, nargs, **kwargs):
-        try:
-            return pick(configs, {**nargs, **kwargs})
-        except Exception:  # noqa: BLE001 - an unexpected call convention: tune over everything, as without a table
-            return configs
-
-    def pick(configs, args):
-        tensor = next((v for v in args.values() if isinstance(v, torch.Tensor)), None)
-        if tensor is None:
-            return configs
-        want = measured.get((_device_name(tensor), str(tensor.dtype), *(args.get(k) for k in key)))
-        if want is None:
-            return configs
-        meta, warps, *stages = want
-        picked = [
-            c
-            for c in configs
-            if c.kwargs == meta and c.num_warps == warps and (not stages or c.num_stages == stages[0])
-        ]
-        return picked or configs
-
-    return prune
 
 
 def pow2(n: int) -> int:
@@ -100,10 +148,11 @@ def pow2(n: int) -> int:
     return 1 << max(n - 1, 1).bit_length()
 
 
-def launch(kernel, grid, args, defaults: dict, **constants) -> None:
-    """kernel[grid](*args, **constants), with `defaults` (the tuned meta-parameters) under the interpreter."""
+def launch(kernel: Kernel, grid, args: tuple, defaults: dict, *, autotune: bool = False, **constants) -> None:
+    """kernel[grid](*args, **constants) with its configuration chosen (Kernel.run; `autotune`: by Triton's
+    autotuner), or with `defaults` under the interpreter."""
     if interpreting():
         constants = {**defaults, **constants}
-        kernel[grid(constants)](*args, **constants)
+        kernel.fn[grid(constants)](*args, **constants)
     else:
-        kernel[grid](*args, **constants)
+        kernel.run(grid, args, constants, autotune=autotune)

@@ -1,10 +1,15 @@
-"""Measured kernel configurations per GPU: what the autotuner (benchmarks/bench_inference.py) or a sweep
-(benchmarks/tune_decode.py) chose there. A key found here compiles only that configuration (kernels.autotune),
-which saves the minutes of tuning a fresh machine would spend; keys and GPUs not listed are tuned as usual. The
-records are cited in benchmarks/RESULTS.md.
+"""Measured kernel configurations per GPU: what the autotuner (benchmarks/bench_inference.py, `longllama tune`) or
+a sweep (benchmarks/tune_decode.py) chose there, and the rule that picks a configuration for any other key or GPU
+without timing anything (kernels.Kernel.choose: a table `longllama tune` wrote on this GPU first, then these, then
+the rule). The records are cited in benchmarks/RESULTS.md.
+
+Besides the H100 entries written out below, `longllama tune` files for other GPUs ship in measured/ (the format of
+fast/tuning.py) and are merged into the same tables.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 _H100 = "NVIDIA H100 80GB HBM3"
 
@@ -48,3 +53,75 @@ GEMV = _gemv(
     ]
 )
 GEMV_SWIGLU = _gemv([(8640, 3200, True, 1, 256, 2), (11008, 4096, True, 1, 1024, 8)])
+
+
+def _shipped_files() -> None:
+    """Merge the tables in measured/*.json (written by `longllama tune` on those GPUs) into the dicts above."""
+    from longllama.fast import tuning
+
+    into = {"gemv": GEMV, "gemv_swiglu": GEMV_SWIGLU, "decode_attention": DECODE_ATTENTION}
+    for path in sorted((Path(__file__).parent / "measured").glob("*.json")):
+        device = _device_of(path)
+        for name, entries in tuning.read(path).items():
+            if name in into and device:
+                for key, choice in entries.items():
+                    into[name].setdefault((device, *key), choice)
+
+
+def _device_of(path: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads(path.read_text()).get("device")
+    except (OSError, ValueError):
+        return None
+
+
+_shipped_files()
+
+
+# The rule: a configuration for a key without a measured one on this GPU, from the shapes alone; valid on any CUDA GPU
+# (tiles of at most 8192 fp32 elements per program, no more shared memory than an Ampere or Ada SM has). A key
+# measured on another GPU takes that GPU's choice (the H100's first): the same shapes stream the same bytes.
+
+
+def _same_shape(shipped: dict, dtype: str | None, values: tuple):
+    found = [(device, choice) for (device, d, *key), choice in shipped.items() if d == dtype and tuple(key) == values]
+    found.sort(key=lambda item: item[0] != _H100)
+    return found[0][1] if found else None
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def gemv_rule(key: dict, shipped: dict, dtype: str | None, *, swiglu: bool = False) -> tuple[dict, int, int | None]:
+    """(meta, num_warps, num_stages) of the matrix-vector kernels for key {N, K, M, NORM}: BLOCK_N output rows per
+    program so that there are a few thousand programs (the weights' rows spread evenly over the SMs; two weights per
+    row in the SwiGLU kernel: one row), BLOCK_K a power of two <= 1024 and at most K rounded up, 2-4 warps."""
+    same = _same_shape(shipped, dtype, tuple(key[k] for k in ("N", "K", "M", "NORM")))
+    if same is not None:
+        return same
+    n, k = int(key["N"]), int(key["K"])
+    block_n = 1 if swiglu else max(1, min(4, _pow2_at_most(n // 2400)))
+    block_k = 1024 if block_n >= 4 else (512 if k > 8192 else 256)
+    block_k = max(16, min(block_k, 1 << max(k - 1, 1).bit_length()))
+    warps = 4 if block_n * block_k >= 1024 else 2
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k}, warps, None
+
+
+def gemv_swiglu_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
+    return gemv_rule(key, shipped, dtype, swiglu=True)
+
+
+def decode_attention_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
+    """(meta, num_warps, num_stages) of the decoding attention's partials kernel for key {chunk, D, D_READ}, as the
+    H100 sweep chose: 16-key tiles on two warps for the local cache's 64-key chunks, 32-key tiles on one warp
+    for longer chunks (more warps for rows over 128 wide), loads pipelined over 3 stages from 1024-key chunks on."""
+    same = _same_shape(shipped, dtype, tuple(key[k] for k in ("chunk", "D", "D_READ")))
+    if same is not None:
+        return same
+    chunk, width = int(key["chunk"]), max(int(key["D"]), int(key["D_READ"]))
+    block_n = 16 if chunk <= 64 else 32
+    warps = (2 if block_n == 16 else 1) * max(1, (1 << max(width - 1, 1).bit_length()) // 128)
+    return {"BLOCK_N": block_n}, min(warps, 8), 3 if chunk >= 1024 else 1
