@@ -192,6 +192,7 @@ def generate(
         )
     finally:
         progress.close()
+    _print_timings(verbose)
     return 0
 
 
@@ -377,7 +378,7 @@ def load_model(
     adapter = folder if is_adapter_folder(folder) else None
     if adapter is not None:
         folder = adapter_base(adapter)
-    model = LongLlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype, **overrides)
+    model = _load_weights(LongLlamaForCausalLM, folder, torch_dtype, torch.device(device), overrides)
     if adapter is not None:
         model = _merge_adapter(model, adapter)
     model = model.to(device).eval()
@@ -386,6 +387,38 @@ def load_model(
     if verbose:
         print(f"{PROG}: {model.plan}", file=sys.stderr)
     return model
+
+
+def _load_weights(cls, folder: Path, dtype, device, overrides: dict):
+    """The model's weights read once, straight onto `device` (checkpoint.load_pretrained), else by transformers'
+    from_pretrained and moved (other layouts; its one-line errors); the seconds logged (longllama.timings)."""
+    import torch
+
+    from longllama import timings
+    from longllama.checkpoint import load_pretrained
+
+    with timings.timed("load", f"weights of {folder.name}", f"safetensors straight to {device}") as info:
+        try:
+            model = load_pretrained(cls, folder, dtype=dtype, device=device, **overrides)
+        except (LongLlamaError, torch.OutOfMemoryError):
+            raise
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError):  # from_pretrained words the error
+            model = None
+        if model is None:
+            info["source"] = "from_pretrained, then moved"
+            model = cls.from_pretrained(folder, dtype=dtype, **overrides).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return model
+
+
+def _print_timings(verbose: bool) -> None:
+    """With --verbose: what this process loaded, compiled, tuned or configured, and when (longllama.timings)."""
+    if verbose:
+        from longllama import timings
+
+        print(f"{PROG}: timings (seconds since the process started; kind; seconds; what)", file=sys.stderr)
+        print(timings.report(), file=sys.stderr)
 
 
 def _merge_adapter(model, adapter: Path):
@@ -479,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory(commands)
     _add_chat(commands)
     _add_serve(commands)
+    _add_tune(commands)
     return parser
 
 
@@ -665,8 +699,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--compile",
         dest="compile_elementwise",
         action=argparse.BooleanOptionalAction,
-        help="fuse RMSNorm, RoPE and SwiGLU with torch.compile (default: on GPUs only; a one-time compile "
-        "of a few seconds)",
+        help="fuse RMSNorm, RoPE and SwiGLU with torch.compile (default: on GPUs only; its graphs are compiled "
+        "once per machine, ~10-20 s, and read from the cache directory by later runs: see docs/cold-start.md)",
     )
     p.add_argument(
         "--plan",
@@ -675,7 +709,12 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="change one execution choice of the model's plan (repeatable), e.g. memory_kernel=cudnn or "
         "window_group_tokens=4096; --verbose shows them all",
     )
-    p.add_argument("--verbose", action="store_true", help="print the execution plan (kernels, widths, grouping)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the execution plan (kernels, widths, grouping), and at the end what was loaded, compiled, "
+        "tuned or read from the cache, with its seconds",
+    )
 
 
 def _add_generate(commands) -> None:
@@ -785,7 +824,9 @@ def passkey(
         progress=True,
         on_record=save_so_far if out_path is not None else None,
     )
-    return _report(task, records, {**settings, "complete": True}, out_path, plot_path)
+    status = _report(task, records, {**settings, "complete": True}, out_path, plot_path)
+    _print_timings(verbose)
+    return status
 
 
 def _last_context_length(folder: Path, given: int | None) -> int:
@@ -1446,6 +1487,94 @@ def _add_serve(commands) -> None:
     p.set_defaults(func=serve)
 
 
+TUNE_SHAPES = ("tiny", "3b", "code-7b")
+
+
+def tune(
+    *,
+    model: str | None = None,
+    shape: str | None = None,
+    tokens: list[int] | None = None,
+    new_tokens: int = 8,
+    dtype: str = "bfloat16",
+    device: str = "auto",
+    out: str | None = None,
+) -> int:
+    """Autotune the decoding kernels on this GPU and save the choices as its table: Triton's autotuner compiles and
+    times every configuration of the matrix-vector and decoding-attention kernels for the shapes of a model
+    (--model, or --shape with random weights) after prompts of each --tokens length (memories of those lengths).
+    Minutes. The table goes to the cache directory (docs/cold-start.md; later runs on this GPU prefer it to the
+    shipped tables and the rule) or to --out."""
+    import torch
+
+    from longllama import timings
+    from longllama.fast import tuning
+
+    if model is not None and shape is not None:
+        raise CliError("--model and --shape both given: tune one model's shapes (a folder, or a named shape)")
+    torch_device = resolve_device(device)
+    if torch_device.type != "cuda":
+        raise CliError(f"tune times kernels on a CUDA GPU, and the device is {torch_device}: run it on a GPU machine")
+    out_path = _output_file(out, "--out")
+    tokens = tokens or [4096, 32768]
+    if shape is not None:
+        lm = _random_model(shape, getattr(torch, dtype), torch_device)
+    else:
+        lm = load_model(_model_folder(model), dtype=dtype, device=torch_device, mem_attention_grouping=None)
+    lm.set_plan(autotune=True)
+    name = torch.cuda.get_device_name(torch_device)
+    generator = torch.Generator().manual_seed(0)
+    for n in tokens:
+        ids = torch.randint(3, lm.config.vocab_size, (1, n), generator=generator).to(torch_device)
+        with torch.no_grad():
+            lm.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        print(f"tuned decoding after {n} tokens", file=sys.stderr)
+    choices = tuning.tuned_choices()
+    path = tuning.write(out_path or tuning.file_for(name), name, choices)
+    tuned = [e for e in timings.events() if e.kind == "tune"]
+    print(
+        f"{sum(len(c[1]) for c in choices.values())} kernel configurations tuned on {name} in "
+        f"{sum(e.seconds for e in tuned):.1f} s; wrote {path}"
+    )
+    return 0
+
+
+def _random_model(shape: str, dtype, device):
+    """A model of a named shape with random weights (normal, std 0.02), built straight on `device` in `dtype`."""
+    import torch
+
+    from longllama import LongLlamaForCausalLM
+    from longllama.config import preset
+
+    with torch.device("meta"):
+        lm = LongLlamaForCausalLM(preset(shape))
+    lm = lm.to_empty(device=device).to(dtype).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.normal_(0.0, 0.02)
+    return lm
+
+
+def _add_tune(commands) -> None:
+    p = commands.add_parser(
+        "tune", help="autotune the decoding kernels on this GPU and save its table (minutes)", description=tune.__doc__
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", metavar="DIR", help="a model folder (default: the shipped model)")
+    which.add_argument("--shape", choices=TUNE_SHAPES, help="a named shape with random weights (e.g. 3b)")
+    p.add_argument(
+        "--tokens",
+        type=_lengths,
+        metavar="N,N,...",
+        help="prompt lengths to decode after (memories of these lengths; default 4096,32768; k / m suffixes)",
+    )
+    p.add_argument("--new-tokens", type=_positive_int, default=8, metavar="N", help="tokens decoded per prompt (8)")
+    p.add_argument("--dtype", choices=[d for d in DTYPES if d != "auto"], default="bfloat16", help="weights dtype")
+    p.add_argument("--device", default="auto", metavar="{auto,cuda,cuda:N}", help="the GPU to tune on")
+    p.add_argument("--out", metavar="FILE", help="write the table here instead of the cache directory")
+    p.set_defaults(func=tune)
+
+
 def _quiet_libraries() -> None:
     """Library warnings still reach stderr through logging; transformers' progress bars and notices do not."""
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
@@ -1472,6 +1601,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     command: Callable[..., int] = args.pop("func")
     args.pop("command")
+    from longllama import caches
+
+    caches.configure()  # before any library compiles: they read their cache folders then
     args.pop("eval_task", None)
     _quiet_libraries()
     try:
