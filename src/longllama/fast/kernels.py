@@ -140,7 +140,14 @@ def _normal(entry) -> tuple[dict, int, int | None]:
 
 
 def _device_name(t: torch.Tensor) -> str | None:
-    return torch.cuda.get_device_name(t.device) if t.is_cuda else None
+    return (
+        _cuda_name(t.device.index if t.device.index is not None else torch.cuda.current_device()) if t.is_cuda else None
+    )
+
+
+@functools.cache
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def pow2(n: int) -> int:

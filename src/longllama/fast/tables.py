@@ -88,7 +88,10 @@ _shipped_files()
 def _same_shape(shipped: dict, dtype: str | None, values: tuple):
     found = [(device, choice) for (device, d, *key), choice in shipped.items() if d == dtype and tuple(key) == values]
     found.sort(key=lambda item: item[0] != _H100)
-    return found[0][1] if found else None
+    if not found:
+        return None
+    meta, warps, *stages = found[0][1]
+    return dict(meta), warps, (stages[0] if stages else None)
 
 
 def _pow2_at_most(n: int) -> int:
