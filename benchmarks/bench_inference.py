@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from longllama import LongLlamaForCausalLM
+from longllama import LongLlamaForCausalLM, timings
 from longllama.config import preset
 from longllama.plan import ExecutionPlan, check_changes, parse_overrides
 
@@ -275,6 +275,7 @@ def main() -> None:
     records = []
     torch.manual_seed(0)
     for impl in args.impls.split(","):
+        since = timings.mark()  # what this model's runs compile, tune or configure (longllama.timings)
         hf = impl == "hf-llama"
         if hf:
             model = _hf_llama(args.shape, device)
@@ -381,6 +382,20 @@ def main() -> None:
                 )
             if not hf:
                 records.append(dict(benchmark="tuned", impl=impl, shape=args.shape, configs=tuned_configs()))
+        if not hf:
+            events = timings.since(since)
+            records.append(
+                dict(
+                    benchmark="startup",
+                    impl=impl,
+                    shape=args.shape,
+                    timings=timings.summary(events),
+                    events=[e.to_dict() for e in events],
+                    device=card,
+                    date=today,
+                )
+            )
+            print(f"{impl:18s} compiled, tuned, configured, captured:\n{timings.report(events)}")
         del model
         torch.cuda.empty_cache()
     if args.out:

@@ -1,6 +1,7 @@
 """Time to the first generated token in fresh processes, with an empty cache directory and then with the same one
 again (warm), for `longllama generate` with a long prompt on a model of random weights and `longllama passkey` with
-the shipped model; then, optionally, the steady-state benchmark (bench_inference.py) and `longllama tune`.
+the shipped model, and generate without torch.compile on empty caches (what compiling costs a first run); then,
+optionally, the steady-state benchmark (bench_inference.py, in the warm cache) and `longllama tune`.
 
 Each command runs in a new Python process with LONGLLAMA_CACHE pointing at a folder of this run (the libraries'
 own cache variables unset, so they follow it) and --verbose, whose report (longllama.timings) gives, in seconds since
@@ -152,8 +153,11 @@ def prompt_text(tokens: int) -> tuple[str, int]:
     tokenizer = load_tokenizer(SHIPPED)
     unit = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
     per = len(encode_prompt(tokenizer, unit, bos=False))
-    text = unit * max(1, (tokens - 1) // per)
-    return text, len(encode_prompt(tokenizer, text, bos=True))
+    text, count = "", 1
+    while count < tokens:  # units merge at their joins: add until the count is reached, then one unit at most over
+        text += unit * max(1, (tokens - count) // per)
+        count = len(encode_prompt(tokenizer, text, bos=True))
+    return text, count
 
 
 def write_atomically(path: Path, body: dict) -> None:
@@ -174,6 +178,7 @@ def main() -> None:
     ap.add_argument("--passkey-trials", type=int, default=2)
     ap.add_argument("--bench", action="store_true", help="then bench_inference.py --shape 3b (steady state, warm)")
     ap.add_argument("--tune-out", help="then `longllama tune --shape SHAPE` writing its table to this file")
+    ap.add_argument("--skip-no-compile", action="store_true", help="skip generate --no-compile on empty caches")
     ap.add_argument("--budget-s", type=float, default=560.0, help="skip steps the time left cannot hold")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (model, caches)")
     args = ap.parse_args()
@@ -228,37 +233,48 @@ def main() -> None:
                 "--verbose",
             ],
         }
+        # (command, compile setting, caches): each in a fresh process; "warm" reuses the command's cache folder.
+        # The last one is generate without torch.compile on empty caches: what the compiled graphs cost a first run.
+        runs = [
+            ("generate", None, "empty"),
+            ("generate", None, "warm"),
+            ("passkey", None, "empty"),
+            ("passkey", None, "warm"),
+        ]
+        if not args.skip_no_compile:
+            runs.append(("generate", False, "empty"))
         estimates = {"empty": 150.0, "warm": 60.0}
-        for command, argv in commands.items():
-            cache = work / f"cache-{command}"
-            for caches in ("empty", "warm"):
-                if left() < estimates[caches]:
-                    print(f"skipped {command} ({caches} caches): {left():.0f} s left")
-                    continue
-                code, _, stderr, wall = run_command(argv, cache, timeout=max(30.0, left() - 20))
-                events = parse_report(stderr)
-                record = dict(
-                    benchmark="cold_start",
-                    command=command,
-                    caches=caches,
-                    **summarize(events),
-                    wall_s=round(wall, 2),
-                    returncode=code,
-                    argv=["longllama", *argv],
-                    events=events,
-                    device=card,
-                    date=body["date"],
-                )
-                if command == "generate":
-                    record.update(shape=args.shape, prompt_tokens=prompt_tokens, new_tokens=args.new_tokens)
-                if code != 0:
-                    record["stderr_tail"] = stderr[-2000:]
-                body["records"].append(record)
-                write_atomically(out, body)
-                print(
-                    f"{command:9s} caches {caches:5s}: first token {record['first_token_s']} s after start "
-                    f"(load {record['load_s']} s excluded), process {wall:.1f} s, rc {code}; {record['kinds']}"
-                )
+        for command, compiled, caches in runs:
+            argv = commands[command] + ([] if compiled is None else ["--compile" if compiled else "--no-compile"])
+            cache = work / (f"cache-{command}" + ("" if compiled is None else f"-compile-{compiled}"))
+            if left() < estimates[caches]:
+                print(f"skipped {command} ({caches} caches): {left():.0f} s left")
+                continue
+            code, _, stderr, wall = run_command(argv, cache, timeout=max(30.0, left() - 20))
+            events = parse_report(stderr)
+            record = dict(
+                benchmark="cold_start",
+                command=command,
+                caches=caches,
+                **summarize(events),
+                compile="default" if compiled is None else compiled,
+                wall_s=round(wall, 2),
+                returncode=code,
+                argv=["longllama", *argv],
+                events=events,
+                device=card,
+                date=body["date"],
+            )
+            if command == "generate":
+                record.update(shape=args.shape, prompt_tokens=prompt_tokens, new_tokens=args.new_tokens)
+            if code != 0:
+                record["stderr_tail"] = stderr[-2000:]
+            body["records"].append(record)
+            write_atomically(out, body)
+            print(
+                f"{command:9s} caches {caches:5s} compile {record['compile']}: first token {record['first_token_s']} s "
+                f"after start (load {record['load_s']} s excluded), process {wall:.1f} s, rc {code}; {record['kinds']}"
+            )
         if args.bench and left() > 150:
             bench_out = work / "bench.json"
             cmd = [
@@ -284,7 +300,7 @@ def main() -> None:
                     body["records"].append({**rec, "caches": "warm", "note": "steady state, new defaults"})
             print(f"bench_inference: rc {done.returncode} in {time.perf_counter() - t:.1f} s")
             write_atomically(out, body)
-        if args.tune_out and left() > 120:
+        if args.tune_out and left() > 240:
             t = time.perf_counter()
             argv = ["tune", "--shape", args.shape, "--tokens", "32768,262144", "--out", args.tune_out]
             code, stdout, stderr, wall = run_command(argv, work / "cache-tune", timeout=max(60.0, left() - 10))

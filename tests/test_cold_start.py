@@ -54,6 +54,11 @@ def test_the_compilers_cache_variables_are_set_only_where_unset(clean_env, tmp_p
     assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
     assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
     assert caches.configure() == {}  # idempotent
+    # Inductor's own default, written into the variable when some package asked for the folder, counts as unset
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    clean_env.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(default_cache_dir()))
+    assert caches.configure() == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c" / "inductor")}
     # Inductor reads its folder when it compiles (torch 2.11+), so setting it before the first compile is in time.
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 

@@ -2,17 +2,23 @@
 
 Importing the package registers the `longllama` model type with transformers' Auto classes, so that
 `AutoConfig` / `AutoModelForCausalLM.from_pretrained(folder)` load LongLLaMA checkpoints with no remote code.
+It also points the compilers' caches (Triton, Inductor, FlashAttention 4) into one folder where the user has not
+chosen theirs (longllama.caches), first, before torch is imported: some libraries fix their folder at import.
 """
 
-from longllama.cache import LongLlamaCache
-from longllama.config import LongLlamaConfig
-from longllama.hf import (
+from longllama import caches
+
+caches.configure()
+
+from longllama.cache import LongLlamaCache  # noqa: E402
+from longllama.config import LongLlamaConfig  # noqa: E402
+from longllama.hf import (  # noqa: E402
     LongLlamaForCausalLM,
     LongLlamaForSequenceClassification,
     LongLlamaModel,
     register_auto_classes,
 )
-from longllama.memory import MemoryCache
+from longllama.memory import MemoryCache  # noqa: E402
 
 __version__ = "0.1.0"
 

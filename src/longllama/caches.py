@@ -12,12 +12,14 @@ libraries' own variables inside it, each only where the user has not set it:
     FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED 1
 
 Every library above reads its variable at its first compilation or import, so `configure()` runs before that:
-from the command line's start and from `plan.build_plan` for a GPU (every model gets its plan before it runs).
+when `longllama` is imported (before torch), and again from the command line's start and from `plan.build_plan`
+for a GPU (every model gets its plan before it runs), which changes nothing once set.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 ENV = "LONGLLAMA_CACHE"
@@ -45,13 +47,28 @@ def settings(root: Path | None = None) -> dict[str, str]:
 
 def configure() -> dict[str, str]:
     """Set the variables of `settings()` that are unset (a user's own value wins) and return those set now.
-    Idempotent; an unwritable directory is left to each library to report (they fall back to compiling)."""
+    Idempotent; an unwritable directory is left to each library to report (they fall back to compiling).
+    Inductor writes its default folder into TORCHINDUCTOR_CACHE_DIR the first time it asks for it (some packages
+    do at import): that value counts as unset."""
     changed = {}
     for name, value in settings().items():
-        if not os.environ.get(name):
+        current = os.environ.get(name)
+        if not current or (name == "TORCHINDUCTOR_CACHE_DIR" and current == _inductor_default()):
             os.environ[name] = value
             changed[name] = value
     return changed
+
+
+def _inductor_default() -> str | None:
+    """Inductor's own default folder, where torch is already imported (it cannot have written it otherwise)."""
+    if "torch" not in sys.modules:
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return os.path.abspath(default_cache_dir())
+    except Exception:  # noqa: BLE001 - another torch layout: leave the variable as it is
+        return None
 
 
 def tuning_dir() -> Path:

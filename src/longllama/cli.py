@@ -1005,7 +1005,9 @@ def perplexity(
         "mem_top_k": mem_top_k,
         "plan": lm.plan.to_dict(),
     }
-    return _report(task, records, settings, out_path, plot_path)
+    status = _report(task, records, settings, out_path, plot_path)
+    _print_timings(verbose)
+    return status
 
 
 def _report(task, records: list[dict], settings: dict, out_path: Path | None, plot_path: Path | None) -> int:
