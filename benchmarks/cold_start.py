@@ -6,9 +6,10 @@ optionally, the steady-state benchmark (bench_inference.py, in the warm cache) a
 Each command runs in a new Python process with LONGLLAMA_CACHE pointing at a folder of this run (the libraries'
 own cache variables unset, so they follow it) and --verbose, whose report (longllama.timings) gives, in seconds since
 the process started, when the first new token reached the host and how long the weights took to load:
-first_token_s = (first token) - (weight loading). For passkey the first token is the end of the first trial's
-generation (the evaluation streams nothing). Records go to --out (rewritten after each step, atomically) in the
-format of benchmarks/results/*.json, with "benchmark": "cold_start".
+first_token_s = (first token) - (weight loading); second_token_s likewise for the second token, the first the
+decoder computes (its kernels compiled, its CUDA graph captured). For passkey the first token is the end of the
+first trial's generation (the evaluation streams nothing). Records go to --out (rewritten after each step,
+atomically) in the format of benchmarks/results/*.json, with "benchmark": "cold_start".
 
     python benchmarks/cold_start.py --out results/cold.json                      # 3B shape, 32k prompt, GPU
     python benchmarks/cold_start.py --bench --tune-out tuned.json --out cold.json  # + steady state and a table
@@ -74,7 +75,8 @@ def parse_report(stderr: str) -> list[dict]:
 def summarize(events: list[dict]) -> dict:
     """first_token_s (process start to first token, weight loading excluded), load_s, and per kind count/seconds."""
     load = sum(e["seconds"] for e in events if e["kind"] == "load")
-    token = next((e["at"] for e in events if e["kind"] == "token"), None)
+    token = next((e["at"] for e in events if e["kind"] == "token" and e["name"] == "first new token"), None)
+    second = next((e["at"] for e in events if e["kind"] == "token" and e["name"] == "second new token"), None)
     kinds: dict[str, dict] = {}
     for e in events:
         entry = kinds.setdefault(e["kind"], {"count": 0, "seconds": 0.0})
@@ -88,6 +90,7 @@ def summarize(events: list[dict]) -> dict:
     return dict(
         first_token_s=None if token is None else round(token - load, 3),
         first_token_at_s=token,
+        second_token_s=None if second is None else round(second - load, 3),
         load_s=round(load, 3),
         kinds=kinds,
         sources=sources,

@@ -300,7 +300,10 @@ def generate(
         if ahead is not None and not last:
             # The next step goes to the GPU before the host waits for this token (streamer, end of sequence), so
             # the GPU never idles on the host; a step past the end is taken back (undo).
-            logits, done = ahead.step(static, token, unfinished, streamer, check=check)
+            early = step_i == 0 and streamer is not None
+            if early:  # out now: the decoder's first step below may still compile kernels and capture its graph
+                streamer.put(token.cpu())
+            logits, done = ahead.step(static, token, unfinished, None if early else streamer, check=check)
             if done:
                 break
             continue

@@ -132,16 +132,20 @@ def report(selected: tuple[Event, ...] | None = None) -> str:
 
 
 FIRST_TOKEN = "first new token"
+SECOND_TOKEN = "second new token"  # the first that the decoder computed: its kernels compiled, its graph captured
 
 
 class FirstToken:
-    """A generation streamer's wrapper that records the process's first new token when it reaches the host."""
+    """A generation streamer's wrapper that records when the process's first and second new tokens reach the host."""
 
     def __init__(self, streamer) -> None:
         self.streamer = streamer
+        self.count = 0
 
     def put(self, value) -> None:
-        record_once("token", FIRST_TOKEN)
+        if self.count < 2:
+            record_once("token", (FIRST_TOKEN, SECOND_TOKEN)[self.count])
+            self.count += 1
         self.streamer.put(value)
 
     def end(self) -> None:
