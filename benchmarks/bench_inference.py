@@ -85,7 +85,8 @@ class _Clock:
 
 
 def tuned_configs() -> dict:
-    """The configurations Triton's autotuner chose in this process, per kernel and key (for pruning the lists)."""
+    """The configuration each decoding kernel ran per key in this process and where it came from (a tuned table,
+    the shipped table, the rule; kernels.Kernel.cache), and what the autotuner chose under the plan's autotune."""
     try:
         from longllama.fast import decode_attention, gemv_kernels
     except ImportError:
@@ -96,9 +97,10 @@ def tuned_configs() -> dict:
         "partials": decode_attention._kernels()[0],
     }
     return {
-        f"{name} {key}": str(config)
+        f"{name} {'autotuned ' if table == 'tuned' else ''}{key}": str(config)
         for name, kernel in kernels.items()
-        for key, config in getattr(kernel, "cache", {}).items()
+        for table in ("cache", "tuned")
+        for key, config in getattr(kernel, table, {}).items()
     }
 
 
