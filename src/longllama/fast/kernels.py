@@ -66,7 +66,7 @@ class Kernel:
         self.shipped, self.rule = shipped, rule
         self.cache: dict[tuple, tuple] = {}  # (GPU, dtype, *key values) -> (meta, num_warps, num_stages, source)
         self.tuned: dict[tuple, tuple] = {}  # choices the autotuner made in this process, same keys
-        self._compiled: set[tuple] = set()
+        self._ready: dict[tuple, dict] = {}  # launch options of the configurations launched so far, per key
         self._autotuner = None
 
     def _key(self, named: dict) -> tuple:
@@ -89,19 +89,23 @@ class Kernel:
         return " ".join(f"{k}={v}" for k, v in zip(self.key, key[2:]))
 
     def run(self, grid, args: tuple, constants: dict, *, autotune: bool = False) -> None:
-        named = {**dict(zip(self.fn.arg_names, args)), **constants}
+        named = dict(zip(self.fn.arg_names, args))
+        named.update(constants)
         key = self._key(named)
         if autotune:
             self._autotuned(grid, args, constants, key)
             return
+        ready = self._ready.get(key)
+        if ready is not None and key in self.cache:  # the common case: chosen and compiled before
+            self.fn[grid](*args, **constants, **ready)
+            return
         meta, warps, stages, _ = self.choose(key)
-        options = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
-        first = (key, tuple(sorted(meta.items())), warps, stages) not in self._compiled
+        ready = {**meta, "num_warps": warps, **({} if stages is None else {"num_stages": stages})}
         start = time.perf_counter()
-        self.fn[grid](*args, **constants, **meta, **options)
-        if first:  # Triton compiled the kernel here, or read it from its cache directory
-            self._compiled.add((key, tuple(sorted(meta.items())), warps, stages))
-            timings.record("compile", f"triton {self.name} {self._describe(key)}", time.perf_counter() - start)
+        self.fn[grid](*args, **constants, **ready)
+        # Triton compiled the kernel in that first launch, or read it from its cache directory
+        timings.record("compile", f"triton {self.name} {self._describe(key)}", time.perf_counter() - start)
+        self._ready[key] = ready
 
     def _autotuned(self, grid, args, constants, key) -> None:
         if self._autotuner is None:
