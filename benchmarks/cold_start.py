@@ -146,6 +146,8 @@ def random_checkpoint(folder: Path, shape: str, device: str) -> int:
         if (SHIPPED / name).exists():
             shutil.copy(SHIPPED / name, folder / name)
     del model
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the child processes need the GPU's memory, not this one's allocator
     return vocab
 
 
