@@ -155,3 +155,21 @@ def test_cold_start_records_have_the_results_format(tmp_path):
     body = {"device": "cpu", "date": "2026-01-01", "records": [dict(benchmark="cold_start", **summary)]}
     cold.write_atomically(tmp_path / "out.json", body)
     assert json.loads((tmp_path / "out.json").read_text()) == body
+
+
+def test_sharded_weights_load_straight_too(tmp_path):
+    model = LongLlamaForCausalLM.from_pretrained(SHIPPED, dtype="auto")
+    model.save_pretrained(tmp_path, max_shard_size="5MB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    loaded = load_pretrained(LongLlamaForCausalLM, tmp_path, dtype="auto", device="cpu")
+    ours, theirs = loaded.state_dict(), model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_other_layouts_are_left_to_from_pretrained(tmp_path):
+    import shutil
+
+    shutil.copy(SHIPPED / "config.json", tmp_path / "config.json")
+    model = LongLlamaForCausalLM.from_pretrained(SHIPPED, dtype="auto")
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    assert load_pretrained(LongLlamaForCausalLM, tmp_path, dtype="auto", device="cpu") is None
