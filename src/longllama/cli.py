@@ -699,8 +699,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--compile",
         dest="compile_elementwise",
         action=argparse.BooleanOptionalAction,
-        help="fuse RMSNorm, RoPE and SwiGLU with torch.compile (default: on GPUs only; its graphs are compiled "
-        "once per machine, ~10-20 s, and read from the cache directory by later runs: see docs/cold-start.md)",
+        help="fuse RMSNorm, RoPE and SwiGLU with torch.compile (default: on GPUs only; compiled once per machine, "
+        "about a second per function, and read from the cache directory by later runs: see docs/cold-start.md)",
     )
     p.add_argument(
         "--plan",
