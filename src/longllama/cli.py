@@ -1339,6 +1339,7 @@ def serve(
     api_key: str | None = None,
     memory_dir: str | None = None,
     queue: int = 8,
+    max_batch: int = 8,
     max_prompt_tokens: int = 32768,
     max_tokens: int = 2048,
     memory_budget: int = 4 << 30,
@@ -1373,6 +1374,7 @@ def serve(
         api_key=api_key,
         memory_dir=memory_dir,
         queue=queue,
+        max_batch=max_batch,
         max_prompt_tokens=max_prompt_tokens,
         max_tokens=max_tokens,
         memory_budget=memory_budget,
@@ -1409,6 +1411,13 @@ def _add_serve(commands) -> None:
         default=8,
         metavar="N",
         help="requests that may wait for the model (8); more: 429",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="generations decoded together (8); more wait in the queue",
     )
     p.add_argument(
         "--max-prompt-tokens", type=_positive_int, default=32768, metavar="N", help="prompt tokens per request (32768)"

@@ -552,19 +552,33 @@ class _AnswerText:
         self.shown = 0
         self._prompt = True
         self._special = set(tokenizer.all_special_ids)
+        self._last: tuple[list[int], str] | None = None
 
     def put(self, tokens) -> None:
         if self._prompt:  # generate() passes the prompt first
             self._prompt = False
             return
-        self.ids.extend(int(t) for t in tokens.reshape(-1).tolist())
+        self.add([int(t) for t in tokens.reshape(-1).tolist()])
+
+    def add(self, ids: list[int]) -> None:
+        """More of the answer's ids (no prompt comes first here)."""
+        self.ids.extend(ids)
         self._show(final=False)
+
+    def stopped(self) -> bool:
+        """Whether the answer so far holds a stop string."""
+        text = self._text(self.ids)
+        return any(s in text for s in self.stop)
 
     def end(self) -> None:
         self._show(final=True)
 
     def _text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode([i for i in ids if i not in self._special], skip_special_tokens=True)
+        if self._last is not None and self._last[0] == ids:  # asked again for the same ids: decode once
+            return self._last[1]
+        text = self.tokenizer.decode([i for i in ids if i not in self._special], skip_special_tokens=True)
+        self._last = (list(ids), text)
+        return text
 
     def _visible(self, final: bool) -> str:
         text = self._text(self.ids)
