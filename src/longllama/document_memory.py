@@ -22,12 +22,14 @@ import queue
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save_file
 from transformers import StoppingCriteriaList, StopStringCriteria
 
 from longllama.cache import LongLlamaCache
@@ -353,7 +355,11 @@ class DocumentMemory:
                 f"the same {key}, or build the memory again (longllama memory build)"
             )
         device = model.lm_head.weight.device if device is None else torch.device(device)
-        tensors = {name: _read_tensor_file(folder, name, entry) for name, entry in manifest["files"].items()}
+        # One thread per file: reading, hashing and parsing release the GIL, so the files are read side by side.
+        entries = manifest["files"]
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(entries)))) as pool:
+            read = pool.map(lambda item: _read_tensor_file(folder, *item), entries.items())
+            tensors = dict(zip(entries, read))
         cache = _cache_from_files(model, tensors, folder, device)
         if cache.local_length != manifest["local_length"] or cache.memory_length != manifest["memory_length"]:
             raise CheckpointError(
@@ -417,10 +423,11 @@ def _read_tensor_file(folder: Path, name: str, entry: dict[str, Any]) -> dict[st
             f"memory file {path} has {size} bytes, the manifest says {entry['bytes']} (truncated?): build the memory "
             "again"
         )
-    if _sha256_file(path) != entry["sha256"]:
+    data = path.read_bytes()  # read once: checked and parsed from the same bytes
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise CheckpointError(f"memory file {path} fails its sha256 check (corrupt): build the memory again")
     try:
-        return load_file(str(path))
+        return load_tensors(data)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"cannot read memory file {path} ({exc}): build the memory again") from None
 
