@@ -1049,6 +1049,13 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--plan", action="append", metavar="KEY=VALUE", help="change an execution-plan field (see --verbose)"
     )
+    p.add_argument(
+        "--mem-top-k",
+        type=_non_negative_int,
+        metavar="K",
+        help="kNN memory: each query of a memory layer attends to its K best memory keys (0: dense; default: the "
+        "checkpoint's)",
+    )
     p.add_argument("--verbose", action="store_true", help="print the execution plan")
     p.add_argument("--out", metavar="FILE.json", help="write the settings, summary and per-sample results as JSON")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate at most N samples per task")
@@ -1056,15 +1063,28 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def eval_model(
-    model: str | None, *, dtype: str = "auto", device: str = "auto", plan: list[str] | None = None, verbose: bool
+    model: str | None,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    plan: list[str] | None = None,
+    mem_top_k: int | None = None,
+    verbose: bool,
 ):
-    """(folder, model, tokenizer) for an evaluation: the checkpoint in `model` (the shipped one if None)."""
+    """(folder, model, tokenizer) for an evaluation: the checkpoint in `model` (the shipped one if None), with kNN
+    memory of `mem_top_k` keys when given (0: dense)."""
     from longllama.tokenizer import load_tokenizer
 
     folder = _model_folder(model)
     tokenizer = load_tokenizer(_tokenizer_folder(folder))
     lm = load_model(
-        folder, dtype=dtype, device=resolve_device(device), mem_attention_grouping=None, plan=plan, verbose=verbose
+        folder,
+        dtype=dtype,
+        device=resolve_device(device),
+        mem_attention_grouping=None,
+        mem_top_k=mem_top_k,
+        plan=plan,
+        verbose=verbose,
     )
     return folder, lm, tokenizer
 

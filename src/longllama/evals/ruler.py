@@ -733,6 +733,7 @@ def run(
     dtype: str = "auto",
     device: str = "auto",
     plan: list[str] | None = None,
+    mem_top_k: int | None = None,
     verbose: bool = False,
     out: str | None = None,
     limit: int | None = None,
@@ -750,9 +751,12 @@ def run(
         eval_records.plot_format(plot_path)
     # What can fail without the model fails before it loads.
     check_lengths(load_tokenizer(_model_folder(model)), tasks, lengths, seed=seed)
-    folder, lm, tokenizer = eval_model(model, dtype=dtype, device=device, plan=plan, verbose=verbose)
+    folder, lm, tokenizer = eval_model(
+        model, dtype=dtype, device=device, plan=plan, mem_top_k=mem_top_k, verbose=verbose
+    )
     settings = {
         "model": str(folder),
+        "mem_top_k": lm.config.mem_top_k,  # kNN memory (None: dense)
         "tasks": tasks,
         "lengths": lengths,
         "samples": samples,
