@@ -57,6 +57,7 @@ def _part(keys, values, n: int, local: bool, chunk: int, slot: torch.Tensor, q: 
         m,
         lsum,
         slot,
+        slot,
         n,
         0,
         count,
@@ -73,7 +74,12 @@ def _part(keys, values, n: int, local: bool, chunk: int, slot: torch.Tensor, q: 
         D,
     )
     constants = dict(
-        S_KN=keys.stride(2), S_VN=values.stride(2), D_READ=min(keys.shape[-1], 112), FROM_PTR=local, BLOCK_D=128
+        S_KN=keys.stride(2),
+        S_VN=values.stride(2),
+        D_READ=min(keys.shape[-1], 112),
+        FROM_PTR=local,
+        HAS_LO=False,
+        BLOCK_D=128,
     )
     return (rows, count), args, constants
 

@@ -339,6 +339,31 @@ def test_many_clients_are_answered_or_refused_and_none_is_lost(server):
     assert all(retry is not None for status, retry in results if status == 429)
 
 
+def test_concurrent_requests_are_decoded_together_and_answer_as_alone(server):
+    prompts = [f"Story {i}: once upon a time" + " there was" * i for i in range(4)]
+    body = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    alone = [server.http("POST", "/v1/completions", json={**body, "prompt": p}).json() for p in prompts]
+    assert server.http("GET", "/health").json()["decoding"] == 0
+    results: dict[int, dict] = {}
+
+    def ask(i: int) -> None:
+        while (
+            response := server.http("POST", "/v1/completions", json={**body, "prompt": prompts[i]})
+        ).status_code == 429:
+            time.sleep(0.05)  # the queue (2 here) is full: come back, as Retry-After says
+        results[i] = response.json()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for i in range(4):  # greedy: each answer is the one it got alone (the same maths, row by row)
+        assert results[i]["choices"][0]["text"] == alone[i]["choices"][0]["text"], i
+    health = server.http("GET", "/health").json()
+    assert health["most_decoding"] >= 2 and health["max_batch"] == 8, health  # decoded together, not in turn
+
+
 def test_a_client_leaving_mid_stream_frees_the_worker(server):
     body = {"prompt": "Once upon a time", "max_tokens": 1024, "temperature": 0, "ignore_eos": True, "stream": True}
     # The time per token here, from a short run: the 1024 tokens would take about 16 times as long.
@@ -356,6 +381,7 @@ def test_a_client_leaving_mid_stream_frees_the_worker(server):
     waited = time.monotonic() - start
     assert after.status_code == 200
     assert waited < max(full_seconds / 3, 1.0), (waited, full_seconds)  # not the rest of the long generation
+    assert server.http("GET", "/health").json()["decoding"] == 0  # the abandoned generation left the batch
 
 
 def test_memories_survive_a_restart_and_a_kill_mid_upload(server, memory_dir, haystack):

@@ -1092,6 +1092,13 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--plan", action="append", metavar="KEY=VALUE", help="change an execution-plan field (see --verbose)"
     )
+    p.add_argument(
+        "--mem-top-k",
+        type=_non_negative_int,
+        metavar="K",
+        help="kNN memory: each query of a memory layer attends to its K best memory keys (0: dense; default: the "
+        "checkpoint's)",
+    )
     p.add_argument("--verbose", action="store_true", help="print the execution plan")
     p.add_argument("--out", metavar="FILE.json", help="write the settings, summary and per-sample results as JSON")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate at most N samples per task")
@@ -1099,15 +1106,28 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def eval_model(
-    model: str | None, *, dtype: str = "auto", device: str = "auto", plan: list[str] | None = None, verbose: bool
+    model: str | None,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    plan: list[str] | None = None,
+    mem_top_k: int | None = None,
+    verbose: bool,
 ):
-    """(folder, model, tokenizer) for an evaluation: the checkpoint in `model` (the shipped one if None)."""
+    """(folder, model, tokenizer) for an evaluation: the checkpoint in `model` (the shipped one if None), with kNN
+    memory of `mem_top_k` keys when given (0: dense)."""
     from longllama.tokenizer import load_tokenizer
 
     folder = _model_folder(model)
     tokenizer = load_tokenizer(_tokenizer_folder(folder))
     lm = load_model(
-        folder, dtype=dtype, device=resolve_device(device), mem_attention_grouping=None, plan=plan, verbose=verbose
+        folder,
+        dtype=dtype,
+        device=resolve_device(device),
+        mem_attention_grouping=None,
+        mem_top_k=mem_top_k,
+        plan=plan,
+        verbose=verbose,
     )
     return folder, lm, tokenizer
 
@@ -1382,6 +1402,7 @@ def serve(
     api_key: str | None = None,
     memory_dir: str | None = None,
     queue: int = 8,
+    max_batch: int = 8,
     max_prompt_tokens: int = 32768,
     max_tokens: int = 2048,
     memory_budget: int = 4 << 30,
@@ -1416,6 +1437,7 @@ def serve(
         api_key=api_key,
         memory_dir=memory_dir,
         queue=queue,
+        max_batch=max_batch,
         max_prompt_tokens=max_prompt_tokens,
         max_tokens=max_tokens,
         memory_budget=memory_budget,
@@ -1452,6 +1474,13 @@ def _add_serve(commands) -> None:
         default=8,
         metavar="N",
         help="requests that may wait for the model (8); more: 429",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="generations decoded together (8); more wait in the queue",
     )
     p.add_argument(
         "--max-prompt-tokens", type=_positive_int, default=32768, metavar="N", help="prompt tokens per request (32768)"

@@ -22,12 +22,14 @@ import queue
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save_file
 from transformers import StoppingCriteriaList, StopStringCriteria
 
 from longllama.cache import LongLlamaCache
@@ -353,7 +355,11 @@ class DocumentMemory:
                 f"the same {key}, or build the memory again (longllama memory build)"
             )
         device = model.lm_head.weight.device if device is None else torch.device(device)
-        tensors = {name: _read_tensor_file(folder, name, entry) for name, entry in manifest["files"].items()}
+        # One thread per file: reading, hashing and parsing release the GIL, so the files are read side by side.
+        entries = manifest["files"]
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(entries)))) as pool:
+            read = pool.map(lambda item: _read_tensor_file(folder, *item), entries.items())
+            tensors = dict(zip(entries, read))
         cache = _cache_from_files(model, tensors, folder, device)
         if cache.local_length != manifest["local_length"] or cache.memory_length != manifest["memory_length"]:
             raise CheckpointError(
@@ -417,10 +423,11 @@ def _read_tensor_file(folder: Path, name: str, entry: dict[str, Any]) -> dict[st
             f"memory file {path} has {size} bytes, the manifest says {entry['bytes']} (truncated?): build the memory "
             "again"
         )
-    if _sha256_file(path) != entry["sha256"]:
+    data = path.read_bytes()  # read once: checked and parsed from the same bytes
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise CheckpointError(f"memory file {path} fails its sha256 check (corrupt): build the memory again")
     try:
-        return load_file(str(path))
+        return load_tensors(data)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"cannot read memory file {path} ({exc}): build the memory again") from None
 
@@ -552,19 +559,33 @@ class _AnswerText:
         self.shown = 0
         self._prompt = True
         self._special = set(tokenizer.all_special_ids)
+        self._last: tuple[list[int], str] | None = None
 
     def put(self, tokens) -> None:
         if self._prompt:  # generate() passes the prompt first
             self._prompt = False
             return
-        self.ids.extend(int(t) for t in tokens.reshape(-1).tolist())
+        self.add([int(t) for t in tokens.reshape(-1).tolist()])
+
+    def add(self, ids: list[int]) -> None:
+        """More of the answer's ids (no prompt comes first here)."""
+        self.ids.extend(ids)
         self._show(final=False)
+
+    def stopped(self) -> bool:
+        """Whether the answer so far holds a stop string."""
+        text = self._text(self.ids)
+        return any(s in text for s in self.stop)
 
     def end(self) -> None:
         self._show(final=True)
 
     def _text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode([i for i in ids if i not in self._special], skip_special_tokens=True)
+        if self._last is not None and self._last[0] == ids:  # asked again for the same ids: decode once
+            return self._last[1]
+        text = self.tokenizer.decode([i for i in ids if i not in self._special], skip_special_tokens=True)
+        self._last = (list(ids), text)
+        return text
 
     def _visible(self, final: bool) -> str:
         text = self._text(self.ids)

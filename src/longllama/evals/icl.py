@@ -401,6 +401,7 @@ def run(
     dtype: str = "auto",
     device: str = "auto",
     plan: list[str] | None = None,
+    mem_top_k: int | None = None,
     verbose: bool = False,
     out: str | None = None,
     limit: int | None = None,
@@ -421,7 +422,9 @@ def run(
         raise InputError(f"--shots {max(shots)} exceeds the {len(train_rows)} training examples; pass fewer shots")
     if limit is not None:
         test_rows = test_rows[:limit]
-    folder, lm, tokenizer = eval_model(model, dtype=dtype, device=device, plan=plan, verbose=verbose)
+    folder, lm, tokenizer = eval_model(
+        model, dtype=dtype, device=device, plan=plan, mem_top_k=mem_top_k, verbose=verbose
+    )
     # Seeds --seed .. --seed + N - 1: each is one draw of demonstrations.
     results, summary = evaluate(
         lm,
@@ -443,6 +446,7 @@ def run(
     if out_path is not None:
         settings = {
             "model": str(folder),
+            "mem_top_k": lm.config.mem_top_k,  # kNN memory (None: dense)
             "train": str(train),
             "test": str(test),
             "train_examples": len(train_rows),

@@ -31,6 +31,7 @@ import random
 import re
 import string
 import sys
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -575,8 +576,11 @@ def run_ruler(
 
     with tqdm(total=len(grid), desc="ruler", unit="sample", file=sys.stderr, disable=not progress) as bar:
         for length, task, index in grid:
+            start = time.perf_counter()
             sample = make_sample(task, length, index, tokenizer, seed=seed)
+            made = time.perf_counter()
             prediction = predict(model, tokenizer, sample)
+            done = time.perf_counter()
             records.append(
                 {
                     "task": task,
@@ -588,6 +592,8 @@ def run_ruler(
                     "outputs": sample.outputs,
                     "prediction": prediction,
                     "score": score(task, prediction, sample.outputs),
+                    "generate_seconds": round(made - start, 3),  # the sample's text, on the CPU
+                    "model_seconds": round(done - made, 3),  # reading it and answering
                 }
             )
             bar.update(1)
@@ -610,9 +616,16 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "score": sum(r["score"] for r in group) / len(group),
                     "samples": len(group),
                     "mean_tokens": sum(r["tokens"] for r in group) / len(group),
+                    "samples_per_minute": _per_minute(group),
                 }
             )
     return cells
+
+
+def _per_minute(group: Sequence[dict[str, Any]]) -> float | None:
+    """Samples per minute, making and answering them one after the other (None for records without timings)."""
+    seconds = [r.get("generate_seconds", 0) + r.get("model_seconds", 0) for r in group if "model_seconds" in r]
+    return round(60 * len(seconds) / sum(seconds), 2) if seconds and sum(seconds) > 0 else None
 
 
 def format_table(summary: Sequence[dict[str, Any]]) -> str:
@@ -733,6 +746,7 @@ def run(
     dtype: str = "auto",
     device: str = "auto",
     plan: list[str] | None = None,
+    mem_top_k: int | None = None,
     verbose: bool = False,
     out: str | None = None,
     limit: int | None = None,
@@ -750,9 +764,12 @@ def run(
         eval_records.plot_format(plot_path)
     # What can fail without the model fails before it loads.
     check_lengths(load_tokenizer(_model_folder(model)), tasks, lengths, seed=seed)
-    folder, lm, tokenizer = eval_model(model, dtype=dtype, device=device, plan=plan, verbose=verbose)
+    folder, lm, tokenizer = eval_model(
+        model, dtype=dtype, device=device, plan=plan, mem_top_k=mem_top_k, verbose=verbose
+    )
     settings = {
         "model": str(folder),
+        "mem_top_k": lm.config.mem_top_k,  # kNN memory (None: dense)
         "tasks": tasks,
         "lengths": lengths,
         "samples": samples,

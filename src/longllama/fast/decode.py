@@ -135,8 +135,7 @@ class StaticDecoder:
             self.slot.add_(1)
             # The final norm inside lm_head's product.
             return gemv.linear(h[:, 0], self.model.lm_head.weight, norm=_norm(model.norm), **self.gemv_options).float()
-        cos = self.cos.index_select(0, self.slot)[None, None]  # (1, 1, 1, D)
-        sin = self.sin.index_select(0, self.slot)[None, None]
+        cos, sin = self._rotation()
         visible = self._visible()
         ops = ops_for(self.plan)
         for layer, buffers, memory in zip(model.layers, self.buffers, self.memories):
@@ -149,6 +148,10 @@ class StaticDecoder:
         self.slot.add_(1)
         h = model.norm(h, ops)
         return ops.linear(h[:, 0], self.model.lm_head.weight).float()
+
+    def _rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (1, 1, 1, D) of the position this step's query and key take: the slot's."""
+        return self.cos.index_select(0, self.slot)[None, None], self.sin.index_select(0, self.slot)[None, None]
 
     def _visible(self) -> torch.Tensor:
         """(1, 1, 1, W) bool: the local slots in use, up to and including the current one."""
@@ -165,11 +168,15 @@ class StaticDecoder:
         if self._positional(layer):
             q, k = ops.rotate(q, cos, sin), ops.rotate(k, cos, sin)
         rot.index_copy_(2, self.slot, k)
+        out = self._attend(q, rot, values, visible, memory, ops)
+        return ops.linear(out.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight)
+
+    def _attend(self, q, rot, values, visible, memory, ops) -> torch.Tensor:
+        """A step's attention (b, h, 1, d) through the general functions."""
         mem_k = mem_v = padded = None
         if memory is not None and memory.length:
             mem_k, mem_v, padded, _ = read_memory(memory, q.device)
-        out = ops.few_query_attention(q, rot, values, visible, mem_k, mem_v, padded, self.config.mem_top_k)
-        return ops.linear(out.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight)
+        return ops.few_query_attention(q, rot, values, visible, mem_k, mem_v, padded, self.config.mem_top_k)
 
     def _layer_kernels(self, layer, h, buffers, memory):
         """One decoder layer in seven kernels: each RMSNorm inside the product after it, each residual add inside
@@ -184,18 +191,9 @@ class StaticDecoder:
             **self.gemv_options,
         )
         q = decode_attention.rope_store(
-            qkv, self.cos, self.sin, self.slot, raw, rot, values, attn.num_heads, rotate=self._positional(layer)
+            qkv, self.cos, self.sin, self.slot, raw, rot, values, attn.num_heads, self._positional(layer), self._lo()
         )  # (B, H, D)
-        mem_k = mem_v = padded = valid = None
-        if memory is not None and memory.length:
-            mem_k, mem_v, padded, valid = read_memory(memory, q.device)
-        if valid is not None or (padded is not None and self.config.mem_top_k is not None):
-            _, rot, values = self._views(buffers)
-            out = EAGER.few_query_attention(
-                q[:, :, None], rot, values, self._visible(), mem_k, mem_v, padded, self.config.mem_top_k
-            )[:, :, 0]
-        else:
-            out = decode_attention.attend(q, rot, values, self.slot, padded, autotune=self.plan.autotune)
+        out = self._attend_kernels(q, buffers, memory)
         h = gemv.linear(
             out.reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight, residual=h, **self.gemv_options
         )
@@ -203,6 +201,23 @@ class StaticDecoder:
             h, mlp.gate_proj.weight, mlp.up_proj.weight, norm=_norm(layer.post_attention_layernorm), **self.gemv_options
         )
         return gemv.linear(act, mlp.down_proj.weight, residual=h, **self.gemv_options)
+
+    def _lo(self) -> torch.Tensor | None:
+        """Each row's first slot, where rows start apart (batch_decode.py); None: every row starts at slot 0."""
+        return None
+
+    def _attend_kernels(self, q, buffers, memory) -> torch.Tensor:
+        """A step's attention (b, h, d) with the kernels: local slots and the memory in one softmax."""
+        raw, rot, values = buffers
+        mem_k = mem_v = padded = valid = None
+        if memory is not None and memory.length:
+            mem_k, mem_v, padded, valid = read_memory(memory, q.device)
+        if valid is not None or (padded is not None and self.config.mem_top_k is not None):
+            _, rot, values = self._views(buffers)
+            return EAGER.few_query_attention(
+                q[:, :, None], rot, values, self._visible(), mem_k, mem_v, padded, self.config.mem_top_k
+            )[:, :, 0]
+        return decode_attention.attend(q, rot, values, self.slot, padded, autotune=self.plan.autotune)
 
     def _checked_compute(self) -> torch.Tensor:
         """_compute, falling back for good to the general step (one warning) if a Triton kernel fails to build or
@@ -258,6 +273,10 @@ class StaticDecoder:
         """Feed one token per row (b,); returns the logits (b, vocab) of the next position."""
         if self.length == self.window:
             self._flush()
+        return self._advance(tokens)
+
+    def _advance(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Write the tokens into the current slot and run the step (replaying its graph where there is one)."""
         self.token.copy_(tokens)
         if self.graphs:
             if self.graph is None:

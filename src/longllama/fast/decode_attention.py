@@ -65,11 +65,12 @@ def rope_store(
     values: torch.Tensor,
     heads: int,
     rotate: bool,
+    lo: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """qkv (b, 1, (heads + 2 kv_heads) d) of one step; cos, sin (window, d) tables; slot (1,) long. Writes the key
     into raw (as is) and rot (rotated when `rotate`), the value into values at `slot`: contiguous buffers
     (b, kv_heads, window, width >= d) whose columns past d are left alone. Returns q (b, heads, d), rotated when
-    `rotate`."""
+    `rotate`, for position `slot`, or with `lo` (b,) for position slot - lo[row] (batch_decode.py)."""
     b, kv_heads = raw.shape[:2]
     d = cos.shape[-1]
     if not (raw.is_contiguous() and rot.is_contiguous() and values.is_contiguous()):
@@ -82,6 +83,7 @@ def rope_store(
         cos.contiguous(),
         sin.contiguous(),
         slot,
+        slot if lo is None else lo,
         q,
         raw,
         rot,
@@ -93,6 +95,7 @@ def rope_store(
         raw.stride(2),
         D=d,
         ROTATE=rotate,
+        HAS_LO=lo is not None,
         BLOCK_D=kernels.pow2(d),
     )
     return q
@@ -105,12 +108,18 @@ def attend(
     slot: torch.Tensor,
     memory: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
+    lo: torch.Tensor | None = None,
+    row_memories: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
     autotune: bool = False,
 ) -> torch.Tensor:
     """q (b, h, d); keys, values (b, h_kv, window, d') of which slots 0..slot are in use; memory (keys, values)
     (b, h_kv, M, d'') as stored, or None; d', d'' >= d, the columns past d zero (those past the next multiple of 16
     are not read). Returns the attention output
     (b, h, d) in q's dtype: one softmax over the used local slots and the whole memory, with scale 1/sqrt(d).
+
+    A batch of independent sequences (batch_decode.py) passes `lo` (b,) long, each row's first local slot (slots
+    lo..slot are its own), and `row_memories`, one memory per row ((1, h_kv, M_i, d'') or None) instead of `memory`:
+    each row's memory chunks are launched apart, into that row's share of the partial results.
     `autotune`: the partials kernel's configuration by Triton's autotuner (the plan's field), else chosen from the
     tables or the rule (kernels.Kernel)."""
     partials, merge, _ = _kernels()
@@ -124,20 +133,27 @@ def attend(
         parts.append((memory[0], memory[1], memory[0].shape[2], False))
     chunks = [_chunk(n, rows) for _, _, n, _ in parts]
     counts = [-(-n // c) for (_, _, n, _), c in zip(parts, chunks)]
-    splits = sum(counts)
-    block_d = kernels.pow2(max(d, *(k.shape[-1] for k, _, _, _ in parts)))
-    acc = torch.empty(rows, splits, block_d, dtype=torch.float32, device=q.device)
-    m = torch.empty(rows, splits, dtype=torch.float32, device=q.device)
-    lsum = torch.empty(rows, splits, dtype=torch.float32, device=q.device)
+    per_row = [m for m in (row_memories or []) if m is not None and m[0].shape[2]]
+    row_chunk = _chunk(max((m[0].shape[2] for m in per_row), default=1), rows)
+    row_count = max((-(-m[0].shape[2] // row_chunk) for m in per_row), default=0)
+    splits = sum(counts) + row_count
+    widths = [k.shape[-1] for k, _, _, _ in parts] + [m[0].shape[-1] for m in per_row]
+    block_d = kernels.pow2(max(d, *widths))
+    # Rows with fewer memory chunks than the longest leave split entries unwritten: empty (m = -inf, no weight).
+    make = torch.zeros if row_count else torch.empty
+    acc = make(rows, splits, block_d, dtype=torch.float32, device=q.device)
+    m = torch.full((rows, splits), -float("inf"), dtype=torch.float32, device=q.device) if row_count else None
+    m = torch.empty(rows, splits, dtype=torch.float32, device=q.device) if m is None else m
+    lsum = make(rows, splits, dtype=torch.float32, device=q.device)
     scale_log2 = _LOG2E / math.sqrt(d)
     # Columns read per row: the stored rows up to the next multiple of 16 past d (aligned vector loads); zero padding
     # beyond that (a memory stored 128 wide for head_dim 100) is never read.
     read = -(-d // 16) * 16
-    split0 = 0
-    for (k, v, n, local), chunk, count in zip(parts, chunks, counts):
+
+    def launch(q, k, v, n, local, chunk, count, split0, acc, m, lsum):
         kernels.launch(
             partials,
-            lambda meta, count=count: (rows, count),
+            lambda meta: (q.shape[0] * h, count),
             (
                 q,
                 k,
@@ -146,6 +162,7 @@ def attend(
                 m,
                 lsum,
                 slot,
+                slot if lo is None else lo,
                 n,
                 split0,
                 splits,
@@ -167,9 +184,32 @@ def attend(
             S_VN=v.stride(2),
             D_READ=min(k.shape[-1], read),
             FROM_PTR=local,
+            HAS_LO=local and lo is not None,
             BLOCK_D=block_d,
         )
+
+    split0 = 0
+    for (k, v, n, local), chunk, count in zip(parts, chunks, counts):
+        launch(q, k, v, n, local, chunk, count, split0, acc, m, lsum)
         split0 += count
+    for row, mem in enumerate(row_memories or []):
+        if mem is None or not mem[0].shape[2]:
+            continue
+        n = mem[0].shape[2]
+        own = slice(row * h, (row + 1) * h)  # this row's (head, split) entries: a view, written in place
+        launch(
+            q[row : row + 1],
+            mem[0],
+            mem[1],
+            n,
+            False,
+            row_chunk,
+            -(-n // row_chunk),
+            split0,
+            acc[own],
+            m[own],
+            lsum[own],
+        )
     out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
     merge[(rows,)](acc, m, lsum, out, splits, d, BLOCK_S=_MERGE_BLOCK, BLOCK_D=block_d)
     return out

@@ -24,6 +24,7 @@ def partials_kernel(
     m_ptr,
     l_ptr,
     n_ptr,
+    lo_ptr,
     n_fixed,
     split0,
     splits,
@@ -42,6 +43,7 @@ def partials_kernel(
     S_VN: tl.constexpr,
     D_READ: tl.constexpr,
     FROM_PTR: tl.constexpr,
+    HAS_LO: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -63,6 +65,8 @@ def partials_kernel(
         n = n_fixed
     start = split * chunk
     end = tl.minimum(start + chunk, n)
+    if HAS_LO:  # rows of a batch of independent sequences: slots before the row's first one are not its own
+        start = tl.maximum(start, tl.load(lo_ptr + b))
     d = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + b * s_qb + h * s_qh + d, mask=d < D, other=0.0).to(tl.float32) * scale_log2
     k_base = k_ptr + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
@@ -115,10 +119,10 @@ def merge(acc_ptr, m_ptr, l_ptr, o_ptr, splits, D, BLOCK_S: tl.constexpr, BLOCK_
         smask = s < splits
         m = tl.load(m_ptr + bh * splits + s, mask=smask, other=-float("inf"))
         m_new = tl.maximum(m_all, tl.max(m, axis=0))
-        # Chunks that saw no key have m = -inf and weight 0; the first block always holds a non-empty one (the
-        # local chunk with the current slot), so m_new is finite from the first block on.
-        w = tl.where(smask & (m > -float("inf")), tl.exp2(m - m_new), 0.0)
-        alpha = tl.exp2(m_all - m_new)
+        # Chunks that saw no key have m = -inf and weight 0; so does a whole block of them (m_ref keeps exp2 finite).
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+        w = tl.where(smask & (m > -float("inf")), tl.exp2(m - m_ref), 0.0)
+        alpha = tl.exp2(m_all - m_ref)
         part = tl.load(acc_ptr + (bh * splits + s)[:, None] * BLOCK_D + d[None, :], mask=smask[:, None], other=0.0)
         acc = acc * alpha + tl.sum(w[:, None] * part, axis=0)
         l_all = l_all * alpha + tl.sum(w * tl.load(l_ptr + bh * splits + s, mask=smask, other=0.0), axis=0)
@@ -132,6 +136,7 @@ def rope_store(
     cos_ptr,
     sin_ptr,
     slot_ptr,
+    lo_ptr,
     q_ptr,
     raw_ptr,
     rot_ptr,
@@ -143,18 +148,22 @@ def rope_store(
     s_n,
     D: tl.constexpr,
     ROTATE: tl.constexpr,
+    HAS_LO: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     j = tl.program_id(1)
     slot = tl.load(slot_ptr)
+    pos = slot  # the position the step rotates for: the slot, or the slot within the row's own (batch_decode.py)
+    if HAS_LO:
+        pos = slot - tl.load(lo_ptr + b)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     half = D // 2
     partner = tl.where(d < half, d + half, d - half)
     sign = tl.where(d < half, -1.0, 1.0)
-    c = tl.load(cos_ptr + slot * D + d, mask=dmask, other=0.0).to(tl.float32)
-    sn = tl.load(sin_ptr + slot * D + d, mask=dmask, other=0.0).to(tl.float32) * sign
+    c = tl.load(cos_ptr + pos * D + d, mask=dmask, other=0.0).to(tl.float32)
+    sn = tl.load(sin_ptr + pos * D + d, mask=dmask, other=0.0).to(tl.float32) * sign
     row = qkv_ptr + b * (H + 2 * HKV) * D
     if j < H:  # a query head: rotated into the contiguous (b, H, D) query
         x = tl.load(row + j * D + d, mask=dmask, other=0.0).to(tl.float32)

@@ -25,12 +25,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from longllama.batch import BatchGenerator
 from longllama.chat_format import ChatFormat, chat_format
 from longllama.errors import CheckpointError, InputError
 from longllama.serve.memories import MemoryStore, valid_id
 from longllama.serve.prefix import PrefixCache
 from longllama.serve.schemas import UNSUPPORTED, ChatBody, CompletionBody, MemoryBody
-from longllama.serve.worker import Generated, ModelWorker, QueueFull, generate_text
+from longllama.serve.worker import Generated, ModelWorker, QueueFull, start_text
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class ServeConfig:
     model_id: str = "longllama"
     api_key: str | None = None
     memory_dir: str | None = None  # None: a temporary folder, removed at shut-down
-    queue: int = 8  # requests waiting for the model (besides the one it runs)
+    queue: int = 8  # requests waiting for the model (besides those it decodes)
+    max_batch: int = 8  # generations decoded together
     max_prompt_tokens: int = 32768  # per request, besides a memory's document
     max_tokens: int = 2048  # new tokens per request
     default_chat_tokens: int = 512  # chat requests that name no max_tokens
@@ -201,7 +203,8 @@ class _Server:
             self._temp = tempfile.TemporaryDirectory(prefix="longllama-memories-")
             folder = self._temp.name
         self.store = MemoryStore(folder, model, tokenizer, budget=config.memory_budget)
-        self.worker = ModelWorker(config.queue)
+        self.engine = BatchGenerator(model, max_rows=config.max_batch)
+        self.worker = ModelWorker(config.queue, self.engine)
         self.prefixes = PrefixCache(model, config.prefix_cache_bytes)
         self._formats: dict[tuple[str | None, str | None], ChatFormat] = {}
         self.created = int(time.time())
@@ -351,8 +354,8 @@ class _Server:
                     cache, read, cached = self.prefixes.read(ids)
                     lcl, prompt_tokens, ids = None, len(ids), ids[read:]
                 emit("ready", prompt_tokens, cached)
-                result = generate_text(
-                    self.model,
+                start_text(
+                    self.engine,
                     self.tokenizer,
                     ids,
                     cache=cache,
@@ -365,13 +368,14 @@ class _Server:
                     cancelled=cancelled,
                     ignore_eos=body.ignore_eos,
                     on_text=lambda text: emit("text", text),
+                    on_done=lambda result: emit("done", result),
+                    on_error=lambda exc: emit("error", exc),
                 )
-                emit("done", result)
             except BaseException as exc:
                 emit("error", exc)
 
         try:
-            self.worker.submit(job, cancelled)
+            self.worker.submit(job, cancelled, generation=True)
         except QueueFull:
             raise APIError(
                 429,
@@ -488,7 +492,14 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": config.model_id}
+        engine = server.engine  # plain reads of counters the worker keeps
+        return {
+            "status": "ok",
+            "model": config.model_id,
+            "decoding": engine.active,
+            "most_decoding": engine.most_active,
+            "max_batch": engine.max_rows,
+        }
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:

@@ -1,21 +1,22 @@
 """The model worker: one thread runs every piece of model work (tokenizing, reading memories, generating), taken
 from a bounded queue. Neither the model nor DocumentMemory's copy-on-write bookkeeping is thread-safe, so nothing
-else touches them; the web server only queues jobs and reads their results."""
+else touches them; the web server only queues jobs and reads their results.
+
+Generations are decoded together (batch.py): a generation's job reads its prompt and joins the batch, and between
+two jobs the thread advances every running generation by one token. A generation job that finds the batch full waits
+at the head of the queue (the queue stays bounded) until a generation ends."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
 import queue
-import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
-
+from longllama.batch import BatchGenerator, Stream
 from longllama.cache import LongLlamaCache
 from longllama.document_memory import _AnswerText
 
@@ -27,18 +28,23 @@ class QueueFull(Exception):
 
 
 class ModelWorker:
-    """One thread, one bounded queue of jobs; `submit(fn)` returns a Future of `fn()` run on that thread."""
+    """One thread, one bounded queue of jobs; `submit(fn)` returns a Future of `fn()` run on that thread. With an
+    `engine`, jobs submitted with `generation=True` add a sequence to it, and the thread steps it between jobs."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, engine: BatchGenerator | None = None):
         self._jobs: queue.Queue = queue.Queue(maxsize=size)
+        self.engine = engine
         self._thread = threading.Thread(target=self._loop, name="longllama-model", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], Any], cancelled: threading.Event | None = None) -> concurrent.futures.Future:
-        """Queue `fn`; a job whose `cancelled` event is set before it starts is dropped. Raises QueueFull."""
+    def submit(
+        self, fn: Callable[[], Any], cancelled: threading.Event | None = None, *, generation: bool = False
+    ) -> concurrent.futures.Future:
+        """Queue `fn`; a job whose `cancelled` event is set before it starts is dropped. `generation`: fn adds a
+        sequence to the engine (it waits while the engine is full). Raises QueueFull."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
-            self._jobs.put_nowait((future, fn, cancelled))
+            self._jobs.put_nowait((future, fn, cancelled, generation))
         except queue.Full:
             raise QueueFull from None
         return future
@@ -46,7 +52,7 @@ class ModelWorker:
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the worker and wait for it (for start-up and shut-down work; blocks, so not from requests)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put((future, fn, None))
+        self._jobs.put((future, fn, None, False))
         return future.result()
 
     def close(self) -> None:
@@ -61,26 +67,38 @@ class ModelWorker:
         self._jobs.put(None)
         self._thread.join(timeout=10)
 
+    def _decoding(self) -> bool:
+        return self.engine is not None and self.engine.active > 0
+
     def _loop(self) -> None:
-        while (item := self._jobs.get()) is not None:
-            future, fn, cancelled = item
-            if (cancelled is not None and cancelled.is_set()) or not future.set_running_or_notify_cancel():
-                future.cancel()
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # handed to the request that queued it
-                future.set_exception(exc)
+        held = None  # a generation job waiting for room in the batch
+        while True:
+            if held is None:
+                try:
+                    item = self._jobs.get(block=not self._decoding())
+                except queue.Empty:
+                    item = ()
+                if item is None:
+                    break
+                held = item or None
+            if held is not None and not (held[3] and self.engine is not None and self.engine.full):
+                self._run(*held[:3])
+                held = None
+            if self._decoding():
+                try:
+                    self.engine.step()
+                except Exception:  # the sequences got the error (on_error); the worker goes on
+                    logger.exception("a decoding step failed")
 
-
-class _Cancelled(StoppingCriteria):
-    """Ends generation at the next token once `event` is set (the client went away)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+    @staticmethod
+    def _run(future, fn, cancelled) -> None:
+        if (cancelled is not None and cancelled.is_set()) or not future.set_running_or_notify_cancel():
+            future.cancel()
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the request that queued it
+            future.set_exception(exc)
 
 
 @dataclass
@@ -90,8 +108,8 @@ class Generated:
     completion_tokens: int
 
 
-def generate_text(
-    model,
+def start_text(
+    engine: BatchGenerator,
     tokenizer,
     ids: Sequence[int],
     *,
@@ -103,43 +121,44 @@ def generate_text(
     stop: Sequence[str],
     seed: int | None,
     cancelled: threading.Event,
+    on_text: Callable[[str], None],
+    on_done: Callable[[Generated], None],
+    on_error: Callable[[BaseException], None],
     ignore_eos: bool = False,
-    on_text: Callable[[str], None] | None = None,
-) -> Generated:
-    """Continue `ids` (after `cache` when given: a document memory's or a read prefix's, left unchanged) on the
-    worker thread; text pieces go to `on_text` as they come, stop strings and EOS cut off."""
-    device = model.lm_head.weight.device
-    input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
-    # Each request draws from its own seed: a seeded request before it does not make this one repeat.
-    torch.manual_seed(seed if seed is not None else secrets.randbits(63))
-    settings: dict[str, Any] = {"do_sample": False}
-    if temperature > 0:
-        settings = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
-    if ignore_eos:
-        settings["suppress_tokens"] = [tokenizer.eos_token_id]
-    criteria = StoppingCriteriaList([_Cancelled(cancelled)])
-    if stop:
-        criteria.append(StopStringCriteria(tokenizer, list(stop)))
+) -> Stream:
+    """Read `ids` (after `cache` when given: a document memory's or a read prefix's, left unchanged) into the engine
+    on the worker thread and let it decode with the others: text pieces go to `on_text` as they come (stop strings
+    and EOS cut off), the result to `on_done`; a cancelled request ends at its next token."""
     streamer = _AnswerText(tokenizer, stop, on_text)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids,
-            cache=cache,
-            attention_mask=None if cache is not None else torch.ones_like(input_ids),
-            streamer=streamer,
-            stopping_criteria=criteria,
-            return_dict_in_generate=True,
-            last_context_length=last_context_length,
-            max_new_tokens=max_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            **settings,
-        )
-    generated = [int(t) for t in out.sequences[0, len(ids) :].tolist()]
-    text, kept = streamer.answer(generated)
-    if cancelled.is_set():
-        reason = "cancelled"
-    elif tokenizer.eos_token_id in generated or len(kept) < len(generated) or len(generated) < max_tokens:
-        reason = "stop"
-    else:
-        reason = "length"
-    return Generated(text=text, finish_reason=reason, completion_tokens=len(generated))
+    eos = tokenizer.eos_token_id
+
+    def on_token(token: int) -> bool:
+        streamer.add([token])
+        return cancelled.is_set() or streamer.stopped()
+
+    def on_end(stream: Stream) -> None:
+        streamer.end()
+        text, kept = streamer.answer(stream.tokens)
+        if cancelled.is_set():
+            reason = "cancelled"
+        elif stream.finish_reason == "length" and len(kept) == len(stream.tokens):
+            reason = "length"
+        else:
+            reason = "stop"
+        on_done(Generated(text=text, finish_reason=reason, completion_tokens=len(stream.tokens)))
+
+    sampling: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "seed": seed}
+    return engine.add(
+        ids,
+        cache=cache,
+        last_context_length=last_context_length,
+        max_new_tokens=max_tokens,
+        eos_token_id=None if ignore_eos else eos,
+        suppress_tokens=[eos] if ignore_eos else (),
+        on_token=on_token,
+        on_end=on_end,
+        on_error=on_error,
+        **sampling,
+    )

@@ -1,0 +1,293 @@
+"""Serving benchmark on one GPU: time to first token over a long document, and concurrent streams decoded together.
+
+A random bf16 model of one shape is saved to a folder and loaded from it (as `longllama serve` loads a model), with the
+shipped model's tokenizer; documents are pass-key haystacks (their content does not change the timings).
+- ttft: a `--question-tokens` question after a `--doc-tokens` document, from the request to the first new token:
+  (reingest) the document and question read as one prompt; (gpu_memory) after a DocumentMemory held on the GPU;
+  (disk_memory) DocumentMemory.load from its folder (the files dropped from the OS page cache first, so they are read
+  from the disk; checksums verified) and then the question.
+- concurrent_decode: 1, 4 and 8 streams (`--streams`) over different `--stream-doc-tokens` memories, `--new-tokens`
+  each, decoded together by BatchGenerator: aggregate new tokens per second from submitting the questions to the last
+  token; the same through HTTP (`longllama serve`'s app in this process, streamed completions from one thread per
+  client); and one stream through model.generate (the single-sequence decoder) as the baseline.
+Prints a table; --out writes records in the format of benchmarks/results/*.json.
+
+    python benchmarks/bench_serve.py --shape 3b --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from longllama import LongLlamaForCausalLM
+from longllama.batch import BatchGenerator
+from longllama.cli import SHIPPED_MODEL
+from longllama.config import preset
+from longllama.document_memory import DocumentMemory
+from longllama.evals import passkey
+from longllama.tokenizer import load_tokenizer
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _model_folder(shape: str, folder: Path, device: str) -> None:
+    """A random bf16 model of `shape` saved (safetensors) with the shipped tokenizer."""
+    torch.manual_seed(0)
+    config = preset(shape)
+    if config.vocab_size < 8192:  # the shipped tokenizer's ids must fit (a toy shape for trying the script out)
+        config = preset(shape, vocab_size=8192)
+    with torch.device(device):
+        model = LongLlamaForCausalLM(config)
+    model.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (SHIPPED_MODEL / name).is_file():
+            shutil.copy(SHIPPED_MODEL / name, folder / name)
+    del model
+
+
+def _document(tokenizer, tokens: int, seed: int) -> str:
+    prompt, _ = passkey.passkey_prompt(passkey.n_garbage_for_tokens(tokenizer, tokens, seed=seed), 1000 + seed)
+    return prompt
+
+
+def _question(seed: int, n: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def _drop_from_page_cache(folder: Path) -> None:
+    for path in folder.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _first_token(engine: BatchGenerator, ids: list[int], **kwargs) -> float:
+    _sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        stream = engine.add(ids, max_new_tokens=1, **kwargs)  # returns once the first token is on the host
+    assert stream.finished and len(stream.tokens) == 1
+    return time.perf_counter() - start
+
+
+def ttft(model, tokenizer, args, work: Path) -> list[dict]:
+    engine = BatchGenerator(model, max_rows=1)
+    vocab = len(tokenizer)
+    text = _document(tokenizer, args.doc_tokens, 0)
+    question = _question(0, args.question_tokens, vocab)
+    memory = DocumentMemory.build(model, tokenizer, text, template="none")
+    ids = list(memory.format.prefix_ids) + memory.format.document_ids(text)
+    assert len(ids) == memory.tokens
+    records = []
+
+    def record(source: str, times: list[float], **extra) -> None:
+        records.append(
+            dict(benchmark="ttft", source=source, tokens=memory.tokens, question_tokens=len(question),
+                 seconds=round(min(times[1:] or times), 4), first_seconds=round(times[0], 4), runs=len(times),
+                 **extra)
+        )  # fmt: skip
+        print(f"ttft {source:12s} {memory.tokens} tokens: {records[-1]['seconds'] * 1e3:9.1f} ms "
+              f"(first {times[0] * 1e3:.1f} ms)", flush=True)  # fmt: skip
+
+    times = [_first_token(engine, ids + question) for _ in range(args.repeats)]
+    record("reingest", times)
+    cached = dict(cache=memory.cache, last_context_length=memory.last_context_length)
+    times = [_first_token(engine, question, **cached) for _ in range(args.repeats + 2)]
+    record("gpu_memory", times, memory_gib=round(memory.nbytes() / 2**30, 3))
+    folder = memory.save(work / "document")
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    times, loads = [], []
+    for _ in range(args.repeats):
+        _drop_from_page_cache(folder)
+        _sync()
+        start = time.perf_counter()
+        loaded = DocumentMemory.load(folder, model, tokenizer)
+        _sync()
+        loads.append(time.perf_counter() - start)
+        cached = dict(cache=loaded.cache, last_context_length=loaded.last_context_length)
+        times.append(loads[-1] + _first_token(engine, question, **cached))
+        del loaded
+    record("disk_memory", times, load_seconds=round(min(loads), 4), file_gib=round(size / 2**30, 3))
+    return records
+
+
+def _memories(model, tokenizer, args) -> list[DocumentMemory]:
+    return [
+        DocumentMemory.build(model, tokenizer, _document(tokenizer, args.stream_doc_tokens, 1 + i), template="none")
+        for i in range(max(args.streams))
+    ]
+
+
+def concurrent(model, tokenizer, args, memories) -> list[dict]:
+    engine = BatchGenerator(model, max_rows=max(args.streams))
+    vocab = len(tokenizer)
+    records = []
+
+    def run(k: int, new_tokens: int) -> float:
+        _sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(k):
+                m = memories[i]
+                engine.add(_question(i, args.question_tokens, vocab), cache=m.cache,
+                           last_context_length=m.last_context_length, max_new_tokens=new_tokens)  # fmt: skip
+            engine.run()
+        return time.perf_counter() - start
+
+    for k in args.streams:
+        run(k, 4)  # warm-up: graph capture for this batch size, kernels for its shapes
+        seconds = run(k, args.new_tokens)
+        rate = k * args.new_tokens / seconds
+        records.append(dict(benchmark="concurrent_decode", streams=k, http=False, engine="batch",
+                            new_tokens=args.new_tokens, memory_tokens=memories[0].tokens,
+                            seconds=round(seconds, 4), tokens_per_s=round(rate, 1)))  # fmt: skip
+        print(f"decode {k} streams (batch):     {rate:9.1f} tokens/s  ({seconds:.3f} s)", flush=True)
+    m = memories[0]
+    question = torch.tensor([_question(0, args.question_tokens, vocab)], device=model.lm_head.weight.device)
+    for n in (4, args.new_tokens):
+        _sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(question, cache=m.cache, last_context_length=m.last_context_length, max_new_tokens=n,
+                           min_new_tokens=n)  # fmt: skip
+        _sync()
+        seconds = time.perf_counter() - start
+    rate = args.new_tokens / seconds
+    records.append(dict(benchmark="concurrent_decode", streams=1, http=False, engine="generate",
+                        new_tokens=args.new_tokens, memory_tokens=m.tokens, seconds=round(seconds, 4),
+                        tokens_per_s=round(rate, 1)))  # fmt: skip
+    print(f"decode 1 stream (generate):     {rate:9.1f} tokens/s  ({seconds:.3f} s)", flush=True)
+    return records
+
+
+def over_http(model, tokenizer, args, work: Path) -> list[dict]:
+    import httpx
+    import uvicorn
+
+    from longllama.serve import ServeConfig, create_app
+
+    k_max = max(args.streams)
+    config = ServeConfig(model_id="bench", memory_dir=str(work / "memories"), queue=4 * k_max, max_batch=k_max,
+                         max_tokens=args.new_tokens, max_prompt_tokens=args.question_tokens * 8,
+                         max_body_bytes=64 << 20)  # fmt: skip
+    app = create_app(model, tokenizer, config)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    ids = []
+    for i in range(k_max):
+        text = _document(tokenizer, args.stream_doc_tokens, 1 + i)
+        made = httpx.post(f"{url}/v1/memories", json={"text": text, "template": "none"}, timeout=600)
+        made.raise_for_status()
+        ids.append(made.json()["id"])
+    question = "What is the pass key? The pass key is"
+    records = []
+
+    def client(i: int, n: int, counts: list[int]) -> None:
+        body = {"prompt": question, "memory": ids[i], "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {") and '"usage":{' in line:
+                    counts[i] = json.loads(line[6:])["usage"]["completion_tokens"]
+
+    def run(k: int, n: int) -> tuple[float, int]:
+        counts = [0] * k
+        threads = [threading.Thread(target=client, args=(i, n, counts)) for i in range(k)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - start, sum(counts)
+
+    for k in args.streams:
+        run(k, 4)
+        seconds, tokens = run(k, args.new_tokens)
+        assert tokens == k * args.new_tokens, (tokens, k)
+        rate = tokens / seconds
+        records.append(dict(benchmark="concurrent_decode", streams=k, http=True, engine="batch",
+                            new_tokens=args.new_tokens, memory_tokens=None, seconds=round(seconds, 4),
+                            tokens_per_s=round(rate, 1)))  # fmt: skip
+        print(f"decode {k} streams (HTTP):      {rate:9.1f} tokens/s  ({seconds:.3f} s)", flush=True)
+    server.should_exit = True
+    thread.join(timeout=30)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="3b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--doc-tokens", type=int, default=131072)
+    parser.add_argument("--question-tokens", type=int, default=32)
+    parser.add_argument("--stream-doc-tokens", type=int, default=16384)
+    parser.add_argument("--streams", default="1,4,8")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", default="ttft,concurrent,http")
+    parser.add_argument("--work", help="folder for the model and memories (default: a temporary one)")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    args.streams = [int(k) for k in args.streams.split(",")]
+    parts = set(args.parts.split(","))
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-serve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    folder = work / "model"
+    start = time.perf_counter()
+    _model_folder(args.shape, folder, args.device)
+    model = LongLlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(args.device).eval()
+    tokenizer = load_tokenizer(folder)
+    print(f"model saved and loaded in {time.perf_counter() - start:.1f} s", flush=True)
+    records = []
+    if "ttft" in parts:
+        records += ttft(model, tokenizer, args, work)
+    if "concurrent" in parts:
+        records += concurrent(model, tokenizer, args, _memories(model, tokenizer, args))
+    if "http" in parts:
+        records += over_http(model, tokenizer, args, work)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    for r in records:
+        r.update(shape=args.shape, device=device, date=datetime.date.today().isoformat(), torch=torch.__version__)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"records": records}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

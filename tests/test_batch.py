@@ -1,0 +1,152 @@
+"""Continuous batching (batch.py, fast/batch_decode.py): each row of a batch decodes what it would alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import sharp_tiny
+
+from longllama.batch import BatchGenerator
+from longllama.errors import InputError
+from longllama.fast import decode_attention, kernels
+
+# fp32 maths through other kernels and batch sizes (summation order): logits differ by ~1e-6.
+FP32_TOL = 1e-4
+
+
+def _alone(model, ids, cache=None, **kwargs):
+    """Greedy tokens and per-step logits of one sequence through model.generate (the reference)."""
+    out = model.generate(
+        torch.tensor([ids]),
+        cache=cache,
+        attention_mask=None if cache is not None else torch.ones(1, len(ids), dtype=torch.long),
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+    return out.sequences[0, len(ids) :].tolist(), torch.cat(out.logits)
+
+
+def _memory_of(model, ids):
+    """The cache after reading `ids` (a document: whole windows to memory)."""
+    with torch.no_grad():
+        return model(torch.tensor([ids]), use_cache=True, last_context_length=model.config.context_window).cache
+
+
+class _Logits:
+    """Records every row's logits per step by wrapping the engine's choice."""
+
+    def __init__(self, engine):
+        self.rows: dict[int, list[torch.Tensor]] = {}
+        real = engine._choose
+
+        def choose(streams, logits):
+            for stream, row in zip(streams, logits):
+                self.rows.setdefault(id(stream), []).append(row.clone())
+            return real(streams, logits)
+
+        engine._choose = choose
+
+    def of(self, stream) -> torch.Tensor:
+        return torch.stack(self.rows[id(stream)])
+
+
+def _check_rows(model, requests, *, max_rows=8, steps_between=0, interpret=False):
+    """Each request (ids, cache or None, max_new_tokens) decoded in one batch (joining `steps_between` steps apart)
+    gives the tokens and logits it gives alone."""
+    torch.manual_seed(0)
+    alone = [_alone(model, ids, cache, max_new_tokens=n, last_context_length=24) for ids, cache, n in requests]
+    if interpret:
+        model.set_plan(interpret_kernels=True, decode_kernels=True)
+    engine = BatchGenerator(model, max_rows=max_rows)
+    logits = _Logits(engine)
+    streams = []
+    with torch.no_grad():
+        for ids, cache, n in requests:
+            streams.append(engine.add(ids, cache=cache, max_new_tokens=n, last_context_length=24))
+            for _ in range(steps_between):
+                engine.step()
+        engine.run()
+    for (tokens, want), stream in zip(alone, streams):
+        got = logits.of(stream)
+        assert got.shape == want.shape
+        assert (got - want).abs().max() < FP32_TOL
+        assert stream.tokens == tokens and stream.finish_reason == "length"
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(num_key_value_heads=2), dict(mem_positionals=False)])
+def test_rows_with_their_own_memories_decode_as_alone(overrides):
+    model = sharp_tiny(**overrides)
+    g = torch.Generator().manual_seed(1)
+    doc_a = torch.randint(3, 320, (200,), generator=g).tolist()
+    doc_b = torch.randint(3, 320, (330,), generator=g).tolist()
+    mem_a, mem_b = _memory_of(model, doc_a), _memory_of(model, doc_b)
+    assert mem_a.memory_length != mem_b.memory_length
+    requests = [
+        (torch.randint(3, 320, (5,), generator=g).tolist(), mem_a, 90),  # 90 new tokens: past a 64-token window
+        (torch.randint(3, 320, (17,), generator=g).tolist(), mem_b, 70),
+        (torch.randint(3, 320, (150,), generator=g).tolist(), None, 40),  # a fresh prompt, no document
+        (torch.randint(3, 320, (9,), generator=g).tolist(), mem_a, 25),  # the same document as the first
+    ]
+    _check_rows(model, requests, steps_between=3)
+    # the documents' memories are unchanged by the rows' appends (copy on write)
+    assert mem_a.memory_length == _memory_of(model, doc_a).memory_length
+
+
+def test_rows_decode_as_alone_with_the_kernels():
+    if not kernels.interpreting():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
+    model = sharp_tiny(attn_impl="fast")
+    g = torch.Generator().manual_seed(2)
+    doc = torch.randint(3, 320, (200,), generator=g).tolist()
+    mem = _memory_of(model, doc)
+    calls = []
+    real = decode_attention.attend
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decode_attention, "attend", lambda *a, **k: calls.append(k) or real(*a, **k))
+        requests = [
+            (torch.randint(3, 320, (4,), generator=g).tolist(), mem, 70),
+            (torch.randint(3, 320, (30,), generator=g).tolist(), None, 30),
+        ]
+        _check_rows(model, requests, interpret=True, steps_between=2)
+    assert any(k.get("row_memories") for k in calls)  # the kernels read the rows' memories
+
+
+def test_sampling_rows_follow_their_own_seed():
+    model = sharp_tiny()
+    ids = torch.randint(3, 320, (12,)).tolist()
+    settings = dict(max_new_tokens=20, do_sample=True, temperature=1.5, top_k=50, top_p=0.9, seed=7)
+
+    def sampled(partners: int) -> list[int]:
+        engine = BatchGenerator(model)
+        with torch.no_grad():
+            for k in range(partners):
+                engine.add(ids[k:], max_new_tokens=20, do_sample=True, temperature=1.0)
+            stream = engine.add(ids, **settings)
+            engine.run()
+        return stream.tokens
+
+    alone = sampled(0)
+    assert sampled(3) == alone  # other rows draw from their own generators
+    assert len(set(alone)) > 3
+
+
+def test_streams_end_at_eos_callbacks_and_capacity():
+    model = sharp_tiny()
+    ids = torch.randint(3, 320, (12,)).tolist()
+    tokens, _ = _alone(model, ids, max_new_tokens=10)
+    end = next(k for k in range(2, 10) if tokens[k] not in tokens[:k])  # a token first seen at step `end`
+    engine = BatchGenerator(model, max_rows=2)
+    ended, seen = [], []
+    with torch.no_grad():
+        eos = engine.add(ids, max_new_tokens=10, eos_token_id=tokens[end], on_end=ended.append)
+        stopped = engine.add(ids, max_new_tokens=10, on_token=lambda t: seen.append(t) or len(seen) == 3)
+        assert engine.full
+        with pytest.raises(InputError, match="wait for one to end"):
+            engine.add(ids, max_new_tokens=3)
+        engine.run()
+    assert eos.tokens == tokens[: end + 1] and eos.finish_reason == "eos" and ended == [eos]
+    assert stopped.tokens == tokens[:3] and stopped.finish_reason == "stopped"
+    assert engine.active == 0
+    with pytest.raises(InputError, match="max_new_tokens=0"):
+        engine.add(ids, max_new_tokens=0)
