@@ -189,5 +189,5 @@ def ops_for(plan: ExecutionPlan) -> Ops:
     gradient flows (inference); else the plain ones (the exact paths "eager" and "sdpa" stay as the reference
     computes them)."""
     if plan.attention == "fast" and plan.compile and not torch.is_grad_enabled():
-        return compiled(rope_kernel=plan.rope_kernel, gemv_max_rows=plan.gemv_max_rows, cpu=plan.interpret_kernels)
+        return compiled(rope_kernel=plan.rope_kernel, gemv_max_rows=plan.gemv_rows, cpu=plan.interpret_kernels)
     return EAGER
