@@ -13,6 +13,7 @@ MEM_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    "int8": torch.int8,  # 8-bit memory: int8 with a scale per token and head (memory.py)
 }
 
 

@@ -164,10 +164,12 @@ class StaticDecoder:
         if self._positional(layer):
             q, k = ops.rotate(q, cos, sin), ops.rotate(k, cos, sin)
         rot.index_copy_(2, self.slot, k)
-        mem_k = mem_v = padded = None
+        mem_k = mem_v = padded = scales = None
         if memory is not None and memory.length:
-            mem_k, mem_v, padded, _ = read_memory(memory, q.device)
-        out = ops.few_query_attention(q, rot, values, visible, mem_k, mem_v, padded, self.config.mem_top_k)
+            mem_k, mem_v, padded, _, scales = read_memory(memory, q.device)
+        out = ops.few_query_attention(
+            q, rot, values, visible, mem_k, mem_v, padded, self.config.mem_top_k, mem_scales=scales
+        )
         return ops.linear(out.transpose(1, 2).reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight)
 
     def _layer_kernels(self, layer, h, buffers, memory):
@@ -185,16 +187,24 @@ class StaticDecoder:
         q = decode_attention.rope_store(
             qkv, self.cos, self.sin, self.slot, raw, rot, values, attn.num_heads, rotate=self._positional(layer)
         )  # (B, H, D)
-        mem_k = mem_v = padded = valid = None
+        mem_k = mem_v = padded = valid = scales = None
         if memory is not None and memory.length:
-            mem_k, mem_v, padded, valid = read_memory(memory, q.device)
+            mem_k, mem_v, padded, valid, scales = read_memory(memory, q.device)
         if valid is not None or (padded is not None and self.config.mem_top_k is not None):
             _, rot, values = self._views(buffers)
             out = EAGER.few_query_attention(
-                q[:, :, None], rot, values, self._visible(), mem_k, mem_v, padded, self.config.mem_top_k
+                q[:, :, None],
+                rot,
+                values,
+                self._visible(),
+                mem_k,
+                mem_v,
+                padded,
+                self.config.mem_top_k,
+                mem_scales=scales,
             )[:, :, 0]
         else:
-            out = decode_attention.attend(q, rot, values, self.slot, padded)
+            out = decode_attention.attend(q, rot, values, self.slot, padded, scales)
         h = gemv.linear(
             out.reshape(b, 1, attn.num_heads * attn.head_dim), attn.o_proj.weight, residual=h, **self.gemv_options
         )

@@ -99,10 +99,12 @@ def attend(
     values: torch.Tensor,
     slot: torch.Tensor,
     memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q (b, h, d); keys, values (b, h_kv, window, d') of which slots 0..slot are in use; memory (keys, values)
     (b, h_kv, M, d'') as stored, or None; d', d'' >= d, the columns past d zero (those past the next multiple of 16
-    are not read). Returns the attention output
+    are not read); `scales` the (key, value) scales (b, h_kv, M) of an int8 memory, applied in the kernel's
+    registers. Returns the attention output
     (b, h, d) in q's dtype: one softmax over the used local slots and the whole memory, with scale 1/sqrt(d)."""
     partials, merge, _ = _kernels()
     b, h, d = q.shape
@@ -126,6 +128,8 @@ def attend(
     read = -(-d // 16) * 16
     split0 = 0
     for (k, v, n, local), chunk, count in zip(parts, chunks, counts):
+        scaled = not local and scales is not None
+        ks, vs = scales if scaled else (m, m)  # unread where not SCALED
         kernels.launch(
             partials,
             lambda meta, count=count: (rows, count),
@@ -151,6 +155,10 @@ def attend(
                 scale_log2,
                 chunk,
                 d,
+                ks,
+                vs,
+                ks.stride(0) if scaled else 0,
+                ks.stride(1) if scaled else 0,
             ),
             _DEFAULTS,
             S_KN=k.stride(2),
@@ -158,6 +166,7 @@ def attend(
             D_READ=min(k.shape[-1], read),
             FROM_PTR=local,
             BLOCK_D=block_d,
+            SCALED=scaled,
         )
         split0 += count
     out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
