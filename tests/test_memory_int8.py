@@ -275,3 +275,30 @@ def test_static_decoding_kernels_with_int8_memory(interpreter, quantize):
     plain, fast = outs
     assert torch.equal(plain.sequences, fast.sequences)
     assert (torch.stack(plain.scores) - torch.stack(fast.scores)).abs().max() < 1e-4
+
+
+def test_document_memory_keeps_int8(tmp_path):
+    """A document memory of an int8-memory model saves the int8 keys and scales and loads them unchanged."""
+    import shutil
+
+    from longllama.cli import SHIPPED_MODEL
+    from longllama.document_memory import DocumentMemory
+    from longllama.tokenizer import TOKENIZER_FILE, load_tokenizer, write_tokenizer_files
+
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    model = LongLlamaForCausalLM(preset("tiny", vocab_size=8192, mem_dtype="int8")).eval()
+    model.save_pretrained(folder)
+    shutil.copy(SHIPPED_MODEL / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+    write_tokenizer_files(folder)
+    tokenizer = load_tokenizer(folder)
+    text = " ".join("river stone lamp paper window garden silver music".split()[i % 8] for i in range(300))
+    memory = DocumentMemory.build(model, tokenizer, text, template="none")
+    stored = next(layer.memory for layer in memory.cache.layers if layer.memory is not None)
+    assert stored.quantized and stored.length > 0
+    memory.save(tmp_path / "doc")
+    again = DocumentMemory.load(tmp_path / "doc", model, tokenizer)
+    loaded = next(layer.memory for layer in again.cache.layers if layer.memory is not None)
+    d = stored.head_dim
+    assert loaded.quantized and torch.equal(loaded.padded()[0][..., :d], stored.padded()[0][..., :d])
+    assert all(torch.equal(a, b) for a, b in zip(loaded.scales(), stored.scales()))

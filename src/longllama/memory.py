@@ -292,19 +292,69 @@ class MemoryCache:
             self._written = [self.length]
         return self
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The live part as named tensors, one row per logical row, as stored: keys/values/valid, and for int8
+        memory the int8 keys/values with key_scales/value_scales (batch, heads, M) (what `save` writes and
+        `from_tensors` reads; document memories use them too)."""
+        if not self.quantized:
+            return dict(zip(("keys", "values", "valid"), self.logical()))
+        d, n = self.head_dim, self.length
+        parts = [self._k[:, :, :n, :d], self._v[:, :, :n, :d], self.valid, *self.scales()]
+        if self.share > 1:
+            parts = [t.repeat_interleave(self.share, dim=0) for t in parts]
+        return dict(zip(("keys", "values", "valid", "key_scales", "value_scales"), parts))
+
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        *,
+        source: str,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        storage_dim: int | None = None,
+        capacity: int = 0,
+    ) -> MemoryCache:
+        """A memory of the named tensors of `tensors()`, in `dtype` (default: as stored; float keys are quantized
+        for int8, int8 ones dequantized for a float dtype, int8 kept as stored); `source` names them in errors."""
+        keys, values, valid = tensors.get("keys"), tensors.get("values"), tensors.get("valid")
+        if keys is None or values is None or valid is None:
+            raise CheckpointError(f"{source} lacks keys, values or valid flags: write it again with MemoryCache.save")
+        if keys.dim() != 4 or values.shape != keys.shape or valid.shape != (keys.shape[0], keys.shape[2]):
+            raise CheckpointError(
+                f"{source} holds keys {tuple(keys.shape)}, values {tuple(values.shape)}, valid "
+                f"{tuple(valid.shape)}: expected (batch, heads, M, head_dim) twice and (batch, M); write it again "
+                "with MemoryCache.save"
+            )
+        scales = (tensors.get("key_scales"), tensors.get("value_scales"))
+        if keys.dtype == torch.int8:
+            if any(s is None or s.shape != keys.shape[:3] or s.dtype != torch.float32 for s in scales):
+                raise CheckpointError(
+                    f"{source} holds int8 keys without matching fp32 key_scales/value_scales (batch, heads, M): "
+                    "write it again with MemoryCache.save"
+                )
+            if dtype is not None and dtype != torch.int8:
+                keys, values = dequantize_rows(keys, scales[0], dtype), dequantize_rows(values, scales[1], dtype)
+        device = keys.device if device is None else torch.device(device)
+        b, h, n, d = keys.shape
+        mem = cls(b, h, d, dtype=dtype or keys.dtype, device=device, storage_dim=storage_dim, capacity=max(capacity, n))
+        valid = valid.to(device=device, dtype=torch.bool)
+        if mem.quantized and keys.dtype == torch.int8:  # stored as they were: no second rounding
+            mem._k[:, :, :n, :d], mem._v[:, :, :n, :d] = keys.to(device), values.to(device)
+            mem._ks[:, :, :n], mem._vs[:, :, :n] = (t.to(device) for t in scales)
+            mem._valid[:, :n] = valid
+            mem.length, mem._written = n, [n]
+            mem.has_invalid = not bool(valid.all())
+            return mem
+        mem.append(keys.to(device), values.to(device), valid)
+        return mem
+
     # -- files -------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the live part to a safetensors file, atomically (a temporary file renamed into place)."""
+        """Write the live part to a safetensors file, atomically (a temporary file renamed into place); int8 memory
+        as stored (a round trip changes nothing)."""
         path = Path(path)
-        if self.quantized:  # as stored: int8 and the scales (a round trip changes nothing)
-            d, n = self.head_dim, self.length
-            parts = [self._k[:, :, :n, :d], self._v[:, :, :n, :d], self.valid, *self.scales()]
-            if self.share > 1:
-                parts = [t.repeat_interleave(self.share, dim=0) for t in parts]
-            names = ("keys", "values", "valid", "key_scales", "value_scales")
-        else:
-            parts, names = self.logical(), ("keys", "values", "valid")
-        tensors = {name: t.contiguous().cpu() for name, t in zip(names, parts)}
+        tensors = {name: t.contiguous().cpu() for name, t in self.tensors().items()}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
@@ -321,40 +371,12 @@ class MemoryCache:
         """Read a memory written by `save`."""
         try:
             tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
-            keys, values, valid = tensors["keys"], tensors["values"], tensors["valid"]
-        except (OSError, KeyError, RuntimeError, ValueError, SafetensorError) as exc:
+        except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CheckpointError(
                 f"cannot read memory file {path}: {first}; write it again with MemoryCache.save"
             ) from None
-        if keys.dim() != 4 or values.shape != keys.shape or valid.shape != (keys.shape[0], keys.shape[2]):
-            raise CheckpointError(
-                f"memory file {path} holds keys {tuple(keys.shape)}, values {tuple(values.shape)}, valid "
-                f"{tuple(valid.shape)}: expected (batch, heads, M, head_dim) twice and (batch, M); write it again "
-                "with MemoryCache.save"
-            )
-        scales = (tensors.get("key_scales"), tensors.get("value_scales"))
-        if keys.dtype == torch.int8 and any(
-            s is None or s.shape != keys.shape[:3] or s.dtype != torch.float32 for s in scales
-        ):
-            raise CheckpointError(
-                f"memory file {path} holds int8 keys without matching fp32 key_scales/value_scales (batch, heads, M): "
-                "write it again with MemoryCache.save"
-            )
-        mem = cls(
-            keys.shape[0], keys.shape[1], keys.shape[3], dtype=keys.dtype, device=keys.device, storage_dim=storage_dim
-        )
-        if mem.quantized:  # stored as they were: no second rounding
-            mem.reserve(keys.shape[2])
-            n = keys.shape[2]
-            mem._k[:, :, :n, : mem.head_dim], mem._v[:, :, :n, : mem.head_dim] = keys, values
-            mem._ks[:, :, :n], mem._vs[:, :, :n] = scales
-            mem._valid[:, :n] = valid.to(torch.bool)
-            mem.length, mem._written = n, [n]
-            mem.has_invalid = not bool(mem.valid.all())
-            return mem
-        mem.append(keys, values, valid.to(torch.bool))
-        return mem
+        return cls.from_tensors(tensors, source=f"memory file {path}", storage_dim=storage_dim)
 
     def __repr__(self) -> str:
         return (
