@@ -80,17 +80,19 @@ def int4_group(in_features: int) -> int | None:
 
 
 def _config(quantization: str, in_features: int, device: torch.device):
+    # set_inductor_config=False: torchao would otherwise change torch.compile's global settings (coordinate-descent
+    # tuning and more) for every later compilation, ours of the elementwise functions included.
     _, int8, int4 = _torchao()
     if quantization == "int8":
-        return int8()
+        return int8(set_inductor_config=False)
     group = int4_group(in_features)
     if group is None:
         return None
     if device.type == "cuda":
-        return int4(group_size=group, int4_packing_format="tile_packed_to_4d")
+        return int4(group_size=group, int4_packing_format="tile_packed_to_4d", set_inductor_config=False)
     from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
 
-    return PrototypeInt4WeightOnlyConfig(group_size=group)
+    return PrototypeInt4WeightOnlyConfig(group_size=group, set_inductor_config=False)
 
 
 def quantized_linears(model: nn.Module, *, lm_head: bool = False) -> list[tuple[str, nn.Linear]]:
