@@ -198,6 +198,7 @@ def load_quantized(cls, folder: str | os.PathLike, *, device: torch.device | str
     folder = Path(folder)
     file = folder / WEIGHTS_FILE
     config = LongLlamaConfig.from_pretrained(folder)
+    config._name_or_path = str(folder)  # as transformers' loading records it (document memories name models so)
     for key, value in config_overrides.items():
         setattr(config, key, value)
     config.check()
@@ -228,6 +229,10 @@ def load_quantized(cls, folder: str | os.PathLike, *, device: torch.device | str
         )
     if config.tie_word_embeddings:
         model.tie_weights()
+    if (folder / "generation_config.json").is_file() and getattr(model, "can_generate", lambda: False)():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
     model.requires_grad_(False)
     model.eval()
     _ = model.base_model.plan  # for the device the weights are on
