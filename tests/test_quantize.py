@@ -144,8 +144,33 @@ def test_errors(folder, case, hint):
     assert hint in str(info.value) and "\n" not in str(info.value)
 
 
-def test_cli_quantize(folder, capsys):
-    from longllama import cli
+def test_cli_quantize(tmp_path, capsys, monkeypatch):
+    """--quantize and --mem-dtype reach the model a command loads (generate here; every model command and eval task
+    shares load_model)."""
+    import shutil
 
-    code = cli.main(["generate", "--model", str(folder), "--prompt", "x", "--quantize", "int3"])
+    from longllama import cli
+    from longllama.tokenizer import TOKENIZER_FILE, write_tokenizer_files
+
+    code = cli.main(["generate", "--model", str(tmp_path), "--prompt", "x", "--quantize", "int3"])
     assert code == 2 and "int3" in capsys.readouterr().err
+    folder = tmp_path / "m"
+    torch.manual_seed(0)
+    LongLlamaForCausalLM(preset("tiny", vocab_size=8192)).save_pretrained(folder)
+    shutil.copy(cli.SHIPPED_MODEL / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+    write_tokenizer_files(folder)
+    loaded = []
+    real = cli.load_model
+
+    def spy(*args, **kwargs):
+        loaded.append(real(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(cli, "load_model", spy)
+    argv = ["generate", "--model", str(folder), "--prompt", "river stone", "--max-new-tokens", "2", "--device", "cpu"]
+    assert cli.main(argv + ["--quantize", "int8", "--mem-dtype", "int8"]) == 0
+    model = loaded[-1]
+    assert model.config.quantization == "int8" and model.config.mem_dtype == "int8"
+    assert quantize.is_quantized(model.get_submodule("model.layers.0.mlp.up_proj").weight)
+    assert cli.main(argv) == 0  # the options of one command do not leak into the next
+    assert loaded[-1].config.quantization == "none" and loaded[-1].config.mem_dtype == "float32"
