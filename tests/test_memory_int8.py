@@ -163,6 +163,36 @@ def test_fast_path_pieces(monkeypatch):
     assert (out - want).abs().max() < 1e-5 and (lse - want_lse).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("after_cache", [False, True])
+def test_fast_path_kernel_route(monkeypatch, after_cache):
+    """The GPU route of the fast path over an int8 memory (local part by its kernel or, after a local cache, under
+    its mask; the memory by dequantized pieces), run on the CPU with an fp32 stand-in for the CUDA kernels, against
+    the exact maths on the dequantized memory."""
+    from longllama.model import window_visibility
+
+    def partial(q, k, v, *, causal, scale, kernel):  # fp32 softmax partials with their log-sum-exp
+        s = (q.float() @ k.float().transpose(-1, -2)) * scale
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        return torch.exp(s - lse[..., None]) @ v.float(), lse
+
+    monkeypatch.setattr(fast_attention, "_on_kernels", lambda q: True)
+    monkeypatch.setattr(fast_attention, "partial_attention", partial)
+    monkeypatch.setattr(fast_attention, "resolve_memory_kernel", lambda q, plan: "flash")
+    monkeypatch.setattr(fast_attention, "_INT8_PIECE", 64)
+    past = 10 if after_cache else 0
+    q, k, v, mem, _, _ = _case(n=20, kv=20 + past)
+    visible = window_visibility(2, 20, past, None, q.device)
+    pk, pv = mem.padded()
+    plan = ExecutionPlan(attention="fast")
+    got = fast_attention.attend(
+        q, k, v, plan=plan, visible=visible, is_causal=not after_cache, mem_k=pk, mem_v=pv, mem_scales=mem.scales()
+    )
+    ref, _ = attention.attend(q, k, v, visible=visible, mem_k=mem.keys, mem_v=mem.values)
+    assert (got - ref).abs().max() < 1e-5
+
+
 @pytest.fixture
 def interpreter():
     if not kernels.interpreting():

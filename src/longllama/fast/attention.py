@@ -338,7 +338,9 @@ def attend(
     share = mem_share if mem_k is not None else 1
     local_plain = visible is None or is_causal
     if mem_k is not None and mem_scales is not None:
-        return _attend_int8(q, k, v, visible, mem_k, mem_v, mem_valid, mem_scales, padded_mem, top_k, share, plan, pad)
+        return _attend_int8(
+            q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, mem_scales, padded_mem, top_k, share, plan, pad
+        )
     if share > 1 and (mem_valid is not None or not local_plain or top_k is not None):
         if q.shape[2] <= FEW_QUERIES or not q.is_cuda:
             # Masks or kNN with a shared memory: the exact maths, folded (decoding steps on GPUs too: few scores).
@@ -391,23 +393,36 @@ def attend(
     return out.to(q.dtype)
 
 
-def _attend_int8(q, k, v, visible, mem_k, mem_v, mem_valid, scales, padded_mem, top_k, share, plan, pad):
-    """attend over an int8 memory: a few queries, masks, kNN or shared rows by the exact maths with the scales
-    folded in (attention._eager, few_query_attention; chunk by chunk); the plain many-query case by the kernels, the
-    memory dequantized one piece at a time (_over_int8_memory), merged by log-sum-exp."""
-    plain = visible is None and mem_valid is None and top_k is None and share == 1
+def _attend_int8(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, scales, padded_mem, top_k, share, plan, pad):
+    """attend over an int8 memory. A few queries: few_query_attention, scales folded in. Many queries on a GPU with a
+    dense memory of one row per query row: the local part by its kernel (causal) or explicitly (under a mask), the
+    memory by the kernels one dequantized piece at a time (_over_int8_memory), merged by log-sum-exp. The rest
+    (padding, kNN, shared rows, CPUs, gradients): the exact maths with the scales folded in, chunk by chunk."""
     if q.shape[2] <= FEW_QUERIES and mem_valid is None:
         return few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, top_k, share, mem_scales=scales)
-    if not plain or not q.is_cuda or (q.requires_grad and torch.is_grad_enabled()):
+    dense = mem_valid is None and top_k is None and share == 1
+    if not dense or not _on_kernels(q) or (q.requires_grad and torch.is_grad_enabled()):
         return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False, top_k, share, scales)[0]
     dtype = kernel_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d)
-    out, lse = _local_partial(q, k, v, False, scale, plan, pad)
+    if visible is None or is_causal:
+        out, lse = _local_partial(q, k, v, bool(is_causal), scale, plan, pad)
+    else:  # a window after a local cache: its mask, explicitly (as _local_then_top_k)
+        h = q.shape[1]
+        sc = (q.float() @ _expand_heads(k, h).float().transpose(-1, -2)) * scale
+        sc = sc.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(sc, dim=-1)
+        out = torch.exp(sc - lse[..., None]) @ _expand_heads(v, h).float()
     pk, pv = padded_mem if padded_mem is not None else (mem_k, mem_v)
     mem_out, mem_lse = _over_int8_memory(q, pk, pv, scales, scale, plan, kernel_head_dim(d))
     return merge_partials(out.float(), lse, mem_out[..., :d], mem_lse).to(q.dtype)
+
+
+def _on_kernels(q: torch.Tensor) -> bool:
+    """Whether the attention kernels (CUDA) serve inputs like q."""
+    return q.is_cuda
 
 
 _INT8_PIECE = 16384  # int8 memory keys dequantized at a time for the attention kernels (32 MiB per head of 128 in bf16)
