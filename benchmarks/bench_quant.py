@@ -10,13 +10,15 @@ Sections (each model built, measured and freed in turn; --sections picks them):
          two halves apart with --split-7b): peak GPU memory (allocated, from after the weights are in place, so it
          is what a loaded quantized checkpoint needs), the ingest (first token's wait) and ms per token after it.
   small  the shipped model (src/longllama/models/small): pass key at --passkey-tokens (128k) over --passkey-trials
-         seeds and held-out perplexity of the target tokens after --ppl-context (16k) tokens of context, per
-         (weights, memory) variant. Held-out text: the standard library packages the training corpus held out
-         (scripts/corpus.py's rule, seed 0, 5 %), read from this machine's Python.
+         seeds (--passkey-trials-quantized with int8/int4 weights), held-out perplexity of --ppl-target tokens
+         after --ppl-context (16k) tokens of context, and (quantized weights) a checkpoint round trip, per
+         (weights, memory) variant. Held-out text: the installed packages the training corpus holds out
+         (scripts/corpus.py's rule by package name, seed 0, 5 %), read from this machine's Python.
 
 Records follow benchmarks/results/*.json (benchmark, impl, shape, tokens, seconds / ms_per_token, device, date, plan)
-with "quantize" ("none", "int8", "int4") and "mem_dtype" fields; --out writes them (after each section, so a
-run cut short keeps what finished). --tiny runs every section on tiny shapes (CPU, seconds) for testing.
+with "quantize" ("none", "int8", "int4") and "mem_dtype" fields; --out writes them after every measurement (a run
+cut short keeps what finished; a variant that fails is recorded with its error and the next one runs). --tiny runs
+every section on tiny shapes (CPU, about a minute) for testing.
 
     python benchmarks/bench_quant.py --out benchmarks/results/h100-quant.json
     python benchmarks/bench_quant.py --tiny --device cpu --out /tmp/quant.json
@@ -374,7 +376,7 @@ def _one_small(args, records, tokenizer, documents, quantize: str, mem_dtype: st
             model,
             tokenizer,
             lengths=[args.passkey_tokens],
-            trials=args.passkey_trials,
+            trials=args.passkey_trials if quantize == "none" else args.passkey_trials_quantized,
             last_context_length=lcl,
             progress=False,
         )
@@ -425,7 +427,8 @@ def main() -> None:
     ap.add_argument("--long-tokens", type=int, default=262144, help="Code 7B input")
     ap.add_argument("--split-7b", action="store_true", help="also int4 with bf16 memory and bf16 with int8 memory")
     ap.add_argument("--passkey-tokens", type=int, default=131072)
-    ap.add_argument("--passkey-trials", type=int, default=20)
+    ap.add_argument("--passkey-trials", type=int, default=20, help="pass-key seeds with bf16 weights")
+    ap.add_argument("--passkey-trials-quantized", type=int, default=5, help="pass-key seeds with int8/int4 weights")
     ap.add_argument("--ppl-context", type=int, default=16384)
     ap.add_argument("--ppl-target", type=int, default=255)
     ap.add_argument("--ppl-docs", type=int, default=8)
@@ -435,6 +438,7 @@ def main() -> None:
         args.tokens, args.decode_after, args.check_tokens, args.keep = 200, 150, 150, 32
         args.long_tokens, args.decode_tokens = 300, 4
         args.passkey_tokens, args.passkey_trials = 1024, min(args.passkey_trials, 2)
+        args.passkey_trials_quantized = min(args.passkey_trials_quantized, 1)
         args.ppl_context, args.ppl_target, args.ppl_docs = 1024, 64, min(args.ppl_docs, 2)
     args.shape_3b = "tiny" if args.tiny else "3b"
     args.shape_7b = "tiny" if args.tiny else "code-7b"
