@@ -184,7 +184,9 @@ def is_quantized_folder(folder: str | os.PathLike) -> bool:
     return isinstance(raw, dict) and raw.get("quantization", "none") not in (None, "none")
 
 
-def load_quantized(cls, folder: str | os.PathLike, *, device: torch.device | str | None = None, **config_overrides):
+def load_quantized(
+    cls: type[nn.Module], folder: str | os.PathLike, *, device: torch.device | str | None = None, **config_overrides
+) -> nn.Module:
     """A `cls` model (LongLlamaForCausalLM, say) from a folder written by save_quantized, its weights on `device`
     (default: where they were saved, read from the file; a CUDA int4 layout needs a CUDA device)."""
     from safetensors import safe_open
@@ -239,7 +241,9 @@ def load_quantized(cls, folder: str | os.PathLike, *, device: torch.device | str
     return model
 
 
-def load_from_folder(cls, folder: str | os.PathLike, quantization: str, args: tuple, kwargs: dict):
+def load_from_folder(
+    cls: type[nn.Module], folder: str | os.PathLike, quantization: str, args: tuple, kwargs: dict
+) -> nn.Module:
     """from_pretrained's route for a quantized checkpoint: load_quantized with the keyword arguments that apply
     (a device_map of one device, config overrides), a one-line error for a different quantization or others."""
     stored = json.loads((Path(folder) / "config.json").read_text()).get("quantization")
