@@ -215,7 +215,7 @@ class _FailingMemory:
 
     length = 10
 
-    def logical(self):
+    def tensors(self):  # what a save reads of a memory
         raise RuntimeError("disk gone")
 
 

@@ -41,7 +41,7 @@ def folder(tmp_path_factory, model):
         (dict(mem_attention_grouping=(0, 16)), "mem_attention_grouping"),
         (dict(mem_attention_grouping=(4, -1)), "mem_attention_grouping"),
         (dict(mem_attention_grouping=(4,)), "mem_attention_grouping"),
-        (dict(mem_dtype="int8"), "mem_dtype"),
+        (dict(mem_dtype="int4"), "mem_dtype"),
         (dict(mem_dtype="bf16x"), "mem_dtype"),
         (dict(last_context_length=0), "last_context_length"),
         (dict(num_key_value_heads=3), "num_key_value_heads"),

@@ -6,9 +6,17 @@ It also points the compilers' caches (Triton, Inductor, FlashAttention 4) into o
 chosen theirs (longllama.caches), first, before torch is imported: some libraries fix their folder at import.
 """
 
+import logging
+
 from longllama import caches
 
 caches.configure()
+
+# torchao (the [quant] extra), which transformers imports whenever it is installed, logs notices at import where its
+# optional compiled extensions do not load (CPU builds of torch) and registers enums torch's pytree warns about:
+# kept off stderr (errors still show), before the imports below bring it in.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 from longllama.cache import LongLlamaCache  # noqa: E402
 from longllama.config import LongLlamaConfig  # noqa: E402

@@ -67,11 +67,58 @@ def unfold_rows(x: torch.Tensor, share: int) -> torch.Tensor:
     return x.reshape(b, h, share, st // share, *rest).transpose(1, 2).reshape(b * share, h, st // share, *rest)
 
 
-def _memory_scores(q, mem_k, mem_valid, c_min, mem_top_k, share: int, head_dim: int | None = None):
-    """Scores (b*s, h, q, M) of every query row over its (possibly shared) memory, top k applied."""
+_INT8_CHUNK = 8192  # int8 memory keys converted to the activation dtype at a time (never the whole memory)
+
+
+def _int8_scores(
+    q: torch.Tensor, mem_k: torch.Tensor, k_scale: torch.Tensor, visible, c_min: float, head_dim: int | None
+) -> torch.Tensor:
+    """_scores over int8 keys (b, h_kv, M, d) with per-key scales (b, h_kv, M): the key scale is a factor of each
+    score, so q.kq^T is taken chunk by chunk (_INT8_CHUNK keys converted at a time) and scaled per column."""
+    b, h, n, d = q.shape
+    hkv, m = mem_k.shape[1], mem_k.shape[2]
+    qg = q.reshape(b, hkv, (h // hkv) * n, d)
+    s = torch.empty(b, hkv, qg.shape[2], m, dtype=q.dtype, device=q.device)
+    for c0 in range(0, m, _INT8_CHUNK):
+        c1 = min(m, c0 + _INT8_CHUNK)
+        part = qg @ mem_k[:, :, c0:c1].to(q.dtype).transpose(-1, -2)
+        s[..., c0:c1] = part * k_scale[:, :, None, c0:c1].to(q.dtype)
+    s = s.view(b, h, n, m) / math.sqrt(head_dim or d)
+    if visible is not None:
+        s = s.masked_fill(~visible, c_min)
+    return s.clamp_min(c_min)
+
+
+def _int8_weighted(p: torch.Tensor, mem_v: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor:
+    """_weighted over int8 values with per-value scales: each value's scale folded into its probability, chunk by
+    chunk, accumulated in fp32."""
+    b, h, n, m = p.shape
+    hkv = mem_v.shape[1]
+    pg = p.reshape(b, hkv, (h // hkv) * n, m)
+    out = torch.zeros(b, hkv, pg.shape[2], mem_v.shape[-1], dtype=torch.float32, device=p.device)
+    for c0 in range(0, m, _INT8_CHUNK):
+        c1 = min(m, c0 + _INT8_CHUNK)
+        scaled = (pg[..., c0:c1].float() * v_scale[:, :, None, c0:c1]).to(p.dtype)
+        out += (scaled @ mem_v[:, :, c0:c1].to(p.dtype)).float()
+    return out.to(p.dtype).view(b, h, n, mem_v.shape[-1])
+
+
+def _memory_scores(q, mem_k, mem_valid, c_min, mem_top_k, share: int, head_dim: int | None = None, k_scale=None):
+    """Scores (b*s, h, q, M) of every query row over its (possibly shared) memory, top k applied; `k_scale` the
+    per-key scales of an int8 memory."""
     mem_visible = None if mem_valid is None else mem_valid[:, None, None, :]
-    scores = _scores(fold_rows(q, share), mem_k, mem_visible, c_min, head_dim=head_dim)
+    if k_scale is not None:
+        scores = _int8_scores(fold_rows(q, share), mem_k, k_scale, mem_visible, c_min, head_dim)
+    else:
+        scores = _scores(fold_rows(q, share), mem_k, mem_visible, c_min, head_dim=head_dim)
     return unfold_rows(_keep_top_k(scores, mem_top_k, c_min), share)
+
+
+def _memory_weighted(p: torch.Tensor, mem_v: torch.Tensor, share: int, v_scale=None) -> torch.Tensor:
+    """The memory part of the output: probabilities (b*s, h, q, M) times the (shared, maybe int8) memory values."""
+    folded = fold_rows(p, share)
+    out = _weighted(folded, mem_v.to(p.dtype)) if v_scale is None else _int8_weighted(folded, mem_v, v_scale)
+    return unfold_rows(out, share)
 
 
 def _weighted(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -94,24 +141,26 @@ def _keep_top_k(scores: torch.Tensor, k: int | None, c_min: float) -> torch.Tens
     return scores.masked_fill(~top_k_mask(scores, k), c_min)
 
 
-def _eager(q, k, v, visible, mem_k, mem_v, mem_valid, return_probs, mem_top_k=None, mem_share=1):
+def _eager(q, k, v, visible, mem_k, mem_v, mem_valid, return_probs, mem_top_k=None, mem_share=1, mem_scales=None):
     c_min = clamp_value(q.dtype)
     scores = _scores(q, k, visible, c_min)
     values = v
     if mem_k is not None:
-        mem_scores = _memory_scores(q, mem_k.to(k.dtype), mem_valid, c_min, mem_top_k, mem_share)
+        k_scale, v_scale = mem_scales if mem_scales is not None else (None, None)
+        mem_k = mem_k if k_scale is not None else mem_k.to(k.dtype)
+        mem_scores = _memory_scores(q, mem_k, mem_valid, c_min, mem_top_k, mem_share, k_scale=k_scale)
         scores = torch.cat([scores, mem_scores], dim=-1)
-        if mem_share > 1:  # the values stay shared: local and memory parts weighted apart, then added
+        if mem_share > 1 or v_scale is not None:  # shared or int8 values: the two parts weighted apart, then added
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             kv = k.shape[2]
-            mem_part = unfold_rows(_weighted(fold_rows(probs[..., kv:], mem_share), mem_v.to(v.dtype)), mem_share)
+            mem_part = _memory_weighted(probs[..., kv:], mem_v, mem_share, v_scale)
             return _weighted(probs[..., :kv], v) + mem_part, (probs if return_probs else None)
         values = torch.cat([v, mem_v.to(v.dtype)], dim=2)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return _weighted(probs, values), (probs if return_probs else None)
 
 
-def _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping, mem_top_k=None, mem_share=1):
+def _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping, mem_top_k=None, mem_share=1, mem_scales=None):
     """Memory attention in (heads, queries) chunks, to bound the size of the score matrix."""
     gh, gq = grouping
     b, h, n, _ = q.shape
@@ -120,6 +169,7 @@ def _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping, mem_top_
     for h0 in range(0, h, gh):
         kv_heads = torch.arange(h0, min(h, h0 + gh), device=q.device) // rep
         sel = [None if t is None else t.index_select(1, kv_heads) for t in (k, v, mem_k, mem_v)]
+        scales = None if mem_scales is None else tuple(t.index_select(1, kv_heads) for t in mem_scales)
         for q0 in range(0, n, gq):
             vis = None if visible is None else visible[:, :, q0 : q0 + gq]
             out[:, h0 : h0 + gh, q0 : q0 + gq] = _eager(
@@ -133,6 +183,7 @@ def _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping, mem_top_
                 False,
                 mem_top_k,
                 mem_share,
+                scales,
             )[0]
     return out
 
@@ -190,10 +241,11 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 FEW_QUERIES = 16  # at most this many queries: a decoding step (few_query_attention)
 
 
-def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, mem_top_k=None, mem_share=1):
+def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, mem_top_k=None, mem_share=1, mem_scales=None):
     """Decoding: scores against local and memory keys in one softmax; no concatenation of the memory values.
     The memory is read as stored (zero-padded head dimension, contiguous rows), with q padded to match; with
-    `mem_top_k`, each query keeps only its k best memory scores; `mem_share` as in the module docstring."""
+    `mem_top_k`, each query keeps only its k best memory scores; `mem_share` as in the module docstring;
+    `mem_scales` the (key, value) scales of an int8 memory (read chunk by chunk, never dequantized whole)."""
     c_min = clamp_value(q.dtype)
     local = _scores(q, k, visible, c_min)
     if mem_k is None:
@@ -202,13 +254,15 @@ def few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, mem_top_k=No
     d = q.shape[-1]
     if padded_mem is not None:
         mem_k, mem_v = padded_mem
-    mem_k, mem_v = mem_k.to(q.dtype), mem_v.to(q.dtype)
+    k_scale, v_scale = mem_scales if mem_scales is not None else (None, None)
+    if k_scale is None:
+        mem_k, mem_v = mem_k.to(q.dtype), mem_v.to(q.dtype)
     qp = pad_to(q, mem_k.shape[-1])
-    mem_scores = _memory_scores(qp, mem_k, None, c_min, mem_top_k, mem_share, head_dim=d)
+    mem_scores = _memory_scores(qp, mem_k, None, c_min, mem_top_k, mem_share, head_dim=d, k_scale=k_scale)
     scores = torch.cat([local, mem_scores], dim=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     kv = k.shape[2]
-    mem_part = unfold_rows(_weighted(fold_rows(probs[..., kv:], mem_share), mem_v), mem_share)
+    mem_part = _memory_weighted(probs[..., kv:], mem_v, mem_share, v_scale)
     return _weighted(probs[..., :kv], v) + mem_part[..., :d]
 
 
@@ -236,16 +290,19 @@ def attend(
     mem_top_k: int | None = None,
     return_probs: bool = False,
     mem_share: int = 1,
+    mem_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One softmax over local and memory keys by the exact implementation `impl` ("eager" or "sdpa"); see the
     module docstring for shapes. With `mem_top_k`, each query sees only its k highest-scoring memory keys (kNN
     memory; dense when the memory holds at most k keys). Probabilities (`return_probs`) come from "eager".
-    `mem_share`: query rows per memory row (module docstring)."""
+    `mem_share`: query rows per memory row (module docstring). `mem_scales`: the (key, value) scales (b, h_kv, M)
+    of an int8 memory (memory.py), folded into the scores and probabilities chunk by chunk."""
     mem_k, mem_v, mem_valid, _, mem_top_k = memory_inputs(mem_k, mem_v, mem_valid, None, mem_top_k)
     share = mem_share if mem_k is not None else 1
-    # SDPA takes one key set per row: a shared memory goes through the explicit joint softmax (folded), not a copy.
-    if impl == "sdpa" and not return_probs and mem_top_k is None and share == 1:
+    scales = mem_scales if mem_k is not None else None
+    # SDPA takes one key set per row: a shared or int8 memory goes through the explicit joint softmax, not a copy.
+    if impl == "sdpa" and not return_probs and mem_top_k is None and share == 1 and scales is None:
         return _sdpa(q, k, v, visible, mem_k, mem_v, mem_valid), None
     if grouping is not None and not return_probs:
-        return _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping, mem_top_k, share), None
-    return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, return_probs, mem_top_k, share)
+        return _eager_grouped(q, k, v, visible, mem_k, mem_v, mem_valid, grouping, mem_top_k, share, scales), None
+    return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, return_probs, mem_top_k, share, scales)

@@ -17,6 +17,7 @@ and exit status 2, as argparse does for usage errors; no traceback.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import logging
 import sys
 from collections.abc import Callable
@@ -30,6 +31,11 @@ logger = logging.getLogger(__name__)
 PROG = "longllama"
 EXIT_USAGE = 2  # argparse's status for usage errors; user errors share it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE = ("none", "int8", "int4")  # --quantize: weight-only quantization of the linear layers (quantize.py)
+MEM_DTYPE_CHOICES = ("float32", "bfloat16", "float16", "int8")  # --mem-dtype: how memory layers store keys/values
+# --quantize / --mem-dtype of the running command: main sets them around the command, load_model reads them, so
+# every command that loads a model (and every eval task) takes them without passing them through each signature.
+_LOAD_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("load_options", default=None)
 PASSKEY_LENGTHS = (4096, 16384)  # prompt tokens of `passkey` without --lengths
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder gives for the bytes of a character not complete yet
 
@@ -352,8 +358,12 @@ def load_model(
     compile_elementwise: bool | None = None,
     plan: list[str] | None = None,
     verbose: bool = False,
+    quantize: str | None = None,
+    mem_dtype: str | None = None,
 ):
     """LongLlamaForCausalLM from `folder` in `dtype` ('auto': the checkpoint's own), on `device`, in eval mode;
+    `quantize` ('int8', 'int4'; None: the command's --quantize) its linear layers after the move to `device`,
+    `mem_dtype` (None: the command's --mem-dtype, else the checkpoint's) the memory's storage;
     `mem_layers` replaces the checkpoint's memory layers (e.g. [] for an ablation without memory), `mem_top_k`
     (0: dense) its kNN memory setting, `compile_elementwise` (None: the checkpoint's, "auto" by default) whether
     RMSNorm/RoPE/SwiGLU run through torch.compile; `plan` KEY=VALUE changes of the execution plan (checked before
@@ -374,14 +384,27 @@ def load_model(
         overrides["mem_top_k"] = mem_top_k or None
     if compile_elementwise is not None:
         overrides["compile_elementwise"] = compile_elementwise
+    from longllama import quantize as quantization
+
+    options = _LOAD_OPTIONS.get() or {}
+    quantize = quantization.check_quantization(quantize if quantize is not None else options.get("quantize"))
+    mem_dtype = mem_dtype if mem_dtype is not None else options.get("mem_dtype")
+    if mem_dtype is not None:
+        overrides["mem_dtype"] = mem_dtype
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     adapter = folder if is_adapter_folder(folder) else None
     if adapter is not None:
         folder = adapter_base(adapter)
-    model = _load_weights(LongLlamaForCausalLM, folder, torch_dtype, torch.device(device), overrides)
+    if quantization.is_quantized_folder(folder):  # quantized layouts are tied to a device: load straight there
+        overrides["device_map"] = str(device)
+        model = LongLlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype, **overrides)
+    else:
+        model = _load_weights(LongLlamaForCausalLM, folder, torch_dtype, torch.device(device), overrides)
     if adapter is not None:
         model = _merge_adapter(model, adapter)
     model = model.to(device).eval()
+    if quantize != "none" and model.config.quantization != quantize:
+        quantization.quantize_model(model, quantize)  # after the move: the layout is chosen for the device
     if changes:
         model.set_plan(**changes)
     if verbose:
@@ -714,6 +737,23 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the execution plan (kernels, widths, grouping), and at the end what was loaded, compiled, "
         "tuned or read from the cache, with its seconds",
+    )
+    _add_load_options(p)
+
+
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    """--quantize and --mem-dtype: how the model's weights and memory are stored (every model command)."""
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        help="weight-only quantization of the linear layers through torchao (int4 needs --dtype bfloat16; "
+        "docs/quantization.md)",
+    )
+    p.add_argument(
+        "--mem-dtype",
+        choices=MEM_DTYPE_CHOICES,
+        help="how memory layers store keys and values (int8: 8 bits and a scale per token and head; default: the "
+        "checkpoint's mem_dtype)",
     )
 
 
@@ -1103,6 +1143,7 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="FILE.json", help="write the settings, summary and per-sample results as JSON")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate at most N samples per task")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    _add_load_options(p)
 
 
 def eval_model(
@@ -1637,6 +1678,8 @@ def main(argv: list[str] | None = None) -> int:
     caches.configure()  # before any library compiles: they read their cache folders then
     args.pop("eval_task", None)
     _quiet_libraries()
+    load_options = {key: args.pop(key) for key in ("quantize", "mem_dtype") if key in args}
+    token = _LOAD_OPTIONS.set(load_options)
     try:
         return command(**args)
     except (LongLlamaError, OSError, ImportError) as exc:
@@ -1653,6 +1696,8 @@ def main(argv: list[str] | None = None) -> int:
                 "--last-context-length or --mem-attention-grouping 1,1024"
             )
         raise
+    finally:
+        _LOAD_OPTIONS.reset(token)
 
 
 def _one_line(exc: BaseException) -> str:

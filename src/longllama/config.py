@@ -13,8 +13,12 @@ MEM_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    "int8": torch.int8,  # 8-bit memory: int8 with a scale per token and head (memory.py)
 }
 
+
+# Weight-only quantization of the linear layers (quantize.py): recorded by quantized checkpoints.
+QUANTIZATIONS = ("none", "int8", "int4")
 
 # "eager": the exact reference maths; "sdpa": torch SDPA on concatenated keys (as torch_attention); "fast": fused
 # kernels with no per-window copy of the memory; "auto": eager on the CPU, fast on GPUs.
@@ -57,7 +61,8 @@ class LongLlamaConfig(PreTrainedConfig):
     `compile_elementwise` (inference; "auto", the default: on GPUs; true; false) runs RMSNorm, RoPE, SwiGLU and
     padding through torch.compile (fused.py): fewer, fused kernels, after a one-time compilation on first use.
     `num_key_value_heads` < `num_attention_heads` gives grouped-query attention; the memory then stores only the
-    key/value heads.
+    key/value heads. `quantization` ("none", "int8", "int4") records weight-only quantization of the linear layers
+    (quantize.py; lm_head too when `quantize_lm_head`).
     """
 
     model_type = "longllama"
@@ -93,6 +98,8 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_top_k: int | None = None
     compile_elementwise: Any = "auto"
     gradient_checkpoint_every_ith: int = 1
+    quantization: str = "none"
+    quantize_lm_head: bool = False
 
     def __post_init__(self, **kwargs):
         if self.context_window is None:  # the reference's config: its max_position_embeddings is the window
@@ -177,6 +184,10 @@ class LongLlamaConfig(PreTrainedConfig):
             raise ConfigError(f"mem_top_k={top_k!r} must be a positive integer (memory keys per query) or null")
         if self.attn_impl not in ATTN_IMPLS:
             raise ConfigError(f"attn_impl={self.attn_impl!r} is not supported: use one of {', '.join(ATTN_IMPLS)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"quantization={self.quantization!r} is not supported: use one of {', '.join(QUANTIZATIONS)}"
+            )
         if self.compile_elementwise not in (True, False, "auto"):
             raise ConfigError(f'compile_elementwise={self.compile_elementwise!r} must be true, false or "auto"')
         grouping = self.mem_attention_grouping

@@ -316,8 +316,7 @@ class DocumentMemory:
                         getattr(layer, part).detach().cpu().clone(memory_format=torch.contiguous_format)
                     )
             if layer.memory is not None:
-                keys, values, valid = layer.memory.logical()
-                parts = {"keys": keys, "values": values, "valid": valid}
+                parts = layer.memory.tensors()  # as stored: int8 memory keeps its int8 and scales
                 files[f"memory.layer{i}.safetensors"] = {
                     k: t.detach().cpu().clone(memory_format=torch.contiguous_format) for k, t in parts.items()
                 }
@@ -452,17 +451,13 @@ def _cache_from_files(model, files: dict[str, dict[str, torch.Tensor]], folder: 
             keys = part["keys"]
             if keys.dim() != 4 or keys.shape[1] != kv_heads or keys.shape[3] != head_dim:
                 raise CheckpointError(f"memory {folder}: layer {i}'s memory does not fit this model")
-            memory = MemoryCache(
-                keys.shape[0],
-                kv_heads,
-                head_dim,
+            layer.memory = MemoryCache.from_tensors(
+                part,
+                source=f"memory {folder} layer {i}",
                 dtype=config.memory_dtype,
                 device=device,
-                capacity=keys.shape[2],
                 storage_dim=model.plan.memory_storage_dim(head_dim),
             )
-            memory.append(keys.to(device), part["values"].to(device), part["valid"].to(device))
-            layer.memory = memory
     return cache
 
 

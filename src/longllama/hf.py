@@ -29,6 +29,7 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
+from longllama import quantize
 from longllama.cache import CacheAlias, LongLlamaCache
 from longllama.checkpoint import check_model_folder
 from longllama.config import ConfigError, LongLlamaConfig
@@ -76,6 +77,9 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
         check_model_folder(path)  # local folders only: nothing is downloaded
         if "torch_dtype" in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = kwargs.pop("torch_dtype")  # the seed README's spelling
+        quantization = quantize.check_quantization(kwargs.pop("quantization", None))
+        if quantize.is_quantized_folder(path):
+            return quantize.load_from_folder(cls, path, quantization, args, kwargs)
         try:
             model = super().from_pretrained(path, *args, **kwargs)
         except LongLlamaError:
@@ -92,8 +96,16 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
                 "LLaMA checkpoint (re-copy or re-convert it)"
             ) from exc
         model.config.check()
+        quantize.quantize_model(model, quantization)  # on the device the weights were loaded to
         _ = model.base_model.plan  # for the device the weights were loaded to
         return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained; a quantized model is written in torchao's safetensors format instead
+        (quantize.save_quantized: config and weights)."""
+        if getattr(self.config, "quantization", "none") != "none":
+            return quantize.save_quantized(self, save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 def _recomputing(run: Callable[..., WindowsOutput]) -> Callable[..., WindowsOutput]:
@@ -137,6 +149,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             config.attn_impl,
             config.torch_attention,
             config.compile_elementwise,
+            config.quantization,
         )
         if self._plan is None or self._plan[0] != key:
             if torch.compiler.is_compiling():

@@ -12,6 +12,13 @@ The reference concatenated the whole memory into a new tensor for every window (
 write into a buffer whose capacity doubles when full, so n appended tokens cost O(n) copies in total; a caller who
 knows the final length can `reserve` it and pay no copy at all.
 
+8-bit memory (dtype torch.int8, the config's mem_dtype "int8"): keys and values are stored as int8 with one fp32
+scale per (row, head, token), symmetric (scale = the token's largest magnitude / 127, so a value is off by at most
+half of 1/127 of its token's largest one); `scales()` gives them. Nothing dequantizes the whole memory: attention
+folds the key scales into the scores and the value scales into the probabilities, chunk by chunk
+(attention.py), and the decoding kernel loads int8 and scales in registers (fast/decode_kernels.py). `keys` and
+`values` (exports) are dequantized copies. docs/quantization.md says why int8 rather than fp8.
+
 `fork()` gives a second MemoryCache over the same buffer (O(1)); whichever fork appends first past the shared end
 keeps writing in place, the other copies before its own append (copy on write), so a memory loaded once can be
 continued several times (e.g. different questions about one document).
@@ -38,6 +45,21 @@ from safetensors.torch import load_file, save_file
 from longllama.errors import CheckpointError, InputError
 
 _MIN_CAPACITY = 256
+_QMAX = 127  # symmetric int8: -127..127 (no -128, so negation is exact)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., d) as int8 (..., d) and fp32 scales (...): symmetric, one scale per row (its largest magnitude / 127;
+    an all-zero row gets scale 0 and zeros)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1) / _QMAX
+    q = torch.where(scale[..., None] > 0, xf / scale.clamp_min(1e-30)[..., None], 0.0)
+    return q.round_().clamp_(-_QMAX, _QMAX).to(torch.int8), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """quantize_rows undone: q (..., d) int8 times scale (...), in `dtype`."""
+    return (q.float() * scale[..., None].float()).to(dtype)
 
 
 class MemoryCache:
@@ -66,6 +88,7 @@ class MemoryCache:
         self.pin_memory = pin_memory  # page-locked CPU buffers: copies to the GPU run at full PCIe speed
         self.length = 0
         self.has_invalid = False  # any entry with valid=False (tracked so attention needs no device sync)
+        self._ks = self._vs = None  # int8 memory: fp32 scales (batch, kv_heads, capacity)
         self._k, self._v, self._valid = self._allocate(capacity, torch.device(device) if device else None)
         self._written = [0]  # entries written into this buffer by any fork; shared between forks
         self.copies = 0  # how many times the buffer was re-allocated (tests check growth is amortised)
@@ -76,16 +99,35 @@ class MemoryCache:
         pin = self.pin_memory and torch.cuda.is_available()
         k = make(shape, dtype=self.dtype, device=device, pin_memory=pin)
         v = make(shape, dtype=self.dtype, device=device, pin_memory=pin)
+        if self.quantized:
+            self._ks, self._vs = (
+                torch.zeros(shape[:3], dtype=torch.float32, device=device, pin_memory=pin) for _ in range(2)
+            )
         return k, v, torch.empty(self.batch, capacity, dtype=torch.bool, device=device, pin_memory=pin)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether keys and values are stored as int8 with per-token scales (see the module docstring)."""
+        return self.dtype == torch.int8
 
     # -- views of the live part --------------------------------------------------------------------------------
     @property
     def keys(self) -> torch.Tensor:
-        return self._k[:, :, : self.length, : self.head_dim]
+        """The keys (batch, kv_heads, length, head_dim): a view, or for int8 memory a dequantized fp32 copy."""
+        k = self._k[:, :, : self.length, : self.head_dim]
+        return dequantize_rows(k, self._ks[:, :, : self.length]) if self.quantized else k
 
     @property
     def values(self) -> torch.Tensor:
-        return self._v[:, :, : self.length, : self.head_dim]
+        """The values, as `keys`."""
+        v = self._v[:, :, : self.length, : self.head_dim]
+        return dequantize_rows(v, self._vs[:, :, : self.length]) if self.quantized else v
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The key and value scales (batch, kv_heads, length) of int8 memory, None for other dtypes."""
+        if not self.quantized:
+            return None
+        return self._ks[:, :, : self.length], self._vs[:, :, : self.length]
 
     def logical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values and valid flags with one row per logical row (a copy where rows are shared: exports)."""
@@ -120,7 +162,8 @@ class MemoryCache:
 
     def nbytes(self) -> int:
         """Bytes held by the buffers (capacity, not just the live part)."""
-        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self._valid))
+        held = [self._k, self._v, self._valid] + ([self._ks, self._vs] if self.quantized else [])
+        return sum(t.numel() * t.element_size() for t in held)
 
     # -- growth ------------------------------------------------------------------------------------------------
     def reserve(self, capacity: int) -> None:
@@ -128,10 +171,13 @@ class MemoryCache:
         if capacity <= self.capacity and self._owns_end():
             return
         capacity = max(capacity, self.length)
+        old_scales = self.scales()
         k, v, valid = self._allocate(capacity, self.device)
         k[:, :, : self.length] = self._k[:, :, : self.length]
         v[:, :, : self.length] = self._v[:, :, : self.length]
         valid[:, : self.length] = self.valid
+        if old_scales is not None:
+            self._ks[:, :, : self.length], self._vs[:, :, : self.length] = old_scales
         self._k, self._v, self._valid = k, v, valid
         self._written = [self.length]
         self.copies += 1
@@ -161,11 +207,21 @@ class MemoryCache:
         elif not self.has_invalid:  # a traced graph assumes padding rather than read the flags back
             self.has_invalid = torch.compiler.is_compiling() or not bool(valid.all())
         if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
+            if self.quantized:
+                raise InputError(
+                    "int8 memory is for inference: train with mem_dtype bfloat16 or float32 (gradients do not "
+                    "flow through int8 storage)"
+                )
             self._append_differentiable(keys, values, valid)
             return
         if self.length + n > self.capacity or not self._owns_end():
             self.reserve(max(self.length + n, 2 * self.capacity, _MIN_CAPACITY))
         end = self.length + n
+        if self.quantized:
+            (keys, self._ks[:, :, self.length : end]), (values, self._vs[:, :, self.length : end]) = (
+                quantize_rows(keys),
+                quantize_rows(values),
+            )
         self._k[:, :, self.length : end, : self.head_dim] = keys
         self._v[:, :, self.length : end, : self.head_dim] = values
         self._valid[:, self.length : end] = valid
@@ -217,7 +273,10 @@ class MemoryCache:
 
     def _select(self, rows: torch.Tensor) -> None:
         k, v = self.padded()
+        scales = self.scales()
         self._k, self._v, self._valid = k[rows], v[rows], self.valid[rows]
+        if scales is not None:
+            self._ks, self._vs = scales[0][rows], scales[1][rows]
         self.batch = self._k.shape[0]
         self.has_invalid = not bool(self._valid.all())
         self._written = [self.length]
@@ -226,20 +285,76 @@ class MemoryCache:
         """Move the buffers (pinned CPU memory or another GPU, say); in place, returns self."""
         if torch.device(device) != self.device:
             k, v = self.padded()
+            scales = self.scales()
             self._k, self._v, self._valid = k.to(device), v.to(device), self.valid.to(device)
+            if scales is not None:
+                self._ks, self._vs = scales[0].to(device), scales[1].to(device)
             self._written = [self.length]
         return self
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The live part as named tensors, one row per logical row, as stored: keys/values/valid, and for int8
+        memory the int8 keys/values with key_scales/value_scales (batch, heads, M) (what `save` writes and
+        `from_tensors` reads; document memories use them too)."""
+        if not self.quantized:
+            return dict(zip(("keys", "values", "valid"), self.logical()))
+        d, n = self.head_dim, self.length
+        parts = [self._k[:, :, :n, :d], self._v[:, :, :n, :d], self.valid, *self.scales()]
+        if self.share > 1:
+            parts = [t.repeat_interleave(self.share, dim=0) for t in parts]
+        return dict(zip(("keys", "values", "valid", "key_scales", "value_scales"), parts))
+
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        *,
+        source: str,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        storage_dim: int | None = None,
+        capacity: int = 0,
+    ) -> MemoryCache:
+        """A memory of the named tensors of `tensors()`, in `dtype` (default: as stored; float keys are quantized
+        for int8, int8 ones dequantized for a float dtype, int8 kept as stored); `source` names them in errors."""
+        keys, values, valid = tensors.get("keys"), tensors.get("values"), tensors.get("valid")
+        if keys is None or values is None or valid is None:
+            raise CheckpointError(f"{source} lacks keys, values or valid flags: write it again with MemoryCache.save")
+        if keys.dim() != 4 or values.shape != keys.shape or valid.shape != (keys.shape[0], keys.shape[2]):
+            raise CheckpointError(
+                f"{source} holds keys {tuple(keys.shape)}, values {tuple(values.shape)}, valid "
+                f"{tuple(valid.shape)}: expected (batch, heads, M, head_dim) twice and (batch, M); write it again "
+                "with MemoryCache.save"
+            )
+        scales = (tensors.get("key_scales"), tensors.get("value_scales"))
+        if keys.dtype == torch.int8:
+            if any(s is None or s.shape != keys.shape[:3] or s.dtype != torch.float32 for s in scales):
+                raise CheckpointError(
+                    f"{source} holds int8 keys without matching fp32 key_scales/value_scales (batch, heads, M): "
+                    "write it again with MemoryCache.save"
+                )
+            if dtype is not None and dtype != torch.int8:
+                keys, values = dequantize_rows(keys, scales[0], dtype), dequantize_rows(values, scales[1], dtype)
+        device = keys.device if device is None else torch.device(device)
+        b, h, n, d = keys.shape
+        mem = cls(b, h, d, dtype=dtype or keys.dtype, device=device, storage_dim=storage_dim, capacity=max(capacity, n))
+        valid = valid.to(device=device, dtype=torch.bool)
+        if mem.quantized and keys.dtype == torch.int8:  # stored as they were: no second rounding
+            mem._k[:, :, :n, :d], mem._v[:, :, :n, :d] = keys.to(device), values.to(device)
+            mem._ks[:, :, :n], mem._vs[:, :, :n] = (t.to(device) for t in scales)
+            mem._valid[:, :n] = valid
+            mem.length, mem._written = n, [n]
+            mem.has_invalid = not bool(valid.all())
+            return mem
+        mem.append(keys.to(device), values.to(device), valid)
+        return mem
+
     # -- files -------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the live part to a safetensors file, atomically (a temporary file renamed into place)."""
+        """Write the live part to a safetensors file, atomically (a temporary file renamed into place); int8 memory
+        as stored (a round trip changes nothing)."""
         path = Path(path)
-        keys, values, valid = self.logical()
-        tensors = {
-            "keys": keys.contiguous().cpu(),
-            "values": values.contiguous().cpu(),
-            "valid": valid.contiguous().cpu(),
-        }
+        tensors = {name: t.contiguous().cpu() for name, t in self.tensors().items()}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
@@ -256,23 +371,12 @@ class MemoryCache:
         """Read a memory written by `save`."""
         try:
             tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
-            keys, values, valid = tensors["keys"], tensors["values"], tensors["valid"]
-        except (OSError, KeyError, RuntimeError, ValueError, SafetensorError) as exc:
+        except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CheckpointError(
                 f"cannot read memory file {path}: {first}; write it again with MemoryCache.save"
             ) from None
-        if keys.dim() != 4 or values.shape != keys.shape or valid.shape != (keys.shape[0], keys.shape[2]):
-            raise CheckpointError(
-                f"memory file {path} holds keys {tuple(keys.shape)}, values {tuple(values.shape)}, valid "
-                f"{tuple(valid.shape)}: expected (batch, heads, M, head_dim) twice and (batch, M); write it again "
-                "with MemoryCache.save"
-            )
-        mem = cls(
-            keys.shape[0], keys.shape[1], keys.shape[3], dtype=keys.dtype, device=keys.device, storage_dim=storage_dim
-        )
-        mem.append(keys, values, valid.to(torch.bool))
-        return mem
+        return cls.from_tensors(tensors, source=f"memory file {path}", storage_dim=storage_dim)
 
     def __repr__(self) -> str:
         return (

@@ -209,8 +209,9 @@ class Attention(nn.Module):
             if not joint:
                 mem_k, mem_v, mem_valid = window.cross_batch.memory(k, v)
         share = 1  # query rows per stored memory row (beams sharing their prompt's memory, memory.py)
+        scales = None  # an int8 memory's (key, value) scales
         if memory is not None and memory.length:
-            mem_k, mem_v, padded, mem_valid = read_memory(memory, q.device)
+            mem_k, mem_v, padded, mem_valid, scales = read_memory(memory, q.device)
             share = memory.share
         grouping = self.config.mem_attention_grouping if mem_layer else None
         top_k = self.config.mem_top_k if memory is not None else None  # never in cross-batch training
@@ -233,6 +234,7 @@ class Attention(nn.Module):
                     mem_top_k=top_k,
                     pad=window.ops.pad_to,
                     mem_share=share,
+                    mem_scales=scales,
                 ),
                 None,
             )
@@ -251,6 +253,7 @@ class Attention(nn.Module):
                 mem_top_k=top_k,
                 return_probs=output_attentions,
                 mem_share=share,
+                mem_scales=scales,
             )
 
         if fresh_to_memory:
@@ -307,9 +310,9 @@ class Attention(nn.Module):
 
             self._append_memory(state, joined(k_heads), joined(v_heads), None, window.plan)
             used = [before + j * n for j in range(b)]
-        padded = None
+        padded = scales = None
         if mem_layer and state.memory is not None and state.memory.length:
-            padded = read_memory(state.memory, x.device)[2]
+            _, _, padded, _, scales = read_memory(state.memory, x.device)
         if not mem_layer:
             width = window.plan.local_storage_dim(d)
         elif padded is not None and padded[0].shape[-1] % 8 == 0:
@@ -328,6 +331,7 @@ class Attention(nn.Module):
             padded_mem=padded,
             used=used,
             ops=window.ops,
+            mem_scales=scales,
         )
         if mem_layer and not window.grouped and not use_cache:  # after attention: never its own keys twice
             self._append_memory(state, k_heads, v_heads, None, window.plan)
@@ -335,15 +339,17 @@ class Attention(nn.Module):
 
 
 def read_memory(memory: MemoryCache, device: torch.device):
-    """Keys, values, padded (keys, values) and valid flags (None: all valid) of a memory, on `device` (an offloaded
-    memory is copied from pinned CPU memory)."""
+    """Keys, values, padded (keys, values) and valid flags (None: all valid) of a memory as stored, on `device` (an
+    offloaded memory is copied from pinned CPU memory); then the (key, value) scales of an int8 memory, else None."""
     pk, pv = memory.padded()
     valid = None if memory.all_valid() else memory.valid
+    scales = memory.scales()
     if memory.device != device:  # one copy of the stored (padded) tensors; the views below share it
         pk, pv = pk.to(device, non_blocking=True), pv.to(device, non_blocking=True)
         valid = None if valid is None else valid.to(device, non_blocking=True)
+        scales = None if scales is None else tuple(t.to(device, non_blocking=True) for t in scales)
     d = memory.head_dim
-    return pk[..., :d], pv[..., :d], (pk, pv), valid
+    return pk[..., :d], pv[..., :d], (pk, pv), valid, scales
 
 
 def _columns(pad_valid: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 ATTENTIONS = ("eager", "sdpa", "fast")
 LOCAL_KERNELS = ("auto", "cudnn", "flash")
+WEIGHTS = ("dense", "int8", "int4")
 MEMORY_KERNELS = ("auto", "fa4", "cudnn", "flash")
 
 
@@ -75,6 +76,9 @@ class ExecutionPlan:
     interpret_kernels: CPU tensors go to the Triton kernels (under TRITON_INTERPRET=1: the kernel tests).
     autotune: the decoding kernels' configurations by Triton's autotuner (minutes on a model's first decoding; what
         `longllama tune` runs); off, each comes from a measured table or a rule, with no timing runs (fast/tables.py).
+    weights: "dense" (plain tensors), or "int8" / "int4" (torchao's weight-only tensors, quantize.py): from the
+        config's quantization. Quantized weights go through F.linear (torchao's own kernels), never to the
+        matrix-vector kernel, which reads plain bf16/fp16 rows (`gemv_rows`).
     """
 
     device: str = "cpu"
@@ -95,6 +99,7 @@ class ExecutionPlan:
     gemv_max_rows: int = 4
     interpret_kernels: bool = False
     autotune: bool = False
+    weights: str = "dense"
     failures: Failures = field(default_factory=Failures, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +107,7 @@ class ExecutionPlan:
             ("attention", ATTENTIONS),
             ("local_kernel", LOCAL_KERNELS),
             ("memory_kernel", MEMORY_KERNELS),
+            ("weights", WEIGHTS),
         ):
             if getattr(self, name) not in allowed:
                 raise InputError(
@@ -122,6 +128,12 @@ class ExecutionPlan:
     @property
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def gemv_rows(self) -> int:
+        """Products of at most this many rows go to the matrix-vector kernel: gemv_max_rows for dense weights, none
+        for quantized ones (the kernel reads plain rows; torchao's tensors dequantize inside their own product)."""
+        return self.gemv_max_rows if self.weights == "dense" else 0
 
     def tile(self, width: int) -> tuple[int, int, bool, bool] | None:
         """FlashAttention 4's tile for a stored width, or None (the package's own choice)."""
@@ -156,11 +168,17 @@ class ExecutionPlan:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ExecutionPlan) if f.name != "failures")
-_USER_FIELDS = tuple(name for name in _FIELDS if name != "device")  # the device is where the weights are
+# the device is where the weights are; `weights` is what they are (the config's quantization)
+_USER_FIELDS = tuple(name for name in _FIELDS if name not in ("device", "weights"))
 
 
 def check_changes(changes: dict[str, Any]) -> None:
     """Raise a one-line InputError if `changes` name a field users may not set or hold a bad value."""
+    if "weights" in changes:
+        raise InputError(
+            "the plan's weights are what the model holds: quantize it (quantization='int8'|'int4' when loading, "
+            "--quantize) instead of setting them"
+        )
     if "device" in changes:
         raise InputError(
             "the plan's device is where the model's weights are: move the model (model.to(device)) "
@@ -192,10 +210,12 @@ def build_plan(config, device: torch.device | str, **overrides: Any) -> Executio
 
         caches.configure()
     setting = getattr(config, "compile_elementwise", "auto")
+    quantization = getattr(config, "quantization", "none")
     plan = ExecutionPlan(
         device=str(device),
         attention=attention_of(config, device),
         compile=setting is True or (setting == "auto" and device.type == "cuda"),
+        weights="dense" if quantization == "none" else quantization,
     )
     if device.type == "cuda":
         from longllama.fast import flash4

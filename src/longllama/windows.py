@@ -222,6 +222,7 @@ def _groupable(
         and config.mem_top_k is None
         and not config.mem_offload
         and all(layer.memory is None or layer.memory.all_valid() for layer in cache.layers)
+        and config.mem_dtype != "int8"  # int8 memory is read piece by piece, not by the group kernels
         and plan.attention == "fast"
         and not torch.is_grad_enabled()
     )

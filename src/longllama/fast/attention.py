@@ -326,15 +326,21 @@ def attend(
     mem_top_k: int | None = None,
     pad=None,
     mem_share: int = 1,
+    mem_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """attention.attend's function by the fast path (shapes there). `is_causal` tells that `visible` is exactly the
-    top-left causal mask of a window with no local cache and no padding (fast kernels then need no mask);
+    """attention.attend's function by the fast path (shapes there; `mem_scales` of an int8 memory too). `is_causal`
+    tells that `visible` is exactly the top-left causal mask of a window with no local cache and no padding (fast
+    kernels then need no mask);
     `padded_mem` are the memory keys/values as stored, zero-padded in the head dimension (MemoryCache.padded());
     `pad(x, dim)` zero-pads local inputs for kernels (ops.pad_to, compiled or not); `mem_share` query rows per
     memory row (attention.py's module docstring: the rows are folded into the queries of the memory part)."""
     mem_k, mem_v, mem_valid, padded_mem, top_k = memory_inputs(mem_k, mem_v, mem_valid, padded_mem, mem_top_k)
     share = mem_share if mem_k is not None else 1
     local_plain = visible is None or is_causal
+    if mem_k is not None and mem_scales is not None:
+        return _attend_int8(
+            q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, mem_scales, padded_mem, top_k, share, plan, pad
+        )
     if share > 1 and (mem_valid is not None or not local_plain or top_k is not None):
         if q.shape[2] <= FEW_QUERIES or not q.is_cuda:
             # Masks or kNN with a shared memory: the exact maths, folded (decoding steps on GPUs too: few scores).
@@ -385,6 +391,60 @@ def attend(
         mem_out, mem_lse = unfold_rows(mem_out, share), unfold_rows(mem_lse, share)
         out = merge_partials(out.float(), lse, mem_out[..., :d], mem_lse)  # the merge in fp32
     return out.to(q.dtype)
+
+
+def _attend_int8(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, scales, padded_mem, top_k, share, plan, pad):
+    """attend over an int8 memory. A few queries: few_query_attention, scales folded in. Many queries on a GPU with a
+    dense memory of one row per query row: the local part by its kernel (causal) or explicitly (under a mask), the
+    memory by the kernels one dequantized piece at a time (_over_int8_memory), merged by log-sum-exp. The rest
+    (padding, kNN, shared rows, CPUs, gradients): the exact maths with the scales folded in, chunk by chunk."""
+    if q.shape[2] <= FEW_QUERIES and mem_valid is None:
+        return few_query_attention(q, k, v, visible, mem_k, mem_v, padded_mem, top_k, share, mem_scales=scales)
+    dense = mem_valid is None and top_k is None and share == 1
+    if not dense or not _on_kernels(q) or (q.requires_grad and torch.is_grad_enabled()):
+        return _eager(q, k, v, visible, mem_k, mem_v, mem_valid, False, top_k, share, scales)[0]
+    dtype = kernel_dtype(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d)
+    if visible is None or is_causal:
+        out, lse = _local_partial(q, k, v, bool(is_causal), scale, plan, pad)
+    else:  # a window after a local cache: its mask, explicitly (as _local_then_top_k)
+        h = q.shape[1]
+        sc = (q.float() @ _expand_heads(k, h).float().transpose(-1, -2)) * scale
+        sc = sc.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(sc, dim=-1)
+        out = torch.exp(sc - lse[..., None]) @ _expand_heads(v, h).float()
+    pk, pv = padded_mem if padded_mem is not None else (mem_k, mem_v)
+    mem_out, mem_lse = _over_int8_memory(q, pk, pv, scales, scale, plan, kernel_head_dim(d))
+    return merge_partials(out.float(), lse, mem_out[..., :d], mem_lse).to(q.dtype)
+
+
+def _on_kernels(q: torch.Tensor) -> bool:
+    """Whether the attention kernels (CUDA) serve inputs like q."""
+    return q.is_cuda
+
+
+_INT8_PIECE = 16384  # int8 memory keys dequantized at a time for the attention kernels (32 MiB per head of 128 in bf16)
+
+
+def _over_int8_memory(q, pk, pv, scales, scale: float, plan: ExecutionPlan, dim: int):
+    """_over_memory over an int8 memory (b, h_kv, M, w) with its (key, value) scales: _INT8_PIECE keys dequantized to
+    q's dtype at a time (one piece's copy, never the whole memory), the pieces merged by log-sum-exp (fp32)."""
+    acc = None
+    m = pk.shape[2]
+    for start in range(0, m, _INT8_PIECE):
+        end = min(m, start + _INT8_PIECE)
+        piece = [_dequantized(t[:, :, start:end], s[:, :, start:end], q.dtype, dim) for t, s in zip((pk, pv), scales)]
+        out, lse = _over_memory(q, *piece, scale, plan)
+        acc = (out.float(), lse) if acc is None else merge_partials(*acc, out, lse, with_lse=True)
+    return acc
+
+
+def _dequantized(t: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, dim: int) -> torch.Tensor:
+    """int8 rows (..., w) times their scales (...), in `dtype`, padded to a kernel width (w if a multiple of 8)."""
+    x = (t.float() * s[..., None]).to(dtype)
+    return pad_to(x, t.shape[-1] if t.shape[-1] % 8 == 0 else dim)
 
 
 def _local_then_top_k(q, k, v, visible, mem_k, mem_v, top_k: int) -> torch.Tensor:
@@ -477,14 +537,16 @@ def window_attention(
     padded_mem: tuple[torch.Tensor, torch.Tensor] | None = None,
     used: list[int] | None = None,
     ops=None,
+    mem_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The ingest path: windows with no local cache and no padding (causal), each in one softmax over its causal
     keys and, with `padded_mem`, the memory. q (b, h, n, w), k, v (b, h_kv, n, w) are rotated as the layer needs
     and zero-padded to w, a multiple of 8 >= head_dim (the memory's stored width where there is a memory:
     ops.rope_pad); padded_mem (1 or b, h_kv, M, w') the memory as stored; `used`: per row, the prefix of the
     memory it sees (0: none; None: all M; the rows of a window group, see plan.window_group_tokens). `ops`:
-    merge_heads and heads, compiled or not (ops.Ops; default the plain ones). Returns o_proj's input
-    (b, n, h * head_dim) in the kernels' dtype."""
+    merge_heads and heads, compiled or not (ops.Ops; default the plain ones). `mem_scales`: an int8 memory's
+    (key, value) scales; its pieces are dequantized one at a time (no window groups: windows._groupable). Returns
+    o_proj's input (b, n, h * head_dim) in the kernels' dtype."""
     merge, lay_out = (ops.merge_heads, ops.heads) if ops is not None else (merge_heads, heads)
     dtype = kernel_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -496,6 +558,11 @@ def window_attention(
     first = 0 if used is None else next((j for j, m in enumerate(used) if m), len(used))  # prefixes increase
     if padded_mem is None or padded_mem[0].shape[2] == 0 or first == q.shape[0]:
         return lay_out(out, head_dim)
+    if mem_scales is not None:
+        if used is not None:
+            raise RuntimeError("a window group reached int8 memory attention (windows._groupable let it through)")
+        parts = [_over_int8_memory(q, *padded_mem, mem_scales, scale, plan, q.shape[-1])]
+        return merge(out, lse, *parts[0], head_dim, more=())
     pk, pv = _as_stored(padded_mem, dtype, q.shape[-1])
     parts = _group_over_memory(q[first:], pk, pv, scale, plan, None if used is None else used[first:])
     merged = merge(out[first:], lse[first:], *parts[0], head_dim, more=tuple(parts[1:]))

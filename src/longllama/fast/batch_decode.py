@@ -218,7 +218,9 @@ class BatchDecoder(StaticDecoder):
         if memories is None:
             return decode_attention.attend(q, rot, values, self.slot, lo=self.lo, autotune=self.plan.autotune)
         reads = [read_memory(m, q.device) if m.length else None for m in memories]
-        if any(r is not None and r[3] is not None for r in reads) or self.config.mem_top_k is not None:
+        # invalid entries, 8-bit memories or kNN memory: each row through the general functions
+        general = any(r is not None and (r[3] is not None or r[4] is not None) for r in reads)
+        if general or self.config.mem_top_k is not None:
             return self._attend(q[:, :, None], *self._views(buffers)[1:], self._visible(), memories, None)[:, :, 0]
         return decode_attention.attend(
             q,
@@ -235,8 +237,8 @@ class BatchDecoder(StaticDecoder):
             return (ops or self._ops()).few_query_attention(q, rot, values, visible, None, None, None, None)
         outs = []
         for i, memory in enumerate(memories):  # each row against its own memory
-            mem = read_memory(memory, q.device) if memory.length else (None, None, None, None)
-            mem_k, mem_v, _, valid = mem
+            mem = read_memory(memory, q.device) if memory.length else (None,) * 5
+            mem_k, mem_v, _, valid, scales = mem
             outs.append(
                 exact_attend(
                     q[i : i + 1],
@@ -247,6 +249,7 @@ class BatchDecoder(StaticDecoder):
                     mem_v=mem_v,
                     mem_valid=valid,
                     mem_top_k=self.config.mem_top_k,
+                    mem_scales=scales,
                 )[0]
             )
         return torch.cat(outs, dim=0)

@@ -70,7 +70,8 @@ class StaticDecoder:
             and plan.decode_kernels
             and decode_attention.applies(model.lm_head.weight, cpu=plan.interpret_kernels)
         )
-        self.gemv_options = dict(max_rows=plan.gemv_max_rows, cpu=plan.interpret_kernels, autotune=plan.autotune)
+        # no gemv rows for quantized weights (torchao's own products)
+        self.gemv_options = dict(max_rows=plan.gemv_rows, cpu=plan.interpret_kernels, autotune=plan.autotune)
         self.checked = False  # a first step has run (with the kernels, or after falling back from them)
         self.head_dim = config.head_dim
         # Rows of the local buffers: zero-padded to a multiple of 8 elements for the kernels (16-byte aligned rows
@@ -173,10 +174,12 @@ class StaticDecoder:
 
     def _attend(self, q, rot, values, visible, memory, ops) -> torch.Tensor:
         """A step's attention (b, h, 1, d) through the general functions."""
-        mem_k = mem_v = padded = None
+        mem_k = mem_v = padded = scales = None
         if memory is not None and memory.length:
-            mem_k, mem_v, padded, _ = read_memory(memory, q.device)
-        return ops.few_query_attention(q, rot, values, visible, mem_k, mem_v, padded, self.config.mem_top_k)
+            mem_k, mem_v, padded, _, scales = read_memory(memory, q.device)
+        return ops.few_query_attention(
+            q, rot, values, visible, mem_k, mem_v, padded, self.config.mem_top_k, mem_scales=scales
+        )
 
     def _layer_kernels(self, layer, h, buffers, memory):
         """One decoder layer in seven kernels: each RMSNorm inside the product after it, each residual add inside
@@ -209,15 +212,23 @@ class StaticDecoder:
     def _attend_kernels(self, q, buffers, memory) -> torch.Tensor:
         """A step's attention (b, h, d) with the kernels: local slots and the memory in one softmax."""
         raw, rot, values = buffers
-        mem_k = mem_v = padded = valid = None
+        mem_k = mem_v = padded = valid = scales = None
         if memory is not None and memory.length:
-            mem_k, mem_v, padded, valid = read_memory(memory, q.device)
+            mem_k, mem_v, padded, valid, scales = read_memory(memory, q.device)
         if valid is not None or (padded is not None and self.config.mem_top_k is not None):
             _, rot, values = self._views(buffers)
             return EAGER.few_query_attention(
-                q[:, :, None], rot, values, self._visible(), mem_k, mem_v, padded, self.config.mem_top_k
+                q[:, :, None],
+                rot,
+                values,
+                self._visible(),
+                mem_k,
+                mem_v,
+                padded,
+                self.config.mem_top_k,
+                mem_scales=scales,
             )[:, :, 0]
-        return decode_attention.attend(q, rot, values, self.slot, padded, autotune=self.plan.autotune)
+        return decode_attention.attend(q, rot, values, self.slot, padded, scales, autotune=self.plan.autotune)
 
     def _checked_compute(self) -> torch.Tensor:
         """_compute, falling back for good to the general step (one warning) if a Triton kernel fails to build or

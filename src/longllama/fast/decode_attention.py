@@ -107,6 +107,7 @@ def attend(
     values: torch.Tensor,
     slot: torch.Tensor,
     memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
     lo: torch.Tensor | None = None,
     row_memories: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
@@ -114,7 +115,8 @@ def attend(
 ) -> torch.Tensor:
     """q (b, h, d); keys, values (b, h_kv, window, d') of which slots 0..slot are in use; memory (keys, values)
     (b, h_kv, M, d'') as stored, or None; d', d'' >= d, the columns past d zero (those past the next multiple of 16
-    are not read). Returns the attention output
+    are not read); `scales` the (key, value) scales (b, h_kv, M) of an int8 memory, applied in the kernel's
+    registers. Returns the attention output
     (b, h, d) in q's dtype: one softmax over the used local slots and the whole memory, with scale 1/sqrt(d).
 
     A batch of independent sequences (batch_decode.py) passes `lo` (b,) long, each row's first local slot (slots
@@ -150,7 +152,9 @@ def attend(
     # beyond that (a memory stored 128 wide for head_dim 100) is never read.
     read = -(-d // 16) * 16
 
-    def launch(q, k, v, n, local, chunk, count, split0, acc, m, lsum):
+    def launch(q, k, v, n, local, chunk, count, split0, acc, m, lsum, pair=None):
+        scaled = pair is not None
+        ks, vs = pair if scaled else (m, m)  # unread where not SCALED
         kernels.launch(
             partials,
             lambda meta: (q.shape[0] * h, count),
@@ -177,6 +181,10 @@ def attend(
                 scale_log2,
                 chunk,
                 d,
+                ks,
+                vs,
+                ks.stride(0) if scaled else 0,
+                ks.stride(1) if scaled else 0,
             ),
             _DEFAULTS,
             autotune=autotune,
@@ -186,11 +194,12 @@ def attend(
             FROM_PTR=local,
             HAS_LO=local and lo is not None,
             BLOCK_D=block_d,
+            SCALED=scaled,
         )
 
     split0 = 0
     for (k, v, n, local), chunk, count in zip(parts, chunks, counts):
-        launch(q, k, v, n, local, chunk, count, split0, acc, m, lsum)
+        launch(q, k, v, n, local, chunk, count, split0, acc, m, lsum, None if local else scales)
         split0 += count
     for row, mem in enumerate(row_memories or []):
         if mem is None or not mem[0].shape[2]:

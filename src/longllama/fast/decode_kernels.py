@@ -39,6 +39,10 @@ def partials_kernel(
     scale_log2,
     chunk,
     D,
+    ks_ptr,
+    vs_ptr,
+    s_sb,
+    s_sh,
     S_KN: tl.constexpr,
     S_VN: tl.constexpr,
     D_READ: tl.constexpr,
@@ -46,7 +50,10 @@ def partials_kernel(
     HAS_LO: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SCALED: tl.constexpr = False,
 ):
+    # SCALED: int8 keys/values (an 8-bit memory) with one fp32 scale per row at ks_ptr/vs_ptr (strides s_sb, s_sh,
+    # 1): the key scale multiplies the row's score, the value scale its weight, in registers (no dequantized copy).
     # Each of the BLOCK_N rows of the tile keeps its own running softmax over the keys it sees (keys r,
     # r + BLOCK_N, ...), so the loop has no reduction across rows; the rows are merged once at the end.
     # D_READ >= D columns of keys and values are read (a zero-padded memory read whole, for aligned vector
@@ -81,7 +88,12 @@ def partials_kernel(
         mask = rmask[:, None] & (d < D_READ)[None, :]
         k = tl.load(k_base + r64[:, None] * S_KN + d[None, :], mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_base + r64[:, None] * S_VN + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = tl.where(rmask, tl.sum(k * q[None, :], axis=1), -float("inf"))  # log2-scaled scores
+        s = tl.sum(k * q[None, :], axis=1)  # log2-scaled scores
+        if SCALED:
+            s_row = b.to(tl.int64) * s_sb + hk.to(tl.int64) * s_sh + r64
+            s = s * tl.load(ks_ptr + s_row, mask=rmask, other=0.0)
+            v = v * tl.load(vs_ptr + s_row, mask=rmask, other=0.0)[:, None]
+        s = tl.where(rmask, s, -float("inf"))
         m_new = tl.maximum(m_r, s)
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # no key yet in this row: weights stay 0
         alpha = tl.exp2(m_r - m_ref)

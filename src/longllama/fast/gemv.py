@@ -44,6 +44,9 @@ def kernel_objects() -> tuple:
     return _kernels()
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _grid(n: int, rows: int):
     """Launch grid: blocks of BLOCK_N output columns, one row of x each."""
     return lambda meta: (-(-n // meta["BLOCK_N"]), rows)
@@ -118,7 +121,8 @@ def linear(
         x = _normed(x, norm)
         if residual is None:
             return F.linear(x, weight)
-        if residual.dtype != x.dtype or residual.shape[:-1] != x.shape[:-1]:
+        # addmm reads plain weights; a quantized one (torchao's tensors) computes its own product
+        if residual.dtype != x.dtype or residual.shape[:-1] != x.shape[:-1] or type(weight) not in _PLAIN:
             return residual + F.linear(x, weight)
         out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
         return out.view(residual.shape)

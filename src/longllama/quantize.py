@@ -1,0 +1,266 @@
+"""Weight-only quantization (int8, int4) of a model's linear layers through torchao, and quantized checkpoints.
+
+What is quantized: the q/k/v/o projections and the MLP's three products of every layer. The embeddings stay in the
+model's dtype (a lookup, not a product: quantizing them saves memory but no decoding time), and so does lm_head by
+default (`lm_head=True` quantizes it too; docs/quantization.md has the measured choice). Activations stay in the
+model's dtype: torchao's weight-only tensors dequantize inside their matrix product.
+
+Layouts (torchao 0.18): int8 is torchao's Int8Tensor, one scale per output row, on every device. int4 is grouped
+(one scale and zero point per `group` input columns, the largest of 128/64/32 dividing the layer's input size; a
+layer no group divides stays unquantized), in the tinygemm layout on CUDA (Int4TilePackedTo4dTensor, aten's
+_weight_int4pack_mm, compute capability >= 8.0) and in torchao's prototype CPU layout elsewhere (Int4OpaqueTensor,
+aten's _weight_int4pack_mm_for_cpu). int4 needs bfloat16 weights on both. A layout is tied to its device: quantize
+after moving the model (`from_pretrained(..., device_map="cuda", quantization="int4")` or `model.to("cuda")` then
+`quantize_model`).
+
+Checkpoints: `save_quantized` writes config.json (its `quantization` field says which) and model.safetensors in
+torchao's safetensors format (each quantized weight as its plain tensors plus a JSON description in the file's
+metadata: torchao.prototype.safetensors); `load_quantized` rebuilds the tensors without re-quantizing. torchao
+0.18 serialises Int8Tensor and the CUDA int4 layout, not the CPU int4 one: an int4 model quantized on a CPU cannot
+be saved (quantize it at load instead).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from longllama.config import QUANTIZATIONS
+from longllama.errors import CheckpointError, InputError
+
+logger = logging.getLogger(__name__)
+
+INT4_GROUPS = (128, 64, 32)  # tinygemm's group sizes, largest (fewest scales) first
+INSTALL = "pip install 'longllama[quant]' (torchao>=0.18,<0.19)"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "longllama-torchao-v1"
+
+
+def check_quantization(name: object) -> str:
+    """`name` if it is a quantization this package offers, else a one-line InputError naming them."""
+    if name is None:
+        return "none"
+    if not isinstance(name, str) or name not in QUANTIZATIONS:
+        raise InputError(f"quantization={name!r} is not supported: use one of {', '.join(QUANTIZATIONS)}")
+    return name
+
+
+def quiet_torchao() -> None:
+    """Keep torchao's import notices off stderr: its optional compiled extensions warn on every import where they
+    do not load (CPU builds of torch), and it registers enums that torch's pytree warns about. Effective before
+    the first import of torchao (transformers may import it while loading a model)."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _torchao():
+    """torchao's quantization entry points, or a one-line error naming the install."""
+    quiet_torchao()
+    try:
+        import torchao  # noqa: F401
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        raise InputError(f"weight quantization needs torchao ({exc}): {INSTALL}") from None
+    return quantize_, Int8WeightOnlyConfig, Int4WeightOnlyConfig
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """Whether `weight` is one of torchao's quantized tensors (not a plain tensor or parameter)."""
+    return type(weight) not in (torch.Tensor, nn.Parameter)
+
+
+def int4_group(in_features: int) -> int | None:
+    """The int4 group size for a layer of `in_features` inputs: the largest of INT4_GROUPS dividing it, or None."""
+    return next((g for g in INT4_GROUPS if in_features % g == 0), None)
+
+
+def _config(quantization: str, in_features: int, device: torch.device):
+    # set_inductor_config=False: torchao would otherwise change torch.compile's global settings (coordinate-descent
+    # tuning and more) for every later compilation, ours of the elementwise functions included.
+    _, int8, int4 = _torchao()
+    if quantization == "int8":
+        return int8(set_inductor_config=False)
+    group = int4_group(in_features)
+    if group is None:
+        return None
+    if device.type == "cuda":
+        return int4(group_size=group, int4_packing_format="tile_packed_to_4d", set_inductor_config=False)
+    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+    return PrototypeInt4WeightOnlyConfig(group_size=group, set_inductor_config=False)
+
+
+def quantized_linears(model: nn.Module, *, lm_head: bool = False) -> list[tuple[str, nn.Linear]]:
+    """The linear layers quantization applies to: every nn.Linear of the decoder layers, plus lm_head if asked."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and (name != "lm_head" or lm_head)
+    ]
+
+
+def quantize_model(model: nn.Module, quantization: str, *, lm_head: bool | None = None) -> nn.Module:
+    """Quantize `model`'s linear layers in place (weight-only; see the module docstring) on the device they are on,
+    record the choice in model.config (`quantization`, `quantize_lm_head`) and return the model. "none" changes
+    nothing; a model already quantized fails (quantize the unquantized weights)."""
+    quantization = check_quantization(quantization)
+    config = model.config
+    if lm_head is None:
+        lm_head = bool(getattr(config, "quantize_lm_head", False))
+    if quantization == "none":
+        return model
+    if getattr(config, "quantization", "none") != "none":
+        raise InputError(
+            f"the model is already quantized ({config.quantization}): load the unquantized checkpoint to quantize "
+            "it another way"
+        )
+    quantize_, _, _ = _torchao()
+    layers = quantized_linears(model, lm_head=lm_head)
+    if quantization == "int4" and layers and layers[0][1].weight.dtype != torch.bfloat16:
+        raise InputError(
+            f"int4 weights are made from bfloat16 ones, the model is in {layers[0][1].weight.dtype}: load it with "
+            "dtype=torch.bfloat16 (--dtype bfloat16)"
+        )
+    kept = []
+    with torch.no_grad():
+        for name, module in layers:
+            cfg = _config(quantization, module.in_features, module.weight.device)
+            if cfg is None:
+                kept.append(name)
+                continue
+            quantize_(module, cfg, filter_fn=lambda m, fqn, target=module: m is target)
+    if kept:
+        logger.info("int4: %d layers kept unquantized (no group size divides their inputs): %s", len(kept), kept)
+    config.quantization = quantization
+    config.quantize_lm_head = lm_head
+    model.requires_grad_(False)  # quantized weights take no gradient
+    return model
+
+
+def save_quantized(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Write a quantized model's config and weights (torchao's safetensors format) to `folder`, atomically."""
+    from safetensors.torch import save_file
+
+    from longllama.files import write_folder
+
+    try:
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+    except ImportError as exc:
+        raise InputError(f"saving quantized weights needs torchao ({exc}): {INSTALL}") from None
+    state = {name: t.detach() for name, t in model.state_dict().items()}
+    for name, t in state.items():
+        if is_quantized(t) and type(t).__name__ == "Int4OpaqueTensor":
+            raise InputError(
+                f"{name}: torchao cannot save int4 weights quantized on a CPU: quantize on a GPU to save them, or "
+                "save the unquantized model and pass quantization='int4' (--quantize int4) when loading it"
+            )
+    tensors, metadata = flatten_tensor_state_dict(state)
+    tensors = {name: t.contiguous().cpu() for name, t in tensors.items()}
+    metadata["format"] = FORMAT
+
+    def write(temp: Path) -> None:
+        temp.mkdir(parents=True)
+        model.config.save_pretrained(temp)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and getattr(model, "can_generate", lambda: False)():
+            generation.save_pretrained(temp)
+        save_file(tensors, str(temp / WEIGHTS_FILE), metadata=metadata)
+
+    write_folder(Path(folder), write)
+
+
+def is_quantized_folder(folder: str | os.PathLike) -> bool:
+    """Whether the checkpoint in `folder` was written by save_quantized (its config records a quantization)."""
+    path = Path(folder) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("quantization", "none") not in (None, "none")
+
+
+def load_quantized(
+    cls: type[nn.Module], folder: str | os.PathLike, *, device: torch.device | str | None = None, **config_overrides
+) -> nn.Module:
+    """A `cls` model (LongLlamaForCausalLM, say) from a folder written by save_quantized, its weights on `device`
+    (default: where they were saved, read from the file; a CUDA int4 layout needs a CUDA device)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from longllama.config import LongLlamaConfig
+
+    _torchao()
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+    folder = Path(folder)
+    file = folder / WEIGHTS_FILE
+    config = LongLlamaConfig.from_pretrained(folder)
+    config._name_or_path = str(folder)  # as transformers' loading records it (document memories name models so)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    config.check()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(file), device=str(device))
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot read quantized weights {file}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+            "write them again with save_quantized"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{file} is not a quantized longllama checkpoint (format {metadata.get('format')!r}): write it with "
+            "longllama.quantize.save_quantized"
+        )
+    state, rest = unflatten_tensor_state_dict(tensors, metadata)
+    state.update(rest)
+    with torch.device("meta"):
+        model = cls(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or [m for m in missing if not m.endswith("lm_head.weight") or not config.tie_word_embeddings]:
+        raise CheckpointError(
+            f"{file} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}): write it again "
+            "with save_quantized"
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    if (folder / "generation_config.json").is_file() and getattr(model, "can_generate", lambda: False)():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    model.requires_grad_(False)
+    model.eval()
+    _ = model.base_model.plan  # for the device the weights are on
+    return model
+
+
+def load_from_folder(
+    cls: type[nn.Module], folder: str | os.PathLike, quantization: str, args: tuple, kwargs: dict
+) -> nn.Module:
+    """from_pretrained's route for a quantized checkpoint: load_quantized with the keyword arguments that apply
+    (a device_map of one device, config overrides), a one-line error for a different quantization or others."""
+    stored = json.loads((Path(folder) / "config.json").read_text()).get("quantization")
+    if quantization not in ("none", stored):
+        raise InputError(
+            f"{folder} holds {stored} weights; quantization={quantization!r} needs the unquantized checkpoint "
+            f"(or pass quantization={stored!r} or none)"
+        )
+    device = kwargs.pop("device_map", None)
+    kwargs.pop("dtype", None)  # the stored tensors keep their dtype
+    if args or (device is not None and not isinstance(device, (str, torch.device, int))):
+        raise InputError(
+            f"loading the quantized checkpoint {folder} takes a single device (device_map='cuda', say) and "
+            "config overrides as keywords only"
+        )
+    if isinstance(device, int):
+        device = torch.device("cuda", device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_quantized(cls, folder, device=device, **kwargs)
