@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import StoppingCriteriaList, StopStringCriteria
 
 from longllama.cache import LongLlamaCache
@@ -46,6 +45,7 @@ MANIFEST = "manifest.json"
 LOCAL_FILE = "local.safetensors"
 _SAMPLES, _SAMPLE_BYTES = 16, 1 << 16  # weights-file fingerprint: 16 chunks of 64 KiB spread over each file
 _HASH_CHUNK = 1 << 24
+_CHECK_CHUNK = 1 << 26  # bytes per checksum of a memory's tensor file (checked in parallel)
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")  # read as records (documents.py); other files as is
 FILE_SEPARATOR = "\n\n"  # between the texts of several files or records
 
@@ -60,6 +60,44 @@ def _sha256_file(path: Path) -> str:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _chunk_digests(path: Path, chunk: int = _CHECK_CHUNK) -> list[str]:
+    """sha256 of each `chunk` bytes of a file, hashed side by side (hashlib releases the GIL): a memory of
+    several GB is checked in a fraction of the time one digest of the whole file takes."""
+    size = path.stat().st_size
+
+    def digest(start: int) -> str:
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            return hashlib.sha256(handle.read(min(chunk, size - start))).hexdigest()
+
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        return list(pool.map(digest, range(0, max(size, 1), chunk)))
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """A tensor file's manifest entry: its size and the sha256 of each of its chunks."""
+    return {"bytes": path.stat().st_size, "chunk_bytes": _CHECK_CHUNK, "sha256_chunks": _chunk_digests(path)}
+
+
+def check_file(path: Path, entry: dict[str, Any]) -> None:
+    """CheckpointError unless `path` has the size and checksums its manifest entry records (chunk digests, or one
+    sha256 of the whole file as older memories hold)."""
+    if not path.is_file():
+        raise CheckpointError(f"memory file {path} is missing: the folder is incomplete; build the memory again")
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        raise CheckpointError(
+            f"memory file {path} has {size} bytes, the manifest says {entry.get('bytes')} (truncated?): build the "
+            "memory again"
+        )
+    if "sha256_chunks" in entry:
+        same = _chunk_digests(path, int(entry["chunk_bytes"])) == entry["sha256_chunks"]
+    else:
+        same = _sha256_file(path) == entry.get("sha256")
+    if not same:
+        raise CheckpointError(f"memory file {path} fails its sha256 check (corrupt): build the memory again")
 
 
 def _weights_entry(path: Path) -> dict[str, Any]:
@@ -297,7 +335,7 @@ class DocumentMemory:
             files = {}
             for name, tensors in self._tensor_files().items():
                 save_file(tensors, str(temp / name), metadata={"format": FORMAT})
-                files[name] = {"bytes": (temp / name).stat().st_size, "sha256": _sha256_file(temp / name)}
+                files[name] = file_entry(temp / name)
             manifest["files"] = files
             (temp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             sync_files(temp)
@@ -354,11 +392,7 @@ class DocumentMemory:
                 f"the same {key}, or build the memory again (longllama memory build)"
             )
         device = model.lm_head.weight.device if device is None else torch.device(device)
-        # One thread per file: reading, hashing and parsing release the GIL, so the files are read side by side.
-        entries = manifest["files"]
-        with ThreadPoolExecutor(max_workers=min(8, max(1, len(entries)))) as pool:
-            read = pool.map(lambda item: _read_tensor_file(folder, *item), entries.items())
-            tensors = dict(zip(entries, read))
+        tensors = {name: _read_tensor_file(folder, name, entry, device) for name, entry in manifest["files"].items()}
         cache = _cache_from_files(model, tensors, folder, device)
         if cache.local_length != manifest["local_length"] or cache.memory_length != manifest["memory_length"]:
             raise CheckpointError(
@@ -412,21 +446,11 @@ def _check_same(manifest: dict[str, Any], key: str, current: dict[str, Any], fol
         )
 
 
-def _read_tensor_file(folder: Path, name: str, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _read_tensor_file(folder: Path, name: str, entry: dict[str, Any], device) -> dict[str, torch.Tensor]:
     path = folder / name
-    if not path.is_file():
-        raise CheckpointError(f"memory file {path} is missing: the folder is incomplete; build the memory again")
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise CheckpointError(
-            f"memory file {path} has {size} bytes, the manifest says {entry['bytes']} (truncated?): build the memory "
-            "again"
-        )
-    data = path.read_bytes()  # read once: checked and parsed from the same bytes
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CheckpointError(f"memory file {path} fails its sha256 check (corrupt): build the memory again")
-    try:
-        return load_tensors(data)
+    check_file(path, entry)
+    try:  # straight to the device (the file is in the page cache after its check)
+        return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"cannot read memory file {path} ({exc}): build the memory again") from None
 
