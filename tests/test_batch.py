@@ -150,3 +150,17 @@ def test_streams_end_at_eos_callbacks_and_capacity():
     assert engine.active == 0
     with pytest.raises(InputError, match="max_new_tokens=0"):
         engine.add(ids, max_new_tokens=0)
+
+
+def test_the_batch_decoders_capture_label_reads_every_rows_memory():
+    """A CUDA graph capture is logged with the longest memory (timings); the batch keeps one memory per row."""
+    model = sharp_tiny()
+    g = torch.Generator().manual_seed(3)
+    short, long = (_memory_of(model, torch.randint(3, 320, (n,), generator=g).tolist()) for n in (140, 330))
+    engine = BatchGenerator(model)
+    with torch.no_grad():
+        for cache in (short, long):
+            engine.add(torch.randint(3, 320, (5,), generator=g).tolist(), cache=cache, max_new_tokens=4)
+    decoder = engine._decoder
+    lengths = [max(m.length for m in row.memories if m is not None) for row in decoder.rows]
+    assert lengths[1] > lengths[0] and decoder._memory_length() == lengths[1]

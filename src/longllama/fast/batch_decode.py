@@ -206,6 +206,11 @@ class BatchDecoder(StaticDecoder):
         positions = self.slot - self.lo
         return self.cos[positions][:, None, None], self.sin[positions][:, None, None]
 
+    def _memory_length(self) -> int:
+        """The longest row memory (the timings' label of a graph capture)."""
+        rows = [m for memories in self.memories if memories is not None for m in memories]
+        return max([0] + [m.length for m in rows])
+
     def _lo(self) -> torch.Tensor:
         return self.lo
 
