@@ -29,7 +29,7 @@ def main() -> None:
     rows = [int(k) for k in args.rows.split(",")]
     caches = []
     with torch.no_grad():
-        for i in range(max(rows)):
+        for _ in range(max(rows)):
             ids = torch.randint(3, vocab, (1, args.memory_tokens), device="cuda")
             caches.append(model(ids, use_cache=True, last_context_length=model.config.context_window).cache)
     for k in rows:
