@@ -150,6 +150,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             config.torch_attention,
             config.compile_elementwise,
             config.quantization,
+            config.mem_retrieval,
+            config.mem_blocks,
+            config.mem_block_size,
         )
         if self._plan is None or self._plan[0] != key:
             if torch.compiler.is_compiling():

@@ -220,6 +220,7 @@ def _groupable(
         and cross_batch is None
         and cache.local_length == 0
         and config.mem_top_k is None
+        and plan.mem_retrieval == "dense"  # groups write their memory first; retrieval reads it window by window
         and not config.mem_offload
         and all(layer.memory is None or layer.memory.all_valid() for layer in cache.layers)
         and config.mem_dtype != "int8"  # int8 memory is read piece by piece, not by the group kernels
