@@ -169,6 +169,18 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             _ = self.plan
         return out
 
+    def shard_memory(self, group=None) -> ExecutionPlan:
+        """Split every memory layer's memory over the processes of a torch.distributed `group` (None: the default
+        group): each process stores every N-th append and memory attention is merged across them by log-sum-exp, so N
+        processes hold N times the memory (sharding.py). Every process must run the same calls on the same inputs
+        (torchrun). Memory is then read densely (no mem_top_k, mem_retrieval 'dense'). Returns the plan."""
+        from longllama.sharding import MemoryShard, check_readable
+
+        check_readable(self.config)
+        self._plan_changes = {**self._plan_changes, "memory_shard": MemoryShard.of(group)}
+        self._plan = None
+        return self.plan
+
     def set_plan(self, **changes) -> ExecutionPlan:
         """Change execution choices (ExecutionPlan fields, e.g. memory_kernel="cudnn", window_group_tokens=4096):
         validated now (a one-line error names a bad field or value), kept for later devices too. Returns the plan."""
@@ -356,6 +368,10 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
     def plan(self) -> ExecutionPlan:
         """How the model runs on its device (LongLlamaModel.plan)."""
         return self.model.plan
+
+    def shard_memory(self, group=None) -> ExecutionPlan:
+        """Split the memory over the processes of `group` (LongLlamaModel.shard_memory)."""
+        return self.model.shard_memory(group)
 
     def set_plan(self, **changes) -> ExecutionPlan:
         """Change execution choices (LongLlamaModel.set_plan)."""

@@ -102,6 +102,7 @@ class MemoryCache:
         self._drop_summaries()
         self._block_size: int | None = None  # blocks summarised at append (track_blocks), None: only when read
         self._summary_device: torch.device | None = None  # where tracked summaries live (None: with the keys)
+        self.appends = 0  # append events offered to a sharded memory (each process keeps its turns, sharding.py)
         self.read_bytes = 0  # bytes of keys and values gathered by block retrieval (retrieval.py), for tests
 
     def _allocate(self, capacity: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

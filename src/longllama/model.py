@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from longllama import attention, retrieval
+from longllama import attention, retrieval, sharding
 from longllama.attention import FEW_QUERIES
 from longllama.cache import LayerState, LongLlamaCache
 from longllama.config import LongLlamaConfig
@@ -153,6 +153,8 @@ class Attention(nn.Module):
     def _append_memory(self, state: LayerState, k, v, valid, plan: ExecutionPlan) -> None:
         if state.memory is None:
             state.memory = self.new_memory(k.shape[0], k.device, plan)
+        if plan.memory_shard is not None and not plan.memory_shard.takes(state.memory):
+            return  # another process of the group stores this part of the memory
         state.memory.append(k, v, valid)
 
     def forward(
@@ -217,19 +219,24 @@ class Attention(nn.Module):
         retrieve = plan.mem_retrieval == "blocks" and retrieval.reads_blocks(
             memory, plan.mem_blocks, plan.mem_block_size
         )
-        if retrieve and output_attentions:
+        # Memory split over processes (sharding.py): every process joins each memory layer's merge, memory or not.
+        shard = plan.memory_shard if mem_layer and window.cross_batch is None else None
+        if (retrieve or shard is not None) and output_attentions:
             raise InputError(
-                "output_attentions with mem_retrieval='blocks': each query reads other memory keys, so there is no "
-                "one probability matrix; load the model with mem_retrieval='dense' to see attention probabilities"
+                "output_attentions with mem_retrieval='blocks' or a sharded memory: no process holds one probability "
+                "matrix over the whole memory; use a dense, unsharded memory to see attention probabilities"
             )
         share = 1  # query rows per stored memory row (beams sharing their prompt's memory, memory.py)
         scales = None  # an int8 memory's (key, value) scales
-        if memory is not None and memory.length and not retrieve:
+        if memory is not None and memory.length and not retrieve and shard is None:
             mem_k, mem_v, padded, mem_valid, scales = read_memory(memory, q.device)
             share = memory.share
         grouping = self.config.mem_attention_grouping if mem_layer else None
         top_k = self.config.mem_top_k if memory is not None else None  # never in cross-batch training
-        if retrieve:
+        if shard is not None:
+            sharding.check_readable(self.config)
+            out, probs = sharding.attend(q_rot, k_rot, v, visible=visible, memory=memory, shard=shard), None
+        elif retrieve:
             block = plan.mem_block_size
             out = retrieval.attend(
                 q_rot, k_rot, v, visible=visible, memory=memory, blocks=plan.mem_blocks, block_size=block
@@ -307,6 +314,7 @@ class Attention(nn.Module):
             and not (
                 plan.mem_retrieval == "blocks" and retrieval.reads_blocks(memory, plan.mem_blocks, plan.mem_block_size)
             )
+            and plan.memory_shard is None
         )
 
     def _ingest(
