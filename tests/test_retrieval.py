@@ -204,6 +204,32 @@ def test_cli_flags_reach_the_record(tmp_path):
     assert main([*argv, "--mem-retrieval", "blocks", "--mem-top-k", "8"]) == 2  # one-line error, usage status
 
 
+def test_benchmark_script_runs_tiny(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "retrieval.json"
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_retrieval.py"), "--tiny", "--device", "cpu"]
+        + ["--sections", "3b,passkey", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = json.loads(out.read_text())
+    kinds = {(r["benchmark"], r.get("mem_retrieval"), r.get("mem_top_k")) for r in records}
+    assert {("ingest", "blocks", None), ("ingest", "dense", None), ("decode", "blocks", None)} <= kinds
+    assert {("passkey", "blocks", None), ("passkey", "dense", None), ("passkey", "dense", 128)} <= kinds
+    control = [r for r in records if r.get("mem_mode") == "no-memory"]
+    assert control and all(r["accuracy"] == 0 for r in control)
+
+
 def test_passkey_at_32k_with_16_blocks_on_the_shipped_model():
     """kNN-like retrieval: the shipped model finds the pass key in a 32k-token prompt reading 16 blocks of 64 keys
     (1024 of up to 32k memory keys) per query group."""
