@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from longllama import LongLlamaForCausalLM
+from longllama import LongLlamaForCausalLM, retrieval
 from longllama.config import preset
 from longllama.errors import InputError
 
@@ -52,6 +52,15 @@ def _run(model: LongLlamaForCausalLM) -> dict:
     }
 
 
+def _run_blocks(model: LongLlamaForCausalLM) -> dict:
+    """Inputs whose memory appends are all one window (64 tokens): block b of 4 keys is in append b // 16."""
+    ids = torch.randint(1, 320, (2, 24 + 64 * 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids[:, : 24 + 64 * 6], max_new_tokens=60, do_sample=False)
+    return {"logits": logits, "tokens": tokens}
+
+
 def _worker(rank: int, world: int, folder: str, overrides: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
@@ -59,7 +68,7 @@ def _worker(rank: int, world: int, folder: str, overrides: dict) -> None:
         model = _model(**overrides)
         plan = model.shard_memory()
         assert plan.to_dict()["memory_shards"] == world
-        torch.save(_run(model), f"{folder}/rank{rank}.pt")
+        torch.save((_run_blocks if overrides else _run)(model), f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -87,8 +96,38 @@ def test_sharded_memory_equals_one_process(tmp_path: Path, single: dict, world: 
         assert max(held) <= single["memory"][layer] // world + 64
 
 
-def test_sharding_needs_distributed_and_dense_reading():
+def test_sharded_block_retrieval_reads_each_process_best_blocks(tmp_path: Path, monkeypatch):
+    """With block retrieval each process reads the best blocks of its own slice. Reference: one process whose
+    choice is the union, over the processes' slices, of each slice's best blocks (the slices known from the
+    round-robin rule), read in one softmax."""
+    world, overrides = 2, dict(mem_retrieval="blocks", mem_blocks=2, mem_block_size=4)
+    mp.spawn(_worker, args=(world, str(tmp_path), overrides), nprocs=world, join=True)
+    original = retrieval.select_blocks
+
+    def per_slice(qg, kmax, kmin, any_valid, blocks, real):
+        owner = (torch.arange(kmax.shape[2]) * 4 // 64) % world  # block -> append -> process
+        chosen = []
+        for rank in range(world):
+            mine = torch.nonzero(owner == rank).flatten()
+            if len(mine):
+                picked = original(qg, kmax[:, :, mine], kmin[:, :, mine], any_valid[:, mine], blocks, real)
+                chosen.append(mine[picked])
+        return torch.cat(chosen, dim=-1).sort(dim=-1).values
+
+    monkeypatch.setattr(retrieval, "select_blocks", per_slice)
+    torch.set_num_threads(1)
+    reference = _run_blocks(_model(**overrides))
+    monkeypatch.undo()
+    plain = _run_blocks(_model(**overrides))
+    assert (plain["logits"] - reference["logits"]).abs().max() > 1e-4  # the union differs from one global choice
+    for rank in range(world):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(result["logits"], reference["logits"], atol=2e-5, rtol=1e-5)
+        assert torch.equal(result["tokens"], reference["tokens"])
+
+
+def test_sharding_needs_distributed_and_no_knn():
     with pytest.raises(InputError, match="torchrun"):
         _model().shard_memory()
-    with pytest.raises(InputError, match="read densely"):
+    with pytest.raises(InputError, match="no kNN memory"):
         _model(mem_top_k=4).shard_memory()

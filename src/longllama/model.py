@@ -216,9 +216,8 @@ class Attention(nn.Module):
                 mem_k, mem_v, mem_valid = window.cross_batch.memory(k, v)
         plan = window.plan
         # Block retrieval (retrieval.py) where it reads less than the whole memory: the memory is read in place.
-        retrieve = plan.mem_retrieval == "blocks" and retrieval.reads_blocks(
-            memory, plan.mem_blocks, plan.mem_block_size
-        )
+        blocks_read = retrieval.reads_blocks(memory, plan.mem_blocks, plan.mem_block_size)
+        retrieve = plan.mem_retrieval == "blocks" and plan.memory_shard is None and blocks_read
         # Memory split over processes (sharding.py): every process joins each memory layer's merge, memory or not.
         shard = plan.memory_shard if mem_layer and window.cross_batch is None else None
         if (retrieve or shard is not None) and output_attentions:
@@ -235,7 +234,9 @@ class Attention(nn.Module):
         top_k = self.config.mem_top_k if memory is not None else None  # never in cross-batch training
         if shard is not None:
             sharding.check_readable(self.config)
-            out, probs = sharding.attend(q_rot, k_rot, v, visible=visible, memory=memory, shard=shard), None
+            blocks = (plan.mem_blocks, plan.mem_block_size) if plan.mem_retrieval == "blocks" else None
+            out = sharding.attend(q_rot, k_rot, v, visible=visible, memory=memory, shard=shard, blocks=blocks)
+            probs = None
         elif retrieve:
             block = plan.mem_block_size
             out = retrieval.attend(

@@ -22,6 +22,7 @@ in CPU memory (`mem_offload`) the union of the selected blocks is copied to the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +151,45 @@ def _gather_tokens(memory: MemoryCache, tokens: torch.Tensor):
     return k, v, valid, scales
 
 
+@dataclass
+class BlockRead:
+    """The memory part of one call under block retrieval: scores of every query over its group's gathered keys
+    (b*s, h, n, K), and what `weighted` needs to apply probabilities over them to the gathered values."""
+
+    scores: torch.Tensor
+    values: torch.Tensor  # (b, hkv, groups, K, d)
+    heads: int
+    length: int  # queries per stored row (share x n)
+    group: int
+    share: int
+
+    def weighted(self, p: torch.Tensor) -> torch.Tensor:
+        """Probabilities (b*s, h, n, K) times the gathered values: (b*s, h, n, d), in p's dtype."""
+        pm = _grouped(fold_rows(p, self.share), self.values.shape[1], self.group)  # (b, hkv, groups, rows, K)
+        out = pm.to(self.values.dtype) @ self.values
+        return unfold_rows(_ungrouped(out, self.heads, self.length, self.group), self.share).to(p.dtype)
+
+
+def read_blocks(q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int, group: int = QUERY_GROUP):
+    """Choose and gather the blocks of every query group of q (b*s, h, n, d) and score them (BlockRead)."""
+    share, hkv = memory.share, memory.kv_heads
+    c_min = clamp_value(q.dtype)
+    d, heads = q.shape[-1], q.shape[1]
+    qf = fold_rows(q, share)  # (b, h, T, d)
+    length = qf.shape[2]
+    qg = _grouped(qf, hkv, group)  # (b, hkv, groups, rows, d)
+    groups = qg.shape[2]
+    t_index = torch.arange(groups, device=q.device)[:, None] * group + torch.arange(group, device=q.device)
+    real = (t_index < length).repeat(1, heads // hkv)  # (groups, rows): rows are (head, position) pairs
+    kmax, kmin, any_valid = memory.summaries(block_size, q.device)
+    chosen = select_blocks(qg, kmax, kmin, any_valid, blocks, real)
+    mk, mv, mvalid = gather_blocks(memory, chosen, block_size, q.device, q.dtype)
+    scores = (qg @ mk.transpose(-1, -2)) / math.sqrt(d)  # (b, hkv, groups, rows, K)
+    scores = scores.masked_fill(~mvalid[:, :, :, None, :], c_min).clamp_min(c_min)
+    scores = unfold_rows(_ungrouped(scores, heads, length, group), share)  # (b*s, h, n, K)
+    return BlockRead(scores=scores, values=mv, heads=heads, length=length, group=group, share=share)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -164,29 +204,11 @@ def attend(
     """One softmax over the local keys and the memory keys of the best `blocks` blocks of each query group (module
     docstring). q (b*s, h, n, d) rotated queries; k, v (b*s, h_kv, kv, d) local keys (rotated) and values; visible
     (b*s|1, 1, n, kv) or None; `memory` the layer's non-empty memory (s = memory.share). Returns (b*s, h, n, d)."""
-    share, hkv = memory.share, memory.kv_heads
-    c_min = clamp_value(q.dtype)
-    d, heads, n = q.shape[-1], q.shape[1], q.shape[2]
-    qf = fold_rows(q, share)  # (b, h, T, d)
-    length = qf.shape[2]
-    qg = _grouped(qf, hkv, group)  # (b, hkv, groups, rows, d)
-    groups = qg.shape[2]
-    t_index = torch.arange(groups, device=q.device)[:, None] * group + torch.arange(group, device=q.device)
-    real = (t_index < length).repeat(1, heads // hkv)  # (groups, rows): rows are (head, position) pairs
-    kmax, kmin, any_valid = memory.summaries(block_size, q.device)
-    chosen = select_blocks(qg, kmax, kmin, any_valid, blocks, real)
-    mk, mv, mvalid = gather_blocks(memory, chosen, block_size, q.device, q.dtype)
-    mem_scores = (qg @ mk.transpose(-1, -2)) / math.sqrt(d)  # (b, hkv, groups, rows, K)
-    mem_scores = mem_scores.masked_fill(~mvalid[:, :, :, None, :], c_min).clamp_min(c_min)
-    mem_scores = unfold_rows(_ungrouped(mem_scores, heads, length, group), share)  # (b*s, h, n, K)
-    local = _scores(q, k, visible, c_min)
-    probs = torch.softmax(torch.cat([local, mem_scores], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
+    read = read_blocks(q, memory, blocks, block_size, group)
+    local = _scores(q, k, visible, clamp_value(q.dtype))
+    probs = torch.softmax(torch.cat([local, read.scores], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
     kv = k.shape[2]
-    out = _weighted(probs[..., :kv], v)
-    pm = _grouped(fold_rows(probs[..., kv:], share), hkv, group)  # (b, hkv, groups, rows, K)
-    mem_out = unfold_rows(_ungrouped(pm @ mv, heads, length, group), share)
-    assert mem_out.shape[2] == n
-    return out + mem_out
+    return _weighted(probs[..., :kv], v) + read.weighted(probs[..., kv:])
 
 
 def reads_blocks(memory: MemoryCache | None, blocks: int, block_size: int) -> bool:

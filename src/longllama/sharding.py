@@ -16,7 +16,8 @@ to a single process within fp32 rounding; tested with 2 and 4 gloo processes). E
 output, so the layers above agree everywhere and generation picks the same tokens on every process.
 
 The API is `model.shard_memory(group)` (hf.py), recorded in the execution plan (`memory_shard`, `memory_shards` in
-records). Memory is read densely within each slice: kNN memory and block retrieval are refused with sharding.
+records). With block retrieval (mem_retrieval="blocks") each process reads the best blocks of its own slice, so N
+processes read up to N times mem_blocks blocks per query group, merged the same way; kNN memory is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from longllama import retrieval
 from longllama.attention import _memory_scores, _memory_weighted, _scores, clamp_value
 from longllama.errors import InputError
 from longllama.memory import MemoryCache
@@ -59,11 +61,11 @@ class MemoryShard:
 
 
 def check_readable(config) -> None:
-    """A one-line error when the config reads the memory in a way sharding cannot merge exactly."""
-    if config.mem_top_k is not None or config.mem_retrieval != "dense":
+    """A one-line error when the config reads the memory in a way sharding cannot merge."""
+    if config.mem_top_k is not None:
         raise InputError(
-            "sharded memory is read densely: set mem_top_k to null and mem_retrieval to 'dense' before "
-            "model.shard_memory(...) (each process's top keys are not the top keys of the whole memory)"
+            "sharded memory takes no kNN memory (each process's top keys are not the top keys of the whole "
+            "memory): set mem_top_k to null, or use mem_retrieval='blocks' (each process reads its best blocks)"
         )
 
 
@@ -75,15 +77,22 @@ def attend(
     visible: torch.Tensor | None,
     memory: MemoryCache | None,
     shard: MemoryShard,
+    blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """One softmax over the local keys (the same on every process) and the memory of all processes (each holding its
     slice, maybe none yet), merged by log-sum-exp. Shapes as attention.attend; every process of the group must call
-    it for the same layer with the same q, k, v."""
+    it for the same layer with the same q, k, v. `blocks` (mem_blocks, mem_block_size): each process reads only the
+    best blocks of its own slice (retrieval.py), where its slice is larger than that."""
     c_min = clamp_value(q.dtype)
     local = _scores(q, k, visible, c_min).float()  # (b*s, h, n, kv)
     has_memory = memory is not None and memory.length > 0
     mem_scores = None
-    if has_memory:
+    block_read = None
+    if has_memory and blocks is not None and retrieval.reads_blocks(memory, *blocks):
+        block_read = retrieval.read_blocks(q, memory, *blocks)
+        mem_scores = block_read.scores.float()
+        peak = mem_scores.amax(dim=-1)
+    elif has_memory:
         from longllama.model import read_memory  # model imports this module
 
         mem_k, mem_v, _, valid, scales = read_memory(memory, q.device)
@@ -100,7 +109,12 @@ def attend(
     partial = torch.zeros(*local.shape[:-1], d + 1, device=q.device)  # memory's weighted values and sum of weights
     if has_memory:
         p_mem = torch.exp(mem_scores - peak)
-        partial[..., :d] = _memory_weighted(p_mem, mem_v.float() if v_scale is None else mem_v, memory.share, v_scale)
+        if block_read is not None:
+            partial[..., :d] = block_read.weighted(p_mem)
+        else:
+            partial[..., :d] = _memory_weighted(
+                p_mem, mem_v.float() if v_scale is None else mem_v, memory.share, v_scale
+            )
         partial[..., d] = p_mem.sum(dim=-1)
     dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=shard.group)
     b, h, n, kv = p_local.shape
