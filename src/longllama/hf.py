@@ -173,7 +173,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         """Split every memory layer's memory over the processes of a torch.distributed `group` (None: the default
         group): each process stores every N-th append and memory attention is merged across them by log-sum-exp, so N
         processes hold N times the memory (sharding.py). Every process must run the same calls on the same inputs
-        (torchrun). Memory is then read densely (no mem_top_k, mem_retrieval 'dense'). Returns the plan."""
+        (torchrun). With mem_retrieval 'blocks' each process reads its own slice's best blocks; mem_top_k is refused.
+        Returns the plan."""
         from longllama.sharding import MemoryShard, check_readable
 
         check_readable(self.config)
