@@ -177,6 +177,7 @@ def read_blocks(q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: i
     d, heads = q.shape[-1], q.shape[1]
     qf = fold_rows(q, share)  # (b, h, T, d)
     length = qf.shape[2]
+    group = min(group, length)  # one group either way; no padding rows to score (a decoding step: 1)
     qg = _grouped(qf, hkv, group)  # (b, hkv, groups, rows, d)
     groups = qg.shape[2]
     t_index = torch.arange(groups, device=q.device)[:, None] * group + torch.arange(group, device=q.device)
