@@ -5,9 +5,9 @@ measurements so the command ends in time, and whatever was not started is record
   summaries  the shipped model (src/longllama/models/small): how well each block summary ranks blocks, at
              --summary-tokens: NLL of the last --ppl-target tokens of held-out text after that much context, and
              pass-key trials, with dense memory attention, with blocks ranked by the max/min bound (what
-             mem_retrieval="blocks" does) and blocks ranked by their mean key, at budgets of 1, 4 and 16 blocks.
+             mem_retrieval="blocks" does) and blocks ranked by their mean key, at budgets of 1, 4, 16 and 64 blocks.
   passkey    the shipped model: pass-key retrieval at each of --lengths (1M and 4M; 10M with --lengths) with
-             blocks (--blocks, 16), dense and kNN (mem_top_k 128) memory and the no-memory control; each mode's
+             blocks (--blocks, 64), dense and kNN (mem_top_k 128) memory and the no-memory control; each mode's
              trials (--trials for blocks, fewer for the slow modes: --slow-trials) on seeds from --seed, seconds
              per trial. Lengths run shortest first; a trial starts only if its estimate (the mode's slowest trial so
              far, scaled to the length) fits in the time left.
@@ -118,7 +118,7 @@ def section_summaries(args, records: Records, clock: Clock) -> None:
         for d in documents
     ]
     n_garbage = passkey.n_garbage_for_tokens(tokenizer, args.summary_tokens, seed=args.seed)
-    variants = [("dense", None)] + [(s, b) for s in ("bound", "mean") for b in (1, 4, 16)]
+    variants = [("dense", None)] + [(s, b) for s in ("bound", "mean") for b in (1, 4, 16, 64)]
     original = MemoryCache.summaries
     for variant in variants:
         summary, blocks = variant[0], variant[1]
@@ -284,7 +284,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="the shipped model's dtype (default: bfloat16; float32 --tiny)")
     ap.add_argument("--deadline", type=float, default=420, help="seconds after which nothing new starts")
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1 << 20, 1 << 22])
-    ap.add_argument("--blocks", type=int, default=16)
+    ap.add_argument("--blocks", type=int, default=64)
     ap.add_argument("--trials", type=int, default=4, help="pass-key trials with blocks")
     ap.add_argument("--slow-trials", type=int, default=1, help="pass-key trials with dense and kNN memory")
     ap.add_argument("--seed", type=int, default=100, help="first pass-key seed (new seeds: earlier runs used 0-19)")

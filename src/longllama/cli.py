@@ -773,7 +773,7 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         metavar="N",
         help="with --mem-retrieval blocks: memory blocks (of mem_block_size keys, 64 by default) read per group "
-        "of queries (default: the checkpoint's mem_blocks, 16)",
+        "of queries (default: the checkpoint's mem_blocks, 64)",
     )
 
 

@@ -104,7 +104,7 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_offload: bool = False
     mem_top_k: int | None = None
     mem_retrieval: str = "dense"
-    mem_blocks: int = 16
+    mem_blocks: int = 64
     mem_block_size: int = 64
     compile_elementwise: Any = "auto"
     gradient_checkpoint_every_ith: int = 1

@@ -107,7 +107,7 @@ class ExecutionPlan:
     autotune: bool = False
     weights: str = "dense"
     mem_retrieval: str = "dense"
-    mem_blocks: int = 16
+    mem_blocks: int = 64
     mem_block_size: int = 64
     memory_shard: Any = field(default=None, compare=False, repr=False)
     failures: Failures = field(default_factory=Failures, compare=False, repr=False)
@@ -247,7 +247,7 @@ def build_plan(config, device: torch.device | str, **overrides: Any) -> Executio
         compile=setting is True or (setting == "auto" and device.type == "cuda"),
         weights="dense" if quantization == "none" else quantization,
         mem_retrieval=getattr(config, "mem_retrieval", "dense"),
-        mem_blocks=getattr(config, "mem_blocks", 16),
+        mem_blocks=getattr(config, "mem_blocks", 64),
         mem_block_size=getattr(config, "mem_block_size", 64),
     )
     if device.type == "cuda":
