@@ -249,3 +249,21 @@ def test_passkey_at_32k_with_16_blocks_on_the_shipped_model():
             results.append(task.score_passkey(model, tokenizer, prompt, key, last_context_length=256)["correct"])
     assert results == [True, True, True]
     assert json.dumps(model.plan.to_dict())  # recordable
+
+
+def test_batch_decoder_rows_read_blocks_as_alone():
+    """The batch decoder (longllama serve) gives each row what block retrieval gives it alone."""
+    from conftest import sharp_tiny
+    from test_batch import _check_rows, _memory_of
+
+    model = sharp_tiny(mem_retrieval="blocks", mem_blocks=2, mem_block_size=4)
+    g = torch.Generator().manual_seed(1)
+    doc_a = torch.randint(3, 320, (200,), generator=g).tolist()
+    doc_b = torch.randint(3, 320, (330,), generator=g).tolist()
+    mem_a, mem_b = _memory_of(model, doc_a), _memory_of(model, doc_b)
+    requests = [
+        (torch.randint(3, 320, (5,), generator=g).tolist(), mem_a, 70),  # past a 64-token window
+        (torch.randint(3, 320, (17,), generator=g).tolist(), mem_b, 30),
+        (torch.randint(3, 320, (150,), generator=g).tolist(), None, 20),
+    ]
+    _check_rows(model, requests, steps_between=2)

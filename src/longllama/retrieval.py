@@ -170,7 +170,9 @@ class BlockRead:
         return unfold_rows(_ungrouped(out, self.heads, self.length, self.group), self.share).to(p.dtype)
 
 
-def read_blocks(q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int, group: int = QUERY_GROUP):
+def read_blocks(
+    q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int, group: int = QUERY_GROUP
+) -> BlockRead:
     """Choose and gather the blocks of every query group of q (b*s, h, n, d) and score them (BlockRead)."""
     share, hkv = memory.share, memory.kv_heads
     c_min = clamp_value(q.dtype)
