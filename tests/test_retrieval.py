@@ -149,6 +149,8 @@ def test_model_reads_fewer_blocks_and_generates():
         torch.testing.assert_close(out[:, :64], ref[:, :64], atol=1e-5, rtol=1e-5)
         assert (out - ref).abs().max() > 1e-3
         tokens = blocks.generate(ids[:, :250], max_new_tokens=50, do_sample=False)  # overflows into memory
+        static = blocks.generate(ids[:, :250], max_new_tokens=50, do_sample=False, decoder="static")
+        assert torch.equal(static, tokens)  # the static decoder hands block retrieval to the general path
         beams = blocks.generate(ids[:1, :250], max_new_tokens=8, num_beams=3, do_sample=False)
     assert tokens.shape == (2, 300) and beams.shape == (1, 258)
     with pytest.raises(InputError, match="output_attentions"):
@@ -202,6 +204,11 @@ def test_cli_flags_reach_the_record(tmp_path):
     plan = json.loads(out.read_text())["settings"]["plan"]
     assert (plan["mem_retrieval"], plan["mem_blocks"], plan["mem_block_size"]) == ("blocks", 2, 64)
     assert main([*argv, "--mem-retrieval", "blocks", "--mem-top-k", "8"]) == 2  # one-line error, usage status
+    from longllama.cli import build_parser
+
+    for task in (["ruler"], ["lm-eval", "--tasks", "x"]):  # eval tasks take the load options
+        args = build_parser().parse_args(["eval", *task, "--mem-retrieval", "blocks", "--mem-blocks", "8"])
+        assert (args.mem_retrieval, args.mem_blocks) == ("blocks", 8)
 
 
 def test_benchmark_script_runs_tiny(tmp_path):
