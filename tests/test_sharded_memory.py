@@ -61,14 +61,14 @@ def _run_blocks(model: LongLlamaForCausalLM) -> dict:
     return {"logits": logits, "tokens": tokens}
 
 
-def _worker(rank: int, world: int, folder: str, overrides: dict) -> None:
+def _worker(rank: int, world: int, folder: str, overrides: dict, runner: str = "_run") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     try:
         model = _model(**overrides)
         plan = model.shard_memory()
         assert plan.to_dict()["memory_shards"] == world
-        torch.save((_run_blocks if overrides else _run)(model), f"{folder}/rank{rank}.pt")
+        torch.save(globals()[runner](model), f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -96,12 +96,23 @@ def test_sharded_memory_equals_one_process(tmp_path: Path, single: dict, world: 
         assert max(held) <= single["memory"][layer] // world + 64
 
 
+def test_sharded_int8_memory_with_grouped_query_attention_equals_one_process(tmp_path: Path):
+    overrides = dict(mem_dtype="int8", num_key_value_heads=2)
+    mp.spawn(_worker, args=(2, str(tmp_path), overrides), nprocs=2, join=True)
+    torch.set_num_threads(1)
+    want = _run(_model(**overrides))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["logits"], want["logits"], atol=2e-5, rtol=1e-5)
+        assert torch.equal(got["tokens"], want["tokens"]) and torch.equal(got["beams"], want["beams"])
+
+
 def test_sharded_block_retrieval_reads_each_process_best_blocks(tmp_path: Path, monkeypatch):
     """With block retrieval each process reads the best blocks of its own slice. Reference: one process whose
     choice is the union, over the processes' slices, of each slice's best blocks (the slices known from the
     round-robin rule), read in one softmax."""
     world, overrides = 2, dict(mem_retrieval="blocks", mem_blocks=2, mem_block_size=4)
-    mp.spawn(_worker, args=(world, str(tmp_path), overrides), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path), overrides, "_run_blocks"), nprocs=world, join=True)
     original = retrieval.select_blocks
 
     def per_slice(qg, kmax, kmin, any_valid, blocks, real):
