@@ -33,8 +33,9 @@ EXIT_USAGE = 2  # argparse's status for usage errors; user errors share it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = ("none", "int8", "int4")  # --quantize: weight-only quantization of the linear layers (quantize.py)
 MEM_DTYPE_CHOICES = ("float32", "bfloat16", "float16", "int8")  # --mem-dtype: how memory layers store keys/values
-# --quantize / --mem-dtype of the running command: main sets them around the command, load_model reads them, so
-# every command that loads a model (and every eval task) takes them without passing them through each signature.
+# --quantize / --mem-dtype / --mem-retrieval / --mem-blocks of the running command: main sets them around the command,
+# load_model reads them, so every command that loads a model (and every eval task) takes them without passing them
+# through each signature.
 _LOAD_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("load_options", default=None)
 PASSKEY_LENGTHS = (4096, 16384)  # prompt tokens of `passkey` without --lengths
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder gives for the bytes of a character not complete yet
@@ -391,6 +392,11 @@ def load_model(
     mem_dtype = mem_dtype if mem_dtype is not None else options.get("mem_dtype")
     if mem_dtype is not None:
         overrides["mem_dtype"] = mem_dtype
+    for key in ("mem_retrieval", "mem_blocks"):  # --mem-retrieval / --mem-blocks of the running command
+        if options.get(key) is not None:
+            overrides[key] = options[key]
+    if overrides.get("mem_retrieval") == "blocks" and "mem_top_k" not in overrides:
+        overrides["mem_top_k"] = None  # the two ways of reading the memory exclude each other; the flag wins
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     adapter = folder if is_adapter_folder(folder) else None
     if adapter is not None:
@@ -742,7 +748,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
-    """--quantize and --mem-dtype: how the model's weights and memory are stored (every model command)."""
+    """--quantize, --mem-dtype, --mem-retrieval and --mem-blocks: how the model's weights and memory are stored and
+    read (every model command)."""
     p.add_argument(
         "--quantize",
         choices=QUANTIZE,
@@ -754,6 +761,19 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
         choices=MEM_DTYPE_CHOICES,
         help="how memory layers store keys and values (int8: 8 bits and a scale per token and head; default: the "
         "checkpoint's mem_dtype)",
+    )
+    p.add_argument(
+        "--mem-retrieval",
+        choices=("dense", "blocks"),
+        help="how memory layers read the memory: dense (every key) or blocks (each group of queries reads only its "
+        "--mem-blocks best blocks of keys; docs/retrieval.md; default: the checkpoint's mem_retrieval)",
+    )
+    p.add_argument(
+        "--mem-blocks",
+        type=_positive_int,
+        metavar="N",
+        help="with --mem-retrieval blocks: memory blocks (of mem_block_size keys, 64 by default) read per group "
+        "of queries (default: the checkpoint's mem_blocks, 64)",
     )
 
 
@@ -1678,7 +1698,9 @@ def main(argv: list[str] | None = None) -> int:
     caches.configure()  # before any library compiles: they read their cache folders then
     args.pop("eval_task", None)
     _quiet_libraries()
-    load_options = {key: args.pop(key) for key in ("quantize", "mem_dtype") if key in args}
+    load_options = {
+        key: args.pop(key) for key in ("quantize", "mem_dtype", "mem_retrieval", "mem_blocks") if key in args
+    }
     token = _LOAD_OPTIONS.set(load_options)
     try:
         return command(**args)

@@ -24,6 +24,10 @@ QUANTIZATIONS = ("none", "int8", "int4")
 # kernels with no per-window copy of the memory; "auto": eager on the CPU, fast on GPUs.
 ATTN_IMPLS = ("auto", "eager", "sdpa", "fast")
 
+# Memory attention: "dense" reads every memory key (the reference); "blocks" ranks fixed blocks of memory keys by a
+# summary (per-dimension max and min) and reads only the best `mem_blocks` of them (retrieval.py).
+MEM_RETRIEVALS = ("dense", "blocks")
+
 # The usable context advertised by configs that do not state one (every checkpoint written before `context_window`
 # existed): the input length the released LongLLaMA checkpoints were shown to handle (256k-token pass keys). Longer
 # inputs are still read; tools such as lm-eval and pipelines truncate to this number.
@@ -62,7 +66,10 @@ class LongLlamaConfig(PreTrainedConfig):
     padding through torch.compile (fused.py): fewer, fused kernels, after a one-time compilation on first use.
     `num_key_value_heads` < `num_attention_heads` gives grouped-query attention; the memory then stores only the
     key/value heads. `quantization` ("none", "int8", "int4") records weight-only quantization of the linear layers
-    (quantize.py; lm_head too when `quantize_lm_head`).
+    (quantize.py; lm_head too when `quantize_lm_head`). `mem_retrieval` ("dense", the default; "blocks", inference
+    only) picks how memory layers read the memory: "blocks" groups the memory keys in blocks of `mem_block_size`
+    keys, ranks them by an upper bound of q.k from each block's per-dimension max and min key, and attends exactly
+    to the best `mem_blocks` blocks of each group of queries (retrieval.py, docs/retrieval.md).
     """
 
     model_type = "longllama"
@@ -96,6 +103,9 @@ class LongLlamaConfig(PreTrainedConfig):
     attn_impl: str = "auto"
     mem_offload: bool = False
     mem_top_k: int | None = None
+    mem_retrieval: str = "dense"
+    mem_blocks: int = 64
+    mem_block_size: int = 64
     compile_elementwise: Any = "auto"
     gradient_checkpoint_every_ith: int = 1
     quantization: str = "none"
@@ -182,6 +192,19 @@ class LongLlamaConfig(PreTrainedConfig):
         top_k = self.mem_top_k
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
             raise ConfigError(f"mem_top_k={top_k!r} must be a positive integer (memory keys per query) or null")
+        if self.mem_retrieval not in MEM_RETRIEVALS:
+            raise ConfigError(
+                f"mem_retrieval={self.mem_retrieval!r} is not supported: use one of {', '.join(MEM_RETRIEVALS)}"
+            )
+        for name in ("mem_blocks", "mem_block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.mem_retrieval == "blocks" and top_k is not None:
+            raise ConfigError(
+                "mem_retrieval='blocks' and mem_top_k are two ways to read the memory: set mem_top_k to null "
+                "(or mem_retrieval to 'dense')"
+            )
         if self.attn_impl not in ATTN_IMPLS:
             raise ConfigError(f"attn_impl={self.attn_impl!r} is not supported: use one of {', '.join(ATTN_IMPLS)}")
         if self.quantization not in QUANTIZATIONS:

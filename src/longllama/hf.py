@@ -150,6 +150,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             config.torch_attention,
             config.compile_elementwise,
             config.quantization,
+            config.mem_retrieval,
+            config.mem_blocks,
+            config.mem_block_size,
         )
         if self._plan is None or self._plan[0] != key:
             if torch.compiler.is_compiling():
@@ -165,6 +168,19 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         if hasattr(self, "_plan_changes"):  # moved (to(), cuda(), ...): plan for the new device before any trace
             _ = self.plan
         return out
+
+    def shard_memory(self, group=None) -> ExecutionPlan:
+        """Split every memory layer's memory over the processes of a torch.distributed `group` (None: the default
+        group): each process stores every N-th append and memory attention is merged across them by log-sum-exp, so N
+        processes hold N times the memory (sharding.py). Every process must run the same calls on the same inputs
+        (torchrun). With mem_retrieval 'blocks' each process reads its own slice's best blocks; mem_top_k is refused.
+        Returns the plan."""
+        from longllama.sharding import MemoryShard, check_readable
+
+        check_readable(self.config)
+        self._plan_changes = {**self._plan_changes, "memory_shard": MemoryShard.of(group)}
+        self._plan = None
+        return self.plan
 
     def set_plan(self, **changes) -> ExecutionPlan:
         """Change execution choices (ExecutionPlan fields, e.g. memory_kernel="cudnn", window_group_tokens=4096):
@@ -353,6 +369,10 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel):
     def plan(self) -> ExecutionPlan:
         """How the model runs on its device (LongLlamaModel.plan)."""
         return self.model.plan
+
+    def shard_memory(self, group=None) -> ExecutionPlan:
+        """Split the memory over the processes of `group` (LongLlamaModel.shard_memory)."""
+        return self.model.shard_memory(group)
 
     def set_plan(self, **changes) -> ExecutionPlan:
         """Change execution choices (LongLlamaModel.set_plan)."""

@@ -29,6 +29,13 @@ logical rows of one stored row into its query dimension (attention.fold_rows). R
 prompt (`index_select`, as beam search does) touches no memory; an append of per-row entries (a beam's local cache
 overflowing into memory) first materialises one stored row per logical row: a copy of the whole memory, `share`
 times its size, paid once (later appends write in place).
+
+Block summaries (retrieval memory, retrieval.py): with `track_blocks(block_size)`, every append also summarises the
+blocks of `block_size` keys it completes: per (row, head, block) the per-dimension max and min of the block's valid
+keys (fp32, dequantized for int8), from which q.k of any key of the block is bounded above. Complete blocks never
+change, so their summaries are computed once; the last, incomplete block is summarised when read. Summaries may
+live on another device than the keys (`summaries(..., device=)`: on the GPU for a memory offloaded to CPU memory).
+Forks copy them with the keys (copy on write); operations that change rows drop them (computed again when read).
 """
 
 from __future__ import annotations
@@ -92,6 +99,11 @@ class MemoryCache:
         self._k, self._v, self._valid = self._allocate(capacity, torch.device(device) if device else None)
         self._written = [0]  # entries written into this buffer by any fork; shared between forks
         self.copies = 0  # how many times the buffer was re-allocated (tests check growth is amortised)
+        self._drop_summaries()
+        self._block_size: int | None = None  # blocks summarised at append (track_blocks), None: only when read
+        self._summary_device: torch.device | None = None  # where tracked summaries live (None: with the keys)
+        self.appends = 0  # append events offered to a sharded memory (each process keeps its turns, sharding.py)
+        self.read_bytes = 0  # bytes of keys and values gathered by block retrieval (retrieval.py), for tests
 
     def _allocate(self, capacity: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         make = torch.zeros if self.storage_dim > self.head_dim else torch.empty  # padding columns must be 0
@@ -181,6 +193,8 @@ class MemoryCache:
         self._k, self._v, self._valid = k, v, valid
         self._written = [self.length]
         self.copies += 1
+        if self._smax is not None:  # copy on write: a fork may still write its own blocks into the old summaries
+            self._smax, self._smin, self._sany = (t.clone() for t in (self._smax, self._smin, self._sany))
 
     def _owns_end(self) -> bool:
         return self._written[0] == self.length
@@ -227,6 +241,8 @@ class MemoryCache:
         self._valid[:, self.length : end] = valid
         self.length = end
         self._written[0] = end
+        if self._block_size is not None:
+            self._summarise(self._block_size)
 
     def _append_differentiable(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
         # Training: writes into a shared buffer would break autograd; concatenate functionally instead.
@@ -237,6 +253,7 @@ class MemoryCache:
         self._valid = torch.cat([self.valid, valid.to(torch.bool)], dim=1)
         self.length += keys.shape[2]
         self._written = [self.length]
+        self._drop_summaries()
 
     def clear(self) -> None:
         """Forget every entry and release the buffers (a fork may still be reading them)."""
@@ -244,6 +261,7 @@ class MemoryCache:
         self._k, self._v, self._valid = self._allocate(0, self.device)
         self.has_invalid = False
         self._written = [0]
+        self._drop_summaries()
 
     def expand(self, times: int) -> None:
         """Each logical row becomes `times` consecutive logical rows (beams of one prompt) with no copy: the stored
@@ -280,6 +298,7 @@ class MemoryCache:
         self.batch = self._k.shape[0]
         self.has_invalid = not bool(self._valid.all())
         self._written = [self.length]
+        self._drop_summaries()
 
     def to(self, device: torch.device | str) -> MemoryCache:
         """Move the buffers (pinned CPU memory or another GPU, say); in place, returns self."""
@@ -291,6 +310,93 @@ class MemoryCache:
                 self._ks, self._vs = scales[0].to(device), scales[1].to(device)
             self._written = [self.length]
         return self
+
+    # -- block summaries (retrieval.py) ----------------------------------------------------------------------------
+    def _drop_summaries(self) -> None:
+        self._sbs: int | None = None  # block size of the stored summaries
+        self._smax = self._smin = self._sany = None  # (batch, kv_heads, blocks, head_dim) fp32 x2; (batch, blocks)
+        self._summarised = 0  # complete blocks summarised (this fork's; the buffers may hold more rows)
+
+    def track_blocks(self, block_size: int, device: torch.device | str | None = None) -> None:
+        """Summarise blocks of `block_size` keys as appends complete them, keeping the summaries on `device`
+        (default: the memory's own; see the module docstring)."""
+        self._block_size = block_size
+        self._summary_device = None if device is None else torch.device(device)
+        self._summarise(block_size, device)
+
+    def _block_keys(self, start: int, end: int) -> torch.Tensor:
+        """Stored keys [start, end) as fp32 (dequantized for int8 memory)."""
+        k = self._k[:, :, start:end, : self.head_dim]
+        if self.quantized:
+            return dequantize_rows(k, self._ks[:, :, start:end])
+        return k.float()
+
+    def _reduce_blocks(self, start: int, end: int, block_size: int, device):
+        """Max, min (batch, kv_heads, blocks, head_dim) and any-valid (batch, blocks) of the keys [start, end) in
+        blocks of `block_size` (the last one may be shorter), on `device`."""
+        keys = self._block_keys(start, end)
+        valid = self._valid[:, start:end]
+        n = end - start
+        blocks = -(-n // block_size)
+        pad = blocks * block_size - n
+        if pad:
+            keys = F.pad(keys, (0, 0, 0, pad))
+            valid = F.pad(valid, (0, pad), value=False)
+        b, h, d = self.batch, self.kv_heads, self.head_dim
+        keys = keys.reshape(b, h, blocks, block_size, d)
+        valid = valid.reshape(b, 1, blocks, block_size, 1)
+        kmax = keys.masked_fill(~valid, float("-inf")).amax(dim=3)
+        kmin = keys.masked_fill(~valid, float("inf")).amin(dim=3)
+        anyv = valid[:, 0, :, :, 0].any(dim=-1)
+        # A block with no valid key gets zeros (never chosen: any-valid is False), never an infinity in a product.
+        kmax, kmin = kmax.masked_fill(~anyv[:, None, :, None], 0.0), kmin.masked_fill(~anyv[:, None, :, None], 0.0)
+        return kmax.to(device), kmin.to(device), anyv.to(device)
+
+    def _summarise(self, block_size: int, device=None) -> None:
+        """Extend the stored summaries to every complete block (on `device`: default, where they are)."""
+        if self._sbs != block_size:
+            self._drop_summaries()
+            self._sbs = block_size
+        if device is None:
+            device = self._smax.device if self._smax is not None else (self._summary_device or self.device)
+        elif self._smax is not None and self._smax.device != torch.device(device):
+            self._smax, self._smin, self._sany = (t.to(device) for t in (self._smax, self._smin, self._sany))
+        complete = self.length // block_size
+        done = self._summarised
+        if complete <= done:
+            return
+        kmax, kmin, anyv = self._reduce_blocks(done * block_size, complete * block_size, block_size, device)
+        if self._smax is None or self._smax.shape[2] < complete:  # doubling: O(1) amortised per block
+            rows = max(complete, 2 * (0 if self._smax is None else self._smax.shape[2]), 64)
+            shape = (self.batch, self.kv_heads, rows, self.head_dim)
+            smax, smin = torch.empty(shape, device=device), torch.empty(shape, device=device)
+            sany = torch.zeros(self.batch, rows, dtype=torch.bool, device=device)
+            if self._smax is not None:
+                smax[:, :, :done], smin[:, :, :done], sany[:, :done] = (
+                    self._smax[:, :, :done],
+                    self._smin[:, :, :done],
+                    self._sany[:, :done],
+                )
+            self._smax, self._smin, self._sany = smax, smin, sany
+        self._smax[:, :, done:complete], self._smin[:, :, done:complete] = kmax, kmin
+        self._sany[:, done:complete] = anyv
+        self._summarised = complete
+
+    def summaries(
+        self, block_size: int, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per block of `block_size` keys (the last one possibly shorter): the per-dimension max and min of its
+        valid keys (batch, kv_heads, blocks, head_dim) fp32 and whether it holds any valid key (batch, blocks), on
+        `device` (default: the memory's). Stored rows (shared rows are not repeated)."""
+        device = torch.device(device) if device is not None else self.device
+        self._summarise(block_size, device)
+        complete = self._summarised
+        kmax, kmin, anyv = self._smax[:, :, :complete], self._smin[:, :, :complete], self._sany[:, :complete]
+        if self.length > complete * block_size:
+            tail = self._reduce_blocks(complete * block_size, self.length, block_size, device)
+            kmax, kmin = torch.cat([kmax, tail[0]], dim=2), torch.cat([kmin, tail[1]], dim=2)
+            anyv = torch.cat([anyv, tail[2]], dim=1)
+        return kmax, kmin, anyv
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The live part as named tensors, one row per logical row, as stored: keys/values/valid, and for int8

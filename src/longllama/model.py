@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from longllama import attention
+from longllama import attention, retrieval, sharding
 from longllama.attention import FEW_QUERIES
 from longllama.cache import LayerState, LongLlamaCache
 from longllama.config import LongLlamaConfig
+from longllama.errors import InputError
 from longllama.fast import attention as fast_attention
 from longllama.fast.fused import ops_for
 from longllama.memory import MemoryCache
@@ -136,7 +137,7 @@ class Attention(nn.Module):
     def new_memory(self, batch: int, device: torch.device, plan: ExecutionPlan) -> MemoryCache:
         offload = self.config.mem_offload
         storage = plan.memory_storage_dim(self.head_dim)  # padded for the device's kernels
-        return MemoryCache(
+        memory = MemoryCache(
             batch,
             self.num_kv_heads,
             self.head_dim,
@@ -145,10 +146,15 @@ class Attention(nn.Module):
             storage_dim=storage,
             pin_memory=offload,
         )
+        if plan.mem_retrieval == "blocks":  # summaries where attention runs, also for a memory held in CPU memory
+            memory.track_blocks(plan.mem_block_size, device)
+        return memory
 
     def _append_memory(self, state: LayerState, k, v, valid, plan: ExecutionPlan) -> None:
         if state.memory is None:
             state.memory = self.new_memory(k.shape[0], k.device, plan)
+        if plan.memory_shard is not None and not plan.memory_shard.takes(state.memory):
+            return  # another process of the group stores this part of the memory
         state.memory.append(k, v, valid)
 
     def forward(
@@ -208,15 +214,36 @@ class Attention(nn.Module):
             )
             if not joint:
                 mem_k, mem_v, mem_valid = window.cross_batch.memory(k, v)
+        plan = window.plan
+        # Block retrieval (retrieval.py) where it reads less than the whole memory: the memory is read in place.
+        blocks_read = retrieval.reads_blocks(memory, plan.mem_blocks, plan.mem_block_size)
+        retrieve = plan.mem_retrieval == "blocks" and plan.memory_shard is None and blocks_read
+        # Memory split over processes (sharding.py): every process joins each memory layer's merge, memory or not.
+        shard = plan.memory_shard if mem_layer and window.cross_batch is None else None
+        if (retrieve or shard is not None) and output_attentions:
+            raise InputError(
+                "output_attentions with mem_retrieval='blocks' or a sharded memory: no process holds one probability "
+                "matrix over the whole memory; use a dense, unsharded memory to see attention probabilities"
+            )
         share = 1  # query rows per stored memory row (beams sharing their prompt's memory, memory.py)
         scales = None  # an int8 memory's (key, value) scales
-        if memory is not None and memory.length:
+        if memory is not None and memory.length and not retrieve and shard is None:
             mem_k, mem_v, padded, mem_valid, scales = read_memory(memory, q.device)
             share = memory.share
         grouping = self.config.mem_attention_grouping if mem_layer else None
         top_k = self.config.mem_top_k if memory is not None else None  # never in cross-batch training
-        plan = window.plan
-        if joint:
+        if shard is not None:
+            sharding.check_readable(self.config)
+            blocks = (plan.mem_blocks, plan.mem_block_size) if plan.mem_retrieval == "blocks" else None
+            out = sharding.attend(q_rot, k_rot, v, visible=visible, memory=memory, shard=shard, blocks=blocks)
+            probs = None
+        elif retrieve:
+            block = plan.mem_block_size
+            out = retrieval.attend(
+                q_rot, k_rot, v, visible=visible, memory=memory, blocks=plan.mem_blocks, block_size=block
+            )
+            probs = None
+        elif joint:
             out, probs = fast_attention.joint_attention(q_rot, k_rot, v, window.cross_batch.parts(k, v)), None
         elif plan.attention == "fast" and not output_attentions:
             out, probs = (
@@ -281,8 +308,14 @@ class Attention(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.q_proj.weight.requires_grad):
             return False
         memory = state.memory
+        plan = window.plan
         return not self.is_memory_layer or (
-            self.config.mem_top_k is None and (memory is None or (memory.all_valid() and memory.share == 1))
+            self.config.mem_top_k is None
+            and (memory is None or (memory.all_valid() and memory.share == 1))
+            and not (
+                plan.mem_retrieval == "blocks" and retrieval.reads_blocks(memory, plan.mem_blocks, plan.mem_block_size)
+            )
+            and plan.memory_shard is None
         )
 
     def _ingest(

@@ -22,6 +22,7 @@ from longllama.errors import InputError
 logger = logging.getLogger(__name__)
 
 ATTENTIONS = ("eager", "sdpa", "fast")
+RETRIEVALS = ("dense", "blocks")
 LOCAL_KERNELS = ("auto", "cudnn", "flash")
 WEIGHTS = ("dense", "int8", "int4")
 MEMORY_KERNELS = ("auto", "fa4", "cudnn", "flash")
@@ -79,6 +80,11 @@ class ExecutionPlan:
     weights: "dense" (plain tensors), or "int8" / "int4" (torchao's weight-only tensors, quantize.py): from the
         config's quantization. Quantized weights go through F.linear (torchao's own kernels), never to the
         matrix-vector kernel, which reads plain bf16/fp16 rows (`gemv_rows`).
+    mem_retrieval, mem_blocks, mem_block_size: how memory layers read their memory ("dense": every key; "blocks":
+        the best mem_blocks blocks of mem_block_size keys per group of queries, retrieval.py): from the config's
+        fields of the same names (they change the maths, so they are the config's, recorded here).
+    memory_shard: the process group over which memory layers' memories are split (sharding.py;
+        `model.shard_memory(group)`), None for a memory held whole; recorded as `memory_shards` (its size).
     """
 
     device: str = "cpu"
@@ -100,6 +106,10 @@ class ExecutionPlan:
     interpret_kernels: bool = False
     autotune: bool = False
     weights: str = "dense"
+    mem_retrieval: str = "dense"
+    mem_blocks: int = 64
+    mem_block_size: int = 64
+    memory_shard: Any = field(default=None, compare=False, repr=False)
     failures: Failures = field(default_factory=Failures, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -108,12 +118,21 @@ class ExecutionPlan:
             ("local_kernel", LOCAL_KERNELS),
             ("memory_kernel", MEMORY_KERNELS),
             ("weights", WEIGHTS),
+            ("mem_retrieval", RETRIEVALS),
         ):
             if getattr(self, name) not in allowed:
                 raise InputError(
                     f"plan {name}={getattr(self, name)!r} is not supported: use one of {', '.join(allowed)}"
                 )
-        for name in ("memory_piece", "memory_width", "local_width", "window_group_tokens", "gemv_max_rows"):
+        for name in (
+            "memory_piece",
+            "memory_width",
+            "local_width",
+            "window_group_tokens",
+            "gemv_max_rows",
+            "mem_blocks",
+            "mem_block_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InputError(f"plan {name}={value!r} must be a positive integer")
@@ -150,7 +169,7 @@ class ExecutionPlan:
 
     def replace(self, **changes: Any) -> ExecutionPlan:
         """A new plan with `changes` (field names as above; a one-line error for an unknown one)."""
-        unknown = sorted(set(changes) - set(_FIELDS))
+        unknown = sorted(set(changes) - set(_FIELDS) - {"memory_shard"})
         if unknown:
             raise InputError(f"unknown plan field(s) {', '.join(unknown)}: choose among {', '.join(_FIELDS)}")
         if "fa4_tiles" in changes and isinstance(changes["fa4_tiles"], dict):
@@ -161,15 +180,18 @@ class ExecutionPlan:
         """The plan as JSON-friendly values (benchmark records)."""
         out = {name: getattr(self, name) for name in _FIELDS}
         out["fa4_tiles"] = {str(w): list(t) for w, t in self.fa4_tiles}
+        out["memory_shards"] = 1 if self.memory_shard is None else self.memory_shard.world
         return out
 
     def __str__(self) -> str:
         return "ExecutionPlan(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
 
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(ExecutionPlan) if f.name != "failures")
-# the device is where the weights are; `weights` is what they are (the config's quantization)
-_USER_FIELDS = tuple(name for name in _FIELDS if name not in ("device", "weights"))
+_FIELDS = tuple(f.name for f in dataclasses.fields(ExecutionPlan) if f.name not in ("failures", "memory_shard"))
+# the device is where the weights are; `weights` is what they are (the config's quantization); the memory's reading
+# changes the maths, so it is the config's
+_CONFIG_FIELDS = ("mem_retrieval", "mem_blocks", "mem_block_size")
+_USER_FIELDS = tuple(name for name in _FIELDS if name not in ("device", "weights", *_CONFIG_FIELDS))
 
 
 def check_changes(changes: dict[str, Any]) -> None:
@@ -179,6 +201,14 @@ def check_changes(changes: dict[str, Any]) -> None:
             "the plan's weights are what the model holds: quantize it (quantization='int8'|'int4' when loading, "
             "--quantize) instead of setting them"
         )
+    config_fields = sorted(set(changes) & set(_CONFIG_FIELDS))
+    if config_fields:
+        raise InputError(
+            f"{', '.join(config_fields)} change what the model computes: set them in the config (or when loading, "
+            "--mem-retrieval / --mem-blocks) instead of the plan"
+        )
+    if "memory_shard" in changes:
+        raise InputError("the memory's shards are set by model.shard_memory(group), not as a plan change")
     if "device" in changes:
         raise InputError(
             "the plan's device is where the model's weights are: move the model (model.to(device)) "
@@ -216,6 +246,9 @@ def build_plan(config, device: torch.device | str, **overrides: Any) -> Executio
         attention=attention_of(config, device),
         compile=setting is True or (setting == "auto" and device.type == "cuda"),
         weights="dense" if quantization == "none" else quantization,
+        mem_retrieval=getattr(config, "mem_retrieval", "dense"),
+        mem_blocks=getattr(config, "mem_blocks", 64),
+        mem_block_size=getattr(config, "mem_block_size", 64),
     )
     if device.type == "cuda":
         from longllama.fast import flash4

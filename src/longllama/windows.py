@@ -220,6 +220,8 @@ def _groupable(
         and cross_batch is None
         and cache.local_length == 0
         and config.mem_top_k is None
+        and plan.mem_retrieval == "dense"  # groups write their memory first; retrieval reads it window by window
+        and plan.memory_shard is None
         and not config.mem_offload
         and all(layer.memory is None or layer.memory.all_valid() for layer in cache.layers)
         and config.mem_dtype != "int8"  # int8 memory is read piece by piece, not by the group kernels
@@ -247,4 +249,6 @@ def _reserve_memory(decoder, cache: LongLlamaCache, batch: int, added: int, devi
         if attn.is_memory_layer:
             if state.memory is None:
                 state.memory = attn.new_memory(batch, device, plan)
+            if plan.memory_shard is not None:  # this process stores every world-th window: its share, plus one
+                added = -(-added // plan.memory_shard.world) + attn.config.context_window
             state.memory.reserve(state.memory.length + added)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from longllama import retrieval
 from longllama.attention import attend as exact_attend
 from longllama.attention import kernel_head_dim
 from longllama.cache import LongLlamaCache
@@ -225,7 +226,7 @@ class BatchDecoder(StaticDecoder):
         reads = [read_memory(m, q.device) if m.length else None for m in memories]
         # invalid entries, 8-bit memories or kNN memory: each row through the general functions
         general = any(r is not None and (r[3] is not None or r[4] is not None) for r in reads)
-        if general or self.config.mem_top_k is not None:
+        if general or self.config.mem_top_k is not None or self.plan.mem_retrieval != "dense":
             return self._attend(q[:, :, None], *self._views(buffers)[1:], self._visible(), memories, None)[:, :, 0]
         return decode_attention.attend(
             q,
@@ -242,6 +243,20 @@ class BatchDecoder(StaticDecoder):
             return (ops or self._ops()).few_query_attention(q, rot, values, visible, None, None, None, None)
         outs = []
         for i, memory in enumerate(memories):  # each row against its own memory
+            plan = self.plan
+            if plan.mem_retrieval == "blocks" and retrieval.reads_blocks(memory, plan.mem_blocks, plan.mem_block_size):
+                outs.append(
+                    retrieval.attend(
+                        q[i : i + 1],
+                        rot[i : i + 1],
+                        values[i : i + 1],
+                        visible=visible[i : i + 1],
+                        memory=memory,
+                        blocks=plan.mem_blocks,
+                        block_size=plan.mem_block_size,
+                    )
+                )
+                continue
             mem = read_memory(memory, q.device) if memory.length else (None,) * 5
             mem_k, mem_v, _, valid, scales = mem
             outs.append(

@@ -1,0 +1,276 @@
+"""Retrieval memory (`mem_retrieval="blocks"`, retrieval.py, docs/retrieval.md).
+
+References are independent of the code under test: dense memory attention (attention.attend, itself tested against
+transformers) where every block is chosen; exact kNN memory (mem_top_k) where blocks are single keys and each
+decoding step is its own query group; bounds and selections recomputed here by explicit loops.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from longllama import LongLlamaForCausalLM, retrieval
+from longllama.attention import attend as dense_attend
+from longllama.cli import main
+from longllama.config import ConfigError, preset
+from longllama.errors import InputError
+from longllama.memory import MemoryCache
+from longllama.plan import check_changes
+
+
+def _memory(b, hkv, m, d, *, dtype=torch.float32, invalid=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(b, hkv, m, d, generator=g), torch.randn(b, hkv, m, d, generator=g)
+    valid = torch.rand(b, m, generator=g) > 0.2 if invalid else None
+    memory = MemoryCache(b, hkv, d, dtype=dtype, storage_dim=d + 8 if d % 8 else d)
+    memory.append(keys[:, :, : m // 3], values[:, :, : m // 3], None if valid is None else valid[:, : m // 3])
+    memory.track_blocks(8)  # summaries from here on, and for what was appended before
+    memory.append(keys[:, :, m // 3 :], values[:, :, m // 3 :], None if valid is None else valid[:, m // 3 :])
+    return memory
+
+
+def _queries(rows, h, hkv, n, kv, d, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, h, n, d, generator=g)
+    k, v = torch.randn(rows, hkv, kv, d, generator=g), torch.randn(rows, hkv, kv, d, generator=g)
+    visible = (torch.arange(kv)[None, :] <= torch.arange(n)[:, None] + (kv - n))[None, None]
+    return q, k, v, visible
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, share, dtype, invalid, n",
+    [
+        (4, 4, 1, torch.float32, False, 70),  # 70 queries: two query groups, the second one partial
+        (4, 2, 1, torch.float32, True, 5),  # grouped-query attention, padding in memory
+        (4, 2, 2, torch.float32, False, 3),  # beams sharing one stored row
+        (4, 4, 1, torch.bfloat16, False, 9),
+        (2, 1, 1, torch.int8, True, 1),  # 8-bit memory: gathered int8 with its scales
+    ],
+)
+def test_all_blocks_equal_dense_attention(heads, kv_heads, share, dtype, invalid, n):
+    b, m, d, kv = 2, 203, 12, n + 4  # 203 keys: the last block of 8 holds 3
+    memory = _memory(b, kv_heads, m, d, dtype=dtype, invalid=invalid)
+    if share > 1:
+        memory.expand(share)
+    q, k, v, visible = _queries(b * share, heads, kv_heads, n, kv, d)
+    n_blocks = -(-m // 8)
+    out = retrieval.attend(q, k, v, visible=visible, memory=memory, blocks=n_blocks, block_size=8)
+    mem_k, mem_v, valid = memory.logical()
+    if dtype == torch.int8:  # dense over the same (dequantized) numbers
+        mem_k, mem_v = mem_k.float(), mem_v.float()
+    ref, _ = dense_attend(q, k, v, visible=visible, mem_k=mem_k, mem_v=mem_v, mem_valid=None if valid.all() else valid)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_summaries_bound_every_key_and_forks_keep_their_own():
+    memory = _memory(2, 2, 150, 16, invalid=True)
+    kmax, kmin, any_valid = memory.summaries(8)
+    keys, valid = memory.keys, memory.valid
+    assert kmax.shape == (2, 2, 19, 16) and any_valid.shape == (2, 19)
+    q = torch.randn(2, 2, 16)
+    for row in range(2):
+        for head in range(2):
+            for block in range(19):
+                sel = valid[row, block * 8 : block * 8 + 8]
+                ks = keys[row, head, block * 8 : block * 8 + 8][sel]
+                assert bool(any_valid[row, block]) == bool(sel.any())
+                if len(ks):
+                    bound = torch.maximum(q[row, head] * kmax[row, head, block], q[row, head] * kmin[row, head, block])
+                    assert float((ks @ q[row, head]).max()) <= float(bound.sum()) + 1e-5
+                    torch.testing.assert_close(kmax[row, head, block], ks.max(dim=0).values)
+    # Forks: each appends its own keys into (a copy of) the shared buffer; summaries follow each fork's keys.
+    twin = memory.fork()
+    extra = [torch.randn(2, 2, 30, 16) for _ in range(4)]
+    memory.append(extra[0], extra[1])
+    twin.append(extra[2], extra[3])
+    for mem in (memory, twin):
+        fresh = MemoryCache(2, 2, 16, dtype=torch.float32)
+        fresh.append(mem.keys, mem.values, mem.valid)
+        for got, want in zip(mem.summaries(8), fresh.summaries(8)):
+            torch.testing.assert_close(got, want)
+
+
+def test_selection_is_the_best_bounded_blocks():
+    memory = _memory(1, 1, 160, 8)
+    kmax, kmin, any_valid = memory.summaries(8)
+    q = torch.randn(1, 1, 3, 8)  # one group of three queries
+    qg = retrieval._grouped(q, 1, 4)
+    real = torch.tensor([[True, True, True, False]])
+    chosen = retrieval.select_blocks(qg, kmax, kmin, any_valid, 5, real)
+    bounds = []
+    for block in range(20):
+        per_query = [
+            sum(
+                max(float(q[0, 0, i, j] * kmax[0, 0, block, j]), float(q[0, 0, i, j] * kmin[0, 0, block, j]))
+                for j in range(8)
+            )
+            for i in range(3)
+        ]
+        bounds.append(max(per_query))
+    want = sorted(sorted(range(20), key=lambda i: -bounds[i])[:5])
+    assert chosen.flatten().tolist() == want
+
+
+def _tiny(**overrides):
+    torch.manual_seed(0)
+    return LongLlamaForCausalLM(preset("tiny", **overrides)).eval()
+
+
+def test_single_key_blocks_decode_as_knn_memory():
+    """Blocks of one key, one query per group (a decoding step, no GQA): block retrieval is exact kNN memory."""
+    model = _tiny()
+    ids = torch.randint(1, 320, (2, 200), generator=torch.Generator().manual_seed(0))
+    steps = torch.randint(1, 320, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cache = model(ids).past_key_values
+        logits = {}
+        for name, settings in (("knn", dict(mem_top_k=7)), ("blocks", dict(mem_retrieval="blocks", mem_blocks=7))):
+            model.config.update({"mem_top_k": None, "mem_retrieval": "dense", "mem_block_size": 1, **settings})
+            state, out = cache, []
+            for t in range(steps.shape[1]):
+                step = model(steps[:, t : t + 1], past_key_values=state)
+                state = step.past_key_values
+                out.append(step.logits)
+            logits[name] = torch.cat(out, dim=1)
+    assert model.plan.mem_retrieval == "blocks" and model.plan.mem_block_size == 1
+    torch.testing.assert_close(logits["blocks"], logits["knn"], atol=1e-5, rtol=1e-5)
+
+
+def test_model_reads_fewer_blocks_and_generates():
+    dense = _tiny()
+    blocks = _tiny(mem_retrieval="blocks", mem_blocks=2, mem_block_size=4)
+    ids = torch.randint(1, 320, (2, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = dense(ids).logits, blocks(ids).logits
+        # The first memory window's queries see at most 8 memory keys either way: equal; later ones differ.
+        torch.testing.assert_close(out[:, :64], ref[:, :64], atol=1e-5, rtol=1e-5)
+        assert (out - ref).abs().max() > 1e-3
+        tokens = blocks.generate(ids[:, :250], max_new_tokens=50, do_sample=False)  # overflows into memory
+        static = blocks.generate(ids[:, :250], max_new_tokens=50, do_sample=False, decoder="static")
+        assert torch.equal(static, tokens)  # the static decoder hands block retrieval to the general path
+        beams = blocks.generate(ids[:1, :250], max_new_tokens=8, num_beams=3, do_sample=False)
+    assert tokens.shape == (2, 300) and beams.shape == (1, 258)
+    with pytest.raises(InputError, match="output_attentions"):
+        blocks(ids, output_attentions=True)
+
+
+def test_offloaded_memory_reads_only_the_chosen_blocks():
+    model = _tiny(mem_retrieval="blocks", mem_blocks=2, mem_block_size=4, mem_offload=True)
+    dense = _tiny()
+    ids = torch.randint(1, 320, (1, 400), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(ids).past_key_values
+        memory = cache.layers[1].memory
+        assert memory.pin_memory and memory.length == 400 - 24
+        before = memory.read_bytes
+        q = torch.randn(1, 4, 1, 16)
+        k, v = torch.randn(1, 4, 3, 16), torch.randn(1, 4, 3, 16)
+        retrieval.attend(q, k, v, visible=None, memory=memory, blocks=2, block_size=4)
+        # one query group per head, 2 blocks of 4 keys, keys and values in fp32: at most 4 heads x 8 keys x 2
+        read = memory.read_bytes - before
+        assert 0 < read <= 4 * 8 * 2 * 16 * 4
+        full = 4 * 16 * memory.length * 2 * 4
+        assert read < full / 40
+        # and the model's outputs match the model without offloading
+        again = _tiny(mem_retrieval="blocks", mem_blocks=2, mem_block_size=4)
+        torch.testing.assert_close(model(ids).logits, again(ids).logits, atol=1e-5, rtol=1e-5)
+    assert dense.plan.mem_retrieval == "dense"
+
+
+def test_settings_are_checked_and_recorded(tmp_path):
+    with pytest.raises(ConfigError, match="mem_retrieval='bm25'"):
+        preset("tiny", mem_retrieval="bm25")
+    with pytest.raises(ConfigError, match="mem_blocks=0"):
+        preset("tiny", mem_blocks=0)
+    with pytest.raises(ConfigError, match="mem_top_k to null"):
+        preset("tiny", mem_retrieval="blocks", mem_top_k=4)
+    with pytest.raises(InputError, match="--mem-retrieval"):
+        check_changes({"mem_retrieval": "blocks"})
+    model = _tiny(mem_retrieval="blocks", mem_blocks=3)
+    assert model.plan.to_dict()["mem_retrieval"] == "blocks" and model.plan.to_dict()["mem_blocks"] == 3
+    folder = tmp_path / "m"
+    _tiny().save_pretrained(folder)
+    loaded = LongLlamaForCausalLM.from_pretrained(folder, mem_retrieval="blocks", mem_blocks=5)
+    assert loaded.plan.mem_retrieval == "blocks" and loaded.plan.mem_blocks == 5
+
+
+def test_cli_flags_reach_the_record(tmp_path):
+    out = tmp_path / "passkey.json"
+    argv = ["passkey", "--lengths", "1500", "--trials", "1", "--device", "cpu", "--out", str(out)]
+    assert main([*argv, "--mem-retrieval", "blocks", "--mem-blocks", "2"]) == 0
+    plan = json.loads(out.read_text())["settings"]["plan"]
+    assert (plan["mem_retrieval"], plan["mem_blocks"], plan["mem_block_size"]) == ("blocks", 2, 64)
+    assert main([*argv, "--mem-retrieval", "blocks", "--mem-top-k", "8"]) == 2  # one-line error, usage status
+    from longllama.cli import build_parser
+
+    for task in (["ruler"], ["lm-eval", "--tasks", "x"]):  # eval tasks take the load options
+        args = build_parser().parse_args(["eval", *task, "--mem-retrieval", "blocks", "--mem-blocks", "8"])
+        assert (args.mem_retrieval, args.mem_blocks) == ("blocks", 8)
+
+
+def test_benchmark_script_runs_tiny(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "retrieval.json"
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_retrieval.py"), "--tiny", "--device", "cpu"]
+        + ["--sections", "3b,passkey", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = json.loads(out.read_text())
+    kinds = {(r["benchmark"], r.get("mem_retrieval"), r.get("mem_top_k")) for r in records}
+    assert {("ingest", "blocks", None), ("ingest", "dense", None), ("decode", "blocks", None)} <= kinds
+    assert {("passkey", "blocks", None), ("passkey", "dense", None), ("passkey", "dense", 128)} <= kinds
+    control = [r for r in records if r.get("mem_mode") == "no-memory"]
+    assert control and all(r["accuracy"] == 0 for r in control)
+
+
+def test_passkey_at_32k_with_16_blocks_on_the_shipped_model():
+    """kNN-like retrieval: the shipped model finds the pass key in a 32k-token prompt reading 16 blocks of 64 keys
+    (1024 of up to 32k memory keys) per query group."""
+    from longllama.cli import SHIPPED_MODEL
+    from longllama.evals import passkey as task
+    from longllama.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(SHIPPED_MODEL)
+    model = LongLlamaForCausalLM.from_pretrained(
+        SHIPPED_MODEL, dtype=torch.float32, mem_retrieval="blocks", mem_blocks=16
+    ).eval()
+    n_garbage = task.n_garbage_for_tokens(tokenizer, 32768, seed=0)
+    results = []
+    for seed in (0, 1, 2):
+        prompt, key = task.passkey_prompt(n_garbage, seed)
+        with torch.no_grad():
+            results.append(task.score_passkey(model, tokenizer, prompt, key, last_context_length=256)["correct"])
+    assert results == [True, True, True]
+    assert json.dumps(model.plan.to_dict())  # recordable
+
+
+def test_batch_decoder_rows_read_blocks_as_alone():
+    """The batch decoder (longllama serve) gives each row what block retrieval gives it alone."""
+    from conftest import sharp_tiny
+    from test_batch import _check_rows, _memory_of
+
+    model = sharp_tiny(mem_retrieval="blocks", mem_blocks=2, mem_block_size=4)
+    g = torch.Generator().manual_seed(1)
+    doc_a = torch.randint(3, 320, (200,), generator=g).tolist()
+    doc_b = torch.randint(3, 320, (330,), generator=g).tolist()
+    mem_a, mem_b = _memory_of(model, doc_a), _memory_of(model, doc_b)
+    requests = [
+        (torch.randint(3, 320, (5,), generator=g).tolist(), mem_a, 70),  # past a 64-token window
+        (torch.randint(3, 320, (17,), generator=g).tolist(), mem_b, 30),
+        (torch.randint(3, 320, (150,), generator=g).tolist(), None, 20),
+    ]
+    _check_rows(model, requests, steps_between=2)
