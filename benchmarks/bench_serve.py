@@ -274,18 +274,25 @@ def main(argv: list[str] | None = None) -> int:
     model = LongLlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(args.device).eval()
     tokenizer = load_tokenizer(folder)
     print(f"model saved and loaded in {time.perf_counter() - start:.1f} s", flush=True)
-    records = []
-    if "ttft" in parts:
-        records += ttft(model, tokenizer, args, work)
-    if "concurrent" in parts:
-        records += concurrent(model, tokenizer, args, _memories(model, tokenizer, args))
-    if "http" in parts:
-        records += over_http(model, tokenizer, args, work)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    for r in records:
-        r.update(shape=args.shape, device=device, date=datetime.date.today().isoformat(), torch=torch.__version__)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"records": records}, indent=1) + "\n")
+    records: list[dict] = []
+
+    def keep(new: list[dict]) -> None:  # written after each part: a later failure keeps what was measured
+        for r in new:
+            r.update(shape=args.shape, device=device, date=datetime.date.today().isoformat(), torch=torch.__version__)
+        records.extend(new)
+        if args.out:
+            out = Path(args.out)
+            temp = out.with_name(f".{out.name}.tmp")
+            temp.write_text(json.dumps({"records": records}, indent=1) + "\n")
+            os.replace(temp, out)
+
+    if "ttft" in parts:
+        keep(ttft(model, tokenizer, args, work))
+    if "concurrent" in parts:
+        keep(concurrent(model, tokenizer, args, _memories(model, tokenizer, args)))
+    if "http" in parts:
+        keep(over_http(model, tokenizer, args, work))
     return 0
 
 
