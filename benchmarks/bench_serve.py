@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -217,24 +219,12 @@ def over_http(model, tokenizer, args, work: Path) -> list[dict]:
         ids.append(made.json()["id"])
     question = "What is the pass key? The pass key is"
     records = []
-
-    def client(i: int, n: int, counts: list[int]) -> None:
-        body = {"prompt": question, "memory": ids[i], "max_tokens": n, "temperature": 0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: {") and '"usage":{' in line:
-                    counts[i] = json.loads(line[6:])["usage"]["completion_tokens"]
+    # The clients run in a process of their own: in this one their threads would take the interpreter from the
+    # server's model thread, and the numbers would measure that contention rather than the server.
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
     def run(k: int, n: int) -> tuple[float, int]:
-        counts = [0] * k
-        threads = [threading.Thread(target=client, args=(i, n, counts)) for i in range(k)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return time.perf_counter() - start, sum(counts)
+        return pool.submit(_http_clients, url, ids[:k], question, n).result()
 
     for k in args.streams:
         run(k, 4)
@@ -245,9 +235,34 @@ def over_http(model, tokenizer, args, work: Path) -> list[dict]:
                             new_tokens=args.new_tokens, memory_tokens=None, seconds=round(seconds, 4),
                             tokens_per_s=round(rate, 1)))  # fmt: skip
         print(f"decode {k} streams (HTTP):      {rate:9.1f} tokens/s  ({seconds:.3f} s)", flush=True)
+    pool.shutdown()
     server.should_exit = True
     thread.join(timeout=30)
     return records
+
+
+def _http_clients(url: str, memory_ids: list[str], question: str, n: int) -> tuple[float, int]:
+    """One streaming completion of `n` tokens per memory, all at once (a thread each); (seconds until the last
+    ended, new tokens counted from the streams' usage)."""
+    import httpx
+
+    counts = [0] * len(memory_ids)
+
+    def client(i: int) -> None:
+        body = {"prompt": question, "memory": memory_ids[i], "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {") and '"usage":{' in line:
+                    counts[i] = json.loads(line[6:])["usage"]["completion_tokens"]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(memory_ids))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, sum(counts)
 
 
 def main(argv: list[str] | None = None) -> int:
