@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from bench_inference import _random_model
 
 from longllama import LongLlamaForCausalLM
 from longllama.batch import BatchGenerator
@@ -55,12 +56,7 @@ def _model_folder(shape: str, folder: Path, device: str) -> None:
     config = preset(shape)
     if config.vocab_size < 8192:  # the shipped tokenizer's ids must fit (a toy shape for trying the script out)
         config = preset(shape, vocab_size=8192)
-    with torch.device(device):
-        model = LongLlamaForCausalLM(config)
-    model.to(torch.bfloat16).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
+    model = _random_model(LongLlamaForCausalLM, config, device)
     model.save_pretrained(folder)
     for name in TOKENIZER_FILES:
         if (SHIPPED_MODEL / name).is_file():

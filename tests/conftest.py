@@ -144,3 +144,15 @@ class ForcedTokens:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         token = self.sequences[:, input_ids.shape[1]].to(scores.device)
         return torch.full_like(scores, -float("inf")).scatter_(1, token[:, None], 0.0)
+
+
+def run_benchmark(script: str, *args: str, timeout: int = 300):
+    """benchmarks/`script` run in a fresh process on this checkout's sources, one thread; its CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(root / "benchmarks" / script), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)

@@ -4,29 +4,19 @@ the results format with "quantize" and "mem_dtype", failures recorded rather tha
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import run_benchmark
 
 pytest.importorskip("torchao")
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_run_writes_records(tmp_path):
     out = tmp_path / "quant.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_quant.py"), "--tiny", "--device", "cpu"]
-        + ["--sections", "7b,small", "--passkey-trials", "1", "--ppl-docs", "1", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    result = run_benchmark(
+        "bench_quant.py", "--tiny", "--device", "cpu", "--sections", "7b,small", "--passkey-trials", "1",
+        "--ppl-docs", "1", "--out", str(out),
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads(out.read_text())
     kinds = {(r["benchmark"], r.get("quantize"), r.get("mem_dtype")) for r in records}

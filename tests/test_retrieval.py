@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_benchmark
 
 from longllama import LongLlamaForCausalLM, retrieval
 from longllama.attention import attend as dense_attend
@@ -212,21 +213,9 @@ def test_cli_flags_reach_the_record(tmp_path):
 
 
 def test_benchmark_script_runs_tiny(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
     out = tmp_path / "retrieval.json"
-    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "bench_retrieval.py"), "--tiny", "--device", "cpu"]
-        + ["--sections", "3b,passkey", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+    done = run_benchmark(
+        "bench_retrieval.py", "--tiny", "--device", "cpu", "--sections", "3b,passkey", "--out", str(out)
     )
     assert done.returncode == 0, done.stderr[-2000:]
     records = json.loads(out.read_text())
