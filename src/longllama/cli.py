@@ -1247,7 +1247,11 @@ def memory_info(*, path: str) -> int:
     for source in manifest.get("sources", []):
         lines.append(f"source {source['name']}: {source['bytes']} bytes, sha256 {source['sha256']}")
     for name, entry in manifest["files"].items():
-        lines.append(f"file {name}: {entry['bytes']} bytes, sha256 {entry['sha256']}")
+        if "sha256_chunks" in entry:
+            checks = f"{len(entry['sha256_chunks'])} sha256 of {entry['chunk_bytes']} bytes each"
+        else:
+            checks = f"sha256 {entry.get('sha256')}"
+        lines.append(f"file {name}: {entry['bytes']} bytes, {checks}")
     print("\n".join(lines))
     return 0
 
