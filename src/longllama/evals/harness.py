@@ -102,14 +102,11 @@ def run(
     batch_size: int = 1,
     max_length: int | None = None,
     log_samples: bool = False,
-    dtype: str = "auto",
-    device: str = "auto",
-    plan: list[str] | None = None,
-    mem_top_k: int | None = None,
     verbose: bool = False,
     out: str | None = None,
     limit: int | None = None,
     seed: int = 0,
+    **model_options: Any,
 ) -> int:
     """`longllama eval lm-eval`: harness tasks on a checkpoint; prints the harness's table, --out keeps the record."""
     from longllama.cli import eval_model, output_file
@@ -117,9 +114,7 @@ def run(
 
     _harness()  # a missing package fails before the model loads
     out_path = output_file(out)
-    folder, lm, tokenizer = eval_model(
-        model, dtype=dtype, device=device, plan=plan, mem_top_k=mem_top_k, verbose=verbose
-    )
+    folder, lm, tokenizer = eval_model(model, verbose=verbose, **model_options)
     harness = harness_model(lm, tokenizer, batch_size=batch_size, max_length=max_length)
     results = evaluate(
         harness,
@@ -135,8 +130,7 @@ def run(
     print(make_table(results))
     if out_path is not None:
         settings = {
-            "model": str(folder),
-            "mem_top_k": lm.config.mem_top_k,  # kNN memory (None: dense)
+            **records.model_settings(folder, lm, model_options),
             "tasks": tasks,
             "include_path": include_path,
             "num_fewshot": num_fewshot,
@@ -144,9 +138,6 @@ def run(
             "max_length": harness.max_length,
             "limit": limit,
             "seed": seed,
-            "dtype": dtype,
-            "device": str(lm.device),
-            "plan": lm.plan.to_dict(),
         }
         samples = [dict(s, task=name) for name, rows in (results.get("samples") or {}).items() for s in rows]
         path = records.save_results(out_path, samples, results["results"], settings=settings)

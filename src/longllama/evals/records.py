@@ -49,3 +49,15 @@ def replace_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def model_settings(folder: Path, model, options: dict[str, Any]) -> dict[str, Any]:
+    """What every evaluation record says of its model: the folder, kNN memory (None: dense), the dtype asked for,
+    the device and the execution plan. `options`: the command's model options (eval_model's)."""
+    return {
+        "model": str(folder),
+        "mem_top_k": model.config.mem_top_k,
+        "dtype": options.get("dtype", "auto"),
+        "device": str(model.device),
+        "plan": model.plan.to_dict(),
+    }

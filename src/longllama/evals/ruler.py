@@ -743,14 +743,11 @@ def run(
     lengths: list[int],
     samples: int = 10,
     plot: str | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    plan: list[str] | None = None,
-    mem_top_k: int | None = None,
     verbose: bool = False,
     out: str | None = None,
     limit: int | None = None,
     seed: int = 0,
+    **model_options: Any,
 ) -> int:
     """`longllama eval ruler`: prints a task x length table; --out keeps the record, --plot draws a heatmap."""
     from longllama.cli import _model_folder, eval_model, output_file
@@ -764,12 +761,9 @@ def run(
         eval_records.plot_format(plot_path)
     # What can fail without the model fails before it loads.
     check_lengths(load_tokenizer(_model_folder(model)), tasks, lengths, seed=seed)
-    folder, lm, tokenizer = eval_model(
-        model, dtype=dtype, device=device, plan=plan, mem_top_k=mem_top_k, verbose=verbose
-    )
+    folder, lm, tokenizer = eval_model(model, verbose=verbose, **model_options)
     settings = {
-        "model": str(folder),
-        "mem_top_k": lm.config.mem_top_k,  # kNN memory (None: dense)
+        **eval_records.model_settings(folder, lm, model_options),
         "tasks": tasks,
         "lengths": lengths,
         "samples": samples,
@@ -777,9 +771,6 @@ def run(
         "max_new_tokens": {t: TASKS[t].max_new_tokens for t in tasks},
         "haystack": "essay: Python language reference prose (pydoc_data.topics), not RULER's Paul Graham essays",
         "python": sys.version.split()[0],
-        "dtype": dtype,
-        "device": str(lm.device),
-        "plan": lm.plan.to_dict(),
     }
 
     def save_so_far(records: list[dict[str, Any]]) -> None:  # a run cut short keeps its finished samples
