@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_invariants import hf_llama
 
 from longllama.cli import SHIPPED_MODEL, main
 from longllama.evals import icl
@@ -126,31 +127,6 @@ def shipped():
     return model, tokenizer
 
 
-def _llama(model):
-    from safetensors.torch import load_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = model.config
-    config = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        head_dim=c.head_dim,
-        rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta,
-        max_position_embeddings=c.context_window,
-        tie_word_embeddings=False,
-    )
-    llama = LlamaForCausalLM(config)
-    state = {k: v.float() for k, v in load_file(str(SHIPPED_MODEL / "model.safetensors")).items()}
-    missing, unexpected = llama.load_state_dict(state, strict=False)
-    assert not unexpected and all("rotary" in k for k in missing)
-    return llama.eval()
-
-
 def test_truncated_mode_stays_in_the_window_and_equals_llama(shipped):
     model, tokenizer = shipped
     train = icl.synthetic_examples(80, seed=1)
@@ -168,7 +144,7 @@ def test_truncated_mode_stays_in_the_window_and_equals_llama(shipped):
     one_more = sum(len(d) for d in demo_ids[80 - row["demonstrations_per_seed"][0] - 1 :])
     assert 1 + one_more + max(map(len, questions)) + max(map(len, tails)) > window
     # The whole input fits one window with no memory: the scores are LLaMA's on context + question + label.
-    llama = _llama(model)
+    llama = hf_llama(model)  # the shipped weights, read in fp32 by the fixture
     kept = row["demonstrations_per_seed"][0]
     context = [tokenizer.bos_token_id] + [t for d in demo_ids[80 - kept :] for t in d]
     for example, question, record in zip(test, questions, records):
