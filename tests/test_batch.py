@@ -164,3 +164,17 @@ def test_the_batch_decoders_capture_label_reads_every_rows_memory():
     decoder = engine._decoder
     lengths = [max(m.length for m in row.memories if m is not None) for row in decoder.rows]
     assert lengths[1] > lengths[0] and decoder._memory_length() == lengths[1]
+
+
+def test_quantized_weights_decode_in_a_batch_as_alone():
+    """int8 weights (torchao's tensors) go through their own products in a batch too, never to the bf16 kernel."""
+    pytest.importorskip("torchao")
+    if not kernels.interpreting():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
+    from longllama.quantize import quantize_model
+
+    model = sharp_tiny(attn_impl="fast")
+    quantize_model(model, "int8")
+    g = torch.Generator().manual_seed(4)
+    requests = [(torch.randint(3, 320, (n,), generator=g).tolist(), None, 12) for n in (7, 30)]
+    _check_rows(model, requests, interpret=True, steps_between=2)

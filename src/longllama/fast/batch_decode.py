@@ -24,11 +24,11 @@ import torch
 
 from longllama import retrieval
 from longllama.attention import attend as exact_attend
-from longllama.attention import kernel_head_dim
 from longllama.cache import LongLlamaCache
 from longllama.errors import InputError
 from longllama.fast import decode_attention
 from longllama.fast.decode import StaticDecoder
+from longllama.fast.fused import ops_for
 from longllama.memory import MemoryCache
 from longllama.model import read_memory
 from longllama.ops import rotate
@@ -48,28 +48,12 @@ class BatchDecoder(StaticDecoder):
     `step(tokens)` returns the next logits (rows, vocab) in fp32, `remove(row)` drops a row."""
 
     def __init__(self, model, *, plan: ExecutionPlan, graphs: bool, spare: int | None = None):
-        config = model.config
-        self.model, self.config, self.plan = model, config, plan
-        self.window = config.context_window
-        self.spare = max(1, self.window // 4 if spare is None else spare)
-        self.size = self.window + self.spare
-        self.graphs = graphs
-        self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-        cos, sin = model.model.rope.get(self.size, self.device)
-        self.cos, self.sin = cos[: self.size].to(self.dtype), sin[: self.size].to(self.dtype)
-        self.kernels = (
-            plan.attention == "fast"
-            and plan.decode_kernels
-            and decode_attention.applies(model.lm_head.weight, cpu=plan.interpret_kernels)
-        )
-        self.gemv_options = dict(max_rows=plan.gemv_max_rows, cpu=plan.interpret_kernels, autotune=plan.autotune)
-        self.checked = False
-        self.head_dim = config.head_dim
-        self.width = kernel_head_dim(self.head_dim) if self.kernels else self.head_dim
-        self.slots = torch.arange(self.size, device=self.device)
+        window = model.config.context_window
+        self.spare = max(1, window // 4 if spare is None else spare)
+        self.size = window + self.spare
+        self._setup(model, plan, graphs, self.size)
         self.rows: list[_Row] = []
         self.length = 0  # the slot the next step writes (host copy of `slot`)
-        self.graph = self.out = None
         self._layout()
 
     @property
@@ -240,7 +224,7 @@ class BatchDecoder(StaticDecoder):
 
     def _attend(self, q, rot, values, visible, memories, ops) -> torch.Tensor:
         if memories is None:
-            return (ops or self._ops()).few_query_attention(q, rot, values, visible, None, None, None, None)
+            return (ops or ops_for(self.plan)).few_query_attention(q, rot, values, visible, None, None, None, None)
         outs = []
         for i, memory in enumerate(memories):  # each row against its own memory
             plan = self.plan
@@ -273,11 +257,6 @@ class BatchDecoder(StaticDecoder):
                 )[0]
             )
         return torch.cat(outs, dim=0)
-
-    def _ops(self):
-        from longllama.fast.fused import ops_for
-
-        return ops_for(self.plan)
 
     def can_undo(self) -> bool:
         return False

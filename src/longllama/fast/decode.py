@@ -50,20 +50,33 @@ class StaticDecoder:
     """Holds the decoding state of one generation; `step(tokens)` returns the next logits (b, vocab) in fp32."""
 
     def __init__(self, model, cache: LongLlamaCache, *, plan: ExecutionPlan, graphs: bool):
+        self._setup(model, plan, graphs, model.config.context_window)
+        state0 = cache.layers[0]
+        b = state0.keys.shape[0]
+        device, dtype = self.device, self.dtype
+        self.length = state0.local_length  # slots in use (host copy of `slot`)
+        self.first_position = state0.positions[:, 0].clone()  # absolute position of slot 0, per row
+        self.slot = torch.tensor([self.length], dtype=torch.long, device=device)
+        self.token = torch.zeros(b, dtype=torch.long, device=device)
+        self.buffers = [
+            self._layer_buffers(layer, state, b, device, dtype)
+            for layer, state in zip(model.model.layers, cache.layers)
+        ]
+        self.memories = [
+            self._memory(layer, state, b, device) for layer, state in zip(model.model.layers, cache.layers)
+        ]
+
+    def _setup(self, model, plan: ExecutionPlan, graphs: bool, slots: int) -> None:
+        """What every static decoder sets alike: the model, the plan's choices for a step, and the rotation tables
+        of `slots` local slots."""
         config = model.config
         self.model, self.config, self.plan = model, config, plan
         self.window = config.context_window
         self.graphs = graphs
-        state0 = cache.layers[0]
-        b = state0.keys.shape[0]
-        device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-        self.length = state0.local_length  # slots in use (host copy of `slot`)
-        self.first_position = state0.positions[:, 0].clone()  # absolute position of slot 0, per row
-        self.slot = torch.tensor([self.length], dtype=torch.long, device=device)
-        self.slots = torch.arange(self.window, device=device)
-        self.token = torch.zeros(b, dtype=torch.long, device=device)
-        cos, sin = model.model.rope.get(self.window, device)
-        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        cos, sin = model.model.rope.get(slots, self.device)
+        self.cos, self.sin = cos[:slots].to(self.dtype), sin[:slots].to(self.dtype)
+        self.slots = torch.arange(slots, device=self.device)
         # The Triton step (see the module docstring): the fast attention path where the kernels run.
         self.kernels = (
             plan.attention == "fast"
@@ -77,15 +90,7 @@ class StaticDecoder:
         # Rows of the local buffers: zero-padded to a multiple of 8 elements for the kernels (16-byte aligned rows
         # load as whole vectors: head_dim 100 ran at ~1 TB/s unpadded); `_views` are the head_dim wide parts.
         self.width = kernel_head_dim(self.head_dim) if self.kernels else self.head_dim
-        self.buffers = [
-            self._layer_buffers(layer, state, b, device, dtype)
-            for layer, state in zip(model.model.layers, cache.layers)
-        ]
-        self.memories = [
-            self._memory(layer, state, b, device) for layer, state in zip(model.model.layers, cache.layers)
-        ]
-        self.graph = None
-        self.out = None
+        self.graph = self.out = None
 
     @staticmethod
     def usable(cache: LongLlamaCache, mask: torch.Tensor | None) -> bool:
