@@ -11,7 +11,7 @@ from conftest import run_benchmark
 pytest.importorskip("torchao")
 
 
-def test_tiny_run_writes_records(tmp_path):
+def test_tiny_run_writes_records(tmp_path, bf16_cpu_attention):  # the rehearsal runs bf16 attention
     out = tmp_path / "quant.json"
     result = run_benchmark(
         "bench_quant.py", "--tiny", "--device", "cpu", "--sections", "7b,small", "--passkey-trials", "1",

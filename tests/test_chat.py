@@ -38,7 +38,9 @@ def _answers(out: str) -> list[str]:
     return out.splitlines()
 
 
-def test_chat_answers_a_pass_key_from_a_file_memory_and_saved_memory(document, tmp_path, monkeypatch, capsys):
+def test_chat_answers_a_pass_key_from_a_file_memory_and_saved_memory(
+    document, tmp_path, monkeypatch, capsys, bf16_cpu_attention
+):
     path, key = document
     options = ["--template", "none", "--max-new-tokens", "6"]
     code, out, err = _run(monkeypatch, capsys, ["chat", "--file", str(path), *options], f"{QUESTION}\n{QUESTION}\n")
@@ -91,7 +93,7 @@ def test_chat_refuses_bad_input_in_one_line(document, tmp_path, monkeypatch, cap
     )
 
 
-def test_chat_keeps_going_after_a_bad_command(document, tmp_path, monkeypatch, capsys):
+def test_chat_keeps_going_after_a_bad_command(document, tmp_path, monkeypatch, capsys, bf16_cpu_attention):
     path, key = document
     built = tmp_path / "m"
     assert _run(monkeypatch, capsys, ["memory", "build", str(path), "--out", str(built), "--template", "none"])[0] == 0

@@ -200,7 +200,7 @@ def test_settings_are_checked_and_recorded(tmp_path):
 
 def test_cli_flags_reach_the_record(tmp_path):
     out = tmp_path / "passkey.json"
-    argv = ["passkey", "--lengths", "1500", "--trials", "1", "--device", "cpu", "--out", str(out)]
+    argv = ["passkey", "--lengths", "1500", "--trials", "1", "--device", "cpu", "--dtype", "float32", "--out", str(out)]
     assert main([*argv, "--mem-retrieval", "blocks", "--mem-blocks", "2"]) == 0
     plan = json.loads(out.read_text())["settings"]["plan"]
     assert (plan["mem_retrieval"], plan["mem_blocks"], plan["mem_block_size"]) == ("blocks", 2, 64)

@@ -263,7 +263,7 @@ def _run(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_command_end_to_end(tmp_path, capsys) -> None:
+def test_command_end_to_end(tmp_path, capsys, bf16_cpu_attention) -> None:
     out, plot = tmp_path / "r.json", tmp_path / "r.png"
     code, stdout, _ = _run(
         capsys,

@@ -103,7 +103,7 @@ def memory_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(memory_dir):
+def server(memory_dir, bf16_cpu_attention):  # the shipped model answers in bf16
     running = Server(memory_dir, "--queue", "2", "--max-tokens", "1024", "--max-prompt-tokens", "4096")
     yield running
     running.stop()
