@@ -1,12 +1,14 @@
-"""Matrix-vector products of decoding (one row of x, bf16) on the GPU: cuBLAS (F.linear) against longllama.fast.gemv's
-Triton kernels, for the weight shapes of the 3B and Code 7B models: q/k/v stacked in one launch, the output and down
-projections, the gate/up pair with its SwiGLU in one pass, lm_head. Weights are read cold, as in a decoding step:
-each timed call takes the next of several copies that together overflow the 50 MB L2 cache. Prints microseconds
-per call, GB/s of weights read and the error against an fp32 product."""
+"""Matrix-vector products of decoding (--rows rows of x, bf16; one by default) on the GPU: cuBLAS (F.linear) against
+longllama.fast.gemv's Triton kernels (a program per row for one row, the several-row kernels for more),
+for the weight shapes of the 3B and Code 7B models: q/k/v stacked in one launch, the output and down projections,
+the gate/up pair with its SwiGLU in one pass, lm_head. Weights are read cold, as in a decoding step: each timed call
+takes the next of several copies that together overflow the 50 MB L2 cache. Prints microseconds per call, GB/s of
+weights read and the error against an fp32 product."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -33,26 +35,34 @@ def cold_us(fns) -> float:
     return triton.testing.do_bench_cudagraph(run, rep=200) * 1e3 / len(fns)
 
 
-def case(name: str, shapes, k: int, ours, theirs) -> None:
-    """`shapes`: the (N, K) weights of one call; ours/theirs(x, weights) compute it."""
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+def case(name: str, shapes, k: int, ours, theirs, rows: int = 1) -> None:
+    """`shapes`: the (N, K) weights of one call; ours/theirs(x, weights) compute it for `rows` rows of x."""
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     sets = [
         [torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) * 0.02 for n, kk in shapes]
         for _ in range(_copies(shapes))
     ]
     gbytes = sum(n * kk * 2 for n, kk in shapes) / 1e9
     ref = theirs(x.float(), [w.float() for w in sets[0]])
+
     for path, fn in (("cuBLAS", theirs), ("triton", ours)):
         us = cold_us([lambda ws=ws: fn(x, ws) for ws in sets])
         err = ((fn(x, sets[0]).float() - ref).norm() / ref.norm()).item()
-        print(f"{name:28s} {path:7s} {us:8.1f} {gbytes / us * 1e6:7.0f} {err:9.2e}")
+        print(f"{name:28s} {rows:4d} {path:7s} {us:8.1f} {gbytes / us * 1e6:7.0f} {err:9.2e}")
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no options: --help only
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="1", help="rows of x, e.g. 1,2,4,8,16 (at most 16: the kernels' limit)")
+    ap.add_argument("--shapes", default="3b,code-7b")
+    args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"{torch.cuda.get_device_name()}\n{'product':28s} {'path':7s} {'us':>8s} {'GB/s':>7s} {'rel err':>9s}")
-    for shape, hidden, inter, vocab in (("3b", 3200, 8640, 32000), ("code-7b", 4096, 11008, 32016)):
+    print(f"{torch.cuda.get_device_name()}\n{'product':28s} rows {'path':7s} {'us':>8s} {'GB/s':>7s} {'rel err':>9s}")
+    kw = dict(max_rows=16)
+    shapes = (("3b", 3200, 8640, 32000), ("code-7b", 4096, 11008, 32016))
+    for (shape, hidden, inter, vocab), rows in itertools.product(shapes, [int(r) for r in args.rows.split(",")]):
+        if shape not in args.shapes.split(","):
+            continue
 
         def cat(x, ws):
             return torch.cat([F.linear(x, w) for w in ws], -1)
@@ -67,19 +77,22 @@ def main() -> None:
             f"{shape} q/k/v {3 * hidden}x{hidden}",
             [(hidden, hidden)] * 3,
             hidden,
-            lambda x, ws: gemv.linear_stacked(x, tuple(ws)),
+            lambda x, ws: gemv.linear_stacked(x, tuple(ws), **kw),
             cat,
+            rows,
         )
-        case(f"{shape} o {hidden}x{hidden}", [(hidden, hidden)], hidden, lambda x, ws: gemv.linear(x, ws[0]), one)
+        one_ours = lambda x, ws: gemv.linear(x, ws[0], **kw)  # noqa: E731
+        case(f"{shape} o {hidden}x{hidden}", [(hidden, hidden)], hidden, one_ours, one, rows)
         case(
             f"{shape} gate/up+SwiGLU {inter}x{hidden}",
             [(inter, hidden)] * 2,
             hidden,
-            lambda x, ws: gemv.linear_swiglu(x, *ws),
+            lambda x, ws: gemv.linear_swiglu(x, *ws, **kw),
             swiglu,
+            rows,
         )
-        case(f"{shape} down {hidden}x{inter}", [(hidden, inter)], inter, lambda x, ws: gemv.linear(x, ws[0]), one)
-        case(f"{shape} lm_head {vocab}x{hidden}", [(vocab, hidden)], hidden, lambda x, ws: gemv.linear(x, ws[0]), one)
+        case(f"{shape} down {hidden}x{inter}", [(hidden, inter)], inter, one_ours, one, rows)
+        case(f"{shape} lm_head {vocab}x{hidden}", [(vocab, hidden)], hidden, one_ours, one, rows)
 
 
 if __name__ == "__main__":

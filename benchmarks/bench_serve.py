@@ -34,12 +34,13 @@ from pathlib import Path
 import torch
 from bench_inference import _random_model
 
-from longllama import LongLlamaForCausalLM
+from longllama import LongLlamaForCausalLM, timings
 from longllama.batch import BatchGenerator
 from longllama.cli import SHIPPED_MODEL
 from longllama.config import preset
 from longllama.document_memory import DocumentMemory
 from longllama.evals import passkey
+from longllama.plan import parse_overrides
 from longllama.tokenizer import load_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -146,25 +147,33 @@ def concurrent(model, tokenizer, args, memories) -> list[dict]:
     vocab = len(tokenizer)
     records = []
 
-    def run(k: int, new_tokens: int) -> float:
+    def run(k: int, new_tokens: int) -> tuple[float, float, dict]:
+        """(seconds in all, seconds of the prompts' reading, the CUDA graph captures' count and seconds)."""
         _sync()
+        mark = timings.mark()
         start = time.perf_counter()
         with torch.no_grad():
             for i in range(k):
                 m = memories[i]
                 engine.add(_question(i, args.question_tokens, vocab), cache=m.cache,
                            last_context_length=m.last_context_length, max_new_tokens=new_tokens)  # fmt: skip
+            _sync()
+            added = time.perf_counter() - start
             engine.run()
-        return time.perf_counter() - start
+        captures = [e for e in timings.since(mark) if e.kind == "capture"]
+        counted = dict(captures=len(captures), capture_seconds=round(sum(e.seconds for e in captures), 4))
+        return time.perf_counter() - start, added, counted
 
     for k in args.streams:
         run(k, 4)  # warm-up: graph capture for this batch size, kernels for its shapes
-        seconds = run(k, args.new_tokens)
+        seconds, added, counted = run(k, args.new_tokens)
         rate = k * args.new_tokens / seconds
         records.append(dict(benchmark="concurrent_decode", streams=k, http=False, engine="batch",
                             new_tokens=args.new_tokens, memory_tokens=memories[0].tokens,
-                            seconds=round(seconds, 4), tokens_per_s=round(rate, 1)))  # fmt: skip
-        print(f"decode {k} streams (batch):     {rate:9.1f} tokens/s  ({seconds:.3f} s)", flush=True)
+                            seconds=round(seconds, 4), tokens_per_s=round(rate, 1), add_seconds=round(added, 4),
+                            **counted))  # fmt: skip
+        print(f"decode {k} streams (batch):     {rate:9.1f} tokens/s  ({seconds:.3f} s; adding the {k} prompts "
+              f"{added:.3f} s; {counted})", flush=True)  # fmt: skip
     m = memories[0]
     question = torch.tensor([_question(0, args.question_tokens, vocab)], device=model.lm_head.weight.device)
     for n in (4, args.new_tokens):
@@ -190,9 +199,11 @@ def over_http(model, tokenizer, args, work: Path) -> list[dict]:
     from longllama.serve import ServeConfig, create_app
 
     k_max = max(args.streams)
+    # Every memory stays loaded (the default budget of 4 GiB holds five of the 3B shape's 16k-token memories: the
+    # others would be read from disk again for each request, which is not the server overhead measured here).
     config = ServeConfig(model_id="bench", memory_dir=str(work / "memories"), queue=4 * k_max, max_batch=k_max,
                          max_tokens=args.new_tokens, max_prompt_tokens=args.question_tokens * 8,
-                         max_body_bytes=64 << 20)  # fmt: skip
+                         max_body_bytes=64 << 20, memory_budget=1 << 40)  # fmt: skip
     app = create_app(model, tokenizer, config)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -274,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="ttft,concurrent,http")
     parser.add_argument("--work", help="folder for the model and memories (default: a temporary one)")
     parser.add_argument("--out")
+    parser.add_argument("--plan", action="append", metavar="KEY=VALUE", help="execution plan changes (repeatable)")
     args = parser.parse_args(argv)
     args.streams = [int(k) for k in args.streams.split(",")]
     parts = set(args.parts.split(","))
@@ -283,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     _model_folder(args.shape, folder, args.device)
     model = LongLlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(args.device).eval()
+    changes = parse_overrides(args.plan)
+    if changes:
+        model.set_plan(**changes)
     tokenizer = load_tokenizer(folder)
     print(f"model saved and loaded in {time.perf_counter() - start:.1f} s", flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -290,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def keep(new: list[dict]) -> None:  # written after each part: a later failure keeps what was measured
         for r in new:
-            r.update(shape=args.shape, device=device, date=datetime.date.today().isoformat(), torch=torch.__version__)
+            r.update(shape=args.shape, device=device, date=datetime.date.today().isoformat(), torch=torch.__version__,
+                     plan_changes=changes)  # fmt: skip
         records.extend(new)
         if args.out:
             out = Path(args.out)

@@ -108,6 +108,14 @@ def test_the_event_log_is_read_only_and_reports_each_kind():
     assert "torch.compile rms_norm  [built]" in text and "total compile: 1 in 1.250 s" in text
 
 
+def test_the_event_log_is_bounded(monkeypatch):
+    monkeypatch.setattr(timings, "_MAX_EVENTS", timings.mark() + 2)
+    mark = timings.mark()
+    for i in range(5):  # a server capturing a graph at every flush
+        timings.record("capture", f"decoding step {i}", 0.01)
+    assert [e.name for e in timings.since(mark)] == ["decoding step 0", "decoding step 1"]
+
+
 def _cold_start_module():
     spec = importlib.util.spec_from_file_location("cold_start", ROOT / "benchmarks" / "cold_start.py")
     module = importlib.util.module_from_spec(spec)

@@ -102,30 +102,41 @@ def _assert_close_in_bf16(y, ref):
     assert_within_steps(y, ref, dtype=torch.bfloat16, steps=4, magnitude=ref.float().abs().max())
 
 
-def test_matrix_vector_kernels_equal_linear(interpreter):
+def _assert_swiglu_close(y, x, gate, up):
+    """silu(x gate^T) * (x up^T) within four bf16 steps at max |u| (|g| + |silu(g)|): both sides round the two
+    products and the silu to bf16 before multiplying (the interpreter by truncation, a full step), and a step of
+    g or u moves the result by that much times the other factor."""
+    g, u = F.linear(x.float(), gate.float()), F.linear(x.float(), up.float())
+    ref = F.silu(F.linear(x, gate)) * F.linear(x, up)
+    magnitude = (u.abs() * (g.abs() + F.silu(g).abs())).max()
+    assert_within_steps(y, ref, dtype=torch.bfloat16, steps=4, magnitude=magnitude)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7])  # a program per row; the several-row kernels (tl.dot, 16 rows)
+def test_matrix_vector_kernels_equal_linear(interpreter, rows):
     torch.manual_seed(3)
-    x = torch.randn(2, 1, 96, dtype=torch.bfloat16)
+    x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)
     q, k, v = (torch.randn(n, 96, dtype=torch.bfloat16) for n in (48, 12, 12))
-    assert gemv.applies(x, q, cpu=True) and not gemv.applies(x, q)  # CPU tensors go to the kernel when asked
-    assert not gemv.applies(x, q, cpu=True, max_rows=1)  # 2 rows: more than the kernel is asked to serve
-    stacked = gemv.linear_stacked(x, (q, k, v), cpu=True)
-    assert stacked.shape == (2, 1, 72)
+    assert gemv.applies(x, q, cpu=True, max_rows=16) and not gemv.applies(x, q)  # CPU tensors go there when asked
+    assert not gemv.applies(x, q, cpu=True, max_rows=rows - 1)  # more rows than the kernel is asked to serve
+    assert not gemv.applies(torch.zeros(17, 96, dtype=torch.bfloat16), q, cpu=True, max_rows=32)  # over 16 rows
+    kw = dict(cpu=True, max_rows=16)
+    stacked = gemv.linear_stacked(x, (q, k, v), **kw)
+    assert stacked.shape == (rows, 1, 72)
     _assert_close_in_bf16(stacked, torch.cat([F.linear(x, w) for w in (q, k, v)], -1))
-    residual = torch.randn(2, 1, 48, dtype=torch.bfloat16)
-    _assert_close_in_bf16(gemv.linear(x, q, residual=residual, cpu=True), residual + F.linear(x, q))
+    residual = torch.randn(rows, 1, 48, dtype=torch.bfloat16)
+    _assert_close_in_bf16(gemv.linear(x, q, residual=residual, **kw), residual + F.linear(x, q))
     up = torch.randn(48, 96, dtype=torch.bfloat16)
-    _assert_close_in_bf16(gemv.linear_swiglu(x, q, up, cpu=True), F.silu(F.linear(x, q)) * F.linear(x, up))
+    _assert_swiglu_close(gemv.linear_swiglu(x, q, up, **kw), x, q, up)
     # With the RMSNorm before the product done inside it.
     norm = (torch.rand(96, dtype=torch.bfloat16) + 0.5, 1e-6)
     normed = ops.rms_norm(x * 3, *norm)
-    _assert_close_in_bf16(gemv.linear(x * 3, q, norm=norm, cpu=True), F.linear(normed, q))
+    _assert_close_in_bf16(gemv.linear(x * 3, q, norm=norm, **kw), F.linear(normed, q))
     _assert_close_in_bf16(
-        gemv.linear_stacked(x * 3, (q, k, v), norm=norm, cpu=True),
+        gemv.linear_stacked(x * 3, (q, k, v), norm=norm, **kw),
         torch.cat([F.linear(normed, w) for w in (q, k, v)], -1),
     )
-    _assert_close_in_bf16(
-        gemv.linear_swiglu(x * 3, q, up, norm=norm, cpu=True), F.silu(F.linear(normed, q)) * F.linear(normed, up)
-    )
+    _assert_swiglu_close(gemv.linear_swiglu(x * 3, q, up, norm=norm, **kw), normed, q, up)
 
 
 def _decode(model, ids, kernels_on: bool, **kwargs):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longllama import LongLlamaForCausalLM
+from longllama import LongLlamaForCausalLM, document_memory
 from longllama.chat_format import chat_format
 from longllama.cli import SHIPPED_MODEL
 from longllama.config import preset
@@ -167,6 +167,27 @@ def _one_line_error(call, hint: str) -> None:
     message = str(info.value)
     assert "\n" not in message and hint in message, message
     assert "build" in message or "load it with" in message or "run with" in message, message  # names the fix
+
+
+def test_a_memory_checked_in_many_chunks_loads_as_saved(tiny, tmp_path: Path, monkeypatch) -> None:
+    model, tokenizer = tiny
+    monkeypatch.setattr(document_memory, "_CHECK_CHUNK", 1000)  # many checksum chunks, read side by side
+    memory = DocumentMemory.build(model, tokenizer, DOCUMENT, template="none")
+    path = memory.save(tmp_path / "mem")
+    entries = json.loads((path / "manifest.json").read_text())["files"]
+    assert all(len(e["sha256_chunks"]) == -(-e["bytes"] // 1000) for e in entries.values())
+    assert max(len(e["sha256_chunks"]) for e in entries.values()) > 3
+    loaded = DocumentMemory.load(path, model, tokenizer)
+    for mine, theirs in zip(memory.cache.layers, loaded.cache.layers):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.positions, theirs.positions)
+        if mine.memory is not None:
+            assert all(torch.equal(a, b) for a, b in zip(mine.memory.padded(), theirs.memory.padded()))
+    tensor = path / "memory.layer1.safetensors"
+    data = bytearray(tensor.read_bytes())
+    data[2500] ^= 0x01  # a byte of the third chunk
+    tensor.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        DocumentMemory.load(path, model, tokenizer)
 
 
 def test_loading_refuses_other_models_settings_and_damaged_files(tiny, folders, tmp_path: Path) -> None:

@@ -411,13 +411,21 @@ def test_memories_survive_a_restart_and_a_kill_mid_upload(server, memory_dir, ha
     shutil.copytree(memory_dir / memory_id, damaged)
     tensor = next(p for p in damaged.iterdir() if p.suffix == ".safetensors")
     tensor.write_bytes(tensor.read_bytes()[:-10])
+    # ... and one whose bytes changed in place (same size): a start checks sizes only, its load the checksums.
+    flipped = memory_dir / ("mem-" + "D" * 32)
+    shutil.copytree(memory_dir / memory_id, flipped)
+    tensor = next(p for p in flipped.iterdir() if p.suffix == ".safetensors")
+    data = bytearray(tensor.read_bytes())
+    data[-1] ^= 0xFF
+    tensor.write_bytes(bytes(data))
 
     # A budget of one byte: only the memory used last stays loaded, the other is read from disk again.
     restarted = Server(memory_dir, "--queue", "2", "--memory-budget", "1", key_in_environment=True)
     try:
         listed = {m["id"]: m for m in restarted.http("GET", "/v1/memories").json()["data"]}
         # The killed upload is not listed (on a machine fast enough to finish it first, it would be, complete).
-        assert memory_id in listed and damaged.name not in listed and len(listed) <= 2, listed
+        assert memory_id in listed and damaged.name not in listed and flipped.name in listed, listed
+        assert len(listed) <= 3, listed
         assert not any(m["loaded"] for m in listed.values())
         _error(restarted.http("GET", "/v1/memories", headers={"Authorization": "Bearer wrong"}), 401)
         assert not leftover.exists()
@@ -425,6 +433,10 @@ def test_memories_survive_a_restart_and_a_kill_mid_upload(server, memory_dir, ha
         ask = lambda memory: client.completions.create(  # noqa: E731
             model="small", prompt=QUESTION, max_tokens=6, temperature=0, extra_body={"memory": memory}
         )
+        corrupt = restarted.http(
+            "POST", "/v1/completions", json={"prompt": QUESTION, "max_tokens": 2, "memory": flipped.name}
+        )
+        assert "sha256" in _error(corrupt, 500)["message"]
         again = ask(memory_id)
         assert again.choices[0].text == answer
         info = restarted.http("GET", f"/v1/memories/{memory_id}").json()

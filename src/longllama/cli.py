@@ -17,7 +17,6 @@ and exit status 2, as argparse does for usage errors; no traceback.
 from __future__ import annotations
 
 import argparse
-import contextvars
 import logging
 import sys
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from longllama.errors import InputError, LongLlamaError
+from longllama.serve.config import ServeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +33,7 @@ EXIT_USAGE = 2  # argparse's status for usage errors; user errors share it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = ("none", "int8", "int4")  # --quantize: weight-only quantization of the linear layers (quantize.py)
 MEM_DTYPE_CHOICES = ("float32", "bfloat16", "float16", "int8")  # --mem-dtype: how memory layers store keys/values
-# --quantize / --mem-dtype / --mem-retrieval / --mem-blocks of the running command: main sets them around the command,
-# load_model reads them, so every command that loads a model (and every eval task) takes them without passing them
-# through each signature.
-_LOAD_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("load_options", default=None)
+SERVE_DEFAULTS = ServeConfig()  # `longllama serve`'s option defaults are the server's own
 PASSKEY_LENGTHS = (4096, 16384)  # prompt tokens of `passkey` without --lengths
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder gives for the bytes of a character not complete yet
 
@@ -157,6 +154,10 @@ def generate(
     compile_elementwise: bool | None = None,
     plan: list[str] | None = None,
     verbose: bool = False,
+    quantize: str | None = None,
+    mem_dtype: str | None = None,
+    mem_retrieval: str | None = None,
+    mem_blocks: int | None = None,
 ) -> int:
     """Continue a prompt with a LongLLaMA checkpoint, streaming the new text to stdout."""
     import torch
@@ -181,6 +182,10 @@ def generate(
         compile_elementwise=compile_elementwise,
         plan=plan,
         verbose=verbose,
+        quantize=quantize,
+        mem_dtype=mem_dtype,
+        mem_retrieval=mem_retrieval,
+        mem_blocks=mem_blocks,
     )
     if seed is not None:
         torch.manual_seed(seed)
@@ -361,10 +366,12 @@ def load_model(
     verbose: bool = False,
     quantize: str | None = None,
     mem_dtype: str | None = None,
+    mem_retrieval: str | None = None,
+    mem_blocks: int | None = None,
 ):
     """LongLlamaForCausalLM from `folder` in `dtype` ('auto': the checkpoint's own), on `device`, in eval mode;
-    `quantize` ('int8', 'int4'; None: the command's --quantize) its linear layers after the move to `device`,
-    `mem_dtype` (None: the command's --mem-dtype, else the checkpoint's) the memory's storage;
+    `quantize` ('int8', 'int4'; None: as stored) its linear layers after the move to `device`, `mem_dtype`,
+    `mem_retrieval` and `mem_blocks` (None: the checkpoint's) how the memory is stored and read;
     `mem_layers` replaces the checkpoint's memory layers (e.g. [] for an ablation without memory), `mem_top_k`
     (0: dense) its kNN memory setting, `compile_elementwise` (None: the checkpoint's, "auto" by default) whether
     RMSNorm/RoPE/SwiGLU run through torch.compile; `plan` KEY=VALUE changes of the execution plan (checked before
@@ -387,14 +394,10 @@ def load_model(
         overrides["compile_elementwise"] = compile_elementwise
     from longllama import quantize as quantization
 
-    options = _LOAD_OPTIONS.get() or {}
-    quantize = quantization.check_quantization(quantize if quantize is not None else options.get("quantize"))
-    mem_dtype = mem_dtype if mem_dtype is not None else options.get("mem_dtype")
-    if mem_dtype is not None:
-        overrides["mem_dtype"] = mem_dtype
-    for key in ("mem_retrieval", "mem_blocks"):  # --mem-retrieval / --mem-blocks of the running command
-        if options.get(key) is not None:
-            overrides[key] = options[key]
+    quantize = quantization.check_quantization(quantize)
+    for key, value in (("mem_dtype", mem_dtype), ("mem_retrieval", mem_retrieval), ("mem_blocks", mem_blocks)):
+        if value is not None:
+            overrides[key] = value
     if overrides.get("mem_retrieval") == "blocks" and "mem_top_k" not in overrides:
         overrides["mem_top_k"] = None  # the two ways of reading the memory exclude each other; the flag wins
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
@@ -821,6 +824,10 @@ def passkey(
     compile_elementwise: bool | None = None,
     plan: list[str] | None = None,
     verbose: bool = False,
+    quantize: str | None = None,
+    mem_dtype: str | None = None,
+    mem_retrieval: str | None = None,
+    mem_blocks: int | None = None,
     out: str | None = None,
     plot: str | None = None,
 ) -> int:
@@ -854,6 +861,10 @@ def passkey(
         compile_elementwise=compile_elementwise,
         plan=plan,
         verbose=verbose,
+        quantize=quantize,
+        mem_dtype=mem_dtype,
+        mem_retrieval=mem_retrieval,
+        mem_blocks=mem_blocks,
     )
     settings = {
         "model": str(folder),
@@ -1003,6 +1014,10 @@ def perplexity(
     compile_elementwise: bool | None = None,
     plan: list[str] | None = None,
     verbose: bool = False,
+    quantize: str | None = None,
+    mem_dtype: str | None = None,
+    mem_retrieval: str | None = None,
+    mem_blocks: int | None = None,
     out: str | None = None,
     plot: str | None = None,
 ) -> int:
@@ -1041,6 +1056,10 @@ def perplexity(
         compile_elementwise=compile_elementwise,
         plan=plan,
         verbose=verbose,
+        quantize=quantize,
+        mem_dtype=mem_dtype,
+        mem_retrieval=mem_retrieval,
+        mem_blocks=mem_blocks,
     )
     records = task.run_perplexity(
         lm,
@@ -1174,6 +1193,10 @@ def eval_model(
     plan: list[str] | None = None,
     mem_top_k: int | None = None,
     verbose: bool,
+    quantize: str | None = None,
+    mem_dtype: str | None = None,
+    mem_retrieval: str | None = None,
+    mem_blocks: int | None = None,
 ):
     """(folder, model, tokenizer) for an evaluation: the checkpoint in `model` (the shipped one if None), with kNN
     memory of `mem_top_k` keys when given (0: dense)."""
@@ -1189,6 +1212,10 @@ def eval_model(
         mem_top_k=mem_top_k,
         plan=plan,
         verbose=verbose,
+        quantize=quantize,
+        mem_dtype=mem_dtype,
+        mem_retrieval=mem_retrieval,
+        mem_blocks=mem_blocks,
     )
     return folder, lm, tokenizer
 
@@ -1466,14 +1493,14 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     memory_dir: str | None = None,
-    queue: int = 8,
-    max_batch: int = 8,
-    max_prompt_tokens: int = 32768,
-    max_tokens: int = 2048,
-    memory_budget: int = 4 << 30,
-    prefix_cache_bytes: int = 1 << 30,
-    max_body_bytes: int = 1 << 20,
-    max_upload_bytes: int = 64 << 20,
+    queue: int = SERVE_DEFAULTS.queue,
+    max_batch: int = SERVE_DEFAULTS.max_batch,
+    max_prompt_tokens: int = SERVE_DEFAULTS.max_prompt_tokens,
+    max_tokens: int = SERVE_DEFAULTS.max_tokens,
+    memory_budget: int = SERVE_DEFAULTS.memory_budget,
+    prefix_cache_bytes: int = SERVE_DEFAULTS.prefix_cache_bytes,
+    max_body_bytes: int = SERVE_DEFAULTS.max_body_bytes,
+    max_upload_bytes: int = SERVE_DEFAULTS.max_upload_bytes,
     template: str | None = None,
     verbose: bool = False,
     **model_options,
@@ -1533,54 +1560,44 @@ def _add_serve(commands) -> None:
     p.add_argument(
         "--memory-dir", metavar="DIR", help="where memories are kept across restarts (default: a temporary folder)"
     )
-    p.add_argument(
-        "--queue",
-        type=_positive_int,
-        default=8,
-        metavar="N",
-        help="requests that may wait for the model (8); more: 429",
-    )
-    p.add_argument(
-        "--max-batch",
-        type=_positive_int,
-        default=8,
-        metavar="N",
-        help="generations decoded together (8); more wait in the queue",
-    )
-    p.add_argument(
-        "--max-prompt-tokens", type=_positive_int, default=32768, metavar="N", help="prompt tokens per request (32768)"
-    )
-    p.add_argument("--max-tokens", type=_positive_int, default=2048, metavar="N", help="new tokens per request (2048)")
-    p.add_argument(
-        "--memory-budget",
-        type=_positive_int,
-        default=4 << 30,
-        metavar="BYTES",
-        help="bytes of memories kept loaded (default 4 GiB); the others are read from disk when used",
-    )
-    p.add_argument(
-        "--prefix-cache-bytes",
-        type=_non_negative_int,
-        default=1 << 30,
-        metavar="BYTES",
-        help="memory kept of recent prompts' whole windows, reused by prompts that start the same (1 GiB; 0: off)",
-    )
-    p.add_argument(
-        "--max-body-bytes", type=_positive_int, default=1 << 20, metavar="BYTES", help="request body limit (1 MiB)"
-    )
-    p.add_argument(
-        "--max-upload-bytes",
-        type=_positive_int,
-        default=64 << 20,
-        metavar="BYTES",
-        help="memory upload limit (64 MiB)",
-    )
+    d = SERVE_DEFAULTS
+    for flag, kind, metavar, text in (
+        ("--queue", _positive_int, "N", f"requests that may wait for the model ({d.queue}); more: 429"),
+        ("--max-batch", _positive_int, "N", f"generations decoded together ({d.max_batch}); more wait in the queue"),
+        ("--max-prompt-tokens", _positive_int, "N", f"prompt tokens per request ({d.max_prompt_tokens})"),
+        ("--max-tokens", _positive_int, "N", f"new tokens per request ({d.max_tokens})"),
+        (
+            "--memory-budget",
+            _positive_int,
+            "BYTES",
+            f"bytes of memories kept loaded ({_bytes(d.memory_budget)}); the others are read from disk when used",
+        ),
+        (
+            "--prefix-cache-bytes",
+            _non_negative_int,
+            "BYTES",
+            "memory kept of recent prompts' whole windows, reused by prompts that start the same "
+            f"({_bytes(d.prefix_cache_bytes)}; 0: off)",
+        ),
+        ("--max-body-bytes", _positive_int, "BYTES", f"request body limit ({_bytes(d.max_body_bytes)})"),
+        ("--max-upload-bytes", _positive_int, "BYTES", f"memory upload limit ({_bytes(d.max_upload_bytes)})"),
+    ):
+        name = flag[2:].replace("-", "_")
+        p.add_argument(flag, type=kind, default=getattr(d, name), metavar=metavar, help=text)
     p.add_argument(
         "--template",
         metavar="NAME|none",
         help="chat format of chat requests and new memories (default: the tokenizer's); 'none': plain continuation",
     )
     p.set_defaults(func=serve)
+
+
+def _bytes(n: int) -> str:
+    """A byte count as help texts give it: 4 GiB, 64 MiB."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
 
 
 TUNE_SHAPES = ("tiny", "3b", "code-7b")
@@ -1702,10 +1719,6 @@ def main(argv: list[str] | None = None) -> int:
     caches.configure()  # before any library compiles: they read their cache folders then
     args.pop("eval_task", None)
     _quiet_libraries()
-    load_options = {
-        key: args.pop(key) for key in ("quantize", "mem_dtype", "mem_retrieval", "mem_blocks") if key in args
-    }
-    token = _LOAD_OPTIONS.set(load_options)
     try:
         return command(**args)
     except (LongLlamaError, OSError, ImportError) as exc:
@@ -1722,8 +1735,6 @@ def main(argv: list[str] | None = None) -> int:
                 "--last-context-length or --mem-attention-grouping 1,1024"
             )
         raise
-    finally:
-        _LOAD_OPTIONS.reset(token)
 
 
 def _one_line(exc: BaseException) -> str:

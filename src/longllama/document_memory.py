@@ -62,7 +62,7 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _chunk_digests(path: Path, chunk: int = _CHECK_CHUNK) -> list[str]:
+def _chunk_digests(path: Path, chunk: int) -> list[str]:
     """sha256 of each `chunk` bytes of a file, hashed side by side (hashlib releases the GIL): a memory of
     several GB is checked in a fraction of the time one digest of the whole file takes."""
     size = path.stat().st_size
@@ -78,12 +78,13 @@ def _chunk_digests(path: Path, chunk: int = _CHECK_CHUNK) -> list[str]:
 
 def file_entry(path: Path) -> dict[str, Any]:
     """A tensor file's manifest entry: its size and the sha256 of each of its chunks."""
-    return {"bytes": path.stat().st_size, "chunk_bytes": _CHECK_CHUNK, "sha256_chunks": _chunk_digests(path)}
+    chunk = _CHECK_CHUNK
+    return {"bytes": path.stat().st_size, "chunk_bytes": chunk, "sha256_chunks": _chunk_digests(path, chunk)}
 
 
-def check_file(path: Path, entry: dict[str, Any]) -> None:
+def check_file(path: Path, entry: dict[str, Any], *, contents: bool = True) -> None:
     """CheckpointError unless `path` has the size and checksums its manifest entry records (chunk digests, or one
-    sha256 of the whole file as older memories hold)."""
+    sha256 of the whole file as older memories hold); without `contents`, the size alone (no read)."""
     if not path.is_file():
         raise CheckpointError(f"memory file {path} is missing: the folder is incomplete; build the memory again")
     size = path.stat().st_size
@@ -92,6 +93,8 @@ def check_file(path: Path, entry: dict[str, Any]) -> None:
             f"memory file {path} has {size} bytes, the manifest says {entry.get('bytes')} (truncated?): build the "
             "memory again"
         )
+    if not contents:
+        return
     if "sha256_chunks" in entry:
         same = _chunk_digests(path, int(entry["chunk_bytes"])) == entry["sha256_chunks"]
     else:
@@ -448,11 +451,79 @@ def _check_same(manifest: dict[str, Any], key: str, current: dict[str, Any], fol
 
 def _read_tensor_file(folder: Path, name: str, entry: dict[str, Any], device) -> dict[str, torch.Tensor]:
     path = folder / name
-    check_file(path, entry)
-    try:  # straight to the device (the file is in the page cache after its check)
+    try:
+        if "sha256_chunks" in entry:
+            return _read_checked(path, entry, torch.device(device))
+        check_file(path, entry)  # older memories: one digest of the whole file, then a second read
         return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"cannot read memory file {path} ({exc}): build the memory again") from None
+
+
+# safetensors' dtype names (its file format: 8-byte little-endian header size, JSON header, the tensors' bytes)
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_checked(path: Path, entry: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """A tensor file read once: its checksum chunks read side by side, each hashed and copied to `device` while the
+    others are read, into one buffer there whose views are the tensors. (check_file, then safetensors' load_file,
+    read a memory twice: the disk once for the check, then the page cache again for the tensors.)"""
+    size, chunk = int(entry["bytes"]), int(entry["chunk_bytes"])
+    if not path.is_file() or path.stat().st_size != size:
+        check_file(path, entry, contents=False)  # the one-line error for a missing or truncated file
+    flat = torch.empty(size, dtype=torch.uint8, device=device)
+    staging = threading.local()  # on GPUs a reading buffer per thread, reused for its chunks
+
+    def part(start: int) -> str:
+        n = min(chunk, size - start)
+        if flat.is_cuda:
+            if not hasattr(staging, "buffer"):
+                staging.buffer = torch.empty(chunk, dtype=torch.uint8)
+            target = staging.buffer[:n]
+        else:
+            target = flat[start : start + n]
+        view = memoryview(target.numpy())
+        with open(path, "rb", buffering=0) as handle:
+            handle.seek(start)
+            done = 0
+            while done < n:
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"memory file {path} ended early: build the memory again")
+                done += got
+        digest = hashlib.sha256(view).hexdigest()
+        if flat.is_cuda:
+            flat[start : start + n].copy_(target)
+        return digest
+
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(part, range(0, max(size, 1), chunk)))
+    if digests != entry["sha256_chunks"]:
+        raise CheckpointError(f"memory file {path} fails its sha256 check (corrupt): build the memory again")
+    (header_len,) = struct.unpack("<Q", flat[:8].cpu().numpy().tobytes())
+    header = json.loads(flat[8 : 8 + header_len].cpu().numpy().tobytes())
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = (8 + header_len + offset for offset in info["data_offsets"])
+        raw = flat[begin:end]
+        if begin % dtype.itemsize:  # not aligned for a view of this dtype: its own copy
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).view(info["shape"])
+    return tensors
 
 
 def _cache_from_files(model, files: dict[str, dict[str, torch.Tensor]], folder: Path, device) -> LongLlamaCache:

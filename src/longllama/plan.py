@@ -102,7 +102,7 @@ class ExecutionPlan:
     skip_dead_layers: bool = True
     window_group_tokens: int = 8192
     decode_kernels: bool = True
-    gemv_max_rows: int = 4
+    gemv_max_rows: int = 16
     interpret_kernels: bool = False
     autotune: bool = False
     weights: str = "dense"

@@ -55,6 +55,8 @@ def _process_age() -> float:
 _START = time.perf_counter() - _process_age()
 _LOCK = threading.Lock()
 _EVENTS: list[Event] = []
+# A long-running process (a server recaptures a graph at every flush) keeps its first events, then stops logging.
+_MAX_EVENTS = 100_000
 
 
 def record(kind: str, name: str, seconds: float, source: str = "") -> None:
@@ -62,7 +64,8 @@ def record(kind: str, name: str, seconds: float, source: str = "") -> None:
     if kind not in KINDS:
         raise ValueError(f"event kind {kind!r}: use one of {', '.join(KINDS)}")
     with _LOCK:
-        _EVENTS.append(Event(kind, name, float(seconds), source, time.perf_counter() - _START))
+        if len(_EVENTS) < _MAX_EVENTS:
+            _EVENTS.append(Event(kind, name, float(seconds), source, time.perf_counter() - _START))
 
 
 def record_once(kind: str, name: str, seconds: float = 0.0, source: str = "") -> bool:

@@ -146,7 +146,7 @@ def _dynamic(name: str, fn: Callable) -> Callable:
     return call
 
 
-def compiled(*, rope_kernel: bool = True, gemv_max_rows: int = 4, cpu: bool = False, autotune: bool = False) -> Ops:
+def compiled(*, rope_kernel: bool = True, gemv_max_rows: int = 16, cpu: bool = False, autotune: bool = False) -> Ops:
     """ops.EAGER's functions through torch.compile (built once per set of options; every dimension but the
     features dynamic from 2 elements up, see _dynamic). `rope_kernel`: rope_pad by the Triton kernel where it
     applies; `gemv_max_rows`: products of at most that many rows by the matrix-vector kernel; `cpu`: CPU tensors

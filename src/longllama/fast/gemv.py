@@ -1,7 +1,9 @@
 """Matrix-vector products for decoding: y = x W^T for a few rows of x (bf16/fp16, CUDA), as Triton kernels that
 stream W once at close to the memory bandwidth. A decoding step is bound by reading the weights; cuBLAS ran the 3B
 model's 3200 x 3200 products at ~1.6 TB/s with cold weights on an H100 (bench_gemv.py), with a split-K
-pass and a reduction kernel after it.
+pass and a reduction kernel after it. One row of x: a program per block of output rows; more rows (beams, a batch
+of independent sequences: batch_decode.py) go to several-row kernels that read each weight tile once for all rows
+(tl.dot over a 16-row tile), where per-row programs would read the weights once per row.
 
 `linear(x, weight, residual=None, norm=None)` takes the kernel where it applies (CUDA, bf16/fp16, at most
 `max_rows` rows, contiguous weights) and F.linear elsewhere (`autotune`: the kernel's configuration by Triton's
@@ -27,8 +29,19 @@ import torch.nn.functional as F
 from longllama.fast import kernels
 from longllama.ops import rms_norm
 
-MAX_ROWS = 4  # default of max_rows (the plan's gemv_max_rows)
+MAX_ROWS = 16  # default of max_rows (the plan's gemv_max_rows)
+# One row: one program per block of output rows. More rows go to the several-row kernels, which read each weight
+# tile once for all of them (at most ROWS_BLOCK rows): on an H100 (bench_gemv.py) a per-row program for each of 2-4
+# rows ran the 3B products at 0.7-1.8 TB/s, the several-row kernels at 1.8-2.7 TB/s, as fast as cuBLAS or faster;
+# for one row the per-row kernel is ~20 % faster.
+PER_ROW = 1
+ROWS_BLOCK = 16
 _DEFAULTS = {"BLOCK_N": 8, "BLOCK_K": 256}  # the interpreter's configuration (no autotuning there)
+_ROWS_DEFAULTS = {"BLOCK_N": 16, "BLOCK_K": 64}
+
+
+def _defaults(rows: int) -> dict:
+    return _ROWS_DEFAULTS if rows > PER_ROW else _DEFAULTS
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,7 +49,7 @@ def _kernels():
     """The kernels (gemv_kernels.py), imported on first use: Triton is only needed where they run."""
     from longllama.fast import gemv_kernels
 
-    return gemv_kernels.gemv, gemv_kernels.gemv_swiglu
+    return gemv_kernels.gemv, gemv_kernels.gemv_swiglu, gemv_kernels.gemv_rows, gemv_kernels.gemv_rows_swiglu
 
 
 def kernel_objects() -> tuple:
@@ -48,8 +61,17 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _grid(n: int, rows: int):
-    """Launch grid: blocks of BLOCK_N output columns, one row of x each."""
+    """Launch grid: blocks of BLOCK_N output columns, one row of x each (the several-row kernels: every row)."""
+    if rows > PER_ROW:
+        return lambda meta: (-(-n // meta["BLOCK_N"]),)
     return lambda meta: (-(-n // meta["BLOCK_N"]), rows)
+
+
+def _kernel(rows: int, swiglu: bool = False):
+    """The kernel for `rows` rows, and its extra constants."""
+    many = rows > PER_ROW
+    kernel = _kernels()[2 * many + swiglu]
+    return kernel, ({"BLOCK_M": max(16, kernels.pow2(rows)), "UPCAST": kernels.interpreting()} if many else {})
 
 
 def applies(x: torch.Tensor, *weights: torch.Tensor, norm=None, max_rows: int = MAX_ROWS, cpu: bool = False) -> bool:
@@ -59,7 +81,7 @@ def applies(x: torch.Tensor, *weights: torch.Tensor, norm=None, max_rows: int = 
     ok = (
         kernels.usable(x, cpu=cpu)
         and x.dtype in (torch.bfloat16, torch.float16)
-        and rows <= max_rows
+        and rows <= min(max_rows, ROWS_BLOCK)
         and all(
             w.dtype == x.dtype and w.device == x.device and w.is_contiguous() and w.shape[1] == x.shape[-1]
             for w in weights
@@ -90,14 +112,16 @@ def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm, auto
     rows = flat.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     r = y if residual is None else residual.reshape(rows, n).contiguous()
+    kernel, extra = _kernel(rows)
     kernels.launch(
-        _kernels()[0],
+        kernel,
         _grid(n, rows),
         (flat, *norm_args, w0, offsets[0], offsets[1], r, y, rows, n, sizes[0], sizes[1], k),
-        _DEFAULTS,
+        _defaults(rows),
         autotune=autotune,
         NORM=normed,
         RESIDUAL=residual is not None,
+        **extra,
     )
     return y.view(*x.shape[:-1], n)
 
@@ -163,12 +187,14 @@ def linear_swiglu(
     flat, norm_args, normed = _prepared(x, norm)
     rows, n, k = flat.shape[0], gate.shape[0], flat.shape[1]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    kernel, extra = _kernel(rows, swiglu=True)
     kernels.launch(
-        _kernels()[1],
+        kernel,
         _grid(n, rows),
         (flat, *norm_args, gate, up, y, rows, n, k),
-        _DEFAULTS,
+        _defaults(rows),
         autotune=autotune,
         NORM=normed,
+        **extra,
     )
     return y.view(*x.shape[:-1], n)

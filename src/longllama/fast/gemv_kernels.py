@@ -41,6 +41,19 @@ def x_block(x_ptr, nw_ptr, row, ks, inv, K: tl.constexpr, NORM: tl.constexpr):
 
 
 @triton.jit
+def row_offsets(cols, off1, off2, N0, N1, K: tl.constexpr):
+    """Element offset of each output column's weight row: columns [0, N0) in the weight at w_ptr, [N0, N0 + N1) in
+    the one off1 elements after it, the rest in the one off2 elements after it (stacked weights need not be
+    adjacent in memory)."""
+    c64 = cols.to(tl.int64)
+    return tl.where(
+        cols < N0,
+        c64 * K,
+        tl.where(cols < N0 + N1, off1.to(tl.int64) + (c64 - N0) * K, off2.to(tl.int64) + (c64 - N0 - N1) * K),
+    )
+
+
+@triton.jit
 def gemv_kernel(
     x_ptr,
     nw_ptr,
@@ -60,17 +73,10 @@ def gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # Output rows [0, N0) come from the weight at w_ptr, [N0, N0 + N1) from the one off1 elements after it,
-    # the rest from the one off2 elements after it (the stacked weights need not be adjacent in memory).
     pid = tl.program_id(0)
     row = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    c64 = cols.to(tl.int64)
-    base = tl.where(
-        cols < N0,
-        c64 * K,
-        tl.where(cols < N0 + N1, off1.to(tl.int64) + (c64 - N0) * K, off2.to(tl.int64) + (c64 - N0 - N1) * K),
-    )
+    base = row_offsets(cols, off1, off2, N0, N1, K)
     inv = inv_rms(x_ptr, row, eps, K, BLOCK_K) if NORM else 1.0
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in tl.static_range(0, K, BLOCK_K):  # unrolled: every load in flight at once
@@ -121,7 +127,132 @@ def gemv_swiglu_kernel(
     tl.store(y_ptr + row * N + cols, (silu * u).to(y_ptr.dtype.element_ty), mask=cols < N)
 
 
+# The several-row kernels: tl.dot needs tiles of at least 16 in every dimension; the K loop is pipelined (num_stages).
+# UPCAST (Triton's interpreter only, whose tl.dot misreads bf16 operands): the exact products in fp32 instead.
+_ROWS_CONFIGS = [
+    triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+    for n in (16, 32, 64)
+    for k in (64, 128, 256)
+    for w in (4, 8)
+    for s in (2, 3, 4)
+]
+
+
+@triton.jit
+def x_rows(x_ptr, nw_ptr, rows, M, ks, inv, K: tl.constexpr, NORM: tl.constexpr):
+    """Columns ks of every row of x (BLOCK_M, BLOCK_K) in the activation dtype (zero past M); with NORM, of
+    rms_norm(x) * weight, rounded where rms_norm rounds (as x_block)."""
+    mask = (rows[:, None] < M) & (ks[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+    if NORM:
+        xn = (x.to(tl.float32) * inv[:, None]).to(x.dtype)
+        nw = tl.load(nw_ptr + ks, mask=ks < K, other=0.0)
+        x = (nw.to(tl.float32)[None, :] * xn.to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def inv_rms_rows(x_ptr, rows, M, eps, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """inv_rms of every row (BLOCK_M,) of x."""
+    sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < M) & (ks[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        sq += x * x
+    return 1.0 / tl.sqrt(tl.sum(sq, axis=1) / K + eps)
+
+
+@triton.jit
+def gemv_rows_kernel(
+    x_ptr,
+    nw_ptr,
+    eps,
+    w_ptr,
+    off1,
+    off2,
+    r_ptr,
+    y_ptr,
+    M,
+    N,
+    N0,
+    N1,
+    K: tl.constexpr,
+    NORM: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # gemv_kernel for up to BLOCK_M rows at once: each weight tile is read once and multiplied with every row
+    # (fp32 sums of exact bf16 products, as there), instead of once per row.
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    base = row_offsets(cols, off1, off2, N0, N1, K)
+    inv = inv_rms_rows(x_ptr, rows, M, eps, K, BLOCK_M, BLOCK_K) if NORM else tl.full((BLOCK_M,), 1.0, tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = x_rows(x_ptr, nw_ptr, rows, M, ks, inv, K, NORM)
+        w = tl.load(w_ptr + base[:, None] + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
+        if UPCAST:
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc)
+    out = (rows[:, None] < M) & (cols[None, :] < N)
+    y = acc
+    if RESIDUAL:  # rounded as the unfused residual + linear(x): the product first, then the sum
+        r = tl.load(r_ptr + rows[:, None] * N + cols[None, :], mask=out, other=0.0).to(tl.float32)
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + r
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=out)
+
+
+@triton.jit
+def gemv_rows_swiglu_kernel(
+    x_ptr,
+    nw_ptr,
+    eps,
+    g_ptr,
+    u_ptr,
+    y_ptr,
+    M,
+    N,
+    K: tl.constexpr,
+    NORM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    inv = inv_rms_rows(x_ptr, rows, M, eps, K, BLOCK_M, BLOCK_K) if NORM else tl.full((BLOCK_M,), 1.0, tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = (cols[:, None] < N) & (ks[None, :] < K)
+        x = x_rows(x_ptr, nw_ptr, rows, M, ks, inv, K, NORM)
+        g = tl.load(g_ptr + cols[:, None] * K + ks[None, :], mask=mask, other=0.0)
+        u = tl.load(u_ptr + cols[:, None] * K + ks[None, :], mask=mask, other=0.0)
+        if UPCAST:
+            x, g, u = x.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
+        acc_g = tl.dot(x, tl.trans(g), acc_g)
+        acc_u = tl.dot(x, tl.trans(u), acc_u)
+    g = acc_g.to(y_ptr.dtype.element_ty).to(tl.float32)
+    u = acc_u.to(y_ptr.dtype.element_ty).to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
+    out = (rows[:, None] < M) & (cols[None, :] < N)
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], (silu * u).to(y_ptr.dtype.element_ty), mask=out)
+
+
 gemv = kernels.Kernel("gemv", gemv_kernel, _CONFIGS, _KEY, tables.GEMV, tables.gemv_rule)
 gemv_swiglu = kernels.Kernel(
     "gemv_swiglu", gemv_swiglu_kernel, _CONFIGS, _KEY, tables.GEMV_SWIGLU, tables.gemv_swiglu_rule
+)
+gemv_rows = kernels.Kernel("gemv_rows", gemv_rows_kernel, _ROWS_CONFIGS, _KEY, {}, tables.gemv_rows_rule)
+gemv_rows_swiglu = kernels.Kernel(
+    "gemv_rows_swiglu", gemv_rows_swiglu_kernel, _ROWS_CONFIGS, _KEY, {}, tables.gemv_rows_rule
 )

@@ -117,6 +117,14 @@ def gemv_swiglu_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict,
     return gemv_rule(key, shipped, dtype, swiglu=True)
 
 
+def gemv_rows_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
+    """(meta, num_warps, num_stages) of the several-row kernels for key {N, K, M, NORM}: 16 output rows per program
+    (the fewest tl.dot takes: the most programs), 32 on wide outputs (lm_head), 128-wide K steps pipelined over 4
+    stages."""
+    block_n = 32 if int(key["N"]) >= 16384 else 16
+    return {"BLOCK_N": block_n, "BLOCK_K": 128}, 4, 4
+
+
 def decode_attention_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
     """(meta, num_warps, num_stages) of the decoding attention's partials kernel for key {chunk, D, D_READ}, as the
     H100 sweep chose: 16-key tiles on two warps for the local cache's 64-key chunks, 32-key tiles on one warp

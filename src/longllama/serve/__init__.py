@@ -1,5 +1,16 @@
 """`longllama serve`: an OpenAI-compatible HTTP server with document memories (docs/serve.md)."""
 
-from longllama.serve.app import APIError, ServeConfig, create_app
+from typing import Any
+
+from longllama.serve.config import ServeConfig
 
 __all__ = ["APIError", "ServeConfig", "create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    # the app (FastAPI, uvicorn) is imported on first use: the command line reads ServeConfig without them
+    if name in ("APIError", "create_app"):
+        from longllama.serve import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

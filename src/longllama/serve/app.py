@@ -16,7 +16,6 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from longllama.batch import BatchGenerator
 from longllama.chat_format import ChatFormat, chat_format
 from longllama.errors import CheckpointError, InputError
+from longllama.serve.config import ServeConfig
 from longllama.serve.memories import MemoryStore, valid_id
 from longllama.serve.prefix import PrefixCache
 from longllama.serve.schemas import UNSUPPORTED, ChatBody, CompletionBody, MemoryBody
@@ -37,25 +37,6 @@ logger = logging.getLogger(__name__)
 
 _OPEN_PATHS = ("/health", "/")  # answered without the API key (the page asks for the key itself)
 _MEMORY_UPLOAD = "/v1/memories"
-
-
-@dataclass
-class ServeConfig:
-    """The server's settings (the `longllama serve` options)."""
-
-    model_id: str = "longllama"
-    api_key: str | None = None
-    memory_dir: str | None = None  # None: a temporary folder, removed at shut-down
-    queue: int = 8  # requests waiting for the model (besides those it decodes)
-    max_batch: int = 8  # generations decoded together
-    max_prompt_tokens: int = 32768  # per request, besides a memory's document
-    max_tokens: int = 2048  # new tokens per request
-    default_chat_tokens: int = 512  # chat requests that name no max_tokens
-    memory_budget: int = 4 << 30  # bytes of memories kept loaded
-    prefix_cache_bytes: int = 1 << 30  # memory of recent prompts' whole windows, for prompts that repeat them (0: off)
-    max_body_bytes: int = 1 << 20  # JSON requests
-    max_upload_bytes: int = 64 << 20  # memory uploads
-    template: str | None = None  # the chat format of chat requests without a memory (None: the tokenizer's)
 
 
 class APIError(Exception):
