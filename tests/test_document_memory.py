@@ -202,6 +202,17 @@ def test_loading_refuses_other_models_settings_and_damaged_files(tiny, folders, 
     _one_line_error(lambda: DocumentMemory.load(saved, bf16_memory, tokenizer), "mem_dtype")
     no_memory, _ = _load(folders["tiny"], mem_layers=[1])
     _one_line_error(lambda: DocumentMemory.load(saved, no_memory, tokenizer), "mem_layers")
+    blocks, _ = _load(folders["tiny"], mem_retrieval="blocks")
+    _one_line_error(lambda: DocumentMemory.load(saved, blocks, tokenizer), "mem_retrieval")
+    # A memory saved before the retrieval settings were recorded was read with dense memory attention.
+    older = tmp_path / "older"
+    shutil.copytree(saved, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    for key in ("mem_retrieval", "mem_blocks", "mem_block_size"):
+        del manifest["settings"][key]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    assert DocumentMemory.load(older, model, tokenizer).tokens == DocumentMemory.load(saved, model, tokenizer).tokens
+    _one_line_error(lambda: DocumentMemory.load(older, blocks, tokenizer), "mem_retrieval")
     _one_line_error(lambda: DocumentMemory.load(saved, model, tokenizer, template="default"), "template")
 
     def damaged(change) -> Path:

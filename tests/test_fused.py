@@ -86,6 +86,26 @@ def test_fused_functions_match_their_definitions():
     assert ops.pad_to(x, 16) is x
 
 
+def test_row_wise_functions_see_one_batch_of_rows_and_give_the_callers_shapes():
+    seen = []
+
+    def spy(*args):  # what the compiled function is called with
+        seen.append([a.shape for a in args if isinstance(a, torch.Tensor)])
+        return ops.add_rms_norm(*args) if len(args) == 4 else ops.swiglu(*args)
+
+    call = fused._as_rows(spy)
+    torch.manual_seed(0)
+    x, a, w = torch.randn(3, 5, 16), torch.randn(3, 5, 16), torch.randn(16)
+    h, normed = call(x, a, w, 1e-6)
+    want_h, want_normed = ops.add_rms_norm(x, a, w, 1e-6)
+    assert torch.equal(h, want_h) and torch.equal(normed, want_normed)
+    assert seen[-1] == [(1, 15, 16), (1, 15, 16), (16,)]
+    gate, up = torch.randn(2, 4, 24), torch.randn(2, 4, 24)
+    assert torch.equal(call(gate, up), ops.swiglu(gate, up)) and seen[-1] == [(1, 8, 24), (1, 8, 24)]
+    call(gate[:1], up[:1])  # one sequence already is one batch of rows
+    assert seen[-1] == [(1, 4, 24), (1, 4, 24)]
+
+
 def test_auto_kernel_needs_cuda_bf16_and_a_supported_head_dim():
     assert resolve_kernel(torch.zeros(1, 1, 1, 104), "auto") == "flash"  # CPU tensors: no cuDNN
     assert resolve_kernel(torch.zeros(1, 1, 1, 104), "cudnn") == "cudnn"
@@ -157,7 +177,8 @@ def test_merge_heads_adds_partials_over_more_keys_for_the_last_rows(compiled):
 
 
 def test_compiled_functions_take_any_number_of_rows_from_two_in_one_graph():
-    """A window group of 4 windows, then the last group of 3 or 2: no new compilation (one row is its own graph)."""
+    """A window group of 4 windows, then the last group of 3 or 2, then one window: no new compilation (the row-wise
+    functions see (1, rows, features)); one token alone is its own graph."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -165,8 +186,8 @@ def test_compiled_functions_take_any_number_of_rows_from_two_in_one_graph():
     weight = torch.nn.Parameter(torch.randn(16))
     before = counters["stats"]["unique_graphs"]
     graphs = []
-    for rows in (4, 3, 2, 5, 1, 1):
-        x = torch.randn(rows, 8, 16)
+    for rows, tokens in ((4, 8), (3, 8), (2, 8), (5, 8), (1, 8), (1, 1), (1, 1)):
+        x = torch.randn(rows, tokens, 16)
         with torch.no_grad():
             got = norm(x, weight, 1e-6)
         assert (got - ops.rms_norm(x, weight, 1e-6)).abs().max() < 1e-5
@@ -175,4 +196,4 @@ def test_compiled_functions_take_any_number_of_rows_from_two_in_one_graph():
         # Inductor's C++ code may not build below the CPU's best kernels ("'at::vec' has not been declared"): the
         # functions then run unfused for the process (test_a_failing_compile_falls_back_to_the_plain_function)
         pytest.skip(f"nothing compiled with ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}")
-    assert [b - a for a, b in zip(graphs, graphs[1:])] == [0, 0, 0, 1, 0]
+    assert [b - a for a, b in zip(graphs, graphs[1:])] == [0, 0, 0, 0, 1, 0]

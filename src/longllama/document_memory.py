@@ -168,9 +168,17 @@ def memory_settings(model, fmt: ChatFormat, last_context_length: int) -> dict[st
         "mem_layers": sorted(int(i) for i in config.mem_layers),
         "mem_top_k": config.mem_top_k,
         "mem_positionals": bool(config.mem_positionals),
+        # block retrieval reads part of the memory while the document is read: later windows' keys depend on it
+        "mem_retrieval": config.mem_retrieval,
+        "mem_blocks": config.mem_blocks if config.mem_retrieval == "blocks" else None,
+        "mem_block_size": config.mem_block_size if config.mem_retrieval == "blocks" else None,
         "template": fmt.template,
         "system": fmt.system,
     }
+
+
+# Settings added after memories were first saved: what a manifest without them was built with.
+_SETTINGS_BEFORE = {"mem_retrieval": "dense", "mem_blocks": None, "mem_block_size": None}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -387,6 +395,7 @@ class DocumentMemory:
             system=saved["system"] if system is None else system,
         )
         expected = memory_settings(model, fmt, saved["last_context_length"])
+        saved = {**_SETTINGS_BEFORE, **saved}
         changed = [key for key in expected if saved.get(key) != expected[key]]
         if changed:
             key = changed[0]

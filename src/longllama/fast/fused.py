@@ -155,6 +155,29 @@ def compiled(*, rope_kernel: bool = True, gemv_max_rows: int = 16, cpu: bool = F
     return _compiled(bool(rope_kernel), int(gemv_max_rows), bool(cpu), bool(autotune))
 
 
+# Functions of each row (token) alone: called on (1, rows, features), so that one window (batch 1) and a group of
+# windows (batch 2-4) share one compiled graph; torch.compile gives a dimension of size 1 a graph of its own, which
+# compiled each of them twice in a process's first long prompt.
+_ROW_WISE = ("rms_norm", "add_rms_norm", "swiglu")
+
+
+def _as_rows(fn: Callable) -> Callable:
+    """`fn` of row-wise tensors (those shaped like the first argument) called on their (1, rows, features) views;
+    its outputs take the first argument's leading dimensions back."""
+
+    def call(*args):
+        lead = args[0].shape[:-1]
+        if len(lead) < 2 or lead[0] == 1:
+            return fn(*args)
+        flat = [a.reshape(1, -1, a.shape[-1]) if isinstance(a, torch.Tensor) and a.shape == args[0].shape else a
+                for a in args]  # fmt: skip
+        out = fn(*flat)
+        back = lambda t: t.reshape(*lead, t.shape[-1])  # noqa: E731
+        return tuple(map(back, out)) if isinstance(out, tuple) else back(out)
+
+    return call
+
+
 @functools.cache
 def _compiled(rope_kernel: bool, gemv_max_rows: int, cpu: bool, autotune: bool) -> Ops:
     names = (
@@ -168,9 +191,10 @@ def _compiled(rope_kernel: bool, gemv_max_rows: int, cpu: bool, autotune: bool) 
         "heads",
         "few_query_attention",
     )
+    fns = {name: _dynamic(name, torch.compile(getattr(EAGER, name))) for name in names}
     fns = {
-        name: _guarded(name, getattr(EAGER, name), _dynamic(name, torch.compile(getattr(EAGER, name))))
-        for name in names
+        name: _guarded(name, getattr(EAGER, name), _as_rows(fn) if name in _ROW_WISE else fn)
+        for name, fn in fns.items()
     }
     rope_pad = fns["rope_pad"]
     if rope_kernel:
