@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, TextIO
 
+from longllama import timings
 from longllama.errors import InputError, LongLlamaError
 from longllama.serve.config import ServeConfig
 
@@ -167,11 +168,10 @@ def generate(
     folder = _model_folder(model)
     torch_device = resolve_device(device)
     settings = sampling_settings(temperature, top_p=top_p, top_k=top_k)
-    text = read_prompt(prompt, prompt_file)
-    tokenizer = load_tokenizer(
-        _tokenizer_folder(folder)
-    )  # before the model: a bad tokenizer or prompt fails in a second, not minutes
-    ids = encode_prompt(tokenizer, text, bos=True)
+    with timings.timed("setup", "tokenizer and prompt"):  # before the model: a bad one fails in a second
+        text = read_prompt(prompt, prompt_file)
+        tokenizer = load_tokenizer(_tokenizer_folder(folder))
+        ids = encode_prompt(tokenizer, text, bos=True)
     lm = load_model(
         folder,
         dtype=dtype,
@@ -426,7 +426,6 @@ def _load_weights(cls, folder: Path, dtype, device, overrides: dict):
     from_pretrained and moved (other layouts; its one-line errors); the seconds logged (longllama.timings)."""
     import torch
 
-    from longllama import timings
     from longllama.checkpoint import load_pretrained
 
     with timings.timed("load", f"weights of {folder.name}", f"safetensors straight to {device}") as info:
@@ -447,8 +446,6 @@ def _load_weights(cls, folder: Path, dtype, device, overrides: dict):
 def _print_timings(verbose: bool) -> None:
     """With --verbose: what this process loaded, compiled, tuned or configured, and when (longllama.timings)."""
     if verbose:
-        from longllama import timings
-
         print(f"{PROG}: timings (seconds since the process started; kind; seconds; what)", file=sys.stderr)
         print(timings.report(), file=sys.stderr)
 
@@ -847,8 +844,9 @@ def passkey(
     if plot_path is not None:
         eval_records.plot_format(plot_path)
     # Everything that can fail without the model is checked before loading it: that can take minutes.
-    tokenizer = load_tokenizer(_tokenizer_folder(folder))
-    task.check_lengths(tokenizer, lengths, seed=seed)
+    with timings.timed("setup", "tokenizer and prompts"):
+        tokenizer = load_tokenizer(_tokenizer_folder(folder))
+        task.check_lengths(tokenizer, lengths, seed=seed)
     # The model's own (1024 for the released checkpoints, as docs/evaluation.md#passkey-retrieval uses) unless given.
     last_context_length = _last_context_length(folder, last_context_length)
     lm = load_model(
@@ -1620,7 +1618,6 @@ def tune(
     shipped tables and the rule) or to --out."""
     import torch
 
-    from longllama import timings
     from longllama.fast import tuning
 
     if model is not None and shape is not None:
@@ -1717,6 +1714,7 @@ def main(argv: list[str] | None = None) -> int:
     from longllama import caches
 
     caches.configure()  # before any library compiles: they read their cache folders then
+    timings.record("setup", "interpreter, libraries and arguments", timings.since_start())
     args.pop("eval_task", None)
     _quiet_libraries()
     try:

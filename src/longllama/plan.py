@@ -251,9 +251,12 @@ def build_plan(config, device: torch.device | str, **overrides: Any) -> Executio
         mem_block_size=getattr(config, "mem_block_size", 64),
     )
     if device.type == "cuda":
+        from longllama import timings
         from longllama.fast import flash4
 
-        if flash4.installed_for(device):
+        with timings.timed("setup", "CUDA start-up and the FlashAttention 4 check"):
+            fa4 = flash4.installed_for(device)
+        if fa4:
             plan = plan.replace(memory_kernel="fa4")
     return plan.replace(**overrides) if overrides else plan
 

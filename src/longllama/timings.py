@@ -15,15 +15,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-KINDS = ("load", "compile", "tune", "config", "capture", "token")
+KINDS = ("setup", "load", "compile", "tune", "config", "capture", "token")
 
 
 @dataclass(frozen=True)
 class Event:
-    """One thing done once per process. kind: "load" (weights), "compile" (a torch.compile graph, a Triton kernel,
-    a FlashAttention 4 kernel: built, or read from a cache on disk), "tune" (a kernel autotuned), "config" (a
-    kernel's configuration taken from a table or the rule, no timing runs), "capture" (a CUDA graph), "token" (the
-    process's first generated token reached the host: seconds 0, `at` says when).
+    """One thing done once per process. kind: "setup" (what comes before the weights: the interpreter and the
+    libraries, the tokenizer and the prompt, the GPU's start-up), "load" (weights), "compile" (a torch.compile
+    graph, a Triton kernel, a FlashAttention 4 kernel: built, or read from a cache on disk), "tune" (a kernel
+    autotuned), "config" (a kernel's configuration taken from a table or the rule, no timing runs), "capture" (a
+    CUDA graph), "token" (the process's first generated token reached the host: seconds 0, `at` says when).
     source: where it came from ("cache", "built", "tuned table", "shipped table", "rule", ...).
     at: when it ended, in seconds since the process started (Linux; elsewhere since this module was imported)."""
 
@@ -66,6 +67,11 @@ def record(kind: str, name: str, seconds: float, source: str = "") -> None:
     with _LOCK:
         if len(_EVENTS) < _MAX_EVENTS:
             _EVENTS.append(Event(kind, name, float(seconds), source, time.perf_counter() - _START))
+
+
+def since_start() -> float:
+    """Seconds since the process started (Linux; elsewhere since this module was imported)."""
+    return time.perf_counter() - _START
 
 
 def record_once(kind: str, name: str, seconds: float = 0.0, source: str = "") -> bool:
