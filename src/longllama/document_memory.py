@@ -62,29 +62,48 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _chunk_digests(path: Path, chunk: int) -> list[str]:
-    """sha256 of each `chunk` bytes of a file, hashed side by side (hashlib releases the GIL): a memory of
-    several GB is checked in a fraction of the time one digest of the whole file takes."""
-    size = path.stat().st_size
+def _read_chunks(path: Path, size: int, chunk: int, target: torch.Tensor | None = None) -> list[str]:
+    """The sha256 of each `chunk` bytes of the file's `size` bytes, read side by side (file reads and hashlib release
+    the GIL: a memory of several GB is hashed in a fraction of the time one digest of the whole file takes). With
+    `target` (a uint8 tensor of `size` bytes) the bytes land there too: read straight into it on the CPU; on a GPU
+    each thread reads into its own buffer, hashes it, and copies it over while the other threads read."""
+    staging = threading.local()
 
-    def digest(start: int) -> str:
-        with open(path, "rb") as handle:
+    def part(start: int) -> str:
+        n = min(chunk, size - start)
+        if target is not None and not target.is_cuda:
+            buffer = target[start : start + n]
+        else:
+            if not hasattr(staging, "buffer"):
+                staging.buffer = torch.empty(chunk, dtype=torch.uint8)
+            buffer = staging.buffer[:n]
+        view = memoryview(buffer.numpy())
+        with open(path, "rb", buffering=0) as handle:
             handle.seek(start)
-            return hashlib.sha256(handle.read(min(chunk, size - start))).hexdigest()
+            done = 0
+            while done < n:
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"memory file {path} ended early: build the memory again")
+                done += got
+        digest = hashlib.sha256(view).hexdigest()
+        if target is not None and target.is_cuda:
+            target[start : start + n].copy_(buffer)
+        return digest
 
-    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
-        return list(pool.map(digest, range(0, max(size, 1), chunk)))
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        return list(pool.map(part, range(0, max(size, 1), chunk)))
 
 
 def file_entry(path: Path) -> dict[str, Any]:
     """A tensor file's manifest entry: its size and the sha256 of each of its chunks."""
-    chunk = _CHECK_CHUNK
-    return {"bytes": path.stat().st_size, "chunk_bytes": chunk, "sha256_chunks": _chunk_digests(path, chunk)}
+    size, chunk = path.stat().st_size, _CHECK_CHUNK
+    return {"bytes": size, "chunk_bytes": chunk, "sha256_chunks": _read_chunks(path, size, chunk)}
 
 
-def check_file(path: Path, entry: dict[str, Any], *, contents: bool = True) -> None:
-    """CheckpointError unless `path` has the size and checksums its manifest entry records (chunk digests, or one
-    sha256 of the whole file as older memories hold); without `contents`, the size alone (no read)."""
+def check_file(path: Path, entry: dict[str, Any]) -> None:
+    """CheckpointError unless `path` is there with the size its manifest entry records (the checksums are checked as
+    the file is read: `DocumentMemory.load`)."""
     if not path.is_file():
         raise CheckpointError(f"memory file {path} is missing: the folder is incomplete; build the memory again")
     size = path.stat().st_size
@@ -93,14 +112,10 @@ def check_file(path: Path, entry: dict[str, Any], *, contents: bool = True) -> N
             f"memory file {path} has {size} bytes, the manifest says {entry.get('bytes')} (truncated?): build the "
             "memory again"
         )
-    if not contents:
-        return
-    if "sha256_chunks" in entry:
-        same = _chunk_digests(path, int(entry["chunk_bytes"])) == entry["sha256_chunks"]
-    else:
-        same = _sha256_file(path) == entry.get("sha256")
-    if not same:
-        raise CheckpointError(f"memory file {path} fails its sha256 check (corrupt): build the memory again")
+
+
+def _corrupt(path: Path) -> CheckpointError:
+    return CheckpointError(f"memory file {path} fails its sha256 check (corrupt): build the memory again")
 
 
 def _weights_entry(path: Path) -> dict[str, Any]:
@@ -461,9 +476,11 @@ def _check_same(manifest: dict[str, Any], key: str, current: dict[str, Any], fol
 def _read_tensor_file(folder: Path, name: str, entry: dict[str, Any], device) -> dict[str, torch.Tensor]:
     path = folder / name
     try:
+        check_file(path, entry)
         if "sha256_chunks" in entry:
             return _read_checked(path, entry, torch.device(device))
-        check_file(path, entry)  # older memories: one digest of the whole file, then a second read
+        if _sha256_file(path) != entry.get("sha256"):  # older memories: one digest of the whole file, then a read
+            raise _corrupt(path)
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"cannot read memory file {path} ({exc}): build the memory again") from None
@@ -485,41 +502,11 @@ _SAFETENSORS_DTYPES = {
 
 
 def _read_checked(path: Path, entry: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """A tensor file read once: its checksum chunks read side by side, each hashed and copied to `device` while the
-    others are read, into one buffer there whose views are the tensors. (check_file, then safetensors' load_file,
-    read a memory twice: the disk once for the check, then the page cache again for the tensors.)"""
-    size, chunk = int(entry["bytes"]), int(entry["chunk_bytes"])
-    if not path.is_file() or path.stat().st_size != size:
-        check_file(path, entry, contents=False)  # the one-line error for a missing or truncated file
-    flat = torch.empty(size, dtype=torch.uint8, device=device)
-    staging = threading.local()  # on GPUs a reading buffer per thread, reused for its chunks
-
-    def part(start: int) -> str:
-        n = min(chunk, size - start)
-        if flat.is_cuda:
-            if not hasattr(staging, "buffer"):
-                staging.buffer = torch.empty(chunk, dtype=torch.uint8)
-            target = staging.buffer[:n]
-        else:
-            target = flat[start : start + n]
-        view = memoryview(target.numpy())
-        with open(path, "rb", buffering=0) as handle:
-            handle.seek(start)
-            done = 0
-            while done < n:
-                got = handle.readinto(view[done:])
-                if not got:
-                    raise CheckpointError(f"memory file {path} ended early: build the memory again")
-                done += got
-        digest = hashlib.sha256(view).hexdigest()
-        if flat.is_cuda:
-            flat[start : start + n].copy_(target)
-        return digest
-
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(part, range(0, max(size, 1), chunk)))
-    if digests != entry["sha256_chunks"]:
-        raise CheckpointError(f"memory file {path} fails its sha256 check (corrupt): build the memory again")
+    """A tensor file read once, its chunks checked as they are read (_read_chunks), into one buffer on `device` whose
+    views are the tensors."""
+    flat = torch.empty(int(entry["bytes"]), dtype=torch.uint8, device=device)
+    if _read_chunks(path, flat.numel(), int(entry["chunk_bytes"]), flat) != entry["sha256_chunks"]:
+        raise _corrupt(path)
     (header_len,) = struct.unpack("<Q", flat[:8].cpu().numpy().tobytes())
     header = json.loads(flat[8 : 8 + header_len].cpu().numpy().tobytes())
     tensors = {}

@@ -185,5 +185,5 @@ def _verified_manifest(folder: Path) -> dict:
     for name, entry in files.items():
         if "/" in name or not isinstance(entry, dict):
             raise CheckpointError(f"{folder / MANIFEST} names a file outside the memory: {name!r}")
-        check_file(folder / name, entry, contents=False)
+        check_file(folder / name, entry)
     return manifest
