@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 from longllama import timings
+from longllama.config import MEM_RETRIEVALS
 from longllama.errors import InputError, LongLlamaError
 from longllama.serve.config import ServeConfig
 
@@ -764,7 +765,7 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--mem-retrieval",
-        choices=("dense", "blocks"),
+        choices=MEM_RETRIEVALS,
         help="how memory layers read the memory: dense (every key) or blocks (each group of queries reads only its "
         "--mem-blocks best blocks of keys; docs/retrieval.md; default: the checkpoint's mem_retrieval)",
     )

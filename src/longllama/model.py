@@ -216,8 +216,7 @@ class Attention(nn.Module):
                 mem_k, mem_v, mem_valid = window.cross_batch.memory(k, v)
         plan = window.plan
         # Block retrieval (retrieval.py) where it reads less than the whole memory: the memory is read in place.
-        blocks_read = retrieval.reads_blocks(memory, plan.mem_blocks, plan.mem_block_size)
-        retrieve = plan.mem_retrieval == "blocks" and plan.memory_shard is None and blocks_read
+        retrieve = plan.memory_shard is None and retrieval.retrieves(memory, plan)
         # Memory split over processes (sharding.py): every process joins each memory layer's merge, memory or not.
         shard = plan.memory_shard if mem_layer and window.cross_batch is None else None
         if (retrieve or shard is not None) and output_attentions:
@@ -312,9 +311,7 @@ class Attention(nn.Module):
         return not self.is_memory_layer or (
             self.config.mem_top_k is None
             and (memory is None or (memory.all_valid() and memory.share == 1))
-            and not (
-                plan.mem_retrieval == "blocks" and retrieval.reads_blocks(memory, plan.mem_blocks, plan.mem_block_size)
-            )
+            and not retrieval.retrieves(memory, plan)
             and plan.memory_shard is None
         )
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
+from longllama.config import MEM_RETRIEVALS
 from longllama.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 ATTENTIONS = ("eager", "sdpa", "fast")
-RETRIEVALS = ("dense", "blocks")
 LOCAL_KERNELS = ("auto", "cudnn", "flash")
 WEIGHTS = ("dense", "int8", "int4")
 MEMORY_KERNELS = ("auto", "fa4", "cudnn", "flash")
@@ -118,7 +118,7 @@ class ExecutionPlan:
             ("local_kernel", LOCAL_KERNELS),
             ("memory_kernel", MEMORY_KERNELS),
             ("weights", WEIGHTS),
-            ("mem_retrieval", RETRIEVALS),
+            ("mem_retrieval", MEM_RETRIEVALS),
         ):
             if getattr(self, name) not in allowed:
                 raise InputError(

@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from longllama.attention import _scores, _weighted, clamp_value, fold_rows, unfold_rows
 from longllama.memory import MemoryCache
+
+if TYPE_CHECKING:
+    from longllama.plan import ExecutionPlan
 
 QUERY_GROUP = 64  # consecutive queries (per key/value head) sharing one selection of blocks
 _BOUND_ELEMENTS = 1 << 24  # bound scores computed at a time (groups chunked to stay below)
@@ -93,17 +97,16 @@ def gather_blocks(
     b, hkv, groups, keep = chosen.shape
     d, length, src = memory.head_dim, memory.length, memory.device
     offsets = torch.arange(block_size, device=chosen.device)
+    tokens = (chosen[..., None] * block_size + offsets).reshape(b, hkv, -1)
     if src != device or memory.pin_memory:  # held apart (offloaded): the union of the blocks, copied once
         union, inverse = _row_union(chosen.reshape(b, hkv, -1))
         part = _gather_tokens(memory, (union[..., None] * block_size + offsets).reshape(b, hkv, -1))
         k, v, valid = (t.to(device, non_blocking=True) for t in part[:3])
         scales = None if part[3] is None else tuple(t.to(device, non_blocking=True) for t in part[3])
         local = (inverse.reshape(chosen.shape)[..., None] * block_size + offsets).reshape(b, hkv, -1)
-        tokens = (chosen[..., None] * block_size + offsets).reshape(b, hkv, -1)
         k, v, valid = (_take(t, local) for t in (k, v, valid))
         scales = None if scales is None else tuple(_take(t, local) for t in scales)
     else:
-        tokens = (chosen[..., None] * block_size + offsets).reshape(b, hkv, -1)
         k, v, valid, scales = _gather_tokens(memory, tokens)
     valid = valid & (tokens < length).to(valid.device)
     if scales is not None:
@@ -217,3 +220,8 @@ def attend(
 def reads_blocks(memory: MemoryCache | None, blocks: int, block_size: int) -> bool:
     """Whether block retrieval reads less than the whole memory (else dense attention is the same and cheaper)."""
     return memory is not None and memory.length > blocks * block_size
+
+
+def retrieves(memory: MemoryCache | None, plan: ExecutionPlan) -> bool:
+    """Whether `plan` reads this memory by blocks: its mem_retrieval is "blocks" and they are less than the memory."""
+    return plan.mem_retrieval == "blocks" and reads_blocks(memory, plan.mem_blocks, plan.mem_block_size)

@@ -66,7 +66,7 @@ def record(kind: str, name: str, seconds: float, source: str = "") -> None:
         raise ValueError(f"event kind {kind!r}: use one of {', '.join(KINDS)}")
     with _LOCK:
         if len(_EVENTS) < _MAX_EVENTS:
-            _EVENTS.append(Event(kind, name, float(seconds), source, time.perf_counter() - _START))
+            _EVENTS.append(Event(kind, name, float(seconds), source, since_start()))
 
 
 def since_start() -> float:

@@ -226,9 +226,9 @@ class BatchDecoder(StaticDecoder):
         if memories is None:
             return (ops or ops_for(self.plan)).few_query_attention(q, rot, values, visible, None, None, None, None)
         outs = []
+        plan = self.plan
         for i, memory in enumerate(memories):  # each row against its own memory
-            plan = self.plan
-            if plan.mem_retrieval == "blocks" and retrieval.reads_blocks(memory, plan.mem_blocks, plan.mem_block_size):
+            if retrieval.retrieves(memory, plan):
                 outs.append(
                     retrieval.attend(
                         q[i : i + 1],

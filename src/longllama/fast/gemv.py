@@ -36,12 +36,9 @@ MAX_ROWS = 16  # default of max_rows (the plan's gemv_max_rows)
 # for one row the per-row kernel is ~20 % faster.
 PER_ROW = 1
 ROWS_BLOCK = 16
-_DEFAULTS = {"BLOCK_N": 8, "BLOCK_K": 256}  # the interpreter's configuration (no autotuning there)
+# the interpreter's configurations (no autotuning there): the per-row kernels', the several-row kernels'
+_DEFAULTS = {"BLOCK_N": 8, "BLOCK_K": 256}
 _ROWS_DEFAULTS = {"BLOCK_N": 16, "BLOCK_K": 64}
-
-
-def _defaults(rows: int) -> dict:
-    return _ROWS_DEFAULTS if rows > PER_ROW else _DEFAULTS
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,10 +65,11 @@ def _grid(n: int, rows: int):
 
 
 def _kernel(rows: int, swiglu: bool = False):
-    """The kernel for `rows` rows, and its extra constants."""
-    many = rows > PER_ROW
-    kernel = _kernels()[2 * many + swiglu]
-    return kernel, ({"BLOCK_M": max(16, kernels.pow2(rows)), "UPCAST": kernels.interpreting()} if many else {})
+    """The kernel for `rows` rows, its interpreter configuration and its extra constants."""
+    if rows <= PER_ROW:
+        return _kernels()[swiglu], _DEFAULTS, {}
+    constants = {"BLOCK_M": max(16, kernels.pow2(rows)), "UPCAST": kernels.interpreting()}
+    return _kernels()[2 + swiglu], _ROWS_DEFAULTS, constants
 
 
 def applies(x: torch.Tensor, *weights: torch.Tensor, norm=None, max_rows: int = MAX_ROWS, cpu: bool = False) -> bool:
@@ -112,12 +110,12 @@ def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm, auto
     rows = flat.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     r = y if residual is None else residual.reshape(rows, n).contiguous()
-    kernel, extra = _kernel(rows)
+    kernel, defaults, extra = _kernel(rows)
     kernels.launch(
         kernel,
         _grid(n, rows),
         (flat, *norm_args, w0, offsets[0], offsets[1], r, y, rows, n, sizes[0], sizes[1], k),
-        _defaults(rows),
+        defaults,
         autotune=autotune,
         NORM=normed,
         RESIDUAL=residual is not None,
@@ -187,12 +185,12 @@ def linear_swiglu(
     flat, norm_args, normed = _prepared(x, norm)
     rows, n, k = flat.shape[0], gate.shape[0], flat.shape[1]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    kernel, extra = _kernel(rows, swiglu=True)
+    kernel, defaults, extra = _kernel(rows, swiglu=True)
     kernels.launch(
         kernel,
         _grid(n, rows),
         (flat, *norm_args, gate, up, y, rows, n, k),
-        _defaults(rows),
+        defaults,
         autotune=autotune,
         NORM=normed,
         **extra,
