@@ -139,6 +139,45 @@ def test_matrix_vector_kernels_equal_linear(interpreter, rows):
     _assert_swiglu_close(gemv.linear_swiglu(x * 3, q, up, norm=norm, **kw), normed, q, up)
 
 
+def _int8(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 weight as quantize.py makes it (torchao's weight-only Int8Tensor of a random bf16 (n, k) weight) and
+    its value in fp32 (values x row scales)."""
+    pytest.importorskip("torchao")
+    from longllama import quantize
+
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(k, n, bias=False).to(torch.bfloat16)
+    torch.nn.init.normal_(layer.weight)
+    quantize._torchao()[0](layer, quantize._config("int8", k, torch.device("cpu")))
+    values, scales = quantize.int8_rows(layer.weight)
+    assert values.dtype == torch.int8 and scales.shape == (n, 1)
+    return layer.weight, values.float() * scales
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7])
+def test_matrix_vector_kernels_read_int8_weights(interpreter, rows):
+    """int8 weights (one scale per output row) go to the same kernels, read as int8 and scaled after the sum: each
+    result against the fp32 product with the dequantized weight, one bf16 store (and the bf16 roundings of the
+    unfused definition: _assert_close_in_bf16)."""
+    torch.manual_seed(4)
+    x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)
+    (q, qf), (k, kf), (v, vf), (up, upf) = (_int8(n, 96, seed) for seed, n in enumerate((48, 12, 12, 48)))
+    kw = dict(cpu=True, max_rows=16)
+    assert gemv.applies(x, q, k, v, **kw)
+    assert not gemv.applies(x, q, torch.randn(12, 96, dtype=torch.bfloat16), **kw)  # int8 and plain: no one launch
+    xf = x.float()
+    _assert_close_in_bf16(
+        gemv.linear_stacked(x, (q, k, v), **kw), torch.cat([F.linear(xf, w) for w in (qf, kf, vf)], -1)
+    )
+    residual = torch.randn(rows, 1, 48, dtype=torch.bfloat16)
+    _assert_close_in_bf16(gemv.linear(x, q, residual=residual, **kw), residual.float() + F.linear(xf, qf))
+    _assert_swiglu_close(gemv.linear_swiglu(x, q, up, **kw), xf, qf, upf)
+    norm = (torch.rand(96, dtype=torch.bfloat16) + 0.5, 1e-6)
+    normed = ops.rms_norm(x * 3, *norm).float()
+    _assert_close_in_bf16(gemv.linear(x * 3, q, norm=norm, **kw), F.linear(normed, qf))
+    _assert_swiglu_close(gemv.linear_swiglu(x * 3, q, up, norm=norm, **kw), normed, qf, upf)
+
+
 def _decode(model, ids, kernels_on: bool, **kwargs):
     """A static decode with the Triton step on or off (the plan's decode_kernels; CPU tensors to the kernels in the
     interpreter); checks that the kernels ran exactly when asked for."""
@@ -190,6 +229,42 @@ def test_static_decoding_with_kernels_in_bf16(interpreter, bf16_cpu_attention):
     assert torch.equal(fast.sequences, plain.sequences) and torch.equal(reference.sequences, plain.sequences)
     plain_logits, fast_logits, exact_logits = (torch.stack(out.logits)[1:] for out in (plain, fast, reference))
     plain_error = (plain_logits - exact_logits).abs().max()  # step 0 is the prompt's, the same on both paths
+    assert 0 < plain_error and (fast_logits - exact_logits).abs().max() <= 4 * plain_error
+
+
+def test_static_decoding_reads_int8_weights_in_the_kernels(interpreter, bf16_cpu_attention):
+    """A model with int8 weights (quantize_model) decodes through the matrix-vector kernels, which read the int8 rows
+    and scales (quantize.int8_rows), against torchao's own products (no kernels) and fp32 maths on the dequantized
+    weights: along the same tokens, within 4x the torchao path's own distance to fp32 (as the bf16 test above)."""
+    pytest.importorskip("torchao")
+    from longllama import quantize
+
+    model = sharp_tiny(attn_impl="fast").to(torch.bfloat16)
+    exact = copy.deepcopy(model).float()
+    exact.config.attn_impl = "eager"
+    quantize.quantize_model(model, "int8")
+    with torch.no_grad():
+        for name, module in quantize.quantized_linears(model):
+            values, scales = quantize.int8_rows(module.weight)
+            exact.get_submodule(name).weight.copy_(values.float() * scales)
+    assert model.plan.gemv_rows == model.plan.gemv_max_rows
+    launched = []
+    real = gemv._stacked
+    ids = torch.randint(3, 320, (1, 100))
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gemv, "_stacked", lambda *a, **kw: launched.append(1) or real(*a, **kw))
+        model.set_plan(interpret_kernels=False)
+        plain = model.generate(
+            ids, decoder="static", max_new_tokens=8, return_dict_in_generate=True, output_logits=True
+        )
+        assert not launched
+        forced = dict(logits_processor=[ForcedTokens(plain.sequences)], output_logits=True, max_new_tokens=8)
+        fast = _decode(model, ids, True, **forced)
+        assert launched
+        reference = exact.generate(ids, decoder="dynamic", return_dict_in_generate=True, **forced)
+    assert torch.equal(fast.sequences, plain.sequences)
+    plain_logits, fast_logits, exact_logits = (torch.stack(out.logits)[1:] for out in (plain, fast, reference))
+    plain_error = (plain_logits - exact_logits).abs().max()
     assert 0 < plain_error and (fast_logits - exact_logits).abs().max() <= 4 * plain_error
 
 

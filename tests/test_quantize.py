@@ -119,9 +119,10 @@ def test_generate(folder):
     assert out.shape == (1, 96) and torch.equal(out[:, :90], ids)
 
 
-def test_plan_routes_quantized_weights_past_the_kernels(folder):
+def test_plan_routes_int8_weights_to_the_kernels(folder):
     model = LongLlamaForCausalLM.from_pretrained(folder, quantization="int8")
-    assert model.plan.weights == "int8" and model.plan.gemv_rows == 0
+    assert model.plan.weights == "int8" and model.plan.gemv_rows == model.plan.gemv_max_rows
+    assert model.plan.replace(weights="int4").gemv_rows == 0  # torchao's packed int4 layout: its own product
     dense = LongLlamaForCausalLM.from_pretrained(folder)
     assert dense.plan.weights == "dense" and dense.plan.gemv_rows == dense.plan.gemv_max_rows
 

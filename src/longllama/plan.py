@@ -78,8 +78,8 @@ class ExecutionPlan:
     autotune: the decoding kernels' configurations by Triton's autotuner (minutes on a model's first decoding; what
         `longllama tune` runs); off, each comes from a measured table or a rule, with no timing runs (fast/tables.py).
     weights: "dense" (plain tensors), or "int8" / "int4" (torchao's weight-only tensors, quantize.py): from the
-        config's quantization. Quantized weights go through F.linear (torchao's own kernels), never to the
-        matrix-vector kernel, which reads plain bf16/fp16 rows (`gemv_rows`).
+        config's quantization. int8 weights go to the matrix-vector kernel as dense ones do (it reads their int8
+        rows and scales); int4 ones through F.linear (torchao's own kernels) only (`gemv_rows`).
     mem_retrieval, mem_blocks, mem_block_size: how memory layers read their memory ("dense": every key; "blocks":
         the best mem_blocks blocks of mem_block_size keys per group of queries, retrieval.py): from the config's
         fields of the same names (they change the maths, so they are the config's, recorded here).
@@ -150,9 +150,9 @@ class ExecutionPlan:
 
     @property
     def gemv_rows(self) -> int:
-        """Products of at most this many rows go to the matrix-vector kernel: gemv_max_rows for dense weights, none
-        for quantized ones (the kernel reads plain rows; torchao's tensors dequantize inside their own product)."""
-        return self.gemv_max_rows if self.weights == "dense" else 0
+        """Products of at most this many rows go to the matrix-vector kernel: gemv_max_rows for dense and int8 weights,
+        none for int4 ones (torchao's packed layout, read by its own product)."""
+        return self.gemv_max_rows if self.weights in ("dense", "int8") else 0
 
     def tile(self, width: int) -> tuple[int, int, bool, bool] | None:
         """FlashAttention 4's tile for a stored width, or None (the package's own choice)."""

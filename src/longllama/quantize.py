@@ -3,7 +3,8 @@
 What is quantized: the q/k/v/o projections and the MLP's three products of every layer. The embeddings stay in the
 model's dtype (a lookup, not a product: quantizing them saves memory but no decoding time), and so does lm_head by
 default (`lm_head=True` quantizes it too; docs/quantization.md has the measured choice). Activations stay in the
-model's dtype: torchao's weight-only tensors dequantize inside their matrix product.
+model's dtype: torchao's weight-only tensors dequantize inside their matrix product, except where decoding's
+matrix-vector kernels read int8 weights themselves (int8_rows, fast/gemv.py).
 
 Layouts (torchao 0.18): int8 is torchao's Int8Tensor, one scale per output row, on every device. int4 is grouped
 (one scale and zero point per `group` input columns, the largest of 128/64/32 dividing the layer's input size; a
@@ -72,6 +73,21 @@ def _torchao():
 def is_quantized(weight: torch.Tensor) -> bool:
     """Whether `weight` is one of torchao's quantized tensors (not a plain tensor or parameter)."""
     return type(weight) not in (torch.Tensor, nn.Parameter)
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 values (N, K), fp32 scales (N, 1)) of an int8 weight quantized here (quantize_model: weight-only,
+    symmetric, one scale per output row, so weight = values * scale), for the matrix-vector kernels to read in
+    place; None for any other tensor."""
+    if type(weight).__name__ != "Int8Tensor":
+        return None
+    if (
+        list(weight.block_size) != [1, weight.shape[-1]]
+        or getattr(weight, "act_quant_kwargs", None) is not None
+        or getattr(weight, "act_pre_scale", None) is not None
+    ):
+        return None
+    return weight.qdata, weight.scale
 
 
 def int4_group(in_features: int) -> int | None:

@@ -83,7 +83,6 @@ class StaticDecoder:
             and plan.decode_kernels
             and decode_attention.applies(model.lm_head.weight, cpu=plan.interpret_kernels)
         )
-        # no gemv rows for quantized weights (torchao's own products)
         self.gemv_options = dict(max_rows=plan.gemv_rows, cpu=plan.interpret_kernels, autotune=plan.autotune)
         self.checked = False  # a first step has run (with the kernels, or after falling back from them)
         self.head_dim = config.head_dim

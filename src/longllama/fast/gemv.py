@@ -12,6 +12,8 @@ residual + x W^T comes out of the same pass; with `norm` = (RMSNorm weight, eps)
 each program normalising the row itself (the row is a few KB; this saves the norm's own kernel). `linear_stacked(x,
 (w1, w2, ...))` is x [w1; w2; ...]^T without concatenating the weights (the q, k and v projections of a layer in one
 launch). `linear_swiglu(x, gate, up)` computes silu(x gate^T) * (x up^T) in the same pass over both weights.
+Weights are plain tensors in the activation dtype, or int8 weights quantized here (quantize.int8_rows: int8
+values with one fp32 scale per output row), read as int8 (half the bytes) and scaled after the sum.
 Accumulation is in fp32, as in cuBLAS; the order of the sums differs; results are rounded to the activation dtype
 where the unfused functions round. The loop over K is unrolled (K is a compile-time constant), which keeps every
 load of a program in flight at once (cold-weight products 5-15 % faster than the rolled loop, bench_gemv.py).
@@ -26,6 +28,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from longllama import quantize
 from longllama.fast import kernels
 from longllama.ops import rms_norm
 
@@ -57,6 +60,15 @@ def kernel_objects() -> tuple:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def _operand(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the kernels read for `weight`: (the weight, None) for a plain tensor, (int8 values, fp32 row scales)
+    for an int8 weight (quantize.int8_rows), (the weight, None) for any other, which `applies` turns away."""
+    if type(weight) in _PLAIN:
+        return weight, None
+    rows = quantize.int8_rows(weight)
+    return rows if rows is not None else (weight, None)
+
+
 def _grid(n: int, rows: int):
     """Launch grid: blocks of BLOCK_N output columns, one row of x each (the several-row kernels: every row)."""
     if rows > PER_ROW:
@@ -74,16 +86,23 @@ def _kernel(rows: int, swiglu: bool = False):
 
 def applies(x: torch.Tensor, *weights: torch.Tensor, norm=None, max_rows: int = MAX_ROWS, cpu: bool = False) -> bool:
     """Whether the kernel serves x (..., K) against these (N, K) weights (and the RMSNorm weight of `norm`): at most
-    `max_rows` rows; `cpu` lets CPU tensors through under the interpreter (kernels.usable)."""
+    `max_rows` rows, weights all plain in x's dtype or all int8 (quantize.int8_rows); `cpu` lets CPU tensors through
+    under the interpreter (kernels.usable)."""
     rows = x.numel() // x.shape[-1]
-    ok = (
-        kernels.usable(x, cpu=cpu)
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and rows <= min(max_rows, ROWS_BLOCK)
-        and all(
-            w.dtype == x.dtype and w.device == x.device and w.is_contiguous() and w.shape[1] == x.shape[-1]
-            for w in weights
-        )
+    if not (
+        kernels.usable(x, cpu=cpu) and x.dtype in (torch.bfloat16, torch.float16) and rows <= min(max_rows, ROWS_BLOCK)
+    ):
+        return False
+    operands = [_operand(w) for w in weights]
+    scaled = {scale is not None for _, scale in operands}
+    ok = len(scaled) == 1 and all(
+        w.dtype == (torch.int8 if scale is not None else x.dtype)
+        and type(w) in _PLAIN
+        and w.device == x.device
+        and w.is_contiguous()
+        and w.shape[1] == x.shape[-1]
+        and (scale is None or (scale.dtype == torch.float32 and scale.is_contiguous()))
+        for w, scale in operands
     )
     return ok and (norm is None or (norm[0].dtype == x.dtype and norm[0].is_contiguous()))
 
@@ -100,10 +119,22 @@ def _prepared(x: torch.Tensor, norm):
     return flat, (norm[0], float(norm[1])), True
 
 
+def _offsets(tensors) -> list[int]:
+    """Element offsets of tensors[1:] from tensors[0] (the kernels address stacked weights from the first), padded
+    to two."""
+    first = tensors[0]
+    return [(t.data_ptr() - first.data_ptr()) // first.element_size() for t in tensors[1:]] + [0, 0]
+
+
 def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm, autotune: bool = False) -> torch.Tensor:
+    operands = [_operand(w) for w in weights]
+    weights = [w for w, _ in operands]
+    scales = [s for _, s in operands]
+    scaled = scales[0] is not None
     w0 = weights[0]
     sizes = [w.shape[0] for w in weights] + [0, 0]
-    offsets = [(w.data_ptr() - w0.data_ptr()) // w0.element_size() for w in weights[1:]] + [0, 0]
+    offsets = _offsets(weights)
+    scale_offsets = _offsets(scales) if scaled else [0, 0]
     n = sum(w.shape[0] for w in weights)
     k = x.shape[-1]
     flat, norm_args, normed = _prepared(x, norm)
@@ -114,11 +145,25 @@ def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm, auto
     kernels.launch(
         kernel,
         _grid(n, rows),
-        (flat, *norm_args, w0, offsets[0], offsets[1], r, y, rows, n, sizes[0], sizes[1], k),
+        (
+            flat,
+            *norm_args,
+            w0,
+            *offsets[:2],
+            scales[0] if scaled else w0,
+            *scale_offsets[:2],
+            r,
+            y,
+            rows,
+            n,
+            *sizes[:2],
+            k,
+        ),
         defaults,
         autotune=autotune,
         NORM=normed,
         RESIDUAL=residual is not None,
+        SCALED=scaled,
         **extra,
     )
     return y.view(*x.shape[:-1], n)
@@ -183,16 +228,20 @@ def linear_swiglu(
         x = _normed(x, norm)
         return F.silu(F.linear(x, gate)) * F.linear(x, up)
     flat, norm_args, normed = _prepared(x, norm)
+    (gate, gate_scale), (up, up_scale) = _operand(gate), _operand(up)
+    scaled = gate_scale is not None
     rows, n, k = flat.shape[0], gate.shape[0], flat.shape[1]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     kernel, defaults, extra = _kernel(rows, swiglu=True)
+    scale_args = (gate_scale, up_scale) if scaled else (gate, up)
     kernels.launch(
         kernel,
         _grid(n, rows),
-        (flat, *norm_args, gate, up, y, rows, n, k),
+        (flat, *norm_args, gate, up, *scale_args, y, rows, n, k),
         defaults,
         autotune=autotune,
         NORM=normed,
+        SCALED=scaled,
         **extra,
     )
     return y.view(*x.shape[:-1], n)

@@ -54,6 +54,12 @@ def row_offsets(cols, off1, off2, N0, N1, K: tl.constexpr):
 
 
 @triton.jit
+def row_scales(s_ptr, cols, soff1, soff2, N, N0, N1):
+    """The fp32 scale of each output column's int8 weight row (one per row, stacked as row_offsets stacks rows)."""
+    return tl.load(s_ptr + row_offsets(cols, soff1, soff2, N0, N1, 1), mask=cols < N, other=0.0)
+
+
+@triton.jit
 def gemv_kernel(
     x_ptr,
     nw_ptr,
@@ -61,6 +67,9 @@ def gemv_kernel(
     w_ptr,
     off1,
     off2,
+    s_ptr,
+    soff1,
+    soff2,
     r_ptr,
     y_ptr,
     M,
@@ -70,6 +79,7 @@ def gemv_kernel(
     K: tl.constexpr,
     NORM: tl.constexpr,
     RESIDUAL: tl.constexpr,
+    SCALED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -85,6 +95,8 @@ def gemv_kernel(
         w = tl.load(w_ptr + base[:, None] + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
+    if SCALED:
+        y = y * row_scales(s_ptr, cols, soff1, soff2, N, N0, N1)
     if RESIDUAL:  # rounded as the unfused residual + linear(x): the product first, then the sum
         r = tl.load(r_ptr + row * N + cols, mask=cols < N, other=0.0).to(tl.float32)
         y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + r
@@ -98,11 +110,14 @@ def gemv_swiglu_kernel(
     eps,
     g_ptr,
     u_ptr,
+    gs_ptr,
+    us_ptr,
     y_ptr,
     M,
     N,
     K: tl.constexpr,
     NORM: tl.constexpr,
+    SCALED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -120,9 +135,13 @@ def gemv_swiglu_kernel(
         u = tl.load(u_ptr + cols[:, None] * K + ks[None, :], mask=mask, other=0.0)
         acc_g += g.to(tl.float32) * x[None, :]
         acc_u += u.to(tl.float32) * x[None, :]
+    g, u = tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1)
+    if SCALED:
+        g = g * tl.load(gs_ptr + cols, mask=cols < N, other=0.0)
+        u = u * tl.load(us_ptr + cols, mask=cols < N, other=0.0)
     # Rounded to the activation dtype before the SwiGLU, as the unfused path rounds its two products.
-    g = tl.sum(acc_g, axis=1).to(y_ptr.dtype.element_ty).to(tl.float32)
-    u = tl.sum(acc_u, axis=1).to(y_ptr.dtype.element_ty).to(tl.float32)
+    g = g.to(y_ptr.dtype.element_ty).to(tl.float32)
+    u = u.to(y_ptr.dtype.element_ty).to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + row * N + cols, (silu * u).to(y_ptr.dtype.element_ty), mask=cols < N)
 
@@ -171,6 +190,9 @@ def gemv_rows_kernel(
     w_ptr,
     off1,
     off2,
+    s_ptr,
+    soff1,
+    soff2,
     r_ptr,
     y_ptr,
     M,
@@ -180,6 +202,7 @@ def gemv_rows_kernel(
     K: tl.constexpr,
     NORM: tl.constexpr,
     RESIDUAL: tl.constexpr,
+    SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -199,9 +222,13 @@ def gemv_rows_kernel(
         w = tl.load(w_ptr + base[:, None] + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
         if UPCAST:
             x, w = x.to(tl.float32), w.to(tl.float32)
+        elif SCALED:  # int8 values are exact in bf16 and fp16
+            w = w.to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc)
     out = (rows[:, None] < M) & (cols[None, :] < N)
     y = acc
+    if SCALED:
+        y = y * row_scales(s_ptr, cols, soff1, soff2, N, N0, N1)[None, :]
     if RESIDUAL:  # rounded as the unfused residual + linear(x): the product first, then the sum
         r = tl.load(r_ptr + rows[:, None] * N + cols[None, :], mask=out, other=0.0).to(tl.float32)
         y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + r
@@ -215,11 +242,14 @@ def gemv_rows_swiglu_kernel(
     eps,
     g_ptr,
     u_ptr,
+    gs_ptr,
+    us_ptr,
     y_ptr,
     M,
     N,
     K: tl.constexpr,
     NORM: tl.constexpr,
+    SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -239,8 +269,13 @@ def gemv_rows_swiglu_kernel(
         u = tl.load(u_ptr + cols[:, None] * K + ks[None, :], mask=mask, other=0.0)
         if UPCAST:
             x, g, u = x.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
+        elif SCALED:
+            g, u = g.to(x.dtype), u.to(x.dtype)
         acc_g = tl.dot(x, tl.trans(g), acc_g)
         acc_u = tl.dot(x, tl.trans(u), acc_u)
+    if SCALED:
+        acc_g = acc_g * tl.load(gs_ptr + cols, mask=cols < N, other=0.0)[None, :]
+        acc_u = acc_u * tl.load(us_ptr + cols, mask=cols < N, other=0.0)[None, :]
     g = acc_g.to(y_ptr.dtype.element_ty).to(tl.float32)
     u = acc_u.to(y_ptr.dtype.element_ty).to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
