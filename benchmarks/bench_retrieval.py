@@ -12,7 +12,8 @@ measurements so the command ends in time, and whatever was not started is record
              per trial. Lengths run shortest first; a trial starts only if its estimate (the mode's slowest trial so
              far, scaled to the length) fits in the time left.
   3b         the 3B shape with random bf16 weights: ingest of --ingest-tokens (1M) with blocks and with dense
-             memory (seconds, peak GPU memory), then decoding after it (ms per token, from the cache of the ingest).
+             memory (seconds, peak GPU memory), then decoding after it (ms per token, generate from the cache of the
+             ingest: the static decoder on a GPU).
              With --offload also blocks with the memory in pinned CPU memory (summaries on the GPU).
 
 Records follow benchmarks/results/*.json (benchmark, impl, model or shape, tokens, length, trials, accuracy,
@@ -38,7 +39,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_quant import Records, _free, _peak_gib, _reset_peak, _sync, heldout_texts, random_model  # noqa: E402
+from bench_quant import (  # noqa: E402
+    Records,
+    _Clock,
+    _free,
+    _peak_gib,
+    _reset_peak,
+    _sync,
+    heldout_texts,
+    random_model,
+)
 
 from longllama import LongLlamaForCausalLM  # noqa: E402
 from longllama.config import preset  # noqa: E402
@@ -224,7 +234,7 @@ def section_3b(args, records: Records, clock: Clock) -> None:
         model.config.update(dict(modes(args)[mode], mem_offload=offload))
         ids = torch.randint(3, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
         ids = ids.to(args.device)
-        out = cache = step = None
+        out = cache = None
         try:
             with torch.no_grad():  # a short warm-up: compilation, kernels, plans
                 model(ids[:, : 3 * config.context_window], logits_to_keep=1)
@@ -249,20 +259,19 @@ def section_3b(args, records: Records, clock: Clock) -> None:
             )
             token = out.logits[:, -1:].argmax(-1)
             cache = out.past_key_values
-            steps = []
-            with torch.no_grad():
-                for _ in range(args.decode_tokens + 2):
-                    _sync(args.device)
-                    start = time.perf_counter()
-                    step = model(token, past_key_values=cache, use_cache=True)
-                    token, cache = step.logits[:, -1:].argmax(-1), step.past_key_values
-                    _sync(args.device)
-                    steps.append(time.perf_counter() - start)
+            arrivals = _Clock(args.device)
+            steps = args.decode_tokens + 2
+            with torch.no_grad():  # generate's decoder: the static one (CUDA graphs) on a GPU
+                model.generate(
+                    token, cache=cache, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, streamer=arrivals
+                )
+            _sync(args.device)
+            t = arrivals.times  # the prompt first, then each token; the first two tokens absorb capture
             records.add(
                 benchmark="decode",
                 mode="greedy",
-                ms_per_token=sum(steps[2:]) / len(steps[2:]) * 1e3,
-                path="general forward with a cache (no static decoder)",
+                ms_per_token=(t[-1] - t[2]) / (len(t) - 3) * 1e3,
+                path="generate (the static decoder on a GPU)",
                 peak_gib=_peak_gib(args.device),
                 **fields,
             )
@@ -270,7 +279,7 @@ def section_3b(args, records: Records, clock: Clock) -> None:
             records.add(benchmark="ingest", shape=config_name(args), impl=impl, mem_mode=mode, error=str(exc)[:300])
         finally:
             # the cache (the memory: 42 GB at 1M tokens) goes with the model, before the next variant allocates
-            del model, out, cache, step
+            del model, out, cache
             _free(args.device)
 
 

@@ -268,6 +268,29 @@ def test_static_decoding_reads_int8_weights_in_the_kernels(interpreter, bf16_cpu
     assert 0 < plain_error and (fast_logits - exact_logits).abs().max() <= 4 * plain_error
 
 
+def test_static_decoding_reads_the_chosen_blocks_in_the_kernels(interpreter, monkeypatch):
+    """Block retrieval in the Triton step: the chosen blocks (retrieval.step_blocks), gathered, are the memory the
+    decoding kernel reads; the same tokens and scores as the general step, which reads them through
+    retrieval.attend."""
+    model = sharp_tiny(attn_impl="fast", mem_retrieval="blocks", mem_blocks=2, mem_block_size=8)
+    ids = torch.randint(3, 320, (1, 144))  # 104 memory keys, 168 after the flush: whole blocks, as the kernel takes
+    budget = model.plan.mem_blocks * model.plan.mem_block_size
+    read = []
+    real = decode_attention.attend
+
+    def attend(q, keys, values, slot, memory=None, *args, **kwargs):
+        read.append(None if memory is None else memory[0].shape[2])
+        return real(q, keys, values, slot, memory, *args, **kwargs)
+
+    monkeypatch.setattr(decode_attention, "attend", attend)
+    with torch.no_grad():
+        plain = _decode(model, ids, False, max_new_tokens=40, last_context_length=40)  # crosses a flush
+        fast = _decode(model, ids, True, max_new_tokens=40, last_context_length=40)
+    assert budget in read  # memory layers read `budget` gathered keys, not their whole memory
+    assert torch.equal(plain.sequences, fast.sequences)
+    assert (torch.stack(plain.scores) - torch.stack(fast.scores)).abs().max() < 1e-4
+
+
 def test_kernels_only_where_they_can_run():
     assert not kernels.usable(torch.zeros(1))  # CPU tensors unless asked for (and only in the interpreter)
     assert not decode_attention.applies(torch.zeros(1))

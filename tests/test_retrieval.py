@@ -151,7 +151,7 @@ def test_model_reads_fewer_blocks_and_generates():
         assert (out - ref).abs().max() > 1e-3
         tokens = blocks.generate(ids[:, :250], max_new_tokens=50, do_sample=False)  # overflows into memory
         static = blocks.generate(ids[:, :250], max_new_tokens=50, do_sample=False, decoder="static")
-        assert torch.equal(static, tokens)  # the static decoder hands block retrieval to the general path
+        assert torch.equal(static, tokens)  # the static decoder's step reads the same blocks (StaticDecoder._attend)
         beams = blocks.generate(ids[:1, :250], max_new_tokens=8, num_beams=3, do_sample=False)
     assert tokens.shape == (2, 300) and beams.shape == (1, 258)
     with pytest.raises(InputError, match="output_attentions"):

@@ -71,8 +71,8 @@ def _static_decoder(model, state: LongLlamaCache, mask, mode: str, plan: Executi
         raise InputError(f"decoder={mode!r} is not supported: use 'auto', 'static' or 'dynamic'")
     if mode == "dynamic" or (mode == "auto" and not plan.on_gpu):
         return None
-    if plan.mem_retrieval != "dense" or plan.memory_shard is not None:
-        return None  # block retrieval and sharded memory read the memory through the general path
+    if plan.memory_shard is not None:
+        return None  # a sharded memory is read through the general path (its merge across processes)
     if any(layer.memory is not None and layer.memory.share > 1 for layer in state.layers):
         return None  # rows sharing a memory (several returned sequences) decode through the generic path
     if not StaticDecoder.usable(state, mask):

@@ -217,6 +217,29 @@ def attend(
     return _weighted(probs[..., :kv], v) + read.weighted(probs[..., kv:])
 
 
+def step_blocks(
+    q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None] | None:
+    """For one decoding query per row, q (b, h, d): the chosen blocks of each key/value head (the choice read_blocks
+    makes for a single query) as stored, padded keys and values (b, kv_heads, keep * block_size, width) and int8
+    scales (b, kv_heads, keep * block_size) or None: a memory in the layout the decoding kernels read. None where
+    every gathered key would not be valid (invalid keys, a short last block) or the memory is held elsewhere or
+    shared by rows: the caller then takes `attend`."""
+    if memory.share != 1 or not memory.all_valid() or memory.length % block_size or memory.device != q.device:
+        return None
+    b, hkv = q.shape[0], memory.kv_heads
+    qg = _grouped(q[:, :, None], hkv, 1)  # (b, hkv, 1, heads per key/value head, d)
+    real = torch.ones(1, qg.shape[3], dtype=torch.bool, device=q.device)
+    kmax, kmin, any_valid = memory.summaries(block_size, q.device)
+    chosen = select_blocks(qg, kmax, kmin, any_valid, blocks, real)  # (b, hkv, 1, keep)
+    tokens = (chosen[..., None] * block_size + torch.arange(block_size, device=q.device)).reshape(b, hkv, -1)
+    keys, values = (_take(t, tokens) for t in memory.padded())
+    scales = memory.scales()
+    scales = None if scales is None else tuple(_take(t, tokens) for t in scales)
+    memory.read_bytes += keys.nbytes + values.nbytes + (0 if scales is None else sum(t.nbytes for t in scales))
+    return (keys, values), scales
+
+
 def reads_blocks(memory: MemoryCache | None, blocks: int, block_size: int) -> bool:
     """Whether block retrieval reads less than the whole memory (else dense attention is the same and cheaper)."""
     return memory is not None and memory.length > blocks * block_size

@@ -18,6 +18,8 @@ slots and memory split into chunks plus a merge (decode_attention.py), the outpu
 added, the gate/up pass and the down projection with the residual added; each RMSNorm is computed inside the product
 that follows it: seven kernels instead of about twenty (profile_step.py). Elsewhere, and for
 memories the kernels do not take (kNN top-k, invalid keys), the same step runs through the general functions.
+Under block retrieval (retrieval.py) a memory layer's step chooses its blocks from the summaries and gathers them
+(static shapes: the graph replays the choice); the kernel reads the gathered blocks as its memory.
 
 Only batches without padding are decoded this way (every row then shares one slot index); `generate` falls back to
 the generic path otherwise.
@@ -29,7 +31,7 @@ import logging
 
 import torch
 
-from longllama import timings
+from longllama import retrieval, timings
 from longllama.attention import kernel_head_dim
 from longllama.cache import LongLlamaCache
 from longllama.fast import decode_attention, gemv
@@ -178,6 +180,8 @@ class StaticDecoder:
 
     def _attend(self, q, rot, values, visible, memory, ops) -> torch.Tensor:
         """A step's attention (b, h, 1, d) through the general functions."""
+        if retrieval.retrieves(memory, self.plan):
+            return self._attend_blocks(q, rot, values, visible, memory)
         mem_k = mem_v = padded = scales = None
         if memory is not None and memory.length:
             mem_k, mem_v, padded, _, scales = read_memory(memory, q.device)
@@ -213,9 +217,24 @@ class StaticDecoder:
         """Each row's first slot, where rows start apart (batch_decode.py); None: every row starts at slot 0."""
         return None
 
+    def _attend_blocks(self, q, rot, values, visible, memory) -> torch.Tensor:
+        """Block retrieval's step (b, h, 1, d) through the general functions (retrieval.attend)."""
+        plan = self.plan
+        return retrieval.attend(
+            q, rot, values, visible=visible, memory=memory, blocks=plan.mem_blocks, block_size=plan.mem_block_size
+        )
+
     def _attend_kernels(self, q, buffers, memory) -> torch.Tensor:
         """A step's attention (b, h, d) with the kernels: local slots and the memory in one softmax."""
         raw, rot, values = buffers
+        if retrieval.retrieves(memory, self.plan):
+            # the chosen blocks, gathered, are the memory the kernel reads; else the general step
+            chosen = retrieval.step_blocks(q, memory, self.plan.mem_blocks, self.plan.mem_block_size)
+            if chosen is None:
+                _, rot, values = self._views(buffers)
+                return self._attend_blocks(q[:, :, None], rot, values, self._visible(), memory)[:, :, 0]
+            padded, scales = chosen
+            return decode_attention.attend(q, rot, values, self.slot, padded, scales, autotune=self.plan.autotune)
         mem_k = mem_v = padded = valid = scales = None
         if memory is not None and memory.length:
             mem_k, mem_v, padded, valid, scales = read_memory(memory, q.device)
