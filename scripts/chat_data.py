@@ -366,14 +366,14 @@ def exact_answer(answer: str, expected: str, task: str) -> bool:
 def evaluate(model_path: str, lengths: Sequence[int], docs: int, seed: int, plain_16k: int) -> dict[str, Any]:
     import torch
 
-    from longllama.cli import _tokenizer_folder, load_model
+    from longllama.cli import LoadOptions, _tokenizer_folder, load_model
     from longllama.document_memory import DocumentMemory
     from longllama.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     # As the CLI loads it: an adapter folder (the chat model) is merged into its base model.
     tokenizer = load_tokenizer(_tokenizer_folder(Path(model_path)))
-    model = load_model(Path(model_path), dtype="float32", device=torch.device("cpu"), mem_attention_grouping=None)
+    model = load_model(Path(model_path), LoadOptions(dtype="float32", device="cpu"))
     results = []
     for length in lengths:
         for index in range(docs):

@@ -112,9 +112,9 @@ def test_shipped_adapters_merge_into_the_same_function(tokenizer):
     """The merged model (how the CLI loads it) against peft running the adapters beside the frozen weights."""
     peft = pytest.importorskip("peft")
     from longllama import LongLlamaForCausalLM
-    from longllama.cli import load_model
+    from longllama.cli import LoadOptions, load_model
 
-    merged = load_model(SHIPPED_CHAT_MODEL, dtype="float32", device=torch.device("cpu"), mem_attention_grouping=None)
+    merged = load_model(SHIPPED_CHAT_MODEL, LoadOptions(dtype="float32", device="cpu"))
     base = LongLlamaForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32)
     reference = peft.PeftModel.from_pretrained(base, str(SHIPPED_CHAT_MODEL)).eval()
     ids = torch.tensor([tokenizer.encode("def add(a, b):\n    return a + b\nThe pass key is 123.")])

@@ -121,9 +121,9 @@ def test_evaluate_on_a_fake_model_packs_and_predicts():
 
 @pytest.fixture(scope="module")
 def shipped():
-    from longllama.cli import eval_model
+    from longllama.cli import LoadOptions, eval_model
 
-    _, model, tokenizer = eval_model(str(SHIPPED_MODEL), dtype="float32", device="cpu", verbose=False)
+    _, model, tokenizer = eval_model(str(SHIPPED_MODEL), LoadOptions(dtype="float32", device="cpu"))
     return model, tokenizer
 
 

@@ -253,16 +253,15 @@ def test_cli_mem_dtype(tmp_path, capsys):
     model.save_pretrained(tmp_path / "m")
     code = cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--mem-dtype", "int4"])
     assert code == 2 and "--mem-dtype" in capsys.readouterr().err
-    lm = cli.load_model(
-        tmp_path / "m", dtype="auto", device=torch.device("cpu"), mem_attention_grouping=None, mem_dtype="int8"
-    )
+    lm = cli.load_model(tmp_path / "m", cli.LoadOptions(device="cpu", mem_dtype="int8"))
     assert lm.config.mem_dtype == "int8"
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_static_decoding_kernels_with_int8_memory(interpreter, quantize):
-    """The static decoder's Triton step (scaled int8 memory reads; with int8 weights, products routed past the
-    matrix-vector kernel by the plan) against the general step on the same model."""
+    """The static decoder's Triton step (scaled int8 memory reads; with int8 weights, which this fp32 model's
+    products leave to torchao: the matrix-vector kernels take bf16/fp16 activations) against the general step on
+    the same model."""
     pytest.importorskip("torchao") if quantize != "none" else None
     from longllama.fast import decode_attention
     from longllama.quantize import quantize_model

@@ -243,9 +243,9 @@ def test_reading_a_memory_streams_its_progress(server, tokenizer):
 def test_a_repeated_long_prompt_reuses_the_memory_of_its_whole_windows(server, tokenizer):
     import torch
 
-    from longllama.cli import load_model
+    from longllama.cli import LoadOptions, load_model
 
-    model = load_model(SHIPPED_MODEL, dtype="auto", device=torch.device("cpu"), mem_attention_grouping=None)
+    model = load_model(SHIPPED_MODEL, LoadOptions(device="cpu"))
     window, local = model.config.context_window, model.config.last_context_length
     first, _ = passkey.passkey_prompt(passkey.n_garbage_for_tokens(tokenizer, 2200, seed=1), 11)
     second = first.replace(QUESTION, "Answer with digits. " + QUESTION)

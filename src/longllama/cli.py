@@ -17,11 +17,12 @@ and exit status 2, as argparse does for usage errors; no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import Any, NoReturn, TextIO
 
 from longllama import timings
 from longllama.config import MEM_RETRIEVALS
@@ -42,6 +43,33 @@ REPLACEMENT_CHAR = "\ufffd"  # what a decoder gives for the bytes of a character
 
 class CliError(LongLlamaError):
     """A command-line value that cannot be used (missing --model, unavailable device...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """How a command loads its model: the options every model command shares (_add_model_arguments,
+    _add_load_options, _eval_options), gathered once from the parsed arguments (`take`) and handed to load_model.
+    None: the checkpoint's own setting. `mem_layers` replaces the checkpoint's memory layers ([]: no memory),
+    `mem_top_k` 0 is dense memory, `quantize` the weights' quantization after the move to `device`, `plan` KEY=VALUE
+    changes of the execution plan, `verbose` prints the plan (and the commands their timings)."""
+
+    dtype: str = "auto"
+    device: str = "auto"
+    mem_attention_grouping: tuple[int, int] | None = None
+    mem_layers: list[int] | None = None
+    mem_top_k: int | None = None
+    compile_elementwise: bool | None = None
+    plan: list[str] | None = None
+    verbose: bool = False
+    quantize: str | None = None
+    mem_dtype: str | None = None
+    mem_retrieval: str | None = None
+    mem_blocks: int | None = None
+
+    @classmethod
+    def take(cls, args: dict[str, Any]) -> LoadOptions:
+        """The options among parsed arguments `args` (by name), removed from them."""
+        return cls(**{f.name: args.pop(f.name) for f in dataclasses.fields(cls) if f.name in args})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -148,18 +176,7 @@ def generate(
     top_k: int | None = None,
     seed: int | None = None,
     last_context_length: int | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    mem_attention_grouping: tuple[int, int] | None = None,
-    mem_layers: list[int] | None = None,
-    mem_top_k: int | None = None,
-    compile_elementwise: bool | None = None,
-    plan: list[str] | None = None,
-    verbose: bool = False,
-    quantize: str | None = None,
-    mem_dtype: str | None = None,
-    mem_retrieval: str | None = None,
-    mem_blocks: int | None = None,
+    load: LoadOptions | None = None,
 ) -> int:
     """Continue a prompt with a LongLLaMA checkpoint, streaming the new text to stdout."""
     import torch
@@ -167,27 +184,14 @@ def generate(
     from longllama.tokenizer import encode_prompt, load_tokenizer
 
     folder = _model_folder(model)
-    torch_device = resolve_device(device)
+    load = load or LoadOptions()
+    torch_device = resolve_device(load.device)
     settings = sampling_settings(temperature, top_p=top_p, top_k=top_k)
     with timings.timed("setup", "tokenizer and prompt"):  # before the model: a bad one fails in a second
         text = read_prompt(prompt, prompt_file)
         tokenizer = load_tokenizer(_tokenizer_folder(folder))
         ids = encode_prompt(tokenizer, text, bos=True)
-    lm = load_model(
-        folder,
-        dtype=dtype,
-        device=torch_device,
-        mem_attention_grouping=mem_attention_grouping,
-        mem_layers=mem_layers,
-        mem_top_k=mem_top_k,
-        compile_elementwise=compile_elementwise,
-        plan=plan,
-        verbose=verbose,
-        quantize=quantize,
-        mem_dtype=mem_dtype,
-        mem_retrieval=mem_retrieval,
-        mem_blocks=mem_blocks,
-    )
+    lm = load_model(folder, load)
     if seed is not None:
         torch.manual_seed(seed)
     input_ids = torch.tensor([ids], dtype=torch.long, device=torch_device)
@@ -205,7 +209,7 @@ def generate(
         )
     finally:
         progress.close()
-    _print_timings(verbose)
+    _print_timings(load.verbose)
     return 0
 
 
@@ -354,54 +358,37 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     return text
 
 
-def load_model(
-    folder: Path,
-    *,
-    dtype: str,
-    device,
-    mem_attention_grouping: tuple[int, int] | None,
-    mem_layers: list[int] | None = None,
-    mem_top_k: int | None = None,
-    compile_elementwise: bool | None = None,
-    plan: list[str] | None = None,
-    verbose: bool = False,
-    quantize: str | None = None,
-    mem_dtype: str | None = None,
-    mem_retrieval: str | None = None,
-    mem_blocks: int | None = None,
-):
-    """LongLlamaForCausalLM from `folder` in `dtype` ('auto': the checkpoint's own), on `device`, in eval mode;
-    `quantize` ('int8', 'int4'; None: as stored) its linear layers after the move to `device`, `mem_dtype`,
-    `mem_retrieval` and `mem_blocks` (None: the checkpoint's) how the memory is stored and read;
-    `mem_layers` replaces the checkpoint's memory layers (e.g. [] for an ablation without memory), `mem_top_k`
-    (0: dense) its kNN memory setting, `compile_elementwise` (None: the checkpoint's, "auto" by default) whether
-    RMSNorm/RoPE/SwiGLU run through torch.compile; `plan` KEY=VALUE changes of the execution plan (checked before
-    the model loads); `verbose` prints the plan to stderr."""
+def load_model(folder: Path, options: LoadOptions | None = None):
+    """LongLlamaForCausalLM from `folder` as `options` say (LoadOptions; default: the checkpoint as stored, on CUDA
+    when available), in eval mode. The plan changes are checked before the weights load; the quantization is applied
+    after the move to the device (its layout is the device's)."""
     import torch
 
     from longllama import LongLlamaForCausalLM
     from longllama.plan import check_changes, parse_overrides
 
-    if dtype not in DTYPES:  # argparse checks too; this guards calls from Python
-        raise CliError(f"--dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
-    changes = parse_overrides(plan)
+    o = options or LoadOptions()
+    device = resolve_device(o.device)
+    if o.dtype not in DTYPES:  # argparse checks too; this guards calls from Python
+        raise CliError(f"--dtype {o.dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+    changes = parse_overrides(o.plan)
     check_changes(changes)  # a bad field or value fails before minutes of loading
-    overrides = {} if mem_attention_grouping is None else {"mem_attention_grouping": tuple(mem_attention_grouping)}
-    if mem_layers is not None:
-        overrides["mem_layers"] = list(mem_layers)
-    if mem_top_k is not None:
-        overrides["mem_top_k"] = mem_top_k or None
-    if compile_elementwise is not None:
-        overrides["compile_elementwise"] = compile_elementwise
+    overrides: dict[str, Any] = {}
+    if o.mem_attention_grouping is not None:
+        overrides["mem_attention_grouping"] = tuple(o.mem_attention_grouping)
+    if o.mem_layers is not None:
+        overrides["mem_layers"] = list(o.mem_layers)
+    if o.mem_top_k is not None:
+        overrides["mem_top_k"] = o.mem_top_k or None
+    for key in ("compile_elementwise", "mem_dtype", "mem_retrieval", "mem_blocks"):
+        if getattr(o, key) is not None:
+            overrides[key] = getattr(o, key)
     from longllama import quantize as quantization
 
-    quantize = quantization.check_quantization(quantize)
-    for key, value in (("mem_dtype", mem_dtype), ("mem_retrieval", mem_retrieval), ("mem_blocks", mem_blocks)):
-        if value is not None:
-            overrides[key] = value
+    quantize = quantization.check_quantization(o.quantize)
     if overrides.get("mem_retrieval") == "blocks" and "mem_top_k" not in overrides:
         overrides["mem_top_k"] = None  # the two ways of reading the memory exclude each other; the flag wins
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    torch_dtype = "auto" if o.dtype == "auto" else getattr(torch, o.dtype)
     adapter = folder if is_adapter_folder(folder) else None
     if adapter is not None:
         folder = adapter_base(adapter)
@@ -417,7 +404,7 @@ def load_model(
         quantization.quantize_model(model, quantize)  # after the move: the layout is chosen for the device
     if changes:
         model.set_plan(**changes)
-    if verbose:
+    if o.verbose:
         print(f"{PROG}: {model.plan}", file=sys.stderr)
     return model
 
@@ -776,6 +763,7 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
         help="with --mem-retrieval blocks: memory blocks (of mem_block_size keys, 64 by default) read per group "
         "of queries (default: the checkpoint's mem_blocks, 64)",
     )
+    p.set_defaults(load_options=True)  # main gathers the loading options into one LoadOptions (`load`)
 
 
 def _add_generate(commands) -> None:
@@ -814,18 +802,7 @@ def passkey(
     trials: int = 10,
     seed: int = 0,
     last_context_length: int | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    mem_attention_grouping: tuple[int, int] | None = None,
-    mem_layers: list[int] | None = None,
-    mem_top_k: int | None = None,
-    compile_elementwise: bool | None = None,
-    plan: list[str] | None = None,
-    verbose: bool = False,
-    quantize: str | None = None,
-    mem_dtype: str | None = None,
-    mem_retrieval: str | None = None,
-    mem_blocks: int | None = None,
+    load: LoadOptions | None = None,
     out: str | None = None,
     plot: str | None = None,
 ) -> int:
@@ -838,7 +815,8 @@ def passkey(
     from longllama.tokenizer import load_tokenizer
 
     folder = _model_folder(model)
-    torch_device = resolve_device(device)
+    load = load or LoadOptions()
+    torch_device = resolve_device(load.device)
     lengths = lengths or list(PASSKEY_LENGTHS)
     out_path = _output_file(out, "--out")
     plot_path = _output_file(plot, "--plot")
@@ -850,21 +828,7 @@ def passkey(
         task.check_lengths(tokenizer, lengths, seed=seed)
     # The model's own (1024 for the released checkpoints, as docs/evaluation.md#passkey-retrieval uses) unless given.
     last_context_length = _last_context_length(folder, last_context_length)
-    lm = load_model(
-        folder,
-        dtype=dtype,
-        device=torch_device,
-        mem_attention_grouping=mem_attention_grouping,
-        mem_layers=mem_layers,
-        mem_top_k=mem_top_k,
-        compile_elementwise=compile_elementwise,
-        plan=plan,
-        verbose=verbose,
-        quantize=quantize,
-        mem_dtype=mem_dtype,
-        mem_retrieval=mem_retrieval,
-        mem_blocks=mem_blocks,
-    )
+    lm = load_model(folder, load)
     settings = {
         "model": str(folder),
         "lengths": lengths,
@@ -872,11 +836,11 @@ def passkey(
         "trials": trials,
         "seed": seed,
         "last_context_length": last_context_length,
-        "dtype": dtype,
+        "dtype": load.dtype,
         "device": str(torch_device),
-        "mem_attention_grouping": mem_attention_grouping,
-        "mem_layers": mem_layers,
-        "mem_top_k": mem_top_k,
+        "mem_attention_grouping": load.mem_attention_grouping,
+        "mem_layers": load.mem_layers,
+        "mem_top_k": load.mem_top_k,
         "plan": lm.plan.to_dict(),
     }
 
@@ -895,7 +859,7 @@ def passkey(
         on_record=save_so_far if out_path is not None else None,
     )
     status = _report(task, records, {**settings, "complete": True}, out_path, plot_path)
-    _print_timings(verbose)
+    _print_timings(load.verbose)
     return status
 
 
@@ -1005,18 +969,7 @@ def perplexity(
     target_tokens: int = 512,
     max_docs: int | None = None,
     last_context_length: int | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    mem_attention_grouping: tuple[int, int] | None = None,
-    mem_layers: list[int] | None = None,
-    mem_top_k: int | None = None,
-    compile_elementwise: bool | None = None,
-    plan: list[str] | None = None,
-    verbose: bool = False,
-    quantize: str | None = None,
-    mem_dtype: str | None = None,
-    mem_retrieval: str | None = None,
-    mem_blocks: int | None = None,
+    load: LoadOptions | None = None,
     out: str | None = None,
     plot: str | None = None,
 ) -> int:
@@ -1034,7 +987,8 @@ def perplexity(
             "scripts/prepare_corpus.py)"
         )
     texts = iter_documents(data, field="text")  # checks the file exists; reads nothing yet
-    torch_device = resolve_device(device)
+    load = load or LoadOptions()
+    torch_device = resolve_device(load.device)
     contexts = contexts or list(task.DEFAULT_CONTEXTS)
     out_path = _output_file(out, "--out")
     plot_path = _output_file(plot, "--plot")
@@ -1045,21 +999,7 @@ def perplexity(
     contexts = task.check_settings(contexts, target_tokens=target_tokens, last_context_length=lcl)
     tokenizer = load_tokenizer(_tokenizer_folder(folder))
     documents = task.load_documents(texts, tokenizer, needed_tokens=contexts[-1] + target_tokens, max_docs=max_docs)
-    lm = load_model(
-        folder,
-        dtype=dtype,
-        device=torch_device,
-        mem_attention_grouping=mem_attention_grouping,
-        mem_layers=mem_layers,
-        mem_top_k=mem_top_k,
-        compile_elementwise=compile_elementwise,
-        plan=plan,
-        verbose=verbose,
-        quantize=quantize,
-        mem_dtype=mem_dtype,
-        mem_retrieval=mem_retrieval,
-        mem_blocks=mem_blocks,
-    )
+    lm = load_model(folder, load)
     records = task.run_perplexity(
         lm,
         documents,
@@ -1076,15 +1016,15 @@ def perplexity(
         "target_tokens": target_tokens,
         "max_docs": max_docs,
         "last_context_length": lcl,
-        "dtype": dtype,
+        "dtype": load.dtype,
         "device": str(torch_device),
-        "mem_attention_grouping": mem_attention_grouping,
-        "mem_layers": mem_layers,
-        "mem_top_k": mem_top_k,
+        "mem_attention_grouping": load.mem_attention_grouping,
+        "mem_layers": load.mem_layers,
+        "mem_top_k": load.mem_top_k,
         "plan": lm.plan.to_dict(),
     }
     status = _report(task, records, settings, out_path, plot_path)
-    _print_timings(verbose)
+    _print_timings(load.verbose)
     return status
 
 
@@ -1184,39 +1124,14 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     _add_load_options(p)
 
 
-def eval_model(
-    model: str | None,
-    *,
-    dtype: str = "auto",
-    device: str = "auto",
-    plan: list[str] | None = None,
-    mem_top_k: int | None = None,
-    verbose: bool,
-    quantize: str | None = None,
-    mem_dtype: str | None = None,
-    mem_retrieval: str | None = None,
-    mem_blocks: int | None = None,
-):
-    """(folder, model, tokenizer) for an evaluation: the checkpoint in `model` (the shipped one if None), with kNN
-    memory of `mem_top_k` keys when given (0: dense)."""
+def eval_model(model: str | None, load: LoadOptions | None = None):
+    """(folder, model, tokenizer) for an evaluation: the checkpoint in `model` (the shipped one if None), loaded as
+    `load` says."""
     from longllama.tokenizer import load_tokenizer
 
     folder = _model_folder(model)
     tokenizer = load_tokenizer(_tokenizer_folder(folder))
-    lm = load_model(
-        folder,
-        dtype=dtype,
-        device=resolve_device(device),
-        mem_attention_grouping=None,
-        mem_top_k=mem_top_k,
-        plan=plan,
-        verbose=verbose,
-        quantize=quantize,
-        mem_dtype=mem_dtype,
-        mem_retrieval=mem_retrieval,
-        mem_blocks=mem_blocks,
-    )
-    return folder, lm, tokenizer
+    return folder, load_model(folder, load), tokenizer
 
 
 def output_file(name: str | None, option: str = "--out") -> Path | None:
@@ -1236,8 +1151,7 @@ def memory_build(
     template: str | None = None,
     system: str | None = None,
     last_context_length: int | None = None,
-    verbose: bool = False,
-    **model_options,
+    load: LoadOptions | None = None,
 ) -> int:
     """Read document files into a memory once and save it (a folder) for `longllama chat --memory` or
     DocumentMemory.load; prints the token count and the path."""
@@ -1245,7 +1159,7 @@ def memory_build(
 
     target = _memory_target(out)
     text, sources = read_documents(files)  # before the model: a bad file fails in a second
-    folder, lm, tokenizer, template = _chat_model(model, template, system, verbose=verbose, **model_options)
+    folder, lm, tokenizer, template = _chat_model(model, template, system, load)
     memory = _read_into_memory(lm, tokenizer, text, sources, template, system, last_context_length)
     memory.save(target)
     print(f"{memory.tokens} tokens -> {target}")
@@ -1294,8 +1208,7 @@ def chat(
     top_p: float | None = None,
     seed: int | None = None,
     last_context_length: int | None = None,
-    verbose: bool = False,
-    **model_options,
+    load: LoadOptions | None = None,
 ) -> int:
     """Chat about documents: read --file(s) into memory once (or load a saved --memory), then answer questions with
     streamed text. Commands: /save PATH keeps the document memory, /reset starts the conversation over, /exit.
@@ -1312,7 +1225,7 @@ def chat(
         read_manifest(Path(memory).expanduser())  # a wrong path fails before the model loads
     else:
         text, sources = read_documents(file)
-    folder, lm, tokenizer, template = _chat_model(model, template, system, verbose=verbose, **model_options)
+    folder, lm, tokenizer, template = _chat_model(model, template, system, load)
     if memory:
         document = DocumentMemory.load(memory, lm, tokenizer, template=template, system=system)
         print(f"{PROG}: loaded {document.tokens} tokens from {memory}", file=sys.stderr)
@@ -1376,7 +1289,7 @@ def _memory_target(path: str) -> Path:
 
 
 def _chat_model(
-    model: str | None, template: str | None, system: str | None, *, verbose: bool, chat_default: bool = True, **options
+    model: str | None, template: str | None, system: str | None, load: LoadOptions | None, *, chat_default: bool = True
 ):
     """(folder, model, tokenizer, template); the chat format is checked before the model loads. `chat_default`:
     without --model, the shipped chat model (and the template that suits the model chosen)."""
@@ -1384,18 +1297,9 @@ def _chat_model(
     from longllama.tokenizer import load_tokenizer
 
     folder, template = _chat_model_folder(model, template) if chat_default else (_model_folder(model), template)
-    device = resolve_device(options.pop("device", "auto"))
     tokenizer = load_tokenizer(_tokenizer_folder(folder))
     chat_format(tokenizer, template, system=system)
-    lm = load_model(
-        folder,
-        dtype=options.pop("dtype", "auto"),
-        device=device,
-        mem_attention_grouping=options.pop("mem_attention_grouping", None),
-        verbose=verbose,
-        **options,
-    )
-    return folder, lm, tokenizer, template
+    return folder, load_model(folder, load), tokenizer, template
 
 
 def _read_into_memory(lm, tokenizer, text: str, sources, template, system, last_context_length):
@@ -1501,8 +1405,7 @@ def serve(
     max_body_bytes: int = SERVE_DEFAULTS.max_body_bytes,
     max_upload_bytes: int = SERVE_DEFAULTS.max_upload_bytes,
     template: str | None = None,
-    verbose: bool = False,
-    **model_options,
+    load: LoadOptions | None = None,
 ) -> int:
     """Serve the model over an OpenAI-compatible HTTP API (completions, chat completions, streamed or not) with
     document memories: POST a document to /v1/memories once, then ask about it with "memory": ID (docs/serve.md)."""
@@ -1522,7 +1425,7 @@ def serve(
         if folder_of_memories.exists() and not folder_of_memories.is_dir():
             raise CliError(f"--memory-dir {memory_dir} is a file: pass a folder (it is created when missing)")
         memory_dir = str(folder_of_memories)
-    folder, lm, tokenizer, _ = _chat_model(model, template, None, verbose=verbose, chat_default=False, **model_options)
+    folder, lm, tokenizer, _ = _chat_model(model, template, None, load, chat_default=False)
     config = ServeConfig(
         model_id=folder.resolve().name,
         api_key=api_key,
@@ -1631,7 +1534,7 @@ def tune(
     if shape is not None:
         lm = _random_model(shape, getattr(torch, dtype), torch_device)
     else:
-        lm = load_model(_model_folder(model), dtype=dtype, device=torch_device, mem_attention_grouping=None)
+        lm = load_model(_model_folder(model), LoadOptions(dtype=dtype, device=str(torch_device)))
     lm.set_plan(autotune=True)
     name = torch.cuda.get_device_name(torch_device)
     generator = torch.Generator().manual_seed(0)
@@ -1712,6 +1615,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     command: Callable[..., int] = args.pop("func")
     args.pop("command")
+    if args.pop("load_options", False):  # a model command: its loading options as one object
+        args["load"] = LoadOptions.take(args)
     from longllama import caches
 
     caches.configure()  # before any library compiles: they read their cache folders then

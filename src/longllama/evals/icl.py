@@ -31,11 +31,14 @@ import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from longllama.errors import InputError
+
+if TYPE_CHECKING:
+    from longllama.cli import LoadOptions
 
 MODES = ("memory", "truncated")
 SEPARATOR = " ->"
@@ -398,11 +401,10 @@ def run(
     modes: Sequence[str] = ("memory",),
     last_context_length: int | None = None,
     plot: str | None = None,
-    verbose: bool = False,
     out: str | None = None,
     limit: int | None = None,
     seed: int = 0,
-    **model_options: Any,
+    load: LoadOptions | None = None,
 ) -> int:
     """`longllama eval icl`: accuracy per mode and number of demonstrations; --out keeps the record."""
     from longllama.cli import eval_model, output_file
@@ -419,7 +421,7 @@ def run(
         raise InputError(f"--shots {max(shots)} exceeds the {len(train_rows)} training examples; pass fewer shots")
     if limit is not None:
         test_rows = test_rows[:limit]
-    folder, lm, tokenizer = eval_model(model, verbose=verbose, **model_options)
+    folder, lm, tokenizer = eval_model(model, load)
     # Seeds --seed .. --seed + N - 1: each is one draw of demonstrations.
     results, summary = evaluate(
         lm,
@@ -440,7 +442,7 @@ def run(
             print(f"{mode:<10} {s:>6} {demos:>8.1f} {row['accuracy']:>9.3f}")
     if out_path is not None:
         settings = {
-            **saving.model_settings(folder, lm, model_options),
+            **saving.model_settings(folder, lm, load),
             "train": str(train),
             "test": str(test),
             "train_examples": len(train_rows),

@@ -7,9 +7,12 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from longllama.errors import InputError
+
+if TYPE_CHECKING:
+    from longllama.cli import LoadOptions
 
 
 def save_results(
@@ -51,13 +54,13 @@ def replace_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
-def model_settings(folder: Path, model, options: dict[str, Any]) -> dict[str, Any]:
+def model_settings(folder: Path, model, load: LoadOptions | None) -> dict[str, Any]:
     """What every evaluation record says of its model: the folder, kNN memory (None: dense), the dtype asked for,
-    the device and the execution plan. `options`: the command's model options (eval_model's)."""
+    the device and the execution plan. `load`: how the command loaded the model (eval_model's)."""
     return {
         "model": str(folder),
         "mem_top_k": model.config.mem_top_k,
-        "dtype": options.get("dtype", "auto"),
+        "dtype": "auto" if load is None else load.dtype,
         "device": str(model.device),
         "plan": model.plan.to_dict(),
     }

@@ -36,9 +36,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from longllama.errors import InputError
+
+if TYPE_CHECKING:
+    from longllama.cli import LoadOptions
 
 logger = logging.getLogger(__name__)
 
@@ -743,11 +746,10 @@ def run(
     lengths: list[int],
     samples: int = 10,
     plot: str | None = None,
-    verbose: bool = False,
     out: str | None = None,
     limit: int | None = None,
     seed: int = 0,
-    **model_options: Any,
+    load: LoadOptions | None = None,
 ) -> int:
     """`longllama eval ruler`: prints a task x length table; --out keeps the record, --plot draws a heatmap."""
     from longllama.cli import _model_folder, eval_model, output_file
@@ -761,9 +763,9 @@ def run(
         eval_records.plot_format(plot_path)
     # What can fail without the model fails before it loads.
     check_lengths(load_tokenizer(_model_folder(model)), tasks, lengths, seed=seed)
-    folder, lm, tokenizer = eval_model(model, verbose=verbose, **model_options)
+    folder, lm, tokenizer = eval_model(model, load)
     settings = {
-        **eval_records.model_settings(folder, lm, model_options),
+        **eval_records.model_settings(folder, lm, load),
         "tasks": tasks,
         "lengths": lengths,
         "samples": samples,
