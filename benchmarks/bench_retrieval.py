@@ -13,7 +13,8 @@ measurements so the command ends in time, and whatever was not started is record
              far, scaled to the length) fits in the time left.
   3b         the 3B shape with random bf16 weights: ingest of --ingest-tokens (1M) with blocks and with dense
              memory (seconds, peak GPU memory), then decoding after it (ms per token, generate from the cache of the
-             ingest: the static decoder on a GPU).
+             ingest: the static decoder on a GPU); then blocks read by retrieval.attend's gather instead of the
+             block kernel (plan block_kernel=False), the baseline of that kernel.
              With --offload also blocks with the memory in pinned CPU memory (summaries on the GPU).
 
 Records follow benchmarks/results/*.json (benchmark, impl, model or shape, tokens, length, trials, accuracy,
@@ -223,15 +224,18 @@ def section_passkey(args, records: Records, clock: Clock) -> None:
 
 def section_3b(args, records: Records, clock: Clock) -> None:
     config = preset("tiny" if args.tiny else "3b", mem_dtype="bfloat16")
-    variants = [("blocks", False), ("dense", False)] + ([("blocks", True)] if args.offload else [])
+    # (mode, memory in CPU memory, blocks read by the block kernel: False is retrieval.attend's gather)
+    variants = [("blocks", False, True), ("dense", False, True), ("blocks", False, False)]
+    variants += [("blocks", True, True)] if args.offload else []
     n = args.ingest_tokens
-    for mode, offload in variants:
-        impl = "longllama" + ("-offload" if offload else "")
+    for mode, offload, block_kernel in variants:
+        impl = "longllama" + ("-offload" if offload else "") + ("" if block_kernel else "-gather")
         if clock.left() < 0:
             records.add(benchmark="ingest", shape=config_name(args), impl=impl, skipped=True, mem_mode=mode)
             continue
         model = random_model(config, args.device)
         model.config.update(dict(modes(args)[mode], mem_offload=offload))
+        model.set_plan(block_kernel=block_kernel)
         ids = torch.randint(3, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
         ids = ids.to(args.device)
         out = cache = None

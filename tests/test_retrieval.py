@@ -263,3 +263,61 @@ def test_batch_decoder_rows_read_blocks_as_alone():
         (torch.randint(3, 320, (150,), generator=g).tolist(), None, 20),
     ]
     _check_rows(model, requests, steps_between=2)
+
+
+def _interpreting() -> bool:
+    from longllama.fast import kernels
+
+    return kernels.available() and kernels.interpreting()
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, invalid, n, blocks, causal",
+    [
+        (4, 4, False, 70, 5, True),  # two query groups, the second partial; the last block of 8 holds 3 keys
+        (4, 2, True, 9, 3, False),  # grouped-query attention, padding in memory, a window after a local cache
+        (2, 1, False, 1, 26, True),  # one query (a decoding step) reading every block
+    ],
+)
+def test_block_kernel_equals_the_gathered_read(heads, kv_heads, invalid, n, blocks, causal):
+    """fast/block_attention.py (the Triton kernel under the interpreter, fp32) against retrieval.attend, which
+    gathers the same chosen blocks: the same choice, the same softmax."""
+    if not _interpreting():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
+    from longllama.fast import block_attention
+    from longllama.plan import ExecutionPlan
+
+    b, m, d = 2, 203, 20  # head dim 20: the kernel reads 32 columns, masked
+    memory = _memory(b, kv_heads, m, d, invalid=invalid)
+    kv = n if causal else n + 4
+    q, k, v, visible = _queries(b, heads, kv_heads, n, kv, d)
+    plan = ExecutionPlan(attention="fast", interpret_kernels=True, mem_retrieval="blocks", mem_blocks=blocks)
+    plan = plan.replace(mem_block_size=8)
+    assert block_attention.applies(q, memory, plan)
+    assert not block_attention.applies(q, memory, plan.replace(block_kernel=False))
+    out = block_attention.attend(
+        q, k, v, visible=None if causal else visible, is_causal=causal, memory=memory, plan=plan
+    )
+    ref = retrieval.attend(q, k, v, visible=visible, memory=memory, blocks=blocks, block_size=8)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_model_reads_blocks_through_the_kernel():
+    """A model whose plan takes the block kernel (interpreter) computes the logits of the gathered read."""
+    if not _interpreting():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
+    from longllama.fast import block_attention
+
+    model = _tiny(attn_impl="fast", mem_retrieval="blocks", mem_blocks=2, mem_block_size=8)
+    ids = torch.randint(1, 320, (2, 300), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = block_attention.memory_part
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(block_attention, "memory_part", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        model.set_plan(interpret_kernels=True, block_kernel=False)
+        ref = model(ids).logits
+        assert not calls
+        model.set_plan(interpret_kernels=True, block_kernel=True)
+        out = model(ids).logits
+    assert calls
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -20,6 +20,7 @@ from longllama.cache import LayerState, LongLlamaCache
 from longllama.config import LongLlamaConfig
 from longllama.errors import InputError
 from longllama.fast import attention as fast_attention
+from longllama.fast import block_attention
 from longllama.fast.fused import ops_for
 from longllama.memory import MemoryCache
 from longllama.ops import EAGER, Ops, heads
@@ -235,6 +236,18 @@ class Attention(nn.Module):
             sharding.check_readable(self.config)
             blocks = (plan.mem_blocks, plan.mem_block_size) if plan.mem_retrieval == "blocks" else None
             out = sharding.attend(q_rot, k_rot, v, visible=visible, memory=memory, shard=shard, blocks=blocks)
+            probs = None
+        elif retrieve and block_attention.applies(q_rot, memory, plan):
+            out = block_attention.attend(
+                q_rot,
+                k_rot,
+                v,
+                visible=visible,
+                is_causal=window.is_causal,
+                memory=memory,
+                plan=plan,
+                pad=window.ops.pad_to,
+            )
             probs = None
         elif retrieve:
             block = plan.mem_block_size

@@ -73,6 +73,8 @@ class ExecutionPlan:
     skip_dead_layers: a memory window whose output is dropped runs only up to the last memory layer.
     window_group_tokens: memory windows of one sequence read this many tokens at a time, as a batch of windows.
     decode_kernels: the static decoder's step as Triton kernels where they apply.
+    block_kernel: block retrieval's window reads (mem_retrieval "blocks") by one Triton kernel over the chosen blocks
+        in place (fast/block_attention.py) where it applies, else retrieval.attend's gather in PyTorch.
     gemv_max_rows: the matrix-vector kernel serves products of at most this many rows.
     interpret_kernels: CPU tensors go to the Triton kernels (under TRITON_INTERPRET=1: the kernel tests).
     autotune: the decoding kernels' configurations by Triton's autotuner (minutes on a model's first decoding; what
@@ -102,6 +104,7 @@ class ExecutionPlan:
     skip_dead_layers: bool = True
     window_group_tokens: int = 8192
     decode_kernels: bool = True
+    block_kernel: bool = True
     gemv_max_rows: int = 16
     interpret_kernels: bool = False
     autotune: bool = False

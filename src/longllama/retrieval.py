@@ -173,13 +173,13 @@ class BlockRead:
         return unfold_rows(_ungrouped(out, self.heads, self.length, self.group), self.share).to(p.dtype)
 
 
-def read_blocks(
+def choose(
     q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int, group: int = QUERY_GROUP
-) -> BlockRead:
-    """Choose and gather the blocks of every query group of q (b*s, h, n, d) and score them (BlockRead)."""
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The blocks every query group of q (b*s, h, n, d) reads: (the queries grouped as select_blocks takes them,
+    (b, kv_heads, groups, rows, d); the chosen blocks (b, kv_heads, groups, keep); the group size)."""
     share, hkv = memory.share, memory.kv_heads
-    c_min = clamp_value(q.dtype)
-    d, heads = q.shape[-1], q.shape[1]
+    heads = q.shape[1]
     qf = fold_rows(q, share)  # (b, h, T, d)
     length = qf.shape[2]
     group = min(group, length)  # one group either way; no padding rows to score (a decoding step: 1)
@@ -188,7 +188,18 @@ def read_blocks(
     t_index = torch.arange(groups, device=q.device)[:, None] * group + torch.arange(group, device=q.device)
     real = (t_index < length).repeat(1, heads // hkv)  # (groups, rows): rows are (head, position) pairs
     kmax, kmin, any_valid = memory.summaries(block_size, q.device)
-    chosen = select_blocks(qg, kmax, kmin, any_valid, blocks, real)
+    return qg, select_blocks(qg, kmax, kmin, any_valid, blocks, real), group
+
+
+def read_blocks(
+    q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int, group: int = QUERY_GROUP
+) -> BlockRead:
+    """Choose and gather the blocks of every query group of q (b*s, h, n, d) and score them (BlockRead)."""
+    share = memory.share
+    c_min = clamp_value(q.dtype)
+    d, heads = q.shape[-1], q.shape[1]
+    length = q.shape[2] * share
+    qg, chosen, group = choose(q, memory, blocks, block_size, group)
     mk, mv, mvalid = gather_blocks(memory, chosen, block_size, q.device, q.dtype)
     scores = (qg @ mk.transpose(-1, -2)) / math.sqrt(d)  # (b, hkv, groups, rows, K)
     scores = scores.masked_fill(~mvalid[:, :, :, None, :], c_min).clamp_min(c_min)

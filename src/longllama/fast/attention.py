@@ -407,17 +407,23 @@ def _attend_int8(q, k, v, visible, is_causal, mem_k, mem_v, mem_valid, scales, p
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d)
-    if visible is None or is_causal:
-        out, lse = _local_partial(q, k, v, bool(is_causal), scale, plan, pad)
-    else:  # a window after a local cache: its mask, explicitly (as _local_then_top_k)
-        h = q.shape[1]
-        sc = (q.float() @ _expand_heads(k, h).float().transpose(-1, -2)) * scale
-        sc = sc.masked_fill(~visible, float("-inf"))
-        lse = torch.logsumexp(sc, dim=-1)
-        out = torch.exp(sc - lse[..., None]) @ _expand_heads(v, h).float()
+    out, lse = local_with_lse(q, k, v, visible, is_causal, scale, plan, pad)
     pk, pv = padded_mem if padded_mem is not None else (mem_k, mem_v)
     mem_out, mem_lse = _over_int8_memory(q, pk, pv, scales, scale, plan, kernel_head_dim(d))
     return merge_partials(out.float(), lse, mem_out[..., :d], mem_lse).to(q.dtype)
+
+
+def local_with_lse(q, k, v, visible, is_causal, scale: float, plan: ExecutionPlan, pad=None):
+    """A window's local attention and its log-sum-exp (fp32), for a merge with a memory part: by the plan's local
+    kernel where the window is causal (or sees everything), else under its mask explicitly (a window after a local
+    cache)."""
+    if visible is None or is_causal:
+        return _local_partial(q, k, v, bool(is_causal), scale, plan, pad)
+    h = q.shape[1]
+    sc = (q.float() @ _expand_heads(k, h).float().transpose(-1, -2)) * scale
+    sc = sc.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(sc, dim=-1)
+    return torch.exp(sc - lse[..., None]) @ _expand_heads(v, h).float(), lse
 
 
 def _on_kernels(q: torch.Tensor) -> bool:

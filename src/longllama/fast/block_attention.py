@@ -1,0 +1,121 @@
+"""Block retrieval's read of a window on the kernels' path: the same maths as retrieval.attend, without its copies.
+
+retrieval.attend gathers every query group's chosen blocks into a new tensor, scores them against the group's
+queries and takes one softmax over those scores and the local ones, all as PyTorch tensors: at 1M tokens (3B shape,
+64 blocks of 64 keys per group) that is several GB of gathered keys, scores and probabilities per memory layer and
+window. Here the choice stays (retrieval.choose: the blocks' bounds, PyTorch), and one Triton kernel
+(block_kernels.py) reads each group's blocks in place from the stored memory with an online softmax, giving the
+memory part and its log-sum-exp; the local part comes from the local kernel with its log-sum-exp
+(fast/attention.local_with_lse), and the two are merged exactly (ops.merge_partials), as the dense memory is.
+
+Where it applies (`applies`): the plan's fast attention with `block_kernel` on, the kernels usable for the inputs
+(CUDA; CPU tensors under Triton's interpreter for the tests), a float memory on the queries' device with one
+stored row per query row, no gradients. Elsewhere (int8 or offloaded memory, beams sharing a memory, training)
+retrieval.attend runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from longllama import retrieval
+from longllama.fast import kernels
+from longllama.fast.attention import kernel_dtype, local_with_lse
+from longllama.memory import MemoryCache
+from longllama.ops import merge_partials
+from longllama.plan import ExecutionPlan
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    """The kernel (block_kernels.py), imported on first use: Triton is only needed where it runs."""
+    from longllama.fast.block_kernels import block_attention_kernel
+
+    return block_attention_kernel
+
+
+def applies(q: torch.Tensor, memory: MemoryCache, plan: ExecutionPlan) -> bool:
+    """Whether the kernel reads `memory` for the queries q (module docstring)."""
+    return (
+        plan.attention == "fast"
+        and plan.block_kernel
+        and kernels.usable(q, cpu=plan.interpret_kernels)
+        and not memory.quantized
+        and memory.share == 1
+        and memory.device == q.device
+        and not (q.requires_grad and torch.is_grad_enabled())
+    )
+
+
+def memory_part(
+    q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int, group: int = retrieval.QUERY_GROUP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (b, h, n, d) over each query group's chosen blocks: the output (b, h, n, d) and the
+    log-sum-exp of the scores (b, h, n), both fp32 (-inf and zeros where a query's blocks hold no valid key)."""
+    _, chosen, group = retrieval.choose(q, memory, blocks, block_size, group)
+    b, h, n, d = q.shape
+    pk, pv = memory.padded()  # (b, kv_heads, M, width), read in place
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    valid = None if memory.all_valid() else memory.valid.view(torch.uint8)
+    out = torch.empty(b, h, n, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
+    groups, keep = chosen.shape[2], chosen.shape[3]
+    chosen = chosen.contiguous()
+    _kernel()[(groups, b * h)](
+        q,
+        pk,
+        pv,
+        pk if valid is None else valid,
+        chosen,
+        out,
+        lse,
+        h,
+        memory.kv_heads,
+        n,
+        memory.length,
+        groups,
+        group,
+        1.0 / math.sqrt(d),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        pk.stride(0),
+        pk.stride(1),
+        pk.stride(2),
+        0 if valid is None else valid.stride(0),
+        D=d,
+        KEEP=keep,
+        BLOCK_SIZE=block_size,
+        BLOCK_Q=max(16, kernels.pow2(group)),
+        BLOCK_K=max(16, kernels.pow2(block_size)),
+        BLOCK_D=max(16, kernels.pow2(d)),
+        HAS_VALID=valid is not None,
+        UPCAST=kernels.interpreting(),
+    )
+    return out, lse
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    visible: torch.Tensor | None,
+    is_causal: bool,
+    memory: MemoryCache,
+    plan: ExecutionPlan,
+    pad=None,
+) -> torch.Tensor:
+    """retrieval.attend on the kernels' path: q (b, h, n, d) rotated queries, k, v (b, h_kv, kv, d) the local keys
+    (rotated) and values, `visible` / `is_causal` the local mask as the window gives it; returns (b, h, n, d) in the
+    dtype the kernels take for q, k and v together (kernel_dtype), as the dense path does."""
+    dtype = kernel_dtype(q, k, v)  # one dtype for the kernels, as the dense path casts
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    d = q.shape[-1]
+    out, lse = local_with_lse(q, k, v, visible, is_causal, 1.0 / math.sqrt(d), plan, pad)
+    mem_out, mem_lse = memory_part(q, memory, plan.mem_blocks, plan.mem_block_size)
+    return merge_partials(out.float(), lse, mem_out, mem_lse).to(q.dtype)

@@ -1,0 +1,93 @@
+"""The Triton kernel of block_attention.py (imported only where it runs: this module imports Triton)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def block_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    valid_ptr,
+    chosen_ptr,
+    out_ptr,
+    lse_ptr,
+    H,
+    KV_H,
+    T,
+    M,
+    GROUPS,
+    group,
+    scale,
+    s_qb,
+    s_qh,
+    s_qt,
+    s_kb,
+    s_kh,
+    s_km,
+    s_valid,
+    D: tl.constexpr,
+    KEEP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # One program: `group` consecutive queries of one (row, head) against the KEEP blocks its key/value head chose for
+    # that query group (chosen: (b, kv_heads, groups, KEEP) block indices), one online softmax over them, the keys
+    # read in place from the stored memory (b, kv_heads, M, width; values alike). Keys past M or not valid count as
+    # hidden. Writes the normalised output (fp32) and the log-sum-exp of the scores for the merge with the local part.
+    g = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // (H // KV_H)
+    r = tl.arange(0, BLOCK_Q)
+    rows = g * group + r
+    live = (r < group) & (rows < T)
+    cols = tl.arange(0, BLOCK_D)
+    q = tl.load(
+        q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_qt + cols[None, :],
+        mask=live[:, None] & (cols[None, :] < D),
+        other=0.0,
+    )
+    m_i = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_Q,), tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+    base = k_ptr + b * s_kb + kvh * s_kh
+    vbase = v_ptr + b * s_kb + kvh * s_kh
+    chosen = chosen_ptr + ((b * KV_H + kvh) * GROUPS + g) * KEEP
+    for j in range(KEEP):
+        block = tl.load(chosen + j)
+        offsets = tl.arange(0, BLOCK_K)
+        keys = block * BLOCK_SIZE + offsets
+        seen = (offsets < BLOCK_SIZE) & (keys < M)
+        if HAS_VALID:
+            seen = seen & (tl.load(valid_ptr + b * s_valid + keys, mask=seen, other=0) != 0)
+        kmask = seen[:, None] & (cols[None, :] < D)
+        k = tl.load(base + keys[:, None] * s_km + cols[None, :], mask=kmask, other=0.0).to(q.dtype)
+        v = tl.load(vbase + keys[:, None] * s_km + cols[None, :], mask=kmask, other=0.0).to(q.dtype)
+        if UPCAST:  # Triton's interpreter: exact fp32 products (its tl.dot misreads bf16 operands)
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(seen[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: nothing to rescale
+        p = tl.exp(s - m_use[:, None])
+        alpha = tl.exp(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    empty = l_i == 0.0  # a query whose blocks hold no valid key: no memory part (lse -inf, output 0)
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    o_rows = (b * H + h) * T + rows
+    tl.store(out_ptr + o_rows[:, None] * D + cols[None, :], out, mask=live[:, None] & (cols[None, :] < D))
+    tl.store(lse_ptr + o_rows, lse, mask=live)
