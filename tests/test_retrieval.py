@@ -321,3 +321,20 @@ def test_model_reads_blocks_through_the_kernel():
         out = model(ids).logits
     assert calls
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("heads, kv_heads, invalid, n", [(4, 4, False, 70), (4, 2, True, 9), (6, 2, False, 40)])
+def test_bounds_kernel_chooses_the_blocks_of_select_blocks(heads, kv_heads, invalid, n):
+    """The bounds kernel (interpreter, fp32) picks each query group's blocks as select_blocks does in PyTorch: GQA
+    (rows of several heads, 3 x 40 = 120 rows: not a power of two), padding rows of a partial group, padding in
+    memory, a short last block."""
+    if not _interpreting():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
+    from longllama.fast import block_attention
+
+    memory = _memory(2, kv_heads, 203, 20, invalid=invalid)
+    q = _queries(2, heads, kv_heads, n, n, 20)[0]
+    for group in (64, 16):
+        _, plain, _ = retrieval.choose(q, memory, 5, 8, group)
+        _, fast, _ = retrieval.choose(q, memory, 5, 8, group, bounds=block_attention.best_bounds)
+        assert torch.equal(fast, plain)

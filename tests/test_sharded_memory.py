@@ -115,13 +115,13 @@ def test_sharded_block_retrieval_reads_each_process_best_blocks(tmp_path: Path, 
     mp.spawn(_worker, args=(world, str(tmp_path), overrides, "_run_blocks"), nprocs=world, join=True)
     original = retrieval.select_blocks
 
-    def per_slice(qg, kmax, kmin, any_valid, blocks, real):
+    def per_slice(qg, kmax, kmin, any_valid, blocks, real, bounds=None):
         owner = (torch.arange(kmax.shape[2]) * 4 // 64) % world  # block -> append -> process
         chosen = []
         for rank in range(world):
             mine = torch.nonzero(owner == rank).flatten()
             if len(mine):
-                picked = original(qg, kmax[:, :, mine], kmin[:, :, mine], any_valid[:, mine], blocks, real)
+                picked = original(qg, kmax[:, :, mine], kmin[:, :, mine], any_valid[:, mine], blocks, real, bounds)
                 chosen.append(mine[picked])
         return torch.cat(chosen, dim=-1).sort(dim=-1).values
 

@@ -22,6 +22,7 @@ in CPU memory (`mem_offload`) the union of the selected blocks is copied to the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -66,14 +67,21 @@ def select_blocks(
     any_valid: torch.Tensor,
     blocks: int,
     real: torch.Tensor,
+    bounds: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The `blocks` best blocks (ascending indices, (b, kv_heads, groups, blocks)) of each query group.
 
     qg (b, kv_heads, groups, rows, d) grouped queries; kmax, kmin (b, kv_heads, B, d) block summaries; any_valid (b,
-    B) whether a block holds a valid key; real (groups, rows) whether a row is a query (not group padding)."""
+    B) whether a block holds a valid key; real (groups, rows) whether a row is a query (not group padding).
+    `bounds(qg, kmax, kmin, any_valid, real)`, where given, computes each group's best bound per block (b, kv_heads,
+    groups, B), -inf for blocks without a valid key (the kernels' path: fast/block_attention.py); else the bounds
+    are computed here, a chunk of groups at a time."""
     b, hkv, groups, rows, _ = qg.shape
     n_blocks = kmax.shape[2]
     keep = min(blocks, n_blocks)
+    if bounds is not None:
+        best = bounds(qg, kmax, kmin, any_valid, real)
+        return best.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
     kmax_t, kmin_t = kmax.transpose(-1, -2)[:, :, None], kmin.transpose(-1, -2)[:, :, None]  # (b, hkv, 1, d, B)
     hidden = ~any_valid[:, None, None, :]
     step = max(1, _BOUND_ELEMENTS // max(1, b * hkv * rows * n_blocks))
@@ -174,10 +182,16 @@ class BlockRead:
 
 
 def choose(
-    q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int, group: int = QUERY_GROUP
+    q: torch.Tensor,
+    memory: MemoryCache,
+    blocks: int,
+    block_size: int,
+    group: int = QUERY_GROUP,
+    bounds: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The blocks every query group of q (b*s, h, n, d) reads: (the queries grouped as select_blocks takes them,
-    (b, kv_heads, groups, rows, d); the chosen blocks (b, kv_heads, groups, keep); the group size)."""
+    (b, kv_heads, groups, rows, d); the chosen blocks (b, kv_heads, groups, keep); the group size). `bounds` as in
+    select_blocks."""
     share, hkv = memory.share, memory.kv_heads
     heads = q.shape[1]
     qf = fold_rows(q, share)  # (b, h, T, d)
@@ -188,7 +202,7 @@ def choose(
     t_index = torch.arange(groups, device=q.device)[:, None] * group + torch.arange(group, device=q.device)
     real = (t_index < length).repeat(1, heads // hkv)  # (groups, rows): rows are (head, position) pairs
     kmax, kmin, any_valid = memory.summaries(block_size, q.device)
-    return qg, select_blocks(qg, kmax, kmin, any_valid, blocks, real), group
+    return qg, select_blocks(qg, kmax, kmin, any_valid, blocks, real, bounds), group
 
 
 def read_blocks(

@@ -3,7 +3,8 @@
 retrieval.attend gathers every query group's chosen blocks into a new tensor, scores them against the group's
 queries and takes one softmax over those scores and the local ones, all as PyTorch tensors: at 1M tokens (3B shape,
 64 blocks of 64 keys per group) that is several GB of gathered keys, scores and probabilities per memory layer and
-window. Here the choice stays (retrieval.choose: the blocks' bounds, PyTorch), and one Triton kernel
+window. Here the bounds that rank the blocks come from one Triton kernel (best_bounds: each group's best bound per
+block, the rows x blocks products never stored; retrieval.choose keeps the top blocks), and another
 (block_kernels.py) reads each group's blocks in place from the stored memory with an online softmax, giving the
 memory part and its log-sum-exp; the local part comes from the local kernel with its log-sum-exp
 (fast/attention.local_with_lse), and the two are merged exactly (ops.merge_partials), as the dense memory is.
@@ -28,13 +29,51 @@ from longllama.memory import MemoryCache
 from longllama.ops import merge_partials
 from longllama.plan import ExecutionPlan
 
+_BOUND_BLOCKS = 64  # memory blocks one program of the bounds kernel scores
+
 
 @functools.lru_cache(maxsize=1)
-def _kernel():
-    """The kernel (block_kernels.py), imported on first use: Triton is only needed where it runs."""
-    from longllama.fast.block_kernels import block_attention_kernel
+def _kernels():
+    """The kernels (block_kernels.py), imported on first use: Triton is only needed where they run."""
+    from longllama.fast import block_kernels
 
-    return block_attention_kernel
+    return block_kernels.block_attention_kernel, block_kernels.block_bounds_kernel
+
+
+def best_bounds(
+    qg: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, any_valid: torch.Tensor, real: torch.Tensor
+) -> torch.Tensor:
+    """retrieval.select_blocks' bounds by a kernel: each query group's best bound per block (b, kv_heads, groups,
+    B) fp32, the group's rows x blocks products kept in registers (select_blocks materialises them). On GPUs the
+    products are TF32 tensor-core products: a near tie between two blocks may go the other way than in fp32."""
+    b, hkv, groups, rows, d = qg.shape
+    n_blocks = kmax.shape[2]
+    qg = qg if qg.stride(-1) == 1 else qg.contiguous()
+    kmax, kmin = (t if t.stride(-1) == 1 else t.contiguous() for t in (kmax, kmin))
+    real = real.to(torch.uint8).contiguous()
+    valid = any_valid.to(torch.uint8)
+    best = torch.empty(b, hkv, groups, n_blocks, dtype=torch.float32, device=qg.device)
+    grid = (groups, b * hkv, -(-n_blocks // _BOUND_BLOCKS))
+    _kernels()[1][grid](
+        qg,
+        real,
+        kmax,
+        kmin,
+        valid,
+        best,
+        hkv,
+        groups,
+        rows,
+        n_blocks,
+        *qg.stride()[:4],
+        *kmax.stride()[:3],
+        valid.stride(0),
+        D=d,
+        BLOCK_R=max(16, kernels.pow2(rows)),
+        BLOCK_B=_BOUND_BLOCKS,
+        BLOCK_D=max(16, kernels.pow2(d)),
+    )
+    return best
 
 
 def applies(q: torch.Tensor, memory: MemoryCache, plan: ExecutionPlan) -> bool:
@@ -55,7 +94,7 @@ def memory_part(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (b, h, n, d) over each query group's chosen blocks: the output (b, h, n, d) and the
     log-sum-exp of the scores (b, h, n), both fp32 (-inf and zeros where a query's blocks hold no valid key)."""
-    _, chosen, group = retrieval.choose(q, memory, blocks, block_size, group)
+    _, chosen, group = retrieval.choose(q, memory, blocks, block_size, group, bounds=best_bounds)
     b, h, n, d = q.shape
     pk, pv = memory.padded()  # (b, kv_heads, M, width), read in place
     if q.stride(-1) != 1:
@@ -65,7 +104,7 @@ def memory_part(
     lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     groups, keep = chosen.shape[2], chosen.shape[3]
     chosen = chosen.contiguous()
-    _kernel()[(groups, b * h)](
+    _kernels()[0][(groups, b * h)](
         q,
         pk,
         pv,

@@ -91,3 +91,58 @@ def block_attention_kernel(
     o_rows = (b * H + h) * T + rows
     tl.store(out_ptr + o_rows[:, None] * D + cols[None, :], out, mask=live[:, None] & (cols[None, :] < D))
     tl.store(lse_ptr + o_rows, lse, mask=live)
+
+
+@triton.jit
+def block_bounds_kernel(
+    q_ptr,
+    real_ptr,
+    kmax_ptr,
+    kmin_ptr,
+    any_ptr,
+    best_ptr,
+    KV_H,
+    GROUPS,
+    ROWS,
+    NB,
+    s_qb,
+    s_qh,
+    s_qg,
+    s_qr,
+    s_sb,
+    s_sh,
+    s_sn,
+    s_ab,
+    D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # For one query group of one (row, key/value head) and BLOCK_B memory blocks: the largest bound over the group's
+    # query rows of q . k for any key of the block, relu(q) . kmax + min(q, 0) . kmin (retrieval.select_blocks),
+    # -inf for padding rows and for blocks without a valid key. The rows x blocks bounds stay in registers: only
+    # their maximum per block is written (best: (b, kv_heads, groups, NB) fp32).
+    g = tl.program_id(0)
+    bh = tl.program_id(1)
+    pb = tl.program_id(2)
+    b = bh // KV_H
+    kvh = bh % KV_H
+    rows = tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    blocks = pb * BLOCK_B + tl.arange(0, BLOCK_B)
+    q = tl.load(
+        q_ptr + b * s_qb + kvh * s_qh + g * s_qg + rows[:, None] * s_qr + cols[None, :],
+        mask=(rows[:, None] < ROWS) & (cols[None, :] < D),
+        other=0.0,
+    ).to(tl.float32)
+    smask = (blocks[:, None] < NB) & (cols[None, :] < D)
+    offsets = b * s_sb + kvh * s_sh + blocks[:, None] * s_sn + cols[None, :]
+    kmax = tl.load(kmax_ptr + offsets, mask=smask, other=0.0)
+    kmin = tl.load(kmin_ptr + offsets, mask=smask, other=0.0)
+    bound = tl.dot(tl.maximum(q, 0.0), tl.trans(kmax)) + tl.dot(tl.minimum(q, 0.0), tl.trans(kmin))
+    real = tl.load(real_ptr + g * ROWS + rows, mask=rows < ROWS, other=0) != 0
+    bound = tl.where(real[:, None], bound, float("-inf"))
+    best = tl.max(bound, axis=0)
+    valid = tl.load(any_ptr + b * s_ab + blocks, mask=blocks < NB, other=0) != 0
+    best = tl.where(valid, best, float("-inf"))
+    tl.store(best_ptr + ((b * KV_H + kvh) * GROUPS + g) * NB + blocks, best, mask=blocks < NB)
