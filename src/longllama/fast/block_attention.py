@@ -49,7 +49,8 @@ def best_bounds(
     b, hkv, groups, rows, d = qg.shape
     n_blocks = kmax.shape[2]
     qg = qg if qg.stride(-1) == 1 else qg.contiguous()
-    kmax, kmin = (t if t.stride(-1) == 1 else t.contiguous() for t in (kmax, kmin))
+    if kmax.stride() != kmin.stride() or kmax.stride(-1) != 1:  # the kernel reads both with one set of strides
+        kmax, kmin = kmax.contiguous(), kmin.contiguous()
     real = real.to(torch.uint8).contiguous()
     valid = any_valid.to(torch.uint8)
     best = torch.empty(b, hkv, groups, n_blocks, dtype=torch.float32, device=qg.device)
@@ -96,7 +97,7 @@ def memory_part(
     log-sum-exp of the scores (b, h, n), both fp32 (-inf and zeros where a query's blocks hold no valid key)."""
     _, chosen, group = retrieval.choose(q, memory, blocks, block_size, group, bounds=best_bounds)
     b, h, n, d = q.shape
-    pk, pv = memory.padded()  # (b, kv_heads, M, width), read in place
+    pk, pv = memory.padded()  # (b, kv_heads, M, width), read in place; keys and values are laid out alike
     if q.stride(-1) != 1:
         q = q.contiguous()
     valid = None if memory.all_valid() else memory.valid.view(torch.uint8)
