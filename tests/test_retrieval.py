@@ -265,6 +265,36 @@ def test_batch_decoder_rows_read_blocks_as_alone():
     _check_rows(model, requests, steps_between=2)
 
 
+def test_batch_decoder_reads_chosen_blocks_in_the_kernel(monkeypatch):
+    """The batch decoder's Triton step (interpreter): rows under block retrieval give the decoding kernel their
+    chosen blocks (retrieval.step_blocks) as their memory, and each row still gets what it gets alone."""
+    if not _interpreting():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
+    from conftest import sharp_tiny
+    from test_batch import _check_rows, _memory_of
+
+    model = sharp_tiny(attn_impl="fast", mem_retrieval="blocks", mem_blocks=2, mem_block_size=4)
+    gathered = []
+    real = retrieval.step_blocks
+
+    def step_blocks(*args, **kwargs):
+        out = real(*args, **kwargs)
+        gathered.append(out is not None)
+        return out
+
+    monkeypatch.setattr(retrieval, "step_blocks", step_blocks)
+    g = torch.Generator().manual_seed(1)
+    doc_a = torch.randint(3, 320, (200,), generator=g).tolist()
+    doc_b = torch.randint(3, 320, (332,), generator=g).tolist()
+    mem_a, mem_b = _memory_of(model, doc_a), _memory_of(model, doc_b)
+    requests = [
+        (torch.randint(3, 320, (5,), generator=g).tolist(), mem_a, 70),  # past a 64-token window
+        (torch.randint(3, 320, (17,), generator=g).tolist(), mem_b, 30),
+    ]
+    _check_rows(model, requests, steps_between=2, interpret=True)
+    assert any(gathered)  # some steps read gathered blocks in the kernel
+
+
 def _interpreting() -> bool:
     from longllama.fast import kernels
 

@@ -10,8 +10,9 @@ It is decode.py's static step with two differences, so that each row computes ex
   most once every `spare` steps).
 - Memory: each row keeps its own MemoryCache (batch 1: nothing is copied when a row joins, a document memory shared
   by several requests is read in place by each, a row's append copies on write as MemoryCache.fork describes). The
-  kernel path reads the memories row by row into one softmax (decode_attention.attend's `row_memories`); the general
-  path attends row by row in the memory layers.
+  kernel path reads the memories row by row into one softmax (decode_attention.attend's `row_memories`; under block
+  retrieval a row's memory there is its chosen blocks, gathered); the general path attends row by row in the memory
+  layers.
 Rows join (`add`) and leave (`remove`) between steps; each change lays the rows out again and, on GPUs, the step's
 CUDA graph is captured again (as after any change of a memory's length).
 """
@@ -207,20 +208,26 @@ class BatchDecoder(StaticDecoder):
         _, rot, values = buffers
         if memories is None:
             return decode_attention.attend(q, rot, values, self.slot, lo=self.lo, autotune=self.plan.autotune)
-        reads = [read_memory(m, q.device) if m.length else None for m in memories]
-        # invalid entries, 8-bit memories or kNN memory: each row through the general functions
-        general = any(r is not None and (r[3] is not None or r[4] is not None) for r in reads)
-        if general or self.config.mem_top_k is not None or self.plan.mem_retrieval != "dense":
+        rows = [self._row_memory(q[i : i + 1], m) for i, m in enumerate(memories)]
+        # invalid entries, 8-bit memories, kNN memory, blocks the kernel cannot take: rows by the general functions
+        if self.config.mem_top_k is not None or any(r is False for r in rows):
             return self._attend(q[:, :, None], *self._views(buffers)[1:], self._visible(), memories, None)[:, :, 0]
         return decode_attention.attend(
-            q,
-            rot,
-            values,
-            self.slot,
-            lo=self.lo,
-            row_memories=[None if r is None else r[2] for r in reads],
-            autotune=self.plan.autotune,
+            q, rot, values, self.slot, lo=self.lo, row_memories=rows, autotune=self.plan.autotune
         )
+
+    def _row_memory(self, q, memory: MemoryCache):
+        """What the decoding kernel reads as a row's memory, for its query q (1, h, d): the stored (padded) keys and
+        values, or under block retrieval its chosen blocks gathered (retrieval.step_blocks); None for an empty
+        memory, False where the kernel cannot read it (invalid entries, int8)."""
+        if not memory.length:
+            return None
+        plan = self.plan
+        if retrieval.retrieves(memory, plan):
+            chosen = retrieval.step_blocks(q, memory, plan.mem_blocks, plan.mem_block_size)
+            return False if chosen is None or chosen[1] is not None else chosen[0]
+        _, _, padded, valid, scales = read_memory(memory, q.device)
+        return False if valid is not None or scales is not None else padded
 
     def _attend(self, q, rot, values, visible, memories, ops) -> torch.Tensor:
         if memories is None:
