@@ -247,21 +247,28 @@ def test_passkey_at_32k_with_16_blocks_on_the_shipped_model():
     assert json.dumps(model.plan.to_dict())  # recordable
 
 
+def _two_document_requests(model, length_b: int) -> list:
+    """Two requests over two document memories (200 and `length_b` tokens), the first decoding past a window."""
+    from test_batch import _memory_of
+
+    g = torch.Generator().manual_seed(1)
+    doc_a = torch.randint(3, 320, (200,), generator=g).tolist()
+    doc_b = torch.randint(3, 320, (length_b,), generator=g).tolist()
+    mem_a, mem_b = _memory_of(model, doc_a), _memory_of(model, doc_b)
+    return [
+        (torch.randint(3, 320, (5,), generator=g).tolist(), mem_a, 70),  # past a 64-token window
+        (torch.randint(3, 320, (17,), generator=g).tolist(), mem_b, 30),
+    ]
+
+
 def test_batch_decoder_rows_read_blocks_as_alone():
     """The batch decoder (longllama serve) gives each row what block retrieval gives it alone."""
     from conftest import sharp_tiny
-    from test_batch import _check_rows, _memory_of
+    from test_batch import _check_rows
 
     model = sharp_tiny(mem_retrieval="blocks", mem_blocks=2, mem_block_size=4)
-    g = torch.Generator().manual_seed(1)
-    doc_a = torch.randint(3, 320, (200,), generator=g).tolist()
-    doc_b = torch.randint(3, 320, (330,), generator=g).tolist()
-    mem_a, mem_b = _memory_of(model, doc_a), _memory_of(model, doc_b)
-    requests = [
-        (torch.randint(3, 320, (5,), generator=g).tolist(), mem_a, 70),  # past a 64-token window
-        (torch.randint(3, 320, (17,), generator=g).tolist(), mem_b, 30),
-        (torch.randint(3, 320, (150,), generator=g).tolist(), None, 20),
-    ]
+    requests = _two_document_requests(model, 330)
+    requests.append((torch.randint(3, 320, (150,), generator=torch.Generator().manual_seed(2)).tolist(), None, 20))
     _check_rows(model, requests, steps_between=2)
 
 
@@ -271,7 +278,7 @@ def test_batch_decoder_reads_chosen_blocks_in_the_kernel(monkeypatch):
     if not _interpreting():
         pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
     from conftest import sharp_tiny
-    from test_batch import _check_rows, _memory_of
+    from test_batch import _check_rows
 
     model = sharp_tiny(attn_impl="fast", mem_retrieval="blocks", mem_blocks=2, mem_block_size=4)
     gathered = []
@@ -283,15 +290,7 @@ def test_batch_decoder_reads_chosen_blocks_in_the_kernel(monkeypatch):
         return out
 
     monkeypatch.setattr(retrieval, "step_blocks", step_blocks)
-    g = torch.Generator().manual_seed(1)
-    doc_a = torch.randint(3, 320, (200,), generator=g).tolist()
-    doc_b = torch.randint(3, 320, (332,), generator=g).tolist()
-    mem_a, mem_b = _memory_of(model, doc_a), _memory_of(model, doc_b)
-    requests = [
-        (torch.randint(3, 320, (5,), generator=g).tolist(), mem_a, 70),  # past a 64-token window
-        (torch.randint(3, 320, (17,), generator=g).tolist(), mem_b, 30),
-    ]
-    _check_rows(model, requests, steps_between=2, interpret=True)
+    _check_rows(model, _two_document_requests(model, 332), steps_between=2, interpret=True)
     assert any(gathered)  # some steps read gathered blocks in the kernel
 
 
