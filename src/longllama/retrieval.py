@@ -104,14 +104,13 @@ def gather_blocks(
     blocks is copied; memory.read_bytes counts the bytes of keys and values read."""
     b, hkv, groups, keep = chosen.shape
     d, length, src = memory.head_dim, memory.length, memory.device
-    offsets = torch.arange(block_size, device=chosen.device)
-    tokens = (chosen[..., None] * block_size + offsets).reshape(b, hkv, -1)
+    tokens = _block_tokens(chosen, block_size)
     if src != device or memory.pin_memory:  # held apart (offloaded): the union of the blocks, copied once
         union, inverse = _row_union(chosen.reshape(b, hkv, -1))
-        part = _gather_tokens(memory, (union[..., None] * block_size + offsets).reshape(b, hkv, -1))
+        part = _gather_tokens(memory, _block_tokens(union, block_size))
         k, v, valid = (t.to(device, non_blocking=True) for t in part[:3])
         scales = None if part[3] is None else tuple(t.to(device, non_blocking=True) for t in part[3])
-        local = (inverse.reshape(chosen.shape)[..., None] * block_size + offsets).reshape(b, hkv, -1)
+        local = _block_tokens(inverse.reshape(chosen.shape), block_size)
         k, v, valid = (_take(t, local) for t in (k, v, valid))
         scales = None if scales is None else tuple(_take(t, local) for t in scales)
     else:
@@ -123,6 +122,12 @@ def gather_blocks(
         k, v = k.to(dtype), v.to(dtype)
     shape = (b, hkv, groups, keep * block_size)
     return k.reshape(*shape, d), v.reshape(*shape, d), valid.reshape(shape)
+
+
+def _block_tokens(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The token positions (b, kv_heads, K * block_size) of blocks (b, kv_heads, ..., K), block after block."""
+    offsets = torch.arange(block_size, device=blocks.device)
+    return (blocks[..., None] * block_size + offsets).reshape(*blocks.shape[:2], -1)
 
 
 def _row_union(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,12 +257,8 @@ def step_blocks(
     shared by rows: the caller then takes `attend`."""
     if memory.share != 1 or not memory.all_valid() or memory.length % block_size or memory.device != q.device:
         return None
-    b, hkv = q.shape[0], memory.kv_heads
-    qg = _grouped(q[:, :, None], hkv, 1)  # (b, hkv, 1, heads per key/value head, d)
-    real = torch.ones(1, qg.shape[3], dtype=torch.bool, device=q.device)
-    kmax, kmin, any_valid = memory.summaries(block_size, q.device)
-    chosen = select_blocks(qg, kmax, kmin, any_valid, blocks, real)  # (b, hkv, 1, keep)
-    tokens = (chosen[..., None] * block_size + torch.arange(block_size, device=q.device)).reshape(b, hkv, -1)
+    _, chosen, _ = choose(q[:, :, None], memory, blocks, block_size)  # (b, hkv, 1, keep)
+    tokens = _block_tokens(chosen, block_size)
     keys, values = (_take(t, tokens) for t in memory.padded())
     scales = memory.scales()
     scales = None if scales is None else tuple(_take(t, tokens) for t in scales)

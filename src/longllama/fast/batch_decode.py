@@ -208,26 +208,14 @@ class BatchDecoder(StaticDecoder):
         _, rot, values = buffers
         if memories is None:
             return decode_attention.attend(q, rot, values, self.slot, lo=self.lo, autotune=self.plan.autotune)
-        rows = [self._row_memory(q[i : i + 1], m) for i, m in enumerate(memories)]
+        rows = [self._kernel_memory(q[i : i + 1], m) for i, m in enumerate(memories)]
         # invalid entries, 8-bit memories, kNN memory, blocks the kernel cannot take: rows by the general functions
-        if self.config.mem_top_k is not None or any(r is False for r in rows):
+        if self.config.mem_top_k is not None or any(r is False or (r is not None and r[1] is not None) for r in rows):
             return self._attend(q[:, :, None], *self._views(buffers)[1:], self._visible(), memories, None)[:, :, 0]
+        row_memories = [None if r is None else r[0] for r in rows]
         return decode_attention.attend(
-            q, rot, values, self.slot, lo=self.lo, row_memories=rows, autotune=self.plan.autotune
+            q, rot, values, self.slot, lo=self.lo, row_memories=row_memories, autotune=self.plan.autotune
         )
-
-    def _row_memory(self, q, memory: MemoryCache):
-        """What the decoding kernel reads as a row's memory, for its query q (1, h, d): the stored (padded) keys and
-        values, or under block retrieval its chosen blocks gathered (retrieval.step_blocks); None for an empty
-        memory, False where the kernel cannot read it (invalid entries, int8)."""
-        if not memory.length:
-            return None
-        plan = self.plan
-        if retrieval.retrieves(memory, plan):
-            chosen = retrieval.step_blocks(q, memory, plan.mem_blocks, plan.mem_block_size)
-            return False if chosen is None or chosen[1] is not None else chosen[0]
-        _, _, padded, valid, scales = read_memory(memory, q.device)
-        return False if valid is not None or scales is not None else padded
 
     def _attend(self, q, rot, values, visible, memories, ops) -> torch.Tensor:
         if memories is None:

@@ -180,8 +180,11 @@ class StaticDecoder:
 
     def _attend(self, q, rot, values, visible, memory, ops) -> torch.Tensor:
         """A step's attention (b, h, 1, d) through the general functions."""
-        if retrieval.retrieves(memory, self.plan):
-            return self._attend_blocks(q, rot, values, visible, memory)
+        plan = self.plan
+        if retrieval.retrieves(memory, plan):
+            return retrieval.attend(
+                q, rot, values, visible=visible, memory=memory, blocks=plan.mem_blocks, block_size=plan.mem_block_size
+            )
         mem_k = mem_v = padded = scales = None
         if memory is not None and memory.length:
             mem_k, mem_v, padded, _, scales = read_memory(memory, q.device)
@@ -217,40 +220,27 @@ class StaticDecoder:
         """Each row's first slot, where rows start apart (batch_decode.py); None: every row starts at slot 0."""
         return None
 
-    def _attend_blocks(self, q, rot, values, visible, memory) -> torch.Tensor:
-        """Block retrieval's step (b, h, 1, d) through the general functions (retrieval.attend)."""
+    def _kernel_memory(self, q, memory):
+        """A memory as the decoding kernel reads it for the queries q (rows, h, d): (padded keys and values, int8
+        scales or None), under block retrieval the chosen blocks gathered (retrieval.step_blocks); None for no
+        memory; False where the kernel cannot read it (invalid entries, kNN memory, blocks it cannot take)."""
+        if memory is None or not memory.length:
+            return None
         plan = self.plan
-        return retrieval.attend(
-            q, rot, values, visible=visible, memory=memory, blocks=plan.mem_blocks, block_size=plan.mem_block_size
-        )
+        if retrieval.retrieves(memory, plan):
+            chosen = retrieval.step_blocks(q, memory, plan.mem_blocks, plan.mem_block_size)
+            return False if chosen is None else chosen
+        _, _, padded, valid, scales = read_memory(memory, q.device)
+        return False if valid is not None or self.config.mem_top_k is not None else (padded, scales)
 
     def _attend_kernels(self, q, buffers, memory) -> torch.Tensor:
         """A step's attention (b, h, d) with the kernels: local slots and the memory in one softmax."""
-        raw, rot, values = buffers
-        if retrieval.retrieves(memory, self.plan):
-            # the chosen blocks, gathered, are the memory the kernel reads; else the general step
-            chosen = retrieval.step_blocks(q, memory, self.plan.mem_blocks, self.plan.mem_block_size)
-            if chosen is None:
-                _, rot, values = self._views(buffers)
-                return self._attend_blocks(q[:, :, None], rot, values, self._visible(), memory)[:, :, 0]
-            padded, scales = chosen
-            return decode_attention.attend(q, rot, values, self.slot, padded, scales, autotune=self.plan.autotune)
-        mem_k = mem_v = padded = valid = scales = None
-        if memory is not None and memory.length:
-            mem_k, mem_v, padded, valid, scales = read_memory(memory, q.device)
-        if valid is not None or (padded is not None and self.config.mem_top_k is not None):
+        _, rot, values = buffers
+        read = self._kernel_memory(q, memory)
+        if read is False:  # the general step, in exact maths
             _, rot, values = self._views(buffers)
-            return EAGER.few_query_attention(
-                q[:, :, None],
-                rot,
-                values,
-                self._visible(),
-                mem_k,
-                mem_v,
-                padded,
-                self.config.mem_top_k,
-                mem_scales=scales,
-            )[:, :, 0]
+            return self._attend(q[:, :, None], rot, values, self._visible(), memory, EAGER)[:, :, 0]
+        padded, scales = read or (None, None)
         return decode_attention.attend(q, rot, values, self.slot, padded, scales, autotune=self.plan.autotune)
 
     def _checked_compute(self) -> torch.Tensor:
