@@ -42,8 +42,8 @@ def block_attention_kernel(
     # hidden. Writes the normalised output (fp32) and the log-sum-exp of the scores for the merge with the local part.
     g = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # 64-bit offsets: a memory layer past 2^31 elements (3B at 1M tokens)
+    h = (bh % H).to(tl.int64)
     kvh = h // (H // KV_H)
     r = tl.arange(0, BLOCK_Q)
     rows = g * group + r
@@ -63,7 +63,7 @@ def block_attention_kernel(
     for j in range(KEEP):
         block = tl.load(chosen + j)
         offsets = tl.arange(0, BLOCK_K)
-        keys = block * BLOCK_SIZE + offsets
+        keys = block.to(tl.int64) * BLOCK_SIZE + offsets
         seen = (offsets < BLOCK_SIZE) & (keys < M)
         if HAS_VALID:
             seen = seen & (tl.load(valid_ptr + b * s_valid + keys, mask=seen, other=0) != 0)
@@ -125,8 +125,8 @@ def block_bounds_kernel(
     g = tl.program_id(0)
     bh = tl.program_id(1)
     pb = tl.program_id(2)
-    b = bh // KV_H
-    kvh = bh % KV_H
+    b = (bh // KV_H).to(tl.int64)
+    kvh = (bh % KV_H).to(tl.int64)
     rows = tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     blocks = pb * BLOCK_B + tl.arange(0, BLOCK_B)
