@@ -10,6 +10,7 @@ import re
 from collections import Counter
 
 import pytest
+from conftest import run_benchmark
 
 from longllama.cli import SHIPPED_MODEL, main
 from longllama.errors import InputError
@@ -305,3 +306,33 @@ def test_bad_input_is_one_line(capsys, args: list[str], message: str) -> None:
     assert code == 2
     lines = [line for line in err.splitlines() if "error" in line]
     assert len(lines) == 1 and message in lines[0], err
+
+
+def test_bench_ruler_tiny_run_records_throughput(tmp_path):
+    """benchmarks/bench_ruler.py in its tiny mode: one throughput record per task with its timings, a past deadline
+    records the remaining tasks as skipped."""
+    out = tmp_path / "ruler.json"
+    result = run_benchmark(
+        "bench_ruler.py", "--tiny", "--device", "cpu", "--tasks", "niah_single_1,vt", "--samples", "1",
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = json.loads(out.read_text())
+    done = {r["task"]: r for r in records if r["benchmark"] == "ruler_throughput"}
+    assert set(done) == {"niah_single_1", "vt"}
+    for task, record in done.items():
+        assert (
+            record["samples"] == 1
+            and record["length"] == 2048
+            and record["max_new_tokens"] == ruler.TASKS[task].max_new_tokens
+        )
+        assert record["samples_per_minute"] == pytest.approx(
+            60 / (record["make_seconds"] + record["answer_seconds"]), rel=0.05
+        )
+        assert 0 < record["mean_tokens"] <= 2048
+    out.unlink()
+    late = run_benchmark(
+        "bench_ruler.py", "--tiny", "--device", "cpu", "--tasks", "vt", "--deadline", "0", "--out", str(out)
+    )
+    assert late.returncode == 0, late.stderr[-2000:]
+    assert [r.get("skipped") for r in json.loads(out.read_text()) if r["benchmark"] == "ruler_throughput"] == [True]
