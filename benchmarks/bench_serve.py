@@ -8,8 +8,9 @@ shipped model's tokenizer; documents are pass-key haystacks (their content does 
   from the disk; checksums verified) and then the question.
 - concurrent_decode: 1, 4 and 8 streams (`--streams`) over different `--stream-doc-tokens` memories, `--new-tokens`
   each, decoded together by BatchGenerator: aggregate new tokens per second from submitting the questions to the last
-  token; the same through HTTP (`longllama serve`'s app in this process, streamed completions from one thread per
-  client); and one stream through model.generate (the single-sequence decoder) as the baseline.
+  token; the same through HTTP (`longllama serve` in a process of its own, or with `--http-server thread` its app
+  in this process; streamed completions from one thread per client, in a process of their own); and one stream
+  through model.generate (the single-sequence decoder) as the baseline.
 Prints a table; --out writes records in the format of benchmarks/results/*.json.
 
     python benchmarks/bench_serve.py --shape 3b --out results.json
@@ -24,6 +25,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -204,19 +206,33 @@ def over_http(model, tokenizer, args, work: Path) -> list[dict]:
     config = ServeConfig(model_id="bench", memory_dir=str(work / "memories"), queue=4 * k_max, max_batch=k_max,
                          max_tokens=args.new_tokens, max_prompt_tokens=args.question_tokens * 8,
                          max_body_bytes=64 << 20, memory_budget=1 << 40)  # fmt: skip
-    app = create_app(model, tokenizer, config)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    if args.http_server == "process":  # what a user runs: `longllama serve`, its model on its main thread
+        command = [sys.executable, "-m", "longllama.cli", "serve", "--model", str(work / "model"), "--port",
+                   str(port), "--memory-dir", config.memory_dir, "--queue", str(config.queue), "--max-batch",
+                   str(config.max_batch), "--max-tokens", str(config.max_tokens), "--max-prompt-tokens",
+                   str(config.max_prompt_tokens), "--max-body-bytes", str(config.max_body_bytes), "--memory-budget",
+                   str(config.memory_budget), "--device", args.device, "--dtype", "bfloat16"]  # fmt: skip
+        for change in args.plan or ():
+            command += ["--plan", change]
+        process = subprocess.Popen(command)
+        server = thread = None
+    else:  # create_app in this process, its model on a thread of its own
+        app = create_app(model, tokenizer, config)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        process = None
     url = f"http://127.0.0.1:{port}"
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 break
         except httpx.TransportError:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"longllama serve ended with status {process.returncode}") from None
             time.sleep(0.2)
     ids = []
     for i in range(k_max):
@@ -239,12 +255,16 @@ def over_http(model, tokenizer, args, work: Path) -> list[dict]:
         assert tokens == k * args.new_tokens, (tokens, k)
         rate = tokens / seconds
         records.append(dict(benchmark="concurrent_decode", streams=k, http=True, engine="batch",
-                            new_tokens=args.new_tokens, memory_tokens=None, seconds=round(seconds, 4),
-                            tokens_per_s=round(rate, 1)))  # fmt: skip
-        print(f"decode {k} streams (HTTP):      {rate:9.1f} tokens/s  ({seconds:.3f} s)", flush=True)
+                            http_server=args.http_server, new_tokens=args.new_tokens, memory_tokens=None,
+                            seconds=round(seconds, 4), tokens_per_s=round(rate, 1)))  # fmt: skip
+        print(f"decode {k} streams (HTTP, {args.http_server}): {rate:9.1f} tokens/s  ({seconds:.3f} s)", flush=True)
     pool.shutdown()
-    server.should_exit = True
-    thread.join(timeout=30)
+    if process is not None:
+        process.terminate()
+        process.wait(timeout=30)
+    else:
+        server.should_exit = True
+        thread.join(timeout=30)
     return records
 
 
@@ -283,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", default="ttft,concurrent,http")
+    parser.add_argument("--http-server", choices=("process", "thread"), default="process",
+                        help="http part: `longllama serve` in a process of its own (its model on its main thread), "
+                        "or create_app in this process with the model on a thread of its own")  # fmt: skip
     parser.add_argument("--work", help="folder for the model and memories (default: a temporary one)")
     parser.add_argument("--out")
     parser.add_argument("--plan", action="append", metavar="KEY=VALUE", help="execution plan changes (repeatable)")

@@ -1410,9 +1410,9 @@ def serve(
     """Serve the model over an OpenAI-compatible HTTP API (completions, chat completions, streamed or not) with
     document memories: POST a document to /v1/memories once, then ask about it with "memory": ID (docs/serve.md)."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - checked here, used by run_server
 
-        from longllama.serve import ServeConfig, create_app
+        from longllama.serve import ServeConfig, create_app, run_server
     except ImportError as exc:
         raise CliError(f"serve needs FastAPI and uvicorn ({exc}): pip install 'longllama[serve]'") from None
     import os
@@ -1440,9 +1440,12 @@ def serve(
         max_upload_bytes=max_upload_bytes,
         template=template,
     )
-    app = create_app(lm, tokenizer, config)
+    app = create_app(lm, tokenizer, config, model_thread=False)  # the model's work stays on this thread
     print(f"{PROG}: serving {config.model_id} on http://{host}:{port} (OpenAI API under /v1)", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    try:
+        run_server(app, host=host, port=port)
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
     return 0
 
 

@@ -4,12 +4,12 @@ from typing import Any
 
 from longllama.serve.config import ServeConfig
 
-__all__ = ["APIError", "ServeConfig", "create_app"]
+__all__ = ["APIError", "ServeConfig", "create_app", "run_server"]
 
 
 def __getattr__(name: str) -> Any:
     # the app (FastAPI, uvicorn) is imported on first use: the command line reads ServeConfig without them
-    if name in ("APIError", "create_app"):
+    if name in ("APIError", "create_app", "run_server"):
         from longllama.serve import app
 
         return getattr(app, name)

@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import secrets
+import signal
 import tempfile
 import threading
 import time
@@ -173,10 +174,34 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
+class _Outbox:
+    """Events from the model's thread to the requests' queues on the event loop. One wake-up of the loop carries
+    every event that came since the last: each wake-up has the loop's thread take the interpreter from the model's
+    thread, and one per token and stream would grow with the number of streams."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, tuple]] = []
+
+    def put(self, events: asyncio.Queue, event: tuple) -> None:
+        with self._lock:
+            wake = not self._items
+            self._items.append((events, event))
+        if wake:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for events, event in items:
+            events.put_nowait(event)
+
+
 class _Server:
     """The state behind the routes: model, tokenizer, worker, memory store and the chat formats built so far."""
 
-    def __init__(self, model, tokenizer, config: ServeConfig):
+    def __init__(self, model, tokenizer, config: ServeConfig, *, model_thread: bool = True):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self._temp = None
         folder = config.memory_dir
@@ -185,11 +210,17 @@ class _Server:
             folder = self._temp.name
         self.store = MemoryStore(folder, model, tokenizer, budget=config.memory_budget)
         self.engine = BatchGenerator(model, max_rows=config.max_batch)
-        self.worker = ModelWorker(config.queue, self.engine)
+        self.worker = ModelWorker(config.queue, self.engine, own_thread=model_thread)
         self.prefixes = PrefixCache(model, config.prefix_cache_bytes)
         self._formats: dict[tuple[str | None, str | None], ChatFormat] = {}
         self.created = int(time.time())
+        self._outbox: _Outbox | None = None
         chat_format(tokenizer, config.template)  # a bad --template fails at start
+
+    def _outbox_of(self, loop: asyncio.AbstractEventLoop) -> _Outbox:
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = _Outbox(loop)
+        return self._outbox
 
     def close(self) -> None:
         self.worker.close()
@@ -317,8 +348,10 @@ class _Server:
         if any(not s for s in stops):
             raise APIError(400, "'stop' holds an empty string: drop it", param="stop")
 
+        outbox = self._outbox_of(loop)
+
         def emit(*event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            outbox.put(events, event)
 
         def job() -> None:
             try:
@@ -411,10 +444,19 @@ class _Server:
             if usage:
                 first["usage"] = None
             yield _sse(first)
+            held = None  # an event taken while joining text pieces, handled next
             while True:
-                kind, *rest = await events.get()
+                kind, *rest = held or await events.get()
+                held = None
                 if kind == "text":
-                    piece = chunk(rest[0], None)
+                    text = rest[0]
+                    while not events.empty():  # pieces that came while the last chunk was sent: one chunk
+                        event = events.get_nowait()
+                        if event[0] != "text":
+                            held = event
+                            break
+                        text += event[1]
+                    piece = chunk(text, None)
                     if usage:
                         piece["usage"] = None
                     yield _sse(piece)
@@ -440,10 +482,11 @@ class _Server:
                 cancelled.set()
 
 
-def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI app serving `model` (a LongLlamaForCausalLM) and `tokenizer` with `config`."""
+def create_app(model, tokenizer, config: ServeConfig | None = None, *, model_thread: bool = True) -> FastAPI:
+    """The FastAPI app serving `model` (a LongLlamaForCausalLM) and `tokenizer` with `config`. The model's work
+    runs on a thread of its own, or with `model_thread=False` on the thread that calls run_server(app)."""
     config = config or ServeConfig()
-    server = _Server(model, tokenizer, config)
+    server = _Server(model, tokenizer, config, model_thread=model_thread)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -668,3 +711,46 @@ async def _uploaded(request: Request) -> tuple[str, str | None, str | None]:
 
 def model_id_of(folder: str | Path) -> str:
     return Path(folder).resolve().name or "longllama"
+
+
+def run_server(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, graceful_seconds: int = 5) -> None:
+    """Serve `app`, made by create_app(..., model_thread=False): uvicorn on a thread of its own, the model's work on
+    the calling thread, which should be the one that loaded the model (ModelWorker says why). Returns when the
+    server stops: Ctrl-C, or `app.state.http.should_exit = True`. A server that cannot start (the port is taken)
+    raises a RuntimeError naming the address."""
+    import uvicorn
+
+    worker: ModelWorker = app.state.server.worker
+    http = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_seconds)
+    )
+    app.state.http = http
+
+    def serve() -> None:
+        try:
+            http.run()
+        except SystemExit:  # uvicorn's exit when it cannot start; it has logged why, and the caller raises
+            pass
+        finally:  # the app's shutdown closes the worker too; this covers a server that never started
+            worker.close()
+
+    def stop(signum, frame) -> None:  # Ctrl-C or SIGTERM: a graceful stop, then the worker ends with the app
+        if http.should_exit and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C does not wait
+        http.should_exit = True
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=serve, name="longllama-http", daemon=True)
+    thread.start()
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        http.should_exit = True
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    thread.join(timeout=graceful_seconds + 5)
+    if not http.started:
+        raise RuntimeError(f"the server could not start on {host}:{port} (the error is above): choose another --port")

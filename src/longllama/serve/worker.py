@@ -29,13 +29,27 @@ class QueueFull(Exception):
 
 class ModelWorker:
     """One thread, one bounded queue of jobs; `submit(fn)` returns a Future of `fn()` run on that thread. With an
-    `engine`, jobs submitted with `generation=True` add a sequence to it, and the thread steps it between jobs."""
+    `engine`, jobs submitted with `generation=True` add a sequence to it, and the thread steps it between jobs.
 
-    def __init__(self, size: int, engine: BatchGenerator | None = None):
+    `own_thread=False` starts no thread: the caller runs the jobs on its own thread with `run()`, which returns after
+    `close()`. On a CPU that thread should be the one that loaded the model: PyTorch's CPU kernels keep a pool of
+    OpenMP threads per calling thread, and a second pool on the same cores made decoding 2-3x slower (measured on
+    2 cores; benchmarks/RESULTS.md, "Serving on a CPU")."""
+
+    def __init__(self, size: int, engine: BatchGenerator | None = None, *, own_thread: bool = True):
         self._jobs: queue.Queue = queue.Queue(maxsize=size)
         self.engine = engine
-        self._thread = threading.Thread(target=self._loop, name="longllama-model", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        if own_thread:
+            self._thread = threading.Thread(target=self._loop, name="longllama-model", daemon=True)
+            self._thread.start()
+
+    def run(self) -> None:
+        """Run the jobs on the calling thread until close() (a worker made with own_thread=False)."""
+        if self._thread is not None:
+            raise RuntimeError("this worker runs its jobs on its own thread: make it with own_thread=False")
+        self._loop()
 
     def submit(
         self, fn: Callable[[], Any], cancelled: threading.Event | None = None, *, generation: bool = False
@@ -57,6 +71,9 @@ class ModelWorker:
 
     def close(self) -> None:
         """Drop the queued jobs (their requests get cancelled futures) and end the thread after the running one."""
+        if self._closed:
+            return
+        self._closed = True
         while True:
             try:
                 item = self._jobs.get_nowait()
@@ -65,7 +82,8 @@ class ModelWorker:
             if item is not None:
                 item[0].cancel()
         self._jobs.put(None)
-        self._thread.join(timeout=10)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
 
     def _decoding(self) -> bool:
         return self.engine is not None and self.engine.active > 0

@@ -1,0 +1,89 @@
+"""Where the server's work runs: the model worker on its own thread or on the caller's (run_server), and the outbox
+that carries the worker's events to the event loop, several per wake-up, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from longllama.serve.app import _Outbox  # noqa: E402
+from longllama.serve.worker import ModelWorker  # noqa: E402
+
+
+def test_a_worker_without_a_thread_runs_its_jobs_on_the_caller_until_closed():
+    worker = ModelWorker(4, own_thread=False)
+    seen = []
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    futures = [worker.submit(lambda i=i: seen.append((i, threading.current_thread()))) for i in range(3)]
+    for future in futures:
+        future.result(timeout=10)
+    worker.close()
+    runner.join(timeout=10)
+    assert not runner.is_alive()
+    assert [i for i, _ in seen] == [0, 1, 2] and all(t is runner for _, t in seen)
+    worker.close()  # a second close changes nothing (the app's shutdown and run_server both close)
+
+
+def test_a_worker_with_its_own_thread_refuses_run():
+    worker = ModelWorker(2)
+    try:
+        assert worker.submit(threading.current_thread).result(timeout=10) is not threading.current_thread()
+        with pytest.raises(RuntimeError, match="own_thread=False"):
+            worker.run()
+    finally:
+        worker.close()
+
+
+def test_the_outbox_delivers_every_event_in_order_with_fewer_wake_ups():
+    async def main() -> tuple[list, list, int]:
+        loop = asyncio.get_running_loop()
+        outbox = _Outbox(loop)
+        wakes = 0
+        deliver = outbox._deliver
+
+        def counted() -> None:
+            nonlocal wakes
+            wakes += 1
+            deliver()
+
+        outbox._deliver = counted
+        a, b = asyncio.Queue(), asyncio.Queue()
+
+        def produce() -> None:
+            for i in range(200):
+                outbox.put(a if i % 2 else b, ("text", i))
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        await asyncio.to_thread(producer.join)
+        await asyncio.sleep(0.05)
+        got_a = [a.get_nowait()[1] for _ in range(a.qsize())]
+        got_b = [b.get_nowait()[1] for _ in range(b.qsize())]
+        return got_a, got_b, wakes
+
+    got_a, got_b, wakes = asyncio.run(main())
+    assert got_a == list(range(1, 200, 2)) and got_b == list(range(0, 200, 2))
+    assert 1 <= wakes < 200  # the loop only ran while the producer was blocked, so puts shared wake-ups
+
+
+def test_run_server_on_a_taken_port_raises_naming_it(tmp_path):
+    from longllama.cli import SHIPPED_MODEL, LoadOptions, load_model
+    from longllama.serve import ServeConfig, create_app, run_server
+    from longllama.tokenizer import load_tokenizer
+
+    model = load_model(SHIPPED_MODEL, LoadOptions(device="cpu"))
+    app = create_app(model, load_tokenizer(SHIPPED_MODEL), ServeConfig(memory_dir=str(tmp_path)), model_thread=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}"):
+            run_server(app, port=port, graceful_seconds=1)
+    assert app.state.server.worker._closed
