@@ -367,3 +367,102 @@ def test_bounds_kernel_chooses_the_blocks_of_select_blocks(heads, kv_heads, inva
         _, plain, _ = retrieval.choose(q, memory, 5, 8, group)
         _, fast, _ = retrieval.choose(q, memory, 5, 8, group, bounds=block_attention.best_bounds)
         assert torch.equal(fast, plain)
+
+
+def _bound(q, kmax, kmin, rows, block) -> float:
+    """The largest bound over `rows` queries of q (n, d) for one summary (d,) pair, by explicit loops."""
+    return max(
+        sum(max(float(q[i, j] * kmax[block, j]), float(q[i, j] * kmin[block, j])) for j in range(q.shape[1]))
+        for i in range(rows)
+    )
+
+
+@pytest.mark.parametrize("invalid", [False, True])
+def test_two_level_choice_ranks_superblocks_then_their_blocks(invalid):
+    """select_two_level recomputed by loops: superblocks of 4 blocks (the last one short: 41 blocks) summarised by
+    the max of maxima and min of minima, the best ceil(16 * 2 / 4) = 8 of them by bound, then the best 2 blocks
+    inside; blocks without a valid key never chosen over valid ones."""
+    memory = _memory(1, 1, 328, 8, invalid=invalid, seed=3)  # 41 blocks of 8 keys
+    kmax, kmin, any_valid = memory.summaries(8)
+    q = torch.randn(1, 1, 3, 8, generator=torch.Generator().manual_seed(4))
+    qg = retrieval._grouped(q, 1, 4)
+    real = torch.tensor([[True, True, True, False]])
+    chosen = retrieval.select_blocks(qg, kmax, kmin, any_valid, 2, real, super_size=4)
+    km, kn, anyv, qq = kmax[0, 0], kmin[0, 0], any_valid[0], q[0, 0]
+    supers = []
+    for s in range(11):
+        members = [b for b in range(4 * s, min(4 * s + 4, 41))]
+        smax = torch.stack([km[b] for b in members]).amax(0)
+        smin = torch.stack([kn[b] for b in members]).amin(0)
+        valid = any(bool(anyv[b]) for b in members)
+        supers.append(_bound(qq, smax[None], smin[None], 3, 0) if valid else float("-inf"))
+    best_supers = sorted(range(11), key=lambda s: -supers[s])[:8]
+    candidates = [b for s in best_supers for b in range(4 * s, min(4 * s + 4, 41))]
+    scored = {b: (_bound(qq, km, kn, 3, b) if anyv[b] else float("-inf")) for b in candidates}
+    want = sorted(sorted(candidates, key=lambda b: -scored[b])[:2])
+    assert chosen.flatten().tolist() == want
+
+
+def test_two_level_choice_keeps_distinct_blocks_inside_the_memory():
+    """Many groups, GQA, a memory mostly invalid and a short last superblock: every group gets `blocks` distinct
+    blocks of the memory, valid ones first; below the size where it pays (or with superblocks too large for the
+    candidates to hold `blocks` blocks) the one-level choice is used."""
+    g = torch.Generator().manual_seed(5)
+    memory = MemoryCache(2, 2, 16, dtype=torch.float32)
+    memory.track_blocks(8)
+    valid = torch.rand(2, 8 * 300, generator=g) > 0.2
+    valid[:, : 8 * 250] = False  # only the last 50 blocks hold valid keys
+    memory.append(torch.randn(2, 2, 8 * 300, 16, generator=g), torch.randn(2, 2, 8 * 300, 16, generator=g), valid)
+    q = _queries(2, 4, 2, 130, 130, 16)[0]
+    _, chosen, _ = retrieval.choose(q, memory, 4, 8, 32, super_size=16)
+    assert chosen.shape[-1] == 4 and bool((chosen[..., 1:] > chosen[..., :-1]).all()) and int(chosen.max()) < 300
+    _, flat, _ = retrieval.choose(q, memory, 4, 8, 32)
+    assert bool((chosen >= 250).all()) and bool((flat >= 250).all())  # valid blocks exist: no invalid one chosen
+    small = _memory(1, 1, 8 * 60, 8)  # 60 blocks <= 16 * 4 candidates: one level
+    qs = _queries(1, 1, 1, 10, 10, 8)[0]
+    for size in (4, 61):  # a superblock of 61 blocks would leave fewer than 4 candidates inside the memory
+        assert torch.equal(retrieval.choose(qs, small, 4, 8, super_size=size)[1], retrieval.choose(qs, small, 4, 8)[1])
+    big = _memory(1, 1, 8 * 200, 8)
+    assert torch.equal(retrieval.choose(qs, big, 4, 8, super_size=61)[1], retrieval.choose(qs, big, 4, 8)[1])
+
+
+def test_two_level_setting_is_checked_recorded_and_read_by_the_model(tmp_path):
+    with pytest.raises(ConfigError, match="mem_super_size=-1"):
+        preset("tiny", mem_super_size=-1)
+    with pytest.raises(InputError, match="--mem-retrieval"):
+        check_changes({"mem_super_size": 4})
+    from longllama.cli import build_parser
+
+    args = build_parser().parse_args(["passkey", "--mem-retrieval", "blocks", "--mem-super-size", "16"])
+    assert args.mem_super_size == 16
+    seen = []
+    original = retrieval.select_two_level
+
+    def spy(*a, **k):
+        seen.append(True)
+        return original(*a, **k)
+
+    model = _tiny(mem_retrieval="blocks", mem_blocks=1, mem_block_size=4, mem_super_size=2)
+    assert model.plan.mem_super_size == 2
+    ids = torch.randint(3, model.config.vocab_size, (1, 1200), generator=torch.Generator().manual_seed(0))
+    retrieval.select_two_level = spy
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    finally:
+        retrieval.select_two_level = original
+    assert seen and out.shape == (1, 1203)
+
+
+def test_bounds_kernel_ranks_superblocks_as_pytorch_does():
+    """The two-level choice with the bounds kernel (interpreter) ranking the superblocks picks what it picks with
+    PyTorch's bounds: GQA and padding in memory."""
+    if not _interpreting():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
+    from longllama.fast import block_attention
+
+    memory = _memory(1, 2, 8 * 90, 20, invalid=True, seed=6)  # 90 blocks > 16 * 2 candidates
+    q = _queries(1, 4, 2, 40, 40, 20)[0]
+    _, plain, _ = retrieval.choose(q, memory, 2, 8, 16, super_size=4)
+    _, fast, _ = retrieval.choose(q, memory, 2, 8, 16, bounds=block_attention.best_bounds, super_size=4)
+    assert torch.equal(fast, plain)

@@ -65,6 +65,7 @@ class LoadOptions:
     mem_dtype: str | None = None
     mem_retrieval: str | None = None
     mem_blocks: int | None = None
+    mem_super_size: int | None = None
 
     @classmethod
     def take(cls, args: dict[str, Any]) -> LoadOptions:
@@ -380,7 +381,7 @@ def load_model(folder: Path, options: LoadOptions | None = None):
         overrides["mem_layers"] = list(o.mem_layers)
     if o.mem_top_k is not None:
         overrides["mem_top_k"] = o.mem_top_k or None
-    for key in ("compile_elementwise", "mem_dtype", "mem_retrieval", "mem_blocks"):
+    for key in ("compile_elementwise", "mem_dtype", "mem_retrieval", "mem_blocks", "mem_super_size"):
         if getattr(o, key) is not None:
             overrides[key] = getattr(o, key)
     from longllama import quantize as quantization
@@ -762,6 +763,13 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with --mem-retrieval blocks: memory blocks (of mem_block_size keys, 64 by default) read per group "
         "of queries (default: the checkpoint's mem_blocks, 64)",
+    )
+    p.add_argument(
+        "--mem-super-size",
+        type=_non_negative_int,
+        metavar="S",
+        help="with --mem-retrieval blocks: rank superblocks of S blocks first, then only the blocks of the best of "
+        "them (0: every block is ranked; default: the checkpoint's mem_super_size, 0)",
     )
     p.set_defaults(load_options=True)  # main gathers the loading options into one LoadOptions (`load`)
 

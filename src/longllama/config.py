@@ -69,7 +69,9 @@ class LongLlamaConfig(PreTrainedConfig):
     (quantize.py; lm_head too when `quantize_lm_head`). `mem_retrieval` ("dense", the default; "blocks", inference
     only) picks how memory layers read the memory: "blocks" groups the memory keys in blocks of `mem_block_size`
     keys, ranks them by an upper bound of q.k from each block's per-dimension max and min key, and attends exactly
-    to the best `mem_blocks` blocks of each group of queries (retrieval.py, docs/retrieval.md).
+    to the best `mem_blocks` blocks of each group of queries (retrieval.py, docs/retrieval.md). `mem_super_size`
+    (0, the default: off) ranks superblocks of that many blocks first and only the blocks of the best of them
+    (retrieval.select_two_level), so that the ranking grows more slowly than the memory.
     """
 
     model_type = "longllama"
@@ -106,6 +108,7 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_retrieval: str = "dense"
     mem_blocks: int = 64
     mem_block_size: int = 64
+    mem_super_size: int = 0
     compile_elementwise: Any = "auto"
     gradient_checkpoint_every_ith: int = 1
     quantization: str = "none"
@@ -200,6 +203,9 @@ class LongLlamaConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
+        super_size = self.mem_super_size
+        if not isinstance(super_size, int) or isinstance(super_size, bool) or super_size < 0:
+            raise ConfigError(f"mem_super_size={super_size!r} must be a non-negative integer (0: one level)")
         if self.mem_retrieval == "blocks" and top_k is not None:
             raise ConfigError(
                 "mem_retrieval='blocks' and mem_top_k are two ways to read the memory: set mem_top_k to null "

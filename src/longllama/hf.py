@@ -153,6 +153,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             config.mem_retrieval,
             config.mem_blocks,
             config.mem_block_size,
+            config.mem_super_size,
         )
         if self._plan is None or self._plan[0] != key:
             if torch.compiler.is_compiling():

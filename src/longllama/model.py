@@ -234,7 +234,9 @@ class Attention(nn.Module):
         top_k = self.config.mem_top_k if memory is not None else None  # never in cross-batch training
         if shard is not None:
             sharding.check_readable(self.config)
-            blocks = (plan.mem_blocks, plan.mem_block_size) if plan.mem_retrieval == "blocks" else None
+            blocks = (
+                (plan.mem_blocks, plan.mem_block_size, plan.mem_super_size) if plan.mem_retrieval == "blocks" else None
+            )
             out = sharding.attend(q_rot, k_rot, v, visible=visible, memory=memory, shard=shard, blocks=blocks)
             probs = None
         elif retrieve and block_attention.applies(q_rot, memory, plan):
@@ -250,9 +252,15 @@ class Attention(nn.Module):
             )
             probs = None
         elif retrieve:
-            block = plan.mem_block_size
             out = retrieval.attend(
-                q_rot, k_rot, v, visible=visible, memory=memory, blocks=plan.mem_blocks, block_size=block
+                q_rot,
+                k_rot,
+                v,
+                visible=visible,
+                memory=memory,
+                blocks=plan.mem_blocks,
+                block_size=plan.mem_block_size,
+                super_size=plan.mem_super_size,
             )
             probs = None
         elif joint:

@@ -82,9 +82,10 @@ class ExecutionPlan:
     weights: "dense" (plain tensors), or "int8" / "int4" (torchao's weight-only tensors, quantize.py): from the
         config's quantization. int8 weights go to the matrix-vector kernel as dense ones do (it reads their int8
         rows and scales); int4 ones through F.linear (torchao's own kernels) only (`gemv_rows`).
-    mem_retrieval, mem_blocks, mem_block_size: how memory layers read their memory ("dense": every key; "blocks":
-        the best mem_blocks blocks of mem_block_size keys per group of queries, retrieval.py): from the config's
-        fields of the same names (they change the maths, so they are the config's, recorded here).
+    mem_retrieval, mem_blocks, mem_block_size, mem_super_size: how memory layers read their memory ("dense": every
+        key; "blocks": the best mem_blocks blocks of mem_block_size keys per group of queries, ranked in two levels
+        with superblocks of mem_super_size blocks where that is > 0, retrieval.py): from the config's fields of the
+        same names (they change the maths, so they are the config's, recorded here).
     memory_shard: the process group over which memory layers' memories are split (sharding.py;
         `model.shard_memory(group)`), None for a memory held whole; recorded as `memory_shards` (its size).
     """
@@ -112,6 +113,7 @@ class ExecutionPlan:
     mem_retrieval: str = "dense"
     mem_blocks: int = 64
     mem_block_size: int = 64
+    mem_super_size: int = 0
     memory_shard: Any = field(default=None, compare=False, repr=False)
     failures: Failures = field(default_factory=Failures, compare=False, repr=False)
 
@@ -193,7 +195,7 @@ class ExecutionPlan:
 _FIELDS = tuple(f.name for f in dataclasses.fields(ExecutionPlan) if f.name not in ("failures", "memory_shard"))
 # the device is where the weights are; `weights` is what they are (the config's quantization); the memory's reading
 # changes the maths, so it is the config's
-_CONFIG_FIELDS = ("mem_retrieval", "mem_blocks", "mem_block_size")
+_CONFIG_FIELDS = ("mem_retrieval", "mem_blocks", "mem_block_size", "mem_super_size")
 _USER_FIELDS = tuple(name for name in _FIELDS if name not in ("device", "weights", *_CONFIG_FIELDS))
 
 
@@ -252,6 +254,7 @@ def build_plan(config, device: torch.device | str, **overrides: Any) -> Executio
         mem_retrieval=getattr(config, "mem_retrieval", "dense"),
         mem_blocks=getattr(config, "mem_blocks", 64),
         mem_block_size=getattr(config, "mem_block_size", 64),
+        mem_super_size=getattr(config, "mem_super_size", 0),
     )
     if device.type == "cuda":
         from longllama import timings

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 QUERY_GROUP = 64  # consecutive queries (per key/value head) sharing one selection of blocks
 _BOUND_ELEMENTS = 1 << 24  # bound scores computed at a time (groups chunked to stay below)
+# The two-level choice ranks this many candidate blocks per block it keeps (select_two_level).
+SUPER_CANDIDATES = 16
 
 
 def _grouped(x: torch.Tensor, kv_heads: int, group: int) -> torch.Tensor:
@@ -68,6 +70,7 @@ def select_blocks(
     blocks: int,
     real: torch.Tensor,
     bounds: Callable[..., torch.Tensor] | None = None,
+    super_size: int = 0,
 ) -> torch.Tensor:
     """The `blocks` best blocks (ascending indices, (b, kv_heads, groups, blocks)) of each query group.
 
@@ -75,10 +78,14 @@ def select_blocks(
     B) whether a block holds a valid key; real (groups, rows) whether a row is a query (not group padding).
     `bounds(qg, kmax, kmin, any_valid, real)`, where given, computes each group's best bound per block (b, kv_heads,
     groups, B), -inf for blocks without a valid key (the kernels' path: fast/block_attention.py); else the bounds
-    are computed here, a chunk of groups at a time."""
+    are computed here, a chunk of groups at a time. `super_size` > 0: the two-level choice (select_two_level)
+    where the memory holds more than SUPER_CANDIDATES * blocks blocks (and superblocks are at most
+    (SUPER_CANDIDATES - 1) * blocks blocks, so that the candidates always hold `blocks` blocks of the memory)."""
     b, hkv, groups, rows, _ = qg.shape
     n_blocks = kmax.shape[2]
     keep = min(blocks, n_blocks)
+    if 0 < super_size <= (SUPER_CANDIDATES - 1) * keep and SUPER_CANDIDATES * keep < n_blocks:
+        return select_two_level(qg, kmax, kmin, any_valid, keep, real, bounds, super_size)
     if bounds is not None:
         best = bounds(qg, kmax, kmin, any_valid, real)
         return best.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
@@ -92,6 +99,66 @@ def select_blocks(
         bound = bound.masked_fill(~real[g0 : g0 + step, :, None], float("-inf")).amax(dim=-2)
         bound = bound.masked_fill(hidden, float("-inf"))
         chosen.append(bound.topk(keep, dim=-1, sorted=False).indices)
+    return torch.cat(chosen, dim=2).sort(dim=-1).values
+
+
+def super_summaries(
+    kmax: torch.Tensor, kmin: torch.Tensor, any_valid: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summaries of superblocks of `size` consecutive blocks (the last one possibly shorter): the max of their maxima,
+    the min of their minima, whether any holds a valid key. A block without a valid key has zero summaries
+    (memory.py), so a superblock's bound stays an upper bound of its keys' scores."""
+    b, hkv, n_blocks, d = kmax.shape
+    count = -(-n_blocks // size)
+    pad = count * size - n_blocks
+    if pad:
+        kmax, kmin = F.pad(kmax, (0, 0, 0, pad)), F.pad(kmin, (0, 0, 0, pad))
+        any_valid = F.pad(any_valid, (0, pad), value=False)
+    smax = kmax.reshape(b, hkv, count, size, d).amax(dim=3)
+    smin = kmin.reshape(b, hkv, count, size, d).amin(dim=3)
+    return smax, smin, any_valid.reshape(b, count, size).any(dim=-1)
+
+
+def select_two_level(
+    qg: torch.Tensor,
+    kmax: torch.Tensor,
+    kmin: torch.Tensor,
+    any_valid: torch.Tensor,
+    keep: int,
+    real: torch.Tensor,
+    bounds: Callable[..., torch.Tensor] | None,
+    super_size: int,
+) -> torch.Tensor:
+    """select_blocks in two steps, so that a query group reads O(B / super_size + keep) summaries instead of B: rank
+    superblocks of `super_size` blocks by their bound and keep the best ceil(SUPER_CANDIDATES * keep / super_size),
+    then rank only the blocks inside them (select_blocks says when). An approximation of select_blocks: a block
+    whose superblock's (looser) bound misses the cut is not considered."""
+    b, hkv, groups, rows, d = qg.shape
+    n_blocks = kmax.shape[2]
+    smax, smin, sany = super_summaries(kmax, kmin, any_valid, super_size)
+    supers = select_blocks(qg, smax, smin, sany, -(-SUPER_CANDIDATES * keep // super_size), real, bounds)
+    offsets = torch.arange(super_size, device=supers.device)
+    candidates = (supers[..., None] * super_size + offsets).flatten(-2)  # (b, hkv, groups, C): ascending
+    inside = candidates < n_blocks  # the last superblock may be short
+    candidates = candidates.clamp(max=n_blocks - 1)
+    width = candidates.shape[-1]
+    step = max(1, _BOUND_ELEMENTS // max(1, b * hkv * width * max(rows, d)))
+    chosen = []
+    for g0 in range(0, groups, step):
+        cand = candidates[:, :, g0 : g0 + step]
+        c = cand.shape[2]
+        index = cand.reshape(b, hkv, c * width, 1).expand(-1, -1, -1, d)
+        cmax = kmax.gather(2, index).reshape(b, hkv, c, width, d).transpose(-1, -2)
+        cmin = kmin.gather(2, index).reshape(b, hkv, c, width, d).transpose(-1, -2)
+        q = qg[:, :, g0 : g0 + step].float()
+        bound = q.clamp(min=0) @ cmax + q.clamp(max=0) @ cmin  # (b, hkv, c, rows, width)
+        bound = bound.masked_fill(~real[g0 : g0 + step, :, None], float("-inf")).amax(dim=-2)
+        valid = any_valid.gather(1, cand.reshape(b, -1)).reshape(cand.shape)
+        # a candidate without a valid key ranks below every valid one, and one past the memory below those: the
+        # keep chosen are distinct blocks of the memory (keep <= the candidates inside it)
+        bound = bound.masked_fill(~valid, torch.finfo(bound.dtype).min)
+        bound = bound.masked_fill(~inside[:, :, g0 : g0 + step], float("-inf"))
+        chosen.append(cand.gather(-1, bound.topk(keep, dim=-1, sorted=False).indices))
     return torch.cat(chosen, dim=2).sort(dim=-1).values
 
 
@@ -193,6 +260,7 @@ def choose(
     block_size: int,
     group: int = QUERY_GROUP,
     bounds: Callable[..., torch.Tensor] | None = None,
+    super_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The blocks every query group of q (b*s, h, n, d) reads: (the queries grouped as select_blocks takes them,
     (b, kv_heads, groups, rows, d); the chosen blocks (b, kv_heads, groups, keep); the group size). `bounds` as in
@@ -207,18 +275,24 @@ def choose(
     t_index = torch.arange(groups, device=q.device)[:, None] * group + torch.arange(group, device=q.device)
     real = (t_index < length).repeat(1, heads // hkv)  # (groups, rows): rows are (head, position) pairs
     kmax, kmin, any_valid = memory.summaries(block_size, q.device)
-    return qg, select_blocks(qg, kmax, kmin, any_valid, blocks, real, bounds), group
+    return qg, select_blocks(qg, kmax, kmin, any_valid, blocks, real, bounds, super_size), group
 
 
 def read_blocks(
-    q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int, group: int = QUERY_GROUP
+    q: torch.Tensor,
+    memory: MemoryCache,
+    blocks: int,
+    block_size: int,
+    group: int = QUERY_GROUP,
+    super_size: int = 0,
 ) -> BlockRead:
-    """Choose and gather the blocks of every query group of q (b*s, h, n, d) and score them (BlockRead)."""
+    """Choose and gather the blocks of every query group of q (b*s, h, n, d) and score them (BlockRead);
+    `super_size` as in select_blocks."""
     share = memory.share
     c_min = clamp_value(q.dtype)
     d, heads = q.shape[-1], q.shape[1]
     length = q.shape[2] * share
-    qg, chosen, group = choose(q, memory, blocks, block_size, group)
+    qg, chosen, group = choose(q, memory, blocks, block_size, group, super_size=super_size)
     mk, mv, mvalid = gather_blocks(memory, chosen, block_size, q.device, q.dtype)
     scores = (qg @ mk.transpose(-1, -2)) / math.sqrt(d)  # (b, hkv, groups, rows, K)
     scores = scores.masked_fill(~mvalid[:, :, :, None, :], c_min).clamp_min(c_min)
@@ -236,11 +310,12 @@ def attend(
     blocks: int,
     block_size: int,
     group: int = QUERY_GROUP,
+    super_size: int = 0,
 ) -> torch.Tensor:
     """One softmax over the local keys and the memory keys of the best `blocks` blocks of each query group (module
     docstring). q (b*s, h, n, d) rotated queries; k, v (b*s, h_kv, kv, d) local keys (rotated) and values; visible
     (b*s|1, 1, n, kv) or None; `memory` the layer's non-empty memory (s = memory.share). Returns (b*s, h, n, d)."""
-    read = read_blocks(q, memory, blocks, block_size, group)
+    read = read_blocks(q, memory, blocks, block_size, group, super_size)
     local = _scores(q, k, visible, clamp_value(q.dtype))
     probs = torch.softmax(torch.cat([local, read.scores], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
     kv = k.shape[2]
@@ -248,7 +323,7 @@ def attend(
 
 
 def step_blocks(
-    q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int
+    q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int, super_size: int = 0
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None] | None:
     """For one decoding query per row, q (b, h, d): the chosen blocks of each key/value head (the choice read_blocks
     makes for a single query) as stored, padded keys and values (b, kv_heads, keep * block_size, width) and int8
@@ -257,7 +332,7 @@ def step_blocks(
     shared by rows: the caller then takes `attend`."""
     if memory.share != 1 or not memory.all_valid() or memory.length % block_size or memory.device != q.device:
         return None
-    _, chosen, _ = choose(q[:, :, None], memory, blocks, block_size)  # (b, hkv, 1, keep)
+    _, chosen, _ = choose(q[:, :, None], memory, blocks, block_size, super_size=super_size)  # (b, hkv, 1, keep)
     tokens = _block_tokens(chosen, block_size)
     keys, values = (_take(t, tokens) for t in memory.padded())
     scales = memory.scales()

@@ -233,6 +233,7 @@ class BatchDecoder(StaticDecoder):
                         memory=memory,
                         blocks=plan.mem_blocks,
                         block_size=plan.mem_block_size,
+                        super_size=plan.mem_super_size,
                     )
                 )
                 continue

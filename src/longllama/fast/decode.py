@@ -183,7 +183,14 @@ class StaticDecoder:
         plan = self.plan
         if retrieval.retrieves(memory, plan):
             return retrieval.attend(
-                q, rot, values, visible=visible, memory=memory, blocks=plan.mem_blocks, block_size=plan.mem_block_size
+                q,
+                rot,
+                values,
+                visible=visible,
+                memory=memory,
+                blocks=plan.mem_blocks,
+                block_size=plan.mem_block_size,
+                super_size=plan.mem_super_size,
             )
         mem_k = mem_v = padded = scales = None
         if memory is not None and memory.length:
@@ -228,7 +235,7 @@ class StaticDecoder:
             return None
         plan = self.plan
         if retrieval.retrieves(memory, plan):
-            chosen = retrieval.step_blocks(q, memory, plan.mem_blocks, plan.mem_block_size)
+            chosen = retrieval.step_blocks(q, memory, plan.mem_blocks, plan.mem_block_size, plan.mem_super_size)
             return False if chosen is None else chosen
         _, _, padded, valid, scales = read_memory(memory, q.device)
         return False if valid is not None or self.config.mem_top_k is not None else (padded, scales)
