@@ -252,16 +252,7 @@ class Attention(nn.Module):
             )
             probs = None
         elif retrieve:
-            out = retrieval.attend(
-                q_rot,
-                k_rot,
-                v,
-                visible=visible,
-                memory=memory,
-                blocks=plan.mem_blocks,
-                block_size=plan.mem_block_size,
-                super_size=plan.mem_super_size,
-            )
+            out = retrieval.attend_planned(q_rot, k_rot, v, visible=visible, memory=memory, plan=plan)
             probs = None
         elif joint:
             out, probs = fast_attention.joint_attention(q_rot, k_rot, v, window.cross_batch.parts(k, v)), None

@@ -322,6 +322,28 @@ def attend(
     return _weighted(probs[..., :kv], v) + read.weighted(probs[..., kv:])
 
 
+def attend_planned(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    visible: torch.Tensor | None,
+    memory: MemoryCache,
+    plan: ExecutionPlan,
+) -> torch.Tensor:
+    """attend with the plan's block settings (mem_blocks, mem_block_size, mem_super_size)."""
+    return attend(
+        q,
+        k,
+        v,
+        visible=visible,
+        memory=memory,
+        blocks=plan.mem_blocks,
+        block_size=plan.mem_block_size,
+        super_size=plan.mem_super_size,
+    )
+
+
 def step_blocks(
     q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int, super_size: int = 0
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None] | None:

@@ -225,15 +225,13 @@ class BatchDecoder(StaticDecoder):
         for i, memory in enumerate(memories):  # each row against its own memory
             if retrieval.retrieves(memory, plan):
                 outs.append(
-                    retrieval.attend(
+                    retrieval.attend_planned(
                         q[i : i + 1],
                         rot[i : i + 1],
                         values[i : i + 1],
                         visible=visible[i : i + 1],
                         memory=memory,
-                        blocks=plan.mem_blocks,
-                        block_size=plan.mem_block_size,
-                        super_size=plan.mem_super_size,
+                        plan=plan,
                     )
                 )
                 continue

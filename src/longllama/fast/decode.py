@@ -182,16 +182,7 @@ class StaticDecoder:
         """A step's attention (b, h, 1, d) through the general functions."""
         plan = self.plan
         if retrieval.retrieves(memory, plan):
-            return retrieval.attend(
-                q,
-                rot,
-                values,
-                visible=visible,
-                memory=memory,
-                blocks=plan.mem_blocks,
-                block_size=plan.mem_block_size,
-                super_size=plan.mem_super_size,
-            )
+            return retrieval.attend_planned(q, rot, values, visible=visible, memory=memory, plan=plan)
         mem_k = mem_v = padded = scales = None
         if memory is not None and memory.length:
             mem_k, mem_v, padded, _, scales = read_memory(memory, q.device)
