@@ -213,6 +213,19 @@ def test_loading_refuses_other_models_settings_and_damaged_files(tiny, folders, 
     (older / "manifest.json").write_text(json.dumps(manifest))
     assert DocumentMemory.load(older, model, tokenizer).tokens == DocumentMemory.load(saved, model, tokenizer).tokens
     _one_line_error(lambda: DocumentMemory.load(older, blocks, tokenizer), "mem_retrieval")
+    # A block-retrieval memory saved before mem_super_size was recorded loads with one level, not with two.
+    saved_blocks = DocumentMemory.build(blocks, tokenizer, DOCUMENT, template="none").save(tmp_path / "blocks")
+    older_blocks = tmp_path / "older-blocks"
+    shutil.copytree(saved_blocks, older_blocks)
+    manifest = json.loads((older_blocks / "manifest.json").read_text())
+    assert manifest["settings"].pop("mem_super_size") is None
+    (older_blocks / "manifest.json").write_text(json.dumps(manifest))
+    assert (
+        DocumentMemory.load(older_blocks, blocks, tokenizer).tokens
+        == DocumentMemory.load(saved_blocks, blocks, tokenizer).tokens
+    )
+    two_level, _ = _load(folders["tiny"], mem_retrieval="blocks", mem_super_size=4)
+    _one_line_error(lambda: DocumentMemory.load(older_blocks, two_level, tokenizer), "mem_super_size")
     _one_line_error(lambda: DocumentMemory.load(saved, model, tokenizer, template="default"), "template")
 
     def damaged(change) -> Path:

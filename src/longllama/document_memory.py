@@ -187,7 +187,8 @@ def memory_settings(model, fmt: ChatFormat, last_context_length: int) -> dict[st
         "mem_retrieval": config.mem_retrieval,
         "mem_blocks": config.mem_blocks if config.mem_retrieval == "blocks" else None,
         "mem_block_size": config.mem_block_size if config.mem_retrieval == "blocks" else None,
-        "mem_super_size": config.mem_super_size if config.mem_retrieval == "blocks" else None,
+        # recorded only when on: memories saved before it existed were read with one level
+        "mem_super_size": config.mem_super_size if config.mem_retrieval == "blocks" and config.mem_super_size else None,
         "template": fmt.template,
         "system": fmt.system,
     }
