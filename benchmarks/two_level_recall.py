@@ -37,8 +37,8 @@ def main() -> None:
     overlaps: list[float] = []
     two_level = retrieval.select_two_level
 
-    def compared(qg, kmax, kmin, any_valid, keep, real, bounds, super_size):
-        got = two_level(qg, kmax, kmin, any_valid, keep, real, bounds, super_size)
+    def compared(qg, kmax, kmin, any_valid, keep, real, bounds, super_size, supers):
+        got = two_level(qg, kmax, kmin, any_valid, keep, real, bounds, super_size, supers)
         one = retrieval.select_blocks(qg, kmax, kmin, any_valid, keep, real, bounds)
         overlaps.append((got[..., :, None] == one[..., None, :]).any(-1).float().mean().item())
         return got

@@ -426,6 +426,27 @@ def test_two_level_choice_keeps_distinct_blocks_inside_the_memory():
     assert torch.equal(retrieval.choose(qs, big, 4, 8, super_size=61)[1], retrieval.choose(qs, big, 4, 8)[1])
 
 
+def test_superblock_summaries_are_kept_until_the_next_append():
+    """MemoryCache.super_summaries reduces once per state of the memory (every layer call and decoding step until
+    the next append reads the same tensors), and an append or a fork's own append gives fresh ones."""
+    from longllama.memory import reduce_superblocks
+
+    memory = _memory(1, 2, 8 * 40 + 3, 8)
+    first = memory.super_summaries(8, 4)
+    assert memory.super_summaries(8, 4) is first
+    for got, want in zip(first, reduce_superblocks(*memory.summaries(8), 4)):
+        assert torch.equal(got, want)
+    twin = memory.fork()
+    g = torch.Generator().manual_seed(9)
+    twin.append(torch.randn(1, 2, 30, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g))
+    assert memory.super_summaries(8, 4) is first
+    for got, want in zip(twin.super_summaries(8, 4), reduce_superblocks(*twin.summaries(8), 4)):
+        assert torch.equal(got, want)
+    assert (
+        twin.super_summaries(8, 4)[0].shape[2] == 12 and memory.super_summaries(8, 2)[0].shape[2] == 21
+    )  # 45, 41 blocks
+
+
 def test_two_level_setting_is_checked_recorded_and_read_by_the_model(tmp_path):
     with pytest.raises(ConfigError, match="mem_super_size=-1"):
         preset("tiny", mem_super_size=-1)

@@ -115,7 +115,7 @@ def test_sharded_block_retrieval_reads_each_process_best_blocks(tmp_path: Path, 
     mp.spawn(_worker, args=(world, str(tmp_path), overrides, "_run_blocks"), nprocs=world, join=True)
     original = retrieval.select_blocks
 
-    def per_slice(qg, kmax, kmin, any_valid, blocks, real, bounds=None, super_size=0):
+    def per_slice(qg, kmax, kmin, any_valid, blocks, real, bounds=None, super_size=0, supers=None):
         owner = (torch.arange(kmax.shape[2]) * 4 // 64) % world  # block -> append -> process
         chosen = []
         for rank in range(world):

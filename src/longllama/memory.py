@@ -64,6 +64,24 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.round_().clamp_(-_QMAX, _QMAX).to(torch.int8), scale
 
 
+def reduce_superblocks(
+    kmax: torch.Tensor, kmin: torch.Tensor, any_valid: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summaries of superblocks of `size` consecutive blocks (the last one possibly shorter) from block summaries
+    (batch, kv_heads, blocks, head_dim) x2 and (batch, blocks): the max of their maxima, the min of their minima,
+    whether any holds a valid key. A block without a valid key has zero summaries (_reduce_blocks), so a
+    superblock's bound stays an upper bound of its keys' scores."""
+    b, hkv, n_blocks, d = kmax.shape
+    count = -(-n_blocks // size)
+    pad = count * size - n_blocks
+    if pad:
+        kmax, kmin = F.pad(kmax, (0, 0, 0, pad)), F.pad(kmin, (0, 0, 0, pad))
+        any_valid = F.pad(any_valid, (0, pad), value=False)
+    smax = kmax.reshape(b, hkv, count, size, d).amax(dim=3)
+    smin = kmin.reshape(b, hkv, count, size, d).amin(dim=3)
+    return smax, smin, any_valid.reshape(b, count, size).any(dim=-1)
+
+
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """quantize_rows undone: q (..., d) int8 times scale (...), in `dtype`."""
     return (q.float() * scale[..., None].float()).to(dtype)
@@ -241,6 +259,7 @@ class MemoryCache:
         self._valid[:, self.length : end] = valid
         self.length = end
         self._written[0] = end
+        self._supers = None
         if self._block_size is not None:
             self._summarise(self._block_size)
 
@@ -316,6 +335,7 @@ class MemoryCache:
         self._sbs: int | None = None  # block size of the stored summaries
         self._smax = self._smin = self._sany = None  # (batch, kv_heads, blocks, head_dim) fp32 x2; (batch, blocks)
         self._summarised = 0  # complete blocks summarised (this fork's; the buffers may hold more rows)
+        self._supers = None  # (block_size, super_size, device), superblock summaries: kept until the next append
 
     def track_blocks(self, block_size: int, device: torch.device | str | None = None) -> None:
         """Summarise blocks of `block_size` keys as appends complete them, keeping the summaries on `device`
@@ -397,6 +417,17 @@ class MemoryCache:
             kmax, kmin = torch.cat([kmax, tail[0]], dim=2), torch.cat([kmin, tail[1]], dim=2)
             anyv = torch.cat([anyv, tail[2]], dim=1)
         return kmax, kmin, anyv
+
+    def super_summaries(
+        self, block_size: int, super_size: int, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """reduce_superblocks of `summaries(block_size, device)`, computed once per state of the memory: every query
+        group, layer call and decoding step until the next append reads the same ones."""
+        device = torch.device(device) if device is not None else self.device
+        key = (block_size, super_size, device)
+        if self._supers is None or self._supers[0] != key:
+            self._supers = (key, reduce_superblocks(*self.summaries(block_size, device), super_size))
+        return self._supers[1]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The live part as named tensors, one row per logical row, as stored: keys/values/valid, and for int8

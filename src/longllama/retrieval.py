@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from longllama.attention import _scores, _weighted, clamp_value, fold_rows, unfold_rows
-from longllama.memory import MemoryCache
+from longllama.memory import MemoryCache, reduce_superblocks
 
 if TYPE_CHECKING:
     from longllama.plan import ExecutionPlan
@@ -71,6 +71,7 @@ def select_blocks(
     real: torch.Tensor,
     bounds: Callable[..., torch.Tensor] | None = None,
     super_size: int = 0,
+    supers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The `blocks` best blocks (ascending indices, (b, kv_heads, groups, blocks)) of each query group.
 
@@ -80,12 +81,14 @@ def select_blocks(
     groups, B), -inf for blocks without a valid key (the kernels' path: fast/block_attention.py); else the bounds
     are computed here, a chunk of groups at a time. `super_size` > 0: the two-level choice (select_two_level)
     where the memory holds more than SUPER_CANDIDATES * blocks blocks (and superblocks are at most
-    (SUPER_CANDIDATES - 1) * blocks blocks, so that the candidates always hold `blocks` blocks of the memory)."""
+    (SUPER_CANDIDATES - 1) * blocks blocks, so that the candidates always hold `blocks` blocks of the memory);
+    `supers`: their summaries where the memory keeps them (MemoryCache.super_summaries), else reduced here."""
     b, hkv, groups, rows, _ = qg.shape
     n_blocks = kmax.shape[2]
     keep = min(blocks, n_blocks)
-    if 0 < super_size <= (SUPER_CANDIDATES - 1) * keep and SUPER_CANDIDATES * keep < n_blocks:
-        return select_two_level(qg, kmax, kmin, any_valid, keep, real, bounds, super_size)
+    if two_level(super_size, keep, n_blocks):
+        supers = supers or reduce_superblocks(kmax, kmin, any_valid, super_size)
+        return select_two_level(qg, kmax, kmin, any_valid, keep, real, bounds, super_size, supers)
     if bounds is not None:
         best = bounds(qg, kmax, kmin, any_valid, real)
         return best.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
@@ -102,21 +105,9 @@ def select_blocks(
     return torch.cat(chosen, dim=2).sort(dim=-1).values
 
 
-def super_summaries(
-    kmax: torch.Tensor, kmin: torch.Tensor, any_valid: torch.Tensor, size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summaries of superblocks of `size` consecutive blocks (the last one possibly shorter): the max of their maxima,
-    the min of their minima, whether any holds a valid key. A block without a valid key has zero summaries
-    (memory.py), so a superblock's bound stays an upper bound of its keys' scores."""
-    b, hkv, n_blocks, d = kmax.shape
-    count = -(-n_blocks // size)
-    pad = count * size - n_blocks
-    if pad:
-        kmax, kmin = F.pad(kmax, (0, 0, 0, pad)), F.pad(kmin, (0, 0, 0, pad))
-        any_valid = F.pad(any_valid, (0, pad), value=False)
-    smax = kmax.reshape(b, hkv, count, size, d).amax(dim=3)
-    smin = kmin.reshape(b, hkv, count, size, d).amin(dim=3)
-    return smax, smin, any_valid.reshape(b, count, size).any(dim=-1)
+def two_level(super_size: int, keep: int, n_blocks: int) -> bool:
+    """Whether select_blocks chooses in two levels (its docstring says when)."""
+    return 0 < super_size <= (SUPER_CANDIDATES - 1) * keep and SUPER_CANDIDATES * keep < n_blocks
 
 
 def select_two_level(
@@ -128,17 +119,18 @@ def select_two_level(
     real: torch.Tensor,
     bounds: Callable[..., torch.Tensor] | None,
     super_size: int,
+    supers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
     """select_blocks in two steps, so that a query group reads O(B / super_size + keep) summaries instead of B: rank
     superblocks of `super_size` blocks by their bound and keep the best ceil(SUPER_CANDIDATES * keep / super_size),
     then rank only the blocks inside them (select_blocks says when). An approximation of select_blocks: a block
-    whose superblock's (looser) bound misses the cut is not considered."""
+    whose superblock's (looser) bound misses the cut is not considered. `supers`: the superblocks' summaries
+    (memory.reduce_superblocks)."""
     b, hkv, groups, rows, d = qg.shape
     n_blocks = kmax.shape[2]
-    smax, smin, sany = super_summaries(kmax, kmin, any_valid, super_size)
-    supers = select_blocks(qg, smax, smin, sany, -(-SUPER_CANDIDATES * keep // super_size), real, bounds)
-    offsets = torch.arange(super_size, device=supers.device)
-    candidates = (supers[..., None] * super_size + offsets).flatten(-2)  # (b, hkv, groups, C): ascending
+    best = select_blocks(qg, *supers, -(-SUPER_CANDIDATES * keep // super_size), real, bounds)
+    offsets = torch.arange(super_size, device=best.device)
+    candidates = (best[..., None] * super_size + offsets).flatten(-2)  # (b, hkv, groups, C): ascending
     inside = candidates < n_blocks  # the last superblock may be short
     candidates = candidates.clamp(max=n_blocks - 1)
     width = candidates.shape[-1]
@@ -275,7 +267,10 @@ def choose(
     t_index = torch.arange(groups, device=q.device)[:, None] * group + torch.arange(group, device=q.device)
     real = (t_index < length).repeat(1, heads // hkv)  # (groups, rows): rows are (head, position) pairs
     kmax, kmin, any_valid = memory.summaries(block_size, q.device)
-    return qg, select_blocks(qg, kmax, kmin, any_valid, blocks, real, bounds, super_size), group
+    supers = None
+    if two_level(super_size, min(blocks, kmax.shape[2]), kmax.shape[2]):
+        supers = memory.super_summaries(block_size, super_size, q.device)
+    return qg, select_blocks(qg, kmax, kmin, any_valid, blocks, real, bounds, super_size, supers), group
 
 
 def read_blocks(
