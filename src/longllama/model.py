@@ -234,10 +234,7 @@ class Attention(nn.Module):
         top_k = self.config.mem_top_k if memory is not None else None  # never in cross-batch training
         if shard is not None:
             sharding.check_readable(self.config)
-            blocks = (
-                (plan.mem_blocks, plan.mem_block_size, plan.mem_super_size) if plan.mem_retrieval == "blocks" else None
-            )
-            out = sharding.attend(q_rot, k_rot, v, visible=visible, memory=memory, shard=shard, blocks=blocks)
+            out = sharding.attend(q_rot, k_rot, v, visible=visible, memory=memory, shard=shard, plan=plan)
             probs = None
         elif retrieve and block_attention.applies(q_rot, memory, plan):
             out = block_attention.attend(

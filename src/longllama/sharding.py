@@ -32,6 +32,7 @@ from longllama import retrieval
 from longllama.attention import _memory_scores, _memory_weighted, _scores, clamp_value
 from longllama.errors import InputError
 from longllama.memory import MemoryCache
+from longllama.plan import ExecutionPlan
 
 
 @dataclass(frozen=True)
@@ -77,19 +78,21 @@ def attend(
     visible: torch.Tensor | None,
     memory: MemoryCache | None,
     shard: MemoryShard,
-    blocks: tuple[int, int, int] | None = None,
+    plan: ExecutionPlan | None = None,
 ) -> torch.Tensor:
     """One softmax over the local keys (the same on every process) and the memory of all processes (each holding its
     slice, maybe none yet), merged by log-sum-exp. Shapes as attention.attend; every process of the group must call
-    it for the same layer with the same q, k, v. `blocks` (mem_blocks, mem_block_size, mem_super_size): each process
-    reads only the best blocks of its own slice (retrieval.py), where its slice is larger than that."""
+    it for the same layer with the same q, k, v. Under a `plan` with block retrieval each process reads only the
+    best blocks of its own slice (retrieval.py), where its slice is larger than that."""
     c_min = clamp_value(q.dtype)
     local = _scores(q, k, visible, c_min).float()  # (b*s, h, n, kv)
     has_memory = memory is not None and memory.length > 0
     mem_scores = None
     block_read = None
-    if has_memory and blocks is not None and retrieval.reads_blocks(memory, blocks[0], blocks[1]):
-        block_read = retrieval.read_blocks(q, memory, blocks[0], blocks[1], super_size=blocks[2])
+    if has_memory and plan is not None and retrieval.retrieves(memory, plan):
+        block_read = retrieval.read_blocks(
+            q, memory, plan.mem_blocks, plan.mem_block_size, super_size=plan.mem_super_size
+        )
         mem_scores = block_read.scores.float()
         peak = mem_scores.amax(dim=-1)
     elif has_memory:
