@@ -47,6 +47,27 @@ def _steps(engine: BatchGenerator, steps: int) -> tuple[float, float, int]:
     return step_ms, replay_ms, captures[0]
 
 
+def _admit(engine: BatchGenerator, profiled: bool) -> float:
+    """ms of reading the queued prompts (engine.admit) and laying the rows out (the first step's start)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    if profiled:
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            engine.admit()
+            engine._decoder._laid_out()
+            torch.cuda.synchronize()
+    else:
+        engine.admit()
+        engine._decoder._laid_out()
+        torch.cuda.synchronize()
+    spent = (time.perf_counter() - start) * 1e3
+    if profiled:
+        print("reading the prompts (profiled):", flush=True)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14), flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10), flush=True)
+    return spent
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="3b")
@@ -54,6 +75,12 @@ def main() -> None:
     ap.add_argument("--gemv-rows", default="4", help="plan gemv_max_rows values to compare")
     ap.add_argument("--memory-tokens", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument(
+        "--local-tokens",
+        type=int,
+        default=None,
+        help="tokens each memory keeps local (default: the model's last_context_length, as a DocumentMemory)",
+    )
     args = ap.parse_args()
     model = _longllama(args.shape, "cuda")
     vocab = model.config.vocab_size
@@ -62,7 +89,8 @@ def main() -> None:
     with torch.no_grad():
         for _ in range(max(rows)):
             ids = torch.randint(3, vocab, (1, args.memory_tokens), device="cuda")
-            caches.append(model(ids, use_cache=True, last_context_length=model.config.context_window).cache)
+            local = args.local_tokens or model.config.last_context_length
+            caches.append(model(ids, use_cache=True, last_context_length=local).cache)
     for gemv_rows in [int(g) for g in args.gemv_rows.split(",")]:
         model.model.set_plan(gemv_max_rows=gemv_rows)
         for k in rows:
@@ -70,6 +98,8 @@ def main() -> None:
             with torch.no_grad():
                 for i in range(k):
                     engine.add(torch.randint(3, vocab, (32,)).tolist(), cache=caches[i], max_new_tokens=10**6)
+                ms = _admit(engine, profiled=False)
+                print(f"{k} rows: reading their 32-token prompts together and laying the rows out {ms:.1f} ms")
                 step_ms, replay_ms, captures = _steps(engine, args.steps)
                 print(
                     f"gemv_max_rows {gemv_rows}, {k} rows: step {step_ms:.2f} ms, graph replay alone {replay_ms:.2f} "
@@ -84,6 +114,12 @@ def main() -> None:
                             engine.step()
                         torch.cuda.synchronize()
                     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16), flush=True)
+                    for profiled in (False, True):  # the prompts' reading again, warm, then under the profiler
+                        engine.drop(list(engine._streams))
+                        for i in range(k):
+                            engine.add(torch.randint(3, vocab, (32,)).tolist(), cache=caches[i], max_new_tokens=8)
+                        ms = _admit(engine, profiled=profiled)
+                        print(f"{k} rows again: reading the prompts and laying the rows out {ms:.1f} ms", flush=True)
             engine.drop(list(engine._streams))
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import sharp_tiny
 
+from longllama import batch
 from longllama.batch import BatchGenerator
 from longllama.errors import InputError
 from longllama.fast import decode_attention, kernels
@@ -93,6 +94,40 @@ def test_rows_with_their_own_memories_decode_as_alone(overrides):
     assert mem_a.memory_length == _memory_of(model, doc_a).memory_length
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(num_key_value_heads=2), dict(mem_positionals=False), dict(mem_dtype="int8"), dict(mem_top_k=8)],
+)
+def test_prompts_read_together_give_what_they_give_alone(overrides):
+    """Prompts queued together are read in one pass (read_together) after their own documents (local caches and
+    memories of different lengths) or none, prompts of different lengths; each row's logits and tokens are those it
+    gets alone. A prompt longer than the final window is read alone in the same admission."""
+    model = sharp_tiny(**overrides)
+    g = torch.Generator().manual_seed(4)
+
+    def document(n, local):  # `local` tokens stay in the local cache, the rest go to memory
+        ids = torch.randint(3, 320, (n,), generator=g).tolist()
+        with torch.no_grad():
+            return model(torch.tensor([ids]), use_cache=True, last_context_length=local).cache
+
+    mem_a, mem_b, mem_c = document(200, 24), document(333, 10), document(41, 40)
+    assert (mem_a.local_length, mem_b.local_length, mem_c.local_length) == (24, 10, 40)
+    requests = [
+        (torch.randint(3, 320, (5,), generator=g).tolist(), mem_a, 40),  # past the 64-token window while decoding
+        (torch.randint(3, 320, (17,), generator=g).tolist(), mem_b, 20),
+        (torch.randint(3, 320, (1,), generator=g).tolist(), mem_a, 12),  # the same document, a one-token prompt
+        (torch.randint(3, 320, (20,), generator=g).tolist(), None, 15),  # no document
+        (torch.randint(3, 320, (9,), generator=g).tolist(), mem_c, 10),
+        (torch.randint(3, 320, (30,), generator=g).tolist(), mem_b, 10),  # longer than the final window: alone
+    ]
+    together = []
+    real = batch.read_together
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch, "read_together", lambda m, c, p: together.append(len(p)) or real(m, c, p))
+        _check_rows(model, requests)
+    assert together == [5]
+
+
 def test_rows_decode_as_alone_with_the_kernels():
     if not kernels.interpreting():
         pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
@@ -161,6 +196,7 @@ def test_the_batch_decoders_capture_label_reads_every_rows_memory():
     with torch.no_grad():
         for cache in (short, long):
             engine.add(torch.randint(3, 320, (5,), generator=g).tolist(), cache=cache, max_new_tokens=4)
+        engine.admit()
     decoder = engine._decoder
     lengths = [max(m.length for m in row.memories if m is not None) for row in decoder.rows]
     assert lengths[1] > lengths[0] and decoder._memory_length() == lengths[1]
@@ -178,3 +214,28 @@ def test_quantized_weights_decode_in_a_batch_as_alone():
     g = torch.Generator().manual_seed(4)
     requests = [(torch.randint(3, 320, (n,), generator=g).tolist(), None, 12) for n in (7, 30)]
     _check_rows(model, requests, interpret=True, steps_between=2)
+
+
+def test_a_failed_joint_reading_falls_back_to_each_prompt_alone():
+    """If reading the prompts together fails (say, out of memory), each prompt is read alone, as if never tried."""
+    model = sharp_tiny()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        doc = model(torch.randint(3, 320, (150,), generator=g)[None], use_cache=True, last_context_length=20).cache
+    requests = [(torch.randint(3, 320, (n,), generator=g).tolist(), doc, 8) for n in (3, 11)]
+
+    def fails(*args):
+        for cache in args[1]:  # part of the work done: the caches' local parts already extended
+            cache.layers[0].set_local(None, None, None)
+        raise torch.OutOfMemoryError("pretend")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch, "read_together", fails)
+        _check_rows(model, requests)
+
+
+def test_add_refuses_token_ids_outside_the_vocabulary_at_once():
+    engine = BatchGenerator(sharp_tiny())
+    with pytest.raises(InputError, match="token id 320 is outside the vocabulary"):
+        engine.add([5, 320], max_new_tokens=2)
+    assert engine.active == 0

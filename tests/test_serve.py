@@ -339,7 +339,17 @@ def test_many_clients_are_answered_or_refused_and_none_is_lost(server):
     assert all(retry is not None for status, retry in results if status == 429)
 
 
-def test_concurrent_requests_are_decoded_together_and_answer_as_alone(server):
+@pytest.fixture(scope="module")
+def fp32_server(tmp_path_factory):
+    """The shipped model in fp32: rows read and decoded together agree with each alone to ~1e-6, so greedy answers
+    are the same text (in bf16 the batch's products round differently and near-ties can flip)."""
+    running = Server(tmp_path_factory.mktemp("serve-fp32") / "memories", "--queue", "2", "--dtype", "float32")
+    yield running
+    running.stop()
+
+
+def test_concurrent_requests_are_decoded_together_and_answer_as_alone(fp32_server):
+    server = fp32_server
     prompts = [f"Story {i}: once upon a time" + " there was" * i for i in range(4)]
     body = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
     alone = [server.http("POST", "/v1/completions", json={**body, "prompt": p}).json() for p in prompts]
@@ -358,7 +368,7 @@ def test_concurrent_requests_are_decoded_together_and_answer_as_alone(server):
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    for i in range(4):  # greedy: each answer is the one it got alone (the same maths, row by row)
+    for i in range(4):  # greedy: each answer is the one it got alone (the same maths, row by row, in fp32)
         assert results[i]["choices"][0]["text"] == alone[i]["choices"][0]["text"], i
     health = server.http("GET", "/health").json()
     assert health["most_decoding"] >= 2 and health["max_batch"] == 8, health  # decoded together, not in turn

@@ -31,6 +31,45 @@ def test_a_worker_without_a_thread_runs_its_jobs_on_the_caller_until_closed():
     worker.close()  # a second close changes nothing (the app's shutdown and run_server both close)
 
 
+class _Engine:
+    """What the worker asks of a BatchGenerator, recording which jobs' sequences each step found queued."""
+
+    max_rows = 4
+
+    def __init__(self):
+        self.queued, self.steps = [], []
+
+    @property
+    def active(self) -> int:
+        return len(self.queued)
+
+    @property
+    def full(self) -> bool:
+        return self.active >= self.max_rows
+
+    def step(self) -> None:
+        self.steps.append(list(self.queued))
+        self.queued.clear()
+
+
+def test_generation_jobs_waiting_together_are_queued_before_one_step():
+    """Prompts that wait in the worker's queue join the batch together, up to its room: one step reads them all
+    (BatchGenerator.admit reads them in one pass); the rest wait for the next step."""
+    engine = _Engine()
+    worker = ModelWorker(8, engine, own_thread=False)
+    gate = threading.Event()
+    worker.submit(lambda: gate.wait(10))  # holds the worker while the generation jobs queue up
+    futures = [worker.submit(lambda i=i: engine.queued.append(i), generation=True) for i in range(6)]
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    gate.set()
+    for future in futures:
+        future.result(timeout=10)
+    worker.close()
+    runner.join(timeout=10)
+    assert engine.steps[:2] == [[0, 1, 2], [3, 4, 5]]  # the gate's job, then three: a burst is max_rows jobs
+
+
 def test_a_worker_with_its_own_thread_refuses_run():
     worker = ModelWorker(2)
     try:

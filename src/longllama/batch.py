@@ -1,17 +1,21 @@
 """Continuous batching: several generations decoded together, each over its own prompt and memory.
 
-`BatchGenerator.add` reads a prompt (after a document memory or a read prefix, when given) and chooses its first
-token at once; the sequence then joins the rows that `step` advances by one token each (fast/batch_decode.py), and
-leaves when it ends. Sequences join and leave between any two steps, so a new request never waits for the others to
-finish. Each row decodes what it would alone: its own local cache and memory, its own sampling settings and random
-generator; only the order of floating-point sums differs (the kernels split the work by batch size).
+`BatchGenerator.add` queues a prompt (after a document memory or a read prefix, when given); the next `step` (or
+`admit`) reads every prompt queued since, chooses each one's first token, and the sequences join the rows that
+`step` advances by one token each (fast/batch_decode.py), leaving when they end. Sequences join and leave between
+any two steps, so a new request never waits for the others to finish. Prompts that fit their row's local window
+(a question after a document memory, a short prompt) are read together in one pass through the layers
+(`read_together`): one launch of each product for all of them, instead of a whole forward pass each, which is what
+a short prompt's reading costs on a GPU (the host's launches, not the arithmetic). Each row decodes what it would
+alone: its own local cache and memory, its own sampling settings and random generator; only the order of
+floating-point sums differs (the kernels split the work by batch size).
 
 Used by `longllama serve`; from Python:
 
     engine = BatchGenerator(model, max_rows=8)
     a = engine.add(ids_a, cache=memory_a.cache, max_new_tokens=64)
     b = engine.add(ids_b, max_new_tokens=64, do_sample=True, temperature=0.7, seed=1)
-    engine.run()  # or call engine.step() yourself between other work
+    engine.run()  # or call engine.step() yourself between other work (the first reads both prompts)
     a.tokens, a.finish_reason
 """
 
@@ -33,6 +37,8 @@ from transformers.generation.logits_process import (
 from longllama.cache import LongLlamaCache
 from longllama.errors import InputError
 from longllama.fast.batch_decode import BatchDecoder
+from longllama.fast.decode import StaticDecoder
+from longllama.ops import EAGER
 
 
 @dataclass
@@ -68,6 +74,17 @@ class Stream:
             self.on_end(self)
 
 
+@dataclass
+class _Prompt:
+    """A stream's prompt, queued until the next step reads it."""
+
+    stream: Stream
+    ids: list[int]
+    cache: LongLlamaCache | None  # the caller's, left unchanged
+    state: LongLlamaCache  # a fork of it (or a new cache) that the prompt extends
+    last_context_length: int | None
+
+
 class BatchGenerator:
     """Generations decoded together, at most `max_rows` at a time (see the module docstring). Not thread-safe: one
     thread adds and steps (the server's model worker)."""
@@ -80,16 +97,17 @@ class BatchGenerator:
         plan = model.plan
         self._decoder = BatchDecoder(model, plan=plan, graphs=plan.on_gpu and not model.config.mem_offload)
         self._streams: list[Stream] = []
+        self._queued: list[_Prompt] = []  # added, read at the next step
         self.most_active = 0  # the most sequences decoded together so far (the server's /health reports it)
 
     @property
     def active(self) -> int:
-        """Sequences being decoded."""
-        return len(self._streams)
+        """Sequences being decoded or waiting for their prompt to be read."""
+        return len(self._streams) + len(self._queued)
 
     @property
     def full(self) -> bool:
-        return len(self._streams) >= self.max_rows
+        return self.active >= self.max_rows
 
     def add(
         self,
@@ -109,14 +127,22 @@ class BatchGenerator:
         on_end: Callable[[Stream], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
     ) -> Stream:
-        """Read `input_ids` (after `cache`, which is left unchanged: a document memory's or a prefix's state) and
-        start decoding it. `on_token(token)` is called with each new token and returns True to end the sequence
-        there; `on_end(stream)` once it ended; `on_error(exc)` if a later step fails. Raises InputError when
-        `max_rows` sequences are being decoded (check `full`)."""
+        """Queue `input_ids` to be read (after `cache`, which is left unchanged: a document memory's or a prefix's
+        state) at the next step, which chooses its first token; then it is decoded with the others. `on_token(token)`
+        is called with each new token and returns True to end the sequence there; `on_end(stream)` once it ended;
+        `on_error(exc)` if reading its prompt or a later step fails. Raises InputError when `max_rows` sequences are
+        being decoded or queued (check `full`), or for token ids outside the vocabulary."""
         if self.full:
             raise InputError(f"{self.max_rows} sequences are being decoded: wait for one to end (BatchGenerator.full)")
         if not len(input_ids):
             raise InputError("input_ids is empty: pass at least one token to continue from")
+        ids = [int(t) for t in input_ids]
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = min(ids) if min(ids) < 0 else max(ids)
+            raise InputError(
+                f"token id {bad} is outside the vocabulary [0, {vocab}): tokenize with this model's tokenizer"
+            )
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens={max_new_tokens}: pass at least 1")
         eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else eos_token_id
@@ -144,30 +170,85 @@ class BatchGenerator:
             on_end,
             on_error,
         )
+        state = self.model.model.resolve_cache(cache, True)  # a fork (checked now): the caller's cache stays as it was
+        self._queued.append(_Prompt(stream, ids, cache, state, last_context_length))
+        self.most_active = max(self.most_active, self.active)
+        return stream
+
+    def admit(self) -> None:
+        """Read the queued prompts and choose each one's first token; those that go on join the decoded rows. Prompts
+        that fit their local window are read together (`read_together`), the others one at a time. A prompt whose
+        reading fails ends its stream (`on_error`), not the others."""
+        queued, self._queued = self._queued, []
+        if not queued:
+            return
         model = self.model
-        ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)
-        state = model.model.resolve_cache(cache, True)  # a fork: the caller's cache stays as it was
+        states = [p.state for p in queued]
+        together = [i for i, (p, state) in enumerate(zip(queued, states)) if self._fits(p, state)]
+        if len(together) < 2:
+            together = []
+        logits: dict[int, torch.Tensor] = {}
+        if together:
+            try:
+                with torch.no_grad():
+                    rows = read_together(model, [states[i] for i in together], [queued[i].ids for i in together])
+                logits.update(zip(together, rows))
+            except Exception:  # read them one at a time below, where a failure is that prompt's alone
+                states = [model.model.resolve_cache(p.cache, True) if i in together else s for i, (p, s) in
+                          enumerate(zip(queued, states))]  # fmt: skip
+        unreported = None  # the first failure of a stream without on_error, raised once the others are in
+        for i, (prompt, state) in enumerate(zip(queued, states)):
+            stream = prompt.stream
+            try:
+                if i not in logits:
+                    logits[i] = self._read(prompt, state)
+                stream._push(self._choose([stream], logits[i][None])[0])
+                if not stream.finished:
+                    self._decoder.add(state)
+                    self._streams.append(stream)
+            except Exception as exc:
+                if stream.on_error is not None:
+                    stream.on_error(exc)
+                elif unreported is None:
+                    unreported = exc
+        if unreported is not None:
+            raise unreported
+
+    def _fits(self, prompt: _Prompt, state: LongLlamaCache) -> bool:
+        """Whether `read_together` can read the prompt: it stays in the local window (nothing goes to memory), after
+        a cache of one sequence with consecutive positions, unsharded."""
+        config, n = self.model.config, len(prompt.ids)
+        lcl = config.last_context_length if prompt.last_context_length is None else prompt.last_context_length
+        if self.model.plan.memory_shard is not None or n > lcl or state.local_length + n > config.context_window:
+            return False
+        if any(s.memory is not None and s.memory.rows != 1 for s in state.layers):
+            return False
+        return state.local_length == 0 or (state.layers[0].keys.shape[0] == 1 and StaticDecoder.usable(state, None))
+
+    def _read(self, prompt: _Prompt, state: LongLlamaCache) -> torch.Tensor:
+        """One prompt read alone (any length, windows into memory as the model reads them): its next logits (vocab,)."""
+        model = self.model
+        ids = torch.tensor([prompt.ids], dtype=torch.long, device=self.device)
         with torch.no_grad():  # positions follow the cache's (from 0 without one)
             out = model.model.run(
                 ids,
                 cache=state,
                 use_cache=True,
-                last_context_length=last_context_length,
+                last_context_length=prompt.last_context_length,
                 keep_last=1,
+                validate=False,
             )
-            logits = model.lm_head(out.hidden[:, -1]).float()
-        stream._push(self._choose([stream], logits)[0])
-        if not stream.finished:
-            self._decoder.add(state)
-            self._streams.append(stream)
-            self.most_active = max(self.most_active, len(self._streams))
-        return stream
+            return model.lm_head(out.hidden[:, -1]).float()[0]
 
     def step(self) -> list[Stream]:
-        """One token for every active sequence; returns those that ended with it. If the step fails, every active
-        sequence gets the error (`on_error`) and is dropped, and the error is raised."""
+        """Read the queued prompts (`admit`), then one token for every decoded sequence; returns those that ended
+        (with their first token or this one). If the step fails, every decoded sequence gets the error
+        (`on_error`) and is dropped, and the error is raised."""
+        before = list(self._queued)
+        self.admit()
+        ended = [p.stream for p in before if p.stream.finished]
         if not self._streams:
-            return []
+            return ended
         last = torch.tensor([s.tokens[-1] for s in self._streams], dtype=torch.long, device=self.device)
         try:
             with torch.no_grad():
@@ -181,10 +262,12 @@ class BatchGenerator:
             raise
         for stream, token in zip(self._streams, self._choose(self._streams, logits)):
             stream._push(token)
-        return self.drop([s for s in self._streams if s.finished])
+        return ended + self.drop([s for s in self._streams if s.finished])
 
     def drop(self, streams: Sequence[Stream]) -> list[Stream]:
-        """Stop decoding `streams` (ended ones, or any the caller no longer wants); returns them."""
+        """Stop decoding `streams` (ended ones, or any the caller no longer wants; queued ones are not read); returns
+        them."""
+        self._queued = [p for p in self._queued if not any(p.stream is t for t in streams)]
         gone = [i for i, s in enumerate(self._streams) if any(s is t for t in streams)]
         if gone:
             self._decoder.remove(gone)
@@ -193,7 +276,7 @@ class BatchGenerator:
 
     def run(self) -> None:
         """Step until every sequence has ended."""
-        while self._streams:
+        while self._streams or self._queued:
             self.step()
 
     def _choose(self, streams: Sequence[Stream], logits: torch.Tensor) -> list[int]:
@@ -209,3 +292,82 @@ class BatchGenerator:
             else:
                 tokens[i] = scores.argmax(dim=-1)[0]
         return [int(t) for t in tokens.tolist()]
+
+
+def read_together(model, caches: Sequence[LongLlamaCache], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Read prompts[i] after caches[i] (each the cache of one sequence, extended in place: its local cache grows by
+    the prompt) in one pass through the layers; returns each row's next-token logits (rows, vocab) in fp32.
+
+    The same maths as reading each prompt alone (model.run) when every local cache plus its prompt fits the window,
+    so nothing goes to memory (BatchGenerator._fits): the rows are laid out right-aligned, row i's local keys then
+    its prompt's, with each row's own RoPE positions (relative to its oldest local token) and a mask that keeps every
+    query to its own row's keys, causally. Products, norms and the local layers' attention run once for all rows;
+    a memory layer attends row by row, each over its own memory (Attention.attend: the plan's choice, as alone)."""
+    inner, plan = model.model, model.plan
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    rows = len(prompts)
+    counts = [cache.local_length for cache in caches]
+    lengths = [len(ids) for ids in prompts]
+    n = max(lengths)
+    span = max(c + t for c, t in zip(counts, lengths))
+    ids = torch.zeros(rows, n, dtype=torch.long)
+    for i, prompt in enumerate(prompts):  # shorter prompts padded on the left: their padding queries are dropped
+        ids[i, n - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+    first = torch.tensor([span - c - t for c, t in zip(counts, lengths)], device=device)  # each row's first key slot
+    slots = torch.arange(span, device=device)
+    cos, sin = inner.rope.gather((slots[None] - first[:, None]).clamp_min(0), dtype, span)  # (rows, 1, span, d)
+    query_slots = slots[span - n :]
+    own = slots[None, None] >= first[:, None, None]  # (rows, 1, span): the row's keys
+    causal = slots[None, None] <= query_slots[None, :, None]  # (1, n, span)
+    padding = torch.arange(n, device=device)[None, :] < torch.tensor([n - t for t in lengths], device=device)[:, None]
+    visible = (own & (causal | padding[:, :, None]))[:, None]  # (rows, 1, n, span); padding queries see all their row
+    positions = [  # each row's new positions continue its cache's
+        (0 if c == 0 else int(cache.layers[0].positions[0, -1]) + 1) + torch.arange(t, device=device)
+        for cache, c, t in zip(caches, counts, lengths)
+    ]
+    h = inner.embed_tokens(ids.to(device))
+    for layer, *states in zip(inner.layers, *(cache.layers for cache in caches)):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h, EAGER)
+        q = attn._split(attn.q_proj(x), attn.num_heads)
+        k_new = attn._split(attn.k_proj(x), attn.num_kv_heads)
+        v_new = attn._split(attn.v_proj(x), attn.num_kv_heads)
+        keys = k_new.new_zeros(rows, attn.num_kv_heads, span, attn.head_dim)
+        values = torch.zeros_like(keys)
+        keys[:, :, span - n :], values[:, :, span - n :] = k_new, v_new
+        for i, (state, c) in enumerate(zip(states, counts)):
+            if c:  # the row's local cache before its prompt (over the padding keys of a shorter prompt)
+                lo = span - c - lengths[i]
+                keys[i, :, lo : lo + c], values[i, :, lo : lo + c] = state.keys[0], state.values[0]
+        q_rot, k_rot = q, keys
+        if model.config.mem_positionals or not attn.is_memory_layer:
+            q_rot = EAGER.rotate(q, cos[:, :, span - n :], sin[:, :, span - n :])
+            k_rot = EAGER.rotate(keys, cos, sin)
+        if attn.is_memory_layer:
+            parts = []
+            for i, state in enumerate(states):  # each row over its own memory, from its first key
+                lo = int(first[i])
+                parts.append(
+                    attn.attend(
+                        q_rot[i : i + 1],
+                        k_rot[i : i + 1, :, lo:],
+                        values[i : i + 1, :, lo:],
+                        visible=visible[i : i + 1, :, :, lo:],
+                        memory=state.memory,
+                        plan=plan,
+                        pad=EAGER.pad_to,
+                    )[0]
+                )
+            out = torch.cat(parts)
+        else:
+            out = attn.attend(q_rot, k_rot, values, visible=visible, memory=None, plan=plan, pad=EAGER.pad_to)[0]
+        for i, (state, c, t) in enumerate(zip(states, counts, lengths)):
+            lo = span - c - t
+            past = state.positions if c else positions[i][:0][None]
+            new = torch.cat([past, positions[i][None]], dim=1)
+            state.set_local(keys[i : i + 1, :, lo:], values[i : i + 1, :, lo:], new)
+        a = attn._output(out)
+        post = layer.post_attention_layernorm
+        h, normed = EAGER.add_rms_norm(h, a, post.weight, post.variance_epsilon)
+        h = layer.mlp(normed, EAGER, residual=h)
+    return model.lm_head(inner.norm(h[:, -1:], EAGER)[:, 0]).float()

@@ -202,24 +202,64 @@ class Attention(nn.Module):
             k_rot = window.ops.rotate(k, window.cos, window.sin)
 
         memory = state.memory if mem_layer else None
-        mem_k = mem_v = mem_valid = padded = None
-        joint = False
+        cross = None
+        plan = window.plan
         if mem_layer and window.cross_batch is not None:
             memory, fresh_to_memory = None, False
             # Fused kernels need no mask: the window is causal and each earlier entry is seen whole or not at all.
-            joint = (
-                window.plan.attention == "fast"
+            if (
+                plan.attention == "fast"
                 and window.is_causal
                 and not output_attentions
                 and fast_attention.joint_attention_supported(q_rot, k_rot, v)
-            )
-            if not joint:
-                mem_k, mem_v, mem_valid = window.cross_batch.memory(k, v)
-        plan = window.plan
+            ):
+                out = fast_attention.joint_attention(q_rot, k_rot, v, window.cross_batch.parts(k, v))
+                return self._output(out), None
+            cross = window.cross_batch.memory(k, v)
+        out, probs = self.attend(
+            q_rot,
+            k_rot,
+            v,
+            visible=visible,
+            memory=memory,
+            plan=plan,
+            is_causal=window.is_causal,
+            pad=window.ops.pad_to,
+            output_attentions=output_attentions,
+            cross=cross,
+        )
+        if fresh_to_memory:
+            # After attention, so a window never sees its own keys twice.
+            end = k.shape[2]
+            self._append_memory(state, k[:, :, -n:], v[:, :, -n:], _columns(pad_valid, end - n, end), plan)
+        return self._output(out), probs
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        visible: torch.Tensor | None,
+        memory: MemoryCache | None,
+        plan: ExecutionPlan,
+        is_causal: bool = False,
+        pad=None,
+        output_attentions: bool = False,
+        cross: tuple | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of the queries q (b, h, n, d) over the local keys k and values v (b, h_kv, P+n, d), rotated as
+        this layer rotates them, and this layer's `memory` (None: none), in one softmax; `visible` (b|1, 1, n, P+n)
+        bool or None (all). The plan picks how: a sharded memory, block retrieval, the fast kernels or the general
+        functions. `cross`: training's (keys, values, valid) of the other batch entries (cross_batch.py) instead of
+        a memory. Returns (b, h, n, d) and the probabilities when `output_attentions`."""
+        mem_layer = self.is_memory_layer
+        mem_k, mem_v, mem_valid = cross if cross is not None else (None, None, None)
+        padded = None
         # Block retrieval (retrieval.py) where it reads less than the whole memory: the memory is read in place.
         retrieve = plan.memory_shard is None and retrieval.retrieves(memory, plan)
         # Memory split over processes (sharding.py): every process joins each memory layer's merge, memory or not.
-        shard = plan.memory_shard if mem_layer and window.cross_batch is None else None
+        shard = plan.memory_shard if mem_layer and cross is None else None
         if (retrieve or shard is not None) and output_attentions:
             raise InputError(
                 "output_attentions with mem_retrieval='blocks' or a sharded memory: no process holds one probability "
@@ -230,72 +270,50 @@ class Attention(nn.Module):
         if memory is not None and memory.length and not retrieve and shard is None:
             mem_k, mem_v, padded, mem_valid, scales = read_memory(memory, q.device)
             share = memory.share
-        grouping = self.config.mem_attention_grouping if mem_layer else None
         top_k = self.config.mem_top_k if memory is not None else None  # never in cross-batch training
         if shard is not None:
             sharding.check_readable(self.config)
-            out = sharding.attend(q_rot, k_rot, v, visible=visible, memory=memory, shard=shard, plan=plan)
-            probs = None
-        elif retrieve and block_attention.applies(q_rot, memory, plan):
+            return sharding.attend(q, k, v, visible=visible, memory=memory, shard=shard, plan=plan), None
+        if retrieve and block_attention.applies(q, memory, plan):
             out = block_attention.attend(
-                q_rot,
-                k_rot,
+                q, k, v, visible=visible, is_causal=is_causal, memory=memory, plan=plan, pad=pad
+            )  # fmt: skip
+            return out, None
+        if retrieve:
+            return retrieval.attend_planned(q, k, v, visible=visible, memory=memory, plan=plan), None
+        if plan.attention == "fast" and not output_attentions:
+            out = fast_attention.attend(
+                q,
+                k,
                 v,
-                visible=visible,
-                is_causal=window.is_causal,
-                memory=memory,
                 plan=plan,
-                pad=window.ops.pad_to,
-            )
-            probs = None
-        elif retrieve:
-            out = retrieval.attend_planned(q_rot, k_rot, v, visible=visible, memory=memory, plan=plan)
-            probs = None
-        elif joint:
-            out, probs = fast_attention.joint_attention(q_rot, k_rot, v, window.cross_batch.parts(k, v)), None
-        elif plan.attention == "fast" and not output_attentions:
-            out, probs = (
-                fast_attention.attend(
-                    q_rot,
-                    k_rot,
-                    v,
-                    plan=plan,
-                    visible=visible,
-                    mem_k=mem_k,
-                    mem_v=mem_v,
-                    mem_valid=mem_valid,
-                    is_causal=window.is_causal,
-                    padded_mem=padded,
-                    mem_top_k=top_k,
-                    pad=window.ops.pad_to,
-                    mem_share=share,
-                    mem_scales=scales,
-                ),
-                None,
-            )
-        else:
-            impl = "sdpa" if plan.attention == "sdpa" else "eager"
-            out, probs = attention.attend(
-                q_rot,
-                k_rot,
-                v,
                 visible=visible,
                 mem_k=mem_k,
                 mem_v=mem_v,
                 mem_valid=mem_valid,
-                impl=impl,
-                grouping=grouping,
+                is_causal=is_causal,
+                padded_mem=padded,
                 mem_top_k=top_k,
-                return_probs=output_attentions,
+                pad=pad,
                 mem_share=share,
                 mem_scales=scales,
             )
-
-        if fresh_to_memory:
-            # After attention, so a window never sees its own keys twice.
-            end = k.shape[2]
-            self._append_memory(state, k[:, :, -n:], v[:, :, -n:], _columns(pad_valid, end - n, end), plan)
-        return self._output(out), probs
+            return out, None
+        return attention.attend(
+            q,
+            k,
+            v,
+            visible=visible,
+            mem_k=mem_k,
+            mem_v=mem_v,
+            mem_valid=mem_valid,
+            impl="sdpa" if plan.attention == "sdpa" else "eager",
+            grouping=self.config.mem_attention_grouping if mem_layer else None,
+            mem_top_k=top_k,
+            return_probs=output_attentions,
+            mem_share=share,
+            mem_scales=scales,
+        )
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:
         """o_proj of the attention output (b, h, n, d), heads joined."""

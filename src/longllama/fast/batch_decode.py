@@ -13,8 +13,9 @@ It is decode.py's static step with two differences, so that each row computes ex
   kernel path reads the memories row by row into one softmax (decode_attention.attend's `row_memories`; under block
   retrieval a row's memory there is its chosen blocks, gathered); the general path attends row by row in the memory
   layers.
-Rows join (`add`) and leave (`remove`) between steps; each change lays the rows out again and, on GPUs, the step's
-CUDA graph is captured again (as after any change of a memory's length).
+Rows join (`add`) and leave (`remove`) between steps; the rows are laid out again once before the next step however
+many joined (a row's local cache waits apart until then), and on GPUs the step's CUDA graph is captured again (as
+after any change of a memory's length).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class _Row:
     memories: list[MemoryCache | None]  # per layer (memory layers only)
     count: int  # tokens in its local cache
     first_position: int  # absolute position of its oldest local token
-    local: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)  # while laid out anew
+    # Its local keys and values per layer while they are not in the buffers (joined, or being laid out anew)
+    local: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
 
 
 class BatchDecoder(StaticDecoder):
@@ -55,6 +57,7 @@ class BatchDecoder(StaticDecoder):
         self._setup(model, plan, graphs, self.size)
         self.rows: list[_Row] = []
         self.length = 0  # the slot the next step writes (host copy of `slot`)
+        self.stale = False  # rows joined since the last layout
         self._layout()
 
     @property
@@ -85,7 +88,8 @@ class BatchDecoder(StaticDecoder):
             memories.append(memory)
         row = _Row(memories, state0.local_length, int(state0.positions[0, 0]))
         row.local = [(s.keys[0], s.values[0]) for s in cache.layers]
-        self._layout(new=row)
+        self.rows.append(row)
+        self.stale = True
         return len(self.rows) - 1
 
     def remove(self, indices: list[int]) -> None:
@@ -94,8 +98,15 @@ class BatchDecoder(StaticDecoder):
         self.rows = [row for i, row in enumerate(self.rows) if i not in set(indices)]
         self._layout()
 
+    def _laid_out(self) -> None:
+        """Lay the rows out again if some joined since the last layout."""
+        if self.stale:
+            self._collect()
+            self._layout()
+
     def to_cache(self, index: int) -> LongLlamaCache:
         """Row `index`'s state as a LongLlamaCache of one sequence (local keys un-rotated)."""
+        self._laid_out()
         row, cache = self.rows[index], LongLlamaCache(len(self.buffers))
         lo = self.length - row.count
         positions = row.first_position + torch.arange(row.count, device=self.device)[None]
@@ -110,19 +121,20 @@ class BatchDecoder(StaticDecoder):
         return cache
 
     def _collect(self) -> None:
-        """Keep each row's local keys and values apart from the buffers (before they are laid out again)."""
+        """Keep each row's local keys and values apart from the buffers (before they are laid out again); rows that
+        joined since the last layout (after the others, their keys apart already) are left as they are."""
         for i, row in enumerate(self.rows):
+            if row.local:
+                continue
             lo = self.length - row.count
             row.local = [
                 (raw[i, :, lo : self.length], values[i, :, lo : self.length])
                 for raw, _, values in map(self._views, self.buffers)
             ]
 
-    def _layout(self, new: _Row | None = None) -> None:
+    def _layout(self) -> None:
         """Fresh buffers with every row's local cache ending at the same slot (the longest cache's length)."""
-        if new is not None:
-            self._collect()
-            self.rows.append(new)
+        self.stale = False
         b = len(self.rows)
         self.length = max((row.count for row in self.rows), default=0)
         rows_lo = torch.tensor([self.length - row.count for row in self.rows], dtype=torch.long, device=self.device)
@@ -158,6 +170,7 @@ class BatchDecoder(StaticDecoder):
         """Feed one token per row (rows,); returns the logits (rows, vocab) of each row's next position."""
         if not self.rows:
             raise InputError("BatchDecoder.step: no rows; add one first")
+        self._laid_out()
         full = [i for i, row in enumerate(self.rows) if row.count == self.window]
         for i in full:  # as alone: a full local cache goes to memory before the next token is written
             row = self.rows[i]
@@ -194,8 +207,7 @@ class BatchDecoder(StaticDecoder):
 
     def _memory_length(self) -> int:
         """The longest row memory (the timings' label of a graph capture)."""
-        rows = [m for memories in self.memories if memories is not None for m in memories]
-        return max([0] + [m.length for m in rows])
+        return max([0] + [m.length for row in self.rows for m in row.memories if m is not None])
 
     def _lo(self) -> torch.Tensor:
         return self.lo

@@ -136,7 +136,9 @@ def attend(
     chunks = [_chunk(n, rows) for _, _, n, _ in parts]
     counts = [-(-n // c) for (_, _, n, _), c in zip(parts, chunks)]
     per_row = [m for m in (row_memories or []) if m is not None and m[0].shape[2]]
-    row_chunk = _chunk(max((m[0].shape[2] for m in per_row), default=1), rows)
+    # Each row's memory is its own launch of h programs' rows: chunks sized for that launch, not for the batch (8
+    # rows' 16k memories got 512 programs a launch instead of the 4096 aimed at).
+    row_chunk = _chunk(max((m[0].shape[2] for m in per_row), default=1), h)
     row_count = max((-(-m[0].shape[2] // row_chunk) for m in per_row), default=0)
     splits = sum(counts) + row_count
     widths = [k.shape[-1] for k, _, _, _ in parts] + [m[0].shape[-1] for m in per_row]

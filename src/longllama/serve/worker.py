@@ -2,8 +2,9 @@
 from a bounded queue. Neither the model nor DocumentMemory's copy-on-write bookkeeping is thread-safe, so nothing
 else touches them; the web server only queues jobs and reads their results.
 
-Generations are decoded together (batch.py): a generation's job reads its prompt and joins the batch, and between
-two jobs the thread advances every running generation by one token. A generation job that finds the batch full waits
+Generations are decoded together (batch.py): a generation's job queues its prompt in the batch; the thread runs the
+jobs waiting (up to a batch's worth), then one step reads the queued prompts together and advances every running
+generation by one token. A generation job that finds the batch full waits
 at the head of the queue (the queue stays bounded) until a generation ends."""
 
 from __future__ import annotations
@@ -90,18 +91,23 @@ class ModelWorker:
 
     def _loop(self) -> None:
         held = None  # a generation job waiting for room in the batch
+        burst = self.engine.max_rows if self.engine is not None else 1
         while True:
-            if held is None:
-                try:
-                    item = self._jobs.get(block=not self._decoding())
-                except queue.Empty:
-                    item = ()
-                if item is None:
+            ran = 0
+            # The jobs waiting now, up to a batch's worth, before the next step: prompts queued together are read
+            # together (BatchGenerator.admit) and the rows are laid out once.
+            while ran < burst:
+                if held is None:
+                    try:
+                        held = self._jobs.get(block=ran == 0 and not self._decoding())
+                    except queue.Empty:
+                        break
+                    if held is None:
+                        return
+                if held[3] and self.engine is not None and self.engine.full:
                     break
-                held = item or None
-            if held is not None and not (held[3] and self.engine is not None and self.engine.full):
                 self._run(*held[:3])
-                held = None
+                held, ran = None, ran + 1
             if self._decoding():
                 try:
                     self.engine.step()
