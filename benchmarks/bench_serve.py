@@ -159,6 +159,8 @@ def concurrent(model, tokenizer, args, memories) -> list[dict]:
                 m = memories[i]
                 engine.add(_question(i, args.question_tokens, vocab), cache=m.cache,
                            last_context_length=m.last_context_length, max_new_tokens=new_tokens)  # fmt: skip
+            if hasattr(engine, "admit"):  # the prompts are read here (older code read each in add)
+                engine.admit()
             _sync()
             added = time.perf_counter() - start
             engine.run()
@@ -174,7 +176,7 @@ def concurrent(model, tokenizer, args, memories) -> list[dict]:
                             new_tokens=args.new_tokens, memory_tokens=memories[0].tokens,
                             seconds=round(seconds, 4), tokens_per_s=round(rate, 1), add_seconds=round(added, 4),
                             **counted))  # fmt: skip
-        print(f"decode {k} streams (batch):     {rate:9.1f} tokens/s  ({seconds:.3f} s; adding the {k} prompts "
+        print(f"decode {k} streams (batch):     {rate:9.1f} tokens/s  ({seconds:.3f} s; reading the {k} prompts "
               f"{added:.3f} s; {counted})", flush=True)  # fmt: skip
     m = memories[0]
     question = torch.tensor([_question(0, args.question_tokens, vocab)], device=model.lm_head.weight.device)

@@ -96,7 +96,14 @@ def test_rows_with_their_own_memories_decode_as_alone(overrides):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, dict(num_key_value_heads=2), dict(mem_positionals=False), dict(mem_dtype="int8"), dict(mem_top_k=8)],
+    [
+        {},
+        dict(num_key_value_heads=2),
+        dict(mem_positionals=False),
+        dict(mem_dtype="int8"),
+        dict(mem_top_k=8),
+        dict(mem_retrieval="blocks", mem_blocks=2, mem_block_size=8),
+    ],
 )
 def test_prompts_read_together_give_what_they_give_alone(overrides):
     """Prompts queued together are read in one pass (read_together) after their own documents (local caches and

@@ -313,7 +313,8 @@ def read_together(model, caches: Sequence[LongLlamaCache], prompts: Sequence[Seq
     ids = torch.zeros(rows, n, dtype=torch.long)
     for i, prompt in enumerate(prompts):  # shorter prompts padded on the left: their padding queries are dropped
         ids[i, n - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-    first = torch.tensor([span - c - t for c, t in zip(counts, lengths)], device=device)  # each row's first key slot
+    starts = [span - c - t for c, t in zip(counts, lengths)]  # each row's first key slot
+    first = torch.tensor(starts, device=device)
     slots = torch.arange(span, device=device)
     cos, sin = inner.rope.gather((slots[None] - first[:, None]).clamp_min(0), dtype, span)  # (rows, 1, span, d)
     query_slots = slots[span - n :]
@@ -322,7 +323,7 @@ def read_together(model, caches: Sequence[LongLlamaCache], prompts: Sequence[Seq
     padding = torch.arange(n, device=device)[None, :] < torch.tensor([n - t for t in lengths], device=device)[:, None]
     visible = (own & (causal | padding[:, :, None]))[:, None]  # (rows, 1, n, span); padding queries see all their row
     positions = [  # each row's new positions continue its cache's
-        (0 if c == 0 else int(cache.layers[0].positions[0, -1]) + 1) + torch.arange(t, device=device)
+        torch.arange(t, device=device) + (cache.layers[0].positions[0, -1] + 1 if c else 0)
         for cache, c, t in zip(caches, counts, lengths)
     ]
     h = inner.embed_tokens(ids.to(device))
@@ -344,21 +345,19 @@ def read_together(model, caches: Sequence[LongLlamaCache], prompts: Sequence[Seq
             q_rot = EAGER.rotate(q, cos[:, :, span - n :], sin[:, :, span - n :])
             k_rot = EAGER.rotate(keys, cos, sin)
         if attn.is_memory_layer:
-            parts = []
-            for i, state in enumerate(states):  # each row over its own memory, from its first key
-                lo = int(first[i])
-                parts.append(
-                    attn.attend(
-                        q_rot[i : i + 1],
-                        k_rot[i : i + 1, :, lo:],
-                        values[i : i + 1, :, lo:],
-                        visible=visible[i : i + 1, :, :, lo:],
-                        memory=state.memory,
-                        plan=plan,
-                        pad=EAGER.pad_to,
-                    )[0]
-                )
-            out = torch.cat(parts)
+            out = q_rot.new_zeros(rows, attn.num_heads, n, attn.head_dim)
+            for i, (state, t) in enumerate(zip(states, lengths)):
+                # Each row over its own memory, its own queries only (block retrieval groups queries from the first)
+                lo = starts[i]
+                out[i : i + 1, :, n - t :] = attn.attend(
+                    q_rot[i : i + 1, :, n - t :],
+                    k_rot[i : i + 1, :, lo:],
+                    values[i : i + 1, :, lo:],
+                    visible=visible[i : i + 1, :, n - t :, lo:],
+                    memory=state.memory,
+                    plan=plan,
+                    pad=EAGER.pad_to,
+                )[0]
         else:
             out = attn.attend(q_rot, k_rot, values, visible=visible, memory=None, plan=plan, pad=EAGER.pad_to)[0]
         for i, (state, c, t) in enumerate(zip(states, counts, lengths)):
