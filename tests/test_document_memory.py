@@ -284,3 +284,28 @@ def test_a_failed_save_leaves_nothing_half_written(tiny, tmp_path: Path) -> None
     (tmp_path / "plain").mkdir()
     with pytest.raises(InputError, match="not a saved document memory"):
         memory.save(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("stop", [(), ("\n",), ("key is", "zz")])
+def test_streamed_answer_text_is_the_whole_decode_piece_by_piece(stop) -> None:
+    """The answer streamer's pieces (tokenizers' incremental decoder) join to what decoding the ids at once gives, cut
+    at the first stop string, with nothing shown that a later piece takes back; `stopped` agrees with the text."""
+    tokenizer = load_tokenizer(SHIPPED_MODEL)
+    text = "The pass key is 71432.\nÜnïcödé 日本語 🎉 text, then\n\nmore   spaces and key is here"
+    specials = set(tokenizer.all_special_ids)
+    g = torch.Generator().manual_seed(0)
+    random_ids = [i for i in torch.randint(0, len(tokenizer), (300,), generator=g).tolist() if i not in specials]
+    for ids in (tokenizer.encode(text, add_special_tokens=False), random_ids):
+        pieces: list[str] = []
+        streamer = document_memory._AnswerText(tokenizer, stop, pieces.append)
+        assert streamer._stream is not None  # the incremental path is the one tested
+        whole = tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min([whole.find(s) for s in stop if s in whole] or [len(whole)])
+        for k, i in enumerate(ids):
+            streamer.add([i])
+            shown = "".join(pieces)
+            assert whole.startswith(shown) and len(shown) <= cut
+            so_far = tokenizer.decode(ids[: k + 1], skip_special_tokens=True)
+            assert streamer.stopped() == any(s in so_far for s in stop)
+        streamer.end()
+        assert "".join(pieces) == whole[:cut]
