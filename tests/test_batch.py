@@ -246,3 +246,22 @@ def test_add_refuses_token_ids_outside_the_vocabulary_at_once():
     with pytest.raises(InputError, match="token id 320 is outside the vocabulary"):
         engine.add([5, 320], max_new_tokens=2)
     assert engine.active == 0
+
+
+def test_suppressed_tokens_are_never_chosen_and_rows_keep_their_own():
+    """suppress_tokens (the server's ignore_eos) masks a row's logits as generate's processor does; rows without it
+    in the same batch are unaffected."""
+    model = sharp_tiny()
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, 320, (12,), generator=g).tolist()
+    free, _ = _alone(model, ids, max_new_tokens=10)
+    banned = sorted(set(free[:4]))
+    want, _ = _alone(model, ids, max_new_tokens=10, suppress_tokens=banned)
+    engine = BatchGenerator(model)
+    with torch.no_grad():
+        plain = engine.add(ids, max_new_tokens=10)
+        masked = engine.add(ids, max_new_tokens=10, suppress_tokens=banned)
+        sampled = engine.add(ids, max_new_tokens=30, suppress_tokens=banned, do_sample=True, temperature=2.0, seed=3)
+        engine.run()
+    assert plain.tokens == free and masked.tokens == want and want != free
+    assert not set(sampled.tokens) & set(banned) and not set(masked.tokens) & set(banned)

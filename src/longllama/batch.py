@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
-    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -54,6 +53,7 @@ class Stream:
     on_token: Callable[[int], bool] | None = None
     on_end: Callable[[Stream], None] | None = None
     on_error: Callable[[BaseException], None] | None = None
+    suppress: tuple[int, ...] = ()  # token ids never chosen (applied to all rows' logits at once, before processors)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -147,8 +147,6 @@ class BatchGenerator:
             raise InputError(f"max_new_tokens={max_new_tokens}: pass at least 1")
         eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else eos_token_id
         processors = LogitsProcessorList()
-        if suppress_tokens:
-            processors.append(SuppressTokensLogitsProcessor(list(suppress_tokens), device=self.device))
         generator = None
         if do_sample:
             if temperature <= 0:
@@ -169,6 +167,7 @@ class BatchGenerator:
             on_token,
             on_end,
             on_error,
+            tuple(int(t) for t in suppress_tokens),
         )
         state = self.model.model.resolve_cache(cache, True)  # a fork (checked now): the caller's cache stays as it was
         self._queued.append(_Prompt(stream, ids, cache, state, last_context_length))
@@ -280,7 +279,13 @@ class BatchGenerator:
             self.step()
 
     def _choose(self, streams: Sequence[Stream], logits: torch.Tensor) -> list[int]:
-        """Each row's next token: greedy rows by one argmax, the others through their processors and generator."""
+        """Each row's next token: greedy rows by one argmax, the others through their processors and generator.
+        Suppressed tokens are masked for all rows in one write (a processor per row cost each row its own kernels
+        at every step)."""
+        suppressed = [(i, t) for i, stream in enumerate(streams) for t in stream.suppress]
+        if suppressed:
+            rows, cols = torch.tensor(suppressed, dtype=torch.long).T.to(logits.device)
+            logits[rows, cols] = -float("inf")
         tokens = logits.argmax(dim=-1)
         for i, stream in enumerate(streams):
             if not stream.processors:

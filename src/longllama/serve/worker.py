@@ -4,8 +4,8 @@ else touches them; the web server only queues jobs and reads their results.
 
 Generations are decoded together (batch.py): a generation's job queues its prompt in the batch; the thread runs the
 jobs waiting (up to a batch's worth), then one step reads the queued prompts together and advances every running
-generation by one token. A generation job that finds the batch full waits
-at the head of the queue (the queue stays bounded) until a generation ends."""
+generation by one token. A generation job that finds the batch full waits at the head of the queue (the queue stays
+bounded) until a generation ends."""
 
 from __future__ import annotations
 
