@@ -1,7 +1,10 @@
 """Where a batched decoding step's time goes (BatchGenerator, 3B shape, random bf16 weights, one GPU): steps of k
 rows over k different memories, timed with the host (engine.step: Python, sampling, recaptures) and without it
 (graph replay alone), for each matrix-vector row limit of --gemv-rows (the plan's gemv_max_rows: products of more
-rows go to cuBLAS); then the heaviest kernels of a few eager steps at the most rows under torch's profiler.
+rows go to cuBLAS); then the heaviest kernels of a few eager steps at the most rows under torch's profiler, and the
+time to read k 32-token prompts together (BatchGenerator.admit) with the rows' first layout, once more under the
+profiler. Each memory keeps --local-tokens tokens local (default: the model's last_context_length, as a
+DocumentMemory does).
 
     PYTHONPATH=src python benchmarks/profile_batch.py --rows 1,2,4,8 --gemv-rows 4,8 --memory-tokens 16384
 """
