@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 
 import torch
 from bench_inference import _longllama
@@ -54,12 +55,7 @@ def _admit(engine: BatchGenerator, profiled: bool) -> float:
     """ms of reading the queued prompts (engine.admit) and laying the rows out (the first step's start)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    if profiled:
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            engine.admit()
-            engine._decoder._laid_out()
-            torch.cuda.synchronize()
-    else:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) if profiled else nullcontext() as prof:
         engine.admit()
         engine._decoder._laid_out()
         torch.cuda.synchronize()

@@ -37,6 +37,7 @@ from longllama.cache import LongLlamaCache
 from longllama.errors import InputError
 from longllama.fast.batch_decode import BatchDecoder
 from longllama.fast.decode import StaticDecoder
+from longllama.hf import check_token_range
 from longllama.ops import EAGER
 
 
@@ -98,6 +99,7 @@ class BatchGenerator:
         self._decoder = BatchDecoder(model, plan=plan, graphs=plan.on_gpu and not model.config.mem_offload)
         self._streams: list[Stream] = []
         self._queued: list[_Prompt] = []  # added, read at the next step
+        self._suppressed = None  # (each row's suppress tokens, their (rows, cols) index on the device)
         self.most_active = 0  # the most sequences decoded together so far (the server's /health reports it)
 
     @property
@@ -137,12 +139,7 @@ class BatchGenerator:
         if not len(input_ids):
             raise InputError("input_ids is empty: pass at least one token to continue from")
         ids = [int(t) for t in input_ids]
-        vocab = self.model.config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            bad = min(ids) if min(ids) < 0 else max(ids)
-            raise InputError(
-                f"token id {bad} is outside the vocabulary [0, {vocab}): tokenize with this model's tokenizer"
-            )
+        check_token_range(min(ids), max(ids), self.model.config.vocab_size)
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens={max_new_tokens}: pass at least 1")
         eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else eos_token_id
@@ -282,9 +279,12 @@ class BatchGenerator:
         """Each row's next token: greedy rows by one argmax, the others through their processors and generator.
         Suppressed tokens are masked for all rows in one write (a processor per row cost each row its own kernels
         at every step)."""
-        suppressed = [(i, t) for i, stream in enumerate(streams) for t in stream.suppress]
-        if suppressed:
-            rows, cols = torch.tensor(suppressed, dtype=torch.long).T.to(logits.device)
+        key = tuple(stream.suppress for stream in streams)
+        if any(key):
+            if self._suppressed is None or self._suppressed[0] != key:  # built when the rows change, not each step
+                pairs = [(i, t) for i, tokens in enumerate(key) for t in tokens]
+                self._suppressed = (key, torch.tensor(pairs, dtype=torch.long).T.to(logits.device))
+            rows, cols = self._suppressed[1]
             logits[rows, cols] = -float("inf")
         tokens = logits.argmax(dim=-1)
         for i, stream in enumerate(streams):

@@ -275,12 +275,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 f"input_ids has shape {tuple(input_ids.shape)}: pass a non-empty (batch, n) tensor of token ids"
             )
         if validate and not torch.compiler.is_compiling():  # a traced graph cannot stop on a value it has not read
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise InputError(
-                    f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size}): "
-                    "tokenize with this model's tokenizer"
-                )
+            check_token_range(int(input_ids.min()), int(input_ids.max()), self.config.vocab_size)
         return TokenEmbeddings(self.embed_tokens, input_ids)
 
     def forward(
@@ -340,6 +335,15 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 f"{self.config.num_hidden_layers}: pass the past returned by this model"
             )
         return state
+
+
+def check_token_range(lo: int, hi: int, vocab_size: int) -> None:
+    """A one-line InputError where token ids from `lo` to `hi` do not all lie in the vocabulary [0, vocab_size)."""
+    if lo < 0 or hi >= vocab_size:
+        raise InputError(
+            f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab_size}): tokenize with this "
+            "model's tokenizer"
+        )
 
 
 _IGNORED_KWARGS = {"return_dict", "logits_to_keep", "num_items_in_batch", "token_type_ids"}
