@@ -346,7 +346,7 @@ def read_together(model, caches: Sequence[LongLlamaCache], prompts: Sequence[Seq
                 lo = span - c - lengths[i]
                 keys[i, :, lo : lo + c], values[i, :, lo : lo + c] = state.keys[0], state.values[0]
         q_rot, k_rot = q, keys
-        if model.config.mem_positionals or not attn.is_memory_layer:
+        if attn.rotates:
             q_rot = EAGER.rotate(q, cos[:, :, span - n :], sin[:, :, span - n :])
             k_rot = EAGER.rotate(keys, cos, sin)
         if attn.is_memory_layer:

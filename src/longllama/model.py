@@ -131,6 +131,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
+    @property
+    def rotates(self) -> bool:
+        """Whether q and the local keys are rotated (RoPE): always, except in memory layers without mem_positionals."""
+        return self.config.mem_positionals or not self.is_memory_layer
+
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         b, n, _ = x.shape
         return x.view(b, n, heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
@@ -197,7 +202,7 @@ class Attention(nn.Module):
             state.set_local(k, v, positions)
 
         q_rot, k_rot = q, k
-        if self.config.mem_positionals or not mem_layer:
+        if self.rotates:
             q_rot = window.ops.rotate(q, window.cos[:, :, -n:], window.sin[:, :, -n:])
             k_rot = window.ops.rotate(k, window.cos, window.sin)
 
@@ -376,7 +381,7 @@ class Attention(nn.Module):
             width = padded[0].shape[-1]
         else:
             width = window.plan.memory_storage_dim(d)
-        rotate_qk = self.config.mem_positionals or not mem_layer
+        rotate_qk = self.rotates
         cos, sin = window.cos.transpose(1, 2), window.sin.transpose(1, 2)  # (b|1, n, 1, d)
         qp, kp, vp = window.ops.rope_pad(q, k, v, cos, sin, width, rotate_qk)
         out = fast_attention.window_attention(

@@ -105,7 +105,7 @@ class StaticDecoder:
         return bool((steps == torch.arange(positions.shape[1], device=positions.device)).all())
 
     def _positional(self, layer) -> bool:
-        return self.config.mem_positionals or not layer.self_attn.is_memory_layer
+        return layer.self_attn.rotates
 
     def _layer_buffers(self, layer, state, b, device, dtype):
         """Raw keys, rotated keys and values (b, kv_heads, window, width), zero past head_dim."""
