@@ -91,7 +91,9 @@ def _first_token(engine: BatchGenerator, ids: list[int], **kwargs) -> float:
     _sync()
     start = time.perf_counter()
     with torch.no_grad():
-        stream = engine.add(ids, max_new_tokens=1, **kwargs)  # returns once the first token is on the host
+        stream = engine.add(ids, max_new_tokens=1, **kwargs)
+        if hasattr(engine, "admit"):  # reads the prompt (older code read it in add): the first token is on the host
+            engine.admit()
     assert stream.finished and len(stream.tokens) == 1
     return time.perf_counter() - start
 
@@ -145,7 +147,8 @@ def _memories(model, tokenizer, args) -> list[DocumentMemory]:
 
 
 def concurrent(model, tokenizer, args, memories) -> list[dict]:
-    engine = BatchGenerator(model, max_rows=max(args.streams))
+    options = dict(overlap=False) if args.no_overlap else {}  # older code has no overlap argument
+    engine = BatchGenerator(model, max_rows=max(args.streams), **options)
     vocab = len(tokenizer)
     records = []
 
@@ -168,12 +171,13 @@ def concurrent(model, tokenizer, args, memories) -> list[dict]:
         counted = dict(captures=len(captures), capture_seconds=round(sum(e.seconds for e in captures), 4))
         return time.perf_counter() - start, added, counted
 
+    engine_overlap = getattr(engine, "overlap", False)
     for k in args.streams:
         run(k, 4)  # warm-up: graph capture for this batch size, kernels for its shapes
         seconds, added, counted = run(k, args.new_tokens)
         rate = k * args.new_tokens / seconds
         records.append(dict(benchmark="concurrent_decode", streams=k, http=False, engine="batch",
-                            new_tokens=args.new_tokens, memory_tokens=memories[0].tokens,
+                            new_tokens=args.new_tokens, memory_tokens=memories[0].tokens, overlap=engine_overlap,
                             seconds=round(seconds, 4), tokens_per_s=round(rate, 1), add_seconds=round(added, 4),
                             **counted))  # fmt: skip
         print(f"decode {k} streams (batch):     {rate:9.1f} tokens/s  ({seconds:.3f} s; reading the {k} prompts "
@@ -308,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-server", choices=("process", "thread"), default="process",
                         help="http part: `longllama serve` in a process of its own (its model on its main thread), "
                         "or create_app in this process with the model on a thread of its own")  # fmt: skip
+    parser.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="concurrent part: each step's tokens handed out before the next step is launched",
+    )
     parser.add_argument("--work", help="folder for the model and memories (default: a temporary one)")
     parser.add_argument("--out")
     parser.add_argument("--plan", action="append", metavar="KEY=VALUE", help="execution plan changes (repeatable)")

@@ -52,14 +52,14 @@ class _Logits:
         return torch.stack(self.rows[id(stream)])
 
 
-def _check_rows(model, requests, *, max_rows=8, steps_between=0, interpret=False):
+def _check_rows(model, requests, *, max_rows=8, steps_between=0, interpret=False, overlap=False):
     """Each request (ids, cache or None, max_new_tokens) decoded in one batch (joining `steps_between` steps apart)
     gives the tokens and logits it gives alone."""
     torch.manual_seed(0)
     alone = [_alone(model, ids, cache, max_new_tokens=n, last_context_length=24) for ids, cache, n in requests]
     if interpret:
         model.set_plan(interpret_kernels=True, decode_kernels=True)
-    engine = BatchGenerator(model, max_rows=max_rows)
+    engine = BatchGenerator(model, max_rows=max_rows, overlap=overlap)
     logits = _Logits(engine)
     streams = []
     with torch.no_grad():
@@ -75,8 +75,13 @@ def _check_rows(model, requests, *, max_rows=8, steps_between=0, interpret=False
         assert stream.tokens == tokens and stream.finish_reason == "length"
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(num_key_value_heads=2), dict(mem_positionals=False)])
-def test_rows_with_their_own_memories_decode_as_alone(overrides):
+@pytest.mark.parametrize(
+    "overrides, overlap",
+    [({}, False), ({}, True), (dict(num_key_value_heads=2), False), (dict(mem_positionals=False), False)],
+)
+def test_rows_with_their_own_memories_decode_as_alone(overrides, overlap):
+    """Rows join a few steps apart and leave at their own lengths; with `overlap` each step is launched before the
+    previous one's tokens are handed out (a GPU's default), and a row's token in flight feeds its next step."""
     model = sharp_tiny(**overrides)
     g = torch.Generator().manual_seed(1)
     doc_a = torch.randint(3, 320, (200,), generator=g).tolist()
@@ -89,7 +94,7 @@ def test_rows_with_their_own_memories_decode_as_alone(overrides):
         (torch.randint(3, 320, (150,), generator=g).tolist(), None, 40),  # a fresh prompt, no document
         (torch.randint(3, 320, (9,), generator=g).tolist(), mem_a, 25),  # the same document as the first
     ]
-    _check_rows(model, requests, steps_between=3)
+    _check_rows(model, requests, steps_between=3, overlap=overlap)
     # the documents' memories are unchanged by the rows' appends (copy on write)
     assert mem_a.memory_length == _memory_of(model, doc_a).memory_length
 
@@ -154,13 +159,14 @@ def test_rows_decode_as_alone_with_the_kernels():
     assert any(k.get("row_memories") for k in calls)  # the kernels read the rows' memories
 
 
-def test_sampling_rows_follow_their_own_seed():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sampling_rows_follow_their_own_seed(overlap):
     model = sharp_tiny()
     ids = torch.randint(3, 320, (12,)).tolist()
     settings = dict(max_new_tokens=20, do_sample=True, temperature=1.5, top_k=50, top_p=0.9, seed=7)
 
     def sampled(partners: int) -> list[int]:
-        engine = BatchGenerator(model)
+        engine = BatchGenerator(model, overlap=overlap)
         with torch.no_grad():
             for k in range(partners):
                 engine.add(ids[k:], max_new_tokens=20, do_sample=True, temperature=1.0)
@@ -173,12 +179,15 @@ def test_sampling_rows_follow_their_own_seed():
     assert len(set(alone)) > 3
 
 
-def test_streams_end_at_eos_callbacks_and_capacity():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_streams_end_at_eos_callbacks_and_capacity(overlap):
+    """EOS, a callback's stop and max_new_tokens end each stream where it would end alone; with `overlap` the step
+    computed after an EOS or a stop is never handed out (no token, no callback after the end)."""
     model = sharp_tiny()
     ids = torch.randint(3, 320, (12,)).tolist()
     tokens, _ = _alone(model, ids, max_new_tokens=10)
     end = next(k for k in range(2, 10) if tokens[k] not in tokens[:k])  # a token first seen at step `end`
-    engine = BatchGenerator(model, max_rows=2)
+    engine = BatchGenerator(model, max_rows=2, overlap=overlap)
     ended, seen = [], []
     with torch.no_grad():
         eos = engine.add(ids, max_new_tokens=10, eos_token_id=tokens[end], on_end=ended.append)
@@ -188,8 +197,8 @@ def test_streams_end_at_eos_callbacks_and_capacity():
             engine.add(ids, max_new_tokens=3)
         engine.run()
     assert eos.tokens == tokens[: end + 1] and eos.finish_reason == "eos" and ended == [eos]
-    assert stopped.tokens == tokens[:3] and stopped.finish_reason == "stopped"
-    assert engine.active == 0
+    assert stopped.tokens == tokens[:3] and stopped.finish_reason == "stopped" and seen == tokens[:3]
+    assert engine.active == 0 and engine._pending is None
     with pytest.raises(InputError, match="max_new_tokens=0"):
         engine.add(ids, max_new_tokens=0)
 
@@ -265,3 +274,25 @@ def test_suppressed_tokens_are_never_chosen_and_rows_keep_their_own():
         engine.run()
     assert plain.tokens == free and masked.tokens == want and want != free
     assert not set(sampled.tokens) & set(banned) and not set(masked.tokens) & set(banned)
+
+
+def test_a_stream_dropped_while_its_step_is_in_flight_gets_nothing_more():
+    """With overlap, dropping a stream (a client that left) between two steps discards its token in flight; the
+    other rows go on as alone, fed their own tokens in flight across the row change."""
+    model = sharp_tiny()
+    g = torch.Generator().manual_seed(7)
+    ids = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (9, 14, 6)]
+    want = [_alone(model, x, max_new_tokens=12)[0] for x in ids]
+    engine = BatchGenerator(model, overlap=True)
+    got: list[int] = []
+    with torch.no_grad():
+        streams = [engine.add(x, max_new_tokens=12) for x in ids[:2]]
+        streams[1].on_token = got.append
+        for _ in range(4):
+            engine.step()
+        assert engine._pending is not None and len(streams[1].tokens) == 4  # the first token, then 3 handed out
+        engine.drop([streams[1]])
+        streams.append(engine.add(ids[2], max_new_tokens=12))  # a row joins while the first one's step is in flight
+        engine.run()
+    assert streams[0].tokens == want[0] and streams[2].tokens == want[2]
+    assert streams[1].tokens == got == want[1][:4] and not streams[1].finished

@@ -1,5 +1,6 @@
 """benchmarks/bench_serve.py in a tiny run (the GPU command's CPU rehearsal): BatchGenerator and `longllama serve`
-in a process of its own answer every stream in full, and the records say which server measured what."""
+in a process of its own answer every stream in full, the first-token part times its three sources, and the records
+say which server measured what."""
 
 from __future__ import annotations
 
@@ -16,14 +17,18 @@ pytest.importorskip("httpx")
 def test_tiny_run_measures_batch_and_http_streams(tmp_path):
     out = tmp_path / "serve.json"
     result = run_benchmark(
-        "bench_serve.py", "--shape", "tiny", "--device", "cpu", "--stream-doc-tokens", "1024", "--question-tokens",
-        "16", "--new-tokens", "8", "--repeats", "1", "--streams", "1,2", "--parts", "concurrent,http",
-        "--work", str(tmp_path / "work"), "--out", str(out),
+        "bench_serve.py", "--shape", "tiny", "--device", "cpu", "--doc-tokens", "1536", "--stream-doc-tokens", "1024",
+        "--question-tokens", "16", "--new-tokens", "8", "--repeats", "1", "--streams", "1,2", "--parts",
+        "ttft,concurrent,http", "--work", str(tmp_path / "work"), "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads(out.read_text())["records"]
-    http = {r["streams"]: r for r in records if r["http"]}
-    batch = {r["streams"]: r for r in records if not r["http"] and r["engine"] == "batch"}
+    decode = [r for r in records if r["benchmark"] == "concurrent_decode"]
+    http = {r["streams"]: r for r in decode if r["http"]}
+    batch = {r["streams"]: r for r in decode if not r["http"] and r["engine"] == "batch"}
     assert set(http) == set(batch) == {1, 2}
     assert all(r["http_server"] == "process" and r["tokens_per_s"] > 0 for r in http.values())
     assert all(r["tokens_per_s"] > 0 and r["memory_tokens"] > 0 for r in batch.values())
+    ttft = {r["source"]: r for r in records if r["benchmark"] == "ttft"}
+    assert set(ttft) == {"reingest", "gpu_memory", "disk_memory"}
+    assert all(r["seconds"] > 0 and r["tokens"] > 1024 for r in ttft.values())

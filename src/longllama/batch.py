@@ -8,7 +8,8 @@ any two steps, so a new request never waits for the others to finish. Prompts th
 (`read_together`): one launch of each product for all of them, instead of a whole forward pass each, which is what
 a short prompt's reading costs on a GPU (the host's launches, not the arithmetic). Each row decodes what it would
 alone: its own local cache and memory, its own sampling settings and random generator; only the order of
-floating-point sums differs (the kernels split the work by batch size).
+floating-point sums differs (the kernels split the work by batch size). On a GPU a step is launched before the
+previous step's tokens are handed out (`overlap`): the host's work per token runs while the GPU computes.
 
 Used by `longllama serve`; from Python:
 
@@ -86,19 +87,35 @@ class _Prompt:
     last_context_length: int | None
 
 
+@dataclass
+class _Launched:
+    """A step whose tokens are on their way to the host: the rows it advanced (None where a stream was dropped
+    since), their tokens on the device, the host copy and the event that marks it done (None on a CPU)."""
+
+    streams: list[Stream | None]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+
+
 class BatchGenerator:
     """Generations decoded together, at most `max_rows` at a time (see the module docstring). Not thread-safe: one
     thread adds and steps (the server's model worker)."""
 
-    def __init__(self, model, *, max_rows: int = 8):
+    def __init__(self, model, *, max_rows: int = 8, overlap: bool | None = None):
         if max_rows < 1:
             raise InputError(f"max_rows={max_rows}: pass at least 1")
         self.model, self.max_rows = model, int(max_rows)
         self.device = model.lm_head.weight.device
         plan = model.plan
         self._decoder = BatchDecoder(model, plan=plan, graphs=plan.on_gpu and not model.config.mem_offload)
+        # Overlap (GPUs): each step is launched before the previous step's tokens are handed out, so the host's work
+        # per token (callbacks, the server's text) runs while the GPU computes. On a CPU the kernels run on the
+        # calling thread, so there is nothing to overlap; `overlap=True` there runs the same code (the tests).
+        self.overlap = plan.on_gpu if overlap is None else bool(overlap)
         self._streams: list[Stream] = []
         self._queued: list[_Prompt] = []  # added, read at the next step
+        self._pending: _Launched | None = None  # the step in flight (overlap): its tokens not yet handed out
         self._suppressed = None  # (each row's suppress tokens, their (rows, cols) index on the device)
         self.most_active = 0  # the most sequences decoded together so far (the server's /health reports it)
 
@@ -198,7 +215,7 @@ class BatchGenerator:
             try:
                 if i not in logits:
                     logits[i] = self._read(prompt, state)
-                stream._push(self._choose([stream], logits[i][None])[0])
+                stream._push(int(self._choose([stream], logits[i][None])[0]))
                 if not stream.finished:
                     self._decoder.add(state)
                     self._streams.append(stream)
@@ -238,36 +255,103 @@ class BatchGenerator:
 
     def step(self) -> list[Stream]:
         """Read the queued prompts (`admit`), then one token for every decoded sequence; returns those that ended
-        (with their first token or this one). If the step fails, every decoded sequence gets the error
+        (with their first token or this one). With `overlap`, the tokens handed out (and the streams ended) are the
+        previous step's, while this one runs on the GPU; a stream ended by EOS or its `on_token` has one step
+        computed after its end, never handed out. If the step fails, every decoded sequence gets the error
         (`on_error`) and is dropped, and the error is raised."""
         before = list(self._queued)
         self.admit()
         ended = [p.stream for p in before if p.stream.finished]
+        pending, self._pending = self._pending, None
+        last: list[Stream] = []
+        if pending is not None:  # a stream whose token in flight is its last (max_new_tokens) is not stepped again
+            flying = {id(s) for s in pending.streams if s is not None}
+            last = [s for s in self._streams if id(s) in flying and len(s.tokens) + 1 >= s.max_new_tokens]
+            self._remove(last)
+        launched = None
+        if self._streams:
+            try:
+                inputs = self._inputs(pending)
+                with torch.no_grad():
+                    logits = self._decoder.step(inputs)
+                launched = self._launch(logits)
+            except BaseException as exc:
+                self._fail(exc, last)
+                raise
+        if self.overlap:
+            self._pending = launched
+        else:
+            pending = launched
+        if pending is not None:
+            try:
+                tokens = self._landed(pending)
+            except BaseException as exc:
+                self._fail(exc, last)
+                raise
+            for stream, token in zip(pending.streams, tokens):
+                if stream is not None and not stream.finished:
+                    stream._push(token)
+        ended += self.drop([s for s in self._streams if s.finished]) + last
         if not self._streams:
-            return ended
-        last = torch.tensor([s.tokens[-1] for s in self._streams], dtype=torch.long, device=self.device)
-        try:
-            with torch.no_grad():
-                logits = self._decoder.step(last)
-        except BaseException as exc:
-            streams, self._streams = self._streams, []
-            self._decoder.remove(list(range(len(streams))))
-            for s in streams:
-                if s.on_error is not None:
-                    s.on_error(exc)
-            raise
-        for stream, token in zip(self._streams, self._choose(self._streams, logits)):
-            stream._push(token)
-        return ended + self.drop([s for s in self._streams if s.finished])
+            self._pending = None  # nothing in flight is still wanted
+        return ended
+
+    def _inputs(self, pending: _Launched | None) -> torch.Tensor:
+        """Each row's last token (rows,) on the device: those of a step in flight stay on the device; the others
+        (rows that joined since, or all of them without overlap) come from the host."""
+        if pending is not None and len(pending.streams) == len(self._streams):
+            if all(a is b for a, b in zip(pending.streams, self._streams)):  # the same rows: no copy, no wait
+                return pending.tokens
+        host = [s.tokens[-1] for s in self._streams]  # a row in flight gets its token from the device below
+        inputs = torch.tensor(host, dtype=torch.long).to(self.device)
+        if pending is not None:
+            at = {id(s): i for i, s in enumerate(pending.streams) if s is not None}
+            pairs = [(j, at[id(s)]) for j, s in enumerate(self._streams) if id(s) in at]
+            if pairs:
+                dst, src = torch.tensor(pairs, dtype=torch.long).T.to(self.device)
+                inputs[dst] = pending.tokens[src]
+        return inputs
+
+    def _launch(self, logits: torch.Tensor) -> _Launched:
+        """Choose the rows' next tokens on the device and start their copy to the host."""
+        tokens = self._choose(self._streams, logits)
+        if tokens.device.type != "cuda":
+            return _Launched(list(self._streams), tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _Launched(list(self._streams), tokens, host, done)
+
+    @staticmethod
+    def _landed(launched: _Launched) -> list[int]:
+        if launched.done is not None:
+            launched.done.synchronize()  # releases the interpreter while it waits
+        return launched.host.tolist()
+
+    def _fail(self, exc: BaseException, last: Sequence[Stream]) -> None:
+        """A failed step: every decoded sequence (and those taken out for their last token) gets the error."""
+        streams, self._streams, self._pending = [*self._streams, *last], [], None
+        if self._decoder.rows:
+            self._decoder.remove(list(range(len(self._decoder.rows))))
+        for s in streams:
+            if s.on_error is not None:
+                s.on_error(exc)
+
+    def _remove(self, streams: Sequence[Stream]) -> None:
+        """Take `streams` out of the decoded rows (and of the step in flight)."""
+        if self._pending is not None:
+            self._pending.streams = [None if any(s is t for t in streams) else s for s in self._pending.streams]
+        gone = [i for i, s in enumerate(self._streams) if any(s is t for t in streams)]
+        if gone:
+            self._decoder.remove(gone)
+            self._streams = [s for i, s in enumerate(self._streams) if i not in gone]
 
     def drop(self, streams: Sequence[Stream]) -> list[Stream]:
         """Stop decoding `streams` (ended ones, or any the caller no longer wants; queued ones are not read); returns
         them."""
         self._queued = [p for p in self._queued if not any(p.stream is t for t in streams)]
-        gone = [i for i, s in enumerate(self._streams) if any(s is t for t in streams)]
-        if gone:
-            self._decoder.remove(gone)
-            self._streams = [s for i, s in enumerate(self._streams) if i not in gone]
+        self._remove(streams)
         return list(streams)
 
     def run(self) -> None:
@@ -275,10 +359,10 @@ class BatchGenerator:
         while self._streams or self._queued:
             self.step()
 
-    def _choose(self, streams: Sequence[Stream], logits: torch.Tensor) -> list[int]:
-        """Each row's next token: greedy rows by one argmax, the others through their processors and generator.
-        Suppressed tokens are masked for all rows in one write (a processor per row cost each row its own kernels
-        at every step)."""
+    def _choose(self, streams: Sequence[Stream], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token (rows,) on the logits' device, with no wait for the device: greedy rows by one
+        argmax, the others through their processors and generator. Suppressed tokens are masked for all rows in one
+        write (a processor per row cost each row its own kernels at every step)."""
         key = tuple(stream.suppress for stream in streams)
         if any(key):
             if self._suppressed is None or self._suppressed[0] != key:  # built when the rows change, not each step
@@ -296,7 +380,7 @@ class BatchGenerator:
                 tokens[i] = torch.multinomial(probs, 1, generator=stream.generator)[0, 0]
             else:
                 tokens[i] = scores.argmax(dim=-1)[0]
-        return [int(t) for t in tokens.tolist()]
+        return tokens
 
 
 def read_together(model, caches: Sequence[LongLlamaCache], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
