@@ -54,7 +54,11 @@ def _sync() -> None:
 
 
 def _model_folder(shape: str, folder: Path, device: str) -> None:
-    """A random bf16 model of `shape` saved (safetensors) with the shipped tokenizer."""
+    """A random bf16 model of `shape` saved (safetensors) with the shipped tokenizer; kept from an earlier run with
+    the same --work folder (the same seed and shape give the same weights)."""
+    done = folder / f".{shape}-saved"
+    if done.exists():
+        return
     torch.manual_seed(0)
     config = preset(shape)
     if config.vocab_size < 8192:  # the shipped tokenizer's ids must fit (a toy shape for trying the script out)
@@ -65,6 +69,7 @@ def _model_folder(shape: str, folder: Path, device: str) -> None:
         if (SHIPPED_MODEL / name).is_file():
             shutil.copy(SHIPPED_MODEL / name, folder / name)
     del model
+    done.touch()
 
 
 def _document(tokenizer, tokens: int, seed: int) -> str:
