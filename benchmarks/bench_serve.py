@@ -6,6 +6,8 @@ shipped model's tokenizer; documents are pass-key haystacks (their content does 
   (reingest) the document and question read as one prompt; (gpu_memory) after a DocumentMemory held on the GPU;
   (disk_memory) DocumentMemory.load from its folder (the files dropped from the OS page cache first, so they are read
   from the disk; checksums verified) and then the question.
+- arrivals (not in the default parts): --arrivals requests arriving at random, at most max(--streams) together:
+  tokens per second, and the graph captures and row layouts their joins and ends cost.
 - concurrent_decode: 1, 4 and 8 streams (`--streams`) over different `--stream-doc-tokens` memories, `--new-tokens`
   each, decoded together by BatchGenerator: aggregate new tokens per second from submitting the questions to the last
   token; the same through HTTP (`longllama serve` in a process of its own, or with `--http-server thread` its app
@@ -205,6 +207,63 @@ def concurrent(model, tokenizer, args, memories) -> list[dict]:
     return records
 
 
+def arrivals(model, tokenizer, args, memories) -> list[dict]:
+    """Requests arriving at random (exponential gaps at --arrival-rate a second), each over one of the memories
+    with a question and 0.5-1.5x --new-tokens (seeded), at most max(--streams) decoded together, the others
+    waiting: new tokens per second in all, and the CUDA graph captures and row layouts the joins and ends cost."""
+    import random
+
+    k = max(args.streams)
+    options = dict(overlap=False) if args.no_overlap else {}
+    engine = BatchGenerator(model, max_rows=k, **options)
+    vocab = len(tokenizer)
+    rng = random.Random(0)
+    t, plan = 0.0, []
+    for i in range(args.arrivals):
+        t += rng.expovariate(args.arrival_rate)
+        plan.append((t, i % len(memories), rng.randint(args.new_tokens // 2, args.new_tokens * 3 // 2)))
+    decoder = engine._decoder
+    layouts = getattr(decoder, "layouts", None)
+    count_layouts = [0]
+    if layouts is None:  # older code has no counter: count the calls
+        real = decoder._layout
+
+        def counted(*a, **kw) -> None:
+            count_layouts[0] += 1
+            real(*a, **kw)
+
+        decoder._layout = counted
+    _sync()
+    mark = timings.mark()
+    start = time.perf_counter()
+    streams, waiting = [], list(plan)
+    with torch.no_grad():
+        while waiting or engine.active:
+            now = time.perf_counter() - start
+            while waiting and waiting[0][0] <= now and not engine.full:
+                _, i, n = waiting.pop(0)
+                m = memories[i]
+                streams.append(engine.add(_question(len(streams), args.question_tokens, vocab), cache=m.cache,
+                                          last_context_length=m.last_context_length, max_new_tokens=n))  # fmt: skip
+            if engine.active:
+                engine.step()
+            elif waiting:
+                time.sleep(max(0.0, min(0.005, waiting[0][0] - now)))
+    _sync()
+    seconds = time.perf_counter() - start
+    tokens = sum(len(s.tokens) for s in streams)
+    captures = [e for e in timings.since(mark) if e.kind == "capture"]
+    laid = decoder.layouts - layouts if layouts is not None else count_layouts[0]
+    record = dict(benchmark="arrivals", streams=k, requests=len(streams), arrival_rate=args.arrival_rate,
+                  new_tokens=tokens, seconds=round(seconds, 4), tokens_per_s=round(tokens / seconds, 1),
+                  captures=len(captures), capture_seconds=round(sum(e.seconds for e in captures), 4), layouts=laid,
+                  overlap=getattr(engine, "overlap", False))  # fmt: skip
+    print(f"arrivals: {len(streams)} requests at {args.arrival_rate}/s, at most {k} together: {tokens / seconds:.1f} "
+          f"tokens/s ({seconds:.2f} s), {len(captures)} captures ({record['capture_seconds']:.2f} s), {laid} "
+          f"layouts", flush=True)  # fmt: skip
+    return [record]
+
+
 def over_http(model, tokenizer, args, work: Path) -> list[dict]:
     import httpx
     import uvicorn
@@ -322,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="concurrent part: each step's tokens handed out before the next step is launched",
     )
+    parser.add_argument("--arrivals", type=int, default=32, help="arrivals part: requests")
+    parser.add_argument("--arrival-rate", type=float, default=8.0, help="arrivals part: requests a second")
     parser.add_argument("--work", help="folder for the model and memories (default: a temporary one)")
     parser.add_argument("--out")
     parser.add_argument("--plan", action="append", metavar="KEY=VALUE", help="execution plan changes (repeatable)")
@@ -355,8 +416,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if "ttft" in parts:
         keep(ttft(model, tokenizer, args, work))
+    memories = _memories(model, tokenizer, args) if parts & {"concurrent", "arrivals"} else []
     if "concurrent" in parts:
-        keep(concurrent(model, tokenizer, args, _memories(model, tokenizer, args)))
+        keep(concurrent(model, tokenizer, args, memories))
+    if "arrivals" in parts:
+        keep(arrivals(model, tokenizer, args, memories))
     if "http" in parts:
         keep(over_http(model, tokenizer, args, work))
     return 0

@@ -52,14 +52,14 @@ class _Logits:
         return torch.stack(self.rows[id(stream)])
 
 
-def _check_rows(model, requests, *, max_rows=8, steps_between=0, interpret=False, overlap=False):
+def _check_rows(model, requests, *, max_rows=8, steps_between=0, interpret=False, overlap=False, compact_after=0):
     """Each request (ids, cache or None, max_new_tokens) decoded in one batch (joining `steps_between` steps apart)
     gives the tokens and logits it gives alone."""
     torch.manual_seed(0)
     alone = [_alone(model, ids, cache, max_new_tokens=n, last_context_length=24) for ids, cache, n in requests]
     if interpret:
         model.set_plan(interpret_kernels=True, decode_kernels=True)
-    engine = BatchGenerator(model, max_rows=max_rows, overlap=overlap)
+    engine = BatchGenerator(model, max_rows=max_rows, overlap=overlap, compact_after=compact_after)
     logits = _Logits(engine)
     streams = []
     with torch.no_grad():
@@ -76,12 +76,19 @@ def _check_rows(model, requests, *, max_rows=8, steps_between=0, interpret=False
 
 
 @pytest.mark.parametrize(
-    "overrides, overlap",
-    [({}, False), ({}, True), (dict(num_key_value_heads=2), False), (dict(mem_positionals=False), False)],
+    "overrides, overlap, compact_after",
+    [
+        ({}, False, 0),
+        ({}, True, 0),
+        ({}, True, 6),
+        (dict(num_key_value_heads=2), False, 0),
+        (dict(mem_positionals=False), False, 0),
+    ],
 )
-def test_rows_with_their_own_memories_decode_as_alone(overrides, overlap):
+def test_rows_with_their_own_memories_decode_as_alone(overrides, overlap, compact_after):
     """Rows join a few steps apart and leave at their own lengths; with `overlap` each step is launched before the
-    previous one's tokens are handed out (a GPU's default), and a row's token in flight feeds its next step."""
+    previous one's tokens are handed out (a GPU's default), and a row's token in flight feeds its next step; with
+    `compact_after` a row that ended stays in the batch, retired, until a layout drops it (a GPU's default)."""
     model = sharp_tiny(**overrides)
     g = torch.Generator().manual_seed(1)
     doc_a = torch.randint(3, 320, (200,), generator=g).tolist()
@@ -94,7 +101,7 @@ def test_rows_with_their_own_memories_decode_as_alone(overrides, overlap):
         (torch.randint(3, 320, (150,), generator=g).tolist(), None, 40),  # a fresh prompt, no document
         (torch.randint(3, 320, (9,), generator=g).tolist(), mem_a, 25),  # the same document as the first
     ]
-    _check_rows(model, requests, steps_between=3, overlap=overlap)
+    _check_rows(model, requests, steps_between=3, overlap=overlap, compact_after=compact_after)
     # the documents' memories are unchanged by the rows' appends (copy on write)
     assert mem_a.memory_length == _memory_of(model, doc_a).memory_length
 
@@ -296,3 +303,64 @@ def test_a_stream_dropped_while_its_step_is_in_flight_gets_nothing_more():
         engine.run()
     assert streams[0].tokens == want[0] and streams[2].tokens == want[2]
     assert streams[1].tokens == got == want[1][:4] and not streams[1].finished
+
+
+def test_ended_rows_retire_in_place_until_a_layout_drops_them():
+    """With compact_after, a row whose sequence ended is not laid out away at once (on a GPU that would be a new
+    CUDA graph): it stays, retired, until a row joins, until it would flush its window into memory, or for
+    compact_after steps; the others' tokens are those they get alone, and retired rows never yield a token."""
+    model = sharp_tiny()
+    g = torch.Generator().manual_seed(8)
+    ids = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (9, 14, 6, 11)]
+    lengths = (3, 40, 5, 20)
+    want = [_alone(model, x, max_new_tokens=n)[0] for x, n in zip(ids, lengths)]
+    engine = BatchGenerator(model, overlap=True, compact_after=10)
+    decoder = engine._decoder
+    with torch.no_grad():
+        streams = [engine.add(x, max_new_tokens=n) for x, n in zip(ids[:3], lengths)]
+        engine.step()  # read together, laid out with the first step
+        layouts = decoder.layouts
+        while not streams[2].finished:
+            engine.step()
+        assert streams[0].finished and len(decoder.rows) == 3 and decoder.layouts == layouts  # retired in place
+        assert sum(row.retired is not None for row in decoder.rows) == 2 and engine.active == 1
+        streams.append(engine.add(ids[3], max_new_tokens=lengths[3]))  # a join lays out and drops them
+        engine.step()
+        assert decoder.layouts == layouts + 1 and len(decoder.rows) == 2
+        while not streams[3].finished:
+            engine.step()
+        assert len(decoder.rows) == 2 and decoder.rows[1].retired is not None
+        for _ in range(10):  # retired for compact_after steps: dropped
+            engine.step()
+        assert len(decoder.rows) == 1
+        engine.run()
+    assert [s.tokens for s in streams] == want
+    assert not decoder.rows  # the last one to end freed the buffers
+
+
+def test_a_retired_row_is_dropped_before_it_would_flush_its_window():
+    """A retired row's window is never flushed into memory (work for nothing, and a new graph): the rows are laid
+    out without it first; the row still decoding passes its own window as alone."""
+    model = sharp_tiny()
+    g = torch.Generator().manual_seed(9)
+    ids = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (30, 8)]
+    want = [_alone(model, x, max_new_tokens=n)[0] for x, n in zip(ids, (4, 90))]
+    engine = BatchGenerator(model, overlap=True, compact_after=1000)
+    decoder = engine._decoder
+    flushed = []
+    with torch.no_grad():
+        short, long = (engine.add(x, max_new_tokens=n) for x, n in zip(ids, (4, 90)))
+        while not short.finished:
+            engine.step()
+        retired = next(row for row in decoder.rows if row.retired is not None)
+        layouts, to_window = decoder.layouts, decoder.window - retired.count
+        real = retired.memories[model.config.mem_layers[0]].append
+        retired.memories[model.config.mem_layers[0]].append = lambda *a: flushed.append(1) or real(*a)
+        for _ in range(to_window):
+            engine.step()
+        assert len(decoder.rows) == 2 and decoder.layouts == layouts
+        engine.step()  # its window would be full now: laid out without it
+        assert len(decoder.rows) == 1 and decoder.layouts == layouts + 1
+        engine.run()
+    assert not flushed
+    assert short.tokens == want[0] and long.tokens == want[1]

@@ -1,6 +1,6 @@
 """benchmarks/bench_serve.py in a tiny run (the GPU command's CPU rehearsal): BatchGenerator and `longllama serve`
-in a process of its own answer every stream in full, the first-token part times its three sources, and the records
-say which server measured what."""
+in a process of its own answer every stream in full, the first-token part times its three sources, requests
+arriving at random are all answered, and the records say which server measured what."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def test_tiny_run_measures_batch_and_http_streams(tmp_path):
     result = run_benchmark(
         "bench_serve.py", "--shape", "tiny", "--device", "cpu", "--doc-tokens", "1536", "--stream-doc-tokens", "1024",
         "--question-tokens", "16", "--new-tokens", "8", "--repeats", "1", "--streams", "1,2", "--parts",
-        "ttft,concurrent,http", "--work", str(tmp_path / "work"), "--out", str(out),
+        "ttft,concurrent,arrivals,http", "--arrivals", "4", "--arrival-rate", "100", "--work", str(tmp_path / "work"),
+        "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads(out.read_text())["records"]
@@ -29,6 +30,8 @@ def test_tiny_run_measures_batch_and_http_streams(tmp_path):
     assert set(http) == set(batch) == {1, 2}
     assert all(r["http_server"] == "process" and r["tokens_per_s"] > 0 for r in http.values())
     assert all(r["tokens_per_s"] > 0 and r["memory_tokens"] > 0 for r in batch.values())
+    (arrived,) = [r for r in records if r["benchmark"] == "arrivals"]
+    assert arrived["requests"] == 4 and arrived["new_tokens"] >= 4 * 4 and arrived["layouts"] >= 1
     ttft = {r["source"]: r for r in records if r["benchmark"] == "ttft"}
     assert set(ttft) == {"reingest", "gpu_memory", "disk_memory"}
     assert all(r["seconds"] > 0 and r["tokens"] > 1024 for r in ttft.values())

@@ -89,26 +89,33 @@ class _Prompt:
 
 @dataclass
 class _Launched:
-    """A step whose tokens are on their way to the host: the rows it advanced (None where a stream was dropped
-    since), their tokens on the device, the host copy and the event that marks it done (None on a CPU)."""
+    """A step whose tokens are on their way to the host: the stream of each row it advanced (None where a row was
+    retired, or its stream dropped since), their tokens on the device, the host copy and the event that marks it
+    done (None on a CPU)."""
 
-    streams: list[Stream | None]
+    rows: list[Stream | None]
     tokens: torch.Tensor
     host: torch.Tensor
     done: torch.cuda.Event | None
+    layout: int  # the decoder's layout count at launch: while it holds, the row indices do
 
 
 class BatchGenerator:
     """Generations decoded together, at most `max_rows` at a time (see the module docstring). Not thread-safe: one
     thread adds and steps (the server's model worker)."""
 
-    def __init__(self, model, *, max_rows: int = 8, overlap: bool | None = None):
+    def __init__(self, model, *, max_rows: int = 8, overlap: bool | None = None, compact_after: int | None = None):
         if max_rows < 1:
             raise InputError(f"max_rows={max_rows}: pass at least 1")
         self.model, self.max_rows = model, int(max_rows)
         self.device = model.lm_head.weight.device
         plan = model.plan
-        self._decoder = BatchDecoder(model, plan=plan, graphs=plan.on_gpu and not model.config.mem_offload)
+        graphs = plan.on_gpu and not model.config.mem_offload
+        # A sequence that ends leaves its row in place for up to `compact_after` steps (BatchDecoder.retire) where
+        # laying the rows out again would cost a CUDA graph capture; without graphs it leaves at once (0).
+        if compact_after is None:
+            compact_after = 128 if graphs else 0
+        self._decoder = BatchDecoder(model, plan=plan, graphs=graphs, compact_after=int(compact_after))
         # Overlap (GPUs): each step is launched before the previous step's tokens are handed out, so the host's work
         # per token (callbacks, the server's text) runs while the GPU computes. On a CPU the kernels run on the
         # calling thread, so there is nothing to overlap; `overlap=True` there runs the same code (the tests).
@@ -217,7 +224,7 @@ class BatchGenerator:
                     logits[i] = self._read(prompt, state)
                 stream._push(int(self._choose([stream], logits[i][None])[0]))
                 if not stream.finished:
-                    self._decoder.add(state)
+                    self._decoder.add(state, owner=stream)
                     self._streams.append(stream)
             except Exception as exc:
                 if stream.on_error is not None:
@@ -265,16 +272,17 @@ class BatchGenerator:
         pending, self._pending = self._pending, None
         last: list[Stream] = []
         if pending is not None:  # a stream whose token in flight is its last (max_new_tokens) is not stepped again
-            flying = {id(s) for s in pending.streams if s is not None}
+            flying = {id(s) for s in pending.rows if s is not None}
             last = [s for s in self._streams if id(s) in flying and len(s.tokens) + 1 >= s.max_new_tokens]
-            self._remove(last)
+            self._leave(last)
         launched = None
         if self._streams:
             try:
-                inputs = self._inputs(pending)
                 with torch.no_grad():
-                    logits = self._decoder.step(inputs)
-                launched = self._launch(logits)
+                    self._decoder.prepare()  # the rows' indices for this step: laid out, retired ones dropped
+                    rows = self._rows()
+                    logits = self._decoder.step(self._inputs(pending, rows))
+                    launched = self._launch(rows, logits)
             except BaseException as exc:
                 self._fail(exc, last)
                 raise
@@ -288,40 +296,52 @@ class BatchGenerator:
             except BaseException as exc:
                 self._fail(exc, last)
                 raise
-            for stream, token in zip(pending.streams, tokens):
+            for stream, token in zip(pending.rows, tokens):
                 if stream is not None and not stream.finished:
                     stream._push(token)
         ended += self.drop([s for s in self._streams if s.finished]) + last
         if not self._streams:
             self._pending = None  # nothing in flight is still wanted
+            if self._decoder.rows:
+                self._decoder.remove([])  # retired rows: their buffers are freed
         return ended
 
-    def _inputs(self, pending: _Launched | None) -> torch.Tensor:
-        """Each row's last token (rows,) on the device: those of a step in flight stay on the device; the others
-        (rows that joined since, or all of them without overlap) come from the host."""
-        if pending is not None and len(pending.streams) == len(self._streams):
-            if all(a is b for a, b in zip(pending.streams, self._streams)):  # the same rows: no copy, no wait
-                return pending.tokens
-        host = [s.tokens[-1] for s in self._streams]  # a row in flight gets its token from the device below
-        inputs = torch.tensor(host, dtype=torch.long).to(self.device)
-        if pending is not None:
-            at = {id(s): i for i, s in enumerate(pending.streams) if s is not None}
-            pairs = [(j, at[id(s)]) for j, s in enumerate(self._streams) if id(s) in at]
-            if pairs:
-                dst, src = torch.tensor(pairs, dtype=torch.long).T.to(self.device)
-                inputs[dst] = pending.tokens[src]
+    def _rows(self) -> list[Stream | None]:
+        """The stream of each row of the decoder (None where a retired row is still computed)."""
+        return [None if row.retired is not None else row.owner for row in self._decoder.rows]
+
+    def _inputs(self, pending: _Launched | None, rows: list[Stream | None]) -> torch.Tensor:
+        """Each row's last token (rows,) on the device: a step in flight whose rows were not laid out again since
+        gives its tokens as they are (no copy, no wait); otherwise the rows in flight get theirs from the device
+        and the others (joined since, or all of them without overlap) from the host."""
+        if pending is not None and pending.layout == self._decoder.layouts:
+            return pending.tokens
+        host = [0 if s is None else s.tokens[-1] for s in rows]  # a row in flight gets its token below
+        at = {} if pending is None else {id(s): i for i, s in enumerate(pending.rows) if s is not None}
+        pairs = [(j, at[id(s)]) for j, s in enumerate(rows) if s is not None and id(s) in at]
+        inputs = self._to_device(torch.tensor(host, dtype=torch.long))
+        if pairs:
+            dst, src = self._to_device(torch.tensor(pairs, dtype=torch.long).T)
+            inputs[dst] = pending.tokens[src]
         return inputs
 
-    def _launch(self, logits: torch.Tensor) -> _Launched:
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A small host tensor on the device, without waiting for the device's queued work (pinned, asynchronous)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _launch(self, rows: list[Stream | None], logits: torch.Tensor) -> _Launched:
         """Choose the rows' next tokens on the device and start their copy to the host."""
-        tokens = self._choose(self._streams, logits)
+        tokens = self._choose(rows, logits)
+        layout = self._decoder.layouts
         if tokens.device.type != "cuda":
-            return _Launched(list(self._streams), tokens, tokens, None)
+            return _Launched(rows, tokens, tokens, None, layout)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return _Launched(list(self._streams), tokens, host, done)
+        return _Launched(rows, tokens, host, done, layout)
 
     @staticmethod
     def _landed(launched: _Launched) -> list[int]:
@@ -338,20 +358,24 @@ class BatchGenerator:
             if s.on_error is not None:
                 s.on_error(exc)
 
-    def _remove(self, streams: Sequence[Stream]) -> None:
-        """Take `streams` out of the decoded rows (and of the step in flight)."""
+    def _leave(self, streams: Sequence[Stream]) -> None:
+        """Take `streams` out of the decoded rows (retired in place where compact_after allows) and out of the
+        step in flight."""
         if self._pending is not None:
-            self._pending.streams = [None if any(s is t for t in streams) else s for s in self._pending.streams]
-        gone = [i for i, s in enumerate(self._streams) if any(s is t for t in streams)]
+            self._pending.rows = [None if any(s is t for t in streams) else s for s in self._pending.rows]
+        gone = [i for i, row in enumerate(self._decoder.rows) if any(row.owner is t for t in streams)]
         if gone:
-            self._decoder.remove(gone)
-            self._streams = [s for i, s in enumerate(self._streams) if i not in gone]
+            if self._decoder.compact_after > 0:
+                self._decoder.retire(gone)
+            else:
+                self._decoder.remove(gone)
+        self._streams = [s for s in self._streams if not any(s is t for t in streams)]
 
     def drop(self, streams: Sequence[Stream]) -> list[Stream]:
         """Stop decoding `streams` (ended ones, or any the caller no longer wants; queued ones are not read); returns
         them."""
         self._queued = [p for p in self._queued if not any(p.stream is t for t in streams)]
-        self._remove(streams)
+        self._leave(streams)
         return list(streams)
 
     def run(self) -> None:
@@ -359,20 +383,20 @@ class BatchGenerator:
         while self._streams or self._queued:
             self.step()
 
-    def _choose(self, streams: Sequence[Stream], logits: torch.Tensor) -> torch.Tensor:
-        """Each row's next token (rows,) on the logits' device, with no wait for the device: greedy rows by one
-        argmax, the others through their processors and generator. Suppressed tokens are masked for all rows in one
-        write (a processor per row cost each row its own kernels at every step)."""
-        key = tuple(stream.suppress for stream in streams)
+    def _choose(self, streams: Sequence[Stream | None], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token (rows,) on the logits' device, with no wait for the device: greedy rows (and
+        retired ones, None) by one argmax, the others through their processors and generator. Suppressed tokens
+        are masked for all rows in one write (a processor per row cost each row its own kernels at every step)."""
+        key = tuple(() if stream is None else stream.suppress for stream in streams)
         if any(key):
             if self._suppressed is None or self._suppressed[0] != key:  # built when the rows change, not each step
                 pairs = [(i, t) for i, tokens in enumerate(key) for t in tokens]
-                self._suppressed = (key, torch.tensor(pairs, dtype=torch.long).T.to(logits.device))
+                self._suppressed = (key, self._to_device(torch.tensor(pairs, dtype=torch.long).T))
             rows, cols = self._suppressed[1]
             logits[rows, cols] = -float("inf")
         tokens = logits.argmax(dim=-1)
         for i, stream in enumerate(streams):
-            if not stream.processors:
+            if stream is None or not stream.processors:
                 continue
             scores = stream.processors(None, logits[i : i + 1])
             if stream.do_sample:

@@ -44,20 +44,30 @@ class _Row:
     first_position: int  # absolute position of its oldest local token
     # Its local keys and values per layer while they are not in the buffers (joined, or being laid out anew)
     local: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+    owner: object = None  # whoever added it (BatchGenerator: the row's stream)
+    retired: int | None = None  # the step at which it was retired (still computed, its results unread)
 
 
 class BatchDecoder(StaticDecoder):
     """The decoding state of several independent sequences; `add(cache)` a row after its prompt was read,
-    `step(tokens)` returns the next logits (rows, vocab) in fp32, `remove(row)` drops a row."""
+    `step(tokens)` returns the next logits (rows, vocab) in fp32, `remove(row)` drops a row.
 
-    def __init__(self, model, *, plan: ExecutionPlan, graphs: bool, spare: int | None = None):
+    Laying the rows out anew (a row joined, or left through `remove`) means new buffers and, on a GPU, a new CUDA
+    graph (tens of milliseconds for the 3B shape). `retire(row)` lets a row leave without that: it stays in the
+    buffers, still computed and never read, until the next layout (a row joining, the buffers' end) or until it
+    has been retired for `compact_after` steps (about what one capture costs in retired rows' work)."""
+
+    def __init__(self, model, *, plan: ExecutionPlan, graphs: bool, spare: int | None = None, compact_after: int = 128):
         window = model.config.context_window
         self.spare = max(1, window // 4 if spare is None else spare)
         self.size = window + self.spare
+        self.compact_after = compact_after
         self._setup(model, plan, graphs, self.size)
         self.rows: list[_Row] = []
         self.length = 0  # the slot the next step writes (host copy of `slot`)
         self.stale = False  # rows joined since the last layout
+        self.steps = 0  # steps taken (retired rows' age)
+        self.layouts = 0  # layouts so far: row indices hold from one to the next
         self._layout()
 
     @property
@@ -65,7 +75,7 @@ class BatchDecoder(StaticDecoder):
         return len(self.rows)
 
     # -- rows ----------------------------------------------------------------------------------------------------
-    def add(self, cache: LongLlamaCache) -> int:
+    def add(self, cache: LongLlamaCache, owner: object = None) -> int:
         """A row continuing `cache` (one sequence after its prompt: a local cache of consecutive positions, a memory
         per memory layer or none); returns its index. The cache's memories are used in place, copied on write."""
         state0 = cache.layers[0]
@@ -86,21 +96,59 @@ class BatchDecoder(StaticDecoder):
                     memory = memory.fork()
                     memory.materialise()
             memories.append(memory)
-        row = _Row(memories, state0.local_length, int(state0.positions[0, 0]))
+        row = _Row(memories, state0.local_length, int(state0.positions[0, 0]), owner=owner)
         row.local = [(s.keys[0], s.values[0]) for s in cache.layers]
         self.rows.append(row)
         self.stale = True
         return len(self.rows) - 1
 
     def remove(self, indices: list[int]) -> None:
-        """Drop the rows `indices` (the others keep their order)."""
+        """Drop the rows `indices` and the retired ones now (the others keep their order)."""
+        for i in indices:
+            self.rows[i].retired = self.steps
         self._collect()
-        self.rows = [row for i, row in enumerate(self.rows) if i not in set(indices)]
         self._layout()
+
+    def retire(self, indices: list[int]) -> None:
+        """Let the rows `indices` leave at the next layout (see the class docstring); their results are not read."""
+        for i in indices:
+            if self.rows[i].retired is None:
+                self.rows[i].retired = self.steps
 
     def _laid_out(self) -> None:
         """Lay the rows out again if some joined since the last layout."""
         if self.stale:
+            self._collect()
+            self._layout()
+
+    def prepare(self) -> None:
+        """What the next step needs first: joined rows laid out; retired rows dropped where they would cost more
+        than a layout (one would flush its window into memory, or has been retired `compact_after` steps) or at
+        the buffers' end; full local windows of the others flushed into memory. The row indices of the next step
+        hold once this ran (step calls it too)."""
+        retired = [row for row in self.rows if row.retired is not None]
+        if self.stale or any(
+            row.count == self.window or self.steps - row.retired >= self.compact_after for row in retired
+        ):
+            self._collect()
+            self._layout()
+        full = [i for i, row in enumerate(self.rows) if row.count == self.window]
+        for i in full:  # as alone: a full local cache goes to memory before the next token is written
+            row = self.rows[i]
+            for buffers, memory in zip(self.buffers, row.memories):
+                if memory is not None:
+                    raw, _, values = self._views(buffers)
+                    memory.append(
+                        raw[i : i + 1, :, self.length - self.window : self.length],
+                        values[i : i + 1, :, self.length - self.window : self.length],
+                        None,
+                    )
+            row.first_position += row.count
+            row.count = 0
+        if full:
+            self.lo[full] = self.length
+            self.graph = None  # memory lengths changed
+        if self.length == self.size:
             self._collect()
             self._layout()
 
@@ -121,20 +169,23 @@ class BatchDecoder(StaticDecoder):
         return cache
 
     def _collect(self) -> None:
-        """Keep each row's local keys and values apart from the buffers (before they are laid out again); rows that
-        joined since the last layout (after the others, their keys apart already) are left as they are."""
+        """Keep each row's local keys and values apart from the buffers (before they are laid out again) and drop
+        the retired rows; rows that joined since the last layout (after the others, their keys apart already) are
+        left as they are."""
         for i, row in enumerate(self.rows):
-            if row.local:
+            if row.local or row.retired is not None:
                 continue
             lo = self.length - row.count
             row.local = [
                 (raw[i, :, lo : self.length], values[i, :, lo : self.length])
                 for raw, _, values in map(self._views, self.buffers)
             ]
+        self.rows = [row for row in self.rows if row.retired is None]
 
     def _layout(self) -> None:
         """Fresh buffers with every row's local cache ending at the same slot (the longest cache's length)."""
         self.stale = False
+        self.layouts += 1
         b = len(self.rows)
         self.length = max((row.count for row in self.rows), default=0)
         rows_lo = torch.tensor([self.length - row.count for row in self.rows], dtype=torch.long, device=self.device)
@@ -168,31 +219,13 @@ class BatchDecoder(StaticDecoder):
     # -- one step ------------------------------------------------------------------------------------------------
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (rows,); returns the logits (rows, vocab) of each row's next position."""
+        self.prepare()
         if not self.rows:
             raise InputError("BatchDecoder.step: no rows; add one first")
-        self._laid_out()
-        full = [i for i, row in enumerate(self.rows) if row.count == self.window]
-        for i in full:  # as alone: a full local cache goes to memory before the next token is written
-            row = self.rows[i]
-            for buffers, memory in zip(self.buffers, row.memories):
-                if memory is not None:
-                    raw, _, values = self._views(buffers)
-                    memory.append(
-                        raw[i : i + 1, :, self.length - self.window : self.length],
-                        values[i : i + 1, :, self.length - self.window : self.length],
-                        None,
-                    )
-            row.first_position += row.count
-            row.count = 0
-        if full:
-            self.lo[full] = self.length
-            self.graph = None  # memory lengths changed
-        if self.length == self.size:
-            self._collect()
-            self._layout()
         logits = self._advance(tokens)
         for row in self.rows:
             row.count += 1
+        self.steps += 1
         return logits
 
     def _tables(self, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
