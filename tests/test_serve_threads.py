@@ -134,3 +134,49 @@ def test_run_server_on_a_taken_port_raises_naming_it(tmp_path):
         with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}"):
             run_server(app, port=port, graceful_seconds=1)
     assert app.state.server.worker._closed
+
+
+def test_the_server_with_a_gpus_batching_answers_as_alone(tmp_path, monkeypatch):
+    """The server's engine with a GPU's defaults (overlapped steps, rows retired in place), here on the CPU:
+    concurrent requests of different lengths, one cut by a stop string, answer what each answers alone."""
+    import functools
+
+    from fastapi.testclient import TestClient
+
+    from longllama.batch import BatchGenerator
+    from longllama.cli import SHIPPED_MODEL, LoadOptions, load_model
+    from longllama.serve import ServeConfig, app, create_app
+    from longllama.tokenizer import load_tokenizer
+
+    model = load_model(SHIPPED_MODEL, LoadOptions(device="cpu", dtype="float32"))  # fp32: rows agree with alone
+    tokenizer = load_tokenizer(SHIPPED_MODEL)
+    bodies = [
+        {"prompt": f"Story {i}: once upon a time" + " there was" * i, "max_tokens": 8 + 6 * i, "temperature": 0}
+        for i in range(4)
+    ]
+
+    def answers(concurrent: bool) -> list[dict]:
+        config = ServeConfig(memory_dir=str(tmp_path / f"m{concurrent}"), queue=8)
+        with TestClient(create_app(model, tokenizer, config)) as client:
+            if not concurrent:
+                return [client.post("/v1/completions", json=b).json()["choices"][0] for b in bodies]
+            got: dict[int, dict] = {}
+            threads = [
+                threading.Thread(target=lambda i=i: got.setdefault(i, client.post("/v1/completions", json=bodies[i])))
+                for i in range(len(bodies))
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+            assert client.get("/health").json()["most_decoding"] >= 2  # decoded together
+            return [got[i].json()["choices"][0] for i in range(len(bodies))]
+
+    alone = answers(False)
+    stop = alone[3]["text"][5:9]  # a stop string inside the longest answer: it ends early, mid-batch
+    bodies[3]["stop"] = [stop]
+    alone[3] = answers(False)[3]
+    assert alone[3]["finish_reason"] == "stop"
+    monkeypatch.setattr(app, "BatchGenerator", functools.partial(BatchGenerator, overlap=True, compact_after=4))
+    together = answers(True)
+    assert [(a["text"], a["finish_reason"]) for a in together] == [(a["text"], a["finish_reason"]) for a in alone]
