@@ -153,9 +153,13 @@ def _memories(model, tokenizer, args) -> list[DocumentMemory]:
     ]
 
 
-def concurrent(model, tokenizer, args, memories) -> list[dict]:
+def _engine(model, args, rows: int) -> BatchGenerator:
     options = dict(overlap=False) if args.no_overlap else {}  # older code has no overlap argument
-    engine = BatchGenerator(model, max_rows=max(args.streams), **options)
+    return BatchGenerator(model, max_rows=rows, **options)
+
+
+def concurrent(model, tokenizer, args, memories) -> list[dict]:
+    engine = _engine(model, args, max(args.streams))
     vocab = len(tokenizer)
     records = []
 
@@ -214,8 +218,7 @@ def arrivals(model, tokenizer, args, memories) -> list[dict]:
     import random
 
     k = max(args.streams)
-    options = dict(overlap=False) if args.no_overlap else {}
-    engine = BatchGenerator(model, max_rows=k, **options)
+    engine = _engine(model, args, k)
     vocab = len(tokenizer)
     rng = random.Random(0)
     t, plan = 0.0, []

@@ -120,11 +120,15 @@ class BatchGenerator:
         # per token (callbacks, the server's text) runs while the GPU computes. On a CPU the kernels run on the
         # calling thread, so there is nothing to overlap; `overlap=True` there runs the same code (the tests).
         self.overlap = plan.on_gpu if overlap is None else bool(overlap)
-        self._streams: list[Stream] = []
         self._queued: list[_Prompt] = []  # added, read at the next step
         self._pending: _Launched | None = None  # the step in flight (overlap): its tokens not yet handed out
         self._suppressed = None  # (each row's suppress tokens, their (rows, cols) index on the device)
         self.most_active = 0  # the most sequences decoded together so far (the server's /health reports it)
+
+    @property
+    def _streams(self) -> list[Stream]:
+        """The sequences being decoded, in their rows' order (the decoder's rows are the one record of them)."""
+        return [row.owner for row in self._decoder.rows if row.retired is None]
 
     @property
     def active(self) -> int:
@@ -225,7 +229,6 @@ class BatchGenerator:
                 stream._push(int(self._choose([stream], logits[i][None])[0]))
                 if not stream.finished:
                     self._decoder.add(state, owner=stream)
-                    self._streams.append(stream)
             except Exception as exc:
                 if stream.on_error is not None:
                     stream.on_error(exc)
@@ -351,7 +354,7 @@ class BatchGenerator:
 
     def _fail(self, exc: BaseException, last: Sequence[Stream]) -> None:
         """A failed step: every decoded sequence (and those taken out for their last token) gets the error."""
-        streams, self._streams, self._pending = [*self._streams, *last], [], None
+        streams, self._pending = [*self._streams, *last], None
         if self._decoder.rows:
             self._decoder.remove(list(range(len(self._decoder.rows))))
         for s in streams:
@@ -369,7 +372,6 @@ class BatchGenerator:
                 self._decoder.retire(gone)
             else:
                 self._decoder.remove(gone)
-        self._streams = [s for s in self._streams if not any(s is t for t in streams)]
 
     def drop(self, streams: Sequence[Stream]) -> list[Stream]:
         """Stop decoding `streams` (ended ones, or any the caller no longer wants; queued ones are not read); returns
