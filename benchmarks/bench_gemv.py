@@ -3,7 +3,12 @@ longllama.fast.gemv's Triton kernels (a program per row for one row, the several
 for the weight shapes of the 3B and Code 7B models: q/k/v stacked in one launch, the output and down projections,
 the gate/up pair with its SwiGLU in one pass, lm_head. Weights are read cold, as in a decoding step: each timed call
 takes the next of several copies that together overflow the 50 MB L2 cache. Prints microseconds per call, GB/s of
-weights read and the error against an fp32 product."""
+weights read and the error against an fp32 product.
+
+--int4: the same products with int4 weights (longllama.int4: 4-bit codes, a scale and an offset per group of 128
+or 64 columns) beside bf16's: cuBLAS and the Triton kernels on bf16 weights, the int4 kernels with the rule's
+configuration, and with Triton's autotuner over --int4-configs (the best configuration printed); GB/s counts the
+bytes each reads (int4: codes, scales and offsets)."""
 
 from __future__ import annotations
 
@@ -51,12 +56,84 @@ def case(name: str, shapes, k: int, ours, theirs, rows: int = 1) -> None:
         print(f"{name:28s} {rows:4d} {path:7s} {us:8.1f} {gbytes / us * 1e6:7.0f} {err:9.2e}")
 
 
+def _int4_configs(spec: str) -> list:
+    """Configurations BLOCK_N x BLOCK_KB x warps from "1,2,4,8:128,256,512:2,4" (BLOCK_N * BLOCK_KB <= 2048)."""
+    from triton import Config
+
+    ns, kbs, warps = ([int(v) for v in part.split(",")] for part in spec.split(":"))
+    return [
+        Config({"BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w)
+        for n, kb, w in itertools.product(ns, kbs, warps)
+        if n * kb <= 2048
+    ]
+
+
+def int4_case(name: str, shapes, k: int, product, baseline) -> None:
+    """One product of one row: bf16 weights (cuBLAS, the kernels) against int4 ones (rule, autotuned)."""
+    from longllama import int4
+    from longllama.fast import gemv_int4_kernels
+
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    group = int4.group_of(k)
+    copies = 4 * _copies(shapes)
+    dense = [
+        [torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) * 0.02 for n, kk in shapes] for _ in range(copies)
+    ]
+    packed = [[int4.Int4Weight.from_float(w, group) for w in ws] for ws in dense]
+    ref = baseline(x.float(), [w.dequantize().float() for w in packed[0]])
+    dense_gb = sum(n * kk * 2 for n, kk in shapes) / 1e9
+    int4_gb = sum(n * kk // 2 + 2 * 2 * n * kk // group for n, kk in shapes) / 1e9
+    runs = (
+        ("cuBLAS", dense, baseline, {}, dense_gb),
+        ("triton", dense, product, {}, dense_gb),
+        ("int4", packed, product, {}, int4_gb),
+        ("int4-tuned", packed, product, {"autotune": True}, int4_gb),
+    )
+    for path, sets, fn, kw, gb in runs:
+        fn(x, sets[0], **kw)  # the autotuner's sweep happens here, untimed
+        us = cold_us([lambda ws=ws: fn(x, ws, **kw) for ws in sets])
+        err = ((fn(x, sets[0], **kw).float() - ref).norm() / ref.norm()).item() if path.startswith("int4") else 0.0
+        print(f"{name:28s} {path:10s} {us:8.1f} {gb / us * 1e6:7.0f} {err:9.2e}")
+    for kernel in (gemv_int4_kernels.gemv_int4, gemv_int4_kernels.gemv_int4_swiglu):
+        for key, choice in kernel.tuned.items():
+            if key[2:4] == (sum(n for n, _ in shapes) if kernel.name == "gemv_int4" else shapes[0][0], k):
+                print(f"{'':28s} best {kernel.name}: {choice}")
+
+
+def main_int4(args) -> None:
+    from longllama.fast import gemv_int4_kernels
+
+    configs = _int4_configs(args.int4_configs)
+    for kernel in (gemv_int4_kernels.gemv_int4, gemv_int4_kernels.gemv_int4_swiglu):
+        kernel.configs = configs
+    print(f"{torch.cuda.get_device_name()}, {len(configs)} int4 configurations swept")
+    print(f"{'product':28s} {'path':10s} {'us':>8s} {'GB/s':>7s} {'rel err':>9s}")
+    stacked = lambda x, ws, **kw: gemv.linear_stacked(x, tuple(ws), max_rows=16, **kw)  # noqa: E731
+    single = lambda x, ws, **kw: gemv.linear(x, ws[0], max_rows=16, **kw)  # noqa: E731
+    paired = lambda x, ws, **kw: gemv.linear_swiglu(x, *ws, max_rows=16, **kw)  # noqa: E731
+    cat = lambda x, ws: torch.cat([F.linear(x, w) for w in ws], -1)  # noqa: E731
+    one = lambda x, ws: F.linear(x, ws[0])  # noqa: E731
+    swiglu = lambda x, ws: F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1])  # noqa: E731
+    shapes = {"3b": (3200, 8640), "code-7b": (4096, 11008)}
+    for shape in args.shapes.split(","):
+        hidden, inter = shapes[shape]
+        int4_case(f"{shape} q/k/v {3 * hidden}x{hidden}", [(hidden, hidden)] * 3, hidden, stacked, cat)
+        int4_case(f"{shape} o {hidden}x{hidden}", [(hidden, hidden)], hidden, single, one)
+        int4_case(f"{shape} gate/up+SwiGLU {inter}x{hidden}", [(inter, hidden)] * 2, hidden, paired, swiglu)
+        int4_case(f"{shape} down {hidden}x{inter}", [(hidden, inter)], inter, single, one)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="1", help="rows of x, e.g. 1,2,4,8,16 (at most 16: the kernels' limit)")
     ap.add_argument("--shapes", default="3b,code-7b")
+    ap.add_argument("--int4", action="store_true", help="int4 weights against bf16, one row (see above)")
+    ap.add_argument("--int4-configs", default="1,2,4,8:128,256,512:2,4", help="BLOCK_N:BLOCK_KB:warps lists")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.int4:
+        main_int4(args)
+        return
     print(f"{torch.cuda.get_device_name()}\n{'product':28s} rows {'path':7s} {'us':>8s} {'GB/s':>7s} {'rel err':>9s}")
     kw = dict(max_rows=16)
     shapes = (("3b", 3200, 8640, 32000), ("code-7b", 4096, 11008, 32016))

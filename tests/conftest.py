@@ -24,6 +24,16 @@ def reference_root() -> Path | None:
     return next((path for path in candidates if path.is_dir()), None)
 
 
+@pytest.fixture
+def interpreter() -> None:
+    """Triton's interpreter runs the kernels on CPU tensors (turned on above, before Triton's import); they go there
+    with cpu=True, or from a model whose plan says interpret_kernels. Skips on a GPU machine."""
+    from longllama.fast import kernels
+
+    if not kernels.interpreting():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
+
+
 @pytest.fixture(scope="session")
 def bf16_cpu_attention() -> None:
     """Skips a test where torch's CPU attention cannot run in bf16: on CPUs with AMX, below

@@ -22,14 +22,6 @@ pytest.importorskip("triton")
 STORE_STEPS = 1
 
 
-@pytest.fixture
-def interpreter():
-    """Triton's interpreter runs the kernels on CPU tensors (conftest turns it on before Triton's import); they go
-    there with cpu=True, or from a model whose plan says interpret_kernels."""
-    if not kernels.interpreting():
-        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
-
-
 def _reference_attention(q, keys, values, used, mem_k=None, mem_v=None):
     """fp32 softmax(q k^T / sqrt(d)) v over the first `used` local slots and the memory (heads repeated for GQA)."""
     d = q.shape[-1]
@@ -148,7 +140,7 @@ def _int8(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
     layer = torch.nn.Linear(k, n, bias=False).to(torch.bfloat16)
     torch.nn.init.normal_(layer.weight)
-    quantize._torchao()[0](layer, quantize._config("int8", k, torch.device("cpu")))
+    quantize._torchao()[0](layer, quantize._int8_config())
     values, scales = quantize.int8_rows(layer.weight)
     assert values.dtype == torch.int8 and scales.shape == (n, 1)
     return layer.weight, values.float() * scales
@@ -232,21 +224,33 @@ def test_static_decoding_with_kernels_in_bf16(interpreter, bf16_cpu_attention):
     assert 0 < plain_error and (fast_logits - exact_logits).abs().max() <= 4 * plain_error
 
 
-def test_static_decoding_reads_int8_weights_in_the_kernels(interpreter, bf16_cpu_attention):
-    """A model with int8 weights (quantize_model) decodes through the matrix-vector kernels, which read the int8 rows
-    and scales (quantize.int8_rows), against torchao's own products (no kernels) and fp32 maths on the dequantized
-    weights: along the same tokens, within 4x the torchao path's own distance to fp32 (as the bf16 test above)."""
+def _dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """A weight quantized by quantize_model as fp32 values, from the parts the kernels read."""
+    from longllama import int4, quantize
+
+    rows = quantize.int8_rows(weight)
+    if rows is not None:
+        return rows[0].float() * rows[1]
+    parts = quantize.int4_parts(weight)
+    return int4.dequantize(*parts).float() if parts is not None else weight.float()
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_static_decoding_reads_quantized_weights_in_the_kernels(interpreter, bf16_cpu_attention, quantization):
+    """A model with int8 or int4 weights (quantize_model) decodes through the matrix-vector kernels, which read the
+    int8 rows and scales (quantize.int8_rows) or the int4 codes, scales and offsets (quantize.int4_parts) in place,
+    against the weights' own products (no kernels) and fp32 maths on the dequantized weights: along the same tokens,
+    within 4x the unfused path's own distance to fp32 (as the bf16 test above)."""
     pytest.importorskip("torchao")
     from longllama import quantize
 
     model = sharp_tiny(attn_impl="fast").to(torch.bfloat16)
     exact = copy.deepcopy(model).float()
     exact.config.attn_impl = "eager"
-    quantize.quantize_model(model, "int8")
+    quantize.quantize_model(model, quantization)
     with torch.no_grad():
         for name, module in quantize.quantized_linears(model):
-            values, scales = quantize.int8_rows(module.weight)
-            exact.get_submodule(name).weight.copy_(values.float() * scales)
+            exact.get_submodule(name).weight.copy_(_dequantized(module.weight))
     assert model.plan.gemv_rows == model.plan.gemv_max_rows
     launched = []
     real = gemv._stacked

@@ -9,7 +9,7 @@ import torch
 
 from longllama import LongLlamaForCausalLM
 from longllama.config import preset
-from longllama.errors import InputError
+from longllama.errors import CheckpointError, InputError
 
 pytest.importorskip("torchao")
 
@@ -36,7 +36,7 @@ def _logits(model, ids):
 
 def _dequantized(weight: torch.Tensor) -> torch.Tensor:
     """A quantized weight as fp32 values, read through its own product with the identity (every layout has the
-    product; torchao's CPU int4 layout has no dequantize)."""
+    product)."""
     eye = torch.eye(weight.shape[1], dtype=weight.dtype)
     return torch.nn.functional.linear(eye, weight).float().T
 
@@ -84,20 +84,74 @@ def test_int8_logits(folder):
     assert 0 < err <= 8 / 254 * ref.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_weights_within_half_a_step(folder, dtype):
+    """Each int4 weight is within half a step of the original (the step: its group's range / 15), plus the
+    rounding of the dequantized value to the weight's dtype; every code 0..15 is a grid point of its group."""
+    from longllama import int4
+
+    plain = LongLlamaForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = LongLlamaForCausalLM.from_pretrained(folder, quantization="int4", dtype=dtype)
+    checked = 0
+    for name, module in quantize.quantized_linears(model):
+        q = module.weight
+        parts = quantize.int4_parts(q)
+        w = plain.get_submodule(name).weight.detach().float()
+        if parts is None:  # the tiny model's 176-wide down_proj has no int4 group: it stays as it was
+            assert name.endswith("down_proj") and torch.equal(q, plain.get_submodule(name).weight)
+            continue
+        qdata, scale, offset, group = parts
+        assert qdata.dtype == torch.uint8 and qdata.shape == (w.shape[0], w.shape[1] // 2) and scale.dtype == dtype
+        step = scale.float().repeat_interleave(group, dim=1)
+        deq = int4.dequantize(qdata, scale, offset, group).float()
+        ulp = deq.abs() * (2**-8 if dtype == torch.bfloat16 else 2**-23)
+        assert ((deq - w).abs() <= step / 2 * (1 + 1e-2) + ulp + 1e-7).all(), name
+        assert torch.equal(_dequantized(q), deq)  # its product is the dequantized weight's
+        checked += 1
+    assert checked >= 6
+
+
 def test_int4_logits(folder):
-    """int4 (grouped, bfloat16 weights) on this device: torchao's int4 product against the dequantized weights."""
+    """int4 in bf16 and fp32: the model's products are those of the dequantized weights."""
     ids = _ids(60)
-    try:
-        model = LongLlamaForCausalLM.from_pretrained(folder, quantization="int4", dtype=torch.bfloat16)
-    except (RuntimeError, NotImplementedError) as exc:
-        pytest.skip(f"torchao's int4 kernel does not run here: {exc}")
-    quantized = [name for name, m in quantize.quantized_linears(model) if quantize.is_quantized(m.weight)]
-    assert quantized  # the tiny model's 176-wide down_proj has no int4 group: it stays bf16
-    assert not quantize.is_quantized(model.get_submodule("model.layers.0.mlp.down_proj").weight)
-    out = _logits(model, ids)
-    same = _logits(_dequantized_copy(model, folder), ids)
-    # bf16 activations: a few bf16 steps of the logits' scale
-    assert (out - same).abs().max() <= 0.05 * same.abs().max()
+    for dtype, bound in ((torch.float32, 1e-4), (torch.bfloat16, 0.05)):  # bf16: a few steps of the logits' scale
+        model = LongLlamaForCausalLM.from_pretrained(folder, quantization="int4", dtype=dtype)
+        assert model.plan.weights == "int4" and model.plan.gemv_rows == model.plan.gemv_max_rows
+        out = _logits(model, ids)
+        same = _logits(_dequantized_copy(model, folder), ids)
+        assert (out - same).abs().max() <= bound * same.abs().max(), dtype
+    ref = _logits(LongLlamaForCausalLM.from_pretrained(folder), ids)
+    fp32 = _logits(LongLlamaForCausalLM.from_pretrained(folder, quantization="int4"), ids)
+    assert 0 < (fp32 - ref).abs().max() <= 0.5 * ref.abs().max()  # 16 levels a group: coarse, not broken
+
+
+def test_int4_save_load_round_trip(folder, tmp_path):
+    """An int4 checkpoint (its own layout) written and read on this device: the same logits bit for bit, a
+    quarter of the bytes for the quantized weights."""
+    ids = _ids()
+    model = LongLlamaForCausalLM.from_pretrained(folder, quantization="int4")
+    model.save_pretrained(tmp_path / "q")
+    again = LongLlamaForCausalLM.from_pretrained(tmp_path / "q")
+    assert again.config.quantization == "int4"
+    assert quantize.int4_parts(again.get_submodule("model.layers.1.self_attn.q_proj").weight) is not None
+    assert torch.equal(_logits(model, ids), _logits(again, ids))
+    assert (tmp_path / "q" / "model.safetensors").stat().st_size < 0.6 * (folder / "model.safetensors").stat().st_size
+    # a part missing or of the wrong shape is a one-line error, not a model with a hole
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    file = tmp_path / "q" / "model.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        metadata = f.metadata()
+    saved = load_file(str(file))
+    name = "model.layers.0.self_attn.k_proj.weight"
+    for damage in (lambda t: t.pop(f"{name}.offset"), lambda t: t.update({f"{name}.scale": t[f"{name}.scale"][:, 1:]})):
+        tensors = dict(saved)
+        damage(tensors)
+        save_file(tensors, str(file), metadata=metadata)
+        with pytest.raises(CheckpointError) as info:
+            LongLlamaForCausalLM.from_pretrained(tmp_path / "q")
+        assert "int4" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_save_load_round_trip(folder, tmp_path):
@@ -122,7 +176,6 @@ def test_generate(folder):
 def test_plan_routes_int8_weights_to_the_kernels(folder):
     model = LongLlamaForCausalLM.from_pretrained(folder, quantization="int8")
     assert model.plan.weights == "int8" and model.plan.gemv_rows == model.plan.gemv_max_rows
-    assert model.plan.replace(weights="int4").gemv_rows == 0  # torchao's packed int4 layout: its own product
     dense = LongLlamaForCausalLM.from_pretrained(folder)
     assert dense.plan.weights == "dense" and dense.plan.gemv_rows == dense.plan.gemv_max_rows
 
@@ -131,7 +184,6 @@ def test_plan_routes_int8_weights_to_the_kernels(folder):
     "case, hint",
     [
         (lambda f: LongLlamaForCausalLM.from_pretrained(f, quantization="int3"), "int3"),
-        (lambda f: LongLlamaForCausalLM.from_pretrained(f, quantization="int4"), "bfloat16"),
         (lambda f: LongLlamaForCausalLM.from_pretrained(f).set_plan(weights="int8"), "quantize"),
         (
             lambda f: quantize.quantize_model(LongLlamaForCausalLM.from_pretrained(f, quantization="int8"), "int4"),

@@ -8,16 +8,12 @@ import torch
 from conftest import sharp_tiny
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from longllama.fast import kernels, sampling
+from longllama.fast import sampling
 
 pytest.importorskip("triton")
 
 
-@pytest.fixture(autouse=True)
-def interpreter():
-    """The kernel runs on CPU tensors in Triton's interpreter (conftest turns it on before Triton's import)."""
-    if not kernels.interpreting():
-        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
+pytestmark = pytest.mark.usefixtures("interpreter")  # every test runs the kernel in Triton's interpreter
 
 
 def _warped(logits, temperature, top_k, top_p):

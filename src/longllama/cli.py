@@ -742,8 +742,8 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantize",
         choices=QUANTIZE,
-        help="weight-only quantization of the linear layers through torchao (int4 needs --dtype bfloat16; "
-        "docs/quantization.md)",
+        help="weight-only quantization of the linear layers (int8: torchao's; int4: grouped 4-bit codes read in place "
+        "by the decoding kernels; the [quant] extra; docs/quantization.md)",
     )
     p.add_argument(
         "--mem-dtype",

@@ -79,9 +79,9 @@ class ExecutionPlan:
     interpret_kernels: CPU tensors go to the Triton kernels (under TRITON_INTERPRET=1: the kernel tests).
     autotune: the decoding kernels' configurations by Triton's autotuner (minutes on a model's first decoding; what
         `longllama tune` runs); off, each comes from a measured table or a rule, with no timing runs (fast/tables.py).
-    weights: "dense" (plain tensors), or "int8" / "int4" (torchao's weight-only tensors, quantize.py): from the
-        config's quantization. int8 weights go to the matrix-vector kernel as dense ones do (it reads their int8
-        rows and scales); int4 ones through F.linear (torchao's own kernels) only (`gemv_rows`).
+    weights: "dense" (plain tensors), or "int8" / "int4" (weight-only quantized tensors, quantize.py): from the
+        config's quantization. All three go to the matrix-vector kernels, which read int8 rows and int4 codes with
+        their scales in place (`gemv_rows`).
     mem_retrieval, mem_blocks, mem_block_size, mem_super_size: how memory layers read their memory ("dense": every
         key; "blocks": the best mem_blocks blocks of mem_block_size keys per group of queries, ranked in two levels
         with superblocks of mem_super_size blocks where that is > 0, retrieval.py): from the config's fields of the
@@ -155,9 +155,9 @@ class ExecutionPlan:
 
     @property
     def gemv_rows(self) -> int:
-        """Products of at most this many rows go to the matrix-vector kernel: gemv_max_rows for dense and int8 weights,
-        none for int4 ones (torchao's packed layout, read by its own product)."""
-        return self.gemv_max_rows if self.weights in ("dense", "int8") else 0
+        """Products of at most this many rows go to the matrix-vector kernel (gemv_max_rows), whatever the weights
+        (the kernels read dense, int8 and int4 weights; any other tensor falls back to its own product)."""
+        return self.gemv_max_rows
 
     def tile(self, width: int) -> tuple[int, int, bool, bool] | None:
         """FlashAttention 4's tile for a stored width, or None (the package's own choice)."""

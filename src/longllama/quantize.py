@@ -1,24 +1,22 @@
-"""Weight-only quantization (int8, int4) of a model's linear layers through torchao, and quantized checkpoints.
+"""Weight-only quantization (int8, int4) of a model's linear layers, and quantized checkpoints.
 
 What is quantized: the q/k/v/o projections and the MLP's three products of every layer. The embeddings stay in the
 model's dtype (a lookup, not a product: quantizing them saves memory but no decoding time), and so does lm_head by
 default (`lm_head=True` quantizes it too; docs/quantization.md has the measured choice). Activations stay in the
-model's dtype: torchao's weight-only tensors dequantize inside their matrix product, except where decoding's
-matrix-vector kernels read int8 weights themselves (int8_rows, fast/gemv.py).
+model's dtype.
 
-Layouts (torchao 0.18): int8 is torchao's Int8Tensor, one scale per output row, on every device. int4 is grouped
-(one scale and zero point per `group` input columns, the largest of 128/64/32 dividing the layer's input size; a
-layer no group divides stays unquantized), in the tinygemm layout on CUDA (Int4TilePackedTo4dTensor, aten's
-_weight_int4pack_mm, compute capability >= 8.0) and in torchao's prototype CPU layout elsewhere (Int4OpaqueTensor,
-aten's _weight_int4pack_mm_for_cpu). int4 needs bfloat16 weights on both. A layout is tied to its device: quantize
-after moving the model (`from_pretrained(..., device_map="cuda", quantization="int4")` or `model.to("cuda")` then
-`quantize_model`).
+Layouts: int8 is torchao's Int8Tensor (one scale per output row; torchao's product dequantizes inside it) on every
+device. int4 is this package's own packed layout (int4.py: two 4-bit codes a byte, a scale and an offset per `group`
+input columns, the largest of 128/64/32 dividing the layer's input size; a layer no group divides stays unquantized),
+the same on every device. Decoding's matrix-vector kernels read both in place (int8_rows, int4_parts,
+fast/gemv.py); products of many rows dequantize an int4 weight first (one kernel pass on GPUs).
 
-Checkpoints: `save_quantized` writes config.json (its `quantization` field says which) and model.safetensors in
-torchao's safetensors format (each quantized weight as its plain tensors plus a JSON description in the file's
-metadata: torchao.prototype.safetensors); `load_quantized` rebuilds the tensors without re-quantizing. torchao
-0.18 serialises Int8Tensor and the CUDA int4 layout, not the CPU int4 one: an int4 model quantized on a CPU cannot
-be saved (quantize it at load instead).
+Checkpoints: `save_quantized` writes config.json (its `quantization` field says which) and model.safetensors: int8
+weights in torchao's safetensors format (each quantized weight as its plain tensors plus a JSON description in the
+file's metadata: torchao.prototype.safetensors), int4 weights as their three plain tensors (`<name>.qdata`,
+`.scale`, `.offset`) with their group sizes in the metadata; `load_quantized` rebuilds the tensors without
+re-quantizing. Files written before int4 had its own layout (torchao's CUDA tinygemm tensors) still load, through
+torchao's product.
 """
 
 from __future__ import annotations
@@ -36,10 +34,11 @@ from longllama.errors import CheckpointError, InputError
 
 logger = logging.getLogger(__name__)
 
-INT4_GROUPS = (128, 64, 32)  # tinygemm's group sizes, largest (fewest scales) first
 INSTALL = "pip install 'longllama[quant]' (torchao>=0.18,<0.19)"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "longllama-torchao-v1"
+INT4_KEY = "longllama-int4"  # metadata: {weight name: group size} of the int4 weights stored as plain parts
+INT4_PARTS = ("qdata", "scale", "offset")
 
 
 def check_quantization(name: object) -> str:
@@ -90,25 +89,27 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return weight.qdata, weight.scale
 
 
-def int4_group(in_features: int) -> int | None:
-    """The int4 group size for a layer of `in_features` inputs: the largest of INT4_GROUPS dividing it, or None."""
-    return next((g for g in INT4_GROUPS if in_features % g == 0), None)
+def int4_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """(qdata, scale, offset, group) of an int4 weight in this package's layout (int4.Int4Weight), for the
+    matrix-vector kernels to read in place; None for any other tensor."""
+    if type(weight).__name__ != "Int4Weight":
+        return None
+    return weight.qdata, weight.scale, weight.offset, weight.group
 
 
-def _config(quantization: str, in_features: int, device: torch.device):
+def _int8_config():
     # set_inductor_config=False: torchao would otherwise change torch.compile's global settings (coordinate-descent
     # tuning and more) for every later compilation, ours of the elementwise functions included.
-    _, int8, int4 = _torchao()
-    if quantization == "int8":
-        return int8(set_inductor_config=False)
-    group = int4_group(in_features)
-    if group is None:
-        return None
-    if device.type == "cuda":
-        return int4(group_size=group, int4_packing_format="tile_packed_to_4d", set_inductor_config=False)
-    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+    _, int8, _ = _torchao()
+    return int8(set_inductor_config=False)
 
-    return PrototypeInt4WeightOnlyConfig(group_size=group, set_inductor_config=False)
+
+def _int4():
+    """The int4 module (its tensor class builds on torchao's), or a one-line error naming the install."""
+    _torchao()
+    from longllama import int4
+
+    return int4
 
 
 def quantized_linears(model: nn.Module, *, lm_head: bool = False) -> list[tuple[str, nn.Linear]]:
@@ -137,19 +138,18 @@ def quantize_model(model: nn.Module, quantization: str, *, lm_head: bool | None 
         )
     quantize_, _, _ = _torchao()
     layers = quantized_linears(model, lm_head=lm_head)
-    if quantization == "int4" and layers and layers[0][1].weight.dtype != torch.bfloat16:
-        raise InputError(
-            f"int4 weights are made from bfloat16 ones, the model is in {layers[0][1].weight.dtype}: load it with "
-            "dtype=torch.bfloat16 (--dtype bfloat16)"
-        )
     kept = []
     with torch.no_grad():
         for name, module in layers:
-            cfg = _config(quantization, module.in_features, module.weight.device)
-            if cfg is None:
+            if quantization == "int8":
+                quantize_(module, _int8_config(), filter_fn=lambda m, fqn, target=module: m is target)
+                continue
+            int4 = _int4()
+            group = int4.group_of(module.in_features)
+            if group is None:
                 kept.append(name)
                 continue
-            quantize_(module, cfg, filter_fn=lambda m, fqn, target=module: m is target)
+            module.weight = nn.Parameter(int4.Int4Weight.from_float(module.weight, group), requires_grad=False)
     if kept:
         logger.info("int4: %d layers kept unquantized (no group size divides their inputs): %s", len(kept), kept)
     config.quantization = quantization
@@ -169,15 +169,17 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike) -> None:
     except ImportError as exc:
         raise InputError(f"saving quantized weights needs torchao ({exc}): {INSTALL}") from None
     state = {name: t.detach() for name, t in model.state_dict().items()}
-    for name, t in state.items():
-        if is_quantized(t) and type(t).__name__ == "Int4OpaqueTensor":
-            raise InputError(
-                f"{name}: torchao cannot save int4 weights quantized on a CPU: quantize on a GPU to save them, or "
-                "save the unquantized model and pass quantization='int4' (--quantize int4) when loading it"
-            )
+    groups, parts = {}, {}
+    for name, t in list(state.items()):
+        found = int4_parts(t)
+        if found is not None:
+            del state[name]
+            groups[name] = found[3]
+            parts.update({f"{name}.{part}": tensor for part, tensor in zip(INT4_PARTS, found[:3], strict=True)})
     tensors, metadata = flatten_tensor_state_dict(state)
-    tensors = {name: t.contiguous().cpu() for name, t in tensors.items()}
+    tensors = {name: t.contiguous().cpu() for name, t in {**tensors, **parts}.items()}
     metadata["format"] = FORMAT
+    metadata[INT4_KEY] = json.dumps(groups)
 
     def write(temp: Path) -> None:
         temp.mkdir(parents=True)
@@ -235,7 +237,9 @@ def load_quantized(
             f"{file} is not a quantized longllama checkpoint (format {metadata.get('format')!r}): write it with "
             "longllama.quantize.save_quantized"
         )
-    state, rest = unflatten_tensor_state_dict(tensors, metadata)
+    state = _int4_weights(tensors, metadata.get(INT4_KEY), file)
+    torchao_state, rest = unflatten_tensor_state_dict(tensors, metadata)
+    state.update(torchao_state)
     state.update(rest)
     with torch.device("meta"):
         model = cls(config)
@@ -255,6 +259,35 @@ def load_quantized(
     model.eval()
     _ = model.base_model.plan  # for the device the weights are on
     return model
+
+
+def _int4_weights(tensors: dict, listed: str | None, file: Path) -> dict:
+    """The int4 weights a file lists (its metadata's {name: group}), rebuilt from their parts, which leave `tensors`."""
+    if not listed:
+        return {}
+    try:
+        groups = json.loads(listed)
+        int4 = _int4()
+        weights = {}
+        for name, group in groups.items():
+            qdata, scale, offset = (tensors.pop(f"{name}.{part}") for part in INT4_PARTS)
+            n, k = qdata.shape[0], 2 * qdata.shape[1]
+            if not (
+                qdata.dtype == torch.uint8
+                and isinstance(group, int)
+                and group > 0
+                and k % group == 0
+                and scale.shape == offset.shape == (n, k // group)
+                and scale.dtype == offset.dtype
+            ):
+                raise ValueError(f"{name}: parts of shapes {qdata.shape}, {scale.shape}, {offset.shape}, group {group}")
+            weights[name] = int4.Int4Weight(qdata, scale, offset, group, (n, k))
+    except (ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise CheckpointError(
+            f"{file}: its int4 weights are incomplete ({type(exc).__name__}: {exc}): write them again with "
+            "save_quantized"
+        ) from None
+    return weights
 
 
 def load_from_folder(

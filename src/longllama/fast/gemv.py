@@ -13,7 +13,11 @@ each program normalising the row itself (the row is a few KB; this saves the nor
 (w1, w2, ...))` is x [w1; w2; ...]^T without concatenating the weights (the q, k and v projections of a layer in one
 launch). `linear_swiglu(x, gate, up)` computes silu(x gate^T) * (x up^T) in the same pass over both weights.
 Weights are plain tensors in the activation dtype, or int8 weights quantized here (quantize.int8_rows: int8
-values with one fp32 scale per output row), read as int8 (half the bytes) and scaled after the sum.
+values with one fp32 scale per output row), read as int8 (half the bytes) and scaled after the sum, or int4 weights
+in this package's layout (quantize.int4_parts, int4.py), read in place (a quarter of bf16's bytes plus a scale and
+an offset per group) and dequantized in registers, each weight as int4.dequantize computes it, before the product
+(gemv_int4_kernels.py). All weights of one call are of one kind (int4: one group size); `dequantize_int4` is the
+one-pass dequantizing kernel for products of many rows (a prompt's reading: F.linear on the whole weight).
 Accumulation is in fp32, as in cuBLAS; the order of the sums differs; results are rounded to the activation dtype
 where the unfused functions round. The loop over K is unrolled (K is a compile-time constant), which keeps every
 load of a program in flight at once (cold-weight products 5-15 % faster than the rolled loop, bench_gemv.py).
@@ -42,6 +46,10 @@ ROWS_BLOCK = 16
 # the interpreter's configurations (no autotuning there): the per-row kernels', the several-row kernels'
 _DEFAULTS = {"BLOCK_N": 8, "BLOCK_K": 256}
 _ROWS_DEFAULTS = {"BLOCK_N": 16, "BLOCK_K": 64}
+_INT4_DEFAULTS = {"BLOCK_N": 8, "BLOCK_KB": 128}
+_INT4_ROWS_DEFAULTS = {"BLOCK_N": 16, "BLOCK_KB": 64}
+_DEQUANTIZE_DEFAULTS = {"BLOCK_N": 16, "BLOCK_KB": 128}
+MAX_INT4_GROUP = 128  # a kernel step covers whole groups: at least 64 bytes per step (gemv_int4_kernels.py)
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,21 +60,62 @@ def _kernels():
     return gemv_kernels.gemv, gemv_kernels.gemv_swiglu, gemv_kernels.gemv_rows, gemv_kernels.gemv_rows_swiglu
 
 
+@functools.lru_cache(maxsize=1)
+def _int4_kernels():
+    """The int4 kernels (gemv_int4_kernels.py), imported on first use."""
+    from longllama.fast import gemv_int4_kernels as k
+
+    return k.gemv_int4, k.gemv_int4_swiglu, k.gemv_int4_rows, k.gemv_int4_rows_swiglu, k.dequantize_int4
+
+
 def kernel_objects() -> tuple:
     """The kernels with their configuration choices (kernels.Kernel: `tuned`, `cache`), for `longllama tune`."""
-    return _kernels()
+    return _kernels() + _int4_kernels()
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _operand(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What the kernels read for `weight`: (the weight, None) for a plain tensor, (int8 values, fp32 row scales)
-    for an int8 weight (quantize.int8_rows), (the weight, None) for any other, which `applies` turns away."""
+def _operand(weight: torch.Tensor) -> tuple:
+    """What the kernels read for `weight`: ("plain", weight) for a plain tensor, ("int8", int8 values, fp32 row
+    scales) for an int8 weight (quantize.int8_rows), ("int4", qdata, scale, offset, group) for an int4 one
+    (quantize.int4_parts), ("other", weight) for any other, which `applies` turns away."""
     if type(weight) in _PLAIN:
-        return weight, None
+        return "plain", weight
     rows = quantize.int8_rows(weight)
-    return rows if rows is not None else (weight, None)
+    if rows is not None:
+        return "int8", *rows
+    parts = quantize.int4_parts(weight)
+    return ("int4", *parts) if parts is not None else ("other", weight)
+
+
+def _readable(operand: tuple, x: torch.Tensor) -> bool:
+    """Whether the kernels can read this operand (_operand) against x (..., K): on x's device, contiguous, K inputs,
+    in x's dtype (int4: the scales and offsets) or int8 with fp32 scales; int4 groups a power of two up to
+    MAX_INT4_GROUP."""
+    kind, w, *rest = operand
+    k = x.shape[-1]
+    if kind == "other" or type(w) not in _PLAIN or w.device != x.device or not w.is_contiguous():
+        return False
+    if kind == "plain":
+        return w.dtype == x.dtype and w.shape[1] == k
+    if kind == "int8":
+        scale = rest[0]
+        return w.dtype == torch.int8 and w.shape[1] == k and scale.dtype == torch.float32 and scale.is_contiguous()
+    scale, offset, group = rest
+    return (
+        w.dtype == torch.uint8
+        and 2 * w.shape[1] == k
+        and _int4_group_ok(group, k)
+        and all(
+            t.dtype == x.dtype and t.device == x.device and t.is_contiguous() and t.shape == (w.shape[0], k // group)
+            for t in (scale, offset)
+        )
+    )
+
+
+def _int4_group_ok(group: int, k: int) -> bool:
+    return 2 <= group <= MAX_INT4_GROUP and group & (group - 1) == 0 and k % group == 0
 
 
 def _grid(n: int, rows: int):
@@ -76,34 +125,34 @@ def _grid(n: int, rows: int):
     return lambda meta: (-(-n // meta["BLOCK_N"]), rows)
 
 
-def _kernel(rows: int, swiglu: bool = False):
-    """The kernel for `rows` rows, its interpreter configuration and its extra constants."""
+def _kernel(rows: int, swiglu: bool = False, int4: bool = False):
+    """The kernel for `rows` rows (of the int4 family with `int4`), its interpreter configuration and its extra
+    constants."""
+    family = _int4_kernels() if int4 else _kernels()
     if rows <= PER_ROW:
-        return _kernels()[swiglu], _DEFAULTS, {}
+        return family[swiglu], (_INT4_DEFAULTS if int4 else _DEFAULTS), {}
     constants = {"BLOCK_M": max(16, kernels.pow2(rows)), "UPCAST": kernels.interpreting()}
-    return _kernels()[2 + swiglu], _ROWS_DEFAULTS, constants
+    return family[2 + swiglu], (_INT4_ROWS_DEFAULTS if int4 else _ROWS_DEFAULTS), constants
+
+
+def _round_bf16(dtype: torch.dtype) -> bool:
+    """The int4 kernels' ROUND: Triton's interpreter truncates fp32 to bf16 where a GPU rounds to nearest, so the
+    dequantized weights are rounded by integer operations there (gemv_int4_kernels.rounded)."""
+    return kernels.interpreting() and dtype == torch.bfloat16
 
 
 def applies(x: torch.Tensor, *weights: torch.Tensor, norm=None, max_rows: int = MAX_ROWS, cpu: bool = False) -> bool:
     """Whether the kernel serves x (..., K) against these (N, K) weights (and the RMSNorm weight of `norm`): at most
-    `max_rows` rows, weights all plain in x's dtype or all int8 (quantize.int8_rows); `cpu` lets CPU tensors through
-    under the interpreter (kernels.usable)."""
+    `max_rows` rows, weights all plain in x's dtype, all int8 (quantize.int8_rows) or all int4 of one group size
+    (quantize.int4_parts; _readable); `cpu` lets CPU tensors through under the interpreter (kernels.usable)."""
     rows = x.numel() // x.shape[-1]
     if not (
         kernels.usable(x, cpu=cpu) and x.dtype in (torch.bfloat16, torch.float16) and rows <= min(max_rows, ROWS_BLOCK)
     ):
         return False
     operands = [_operand(w) for w in weights]
-    scaled = {scale is not None for _, scale in operands}
-    ok = len(scaled) == 1 and all(
-        w.dtype == (torch.int8 if scale is not None else x.dtype)
-        and type(w) in _PLAIN
-        and w.device == x.device
-        and w.is_contiguous()
-        and w.shape[1] == x.shape[-1]
-        and (scale is None or (scale.dtype == torch.float32 and scale.is_contiguous()))
-        for w, scale in operands
-    )
+    kinds = {(op[0], op[4] if op[0] == "int4" else None) for op in operands}  # int4: the group size too
+    ok = len(kinds) == 1 and all(_readable(op, x) for op in operands)
     return ok and (norm is None or (norm[0].dtype == x.dtype and norm[0].is_contiguous()))
 
 
@@ -126,44 +175,41 @@ def _offsets(tensors) -> list[int]:
     return [(t.data_ptr() - first.data_ptr()) // first.element_size() for t in tensors[1:]] + [0, 0]
 
 
+def _stacked_args(operands: list, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """The kernel's weight arguments for stacked operands (_operand): the first weight's tensors, each followed by
+    the element offsets of the others' (_offsets), and the constants of their kind."""
+    kind = operands[0][0]
+    if kind == "int4":
+        parts = [[op[i] for op in operands] for i in (1, 2, 3)]  # qdata, scales, offsets
+        args = tuple(a for tensors in parts for a in (tensors[0], *_offsets(tensors)[:2]))
+        return args, {"G": operands[0][4], "ROUND": _round_bf16(dtype)}
+    weights = [op[1] for op in operands]
+    if kind == "int8":
+        scales = [op[2] for op in operands]
+        return (weights[0], *_offsets(weights)[:2], scales[0], *_offsets(scales)[:2]), {"SCALED": True}
+    return (weights[0], *_offsets(weights)[:2], weights[0], 0, 0), {"SCALED": False}
+
+
 def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm, autotune: bool = False) -> torch.Tensor:
     operands = [_operand(w) for w in weights]
-    weights = [w for w, _ in operands]
-    scales = [s for _, s in operands]
-    scaled = scales[0] is not None
-    w0 = weights[0]
+    weight_args, constants = _stacked_args(operands, x.dtype)
     sizes = [w.shape[0] for w in weights] + [0, 0]
-    offsets = _offsets(weights)
-    scale_offsets = _offsets(scales) if scaled else [0, 0]
     n = sum(w.shape[0] for w in weights)
     k = x.shape[-1]
     flat, norm_args, normed = _prepared(x, norm)
     rows = flat.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     r = y if residual is None else residual.reshape(rows, n).contiguous()
-    kernel, defaults, extra = _kernel(rows)
+    kernel, defaults, extra = _kernel(rows, int4=operands[0][0] == "int4")
     kernels.launch(
         kernel,
         _grid(n, rows),
-        (
-            flat,
-            *norm_args,
-            w0,
-            *offsets[:2],
-            scales[0] if scaled else w0,
-            *scale_offsets[:2],
-            r,
-            y,
-            rows,
-            n,
-            *sizes[:2],
-            k,
-        ),
+        (flat, *norm_args, *weight_args, r, y, rows, n, *sizes[:2], k),
         defaults,
         autotune=autotune,
         NORM=normed,
         RESIDUAL=residual is not None,
-        SCALED=scaled,
+        **constants,
         **extra,
     )
     return y.view(*x.shape[:-1], n)
@@ -228,20 +274,47 @@ def linear_swiglu(
         x = _normed(x, norm)
         return F.silu(F.linear(x, gate)) * F.linear(x, up)
     flat, norm_args, normed = _prepared(x, norm)
-    (gate, gate_scale), (up, up_scale) = _operand(gate), _operand(up)
-    scaled = gate_scale is not None
+    g, u = _operand(gate), _operand(up)
+    kind = g[0]
     rows, n, k = flat.shape[0], gate.shape[0], flat.shape[1]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    kernel, defaults, extra = _kernel(rows, swiglu=True)
-    scale_args = (gate_scale, up_scale) if scaled else (gate, up)
+    kernel, defaults, extra = _kernel(rows, swiglu=True, int4=kind == "int4")
+    if kind == "int4":  # gate's and up's qdata, scales, offsets
+        weight_args, constants = (g[1], u[1], g[2], u[2], g[3], u[3]), {"G": g[4], "ROUND": _round_bf16(x.dtype)}
+    elif kind == "int8":  # values, scales
+        weight_args, constants = (g[1], u[1], g[2], u[2]), {"SCALED": True}
+    else:
+        weight_args, constants = (g[1], u[1], g[1], u[1]), {"SCALED": False}
     kernels.launch(
         kernel,
         _grid(n, rows),
-        (flat, *norm_args, gate, up, *scale_args, y, rows, n, k),
+        (flat, *norm_args, *weight_args, y, rows, n, k),
         defaults,
         autotune=autotune,
         NORM=normed,
-        SCALED=scaled,
+        **constants,
         **extra,
     )
     return y.view(*x.shape[:-1], n)
+
+
+def dequantize_int4(qdata: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> torch.Tensor:
+    """The int4 weight (N, K) in scale's dtype from its parts (int4.py's layout), in one pass of a kernel: equal to
+    int4.dequantize (q * scale + offset in fp32, rounded once). For CUDA tensors (or CPU ones under the
+    interpreter); a group the kernel does not take (over MAX_INT4_GROUP) goes to int4.dequantize."""
+    n, k = qdata.shape[0], 2 * qdata.shape[1]
+    if not _int4_group_ok(group, k):
+        from longllama import int4
+
+        return int4.dequantize(qdata, scale, offset, group)
+    out = torch.empty(n, k, dtype=scale.dtype, device=qdata.device)
+    grid = lambda meta: (-(-n // meta["BLOCK_N"]), -(-(k // 2) // meta["BLOCK_KB"]))
+    kernels.launch(
+        _int4_kernels()[4],
+        grid,
+        (qdata.contiguous(), scale.contiguous(), offset.contiguous(), out, n, k),
+        _DEQUANTIZE_DEFAULTS,
+        G=group,
+        ROUND=_round_bf16(scale.dtype),
+    )
+    return out

@@ -53,13 +53,22 @@ GEMV = _gemv(
     ]
 )
 GEMV_SWIGLU = _gemv([(8640, 3200, True, 1, 256, 2), (11008, 4096, True, 1, 1024, 8)])
+# The same products on int4 weights (gemv_int4_kernels.py), keys (N, K, M, NORM, G): none measured yet.
+GEMV_INT4: dict = {}
+GEMV_INT4_SWIGLU: dict = {}
 
 
 def _shipped_files() -> None:
     """Merge the tables in measured/*.json (written by `longllama tune` on those GPUs) into the dicts above."""
     from longllama.fast import tuning
 
-    into = {"gemv": GEMV, "gemv_swiglu": GEMV_SWIGLU, "decode_attention": DECODE_ATTENTION}
+    into = {
+        "gemv": GEMV,
+        "gemv_swiglu": GEMV_SWIGLU,
+        "gemv_int4": GEMV_INT4,
+        "gemv_int4_swiglu": GEMV_INT4_SWIGLU,
+        "decode_attention": DECODE_ATTENTION,
+    }
     for path in sorted((Path(__file__).parent / "measured").glob("*.json")):
         device = _device_of(path)
         for name, entries in tuning.read(path).items():
@@ -123,6 +132,44 @@ def gemv_rows_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, i
     stages."""
     block_n = 32 if int(key["N"]) >= 16384 else 16
     return {"BLOCK_N": block_n, "BLOCK_K": 128}, 4, 4
+
+
+def gemv_int4_rule(
+    key: dict, shipped: dict, dtype: str | None, *, swiglu: bool = False
+) -> tuple[dict, int, int | None]:
+    """(meta, num_warps, num_stages) of the int4 matrix-vector kernels for key {N, K, M, NORM, G}. Every program
+    reads x's columns (2 bytes each, 4 with the RMSNorm's weight) for its BLOCK_N rows of half a byte a column, so
+    BLOCK_N is at least 4 (the SwiGLU kernel reads two weights: 2), where gemv_rule's single rows would read more of
+    x than of the weights; up to 16 while a program is left for every ~600 output rows. BLOCK_KB: tiles of at most
+    2048 bytes, never under half a group (a step covers whole groups) nor over K's bytes; 4 warps, 8 on 2048-byte
+    tiles. A guess from the bytes read, not measured (an H100 run with gemv_rule's shape of choice, BLOCK_N 1,
+    decoded slower than bf16)."""
+    same = _same_shape(shipped, dtype, tuple(key[k] for k in ("N", "K", "M", "NORM", "G")))
+    if same is not None:
+        return same
+    n, k, g = int(key["N"]), int(key["K"]), int(key["G"])
+    block_n = max(4, min(16, _pow2_at_most(n // 600)))
+    if swiglu:
+        block_n //= 2
+    block_kb = max(g // 2, 16, min(2048 // block_n, 256, 1 << max(k // 2 - 1, 1).bit_length()))
+    return {"BLOCK_N": block_n, "BLOCK_KB": block_kb}, 8 if block_n * block_kb >= 2048 else 4, None
+
+
+def gemv_int4_swiglu_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
+    return gemv_int4_rule(key, shipped, dtype, swiglu=True)
+
+
+def gemv_int4_rows_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
+    """(meta, num_warps, num_stages) of the several-row int4 kernels: gemv_rows_rule's tiles (16 output rows, 32 on
+    wide outputs; 128 columns, that is 64 bytes, per step over 4 stages)."""
+    block_n = 32 if int(key["N"]) >= 16384 else 16
+    return {"BLOCK_N": block_n, "BLOCK_KB": 64}, 4, 4
+
+
+def dequantize_int4_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
+    """(meta, num_warps, num_stages) of the int4 dequantizing pass for key {N, K, G}: tiles of 16 rows x 256
+    columns (128 bytes; at least half a group), 4 warps (32 outputs per thread)."""
+    return {"BLOCK_N": 16, "BLOCK_KB": max(128, int(key["G"]) // 2)}, 4, None
 
 
 def decode_attention_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
