@@ -94,14 +94,25 @@ def test_two_processes_with_baseline(baseline, tmp_path):
     assert r["loss"] == pytest.approx(base["loss"], abs=0.1)  # same weights, other rows: the same ~log(vocab)
 
 
-def test_bad_arguments_are_one_line_errors(baseline, tmp_path):
+def test_bad_arguments_are_one_line_errors(baseline, tmp_path, capsys, monkeypatch):
+    # The first through a process of its own (the exit status a shell sees), the others in this one: the script
+    # checks its arguments before it starts anything.
+    done = launch(*ARGS, "--batch", "6")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1].startswith("bench_train_fsdp: error:")
+    assert "multiple of 4" in done.stderr
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script imports its neighbours, as when run
+    spec = importlib.util.spec_from_file_location("bench_train_fsdp", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     other = tmp_path / "other.json"
     other.write_text(json.dumps([{**record(baseline), "seq": 32}]))
     for args, hint in [
-        (["--batch", "6"], "multiple of 4"),
         (["--baseline", str(other)], "seq"),
         (["--baseline", str(tmp_path / "missing.json")], "No such file"),
     ]:
-        done = launch(*ARGS, *args)
-        assert done.returncode == 2 and done.stdout == "", args
-        assert done.stderr.strip().splitlines()[-1].startswith("bench_train_fsdp: error:") and hint in done.stderr
+        with pytest.raises(SystemExit) as info:
+            script.parse_args([*ARGS, *args])
+        out, err = capsys.readouterr()
+        assert info.value.code == 2 and out == "", args
+        assert err.strip().splitlines()[-1].startswith("bench_train_fsdp: error:") and hint in err

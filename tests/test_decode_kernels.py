@@ -259,10 +259,10 @@ def test_static_decoding_reads_quantized_weights_in_the_kernels(interpreter, bf1
         patch.setattr(gemv, "_stacked", lambda *a, **kw: launched.append(1) or real(*a, **kw))
         model.set_plan(interpret_kernels=False)
         plain = model.generate(
-            ids, decoder="static", max_new_tokens=8, return_dict_in_generate=True, output_logits=True
+            ids, decoder="static", max_new_tokens=5, return_dict_in_generate=True, output_logits=True
         )
         assert not launched
-        forced = dict(logits_processor=[ForcedTokens(plain.sequences)], output_logits=True, max_new_tokens=8)
+        forced = dict(logits_processor=[ForcedTokens(plain.sequences)], output_logits=True, max_new_tokens=5)
         fast = _decode(model, ids, True, **forced)
         assert launched
         reference = exact.generate(ids, decoder="dynamic", return_dict_in_generate=True, **forced)
