@@ -175,19 +175,29 @@ def _offsets(tensors) -> list[int]:
     return [(t.data_ptr() - first.data_ptr()) // first.element_size() for t in tensors[1:]] + [0, 0]
 
 
+# The tensors the kernels take of each kind of operand (_operand's positions): int4 codes, scales and offsets; int8
+# values and scales; a plain weight also in the scales' place (the kernels read none there).
+_PARTS = {"int4": (1, 2, 3), "int8": (1, 2), "plain": (1, 1)}
+
+
+def _constants(operand: tuple, dtype: torch.dtype) -> dict:
+    """The kernels' constants for weights of this operand's kind (int4: the group size and ROUND)."""
+    if operand[0] == "int4":
+        return {"G": operand[4], "ROUND": _round_bf16(dtype)}
+    return {"SCALED": operand[0] == "int8"}
+
+
 def _stacked_args(operands: list, dtype: torch.dtype) -> tuple[tuple, dict]:
-    """The kernel's weight arguments for stacked operands (_operand): the first weight's tensors, each followed by
-    the element offsets of the others' (_offsets), and the constants of their kind."""
+    """The kernel's weight arguments for stacked operands (_operand): each part's tensor of the first weight,
+    followed by the element offsets of the others' (_offsets; zeros for a plain weight's repeated part), and the
+    constants of their kind."""
     kind = operands[0][0]
-    if kind == "int4":
-        parts = [[op[i] for op in operands] for i in (1, 2, 3)]  # qdata, scales, offsets
-        args = tuple(a for tensors in parts for a in (tensors[0], *_offsets(tensors)[:2]))
-        return args, {"G": operands[0][4], "ROUND": _round_bf16(dtype)}
-    weights = [op[1] for op in operands]
-    if kind == "int8":
-        scales = [op[2] for op in operands]
-        return (weights[0], *_offsets(weights)[:2], scales[0], *_offsets(scales)[:2]), {"SCALED": True}
-    return (weights[0], *_offsets(weights)[:2], weights[0], 0, 0), {"SCALED": False}
+    args = []
+    for n, i in enumerate(_PARTS[kind]):
+        tensors = [op[i] for op in operands]
+        offsets = [0, 0] if kind == "plain" and n > 0 else _offsets(tensors)[:2]
+        args += [tensors[0], *offsets]
+    return tuple(args), _constants(operands[0], dtype)
 
 
 def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm, autotune: bool = False) -> torch.Tensor:
@@ -275,16 +285,11 @@ def linear_swiglu(
         return F.silu(F.linear(x, gate)) * F.linear(x, up)
     flat, norm_args, normed = _prepared(x, norm)
     g, u = _operand(gate), _operand(up)
-    kind = g[0]
     rows, n, k = flat.shape[0], gate.shape[0], flat.shape[1]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    kernel, defaults, extra = _kernel(rows, swiglu=True, int4=kind == "int4")
-    if kind == "int4":  # gate's and up's qdata, scales, offsets
-        weight_args, constants = (g[1], u[1], g[2], u[2], g[3], u[3]), {"G": g[4], "ROUND": _round_bf16(x.dtype)}
-    elif kind == "int8":  # values, scales
-        weight_args, constants = (g[1], u[1], g[2], u[2]), {"SCALED": True}
-    else:
-        weight_args, constants = (g[1], u[1], g[1], u[1]), {"SCALED": False}
+    kernel, defaults, extra = _kernel(rows, swiglu=True, int4=g[0] == "int4")
+    weight_args = tuple(t for i in _PARTS[g[0]] for t in (g[i], u[i]))  # each part: gate's, then up's
+    constants = _constants(g, x.dtype)
     kernels.launch(
         kernel,
         _grid(n, rows),
