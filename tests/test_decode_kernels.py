@@ -251,7 +251,6 @@ def test_static_decoding_reads_quantized_weights_in_the_kernels(interpreter, bf1
     with torch.no_grad():
         for name, module in quantize.quantized_linears(model):
             exact.get_submodule(name).weight.copy_(_dequantized(module.weight))
-    assert model.plan.gemv_rows == model.plan.gemv_max_rows
     launched = []
     real = gemv._stacked
     ids = torch.randint(3, 320, (1, 100))

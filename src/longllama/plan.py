@@ -80,8 +80,8 @@ class ExecutionPlan:
     autotune: the decoding kernels' configurations by Triton's autotuner (minutes on a model's first decoding; what
         `longllama tune` runs); off, each comes from a measured table or a rule, with no timing runs (fast/tables.py).
     weights: "dense" (plain tensors), or "int8" / "int4" (weight-only quantized tensors, quantize.py): from the
-        config's quantization. All three go to the matrix-vector kernels, which read int8 rows and int4 codes with
-        their scales in place (`gemv_rows`).
+        config's quantization. All three go to the matrix-vector kernels (products of up to gemv_max_rows rows),
+        which read int8 rows and int4 codes with their scales in place.
     mem_retrieval, mem_blocks, mem_block_size, mem_super_size: how memory layers read their memory ("dense": every
         key; "blocks": the best mem_blocks blocks of mem_block_size keys per group of queries, ranked in two levels
         with superblocks of mem_super_size blocks where that is > 0, retrieval.py): from the config's fields of the
@@ -152,12 +152,6 @@ class ExecutionPlan:
     @property
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda")
-
-    @property
-    def gemv_rows(self) -> int:
-        """Products of at most this many rows go to the matrix-vector kernel (gemv_max_rows), whatever the weights
-        (the kernels read dense, int8 and int4 weights; any other tensor falls back to its own product)."""
-        return self.gemv_max_rows
 
     def tile(self, width: int) -> tuple[int, int, bool, bool] | None:
         """FlashAttention 4's tile for a stored width, or None (the package's own choice)."""

@@ -85,7 +85,7 @@ class StaticDecoder:
             and plan.decode_kernels
             and decode_attention.applies(model.lm_head.weight, cpu=plan.interpret_kernels)
         )
-        self.gemv_options = dict(max_rows=plan.gemv_rows, cpu=plan.interpret_kernels, autotune=plan.autotune)
+        self.gemv_options = dict(max_rows=plan.gemv_max_rows, cpu=plan.interpret_kernels, autotune=plan.autotune)
         self.checked = False  # a first step has run (with the kernels, or after falling back from them)
         self.head_dim = config.head_dim
         # Rows of the local buffers: zero-padded to a multiple of 8 elements for the kernels (16-byte aligned rows

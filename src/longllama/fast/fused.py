@@ -229,7 +229,7 @@ def ops_for(plan: ExecutionPlan) -> Ops:
     if plan.attention == "fast" and plan.compile and not torch.is_grad_enabled():
         return compiled(
             rope_kernel=plan.rope_kernel,
-            gemv_max_rows=plan.gemv_rows,
+            gemv_max_rows=plan.gemv_max_rows,
             cpu=plan.interpret_kernels,
             autotune=plan.autotune,
         )
