@@ -7,7 +7,7 @@ weights read and the error against an fp32 product.
 
 --int4: the same products with int4 weights (longllama.int4: 4-bit codes, a scale and an offset per group of 128
 or 64 columns) beside bf16's: cuBLAS and the Triton kernels on bf16 weights, the int4 kernels with the rule's
-configuration, and with Triton's autotuner over --int4-configs (the best configuration printed); GB/s counts the
+configuration, and with Triton's autotuner over the kernels' own list (the best configuration printed); GB/s counts the
 bytes each reads (int4: codes, scales and offsets)."""
 
 from __future__ import annotations
@@ -56,18 +56,6 @@ def case(name: str, shapes, k: int, ours, theirs, rows: int = 1) -> None:
         print(f"{name:28s} {rows:4d} {path:7s} {us:8.1f} {gbytes / us * 1e6:7.0f} {err:9.2e}")
 
 
-def _int4_configs(spec: str) -> list:
-    """Configurations BLOCK_N x BLOCK_KB x warps from "1,2,4,8:128,256,512:2,4" (BLOCK_N * BLOCK_KB <= 2048)."""
-    from triton import Config
-
-    ns, kbs, warps = ([int(v) for v in part.split(",")] for part in spec.split(":"))
-    return [
-        Config({"BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w)
-        for n, kb, w in itertools.product(ns, kbs, warps)
-        if n * kb <= 2048
-    ]
-
-
 def int4_case(name: str, shapes, k: int, product, baseline) -> None:
     """One product of one row: bf16 weights (cuBLAS, the kernels) against int4 ones (rule, autotuned)."""
     from longllama import int4
@@ -103,10 +91,8 @@ def int4_case(name: str, shapes, k: int, product, baseline) -> None:
 def main_int4(args) -> None:
     from longllama.fast import gemv_int4_kernels
 
-    configs = _int4_configs(args.int4_configs)
-    for kernel in (gemv_int4_kernels.gemv_int4, gemv_int4_kernels.gemv_int4_swiglu):
-        kernel.configs = configs
-    print(f"{torch.cuda.get_device_name()}, {len(configs)} int4 configurations swept")
+    swept = len(gemv_int4_kernels.gemv_int4.configs)
+    print(f"{torch.cuda.get_device_name()}, {swept} int4 configurations swept per product")
     print(f"{'product':28s} {'path':10s} {'us':>8s} {'GB/s':>7s} {'rel err':>9s}")
     stacked = lambda x, ws, **kw: gemv.linear_stacked(x, tuple(ws), max_rows=16, **kw)  # noqa: E731
     single = lambda x, ws, **kw: gemv.linear(x, ws[0], max_rows=16, **kw)  # noqa: E731
@@ -128,7 +114,6 @@ def main() -> None:
     ap.add_argument("--rows", default="1", help="rows of x, e.g. 1,2,4,8,16 (at most 16: the kernels' limit)")
     ap.add_argument("--shapes", default="3b,code-7b")
     ap.add_argument("--int4", action="store_true", help="int4 weights against bf16, one row (see above)")
-    ap.add_argument("--int4-configs", default="1,2,4,8:128,256,512:2,4", help="BLOCK_N:BLOCK_KB:warps lists")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.int4:
