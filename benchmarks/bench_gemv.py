@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import triton.testing
 
 from longllama.fast import gemv
+from longllama.ops import rms_norm
 
 L2_BYTES = 50 * 2**20
 
@@ -143,6 +144,18 @@ def main() -> None:
             cat,
             rows,
         )
+        # As a decoding step runs them: the RMSNorm before the product in the same pass (each program first sums
+        # the squares of its rows of x), against cuBLAS after the norm.
+        norm = (torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5, 1e-6)
+        normed = lambda x, ws, f: f(rms_norm(x, norm[0].to(x.dtype), norm[1]), ws)  # noqa: E731
+        case(
+            f"{shape} q/k/v +RMSNorm",
+            [(hidden, hidden)] * 3,
+            hidden,
+            lambda x, ws: gemv.linear_stacked(x, tuple(ws), norm=norm, **kw),
+            lambda x, ws: normed(x, ws, cat),
+            rows,
+        )
         one_ours = lambda x, ws: gemv.linear(x, ws[0], **kw)  # noqa: E731
         case(f"{shape} o {hidden}x{hidden}", [(hidden, hidden)], hidden, one_ours, one, rows)
         case(
@@ -151,6 +164,14 @@ def main() -> None:
             hidden,
             lambda x, ws: gemv.linear_swiglu(x, *ws, **kw),
             swiglu,
+            rows,
+        )
+        case(
+            f"{shape} gate/up+SwiGLU +RMSNorm",
+            [(inter, hidden)] * 2,
+            hidden,
+            lambda x, ws: gemv.linear_swiglu(x, *ws, norm=norm, **kw),
+            lambda x, ws: normed(x, ws, swiglu),
             rows,
         )
         case(f"{shape} down {hidden}x{inter}", [(hidden, inter)], inter, one_ours, one, rows)

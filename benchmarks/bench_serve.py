@@ -164,10 +164,12 @@ def concurrent(model, tokenizer, args, memories) -> list[dict]:
     records = []
 
     def run(k: int, new_tokens: int) -> tuple[float, float, dict]:
-        """(seconds in all, seconds of the prompts' reading, the CUDA graph captures' count and seconds)."""
+        """(seconds in all, seconds of the prompts' reading, the CUDA graph captures' count and seconds and the
+        steps' wall times: with overlap a step's wall time is the GPU's time for one step once the queue is full)."""
         _sync()
         mark = timings.mark()
         start = time.perf_counter()
+        steps = []
         with torch.no_grad():
             for i in range(k):
                 m = memories[i]
@@ -177,9 +179,16 @@ def concurrent(model, tokenizer, args, memories) -> list[dict]:
                 engine.admit()
             _sync()
             added = time.perf_counter() - start
-            engine.run()
+            while engine.active:
+                before = time.perf_counter()
+                engine.step()
+                steps.append(time.perf_counter() - before)
         captures = [e for e in timings.since(mark) if e.kind == "capture"]
         counted = dict(captures=len(captures), capture_seconds=round(sum(e.seconds for e in captures), 4))
+        if steps:
+            middle = sorted(steps)[len(steps) // 2]
+            counted.update(steps=len(steps), step_ms_median=round(middle * 1e3, 3),
+                           step_ms_slow=round(sum(t for t in steps if t > 2 * middle) * 1e3, 2))  # fmt: skip
         return time.perf_counter() - start, added, counted
 
     engine_overlap = getattr(engine, "overlap", False)
@@ -193,6 +202,8 @@ def concurrent(model, tokenizer, args, memories) -> list[dict]:
                             **counted))  # fmt: skip
         print(f"decode {k} streams (batch):     {rate:9.1f} tokens/s  ({seconds:.3f} s; reading the {k} prompts "
               f"{added:.3f} s; {counted})", flush=True)  # fmt: skip
+    if args.trace and torch.cuda.is_available():
+        _trace(run, max(args.streams))
     m = memories[0]
     question = torch.tensor([_question(0, args.question_tokens, vocab)], device=model.lm_head.weight.device)
     for n in (4, args.new_tokens):
@@ -209,6 +220,24 @@ def concurrent(model, tokenizer, args, memories) -> list[dict]:
                         tokens_per_s=round(rate, 1)))  # fmt: skip
     print(f"decode 1 stream (generate):     {rate:9.1f} tokens/s  ({seconds:.3f} s)", flush=True)
     return records
+
+
+def _trace(run, k: int, new_tokens: int = 32) -> None:
+    """The GPU kernels of `k` streams decoded together (graph replays included), under torch's profiler: the
+    heaviest by their own GPU time, and the kernels' time per step against the steps' wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run(k, 4)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        seconds, added, counted = run(k, new_tokens)
+    events = prof.key_averages()
+    print(events.table(sort_by="self_device_time_total", row_limit=20), flush=True)
+    kernels_ms = sum(e.self_device_time_total for e in events) / 1e3
+    print(
+        f"trace {k} streams: kernels {kernels_ms / counted['steps']:.3f} ms a step, wall {counted} "
+        f"(reading the prompts {added:.3f} s of {seconds:.3f} s)",
+        flush=True,
+    )
 
 
 def arrivals(model, tokenizer, args, memories) -> list[dict]:
@@ -267,7 +296,9 @@ def arrivals(model, tokenizer, args, memories) -> list[dict]:
     return [record]
 
 
-def over_http(model, tokenizer, args, work: Path) -> list[dict]:
+def over_http(model, tokenizer, args, work: Path, keep) -> None:
+    """The concurrent streams through HTTP; each record handed to `keep` as soon as it is measured (the server's
+    start and the memories' reading take a while on a fresh machine)."""
     import httpx
     import uvicorn
 
@@ -290,7 +321,9 @@ def over_http(model, tokenizer, args, work: Path) -> list[dict]:
                    str(config.memory_budget), "--device", args.device, "--dtype", "bfloat16"]  # fmt: skip
         for change in args.plan or ():
             command += ["--plan", change]
-        process = subprocess.Popen(command)
+        # Its output goes to a file: a server left running must not hold this benchmark's pipe open.
+        log = open(work / "serve.log", "wb")  # noqa: SIM115 (closed with the process below)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         server = thread = None
     else:  # create_app in this process, its model on a thread of its own
         app = create_app(model, tokenizer, config)
@@ -299,13 +332,15 @@ def over_http(model, tokenizer, args, work: Path) -> list[dict]:
         thread.start()
         process = None
     url = f"http://127.0.0.1:{port}"
+    began = time.perf_counter()
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 break
         except httpx.TransportError:
             if process is not None and process.poll() is not None:
-                raise RuntimeError(f"longllama serve ended with status {process.returncode}") from None
+                tail = (work / "serve.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"longllama serve ended with status {process.returncode}:\n{tail}") from None
             time.sleep(0.2)
     ids = []
     for i in range(k_max):
@@ -313,56 +348,94 @@ def over_http(model, tokenizer, args, work: Path) -> list[dict]:
         made = httpx.post(f"{url}/v1/memories", json={"text": text, "template": "none"}, timeout=600)
         made.raise_for_status()
         ids.append(made.json()["id"])
+    print(f"http: server up and {k_max} memories made in {time.perf_counter() - began:.1f} s", flush=True)
     question = "What is the pass key? The pass key is"
-    records = []
     # The clients run in a process of their own: in this one their threads would take the interpreter from the
     # server's model thread, and the numbers would measure that contention rather than the server.
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
-    def run(k: int, n: int) -> tuple[float, int]:
-        return pool.submit(_http_clients, url, ids[:k], question, n).result()
+    def run(k: int, n: int) -> tuple[float, int, dict]:
+        """(seconds, new tokens, the server engine's counters over the run: where the model thread's time went)."""
+        before = httpx.get(f"{url}/health", timeout=10).json().get("engine", {})  # older servers have none
+        seconds, tokens, timing = pool.submit(_http_clients, url, ids[:k], question, n).result()
+        after = httpx.get(f"{url}/health", timeout=10).json().get("engine", {})
+        return seconds, tokens, timing, {key: round(after[key] - before[key], 4) for key in after}
 
     for k in args.streams:
         run(k, 4)
-        seconds, tokens = run(k, args.new_tokens)
+        seconds, tokens, timing, engine = run(k, args.new_tokens)
         assert tokens == k * args.new_tokens, (tokens, k)
         rate = tokens / seconds
-        records.append(dict(benchmark="concurrent_decode", streams=k, http=True, engine="batch",
-                            http_server=args.http_server, new_tokens=args.new_tokens, memory_tokens=None,
-                            seconds=round(seconds, 4), tokens_per_s=round(rate, 1)))  # fmt: skip
-        print(f"decode {k} streams (HTTP, {args.http_server}): {rate:9.1f} tokens/s  ({seconds:.3f} s)", flush=True)
+        keep([dict(benchmark="concurrent_decode", streams=k, http=True, engine="batch",
+                   http_server=args.http_server, new_tokens=args.new_tokens, memory_tokens=None,
+                   seconds=round(seconds, 4), tokens_per_s=round(rate, 1), **timing, server=engine)])  # fmt: skip
+        print(f"decode {k} streams (HTTP, {args.http_server}): {rate:9.1f} tokens/s  ({seconds:.3f} s; {timing}; "
+              f"the server's engine: {engine})", flush=True)  # fmt: skip
     pool.shutdown()
     if process is not None:
+        stopping = time.perf_counter()
         process.terminate()
-        process.wait(timeout=30)
+        try:  # a server still there 20 s after it stopped serving prints its threads' stacks (cli.serve)
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        seconds = time.perf_counter() - stopping
+        print(f"http: the server stopped {seconds:.1f} s after SIGTERM (status {process.returncode}); its output: "
+              f"{work / 'serve.log'}", flush=True)  # fmt: skip
+        if seconds > 5:
+            print((work / "serve.log").read_text(errors="replace")[-6000:], flush=True)
     else:
         server.should_exit = True
         thread.join(timeout=30)
-    return records
 
 
-def _http_clients(url: str, memory_ids: list[str], question: str, n: int) -> tuple[float, int]:
+def _http_clients(url: str, memory_ids: list[str], question: str, n: int) -> tuple[float, int, dict]:
     """One streaming completion of `n` tokens per memory, all at once (a thread each); (seconds until the last
-    ended, new tokens counted from the streams' usage)."""
+    ended, new tokens counted from the streams' usage, and per-token timing: `token_ms`, the mean over the streams of
+    the time from a stream's first text to its last over its tokens between, which leaves out when the requests
+    arrived and were read; `first_spread_s`, from the first stream's first text to the last stream's)."""
     import httpx
 
     counts = [0] * len(memory_ids)
+    first = [0.0] * len(memory_ids)
+    last = [0.0] * len(memory_ids)
+    # Each client is made (and connected) before the clock starts, and all send at once: making an httpx client
+    # (its TLS context) took milliseconds of this process's interpreter each, which spread the requests out.
+    clients = [httpx.Client(timeout=600) for _ in memory_ids]
+    for c in clients:
+        c.get(f"{url}/health")
+    ready = threading.Barrier(len(memory_ids) + 1)
 
     def client(i: int) -> None:
         body = {"prompt": question, "memory": memory_ids[i], "max_tokens": n, "temperature": 0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+        ready.wait()
+        with clients[i].stream("POST", f"{url}/v1/completions", json=body) as response:
             for line in response.iter_lines():
-                if line.startswith("data: {") and '"usage":{' in line:
+                if not line.startswith("data: {"):
+                    continue
+                if '"usage":{' in line:
                     counts[i] = json.loads(line[6:])["usage"]["completion_tokens"]
+                elif '"text":""' not in line:
+                    last[i] = time.perf_counter()
+                    first[i] = first[i] or last[i]
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(memory_ids))]
-    start = time.perf_counter()
     for t in threads:
         t.start()
+    ready.wait()
+    start = time.perf_counter()
     for t in threads:
         t.join()
-    return time.perf_counter() - start, sum(counts)
+    seconds = time.perf_counter() - start
+    for c in clients:
+        c.close()
+    per_token = [(b - a) / max(1, c - 1) for a, b, c in zip(first, last, counts)]
+    timing = dict(token_ms=round(1e3 * sum(per_token) / len(per_token), 3),
+                  first_spread_s=round(max(first) - min(first), 4))  # fmt: skip
+    return seconds, sum(counts), timing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-overlap",
         action="store_true",
         help="concurrent part: each step's tokens handed out before the next step is launched",
+    )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="concurrent part: the most streams once more under torch's profiler (GPU only)",
     )
     parser.add_argument("--arrivals", type=int, default=32, help="arrivals part: requests")
     parser.add_argument("--arrival-rate", type=float, default=8.0, help="arrivals part: requests a second")
@@ -425,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     if "arrivals" in parts:
         keep(arrivals(model, tokenizer, args, memories))
     if "http" in parts:
-        keep(over_http(model, tokenizer, args, work))
+        over_http(model, tokenizer, args, work, keep)
     return 0
 
 

@@ -364,3 +364,43 @@ def test_a_retired_row_is_dropped_before_it_would_flush_its_window():
         engine.run()
     assert not flushed
     assert short.tokens == want[0] and long.tokens == want[1]
+
+
+def test_stats_count_the_steps_prompts_and_layouts_of_a_run():
+    """engine.stats() (the server's /health): two prompts read in one pass, then a layout and one step per token
+    after the first (the first comes with the prompt's reading); a third prompt two steps later is a second read and
+    a second layout. No CUDA graphs on a CPU."""
+    model = sharp_tiny()
+    g = torch.Generator().manual_seed(8)
+    ids = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (9, 14, 6)]
+    engine = BatchGenerator(model)
+    start = engine.stats()
+    assert start["steps"] == start["prompts"] == start["reads"] == start["captures"] == 0
+    with torch.no_grad():
+        for x in ids[:2]:
+            engine.add(x, max_new_tokens=6)
+        engine.step()
+        engine.step()
+        engine.add(ids[2], max_new_tokens=6)
+        engine.run()
+    stats = engine.stats()
+    # the first two streams' 5 steps, then the third's last 3 after theirs ended
+    assert stats["steps"] == 5 + 2 and stats["prompts"] == 3 and stats["reads"] == 2
+    assert stats["layouts"] >= 2 + start["layouts"] and stats["captures"] == 0 and stats["capture_seconds"] == 0
+    assert 0 < stats["read_seconds"] <= stats["step_seconds"]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_on_wait_runs_before_each_step_hands_out_its_tokens(overlap):
+    """The engine calls on_wait (the server's outbox flush) once per step with a step's tokens to hand out, before
+    it waits for them: with overlap the pieces of the token before are sent while the GPU computes."""
+    model = sharp_tiny()
+    seen = []
+    engine = BatchGenerator(model, overlap=overlap, on_wait=lambda: seen.append(("wait", len(stream.tokens))))
+    with torch.no_grad():
+        stream = engine.add([5, 9, 17, 4], max_new_tokens=5, on_token=lambda t: seen.append(("token", t)) and False)
+        engine.run()
+    waits = [n for kind, n in seen if kind == "wait"]
+    # the first token comes with the prompt's reading; tokens 2..5 from steps, each handed out after a wait
+    assert waits == [1, 2, 3, 4]
+    assert [kind for kind, _ in seen] == ["token"] + ["wait", "token"] * 4

@@ -29,7 +29,12 @@ def test_tiny_run_measures_batch_and_http_streams(tmp_path):
     batch = {r["streams"]: r for r in decode if not r["http"] and r["engine"] == "batch"}
     assert set(http) == set(batch) == {1, 2}
     assert all(r["http_server"] == "process" and r["tokens_per_s"] > 0 for r in http.values())
+    # the server's counters over each run: every stream's prompt read, a step per token after the first
+    assert all(r["server"]["prompts"] == k and r["server"]["steps"] >= 7 for k, r in http.items())
+    assert all(0 < r["token_ms"] < 1e3 * r["seconds"] and r["first_spread_s"] >= 0 for r in http.values())
     assert all(r["tokens_per_s"] > 0 and r["memory_tokens"] > 0 for r in batch.values())
+    # the first token comes with the prompt's reading, each of the other seven from a step of its own
+    assert all(r["steps"] == 7 and 0 < r["step_ms_median"] <= 1e3 * r["seconds"] for r in batch.values())
     (arrived,) = [r for r in records if r["benchmark"] == "arrivals"]
     assert arrived["requests"] == 4 and arrived["new_tokens"] >= 4 * 4 and arrived["layouts"] >= 1
     ttft = {r["source"]: r for r in records if r["benchmark"] == "ttft"}

@@ -372,6 +372,8 @@ def test_concurrent_requests_are_decoded_together_and_answer_as_alone(fp32_serve
         assert results[i]["choices"][0]["text"] == alone[i]["choices"][0]["text"], i
     health = server.http("GET", "/health").json()
     assert health["most_decoding"] >= 2 and health["max_batch"] == 8, health  # decoded together, not in turn
+    engine = health["engine"]  # counters since the start: at least these four prompts and their tokens' steps
+    assert engine["prompts"] >= 4 and engine["steps"] >= 7 and engine["layouts"] >= 1 and engine["captures"] == 0
 
 
 def test_a_client_leaving_mid_stream_frees_the_worker(server):
@@ -382,9 +384,17 @@ def test_a_client_leaving_mid_stream_frees_the_worker(server):
     full_seconds = (time.monotonic() - start) * 1024 / 64
     assert short.json()["usage"]["completion_tokens"] == 64  # EOS suppressed: every token generated
     with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as http:
+        began = time.monotonic()
         with http.stream("POST", f"{server.url}/v1/completions", json=body) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
+            pieces = 0
+            for line in lines:  # text comes while the generation runs, not all at its end
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                    pieces += 1
+                    if pieces == 2:
+                        break
+            assert time.monotonic() - began < full_seconds / 3, (time.monotonic() - began, full_seconds)
         # leaving the block closes the connection mid-stream
     start = time.monotonic()
     after = server.http("POST", "/v1/completions", json={"prompt": "Next", "max_tokens": 1, "temperature": 0})

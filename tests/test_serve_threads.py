@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 
 import pytest
 
@@ -70,6 +71,27 @@ def test_generation_jobs_waiting_together_are_queued_before_one_step():
     assert engine.steps[:2] == [[0, 1, 2], [3, 4, 5]]  # the gate's job, then three: a burst is max_rows jobs
 
 
+@pytest.mark.parametrize("gather, gap, first", [(0.0, 0.1, [0]), (0.5, 0.3, [0, 1, 2, 3]), (0.5, 1.0, [0])])
+def test_an_idle_worker_waits_for_generations_that_arrive_together(gather, gap, first):
+    """Requests sent together reach the worker a little apart: an idle worker that takes a generation job waits
+    `gather` seconds for another, and again after each that comes, then queues them all for one pass (here until
+    the batch's 4 rows are there); a request that comes later than that, or any without the wait, is read after."""
+    engine = _Engine()
+    worker = ModelWorker(8, engine, own_thread=False, gather=gather)
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    futures = []
+    for i in range(4):
+        if i:
+            time.sleep(gap)
+        futures.append(worker.submit(lambda i=i: engine.queued.append(i), generation=True))
+    for future in futures:
+        future.result(timeout=10)
+    worker.close()
+    runner.join(timeout=10)
+    assert engine.steps[0] == first
+
+
 def test_a_worker_with_its_own_thread_refuses_run():
     worker = ModelWorker(2)
     try:
@@ -118,6 +140,46 @@ def test_the_outbox_delivers_every_event_in_order_sharing_wake_ups():
     assert got_a == list(range(1, 200, 2)) and got_b == list(range(0, 200, 2)) and wakes == 1
     got_a, got_b, wakes = _outbox_run(produce_on_a_thread=True)  # any interleaving: order kept, none lost
     assert got_a == list(range(1, 200, 2)) and got_b == list(range(0, 200, 2)) and 1 <= wakes <= 200
+
+
+def test_text_pieces_wait_for_a_flush_and_other_events_take_them_along():
+    """Pieces put with wake=False stay on the model's side until flush() (the worker calls it while the GPU computes)
+    or an event that wakes the loop (a stream's end) takes them along, in order; a flush with nothing waiting, or
+    with a wake-up already queued, queues none."""
+
+    async def main() -> None:
+        outbox = _Outbox(asyncio.get_running_loop())
+        wakes = []
+        deliver = outbox._deliver
+        outbox._deliver = lambda: (wakes.append(1), deliver())
+        events = asyncio.Queue()
+        outbox.flush()  # nothing waiting
+        outbox.put(events, ("text", "a"), wake=False)
+        outbox.put(events, ("text", "b"), wake=False)
+        await asyncio.sleep(0.05)
+        assert events.empty() and not wakes
+        outbox.flush()
+        outbox.flush()  # one wake-up is queued already
+        await asyncio.sleep(0.05)
+        assert [events.get_nowait() for _ in range(2)] == [("text", "a"), ("text", "b")] and len(wakes) == 1
+        outbox.put(events, ("text", "c"), wake=False)
+        outbox.put(events, ("done", None))
+        await asyncio.sleep(0.05)
+        assert [events.get_nowait() for _ in range(2)] == [("text", "c"), ("done", None)] and len(wakes) == 2
+
+    asyncio.run(main())
+
+
+def test_the_worker_calls_on_idle_after_each_job_and_before_it_waits():
+    calls = []
+    worker = ModelWorker(4, own_thread=False, on_idle=lambda: calls.append("idle"))
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    worker.submit(lambda: calls.append("job")).result(timeout=10)
+    worker.close()
+    runner.join(timeout=10)
+    # waiting for the first job, the job, then waiting again (the close's None ends the wait)
+    assert calls[:3] == ["idle", "job", "idle"]
 
 
 def test_run_server_on_a_taken_port_raises_naming_it(tmp_path):

@@ -23,6 +23,7 @@ Used by `longllama serve`; from Python:
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -104,7 +105,15 @@ class BatchGenerator:
     """Generations decoded together, at most `max_rows` at a time (see the module docstring). Not thread-safe: one
     thread adds and steps (the server's model worker)."""
 
-    def __init__(self, model, *, max_rows: int = 8, overlap: bool | None = None, compact_after: int | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        max_rows: int = 8,
+        overlap: bool | None = None,
+        compact_after: int | None = None,
+        on_wait: Callable[[], None] | None = None,
+    ):
         if max_rows < 1:
             raise InputError(f"max_rows={max_rows}: pass at least 1")
         self.model, self.max_rows = model, int(max_rows)
@@ -124,6 +133,10 @@ class BatchGenerator:
         self._pending: _Launched | None = None  # the step in flight (overlap): its tokens not yet handed out
         self._suppressed = None  # (each row's suppress tokens, their (rows, cols) index on the device)
         self.most_active = 0  # the most sequences decoded together so far (the server's /health reports it)
+        # Called each step just before the host waits for a step's tokens: with overlap the GPU is busy then, so
+        # other Python threads (the server's event loop) can run without taking the interpreter from the launches.
+        self.on_wait = on_wait
+        self._counts = {"steps": 0, "step_seconds": 0.0, "prompts": 0, "reads": 0, "read_seconds": 0.0}
 
     @property
     def _streams(self) -> list[Stream]:
@@ -138,6 +151,16 @@ class BatchGenerator:
     @property
     def full(self) -> bool:
         return self.active >= self.max_rows
+
+    def stats(self) -> dict[str, float]:
+        """Counters since the engine was made (the server's /health reports them): `steps` taken and the host's
+        `step_seconds` in them (reading prompts and, with overlap, waiting for the step before included); `prompts`
+        read in `reads` passes taking `read_seconds`; the decoder's row `layouts` and CUDA graph `captures` with
+        their `capture_seconds`. Where the time of a run goes: GPU-bound steps take about the GPU's time each."""
+        decoder = self._decoder
+        out = dict(self._counts, layouts=decoder.layouts, captures=decoder.captures)
+        out["capture_seconds"] = decoder.capture_seconds
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
     def add(
         self,
@@ -206,6 +229,15 @@ class BatchGenerator:
         queued, self._queued = self._queued, []
         if not queued:
             return
+        start = time.perf_counter()
+        try:
+            self._admit(queued)
+        finally:
+            self._counts["prompts"] += len(queued)
+            self._counts["reads"] += 1
+            self._counts["read_seconds"] += time.perf_counter() - start
+
+    def _admit(self, queued: list[_Prompt]) -> None:
         model = self.model
         states = [p.state for p in queued]
         together = [i for i, (p, state) in enumerate(zip(queued, states)) if self._fits(p, state)]
@@ -269,6 +301,14 @@ class BatchGenerator:
         previous step's, while this one runs on the GPU; a stream ended by EOS or its `on_token` has one step
         computed after its end, never handed out. If the step fails, every decoded sequence gets the error
         (`on_error`) and is dropped, and the error is raised."""
+        start = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self._counts["steps"] += 1
+            self._counts["step_seconds"] += time.perf_counter() - start
+
+    def _step(self) -> list[Stream]:
         before = list(self._queued)
         self.admit()
         ended = [p.stream for p in before if p.stream.finished]
@@ -346,8 +386,9 @@ class BatchGenerator:
         done.record()
         return _Launched(rows, tokens, host, done, layout)
 
-    @staticmethod
-    def _landed(launched: _Launched) -> list[int]:
+    def _landed(self, launched: _Launched) -> list[int]:
+        if self.on_wait is not None:
+            self.on_wait()
         if launched.done is not None:
             launched.done.synchronize()  # releases the interpreter while it waits
         return launched.host.tolist()

@@ -1406,6 +1406,7 @@ def serve(
     memory_dir: str | None = None,
     queue: int = SERVE_DEFAULTS.queue,
     max_batch: int = SERVE_DEFAULTS.max_batch,
+    batch_wait_ms: int = SERVE_DEFAULTS.batch_wait_ms,
     max_prompt_tokens: int = SERVE_DEFAULTS.max_prompt_tokens,
     max_tokens: int = SERVE_DEFAULTS.max_tokens,
     memory_budget: int = SERVE_DEFAULTS.memory_budget,
@@ -1440,6 +1441,7 @@ def serve(
         memory_dir=memory_dir,
         queue=queue,
         max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
         max_prompt_tokens=max_prompt_tokens,
         max_tokens=max_tokens,
         memory_budget=memory_budget,
@@ -1454,6 +1456,12 @@ def serve(
         run_server(app, host=host, port=port)
     except RuntimeError as exc:
         raise CliError(str(exc)) from None
+    print(f"{PROG}: stopped", file=sys.stderr)
+    # The interpreter's exit runs the libraries' shutdown hooks (compile worker pools among them); one that hangs
+    # keeps a stopped server alive, as seen on a GPU machine: after 20 s, print where every thread is.
+    import faulthandler
+
+    faulthandler.dump_traceback_later(20, exit=False)
     return 0
 
 
@@ -1477,6 +1485,12 @@ def _add_serve(commands) -> None:
     for flag, kind, metavar, text in (
         ("--queue", _positive_int, "N", f"requests that may wait for the model ({d.queue}); more: 429"),
         ("--max-batch", _positive_int, "N", f"generations decoded together ({d.max_batch}); more wait in the queue"),
+        (
+            "--batch-wait-ms",
+            _non_negative_int,
+            "MS",
+            f"an idle server's wait, after a request arrives, for others to read with it ({d.batch_wait_ms}; 0: none)",
+        ),
         ("--max-prompt-tokens", _positive_int, "N", f"prompt tokens per request ({d.max_prompt_tokens})"),
         ("--max-tokens", _positive_int, "N", f"new tokens per request ({d.max_tokens})"),
         (

@@ -28,6 +28,7 @@ the generic path otherwise.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -92,6 +93,7 @@ class StaticDecoder:
         # load as whole vectors: head_dim 100 ran at ~1 TB/s unpadded); `_views` are the head_dim wide parts.
         self.width = kernel_head_dim(self.head_dim) if self.kernels else self.head_dim
         self.graph = self.out = None
+        self.captures, self.capture_seconds = 0, 0.0  # CUDA graphs captured and their seconds (server stats)
 
     @staticmethod
     def usable(cache: LongLlamaCache, mask: torch.Tensor | None) -> bool:
@@ -262,8 +264,11 @@ class StaticDecoder:
         return out
 
     def _capture(self) -> None:
+        start = time.perf_counter()
         with timings.timed("capture", f"decoding step, memory of {self._memory_length()} keys"):
             self._capture_now()
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - start
 
     def _memory_length(self) -> int:
         return max([0] + [m.length for m in self.memories if m is not None])

@@ -134,29 +134,23 @@ def gemv_rows_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, i
     return {"BLOCK_N": block_n, "BLOCK_K": 128}, 4, 4
 
 
-def gemv_int4_rule(
-    key: dict, shipped: dict, dtype: str | None, *, swiglu: bool = False
-) -> tuple[dict, int, int | None]:
-    """(meta, num_warps, num_stages) of the int4 matrix-vector kernels for key {N, K, M, NORM, G}. Every program
-    reads x's columns (2 bytes each, 4 with the RMSNorm's weight) for its BLOCK_N rows of half a byte a column, so
-    BLOCK_N is at least 4 (the SwiGLU kernel reads two weights: 2), where gemv_rule's single rows would read more of
-    x than of the weights; up to 16 while a program is left for every ~600 output rows. BLOCK_KB: tiles of at most
-    2048 bytes, never under half a group (a step covers whole groups) nor over K's bytes; 4 warps, 8 on 2048-byte
-    tiles. A guess from the bytes read, not measured (an H100 run with gemv_rule's shape of choice, BLOCK_N 1,
-    decoded slower than bf16)."""
+def gemv_int4_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
+    """(meta, num_warps, num_stages) of the int4 matrix-vector kernels for key {N, K, M, NORM, G}, as Triton's
+    autotuner chose over the kernels' 42 configurations on an H100 for the 3B shape's products (benchmarks/
+    RESULTS.md, "Quantized weights"): one output row per program (the SwiGLU kernel too), 128-byte steps (256
+    columns) on 2 warps for the wide outputs (q/k/v, gate/up), 256-byte steps on 4 warps for the 3200-row ones;
+    never under half a group (a step covers whole groups) nor over K's bytes."""
     same = _same_shape(shipped, dtype, tuple(key[k] for k in ("N", "K", "M", "NORM", "G")))
     if same is not None:
         return same
     n, k, g = int(key["N"]), int(key["K"]), int(key["G"])
-    block_n = max(4, min(16, _pow2_at_most(n // 600)))
-    if swiglu:
-        block_n //= 2
-    block_kb = max(g // 2, 16, min(2048 // block_n, 256, 1 << max(k // 2 - 1, 1).bit_length()))
-    return {"BLOCK_N": block_n, "BLOCK_KB": block_kb}, 8 if block_n * block_kb >= 2048 else 4, None
+    block_kb = 256 if n <= 4096 else 128
+    block_kb = max(g // 2, 16, min(block_kb, 1 << max(k // 2 - 1, 1).bit_length()))
+    return {"BLOCK_N": 1, "BLOCK_KB": block_kb}, 4 if block_kb >= 256 else 2, None
 
 
 def gemv_int4_swiglu_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
-    return gemv_int4_rule(key, shipped, dtype, swiglu=True)
+    return gemv_int4_rule(key, shipped, dtype)
 
 
 def gemv_int4_rows_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:

@@ -177,23 +177,37 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 class _Outbox:
     """Events from the model's thread to the requests' queues on the event loop. One wake-up of the loop carries
     every event that came since the last: each wake-up has the loop's thread take the interpreter from the model's
-    thread, and one per token and stream would grow with the number of streams."""
+    thread, and one per token and stream would grow with the number of streams. Text pieces (`wake=False`) wait for
+    `flush()`, which the model's thread calls while the GPU computes a step (BatchGenerator's on_wait) and before it
+    idles: the loop then sends them while the model's thread waits anyway, not while it launches the next step (on
+    an H100 the server's decoding steps ran 14 % slower than the engine's alone)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue, tuple]] = []
+        self._scheduled = False  # a delivery is queued on the loop
 
-    def put(self, events: asyncio.Queue, event: tuple) -> None:
+    def put(self, events: asyncio.Queue, event: tuple, *, wake: bool = True) -> None:
         with self._lock:
-            wake = not self._items
             self._items.append((events, event))
+            wake = wake and not self._scheduled
+            self._scheduled |= wake
+        if wake:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def flush(self) -> None:
+        """Wake the loop for the events waiting, if any (and no wake-up is queued already)."""
+        with self._lock:
+            wake = bool(self._items) and not self._scheduled
+            self._scheduled |= wake
         if wake:
             self.loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         with self._lock:
             items, self._items = self._items, []
+            self._scheduled = False
         for events, event in items:
             events.put_nowait(event)
 
@@ -209,13 +223,23 @@ class _Server:
             self._temp = tempfile.TemporaryDirectory(prefix="longllama-memories-")
             folder = self._temp.name
         self.store = MemoryStore(folder, model, tokenizer, budget=config.memory_budget)
-        self.engine = BatchGenerator(model, max_rows=config.max_batch)
-        self.worker = ModelWorker(config.queue, self.engine, own_thread=model_thread)
+        self._outbox: _Outbox | None = None  # before the worker, whose thread flushes it
+        self.engine = BatchGenerator(model, max_rows=config.max_batch, on_wait=self._flush)
+        self.worker = ModelWorker(
+            config.queue,
+            self.engine,
+            own_thread=model_thread,
+            on_idle=self._flush,
+            gather=config.batch_wait_ms / 1000,
+        )
         self.prefixes = PrefixCache(model, config.prefix_cache_bytes)
         self._formats: dict[tuple[str | None, str | None], ChatFormat] = {}
         self.created = int(time.time())
-        self._outbox: _Outbox | None = None
         chat_format(tokenizer, config.template)  # a bad --template fails at start
+
+    def _flush(self) -> None:  # the model's thread, between its launches (see _Outbox)
+        if self._outbox is not None:
+            self._outbox.flush()
 
     def _outbox_of(self, loop: asyncio.AbstractEventLoop) -> _Outbox:
         if self._outbox is None or self._outbox.loop is not loop:
@@ -381,7 +405,7 @@ class _Server:
                     seed=body.seed,
                     cancelled=cancelled,
                     ignore_eos=body.ignore_eos,
-                    on_text=lambda text: emit("text", text),
+                    on_text=lambda text: outbox.put(events, ("text", text), wake=False),
                     on_done=lambda result: emit("done", result),
                     on_error=lambda exc: emit("error", exc),
                 )
@@ -523,6 +547,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, *, model_thr
             "decoding": engine.active,
             "most_decoding": engine.most_active,
             "max_batch": engine.max_rows,
+            "engine": engine.stats(),
         }
 
     @app.get("/", response_class=HTMLResponse)

@@ -15,6 +15,7 @@ class ServeConfig:
     memory_dir: str | None = None  # None: a temporary folder, removed at shut-down
     queue: int = 8  # requests waiting for the model (besides those it decodes)
     max_batch: int = 8  # generations decoded together
+    batch_wait_ms: int = 5  # an idle worker's wait for more requests after one arrives, read in the same pass
     max_prompt_tokens: int = 32768  # per request, besides a memory's document
     max_tokens: int = 2048  # new tokens per request
     default_chat_tokens: int = 512  # chat requests that name no max_tokens

@@ -13,6 +13,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +36,27 @@ class ModelWorker:
     `own_thread=False` starts no thread: the caller runs the jobs on its own thread with `run()`, which returns after
     `close()`. On a CPU that thread should be the one that loaded the model: PyTorch's CPU kernels keep a pool of
     OpenMP threads per calling thread, and a second pool on the same cores made decoding 2-3x slower (measured on
-    2 cores; benchmarks/RESULTS.md, "Serving on a CPU")."""
+    2 cores; benchmarks/RESULTS.md, "Serving on a CPU").
 
-    def __init__(self, size: int, engine: BatchGenerator | None = None, *, own_thread: bool = True):
+    `on_idle` runs after each job and before the thread waits for one (the server flushes its outbox there);
+    `gather`: see below."""
+
+    def __init__(
+        self,
+        size: int,
+        engine: BatchGenerator | None = None,
+        *,
+        own_thread: bool = True,
+        on_idle: Callable[[], None] | None = None,
+        gather: float = 0.0,
+    ):
         self._jobs: queue.Queue = queue.Queue(maxsize=size)
         self.engine = engine
+        self._on_idle = on_idle  # called after each job and before the thread waits for one
+        # Seconds an idle worker waits, after a generation job arrives, for others to read in the same pass, again
+        # after each that comes (10 x at most): clients that send together arrive milliseconds apart, and each later
+        # pass costs a layout (a graph capture on GPUs).
+        self._gather = float(gather)
         self._thread: threading.Thread | None = None
         self._closed = False
         if own_thread:
@@ -94,20 +111,35 @@ class ModelWorker:
         burst = self.engine.max_rows if self.engine is not None else 1
         while True:
             ran = 0
+            until = cap = None  # the end of the wait for jobs to read with the first (see `gather`), its limit
             # The jobs waiting now, up to a batch's worth, before the next step: prompts queued together are read
             # together (BatchGenerator.admit) and the rows are laid out once.
             while ran < burst:
                 if held is None:
+                    block = ran == 0 and not self._decoding()
+                    if block and self._on_idle is not None:
+                        self._on_idle()
+                    left = None if until is None else until - time.monotonic()
                     try:
-                        held = self._jobs.get(block=ran == 0 and not self._decoding())
+                        if left is not None and left > 0:
+                            held = self._jobs.get(timeout=left)
+                        else:
+                            held = self._jobs.get(block=block)
                     except queue.Empty:
                         break
                     if held is None:
                         return
+                    if held[3] and self._gather > 0 and (block or until is not None):
+                        # each arrival extends the wait by `gather`, up to 10 x gather from the first
+                        now = time.monotonic()
+                        cap = now + 10 * self._gather if block else cap
+                        until = min(now + self._gather, cap)
                 if held[3] and self.engine is not None and self.engine.full:
                     break
                 self._run(*held[:3])
                 held, ran = None, ran + 1
+                if self._on_idle is not None:
+                    self._on_idle()
             if self._decoding():
                 try:
                     self.engine.step()
