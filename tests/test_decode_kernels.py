@@ -131,6 +131,20 @@ def test_matrix_vector_kernels_equal_linear(interpreter, rows):
     _assert_swiglu_close(gemv.linear_swiglu(x * 3, q, up, norm=norm, **kw), normed, q, up)
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_the_rmsnorm_inside_sums_every_column_of_a_long_row(interpreter, rows):
+    """K = 600: the norm's sum of squares takes several passes of the several-row kernels' unrolled steps (4 x 64
+    columns under the interpreter), the last one partial."""
+    torch.manual_seed(4)
+    x = torch.randn(rows, 1, 600, dtype=torch.bfloat16) * 3
+    q, up = (torch.randn(40, 600, dtype=torch.bfloat16) * 0.1 for _ in range(2))
+    norm = (torch.rand(600, dtype=torch.bfloat16) + 0.5, 1e-6)
+    normed = ops.rms_norm(x, *norm)
+    kw = dict(cpu=True, max_rows=16)
+    _assert_close_in_bf16(gemv.linear(x, q, norm=norm, **kw), F.linear(normed, q))
+    _assert_swiglu_close(gemv.linear_swiglu(x, q, up, norm=norm, **kw), normed, q, up)
+
+
 def _int8(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An int8 weight as quantize.py makes it (torchao's weight-only Int8Tensor of a random bf16 (n, k) weight) and
     its value in fp32 (values x row scales)."""

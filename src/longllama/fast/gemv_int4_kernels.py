@@ -66,9 +66,17 @@ def int4_tile(
     o3 = o.to(tl.float32)[:, :, None]
     q3 = tl.reshape(q, (BLOCK_N, BLOCK_KB // (G // 2), G // 2))
     # q * scale is exact in fp32 (4 + 11 significant bits at most), so a fused multiply-add rounds the same
-    lo = rounded((q3 & 0xF).to(tl.float32) * s3 + o3, s.dtype, ROUND)
-    hi = rounded((q3 >> 4).to(tl.float32) * s3 + o3, s.dtype, ROUND)
+    lo = rounded(code_value(q3 & 0xF) * s3 + o3, s.dtype, ROUND)
+    hi = rounded(code_value(q3 >> 4) * s3 + o3, s.dtype, ROUND)
     return tl.reshape(lo, (BLOCK_N, BLOCK_KB)), tl.reshape(hi, (BLOCK_N, BLOCK_KB))
+
+
+@triton.jit
+def code_value(c):
+    """The 4-bit codes c (0..15) as fp32, exactly: the bits of 2^23 + c less 2^23 (an OR and an add). The
+    integer-to-float conversion instruction issues at a fraction of fp32 arithmetic's rate, and a matrix-vector
+    product converts every code of the weight (two a byte)."""
+    return (c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit

@@ -172,13 +172,16 @@ def x_rows(x_ptr, nw_ptr, rows, M, ks, inv, K: tl.constexpr, NORM: tl.constexpr)
 
 @triton.jit
 def inv_rms_rows(x_ptr, rows, M, eps, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """inv_rms of every row (BLOCK_M,) of x."""
+    """inv_rms of every row (BLOCK_M,) of x. Every program runs this before its weights stream, and a plain loop
+    issues each step's load after the step before: four steps at a time are unrolled (all of K, as inv_rms does for
+    one row, would hold up to 16 rows' whole x in registers). The same sums in the same order."""
     sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        mask = (rows[:, None] < M) & (ks[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-        sq += x * x
+    for k0 in range(0, K, 4 * BLOCK_K):
+        for j in tl.static_range(4):
+            ks = k0 + j * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask = (rows[:, None] < M) & (ks[None, :] < K)
+            x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+            sq += x * x
     return 1.0 / tl.sqrt(tl.sum(sq, axis=1) / K + eps)
 
 
