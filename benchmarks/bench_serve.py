@@ -11,8 +11,11 @@ shipped model's tokenizer; documents are pass-key haystacks (their content does 
 - concurrent_decode: 1, 4 and 8 streams (`--streams`) over different `--stream-doc-tokens` memories, `--new-tokens`
   each, decoded together by BatchGenerator: aggregate new tokens per second from submitting the questions to the last
   token; the same through HTTP (`longllama serve` in a process of its own, or with `--http-server thread` its app
-  in this process; streamed completions from one thread per client, in a process of their own); and one stream
-  through model.generate (the single-sequence decoder) as the baseline.
+  in this process; streamed completions from one thread per client, in a process of their own, connected before
+  the clock starts and sending together); and one stream through model.generate (the single-sequence decoder) as the
+  baseline. The batch records carry the steps' median wall time (`step_ms_median`), the HTTP ones the time per token
+  within the streams (`token_ms`) and the server engine's counters over the run (`server`: steps, their seconds,
+  prompts and reading passes, layouts, graph captures). --trace: the most streams once more under torch's profiler.
 Prints a table; --out writes records in the format of benchmarks/results/*.json.
 
     python benchmarks/bench_serve.py --shape 3b --out results.json
@@ -354,8 +357,9 @@ def over_http(model, tokenizer, args, work: Path, keep) -> None:
     # server's model thread, and the numbers would measure that contention rather than the server.
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
-    def run(k: int, n: int) -> tuple[float, int, dict]:
-        """(seconds, new tokens, the server engine's counters over the run: where the model thread's time went)."""
+    def run(k: int, n: int) -> tuple[float, int, dict, dict]:
+        """(seconds, new tokens, the clients' per-token timing, the server engine's counters over the run: where the
+        model thread's time went)."""
         before = httpx.get(f"{url}/health", timeout=10).json().get("engine", {})  # older servers have none
         seconds, tokens, timing = pool.submit(_http_clients, url, ids[:k], question, n).result()
         after = httpx.get(f"{url}/health", timeout=10).json().get("engine", {})
