@@ -91,13 +91,15 @@ def seen(kind: str, name: str) -> bool:
 
 @contextlib.contextmanager
 def timed(kind: str, name: str, source: str = "") -> Iterator[dict]:
-    """Record the seconds of the `with` body; the body may set `info["source"]` once it knows it."""
+    """Record the seconds of the `with` body; the body may set `info["source"]` once it knows it, and
+    `info["seconds"]` holds them after it."""
     info = {"source": source}
     start = time.perf_counter()
     try:
         yield info
     finally:
-        record(kind, name, time.perf_counter() - start, info["source"])
+        info["seconds"] = time.perf_counter() - start
+        record(kind, name, info["seconds"], info["source"])
 
 
 def events() -> tuple[Event, ...]:

@@ -335,7 +335,7 @@ def dequantize_int4_kernel(
 
 gemv_int4 = kernels.Kernel("gemv_int4", gemv_int4_kernel, _CONFIGS, _KEY, tables.GEMV_INT4, tables.gemv_int4_rule)
 gemv_int4_swiglu = kernels.Kernel(
-    "gemv_int4_swiglu", gemv_int4_swiglu_kernel, _CONFIGS, _KEY, tables.GEMV_INT4_SWIGLU, tables.gemv_int4_swiglu_rule
+    "gemv_int4_swiglu", gemv_int4_swiglu_kernel, _CONFIGS, _KEY, tables.GEMV_INT4_SWIGLU, tables.gemv_int4_rule
 )
 gemv_int4_rows = kernels.Kernel(
     "gemv_int4_rows", gemv_int4_rows_kernel, _ROWS_CONFIGS, _KEY, {}, tables.gemv_int4_rows_rule

@@ -149,10 +149,6 @@ def gemv_int4_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, i
     return {"BLOCK_N": 1, "BLOCK_KB": block_kb}, 4 if block_kb >= 256 else 2, None
 
 
-def gemv_int4_swiglu_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
-    return gemv_int4_rule(key, shipped, dtype)
-
-
 def gemv_int4_rows_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
     """(meta, num_warps, num_stages) of the several-row int4 kernels: gemv_rows_rule's tiles (16 output rows, 32 on
     wide outputs; 128 columns, that is 64 bytes, per step over 4 stages)."""
