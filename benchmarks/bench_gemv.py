@@ -41,8 +41,9 @@ def cold_us(fns) -> float:
     return triton.testing.do_bench_cudagraph(run, rep=200) * 1e3 / len(fns)
 
 
-def case(name: str, shapes, k: int, ours, theirs, rows: int = 1) -> None:
-    """`shapes`: the (N, K) weights of one call; ours/theirs(x, weights) compute it for `rows` rows of x."""
+def case(name: str, shapes, k: int, ours, theirs, rows: int = 1, autotune: bool = False) -> None:
+    """`shapes`: the (N, K) weights of one call; ours(x, weights, **kw) and theirs(x, weights) compute it for `rows`
+    rows of x; with `autotune`, ours also with Triton's autotuner over the kernel's configuration list."""
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     sets = [
         [torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) * 0.02 for n, kk in shapes]
@@ -51,9 +52,11 @@ def case(name: str, shapes, k: int, ours, theirs, rows: int = 1) -> None:
     gbytes = sum(n * kk * 2 for n, kk in shapes) / 1e9
     ref = theirs(x.float(), [w.float() for w in sets[0]])
 
-    for path, fn in (("cuBLAS", theirs), ("triton", ours)):
-        us = cold_us([lambda ws=ws: fn(x, ws) for ws in sets])
-        err = ((fn(x, sets[0]).float() - ref).norm() / ref.norm()).item()
+    runs = [("cuBLAS", theirs, {}), ("triton", ours, {})] + ([("tuned", ours, {"autotune": True})] if autotune else [])
+    for path, fn, kw in runs:
+        fn(x, sets[0], **kw)  # the autotuner's sweep happens here, untimed
+        us = cold_us([lambda ws=ws: fn(x, ws, **kw) for ws in sets])
+        err = ((fn(x, sets[0], **kw).float() - ref).norm() / ref.norm()).item()
         print(f"{name:28s} {rows:4d} {path:7s} {us:8.1f} {gbytes / us * 1e6:7.0f} {err:9.2e}")
 
 
@@ -115,6 +118,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1", help="rows of x, e.g. 1,2,4,8,16 (at most 16: the kernels' limit)")
     ap.add_argument("--shapes", default="3b,code-7b")
     ap.add_argument("--int4", action="store_true", help="int4 weights against bf16, one row (see above)")
+    ap.add_argument("--autotune", action="store_true", help="also the kernels' autotuned choice (printed at the end)")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.int4:
@@ -123,6 +127,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}\n{'product':28s} rows {'path':7s} {'us':>8s} {'GB/s':>7s} {'rel err':>9s}")
     kw = dict(max_rows=16)
     shapes = (("3b", 3200, 8640, 32000), ("code-7b", 4096, 11008, 32016))
+    tune = args.autotune
     for (shape, hidden, inter, vocab), rows in itertools.product(shapes, [int(r) for r in args.rows.split(",")]):
         if shape not in args.shapes.split(","):
             continue
@@ -140,42 +145,55 @@ def main() -> None:
             f"{shape} q/k/v {3 * hidden}x{hidden}",
             [(hidden, hidden)] * 3,
             hidden,
-            lambda x, ws: gemv.linear_stacked(x, tuple(ws), **kw),
+            lambda x, ws, **t: gemv.linear_stacked(x, tuple(ws), **kw, **t),
             cat,
             rows,
+            tune,
         )
-        # As a decoding step runs them: the RMSNorm before the product in the same pass (each program first sums
-        # the squares of its rows of x), against cuBLAS after the norm.
+        # As a decoding step runs them: the RMSNorm before the product (one row: in the same pass, each program
+        # summing the squares of its row first; several rows: the norm's own kernel first), against cuBLAS after it.
         norm = (torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5, 1e-6)
         normed = lambda x, ws, f: f(rms_norm(x, norm[0].to(x.dtype), norm[1]), ws)  # noqa: E731
         case(
             f"{shape} q/k/v +RMSNorm",
             [(hidden, hidden)] * 3,
             hidden,
-            lambda x, ws: gemv.linear_stacked(x, tuple(ws), norm=norm, **kw),
+            lambda x, ws, **t: gemv.linear_stacked(x, tuple(ws), norm=norm, **kw, **t),
             lambda x, ws: normed(x, ws, cat),
             rows,
         )
-        one_ours = lambda x, ws: gemv.linear(x, ws[0], **kw)  # noqa: E731
-        case(f"{shape} o {hidden}x{hidden}", [(hidden, hidden)], hidden, one_ours, one, rows)
+        one_ours = lambda x, ws, **t: gemv.linear(x, ws[0], **kw, **t)  # noqa: E731
+        case(f"{shape} o {hidden}x{hidden}", [(hidden, hidden)], hidden, one_ours, one, rows, tune)
         case(
             f"{shape} gate/up+SwiGLU {inter}x{hidden}",
             [(inter, hidden)] * 2,
             hidden,
-            lambda x, ws: gemv.linear_swiglu(x, *ws, **kw),
+            lambda x, ws, **t: gemv.linear_swiglu(x, *ws, **kw, **t),
             swiglu,
             rows,
+            tune,
         )
         case(
             f"{shape} gate/up+SwiGLU +RMSNorm",
             [(inter, hidden)] * 2,
             hidden,
-            lambda x, ws: gemv.linear_swiglu(x, *ws, norm=norm, **kw),
+            lambda x, ws, **t: gemv.linear_swiglu(x, *ws, norm=norm, **kw, **t),
             lambda x, ws: normed(x, ws, swiglu),
             rows,
         )
-        case(f"{shape} down {hidden}x{inter}", [(hidden, inter)], inter, one_ours, one, rows)
-        case(f"{shape} lm_head {vocab}x{hidden}", [(vocab, hidden)], hidden, one_ours, one, rows)
+        case(f"{shape} down {hidden}x{inter}", [(hidden, inter)], inter, one_ours, one, rows, tune)
+        case(f"{shape} lm_head {vocab}x{hidden}", [(vocab, hidden)], hidden, one_ours, one, rows, tune)
+    if tune:
+        from longllama.fast import gemv_kernels
+
+        for kernel in (
+            gemv_kernels.gemv,
+            gemv_kernels.gemv_swiglu,
+            gemv_kernels.gemv_rows,
+            gemv_kernels.gemv_rows_swiglu,
+        ):
+            for key, choice in kernel.tuned.items():
+                print(f"best {kernel.name} {dict(zip(kernel.key, key[2:]))}: {choice}")
 
 
 if __name__ == "__main__":

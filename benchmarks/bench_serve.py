@@ -13,9 +13,11 @@ shipped model's tokenizer; documents are pass-key haystacks (their content does 
   token; the same through HTTP (`longllama serve` in a process of its own, or with `--http-server thread` its app
   in this process; streamed completions from one thread per client, in a process of their own, connected before
   the clock starts and sending together); and one stream through model.generate (the single-sequence decoder) as the
-  baseline. The batch records carry the steps' median wall time (`step_ms_median`), the HTTP ones the time per token
-  within the streams (`token_ms`) and the server engine's counters over the run (`server`: steps, their seconds,
-  prompts and reading passes, layouts, graph captures). --trace: the most streams once more under torch's profiler.
+  baseline. The batch records carry the steps' median wall time (`step_ms_median`) and the GPU's time per step
+  (`gpu_ms`), the HTTP ones the time per token within the streams (`token_ms`) and the server engine's counters over
+  the run (`server`: steps, their seconds and GPU seconds, prompts and reading passes, layouts, graph captures); both
+  suppress EOS (the HTTP requests' ignore_eos) and, with --temperature, sample each stream with a seed of its own.
+  --trace: the most streams once more under torch's profiler.
 Prints a table; --out writes records in the format of benchmarks/results/*.json.
 
     python benchmarks/bench_serve.py --shape 3b --out results.json
@@ -29,6 +31,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -156,6 +159,11 @@ def _memories(model, tokenizer, args) -> list[DocumentMemory]:
     ]
 
 
+def _sampling(args, stream: int) -> dict:
+    """BatchGenerator.add's sampling options of stream `stream` (--temperature; a seed of its own)."""
+    return {"do_sample": True, "temperature": args.temperature, "seed": stream} if args.temperature > 0 else {}
+
+
 def _engine(model, args, rows: int) -> BatchGenerator:
     options = dict(overlap=False) if args.no_overlap else {}  # older code has no overlap argument
     return BatchGenerator(model, max_rows=rows, **options)
@@ -171,13 +179,16 @@ def concurrent(model, tokenizer, args, memories) -> list[dict]:
         steps' wall times: with overlap a step's wall time is the GPU's time for one step once the queue is full)."""
         _sync()
         mark = timings.mark()
+        gpu = engine.stats().get("gpu_seconds", 0.0) if hasattr(engine, "stats") else None
         start = time.perf_counter()
         steps = []
         with torch.no_grad():
             for i in range(k):
                 m = memories[i]
+                # EOS suppressed, as the server does for the HTTP runs' requests (ignore_eos): the same work a step
                 engine.add(_question(i, args.question_tokens, vocab), cache=m.cache,
-                           last_context_length=m.last_context_length, max_new_tokens=new_tokens)  # fmt: skip
+                           last_context_length=m.last_context_length, max_new_tokens=new_tokens,
+                           **suppress, **_sampling(args, i))  # fmt: skip
             if hasattr(engine, "admit"):  # the prompts are read here (older code read each in add)
                 engine.admit()
             _sync()
@@ -192,15 +203,19 @@ def concurrent(model, tokenizer, args, memories) -> list[dict]:
             middle = sorted(steps)[len(steps) // 2]
             counted.update(steps=len(steps), step_ms_median=round(middle * 1e3, 3),
                            step_ms_slow=round(sum(t for t in steps if t > 2 * middle) * 1e3, 2))  # fmt: skip
+            if gpu is not None:  # the device's own time per step (BatchGenerator.stats)
+                counted["gpu_ms"] = round((engine.stats().get("gpu_seconds", 0.0) - gpu) / len(steps) * 1e3, 3)
         return time.perf_counter() - start, added, counted
 
     engine_overlap = getattr(engine, "overlap", False)
+    suppress = {"suppress_tokens": [tokenizer.eos_token_id]}
     for k in args.streams:
         run(k, 4)  # warm-up: graph capture for this batch size, kernels for its shapes
         seconds, added, counted = run(k, args.new_tokens)
         rate = k * args.new_tokens / seconds
         records.append(dict(benchmark="concurrent_decode", streams=k, http=False, engine="batch",
-                            new_tokens=args.new_tokens, memory_tokens=memories[0].tokens, overlap=engine_overlap,
+                            temperature=args.temperature, new_tokens=args.new_tokens,
+                            memory_tokens=memories[0].tokens, overlap=engine_overlap,
                             seconds=round(seconds, 4), tokens_per_s=round(rate, 1), add_seconds=round(added, 4),
                             **counted))  # fmt: skip
         print(f"decode {k} streams (batch):     {rate:9.1f} tokens/s  ({seconds:.3f} s; reading the {k} prompts "
@@ -361,7 +376,7 @@ def over_http(model, tokenizer, args, work: Path, keep) -> None:
         """(seconds, new tokens, the clients' per-token timing, the server engine's counters over the run: where the
         model thread's time went)."""
         before = httpx.get(f"{url}/health", timeout=10).json().get("engine", {})  # older servers have none
-        seconds, tokens, timing = pool.submit(_http_clients, url, ids[:k], question, n).result()
+        seconds, tokens, timing = pool.submit(_http_clients, url, ids[:k], question, n, args.temperature).result()
         after = httpx.get(f"{url}/health", timeout=10).json().get("engine", {})
         return seconds, tokens, timing, {key: round(after[key] - before[key], 4) for key in after}
 
@@ -371,7 +386,8 @@ def over_http(model, tokenizer, args, work: Path, keep) -> None:
         assert tokens == k * args.new_tokens, (tokens, k)
         rate = tokens / seconds
         keep([dict(benchmark="concurrent_decode", streams=k, http=True, engine="batch",
-                   http_server=args.http_server, new_tokens=args.new_tokens, memory_tokens=None,
+                   http_server=args.http_server, temperature=args.temperature, new_tokens=args.new_tokens,
+                   memory_tokens=None,
                    seconds=round(seconds, 4), tokens_per_s=round(rate, 1), **timing, server=engine)])  # fmt: skip
         print(f"decode {k} streams (HTTP, {args.http_server}): {rate:9.1f} tokens/s  ({seconds:.3f} s; {timing}; "
               f"the server's engine: {engine})", flush=True)  # fmt: skip
@@ -382,6 +398,8 @@ def over_http(model, tokenizer, args, work: Path, keep) -> None:
         try:  # a server still there 20 s after it stopped serving prints its threads' stacks (cli.serve)
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGUSR1)  # it prints its threads' stacks (cli.serve) before it is killed
+            time.sleep(2)
             process.kill()
             process.wait()
         log.close()
@@ -395,7 +413,9 @@ def over_http(model, tokenizer, args, work: Path, keep) -> None:
         thread.join(timeout=30)
 
 
-def _http_clients(url: str, memory_ids: list[str], question: str, n: int) -> tuple[float, int, dict]:
+def _http_clients(
+    url: str, memory_ids: list[str], question: str, n: int, temperature: float = 0.0
+) -> tuple[float, int, dict]:
     """One streaming completion of `n` tokens per memory, all at once (a thread each); (seconds until the last
     ended, new tokens counted from the streams' usage, and per-token timing: `token_ms`, the mean over the streams of
     the time from a stream's first text to its last over its tokens between, which leaves out when the requests
@@ -413,8 +433,10 @@ def _http_clients(url: str, memory_ids: list[str], question: str, n: int) -> tup
     ready = threading.Barrier(len(memory_ids) + 1)
 
     def client(i: int) -> None:
-        body = {"prompt": question, "memory": memory_ids[i], "max_tokens": n, "temperature": 0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        body = {"prompt": question, "memory": memory_ids[i], "max_tokens": n, "temperature": temperature,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        if temperature > 0:  # each stream its own seed, as the engine's runs (_sampling)
+            body["seed"] = i
         ready.wait()
         with clients[i].stream("POST", f"{url}/v1/completions", json=body) as response:
             for line in response.iter_lines():
@@ -436,9 +458,13 @@ def _http_clients(url: str, memory_ids: list[str], question: str, n: int) -> tup
     seconds = time.perf_counter() - start
     for c in clients:
         c.close()
-    per_token = [(b - a) / max(1, c - 1) for a, b, c in zip(first, last, counts)]
-    timing = dict(token_ms=round(1e3 * sum(per_token) / len(per_token), 3),
-                  first_spread_s=round(max(first) - min(first), 4))  # fmt: skip
+    # Streams whose text came in fewer than two pieces say nothing of the time per token: a random model's greedy
+    # tokens can be pieces of characters that are held back until the end.
+    timed = [(a, b, c) for a, b, c in zip(first, last, counts) if b > a]
+    per_token = [(b - a) / max(1, c - 1) for a, b, c in timed]
+    timing = dict(token_ms=round(1e3 * sum(per_token) / len(per_token), 3) if timed else None,
+                  first_spread_s=round(max(a for a, _, _ in timed) - min(a for a, _, _ in timed), 4) if timed else None,
+                  timed_streams=len(timed))  # fmt: skip
     return seconds, sum(counts), timing
 
 
@@ -453,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", default="ttft,concurrent,http")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sample the concurrent and HTTP streams (each its own seed); 0: greedy. A random model's greedy "
+        "tokens can repeat one piece of a character, which the server holds back to the end: few pieces are sent",
+    )
     parser.add_argument("--http-server", choices=("process", "thread"), default="process",
                         help="http part: `longllama serve` in a process of its own (its model on its main thread), "
                         "or create_app in this process with the model on a thread of its own")  # fmt: skip

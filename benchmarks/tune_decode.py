@@ -72,6 +72,10 @@ def _part(keys, values, n: int, local: bool, chunk: int, slot: torch.Tensor, q: 
         1.4426950408889634 / math.sqrt(D),
         chunk,
         D,
+        m,  # the int8 memory's scales (ks, vs) and their strides: unread, as the kernel is not SCALED here
+        m,
+        0,
+        0,
     )
     constants = dict(
         S_KN=keys.stride(2),

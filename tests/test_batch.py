@@ -388,6 +388,7 @@ def test_stats_count_the_steps_prompts_and_layouts_of_a_run():
     assert stats["steps"] == 5 + 2 and stats["prompts"] == 3 and stats["reads"] == 2
     assert stats["layouts"] >= 2 + start["layouts"] and stats["captures"] == 0 and stats["capture_seconds"] == 0
     assert 0 < stats["read_seconds"] <= stats["step_seconds"]
+    assert stats["gpu_seconds"] == 0  # the device's time: there is none on a CPU
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -133,8 +133,8 @@ def test_matrix_vector_kernels_equal_linear(interpreter, rows):
 
 @pytest.mark.parametrize("rows", [1, 5])
 def test_the_rmsnorm_inside_sums_every_column_of_a_long_row(interpreter, rows):
-    """K = 600: the norm's sum of squares takes several passes of the several-row kernels' unrolled steps (4 x 64
-    columns under the interpreter), the last one partial."""
+    """K = 600, not a power of two: one row's norm sums it in several steps of the product's blocks (256 columns
+    under the interpreter), the last one partial; several rows' norm kernel covers it with one masked block."""
     torch.manual_seed(4)
     x = torch.randn(rows, 1, 600, dtype=torch.bfloat16) * 3
     q, up = (torch.randn(40, 600, dtype=torch.bfloat16) * 0.1 for _ in range(2))
@@ -143,6 +143,18 @@ def test_the_rmsnorm_inside_sums_every_column_of_a_long_row(interpreter, rows):
     kw = dict(cpu=True, max_rows=16)
     _assert_close_in_bf16(gemv.linear(x, q, norm=norm, **kw), F.linear(normed, q))
     _assert_swiglu_close(gemv.linear_swiglu(x, q, up, norm=norm, **kw), normed, q, up)
+
+
+@pytest.mark.parametrize("k", [600, 3200])
+def test_several_rows_are_normalised_by_their_own_kernel_as_rms_norm_does(interpreter, k):
+    torch.manual_seed(6)
+    x = torch.randn(5, k, dtype=torch.bfloat16) * 3
+    weight = torch.rand(k, dtype=torch.bfloat16) + 0.5
+    got = gemv.rms_norm_rows(x, weight, 1e-6)
+    # Both round twice (the normalised row, its product with the weight); the interpreter truncates (a step each),
+    # torch rounds to nearest, and a step of the normalised value is up to two of the product's (weight >= 0.5).
+    assert_within_steps(got, ops.rms_norm(x, weight, 1e-6), dtype=torch.bfloat16, steps=6)
+    assert not torch.equal(got, x)
 
 
 def _int8(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,6 +79,10 @@ def test_the_rule_gives_valid_configurations_for_every_shape(shape, shipped):
             assert _is_pow2(bn) and _is_pow2(bk) and bk >= 16 and bn * bk <= 8192, (n, k, meta)
             assert bk <= max(16, 1 << (k - 1).bit_length())  # no block wider than K needs
             assert warps in (1, 2, 4, 8) and stages in (None, 1, 2, 3, 4)
+            # the several-row kernels' tiles: tl.dot takes at least 16 in every dimension
+            meta, warps, stages = tables.gemv_rows_rule(dict(N=n, K=k, M=8), {}, "torch.bfloat16")
+            assert all(_is_pow2(v) and v >= 16 for v in meta.values()) and set(meta) == {"BLOCK_N", "BLOCK_K"}
+            assert warps in (1, 2, 4, 8) and stages in (1, 2, 3, 4)
     width = 8 * math.ceil(s["d"] / 8)  # the local buffers' rows (attention.kernel_head_dim) and a memory of 16s
     for tokens in (64, 2048, 32768, 262144, 1 << 20):
         chunk = decode_attention._chunk(tokens, s["heads"])

@@ -32,6 +32,37 @@ def test_a_worker_without_a_thread_runs_its_jobs_on_the_caller_until_closed():
     worker.close()  # a second close changes nothing (the app's shutdown and run_server both close)
 
 
+_SIGNALLED_WORKER = """
+import signal, threading, time
+from longllama.serve.worker import ModelWorker
+
+worker = ModelWorker(4, own_thread=False)
+got = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: got.set())  # as run_server's: the handler only flags the stop
+threading.Thread(target=lambda: (got.wait(), worker.close()), daemon=True).start()
+
+
+def signal_me():  # once the main thread waits for jobs, the signal goes to this thread, not to the main one
+    time.sleep(1)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+
+threading.Thread(target=signal_me).start()
+worker.run()
+print("returned")
+"""
+
+
+def test_an_idle_worker_on_the_main_thread_sees_a_signal_another_thread_received():
+    """Python runs a signal's handler on the main thread once that thread runs Python again: a worker waiting for
+    jobs without end would never see a SIGTERM that the system handed to another of the process's threads."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _SIGNALLED_WORKER], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.strip() == "returned", done.stderr[-2000:]
+
+
 class _Engine:
     """What the worker asks of a BatchGenerator, recording which jobs' sequences each step found queued."""
 

@@ -91,14 +91,15 @@ class _Prompt:
 @dataclass
 class _Launched:
     """A step whose tokens are on their way to the host: the stream of each row it advanced (None where a row was
-    retired, or its stream dropped since), their tokens on the device, the host copy and the event that marks it
-    done (None on a CPU)."""
+    retired, or its stream dropped since), their tokens on the device, the host copy and the events that mark where
+    its work began and ended on the device (None on a CPU)."""
 
     rows: list[Stream | None]
     tokens: torch.Tensor
     host: torch.Tensor
     done: torch.cuda.Event | None
     layout: int  # the decoder's layout count at launch: while it holds, the row indices do
+    began: torch.cuda.Event | None = None
 
 
 class BatchGenerator:
@@ -136,7 +137,14 @@ class BatchGenerator:
         # Called each step just before the host waits for a step's tokens: with overlap the GPU is busy then, so
         # other Python threads (the server's event loop) can run without taking the interpreter from the launches.
         self.on_wait = on_wait
-        self._counts = {"steps": 0, "step_seconds": 0.0, "prompts": 0, "reads": 0, "read_seconds": 0.0}
+        self._counts = {
+            "steps": 0,
+            "step_seconds": 0.0,
+            "gpu_seconds": 0.0,
+            "prompts": 0,
+            "reads": 0,
+            "read_seconds": 0.0,
+        }
 
     @property
     def _streams(self) -> list[Stream]:
@@ -154,9 +162,11 @@ class BatchGenerator:
 
     def stats(self) -> dict[str, float]:
         """Counters since the engine was made (the server's /health reports them): `steps` taken and the host's
-        `step_seconds` in them (reading prompts and, with overlap, waiting for the step before included); `prompts`
-        read in `reads` passes taking `read_seconds`; the decoder's row `layouts` and CUDA graph `captures` with
-        their `capture_seconds`. Where the time of a run goes: GPU-bound steps take about the GPU's time each."""
+        `step_seconds` in them (reading prompts and, with overlap, waiting for the step before included); on a GPU,
+        `gpu_seconds`, the device's time from each step's launch to its tokens' copy (prompts and layouts not
+        included; the steps' seconds less this is what the GPU waited for the host); `prompts` read in `reads` passes
+        taking `read_seconds`; the decoder's row `layouts` and CUDA graph `captures` with their `capture_seconds`.
+        Where the time of a run goes: GPU-bound steps take about the GPU's time each."""
         decoder = self._decoder
         out = dict(self._counts, layouts=decoder.layouts, captures=decoder.captures)
         out["capture_seconds"] = decoder.capture_seconds
@@ -323,9 +333,10 @@ class BatchGenerator:
             try:
                 with torch.no_grad():
                     self._decoder.prepare()  # the rows' indices for this step: laid out, retired ones dropped
+                    began = self._event()
                     rows = self._rows()
                     logits = self._decoder.step(self._inputs(pending, rows))
-                    launched = self._launch(rows, logits)
+                    launched = self._launch(rows, logits, began)
             except BaseException as exc:
                 self._fail(exc, last)
                 raise
@@ -374,7 +385,15 @@ class BatchGenerator:
             return t.to(self.device)
         return t.pin_memory().to(self.device, non_blocking=True)
 
-    def _launch(self, rows: list[Stream | None], logits: torch.Tensor) -> _Launched:
+    def _event(self) -> torch.cuda.Event | None:
+        """A timing event recorded now on the current stream (None on a CPU)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _launch(self, rows: list[Stream | None], logits: torch.Tensor, began: torch.cuda.Event | None) -> _Launched:
         """Choose the rows' next tokens on the device and start their copy to the host."""
         tokens = self._choose(rows, logits)
         layout = self._decoder.layouts
@@ -382,15 +401,15 @@ class BatchGenerator:
             return _Launched(rows, tokens, tokens, None, layout)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return _Launched(rows, tokens, host, done, layout)
+        return _Launched(rows, tokens, host, self._event(), layout, began)
 
     def _landed(self, launched: _Launched) -> list[int]:
         if self.on_wait is not None:
             self.on_wait()
         if launched.done is not None:
             launched.done.synchronize()  # releases the interpreter while it waits
+            if launched.began is not None:
+                self._counts["gpu_seconds"] += launched.began.elapsed_time(launched.done) / 1e3
         return launched.host.tolist()
 
     def _fail(self, exc: BaseException, last: Sequence[Stream]) -> None:

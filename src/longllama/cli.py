@@ -1451,6 +1451,11 @@ def serve(
         template=template,
     )
     app = create_app(lm, tokenizer, config, model_thread=False)  # the model's work stays on this thread
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID`: every thread's stack on stderr (a server stuck somewhere)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     print(f"{PROG}: serving {config.model_id} on http://{host}:{port} (OpenAI API under /v1)", file=sys.stderr)
     try:
         run_server(app, host=host, port=port)
@@ -1458,9 +1463,7 @@ def serve(
         raise CliError(str(exc)) from None
     print(f"{PROG}: stopped", file=sys.stderr)
     # The interpreter's exit runs the libraries' shutdown hooks (compile worker pools among them); one that hangs
-    # keeps a stopped server alive, as seen on a GPU machine: after 20 s, print where every thread is.
-    import faulthandler
-
+    # keeps a stopped server alive: after 20 s, print where every thread is.
     faulthandler.dump_traceback_later(20, exit=False)
     return 0
 

@@ -133,7 +133,10 @@ def attend(
     parts = [(keys, values, window, True)]
     if memory is not None and memory[0].shape[2]:
         parts.append((memory[0], memory[1], memory[0].shape[2], False))
-    chunks = [_chunk(n, rows) for _, _, n, _ in parts]
+    # The local cache in chunks of _MIN_CHUNK slots whatever the rows: chunks outside a row's own slots cost a program
+    # that exits at once, and on an H100 8 rows' local caches read in 64-slot chunks took 35 us against 52 us in
+    # the 128-slot chunks that _chunk gave them (benchmarks/RESULTS.md, "Eight rows a step").
+    chunks = [_MIN_CHUNK if local else _chunk(n, rows) for _, _, n, local in parts]
     counts = [-(-n // c) for (_, _, n, _), c in zip(parts, chunks)]
     per_row = [m for m in (row_memories or []) if m is not None and m[0].shape[2]]
     # Each row's memory is its own launch of h programs' rows: chunks sized for that launch, not for the batch (8

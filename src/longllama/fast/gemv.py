@@ -8,8 +8,9 @@ of independent sequences: batch_decode.py) go to several-row kernels that read e
 `linear(x, weight, residual=None, norm=None)` takes the kernel where it applies (CUDA, bf16/fp16, at most
 `max_rows` rows, contiguous weights) and F.linear elsewhere (`autotune`: the kernel's configuration by Triton's
 autotuner, the plan's field; else from the tables or the rule, kernels.Kernel); with `residual`, the sum
-residual + x W^T comes out of the same pass; with `norm` = (RMSNorm weight, eps), the product is of rms_norm(x),
-each program normalising the row itself (the row is a few KB; this saves the norm's own kernel). `linear_stacked(x,
+residual + x W^T comes out of the same pass; with `norm` = (RMSNorm weight, eps), the product is of rms_norm(x):
+for one row each program normalises the row itself (a few KB; this saves the norm's own kernel), several rows are
+normalised by a kernel of their own before the product (_prepared says why). `linear_stacked(x,
 (w1, w2, ...))` is x [w1; w2; ...]^T without concatenating the weights (the q, k and v projections of a layer in one
 launch). `linear_swiglu(x, gate, up)` computes silu(x gate^T) * (x up^T) in the same pass over both weights.
 Weights are plain tensors in the activation dtype, or int8 weights quantized here (quantize.int8_rows: int8
@@ -160,12 +161,32 @@ def _normed(x: torch.Tensor, norm) -> torch.Tensor:
     return x if norm is None else rms_norm(x, norm[0], norm[1])
 
 
-def _prepared(x: torch.Tensor, norm):
-    """x as (rows, K) contiguous, and the kernel's norm arguments (weight pointer, eps, NORM)."""
+def _prepared(x: torch.Tensor, norm) -> tuple[torch.Tensor, tuple, dict]:
+    """x as (rows, K) contiguous, the kernel's leading arguments and its NORM constant. One row: the kernel
+    normalises it (x, the norm's weight and eps). Several rows are normalised first (rms_norm_rows), because every
+    program of a several-row product would otherwise read all of x before its weights: at 8 rows on an H100 the gate/up
+    product with the norm fused took 65 us, with the norm's kernel first 48 (benchmarks/RESULTS.md, "Eight rows a
+    step")."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()
+    if flat.shape[0] > PER_ROW:
+        return (flat if norm is None else rms_norm_rows(flat, *norm)), (), {}
     if norm is None:
-        return flat, (flat, 0.0), False
-    return flat, (norm[0], float(norm[1])), True
+        return flat, (flat, 0.0), {"NORM": False}
+    return flat, (norm[0], float(norm[1])), {"NORM": True}
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """ops.rms_norm of every row of x (rows, K) in one launch (its roundings: the normalised row, then its product
+    with the weight, in x's dtype), for the kernels' tensors (applies)."""
+    from longllama.fast import gemv_kernels
+
+    y = torch.empty_like(x)
+    k = x.shape[-1]
+    block = kernels.pow2(k)
+    gemv_kernels.rms_norm_rows_kernel[(x.shape[0],)](
+        x, weight, y, float(eps), K=k, BLOCK_K=block, num_warps=max(1, min(8, block // 512))
+    )
+    return y
 
 
 def _offsets(tensors) -> list[int]:
@@ -206,7 +227,7 @@ def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm, auto
     sizes = [w.shape[0] for w in weights] + [0, 0]
     n = sum(w.shape[0] for w in weights)
     k = x.shape[-1]
-    flat, norm_args, normed = _prepared(x, norm)
+    flat, lead, norm_constant = _prepared(x, norm)
     rows = flat.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     r = y if residual is None else residual.reshape(rows, n).contiguous()
@@ -214,10 +235,10 @@ def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm, auto
     kernels.launch(
         kernel,
         _grid(n, rows),
-        (flat, *norm_args, *weight_args, r, y, rows, n, *sizes[:2], k),
+        (flat, *lead, *weight_args, r, y, rows, n, *sizes[:2], k),
         defaults,
         autotune=autotune,
-        NORM=normed,
+        **norm_constant,
         RESIDUAL=residual is not None,
         **constants,
         **extra,
@@ -283,7 +304,7 @@ def linear_swiglu(
     if not applies(x, gate, up, norm=norm, max_rows=max_rows, cpu=cpu):
         x = _normed(x, norm)
         return F.silu(F.linear(x, gate)) * F.linear(x, up)
-    flat, norm_args, normed = _prepared(x, norm)
+    flat, lead, norm_constant = _prepared(x, norm)
     g, u = _operand(gate), _operand(up)
     rows, n, k = flat.shape[0], gate.shape[0], flat.shape[1]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
@@ -293,10 +314,10 @@ def linear_swiglu(
     kernels.launch(
         kernel,
         _grid(n, rows),
-        (flat, *norm_args, *weight_args, y, rows, n, k),
+        (flat, *lead, *weight_args, y, rows, n, k),
         defaults,
         autotune=autotune,
-        NORM=normed,
+        **norm_constant,
         **constants,
         **extra,
     )

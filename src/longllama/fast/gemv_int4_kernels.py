@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from longllama.fast import kernels, tables
-from longllama.fast.gemv_kernels import inv_rms, inv_rms_rows, row_offsets, x_block, x_rows
+from longllama.fast.gemv_kernels import inv_rms, row_offsets, x_block, x_rows
 
 # BLOCK_KB bytes per step: at least half of the largest group (128), so that a step covers whole groups.
 _CONFIGS = [
@@ -23,6 +23,7 @@ _CONFIGS = [
     if n * kb <= 4096
 ]
 _KEY = ["N", "K", "M", "NORM", "G"]
+_ROWS_KEY = ["N", "K", "M", "G"]  # the several-row kernels take rows normalised before them
 
 
 @triton.jit
@@ -87,13 +88,11 @@ def x_pairs(x_ptr, nw_ptr, row, kb0, inv, K: tl.constexpr, NORM: tl.constexpr, B
 
 
 @triton.jit
-def x_rows_pairs(
-    x_ptr, nw_ptr, rows, M, kb0, inv, K: tl.constexpr, NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KB: tl.constexpr
-):
+def x_rows_pairs(x_ptr, rows, M, kb0, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KB: tl.constexpr):
     """x_rows of columns [2 kb0, 2 kb0 + 2 BLOCK_KB), loaded whole, as (even columns, odd columns) (BLOCK_M,
     BLOCK_KB) each."""
     ks = 2 * kb0 + tl.arange(0, 2 * BLOCK_KB)
-    return tl.split(tl.reshape(x_rows(x_ptr, nw_ptr, rows, M, ks, inv, K, NORM), (BLOCK_M, BLOCK_KB, 2)))
+    return tl.split(tl.reshape(x_rows(x_ptr, rows, M, ks, K), (BLOCK_M, BLOCK_KB, 2)))
 
 
 @triton.jit
@@ -202,8 +201,6 @@ _ROWS_CONFIGS = [
 @triton.jit
 def gemv_int4_rows_kernel(
     x_ptr,
-    nw_ptr,
-    eps,
     q_ptr,
     qoff1,
     qoff2,
@@ -221,7 +218,6 @@ def gemv_int4_rows_kernel(
     N1,
     K: tl.constexpr,
     G: tl.constexpr,
-    NORM: tl.constexpr,
     RESIDUAL: tl.constexpr,
     ROUND: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -235,10 +231,9 @@ def gemv_int4_rows_kernel(
     qrow = row_offsets(cols, qoff1, qoff2, N0, N1, K // 2)
     srow = row_offsets(cols, soff1, soff2, N0, N1, K // G)
     orow = row_offsets(cols, ooff1, ooff2, N0, N1, K // G)
-    inv = inv_rms_rows(x_ptr, rows, M, eps, K, BLOCK_M, 2 * BLOCK_KB) if NORM else tl.full((BLOCK_M,), 1.0, tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb0 in range(0, K // 2, BLOCK_KB):
-        even, odd = x_rows_pairs(x_ptr, nw_ptr, rows, M, kb0, inv, K, NORM, BLOCK_M, BLOCK_KB)
+        even, odd = x_rows_pairs(x_ptr, rows, M, kb0, K, BLOCK_M, BLOCK_KB)
         lo, hi = int4_tile(q_ptr, qrow, s_ptr, srow, o_ptr, orow, cols < N, kb0, K, G, BLOCK_N, BLOCK_KB, ROUND)
         if UPCAST:
             even, odd, lo, hi = even.to(tl.float32), odd.to(tl.float32), lo.to(tl.float32), hi.to(tl.float32)
@@ -255,8 +250,6 @@ def gemv_int4_rows_kernel(
 @triton.jit
 def gemv_int4_rows_swiglu_kernel(
     x_ptr,
-    nw_ptr,
-    eps,
     gq_ptr,
     uq_ptr,
     gs_ptr,
@@ -268,7 +261,6 @@ def gemv_int4_rows_swiglu_kernel(
     N,
     K: tl.constexpr,
     G: tl.constexpr,
-    NORM: tl.constexpr,
     ROUND: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -280,11 +272,10 @@ def gemv_int4_rows_swiglu_kernel(
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     qrow = cols.to(tl.int64) * (K // 2)
     srow = cols.to(tl.int64) * (K // G)
-    inv = inv_rms_rows(x_ptr, rows, M, eps, K, BLOCK_M, 2 * BLOCK_KB) if NORM else tl.full((BLOCK_M,), 1.0, tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb0 in range(0, K // 2, BLOCK_KB):
-        even, odd = x_rows_pairs(x_ptr, nw_ptr, rows, M, kb0, inv, K, NORM, BLOCK_M, BLOCK_KB)
+        even, odd = x_rows_pairs(x_ptr, rows, M, kb0, K, BLOCK_M, BLOCK_KB)
         g_lo, g_hi = int4_tile(gq_ptr, qrow, gs_ptr, srow, go_ptr, srow, cols < N, kb0, K, G, BLOCK_N, BLOCK_KB, ROUND)
         u_lo, u_hi = int4_tile(uq_ptr, qrow, us_ptr, srow, uo_ptr, srow, cols < N, kb0, K, G, BLOCK_N, BLOCK_KB, ROUND)
         if UPCAST:
@@ -338,10 +329,10 @@ gemv_int4_swiglu = kernels.Kernel(
     "gemv_int4_swiglu", gemv_int4_swiglu_kernel, _CONFIGS, _KEY, tables.GEMV_INT4_SWIGLU, tables.gemv_int4_rule
 )
 gemv_int4_rows = kernels.Kernel(
-    "gemv_int4_rows", gemv_int4_rows_kernel, _ROWS_CONFIGS, _KEY, {}, tables.gemv_int4_rows_rule
+    "gemv_int4_rows", gemv_int4_rows_kernel, _ROWS_CONFIGS, _ROWS_KEY, {}, tables.gemv_int4_rows_rule
 )
 gemv_int4_rows_swiglu = kernels.Kernel(
-    "gemv_int4_rows_swiglu", gemv_int4_rows_swiglu_kernel, _ROWS_CONFIGS, _KEY, {}, tables.gemv_int4_rows_rule
+    "gemv_int4_rows_swiglu", gemv_int4_rows_swiglu_kernel, _ROWS_CONFIGS, _ROWS_KEY, {}, tables.gemv_int4_rows_rule
 )
 dequantize_int4 = kernels.Kernel(
     "dequantize_int4", dequantize_int4_kernel, _DEQUANTIZE_CONFIGS, ["N", "K", "G"], {}, tables.dequantize_int4_rule

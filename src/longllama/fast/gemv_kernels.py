@@ -15,6 +15,7 @@ _CONFIGS = [
     if n * k <= 8192
 ]
 _KEY = ["N", "K", "M", "NORM"]
+_ROWS_KEY = ["N", "K", "M"]  # the several-row kernels take rows normalised before them
 
 
 @triton.jit
@@ -158,38 +159,24 @@ _ROWS_CONFIGS = [
 
 
 @triton.jit
-def x_rows(x_ptr, nw_ptr, rows, M, ks, inv, K: tl.constexpr, NORM: tl.constexpr):
-    """Columns ks of every row of x (BLOCK_M, BLOCK_K) in the activation dtype (zero past M); with NORM, of
-    rms_norm(x) * weight, rounded where rms_norm rounds (as x_block)."""
-    mask = (rows[:, None] < M) & (ks[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
-    if NORM:
-        xn = (x.to(tl.float32) * inv[:, None]).to(x.dtype)
-        nw = tl.load(nw_ptr + ks, mask=ks < K, other=0.0)
-        x = (nw.to(tl.float32)[None, :] * xn.to(tl.float32)).to(x.dtype)
-    return x
+def x_rows(x_ptr, rows, M, ks, K: tl.constexpr):
+    """Columns ks of every row of x (BLOCK_M, BLOCK_K) in the activation dtype, zero past M."""
+    return tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
 
 
 @triton.jit
-def inv_rms_rows(x_ptr, rows, M, eps, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """inv_rms of every row (BLOCK_M,) of x. Every program runs this before its weights stream, and a plain loop
-    issues each step's load after the step before: four steps at a time are unrolled (all of K, as inv_rms does for
-    one row, would hold up to 16 rows' whole x in registers). The same sums in the same order."""
-    sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, 4 * BLOCK_K):
-        for j in tl.static_range(4):
-            ks = k0 + j * BLOCK_K + tl.arange(0, BLOCK_K)
-            mask = (rows[:, None] < M) & (ks[None, :] < K)
-            x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-            sq += x * x
-    return 1.0 / tl.sqrt(tl.sum(sq, axis=1) / K + eps)
+def rms_norm_rows_kernel(x_ptr, nw_ptr, y_ptr, eps, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """rms_norm(x) * weight of row `program_id` (x_block's roundings), whole (BLOCK_K >= K): the several-row
+    products take rows normalised before them."""
+    row = tl.program_id(0)
+    ks = tl.arange(0, BLOCK_K)
+    x = x_block(x_ptr, nw_ptr, row, ks, inv_rms(x_ptr, row, eps, K, BLOCK_K), K, True)
+    tl.store(y_ptr + row * K + ks, x.to(y_ptr.dtype.element_ty), mask=ks < K)
 
 
 @triton.jit
 def gemv_rows_kernel(
     x_ptr,
-    nw_ptr,
-    eps,
     w_ptr,
     off1,
     off2,
@@ -203,7 +190,6 @@ def gemv_rows_kernel(
     N0,
     N1,
     K: tl.constexpr,
-    NORM: tl.constexpr,
     RESIDUAL: tl.constexpr,
     SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -217,11 +203,10 @@ def gemv_rows_kernel(
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     base = row_offsets(cols, off1, off2, N0, N1, K)
-    inv = inv_rms_rows(x_ptr, rows, M, eps, K, BLOCK_M, BLOCK_K) if NORM else tl.full((BLOCK_M,), 1.0, tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        x = x_rows(x_ptr, nw_ptr, rows, M, ks, inv, K, NORM)
+        x = x_rows(x_ptr, rows, M, ks, K)
         w = tl.load(w_ptr + base[:, None] + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
         if UPCAST:
             x, w = x.to(tl.float32), w.to(tl.float32)
@@ -241,8 +226,6 @@ def gemv_rows_kernel(
 @triton.jit
 def gemv_rows_swiglu_kernel(
     x_ptr,
-    nw_ptr,
-    eps,
     g_ptr,
     u_ptr,
     gs_ptr,
@@ -251,7 +234,6 @@ def gemv_rows_swiglu_kernel(
     M,
     N,
     K: tl.constexpr,
-    NORM: tl.constexpr,
     SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -261,13 +243,12 @@ def gemv_rows_swiglu_kernel(
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    inv = inv_rms_rows(x_ptr, rows, M, eps, K, BLOCK_M, BLOCK_K) if NORM else tl.full((BLOCK_M,), 1.0, tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask = (cols[:, None] < N) & (ks[None, :] < K)
-        x = x_rows(x_ptr, nw_ptr, rows, M, ks, inv, K, NORM)
+        x = x_rows(x_ptr, rows, M, ks, K)
         g = tl.load(g_ptr + cols[:, None] * K + ks[None, :], mask=mask, other=0.0)
         u = tl.load(u_ptr + cols[:, None] * K + ks[None, :], mask=mask, other=0.0)
         if UPCAST:
@@ -290,7 +271,7 @@ gemv = kernels.Kernel("gemv", gemv_kernel, _CONFIGS, _KEY, tables.GEMV, tables.g
 gemv_swiglu = kernels.Kernel(
     "gemv_swiglu", gemv_swiglu_kernel, _CONFIGS, _KEY, tables.GEMV_SWIGLU, tables.gemv_swiglu_rule
 )
-gemv_rows = kernels.Kernel("gemv_rows", gemv_rows_kernel, _ROWS_CONFIGS, _KEY, {}, tables.gemv_rows_rule)
+gemv_rows = kernels.Kernel("gemv_rows", gemv_rows_kernel, _ROWS_CONFIGS, _ROWS_KEY, {}, tables.gemv_rows_rule)
 gemv_rows_swiglu = kernels.Kernel(
-    "gemv_rows_swiglu", gemv_rows_swiglu_kernel, _ROWS_CONFIGS, _KEY, {}, tables.gemv_rows_rule
+    "gemv_rows_swiglu", gemv_rows_swiglu_kernel, _ROWS_CONFIGS, _ROWS_KEY, {}, tables.gemv_rows_rule
 )

@@ -127,11 +127,13 @@ def gemv_swiglu_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict,
 
 
 def gemv_rows_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
-    """(meta, num_warps, num_stages) of the several-row kernels for key {N, K, M, NORM}: 16 output rows per program
-    (the fewest tl.dot takes: the most programs), 32 on wide outputs (lm_head), 128-wide K steps pipelined over 4
-    stages."""
-    block_n = 32 if int(key["N"]) >= 16384 else 16
-    return {"BLOCK_N": block_n, "BLOCK_K": 128}, 4, 4
+    """(meta, num_warps, num_stages) of the several-row kernels for key {N, K, M}, as Triton's autotuner chose on an
+    H100 for the 3B shape's products at 8 rows (benchmarks/RESULTS.md, "Eight rows a step"): 32 output rows per
+    program, 16 where K is long (the down projection), 64 on wide outputs (lm_head); K steps 256 wide on outputs of up
+    to 4096 rows, 128 on wider ones; 4 warps; loads pipelined over 4 stages (3 on wide outputs)."""
+    n, k = int(key["N"]), int(key["K"])
+    block_n = 64 if n >= 16384 else (16 if k > 4096 else 32)
+    return {"BLOCK_N": block_n, "BLOCK_K": 256 if n <= 4096 else 128}, 4, 3 if n >= 16384 else 4
 
 
 def gemv_int4_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
@@ -150,8 +152,8 @@ def gemv_int4_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, i
 
 
 def gemv_int4_rows_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
-    """(meta, num_warps, num_stages) of the several-row int4 kernels: gemv_rows_rule's tiles (16 output rows, 32 on
-    wide outputs; 128 columns, that is 64 bytes, per step over 4 stages)."""
+    """(meta, num_warps, num_stages) of the several-row int4 kernels: 16 output rows per program, 32 on wide outputs;
+    128 columns (64 bytes) per step over 4 stages."""
     block_n = 32 if int(key["N"]) >= 16384 else 16
     return {"BLOCK_N": block_n, "BLOCK_KB": 64}, 4, 4
 

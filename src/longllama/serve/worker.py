@@ -25,6 +25,9 @@ from longllama.document_memory import _AnswerText
 logger = logging.getLogger(__name__)
 
 
+WAIT_SLICE = 0.25  # seconds an idle worker's thread waits for a job before it runs Python again (ModelWorker._next)
+
+
 class QueueFull(Exception):
     """The worker's queue holds as many jobs as it may: the request is refused (429), not kept waiting."""
 
@@ -124,7 +127,7 @@ class ModelWorker:
                         if left is not None and left > 0:
                             held = self._jobs.get(timeout=left)
                         else:
-                            held = self._jobs.get(block=block)
+                            held = self._next(block)
                     except queue.Empty:
                         break
                     if held is None:
@@ -145,6 +148,18 @@ class ModelWorker:
                     self.engine.step()
                 except Exception:  # the sequences got the error (on_error); the worker goes on
                     logger.exception("a decoding step failed")
+
+    def _next(self, block: bool):
+        """The next job; an idle thread waits in slices of WAIT_SLICE seconds. Python runs a signal's handler on the
+        main thread once that thread runs Python again, and a signal the system hands to another of the process's
+        threads does not wake it: a `longllama serve` on a GPU machine, idle on its main thread, never saw its
+        SIGTERM (the stacks showed it waiting here, the HTTP thread still serving)."""
+        while True:
+            try:
+                return self._jobs.get(block=block, timeout=WAIT_SLICE if block else None)
+            except queue.Empty:
+                if not block:
+                    raise
 
     @staticmethod
     def _run(future, fn, cancelled) -> None:
