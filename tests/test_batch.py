@@ -167,8 +167,23 @@ def test_rows_decode_as_alone_with_the_kernels():
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_sampling_rows_follow_their_own_seed(overlap):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_sampling_rows_follow_their_own_seed(overlap, kernel, request):
+    """A sampled row draws what it draws alone, beside other sampled rows: through its own generator, or (the
+    kernel, as on GPUs) with its own keys in one launch for all rows."""
+    from longllama.fast import sampling
+
     model = sharp_tiny()
+    if kernel:
+        request.getfixturevalue("interpreter")
+        model.set_plan(interpret_kernels=True, decode_kernels=False)  # the sampling kernel, not the decoding ones
+    launches = []
+    real = sampling.sample_rows
+    request.getfixturevalue("monkeypatch").setattr(
+        sampling,
+        "sample_rows",
+        lambda logits, rows, *a, **k: launches.append(rows.numel()) or real(logits, rows, *a, **k),
+    )
     ids = torch.randint(3, 320, (12,)).tolist()
     settings = dict(max_new_tokens=20, do_sample=True, temperature=1.5, top_k=50, top_p=0.9, seed=7)
 
@@ -184,6 +199,9 @@ def test_sampling_rows_follow_their_own_seed(overlap):
     alone = sampled(0)
     assert sampled(3) == alone  # other rows draw from their own generators
     assert len(set(alone)) > 3
+    settings["seed"] = 8
+    assert sampled(0) != alone
+    assert (max(launches) == 4) if kernel else not launches  # the kernel: all four sampled rows in one launch
 
 
 @pytest.mark.parametrize("overlap", [False, True])

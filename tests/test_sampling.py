@@ -103,3 +103,63 @@ def test_generate_samples_with_the_kernel_only_for_the_plain_warpers(monkeypatch
         )
         model.generate(ids, max_new_tokens=3, do_sample=False)
     assert calls == []
+
+
+def _rows_settings(settings, vocab):
+    """sample_rows' per-row tensors from (temperature, top_k, top_p) triples."""
+    return (
+        torch.tensor([t for t, _, _ in settings], dtype=torch.float32),
+        torch.tensor([min(k or vocab, vocab) for _, k, _ in settings], dtype=torch.int32),
+        torch.tensor([p for _, _, p in settings], dtype=torch.float32),
+    )
+
+
+def test_rows_draw_with_their_own_settings_from_their_kept_tokens_softmax():
+    """Two groups of rows over the same logits with different settings: each group's frequencies are its own warped
+    softmax; rows not drawn keep what `out` held."""
+    base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    rows = 400
+    settings = [(0.5, 6, 0.95), (1.5, None, 1.0)] * (rows // 2)
+    logits = base.expand(rows + 1, -1).contiguous()
+    out = torch.full((rows + 1,), -1, dtype=torch.long)
+    seeds = torch.randint(0, 2**62, (rows,), generator=torch.Generator().manual_seed(0))
+    sampling.sample_rows(logits, torch.arange(1, rows + 1), *_rows_settings(settings, 8), seeds, out)
+    assert out[0] == -1
+    for group, (temperature, top_k, top_p) in enumerate(settings[:2]):
+        want = torch.softmax(_warped(base[None], temperature, top_k, top_p), -1)[0]
+        freq = torch.bincount(out[1 + group :: 2], minlength=8).float() / (rows // 2)
+        assert (freq[want == 0] == 0).all()
+        assert (freq - want).abs().max() < 0.12, (group, freq, want)  # ~4 sigma at 200 draws
+
+
+def test_a_rows_draw_depends_on_its_key_not_on_the_other_rows():
+    torch.manual_seed(1)
+    logits = torch.randn(5, 300) * 2
+    settings = [(0.8, 40, 0.9), (1.0, None, 1.0), (1.3, None, 0.8)]
+    seeds = torch.tensor([11, 22, 33])
+    together = torch.zeros(5, dtype=torch.long)
+    sampling.sample_rows(logits, torch.tensor([4, 0, 2]), *_rows_settings(settings, 300), seeds, together)
+    for j, row in enumerate([4, 0, 2]):
+        alone = torch.zeros(1, dtype=torch.long)
+        one = _rows_settings(settings[j : j + 1], 300)
+        sampling.sample_rows(logits[row : row + 1], torch.tensor([0]), *one, seeds[j : j + 1], alone)
+        assert alone[0] == together[row]
+    other = torch.zeros(5, dtype=torch.long)  # other keys draw other tokens (30 draws: all equal by chance ~never)
+    draws = []
+    for seed in range(30):
+        sampling.sample_rows(
+            logits, torch.tensor([1]), *_rows_settings(settings[1:2], 300), torch.tensor([seed]), other
+        )
+        draws.append(int(other[1]))
+    assert len(set(draws)) > 5
+
+
+def test_rows_keep_the_tokens_the_warpers_keep_at_the_extremes():
+    """top_k 1 and top_p 0 keep only the largest logit (the warpers keep one token), whatever the key."""
+    torch.manual_seed(2)
+    logits = torch.randn(4, 257) * 3
+    out = torch.zeros(4, dtype=torch.long)
+    settings = [(1.0, 1, 1.0), (0.7, None, 0.0), (2.0, 1, 0.5), (1.0, 300, 0.0)]
+    for seed in range(5):
+        sampling.sample_rows(logits, torch.arange(4), *_rows_settings(settings, 257), torch.full((4,), seed), out)
+        assert torch.equal(out, logits.argmax(-1))

@@ -37,6 +37,7 @@ from transformers.generation.logits_process import (
 
 from longllama.cache import LongLlamaCache
 from longllama.errors import InputError
+from longllama.fast import sampling
 from longllama.fast.batch_decode import BatchDecoder
 from longllama.fast.decode import StaticDecoder
 from longllama.hf import check_token_range
@@ -59,6 +60,13 @@ class Stream:
     suppress: tuple[int, ...] = ()  # token ids never chosen (applied to all rows' logits at once, before processors)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    # Sampling's settings as the kernel takes them (the processors hold the same), the seed of the row's draws and how
+    # many it made (sampling.sample_rows draws the n-th token with a key of (seed, n)).
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int = 0
+    draws: int = 0
 
     @property
     def finished(self) -> bool:
@@ -133,6 +141,7 @@ class BatchGenerator:
         self._queued: list[_Prompt] = []  # added, read at the next step
         self._pending: _Launched | None = None  # the step in flight (overlap): its tokens not yet handed out
         self._suppressed = None  # (each row's suppress tokens, their (rows, cols) index on the device)
+        self._drawing = None  # (the sampled rows and their streams, their settings on the device: sampling.sample_rows)
         self.most_active = 0  # the most sequences decoded together so far (the server's /health reports it)
         # Called each step just before the host waits for a step's tokens: with overlap the GPU is busy then, so
         # other Python threads (the server's event loop) can run without taking the interpreter from the launches.
@@ -206,6 +215,7 @@ class BatchGenerator:
         eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else eos_token_id
         processors = LogitsProcessorList()
         generator = None
+        seed = secrets.randbits(63) if seed is None else int(seed)
         if do_sample:
             if temperature <= 0:
                 raise InputError(f"temperature={temperature}: pass a positive temperature, or do_sample=False")
@@ -215,7 +225,7 @@ class BatchGenerator:
             if top_p < 1.0:
                 processors.append(TopPLogitsWarper(float(top_p)))
             generator = torch.Generator(self.device)
-            generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+            generator.manual_seed(seed)
         stream = Stream(
             int(max_new_tokens),
             frozenset(int(t) for t in eos),
@@ -226,6 +236,10 @@ class BatchGenerator:
             on_end,
             on_error,
             tuple(int(t) for t in suppress_tokens),
+            temperature=float(temperature),
+            top_k=int(top_k) if top_k else None,
+            top_p=float(top_p),
+            seed=seed,
         )
         state = self.model.model.resolve_cache(cache, True)  # a fork (checked now): the caller's cache stays as it was
         self._queued.append(_Prompt(stream, ids, cache, state, last_context_length))
@@ -447,8 +461,10 @@ class BatchGenerator:
 
     def _choose(self, streams: Sequence[Stream | None], logits: torch.Tensor) -> torch.Tensor:
         """Each row's next token (rows,) on the logits' device, with no wait for the device: greedy rows (and
-        retired ones, None) by one argmax, the others through their processors and generator. Suppressed tokens
-        are masked for all rows in one write (a processor per row cost each row its own kernels at every step)."""
+        retired ones, None) by one argmax, the sampled ones in one kernel launch for all (sampling.sample_rows, each
+        row with its own settings and seed; GPUs, or the interpreter where the plan says so), else each through its
+        processors and generator. Suppressed tokens are masked for all rows in one write (a processor per row cost
+        each row its own kernels at every step)."""
         key = tuple(() if stream is None else stream.suppress for stream in streams)
         if any(key):
             if self._suppressed is None or self._suppressed[0] != key:  # built when the rows change, not each step
@@ -457,6 +473,10 @@ class BatchGenerator:
             rows, cols = self._suppressed[1]
             logits[rows, cols] = -float("inf")
         tokens = logits.argmax(dim=-1)
+        drawn = [i for i, stream in enumerate(streams) if stream is not None and stream.do_sample]
+        if drawn and sampling.applies(logits, cpu=self.model.plan.interpret_kernels):
+            self._draw(streams, drawn, logits, tokens)
+            return tokens
         for i, stream in enumerate(streams):
             if stream is None or not stream.processors:
                 continue
@@ -467,6 +487,44 @@ class BatchGenerator:
             else:
                 tokens[i] = scores.argmax(dim=-1)[0]
         return tokens
+
+    def _draw(
+        self, streams: Sequence[Stream | None], drawn: list[int], logits: torch.Tensor, tokens: torch.Tensor
+    ) -> None:
+        """The sampled rows `drawn` of logits into `tokens`, in one launch: each row's settings (on the device while
+        the rows stay the same) and the key of its next draw."""
+        key = tuple((i, id(streams[i])) for i in drawn)
+        if self._drawing is None or self._drawing[0] != key:
+            chosen = [streams[i] for i in drawn]  # kept with the key: their ids stay theirs while it is cached
+            vocab = logits.shape[1]
+            settings = (
+                self._to_device(torch.tensor(drawn, dtype=torch.long)),
+                self._to_device(torch.tensor([s.temperature for s in chosen], dtype=torch.float32)),
+                self._to_device(torch.tensor([min(s.top_k or vocab, vocab) for s in chosen], dtype=torch.int32)),
+                self._to_device(torch.tensor([s.top_p for s in chosen], dtype=torch.float32)),
+            )
+            uses = {"uses_top_k": any(s.top_k and s.top_k < vocab for s in chosen),
+                    "uses_top_p": any(s.top_p < 1.0 for s in chosen)}  # fmt: skip
+            self._drawing = (key, chosen, settings, uses)
+        _, chosen, settings, uses = self._drawing
+        keys = []
+        for stream in chosen:
+            keys.append(_draw_key(stream.seed, stream.draws))
+            stream.draws += 1
+        seeds = self._to_device(torch.tensor(keys, dtype=torch.long))
+        sampling.sample_rows(logits, settings[0], *settings[1:], seeds, tokens, **uses)
+
+
+def _draw_key(seed: int, draw: int) -> int:
+    """The key of a stream's draw-th sampled token (63 bits): splitmix64 of the seed and the draw, so that keys of
+    nearby seeds and draws share nothing."""
+    z = (seed + (draw + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+_MASK64 = (1 << 64) - 1
 
 
 def read_together(model, caches: Sequence[LongLlamaCache], prompts: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -11,6 +11,10 @@ exactly equal logits at a floor, the kernel keeps them all, and the masses are s
 rounding), so which tokens are kept can differ only in such ties or at a cumulative mass within rounding of top_p.
 The random stream differs from torch.multinomial's: a seed drawn from torch's generator per step makes runs
 reproducible under torch.manual_seed.
+
+`sample_rows` draws for chosen rows of a batch of independent sequences (batch.py), each row with its own settings
+and its own key for the random draws, in one launch: a batch's rows sampled one by one through the warpers cost
+~0.25 ms per row and step on an H100 (benchmarks/RESULTS.md, "Eight rows a step").
 """
 
 from __future__ import annotations
@@ -25,10 +29,14 @@ MAX_VOCAB = 65536  # one program holds a row in registers; larger vocabularies t
 
 
 @functools.lru_cache(maxsize=1)
-def _kernel():
+def _kernels():
     from longllama.fast import sampling_kernels
 
-    return sampling_kernels.sample
+    return sampling_kernels.sample, sampling_kernels.sample_rows
+
+
+def _options(block: int) -> dict:
+    return {} if kernels.interpreting() else {"num_warps": 32 if block >= 16384 else 8}
 
 
 def applies(logits: torch.Tensor, *, cpu: bool = False) -> bool:
@@ -55,8 +63,7 @@ def sample(
     seed = torch.randint(0, 2**31 - 1, (1,), device=logits.device)
     use_k = bool(top_k) and top_k < vocab
     block = kernels.pow2(vocab)
-    options = {} if kernels.interpreting() else {"num_warps": 32 if block >= 16384 else 8}
-    _kernel()[(b,)](
+    _kernels()[0][(b,)](
         logits,
         logits.stride(0),
         tokens,
@@ -69,6 +76,44 @@ def sample(
         TOP_K=use_k,
         TOP_P=top_p < 1.0,
         BLOCK=block,
-        **options,
+        **_options(block),
     )
     return (tokens, floor) if floors else tokens
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    uses_top_k: bool = True,
+    uses_top_p: bool = True,
+) -> None:
+    """A token for each row `rows` (n,) int64 of logits (b, V) (float, rows contiguous), written to out[rows] (out:
+    (b,) int64; its other rows are left as they are, e.g. greedy choices). Each drawn row has its own settings, (n,)
+    each on logits' device: temperature fp32 (> 0), top_k int32 (V or more: no top-k), top_p fp32 (1: no top-p), and
+    seed int64, the key of its random draws, which depend on nothing else (not on the other rows). The tokens kept
+    are sample's, as transformers' warpers keep them. `uses_top_k` / `uses_top_p` False: no drawn row has one (the
+    kernel skips that search)."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    block = kernels.pow2(logits.shape[1])
+    _kernels()[1][(rows.shape[0],)](
+        logits,
+        logits.stride(0),
+        rows,
+        out,
+        temperature,
+        top_k,
+        top_p,
+        seeds,
+        logits.shape[1],
+        TOP_K=uses_top_k,
+        TOP_P=uses_top_p,
+        BLOCK=block,
+        **_options(block),
+    )
