@@ -17,6 +17,8 @@ shipped model's tokenizer; documents are pass-key haystacks (their content does 
   (`gpu_ms`), the HTTP ones the time per token within the streams (`token_ms`) and the server engine's counters over
   the run (`server`: steps, their seconds and GPU seconds, prompts and reading passes, layouts, graph captures); both
   suppress EOS (the HTTP requests' ignore_eos) and, with --temperature, sample each stream with a seed of its own.
+  --rounds N: each stream count's engine run and HTTP run again, alternating, N times with the server up (the
+  HTTP records then carry their round's `cost_per_token`): a GPU's speed drifts by several per cent over minutes.
   --trace: the most streams once more under torch's profiler.
 Prints a table; --out writes records in the format of benchmarks/results/*.json.
 
@@ -38,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -169,7 +172,9 @@ def _engine(model, args, rows: int) -> BatchGenerator:
     return BatchGenerator(model, max_rows=rows, **options)
 
 
-def concurrent(model, tokenizer, args, memories) -> list[dict]:
+def concurrent(model, tokenizer, args, memories) -> tuple[list[dict], Callable[[int], dict]]:
+    """The records of the engine's runs (and the single-sequence baseline), and `measure(k)`, one more run of k
+    streams as a record (the rounds of over_http)."""
     engine = _engine(model, args, max(args.streams))
     vocab = len(tokenizer)
     records = []
@@ -209,17 +214,20 @@ def concurrent(model, tokenizer, args, memories) -> list[dict]:
 
     engine_overlap = getattr(engine, "overlap", False)
     suppress = {"suppress_tokens": [tokenizer.eos_token_id]}
-    for k in args.streams:
+
+    def measure(k: int) -> dict:
         run(k, 4)  # warm-up: graph capture for this batch size, kernels for its shapes
         seconds, added, counted = run(k, args.new_tokens)
         rate = k * args.new_tokens / seconds
-        records.append(dict(benchmark="concurrent_decode", streams=k, http=False, engine="batch",
-                            temperature=args.temperature, new_tokens=args.new_tokens,
-                            memory_tokens=memories[0].tokens, overlap=engine_overlap,
-                            seconds=round(seconds, 4), tokens_per_s=round(rate, 1), add_seconds=round(added, 4),
-                            **counted))  # fmt: skip
         print(f"decode {k} streams (batch):     {rate:9.1f} tokens/s  ({seconds:.3f} s; reading the {k} prompts "
               f"{added:.3f} s; {counted})", flush=True)  # fmt: skip
+        return dict(benchmark="concurrent_decode", streams=k, http=False, engine="batch", temperature=args.temperature,
+                    new_tokens=args.new_tokens, memory_tokens=memories[0].tokens, overlap=engine_overlap,
+                    seconds=round(seconds, 4), tokens_per_s=round(rate, 1), add_seconds=round(added, 4),
+                    **counted)  # fmt: skip
+
+    for k in args.streams:
+        records.append(measure(k))
     if args.trace and torch.cuda.is_available():
         _trace(run, max(args.streams))
     m = memories[0]
@@ -237,7 +245,7 @@ def concurrent(model, tokenizer, args, memories) -> list[dict]:
                         new_tokens=args.new_tokens, memory_tokens=m.tokens, seconds=round(seconds, 4),
                         tokens_per_s=round(rate, 1)))  # fmt: skip
     print(f"decode 1 stream (generate):     {rate:9.1f} tokens/s  ({seconds:.3f} s)", flush=True)
-    return records
+    return records, measure
 
 
 def _trace(run, k: int, new_tokens: int = 32) -> None:
@@ -314,9 +322,12 @@ def arrivals(model, tokenizer, args, memories) -> list[dict]:
     return [record]
 
 
-def over_http(model, tokenizer, args, work: Path, keep) -> None:
+def over_http(model, tokenizer, args, work: Path, keep, measure: Callable[[int], dict] | None = None) -> None:
     """The concurrent streams through HTTP; each record handed to `keep` as soon as it is measured (the server's
-    start and the memories' reading take a while on a fresh machine)."""
+    start and the memories' reading take a while on a fresh machine). With `measure` (concurrent's), each of
+    `--rounds` rounds measures the engine alone, then the same streams through HTTP, and the overhead per round is
+    printed: a GPU's speed drifts by several per cent over minutes, which runs minutes apart would count as the
+    server's."""
     import httpx
     import uvicorn
 
@@ -381,16 +392,25 @@ def over_http(model, tokenizer, args, work: Path, keep) -> None:
         return seconds, tokens, timing, {key: round(after[key] - before[key], 4) for key in after}
 
     for k in args.streams:
-        run(k, 4)
-        seconds, tokens, timing, engine = run(k, args.new_tokens)
-        assert tokens == k * args.new_tokens, (tokens, k)
-        rate = tokens / seconds
-        keep([dict(benchmark="concurrent_decode", streams=k, http=True, engine="batch",
-                   http_server=args.http_server, temperature=args.temperature, new_tokens=args.new_tokens,
-                   memory_tokens=None,
-                   seconds=round(seconds, 4), tokens_per_s=round(rate, 1), **timing, server=engine)])  # fmt: skip
-        print(f"decode {k} streams (HTTP, {args.http_server}): {rate:9.1f} tokens/s  ({seconds:.3f} s; {timing}; "
-              f"the server's engine: {engine})", flush=True)  # fmt: skip
+        for round_ in range(args.rounds if measure is not None else 1):
+            alone = measure(k) if measure is not None else None
+            run(k, 4)
+            seconds, tokens, timing, engine = run(k, args.new_tokens)
+            assert tokens == k * args.new_tokens, (tokens, k)
+            rate = tokens / seconds
+            print(f"decode {k} streams (HTTP, {args.http_server}): {rate:9.1f} tokens/s  ({seconds:.3f} s; {timing}; "
+                  f"the server's engine: {engine})", flush=True)  # fmt: skip
+            record = dict(benchmark="concurrent_decode", streams=k, http=True, engine="batch",
+                          http_server=args.http_server, temperature=args.temperature, new_tokens=args.new_tokens,
+                          memory_tokens=None, seconds=round(seconds, 4), tokens_per_s=round(rate, 1), **timing,
+                          server=engine)  # fmt: skip
+            if alone is not None:
+                # the server's cost per token: its time per token over the engine's, less one
+                cost = alone["tokens_per_s"] / rate - 1
+                alone["round"] = record["round"] = round_
+                record["cost_per_token"] = round(cost, 4)
+                print(f"round {round_}, {k} streams: the server's cost per token {100 * cost:.1f} %", flush=True)
+            keep([r for r in (alone, record) if r is not None])
     pool.shutdown()
     if process is not None:
         stopping = time.perf_counter()
@@ -480,6 +500,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", default="ttft,concurrent,http")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="with concurrent and http: each stream count's engine and HTTP runs again, alternating, this many "
+        "times with the server up, each HTTP record with its round's cost per token",
+    )
+    parser.add_argument(
         "--temperature",
         type=float,
         default=0.0,
@@ -535,12 +562,14 @@ def main(argv: list[str] | None = None) -> int:
     if "ttft" in parts:
         keep(ttft(model, tokenizer, args, work))
     memories = _memories(model, tokenizer, args) if parts & {"concurrent", "arrivals"} else []
+    measure = None
     if "concurrent" in parts:
-        keep(concurrent(model, tokenizer, args, memories))
+        engine_records, measure = concurrent(model, tokenizer, args, memories)
+        keep(engine_records)
     if "arrivals" in parts:
         keep(arrivals(model, tokenizer, args, memories))
     if "http" in parts:
-        over_http(model, tokenizer, args, work, keep)
+        over_http(model, tokenizer, args, work, keep, measure if args.rounds else None)
     return 0
 
 

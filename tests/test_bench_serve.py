@@ -19,8 +19,8 @@ def test_tiny_run_measures_batch_and_http_streams(tmp_path):
     result = run_benchmark(
         "bench_serve.py", "--shape", "tiny", "--device", "cpu", "--doc-tokens", "1536", "--stream-doc-tokens", "1024",
         "--question-tokens", "16", "--new-tokens", "8", "--repeats", "1", "--streams", "1,2", "--parts",
-        "ttft,concurrent,arrivals,http", "--arrivals", "4", "--arrival-rate", "100", "--work", str(tmp_path / "work"),
-        "--out", str(out),
+        "ttft,concurrent,arrivals,http", "--arrivals", "4", "--arrival-rate", "100", "--rounds", "1", "--work",
+        str(tmp_path / "work"), "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads(out.read_text())["records"]
@@ -33,6 +33,12 @@ def test_tiny_run_measures_batch_and_http_streams(tmp_path):
     assert all(r["server"]["prompts"] == k and r["server"]["steps"] >= 7 for k, r in http.items())
     assert all(0 < r["token_ms"] < 1e3 * r["seconds"] and r["first_spread_s"] >= 0 for r in http.values())
     assert all(r["tokens_per_s"] > 0 and r["memory_tokens"] > 0 for r in batch.values())
+    # one round: the engine alone again right before each HTTP run, the HTTP record its cost against that run
+    rounds = [r for r in decode if not r["http"] and r.get("round") == 0]
+    assert [r["streams"] for r in rounds] == [1, 2] and all(r["round"] == 0 for r in http.values())
+    for alone in rounds:
+        cost = alone["tokens_per_s"] / http[alone["streams"]]["tokens_per_s"] - 1
+        assert http[alone["streams"]]["cost_per_token"] == pytest.approx(cost, abs=1e-3)
     # the first token comes with the prompt's reading, each of the other seven from a step of its own
     assert all(r["steps"] == 7 and 0 < r["step_ms_median"] <= 1e3 * r["seconds"] for r in batch.values())
     (arrived,) = [r for r in records if r["benchmark"] == "arrivals"]
