@@ -76,6 +76,7 @@ def _part(keys, values, n: int, local: bool, chunk: int, slot: torch.Tensor, q: 
         m,
         0,
         0,
+        m,  # the rows' memory table: unread, as the kernel is not ROWS here
     )
     constants = dict(
         S_KN=keys.stride(2),

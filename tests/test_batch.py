@@ -164,6 +164,7 @@ def test_rows_decode_as_alone_with_the_kernels():
         ]
         _check_rows(model, requests, interpret=True, steps_between=2)
     assert any(k.get("row_memories") for k in calls)  # the kernels read the rows' memories
+    assert any(k.get("row_table") is not None for k in calls)  # in one launch
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -52,6 +52,58 @@ def test_split_attention_equals_one_softmax(interpreter, monkeypatch, slot, with
     assert out.shape == (b, h, d) and (out - ref).abs().max() < 1e-5
 
 
+def _row_memory(kv, n, capacity, d, stored):
+    """A memory of n keys as a MemoryCache holds it: the first n entries of a (1, kv, capacity, stored) buffer."""
+    k, v = (F.pad(torch.randn(1, kv, capacity, d), (0, stored - d)) for _ in range(2))
+    return k[:, :, :n], v[:, :, :n]
+
+
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_rows_read_their_own_memories_in_one_softmax_each(interpreter, monkeypatch, one_launch):
+    monkeypatch.setattr(decode_attention, "_TARGET_PROGRAMS", 16)  # many chunks (some empty) for small inputs
+    monkeypatch.setattr(decode_attention, "_MIN_CHUNK", 8)
+    torch.manual_seed(3)
+    b, h, kv, d, window, stored, slot = 4, 4, 2, 20, 40, 24, 30
+    q = torch.randn(b, h, d) * 2
+    keys, values = (F.pad(torch.randn(b, kv, window, d), (0, 4)) for _ in range(2))
+    lo = torch.tensor([0, 12, 30, 5])  # each row's own slots lo..slot
+    shared = _row_memory(kv, 150, 160, d, stored)
+    # different lengths and capacities (head strides), a row without memory, two rows reading one memory in place
+    memories = [shared, _row_memory(kv, 37, 64, d, stored), None, shared]
+    table = decode_attention.rows_table(memories, q.device) if one_launch else None
+    assert (table is not None) == one_launch
+    launches = []
+    real = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda *a, **k: launches.append(k.get("ROWS")) or real(*a, **k))
+    out = decode_attention.attend(q, keys, values, torch.tensor([slot]), lo=lo, row_memories=memories, row_table=table)
+    assert launches.count(False) == (1 if one_launch else 4) and launches.count(True) == (1 if one_launch else 0)
+    for i, mem in enumerate(memories):
+        ref = _reference_attention(
+            q[i : i + 1], keys[i : i + 1, :, lo[i] :], values[i : i + 1, :, lo[i] :], slot + 1 - lo[i], *(mem or ())
+        )
+        assert (out[i : i + 1] - ref).abs().max() < 1e-5
+
+
+def test_one_launch_takes_only_memories_it_can_read_alike():
+    d, stored = 20, 24
+    memory = _row_memory(2, 30, 40, d, stored)
+    assert decode_attention.rows_table([None, None], torch.device("cpu")) is None  # nothing to read
+    assert decode_attention.rows_table([memory, None], torch.device("cpu")).tolist() == [
+        [0, 0, 40 * stored // 8, 40 * stored // 8, 30],  # in units of 8 elements
+        [0, 0, 0, 0, 0],
+    ]
+    wider = _row_memory(2, 30, 40, d, 32)
+    assert decode_attention.rows_table([memory, wider], torch.device("cpu")) is None  # another row stride
+    keys, values = memory
+    shifted = (keys[:, :, 1:], values[:, :, 1:])  # starts one row (24 elements) in: aligned
+    assert decode_attention.rows_table([memory, shifted], torch.device("cpu")) is not None
+    narrow = [_row_memory(2, 30, capacity, d, d) for capacity in (30, 31)]  # rows 20 wide: head strides 600, 620
+    assert decode_attention.rows_table(narrow[:1], torch.device("cpu")) is not None
+    assert decode_attention.rows_table(narrow, torch.device("cpu")) is None  # 620 is not a multiple of 8
+    unaligned = tuple(torch.randn(2 * 30 * stored + 4)[4:].view(1, 2, 30, stored) for _ in range(2))
+    assert decode_attention.rows_table([memory, unaligned], torch.device("cpu")) is None  # 4 elements off
+
+
 def test_split_attention_in_bf16_reads_memory_of_another_dtype(interpreter):
     torch.manual_seed(1)
     q = torch.randn(1, 4, 16, dtype=torch.bfloat16)

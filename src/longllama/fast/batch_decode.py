@@ -10,9 +10,9 @@ It is decode.py's static step with two differences, so that each row computes ex
   most once every `spare` steps).
 - Memory: each row keeps its own MemoryCache (batch 1: nothing is copied when a row joins, a document memory shared
   by several requests is read in place by each, a row's append copies on write as MemoryCache.fork describes). The
-  kernel path reads the memories row by row into one softmax (decode_attention.attend's `row_memories`; under block
-  retrieval a row's memory there is its chosen blocks, gathered); the general path attends row by row in the memory
-  layers.
+  kernel path reads all rows' memories in one launch, each row into its own softmax (decode_attention.attend's
+  `row_memories` and `row_table`; under block retrieval a row's memory there is its chosen blocks, gathered, a
+  launch each); the general path attends row by row in the memory layers.
 Rows join (`add`) and leave (`remove`) between steps; the rows are laid out again once before the next step however
 many joined (a row's local cache waits apart until then), and on GPUs the step's CUDA graph is captured again (as
 after any change of a memory's length).
@@ -68,6 +68,9 @@ class BatchDecoder(StaticDecoder):
         self.stale = False  # rows joined since the last layout
         self.steps = 0  # steps taken (retired rows' age)
         self.layouts = 0  # layouts so far: row indices hold from one to the next
+        # rows_table's tables of the memory layers (key: the rows' memories), made before a capture, kept while its
+        # graph lives: the graph reads them at every replay
+        self._row_tables: dict[tuple, torch.Tensor | None] = {}
         self._layout()
 
     @property
@@ -258,9 +261,38 @@ class BatchDecoder(StaticDecoder):
         if self.config.mem_top_k is not None or any(r is False or (r is not None and r[1] is not None) for r in rows):
             return self._attend(q[:, :, None], *self._views(buffers)[1:], self._visible(), memories, None)[:, :, 0]
         row_memories = [None if r is None else r[0] for r in rows]
+        table = self._rows_table(row_memories)
         return decode_attention.attend(
-            q, rot, values, self.slot, lo=self.lo, row_memories=row_memories, autotune=self.plan.autotune
+            q,
+            rot,
+            values,
+            self.slot,
+            lo=self.lo,
+            row_memories=row_memories,
+            row_table=table,
+            autotune=self.plan.autotune,
         )
+
+    def _rows_table(self, row_memories: list) -> torch.Tensor | None:
+        """decode_attention.rows_table for these memories: kept from the warm-up before a capture for the graph;
+        None while capturing memories it has not seen (gathered blocks: each row's memory is then a launch of its
+        own), which cannot copy a table to the GPU."""
+        key = tuple(
+            None if m is None else (m[0].data_ptr(), m[1].data_ptr(), m[0].stride(1), m[1].stride(1), m[0].shape[2])
+            for m in row_memories
+        )
+        if key in self._row_tables:
+            return self._row_tables[key]
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        table = decode_attention.rows_table(row_memories, self.device)
+        if self.graphs:
+            self._row_tables[key] = table
+        return table
+
+    def _capture_now(self) -> None:
+        self._row_tables = {}  # the previous graph's tables go with it
+        super()._capture_now()
 
     def _attend(self, q, rot, values, visible, memories, ops) -> torch.Tensor:
         if memories is None:

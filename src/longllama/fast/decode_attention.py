@@ -35,12 +35,13 @@ def _kernels():
     """The kernels (decode_kernels.py), imported on first use: Triton is only needed where they run."""
     from longllama.fast import decode_kernels as k
 
-    return k.partials, k.merge, k.rope_store
+    return k.partials, k.merge, k.rope_store, k.rows_partials
 
 
-def kernel_object():
-    """The partials kernel with its configuration choices (kernels.Kernel), for `longllama tune`."""
-    return _kernels()[0]
+def kernel_objects():
+    """The partials kernel with its configuration choices (kernels.Kernel) as one row's launches and as the one
+    launch over a batch's rows, for `longllama tune`."""
+    return _kernels()[0], _kernels()[3]
 
 
 def applies(x: torch.Tensor, *, cpu: bool = False) -> bool:
@@ -101,6 +102,41 @@ def rope_store(
     return q
 
 
+def rows_table(
+    row_memories: list[tuple[torch.Tensor, torch.Tensor] | None], device: torch.device
+) -> torch.Tensor | None:
+    """The table by which attend's one launch reads every row's own memory (keys, values (1, h_kv, M_i, d'') or
+    None): per row the offsets of its keys and values from the first memory's and their head strides, in units of 8
+    elements, and M_i, as a (rows, 5) long tensor on `device`; None where one launch cannot read them (different
+    dtypes, widths or row strides, or offsets and strides that are not multiples of 8 elements: the kernel loads
+    aligned vectors).
+    Built on the host: a caller that replays a CUDA graph makes it before capturing and keeps it while the graph
+    lives."""
+    used = [m for m in row_memories if m is not None and m[0].shape[2]]
+    if not used:
+        return None
+    k0, v0 = used[0]
+    entries = []
+    for mem in row_memories:
+        if mem is None or not mem[0].shape[2]:
+            entries.append((0, 0, 0, 0, 0))
+            continue
+        k, v = mem
+        if any(
+            t.dtype != k0.dtype or t.shape[0] != 1 or t.shape[-1] != k0.shape[-1] or t.stride(-1) != 1 for t in (k, v)
+        ) or (k.stride(2), v.stride(2)) != (k0.stride(2), v0.stride(2)):
+            return None
+        size = k.element_size()
+        offsets = ((k.data_ptr() - k0.data_ptr()) // size, (v.data_ptr() - v0.data_ptr()) // size)
+        entry = (*offsets, k.stride(1), v.stride(1), k.shape[2])
+        if (k.data_ptr() - k0.data_ptr()) % size or (v.data_ptr() - v0.data_ptr()) % size:
+            return None
+        if any(x % 8 for x in entry[:4]):
+            return None
+        entries.append((*(x // 8 for x in entry[:4]), entry[4]))
+    return torch.tensor(entries, dtype=torch.long, device=device)
+
+
 def attend(
     q: torch.Tensor,
     keys: torch.Tensor,
@@ -111,6 +147,7 @@ def attend(
     *,
     lo: torch.Tensor | None = None,
     row_memories: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+    row_table: torch.Tensor | None = None,
     autotune: bool = False,
 ) -> torch.Tensor:
     """q (b, h, d); keys, values (b, h_kv, window, d') of which slots 0..slot are in use; memory (keys, values)
@@ -120,11 +157,12 @@ def attend(
     (b, h, d) in q's dtype: one softmax over the used local slots and the whole memory, with scale 1/sqrt(d).
 
     A batch of independent sequences (batch_decode.py) passes `lo` (b,) long, each row's first local slot (slots
-    lo..slot are its own), and `row_memories`, one memory per row ((1, h_kv, M_i, d'') or None) instead of `memory`:
-    each row's memory chunks are launched apart, into that row's share of the partial results.
+    lo..slot are its own), and `row_memories`, one memory per row ((1, h_kv, M_i, d'') or None) instead of `memory`,
+    with `row_table` = rows_table(row_memories) where it can be made (not None): then one launch reads every row's
+    memory; without a table each row's memory is a launch of its own (into that row's share of the partial results).
     `autotune`: the partials kernel's configuration by Triton's autotuner (the plan's field), else chosen from the
     tables or the rule (kernels.Kernel)."""
-    partials, merge, _ = _kernels()
+    partials, merge, _, rows_partials = _kernels()
     b, h, d = q.shape
     kv_heads, window = keys.shape[1], keys.shape[2]
     if h % kv_heads:
@@ -139,17 +177,22 @@ def attend(
     chunks = [_MIN_CHUNK if local else _chunk(n, rows) for _, _, n, local in parts]
     counts = [-(-n // c) for (_, _, n, _), c in zip(parts, chunks)]
     per_row = [m for m in (row_memories or []) if m is not None and m[0].shape[2]]
-    # Each row's memory is its own launch of h programs' rows: chunks sized for that launch, not for the batch (8
-    # rows' 16k memories got 512 programs a launch instead of the 4096 aimed at).
-    row_chunk = _chunk(max((m[0].shape[2] for m in per_row), default=1), h)
-    row_count = max((-(-m[0].shape[2] // row_chunk) for m in per_row), default=0)
+    longest = max((m[0].shape[2] for m in per_row), default=1)
+    one = row_table is not None and bool(per_row)
+    # One launch over all rows: chunks sized for b * h rows of programs. Launches of their own have h rows each:
+    # chunks sized for that launch, not for the batch (8 rows' 16k memories got 512 programs a launch instead of the
+    # 4096 aimed at).
+    row_chunk = _chunk(longest, rows if one else h)
+    row_count = -(-longest // row_chunk) if per_row else 0
     splits = sum(counts) + row_count
     widths = [k.shape[-1] for k, _, _, _ in parts] + [m[0].shape[-1] for m in per_row]
     block_d = kernels.pow2(max(d, *widths))
-    # Rows with fewer memory chunks than the longest leave split entries unwritten: empty (m = -inf, no weight).
-    make = torch.zeros if row_count else torch.empty
+    # Launches of their own leave the split entries of a row with fewer memory chunks than the longest unwritten:
+    # they start empty (m = -inf, no weight). A program of the one launch writes its entry even where it reads none.
+    fill = row_count and not one
+    make = torch.zeros if fill else torch.empty
     acc = make(rows, splits, block_d, dtype=torch.float32, device=q.device)
-    m = torch.full((rows, splits), -float("inf"), dtype=torch.float32, device=q.device) if row_count else None
+    m = torch.full((rows, splits), -float("inf"), dtype=torch.float32, device=q.device) if fill else None
     m = torch.empty(rows, splits, dtype=torch.float32, device=q.device) if m is None else m
     lsum = make(rows, splits, dtype=torch.float32, device=q.device)
     scale_log2 = _LOG2E / math.sqrt(d)
@@ -157,11 +200,11 @@ def attend(
     # beyond that (a memory stored 128 wide for head_dim 100) is never read.
     read = -(-d // 16) * 16
 
-    def launch(q, k, v, n, local, chunk, count, split0, acc, m, lsum, pair=None):
+    def launch(q, k, v, n, local, chunk, count, split0, acc, m, lsum, pair=None, table=None):
         scaled = pair is not None
         ks, vs = pair if scaled else (m, m)  # unread where not SCALED
         kernels.launch(
-            partials,
+            partials if table is None else rows_partials,
             lambda meta: (q.shape[0] * h, count),
             (
                 q,
@@ -190,6 +233,7 @@ def attend(
                 vs,
                 ks.stride(0) if scaled else 0,
                 ks.stride(1) if scaled else 0,
+                m if table is None else table,  # unread without a table
             ),
             _DEFAULTS,
             autotune=autotune,
@@ -200,13 +244,17 @@ def attend(
             HAS_LO=local and lo is not None,
             BLOCK_D=block_d,
             SCALED=scaled,
+            ROWS=table is not None,
         )
 
     split0 = 0
     for (k, v, n, local), chunk, count in zip(parts, chunks, counts):
         launch(q, k, v, n, local, chunk, count, split0, acc, m, lsum, None if local else scales)
         split0 += count
-    for row, mem in enumerate(row_memories or []):
+    if one:
+        first = per_row[0]
+        launch(q, first[0], first[1], 0, False, row_chunk, row_count, split0, acc, m, lsum, table=row_table)
+    for row, mem in enumerate([] if one else row_memories or []):
         if mem is None or not mem[0].shape[2]:
             continue
         n = mem[0].shape[2]

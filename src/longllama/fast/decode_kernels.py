@@ -4,13 +4,13 @@ import triton
 import triton.language as tl
 
 from longllama.fast import kernels, tables
-from longllama.fast.tables import DECODE_ATTENTION, DECODE_ATTENTION_CHOICES
+from longllama.fast.tables import DECODE_ATTENTION, DECODE_ATTENTION_CHOICES, DECODE_ATTENTION_ROWS
 
 _CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in DECODE_ATTENTION_CHOICES]
 # the measured table's configurations with other num_stages than the default
 _CONFIGS += [
     triton.Config(meta, num_warps=warps, num_stages=stages[0])
-    for meta, warps, *stages in DECODE_ATTENTION.values()
+    for meta, warps, *stages in [*DECODE_ATTENTION.values(), *DECODE_ATTENTION_ROWS.values()]
     if stages and stages[0] != 3
 ]
 
@@ -43,6 +43,7 @@ def partials_kernel(
     vs_ptr,
     s_sb,
     s_sh,
+    rows_ptr,
     S_KN: tl.constexpr,
     S_VN: tl.constexpr,
     D_READ: tl.constexpr,
@@ -51,6 +52,7 @@ def partials_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SCALED: tl.constexpr = False,
+    ROWS: tl.constexpr = False,
 ):
     # SCALED: int8 keys/values (an 8-bit memory) with one fp32 scale per row at ks_ptr/vs_ptr (strides s_sb, s_sh,
     # 1): the key scale multiplies the row's score, the value scale its weight, in registers (no dequantized copy).
@@ -61,6 +63,9 @@ def partials_kernel(
     # are compile-time constants: rows 104 wide are then known to start 16-byte aligned and to end on a whole
     # vector, so they load as 16-byte vectors (as run-time values not divisible by 16 they loaded element by
     # element).
+    # ROWS: every row of the batch reads its own memory (batch_decode.py) in this one launch: rows_ptr holds per row
+    # (key offset, value offset, key head stride, value head stride) from k_ptr and v_ptr in units of 8 elements,
+    # and its length.
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -68,6 +73,8 @@ def partials_kernel(
     hk = h // group
     if FROM_PTR:  # the local cache: slots 0..slot are in use
         n = tl.load(n_ptr) + 1
+    elif ROWS:
+        n = tl.load(rows_ptr + b * 5 + 4)
     else:
         n = n_fixed
     start = split * chunk
@@ -76,8 +83,13 @@ def partials_kernel(
         start = tl.maximum(start, tl.load(lo_ptr + b))
     d = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + b * s_qb + h * s_qh + d, mask=d < D, other=0.0).to(tl.float32) * scale_log2
-    k_base = k_ptr + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
-    v_base = v_ptr + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
+    if ROWS:  # offsets and strides in units of 8 elements: the compiler then knows the rows' vectors are aligned
+        row = rows_ptr + b * 5
+        k_base = k_ptr + (tl.load(row) + hk.to(tl.int64) * tl.load(row + 2)) * 8
+        v_base = v_ptr + (tl.load(row + 1) + hk.to(tl.int64) * tl.load(row + 3)) * 8
+    else:
+        k_base = k_ptr + b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
+        v_base = v_ptr + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
     m_r = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
     l_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -116,6 +128,16 @@ partials = kernels.Kernel(
     ["chunk", "D", "D_READ"],
     DECODE_ATTENTION,
     tables.decode_attention_rule,
+)
+# The same kernel where one launch reads every row's own memory (ROWS): its own table and rule, as its best
+# configurations differ from those of one row's launch.
+rows_partials = kernels.Kernel(
+    "decode_attention_rows",
+    partials_kernel,
+    _CONFIGS,
+    ["chunk", "D", "D_READ"],
+    DECODE_ATTENTION_ROWS,
+    tables.decode_attention_rows_rule,
 )
 
 

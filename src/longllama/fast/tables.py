@@ -31,6 +31,18 @@ DECODE_ATTENTION = {
 }
 
 
+# The same kernel launched once over a batch's rows, each row reading its own memory (ROWS, batch_decode.py): H100,
+# from sweep_batch_attention.py (8 rows' memories of 16k keys, rows 112 wide, L2 flushed): 640 us (2.93 TB/s)
+# against 790 us with the one-row launches' choice (32-key tiles on one warp) at the same chunk.
+DECODE_ATTENTION_ROWS = {
+    (_H100, "torch.bfloat16", chunk, d, width): ({"BLOCK_N": n}, w, stages)
+    for chunk, d, width, n, w, stages in [
+        (512, 100, 112, 32, 2, 2),
+        (1024, 100, 112, 16, 1, 2),
+    ]
+}
+
+
 def _gemv(rows):
     return {
         (_H100, "torch.bfloat16", n, k, 1, norm): ({"BLOCK_N": bn, "BLOCK_K": bk}, w) for n, k, norm, bn, bk, w in rows
@@ -68,6 +80,7 @@ def _shipped_files() -> None:
         "gemv_int4": GEMV_INT4,
         "gemv_int4_swiglu": GEMV_INT4_SWIGLU,
         "decode_attention": DECODE_ATTENTION,
+        "decode_attention_rows": DECODE_ATTENTION_ROWS,
     }
     for path in sorted((Path(__file__).parent / "measured").glob("*.json")):
         device = _device_of(path)
@@ -175,3 +188,17 @@ def decode_attention_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[
     block_n = 16 if chunk <= 64 else 32
     warps = (2 if block_n == 16 else 1) * max(1, (1 << max(width - 1, 1).bit_length()) // 128)
     return {"BLOCK_N": block_n}, min(warps, 8), 3 if chunk >= 1024 else 1
+
+
+def decode_attention_rows_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
+    """The partials kernel's configuration where one launch reads every row's own memory (key {chunk, D, D_READ}),
+    as the H100 sweep of 8 rows chose: 16-key tiles on one warp from 1024-key chunks on, 32-key tiles on two warps
+    for shorter chunks (more warps for rows over 128 wide), loads pipelined over 2 stages."""
+    same = _same_shape(shipped, dtype, tuple(key[k] for k in ("chunk", "D", "D_READ")))
+    if same is not None:
+        return same
+    chunk, width = int(key["chunk"]), max(int(key["D"]), int(key["D_READ"]))
+    wide = max(1, (1 << max(width - 1, 1).bit_length()) // 128)
+    if chunk >= 1024:
+        return {"BLOCK_N": 16}, min(wide, 8), 2
+    return {"BLOCK_N": 32}, min(2 * wide, 8), 2

@@ -127,7 +127,7 @@ def tuned_choices() -> dict[str, tuple[list[str], dict[tuple, tuple]]]:
     from longllama.fast import decode_attention, gemv
 
     out = {}
-    for kernel in (*gemv.kernel_objects(), decode_attention.kernel_object()):
+    for kernel in (*gemv.kernel_objects(), *decode_attention.kernel_objects()):
         if kernel.tuned:
             out[kernel.name] = (kernel.key, {key[1:]: choice for key, choice in kernel.tuned.items()})
     return out
