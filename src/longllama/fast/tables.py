@@ -192,13 +192,14 @@ def decode_attention_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[
 
 def decode_attention_rows_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
     """The partials kernel's configuration where one launch reads every row's own memory (key {chunk, D, D_READ}),
-    as the H100 sweep of 8 rows chose: 16-key tiles on one warp from 1024-key chunks on, 32-key tiles on two warps
-    for shorter chunks (more warps for rows over 128 wide), loads pipelined over 2 stages."""
+    as the H100 sweeps of 8 rows chose: 16-key tiles on one warp for 1024-key chunks, 32-key tiles on two warps for
+    shorter and longer ones (2048-key chunks: 684 us against 755 with 16-key tiles; more warps for rows over 128
+    wide), loads pipelined over 2 stages."""
     same = _same_shape(shipped, dtype, tuple(key[k] for k in ("chunk", "D", "D_READ")))
     if same is not None:
         return same
     chunk, width = int(key["chunk"]), max(int(key["D"]), int(key["D_READ"]))
     wide = max(1, (1 << max(width - 1, 1).bit_length()) // 128)
-    if chunk >= 1024:
+    if chunk == 1024:
         return {"BLOCK_N": 16}, min(wide, 8), 2
     return {"BLOCK_N": 32}, min(2 * wide, 8), 2
