@@ -12,7 +12,6 @@ import argparse
 import time
 import traceback
 import warnings
-from unittest import mock
 
 import torch
 from bench_inference import _longllama, plan_record
@@ -203,9 +202,10 @@ def decode_attention_bandwidth(lengths) -> None:
             lambda: few_query_attention(q[:, :, None], keys, values, visible, mem[0][..., :100], mem[1][..., :100], mem)
         )
         line = f"M={m:8d}: general {general:7.3f} ms {gbytes / general * 1e3:5.0f} GB/s; kernel"
-        for target in (1024, 2048, 4096):  # programs aimed at (chunk size): a kernel constant, not a plan field
-            with mock.patch.object(decode_attention, "_TARGET_PROGRAMS", target):
-                kernel = _graph_ms(lambda: decode_attention.attend(q, keys, values, slot, mem))
+        for target in (1024, 2048, 4096):  # programs aimed at (the plan's decode_programs: the chunk size)
+            kernel = _graph_ms(
+                lambda target=target: decode_attention.attend(q, keys, values, slot, mem, programs=target)
+            )
             line += f", {target} programs {kernel:6.3f} ms {gbytes / kernel * 1e3:5.0f} GB/s"
         print(line)
 

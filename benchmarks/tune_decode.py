@@ -3,9 +3,10 @@ decoding end to end with the table as shipped and with the sweep's choices, in o
 
 Kernel times are per call from CUDA graphs (no launch gaps), with the L2 cache flushed before each call (a decoding
 step reads every layer's keys once; nothing is warm in L2), the flush's own time subtracted. The sweep's choices are
-the kernel's chunk constants (fast/decode_attention.py) and its measured table (fast/tables.py), not plan fields:
-the "tuned" run sets them in this process only, for its own duration. `--plan KEY=VALUE` (ExecutionPlan fields)
-changes the end-to-end model; the memory's row width swept follows its plan unless --memory-width is given.
+the plan's split into chunks (decode_min_chunk, decode_programs) and the kernel's table: the "tuned" run sets the
+plan's fields and writes the table rows as this GPU's kernel table in the cache folder (as `longllama tune` does),
+restoring the file as it was afterwards. `--plan KEY=VALUE` (ExecutionPlan fields) changes the end-to-end model;
+the memory's row width swept follows its plan unless --memory-width is given.
 
     cd benchmarks && python tune_decode.py --out tune.json
 """
@@ -17,7 +18,7 @@ import contextlib
 import datetime
 import json
 import math
-from unittest import mock
+import os
 
 import torch
 from profile_step import _graph_ms
@@ -145,22 +146,10 @@ def sweep(shapes, chunks, configs, scratch) -> list[dict]:
     return records
 
 
-@contextlib.contextmanager
-def chunking(min_chunk: int, target: int):
-    """decode_attention's _MIN_CHUNK and _TARGET_PROGRAMS (which set the chunk of each shape) set to these values
-    inside the `with` block, restored after it."""
-    from longllama.fast import decode_attention
-
-    with (
-        mock.patch.object(decode_attention, "_MIN_CHUNK", min_chunk),
-        mock.patch.object(decode_attention, "_TARGET_PROGRAMS", target),
-    ):
-        yield
-
-
 def choose(records, targets=(1024, 2048, 4096, 8192), min_chunks=(32, 64, 128, 256)):
-    """The sweep's choices: decode_attention's _MIN_CHUNK and _TARGET_PROGRAMS whose shapes' best times, each relative
-    to that shape's best anywhere, sum to the least; per chunk the best configuration."""
+    """The sweep's choices: the plan's decode_min_chunk and decode_programs whose shapes' best times, each relative
+    to that shape's best anywhere, sum to the least (the local cache is read in chunks of decode_min_chunk, the
+    memories in decode_attention.chunk_for's); per chunk the best configuration."""
     from longllama.fast import decode_attention
 
     lengths = {"local": 2048, "memory 32k": 32768, "memory 256k": 262144}
@@ -174,8 +163,10 @@ def choose(records, targets=(1024, 2048, 4096, 8192), min_chunks=(32, 64, 128, 2
     options = []
     for min_chunk in min_chunks:
         for target in targets:
-            with chunking(min_chunk, target):
-                picks = [best(s, decode_attention._chunk(n, H)) for s, n in lengths.items()]
+            split = {"programs": target, "min_chunk": min_chunk}
+            chunks = {s: decode_attention.chunk_for(n, H, **split) for s, n in lengths.items()}
+            chunks["local"] = min_chunk  # the local cache: always in chunks of decode_min_chunk
+            picks = [best(s, chunk) for s, chunk in chunks.items()]
             if all(picks):
                 options.append((sum(p["us"] / fastest[p["shape"]] for p in picks), min_chunk, target, picks))
     _, min_chunk, target, picks = min(options, key=lambda o: o[0])
@@ -183,57 +174,61 @@ def choose(records, targets=(1024, 2048, 4096, 8192), min_chunks=(32, 64, 128, 2
 
 
 @contextlib.contextmanager
-def tuned(choice: dict | None, card: str):
-    """The sweep's choices in force inside the `with` block (chunk constants, table entries for this GPU and their
-    configurations in the kernel's list), the shipped ones restored after it; None: the shipped ones as they are.
-    The autotuner's in-process choices are dropped on both sides, so each setting picks its own."""
-    import triton
-
-    from longllama.fast import decode_kernels, tables
+def table_in_force(card: str, choice: dict | None):
+    """Inside the `with` block the sweep's table rows are this GPU's kernel table (written as `longllama tune` writes
+    it, in the cache folder), the file as it was restored after; None: the tables as they are. The kernel's choices
+    made before are dropped on both sides, so that each setting chooses its own."""
+    from longllama.fast import decode_kernels, tuning
 
     partials = decode_kernels.partials
-    partials.cache.clear()
-    if choice is None:
-        yield
-        return
-    table, configs = dict(tables.DECODE_ATTENTION), list(partials.configs)
+    path = tuning.file_for(card)
+    before = path.read_bytes() if choice is not None and path.exists() else None
     try:
-        with chunking(choice["min_chunk"], choice["target_programs"]):
-            for p in choice["picks"]:
-                meta, warps, stages = {"BLOCK_N": p["block_n"]}, p["warps"], p["stages"]
-                tables.DECODE_ATTENTION[(card, "torch.bfloat16", p["chunk"], D, min(p["width"], 112))] = (
-                    meta,
-                    warps,
-                    stages,
+        if choice is not None:
+            rows = {
+                ("torch.bfloat16", p["chunk"], D, min(p["width"], 112)): (
+                    {"BLOCK_N": p["block_n"]},
+                    p["warps"],
+                    p["stages"],
                 )
-                if not any(c.kwargs == meta and c.num_warps == warps and c.num_stages == stages for c in configs):
-                    partials.configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
-            yield
+                for p in choice["picks"]
+            }
+            tuning.write(path, card, {partials.name: (partials.key, rows)})
+        partials.forget()
+        yield
     finally:
-        tables.DECODE_ATTENTION.clear()
-        tables.DECODE_ATTENTION.update(table)
-        partials.configs[:] = configs
-        partials.cache.clear()
+        if choice is not None:
+            if before is None:
+                path.unlink(missing_ok=True)
+            else:
+                temp = path.with_name(f".{path.name}.restore.tmp")
+                temp.write_bytes(before)
+                os.replace(temp, path)
+        partials.forget()
 
 
-def end_to_end(settings, lengths, tokens: int, changes: dict) -> list[dict]:
-    """Greedy and sampling decoding after each prompt length, per setting (a context in which it holds), with the
-    model's plan changed by `changes`."""
+def end_to_end(settings, lengths, tokens: int, changes: dict, card: str) -> list[dict]:
+    """Greedy and sampling decoding after each prompt length, per setting (name, the sweep's choice or None for the
+    shipped tables and split), with the model's plan changed by `changes` (and by the choice's split)."""
     import bench_inference as bench
-
-    from longllama.fast import decode_attention
 
     torch.manual_seed(0)
     model = bench._longllama("3b", "cuda")
     model.set_plan(**changes)
     print(f"plan: {model.plan}")
+    base = model.plan
     vocab = model.config.vocab_size
     bench.ingest(model, torch.randint(3, vocab, (1, 4096), device="cuda"), hf=False)
     records = []
     for after in lengths:
         ids = torch.randint(3, vocab, (1, after), device="cuda")
-        for name, setting in settings:
-            with setting():
+        for name, choice in settings:
+            split = {} if choice is None else {
+                "decode_min_chunk": choice["min_chunk"], "decode_programs": choice["target_programs"]
+            }  # fmt: skip
+            model.set_plan(**{**changes, "decode_min_chunk": base.decode_min_chunk,
+                              "decode_programs": base.decode_programs, **split})  # fmt: skip
+            with table_in_force(card, choice):
                 for mode in ("greedy", "sampling"):
                     ms, warm = bench.decode_ms(model, ids, tokens, hf=False, sample=mode == "sampling")
                     records.append(
@@ -243,8 +238,8 @@ def end_to_end(settings, lengths, tokens: int, changes: dict) -> list[dict]:
                             mode=mode,
                             ms_per_token=round(ms, 3),
                             warmup_seconds=round(warm, 1),
-                            min_chunk=decode_attention._MIN_CHUNK,
-                            target_programs=decode_attention._TARGET_PROGRAMS,
+                            min_chunk=model.plan.decode_min_chunk,
+                            target_programs=model.plan.decode_programs,
                             plan=bench.plan_record(model),
                         )
                     )
@@ -301,15 +296,15 @@ def main() -> None:
         result["sweep"] = sweep(shapes, chunks, configs, scratch)
         min_chunk, target, picks = choose(result["sweep"])
         result["choice"] = dict(min_chunk=min_chunk, target_programs=target, picks=picks)
-        print(f"choice: _MIN_CHUNK {min_chunk}, _TARGET_PROGRAMS {target}; table rows:")
+        print(f"choice: decode_min_chunk {min_chunk}, decode_programs {target}; table rows:")
         for p in picks:
             print(f"  ({p['chunk']}, {min(p['width'], 112)}, {p['block_n']}, {p['warps']}, {p['stages']})")
 
-    settings = [("shipped", lambda: tuned(None, card))]
+    settings = [("shipped", None)]
     if "choice" in result:
-        settings.append(("tuned", lambda: tuned(result["choice"], card)))
+        settings.append(("tuned", result["choice"]))
     lengths = [int(t) for t in args.decode_after.split(",") if t and int(t)]
-    result["decode"] = end_to_end(settings, lengths, args.decode_tokens, changes)
+    result["decode"] = end_to_end(settings, lengths, args.decode_tokens, changes, card)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -20,6 +20,9 @@ pytest.importorskip("triton")
 # Triton's interpreter converts fp32 to bf16 by truncation (a GPU rounds to nearest): a kernel's bf16 store is up to
 # one step (not half a step) from the fp32 value it computed.
 STORE_STEPS = 1
+# the split into chunks (the plan's decode_programs, decode_min_chunk) at which small inputs take many chunks, some
+# of them empty
+MANY_CHUNKS = {"programs": 16, "min_chunk": 8}
 
 
 def _reference_attention(q, keys, values, used, mem_k=None, mem_v=None):
@@ -37,9 +40,7 @@ def _reference_attention(q, keys, values, used, mem_k=None, mem_v=None):
 
 @pytest.mark.parametrize("slot", [0, 17, 39])
 @pytest.mark.parametrize("with_memory", [False, True])
-def test_split_attention_equals_one_softmax(interpreter, monkeypatch, slot, with_memory):
-    monkeypatch.setattr(decode_attention, "_TARGET_PROGRAMS", 16)  # many chunks (some empty) for small inputs
-    monkeypatch.setattr(decode_attention, "_MIN_CHUNK", 8)
+def test_split_attention_equals_one_softmax(interpreter, slot, with_memory):
     torch.manual_seed(slot)
     b, h, kv, d, window, m, stored = 2, 4, 2, 20, 40, 150, 32
     q = torch.randn(b, h, d) * 2
@@ -47,7 +48,7 @@ def test_split_attention_equals_one_softmax(interpreter, monkeypatch, slot, with
     memory = None
     if with_memory:
         memory = (F.pad(torch.randn(b, kv, m, d), (0, stored - d)), F.pad(torch.randn(b, kv, m, d), (0, stored - d)))
-    out = decode_attention.attend(q, keys, values, torch.tensor([slot]), memory)
+    out = decode_attention.attend(q, keys, values, torch.tensor([slot]), memory, **MANY_CHUNKS)
     ref = _reference_attention(q, keys, values, slot + 1, *(memory or (None, None)))
     assert out.shape == (b, h, d) and (out - ref).abs().max() < 1e-5
 
@@ -60,8 +61,6 @@ def _row_memory(kv, n, capacity, d, stored):
 
 @pytest.mark.parametrize("one_launch", [False, True])
 def test_rows_read_their_own_memories_in_one_softmax_each(interpreter, monkeypatch, one_launch):
-    monkeypatch.setattr(decode_attention, "_TARGET_PROGRAMS", 16)  # many chunks (some empty) for small inputs
-    monkeypatch.setattr(decode_attention, "_MIN_CHUNK", 8)
     torch.manual_seed(3)
     b, h, kv, d, window, stored, slot = 4, 4, 2, 20, 40, 24, 30
     q = torch.randn(b, h, d) * 2
@@ -75,7 +74,9 @@ def test_rows_read_their_own_memories_in_one_softmax_each(interpreter, monkeypat
     launches = []
     real = kernels.launch
     monkeypatch.setattr(kernels, "launch", lambda *a, **k: launches.append(k.get("ROWS")) or real(*a, **k))
-    out = decode_attention.attend(q, keys, values, torch.tensor([slot]), lo=lo, row_memories=memories, row_table=table)
+    out = decode_attention.attend(
+        q, keys, values, torch.tensor([slot]), lo=lo, row_memories=memories, row_table=table, **MANY_CHUNKS
+    )
     assert launches.count(False) == (1 if one_launch else 4) and launches.count(True) == (1 if one_launch else 0)
     for i, mem in enumerate(memories):
         ref = _reference_attention(
@@ -394,6 +395,25 @@ def test_the_static_decoder_takes_the_kernels_only_where_the_plan_says(interpret
         model.config.attn_impl = "eager"  # the exact path decodes without them
         model.generate(ids, decoder="static", max_new_tokens=3)
     assert model.plan.interpret_kernels and not calls
+
+
+def test_the_decoding_split_comes_from_the_plan(interpreter, monkeypatch):
+    model = sharp_tiny(attn_impl="fast")
+    ids = torch.randint(3, 320, (1, 100), generator=torch.Generator().manual_seed(4))
+    seen = []
+    real = decode_attention.attend
+    monkeypatch.setattr(
+        decode_attention, "attend", lambda *a, **k: seen.append((k["programs"], k["min_chunk"])) or real(*a, **k)
+    )
+    model.set_plan(interpret_kernels=True)
+    with torch.no_grad():
+        default = model.generate(ids, decoder="static", max_new_tokens=4)
+        assert set(seen) == {(4096, 64)}
+        seen.clear()
+        model.set_plan(decode_programs=16, decode_min_chunk=8)  # many small chunks: the same softmax
+        many = model.generate(ids, decoder="static", max_new_tokens=4)
+    assert set(seen) == {(16, 8)}
+    assert torch.equal(default, many)
 
 
 def test_a_failing_kernel_falls_back_to_the_general_step(interpreter, monkeypatch, caplog):

@@ -85,7 +85,7 @@ def test_the_rule_gives_valid_configurations_for_every_shape(shape, shipped):
             assert warps in (1, 2, 4, 8) and stages in (1, 2, 3, 4)
     width = 8 * math.ceil(s["d"] / 8)  # the local buffers' rows (attention.kernel_head_dim) and a memory of 16s
     for tokens in (64, 2048, 32768, 262144, 1 << 20):
-        chunk = decode_attention._chunk(tokens, s["heads"])
+        chunk = decode_attention.chunk_for(tokens, s["heads"])
         for stored in (width, 16 * math.ceil(s["d"] / 16)):
             read = min(stored, 16 * math.ceil(s["d"] / 16))
             table = {} if shipped == "none" else tables.DECODE_ATTENTION
@@ -129,7 +129,7 @@ def test_the_rules_configurations_compute_the_products(monkeypatch, shape):
     q = torch.randn(1, s["heads"], d)
     keys = torch.randn(1, s["kv"], 64, d)
     values = torch.randn(1, s["kv"], 64, d)
-    chunk = decode_attention._chunk(64, s["heads"])
+    chunk = decode_attention.chunk_for(64, s["heads"])
     meta, _, _ = tables.decode_attention_rule(dict(chunk=chunk, D=d, D_READ=d), {}, "torch.float32")
     monkeypatch.setattr(decode_attention, "_DEFAULTS", meta)
     out = decode_attention.attend(q, keys, values, torch.tensor([63]))

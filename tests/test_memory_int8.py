@@ -192,18 +192,19 @@ def test_fast_path_kernel_route(monkeypatch, after_cache):
     assert (got - ref).abs().max() < 1e-5
 
 
-def test_decode_kernel_reads_int8_in_registers(interpreter, monkeypatch):
+def test_decode_kernel_reads_int8_in_registers(interpreter):
     from longllama.fast import decode_attention
 
-    monkeypatch.setattr(decode_attention, "_TARGET_PROGRAMS", 16)
-    monkeypatch.setattr(decode_attention, "_MIN_CHUNK", 8)
     b, h, hkv, d, window, slot = 2, 4, 2, 20, 40, 17
     g = torch.Generator().manual_seed(5)
     q = torch.randn(b, h, d, generator=g)
     keys, values = (F.pad(torch.randn(b, hkv, window, d, generator=g), (0, 4)) for _ in range(2))
     mem, _, _ = _memory(b=b, h=hkv, m=150, d=d, storage=32, seed=6)
     pk, pv = mem.padded()
-    out = decode_attention.attend(q, keys, values, torch.tensor([slot]), (pk, pv), mem.scales())
+    # many chunks for small inputs (the plan's decode_programs, decode_min_chunk)
+    out = decode_attention.attend(
+        q, keys, values, torch.tensor([slot]), (pk, pv), mem.scales(), programs=16, min_chunk=8
+    )
     # reference: fp32 softmax over the used local slots and the dequantized memory
     k = torch.cat([keys[:, :, : slot + 1, :d], mem.keys], 2).repeat_interleave(2, 1)
     v = torch.cat([values[:, :, : slot + 1, :d], mem.values], 2).repeat_interleave(2, 1)

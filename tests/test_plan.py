@@ -101,8 +101,8 @@ def test_the_model_floors_do_not_import_kernel_files():
         assert not {m for m in graph[module] if m.startswith("longllama.fast")}, module
 
 
-# Tests may patch these for instrumentation, not as settings: private sizes (`_NAME`, e.g. decode_attention's
-# _TARGET_PROGRAMS, so that small inputs take many chunks) and the shipped model's folder (an install without it).
+# Tests may patch these for instrumentation, not as settings: private sizes (`_NAME`, e.g. attention's
+# _INT8_CHUNK, so that small inputs take several chunks) and the shipped model's folder (an install without it).
 TEST_INSTRUMENTATION = {"SHIPPED_MODEL"}
 
 

@@ -51,26 +51,39 @@ class Stream:
 
     max_new_tokens: int
     eos: frozenset[int]
-    processors: LogitsProcessorList
     do_sample: bool
-    generator: torch.Generator | None
     on_token: Callable[[int], bool] | None = None
     on_end: Callable[[Stream], None] | None = None
     on_error: Callable[[BaseException], None] | None = None
-    suppress: tuple[int, ...] = ()  # token ids never chosen (applied to all rows' logits at once, before processors)
+    suppress: tuple[int, ...] = ()  # token ids never chosen (applied to all rows' logits at once, before sampling)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    # Sampling's settings as the kernel takes them (the processors hold the same), the seed of the row's draws and how
-    # many it made (sampling.sample_rows draws the n-th token with a key of (seed, n)).
+    # Sampling's settings, the seed of the row's draws and how many it made (sampling.sample_rows draws the n-th token
+    # with a key of (seed, n); the warpers' path draws from a generator seeded with `seed`).
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float = 1.0
     seed: int = 0
     draws: int = 0
+    _warpers: tuple[LogitsProcessorList, torch.Generator] | None = field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def warpers(self, device: torch.device) -> tuple[LogitsProcessorList, torch.Generator]:
+        """transformers' warpers for these settings and a generator on `device` seeded with `seed`, made on first use:
+        how a sampled row is drawn where the sampling kernel does not run (CPUs)."""
+        if self._warpers is None:
+            processors = LogitsProcessorList([TemperatureLogitsWarper(self.temperature)])
+            if self.top_k:
+                processors.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                processors.append(TopPLogitsWarper(self.top_p))
+            generator = torch.Generator(device)
+            generator.manual_seed(self.seed)
+            self._warpers = (processors, generator)
+        return self._warpers
 
     def _push(self, token: int) -> None:
         self.tokens.append(token)
@@ -213,25 +226,13 @@ class BatchGenerator:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens={max_new_tokens}: pass at least 1")
         eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else eos_token_id
-        processors = LogitsProcessorList()
-        generator = None
         seed = secrets.randbits(63) if seed is None else int(seed)
-        if do_sample:
-            if temperature <= 0:
-                raise InputError(f"temperature={temperature}: pass a positive temperature, or do_sample=False")
-            processors.append(TemperatureLogitsWarper(float(temperature)))
-            if top_k:
-                processors.append(TopKLogitsWarper(int(top_k)))
-            if top_p < 1.0:
-                processors.append(TopPLogitsWarper(float(top_p)))
-            generator = torch.Generator(self.device)
-            generator.manual_seed(seed)
+        if do_sample and temperature <= 0:
+            raise InputError(f"temperature={temperature}: pass a positive temperature, or do_sample=False")
         stream = Stream(
             int(max_new_tokens),
             frozenset(int(t) for t in eos),
-            processors,
             bool(do_sample),
-            generator,
             on_token,
             on_end,
             on_error,
@@ -463,8 +464,8 @@ class BatchGenerator:
         """Each row's next token (rows,) on the logits' device, with no wait for the device: greedy rows (and
         retired ones, None) by one argmax, the sampled ones in one kernel launch for all (sampling.sample_rows, each
         row with its own settings and seed; GPUs, or the interpreter where the plan says so), else each through its
-        processors and generator. Suppressed tokens are masked for all rows in one write (a processor per row cost
-        each row its own kernels at every step)."""
+        warpers and generator (Stream.warpers). Suppressed tokens are masked for all rows in one write (a processor
+        per row cost each row its own kernels at every step)."""
         key = tuple(() if stream is None else stream.suppress for stream in streams)
         if any(key):
             if self._suppressed is None or self._suppressed[0] != key:  # built when the rows change, not each step
@@ -477,15 +478,10 @@ class BatchGenerator:
         if drawn and sampling.applies(logits, cpu=self.model.plan.interpret_kernels):
             self._draw(streams, drawn, logits, tokens)
             return tokens
-        for i, stream in enumerate(streams):
-            if stream is None or not stream.processors:
-                continue
-            scores = stream.processors(None, logits[i : i + 1])
-            if stream.do_sample:
-                probs = torch.softmax(scores, dim=-1)
-                tokens[i] = torch.multinomial(probs, 1, generator=stream.generator)[0, 0]
-            else:
-                tokens[i] = scores.argmax(dim=-1)[0]
+        for i in drawn:
+            processors, generator = streams[i].warpers(logits.device)
+            probs = torch.softmax(processors(None, logits[i : i + 1]), dim=-1)
+            tokens[i] = torch.multinomial(probs, 1, generator=generator)[0, 0]
         return tokens
 
     def _draw(

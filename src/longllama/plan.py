@@ -73,6 +73,9 @@ class ExecutionPlan:
     skip_dead_layers: a memory window whose output is dropped runs only up to the last memory layer.
     window_group_tokens: memory windows of one sequence read this many tokens at a time, as a batch of windows.
     decode_kernels: the static decoder's step as Triton kernels where they apply.
+    decode_min_chunk, decode_programs: the decoding attention kernel's split: keys per program a power of two that
+        gives about decode_programs programs over a step's rows and heads, at least decode_min_chunk (the local
+        cache is always read in chunks of decode_min_chunk); from the H100 sweep of benchmarks/tune_decode.py.
     block_kernel: block retrieval's window reads (mem_retrieval "blocks") by one Triton kernel over the chosen blocks
         in place (fast/block_attention.py) where it applies, else retrieval.attend's gather in PyTorch.
     gemv_max_rows: the matrix-vector kernel serves products of at most this many rows.
@@ -105,6 +108,8 @@ class ExecutionPlan:
     skip_dead_layers: bool = True
     window_group_tokens: int = 8192
     decode_kernels: bool = True
+    decode_min_chunk: int = 64
+    decode_programs: int = 4096
     block_kernel: bool = True
     gemv_max_rows: int = 16
     interpret_kernels: bool = False
@@ -135,6 +140,8 @@ class ExecutionPlan:
             "local_width",
             "window_group_tokens",
             "gemv_max_rows",
+            "decode_min_chunk",
+            "decode_programs",
             "mem_blocks",
             "mem_block_size",
         ):

@@ -255,7 +255,7 @@ class BatchDecoder(StaticDecoder):
     def _attend_kernels(self, q, buffers, memories) -> torch.Tensor:
         _, rot, values = buffers
         if memories is None:
-            return decode_attention.attend(q, rot, values, self.slot, lo=self.lo, autotune=self.plan.autotune)
+            return decode_attention.attend(q, rot, values, self.slot, lo=self.lo, **self._attention_options())
         rows = [self._kernel_memory(q[i : i + 1], m) for i, m in enumerate(memories)]
         # invalid entries, 8-bit memories, kNN memory, blocks the kernel cannot take: rows by the general functions
         if self.config.mem_top_k is not None or any(r is False or (r is not None and r[1] is not None) for r in rows):
@@ -270,7 +270,7 @@ class BatchDecoder(StaticDecoder):
             lo=self.lo,
             row_memories=row_memories,
             row_table=table,
-            autotune=self.plan.autotune,
+            **self._attention_options(),
         )
 
     def _rows_table(self, row_memories: list) -> torch.Tensor | None:

@@ -240,7 +240,12 @@ class StaticDecoder:
             _, rot, values = self._views(buffers)
             return self._attend(q[:, :, None], rot, values, self._visible(), memory, EAGER)[:, :, 0]
         padded, scales = read or (None, None)
-        return decode_attention.attend(q, rot, values, self.slot, padded, scales, autotune=self.plan.autotune)
+        return decode_attention.attend(q, rot, values, self.slot, padded, scales, **self._attention_options())
+
+    def _attention_options(self) -> dict:
+        """decode_attention.attend's plan choices: configurations by the autotuner or not, the split into chunks."""
+        plan = self.plan
+        return {"autotune": plan.autotune, "min_chunk": plan.decode_min_chunk, "programs": plan.decode_programs}
 
     def _checked_compute(self) -> torch.Tensor:
         """_compute, falling back for good to the general step (one warning) if a Triton kernel fails to build or

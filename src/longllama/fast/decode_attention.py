@@ -22,10 +22,12 @@ import math
 import torch
 
 from longllama.fast import kernels
+from longllama.plan import ExecutionPlan
 
 _LOG2E = 1.4426950408889634
-_TARGET_PROGRAMS = 4096  # chunks x rows x heads aimed at (benchmarks/tune_decode.py)
-_MIN_CHUNK, _MAX_CHUNK = 64, 8192
+_MAX_CHUNK = 8192
+# the plan's defaults (ExecutionPlan.decode_min_chunk, decode_programs) for callers without a plan
+MIN_CHUNK, PROGRAMS = ExecutionPlan.decode_min_chunk, ExecutionPlan.decode_programs
 _DEFAULTS = {"BLOCK_N": 32}  # the interpreter's configuration (no autotuning there)
 _MERGE_BLOCK = 64
 
@@ -50,10 +52,11 @@ def applies(x: torch.Tensor, *, cpu: bool = False) -> bool:
     return kernels.usable(x, cpu=cpu) and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _chunk(n: int, rows: int) -> int:
-    """Keys per program: about _TARGET_PROGRAMS programs over `rows` (batch x heads) rows, a power of two."""
-    want = max(1, -(-n * rows // _TARGET_PROGRAMS))
-    return min(_MAX_CHUNK, max(_MIN_CHUNK, 1 << (want - 1).bit_length()))
+def chunk_for(n: int, rows: int, *, programs: int = PROGRAMS, min_chunk: int = MIN_CHUNK) -> int:
+    """Keys per program over n keys: about `programs` programs over `rows` (batch x heads) rows, a power of two of
+    at least `min_chunk`."""
+    want = max(1, -(-n * rows // programs))
+    return min(_MAX_CHUNK, max(min_chunk, 1 << (want - 1).bit_length()))
 
 
 def rope_store(
@@ -149,6 +152,8 @@ def attend(
     row_memories: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
     row_table: torch.Tensor | None = None,
     autotune: bool = False,
+    min_chunk: int = MIN_CHUNK,
+    programs: int = PROGRAMS,
 ) -> torch.Tensor:
     """q (b, h, d); keys, values (b, h_kv, window, d') of which slots 0..slot are in use; memory (keys, values)
     (b, h_kv, M, d'') as stored, or None; d', d'' >= d, the columns past d zero (those past the next multiple of 16
@@ -161,7 +166,8 @@ def attend(
     with `row_table` = rows_table(row_memories) where it can be made (not None): then one launch reads every row's
     memory; without a table each row's memory is a launch of its own (into that row's share of the partial results).
     `autotune`: the partials kernel's configuration by Triton's autotuner (the plan's field), else chosen from the
-    tables or the rule (kernels.Kernel)."""
+    tables or the rule (kernels.Kernel). `min_chunk`, `programs`: the split (the plan's decode_min_chunk and
+    decode_programs; chunk_for)."""
     partials, merge, _, rows_partials = _kernels()
     b, h, d = q.shape
     kv_heads, window = keys.shape[1], keys.shape[2]
@@ -171,10 +177,11 @@ def attend(
     parts = [(keys, values, window, True)]
     if memory is not None and memory[0].shape[2]:
         parts.append((memory[0], memory[1], memory[0].shape[2], False))
-    # The local cache in chunks of _MIN_CHUNK slots whatever the rows: chunks outside a row's own slots cost a program
+    # The local cache in chunks of min_chunk slots whatever the rows: chunks outside a row's own slots cost a program
     # that exits at once, and on an H100 8 rows' local caches read in 64-slot chunks took 35 us against 52 us in
-    # the 128-slot chunks that _chunk gave them (benchmarks/RESULTS.md, "Eight rows a step").
-    chunks = [_MIN_CHUNK if local else _chunk(n, rows) for _, _, n, local in parts]
+    # the 128-slot chunks that chunk_for gave them (benchmarks/RESULTS.md, "Eight rows a step").
+    split = {"programs": programs, "min_chunk": min_chunk}
+    chunks = [min_chunk if local else chunk_for(n, rows, **split) for _, _, n, local in parts]
     counts = [-(-n // c) for (_, _, n, _), c in zip(parts, chunks)]
     per_row = [m for m in (row_memories or []) if m is not None and m[0].shape[2]]
     longest = max((m[0].shape[2] for m in per_row), default=1)
@@ -182,7 +189,7 @@ def attend(
     # One launch over all rows: chunks sized for b * h rows of programs. Launches of their own have h rows each:
     # chunks sized for that launch, not for the batch (8 rows' 16k memories got 512 programs a launch instead of the
     # 4096 aimed at).
-    row_chunk = _chunk(longest, rows if one else h)
+    row_chunk = chunk_for(longest, rows if one else h, **split)
     row_count = -(-longest // row_chunk) if per_row else 0
     splits = sum(counts) + row_count
     widths = [k.shape[-1] for k, _, _, _ in parts] + [m[0].shape[-1] for m in per_row]

@@ -69,6 +69,13 @@ class Kernel:
         self._ready: dict[tuple, dict] = {}  # launch options of the configurations launched so far, per key
         self._autotuner = None
 
+    def forget(self) -> None:
+        """Drop the configurations chosen so far in this process (a table was written since): launches choose
+        again."""
+        self.cache.clear()
+        self.tuned.clear()
+        self._ready.clear()
+
     def _key(self, named: dict) -> tuple:
         tensor = next((v for v in named.values() if isinstance(v, torch.Tensor)), None)
         device = _device_name(tensor) if tensor is not None else None
