@@ -1,7 +1,8 @@
 """Correctness on the GPU (bf16): longllama equals transformers LLaMA on a short input, and the attention paths agree
 on a long one; then the fast paths' parts against fp32 maths (fused attention kernels, FlashAttention 4's memory
 attention and its window-group split, kNN memory, the rope kernel, the decoding kernels, the sampler, the static
-decoder). Each path is chosen through the execution plan (`model.set_plan`, or a plan handed to the function).
+decoder, the batch decoder). Each path is chosen through the execution plan (`model.set_plan`, or a plan handed to
+the function).
 Prints relative errors ||a - b|| / ||b||; exits non-zero if a bound is missed, a check raises, or a fast path fell
 back to another one (a plan's failure record, or a warning from the compiled functions or the Triton decoding step):
 a fallback would otherwise pass on the path it fell back to.
@@ -77,6 +78,43 @@ def check_static_decoder(model, prompt) -> bool:
         f"the {steps} steps with equal inputs rel {e:.2e}" + (f"; fell back: {', '.join(failed)}" if failed else "")
     )
     return e < 5e-2 and not failed
+
+
+def check_batch_decoder(model) -> bool:
+    """Rows over their own memories decoded together (BatchDecoder: CUDA graphs, one launch reading every row's
+    memory) against each row alone (the static decoder), the same forced tokens fed to both: the logits of every
+    step. Bound 5e-2 as for the static decoder (bf16 scores of a random-weight model; the two split the keys into
+    different chunks)."""
+    from longllama.fast.batch_decode import BatchDecoder
+    from longllama.fast.decode import StaticDecoder
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    vocab, local = model.config.vocab_size, model.config.last_context_length
+    documents = [torch.randint(3, vocab, (1, n), device="cuda", generator=g) for n in (3000, 5200, 2500, 4100)]
+    steps = 16
+    forced = torch.randint(3, vocab, (steps, len(documents)), device="cuda", generator=g)
+
+    def cache(ids):
+        return model(ids, use_cache=True, last_context_length=local).cache
+
+    batch = BatchDecoder(model, plan=model.plan, graphs=True)
+    for ids in documents:
+        batch.add(cache(ids))
+    together = torch.stack([batch.step(forced[i]) for i in range(steps)])  # (steps, rows, vocab)
+    tables = len(batch._row_tables)
+    errors = []
+    for row, ids in enumerate(documents):
+        alone = StaticDecoder(model, cache(ids), plan=model.plan, graphs=True)
+        logits = torch.stack([alone.step(forced[i, row : row + 1])[0] for i in range(steps)])
+        errors.append(rel(together[:, row], logits))
+    failed = model.plan.failures.names()
+    print(
+        f"batch decoder ({len(documents)} rows, own memories of {[d.shape[1] for d in documents]} tokens, one launch "
+        f"tables {tables}) vs each row alone, {steps} forced steps: logits rel "
+        + ", ".join(f"{e:.2e}" for e in errors)
+        + (f"; fell back: {', '.join(failed)}" if failed else "")
+    )
+    return max(errors) < 5e-2 and tables > 0 and not failed
 
 
 def check_kernels() -> bool:
@@ -371,8 +409,28 @@ def checked(name: str, fn, *args) -> bool:
         return False
 
 
+# each check's name for --only
+CHECKS = {
+    "model paths": "model",
+    "kernels": "kernels",
+    "FlashAttention 4": "flash4",
+    "kNN memory": "topk",
+    "rope kernel": "rope",
+    "decoding kernels": "decoding",
+    "sampling": "sampling",
+    "static decoder": "static",
+    "batch decoder": "batch",
+}
+
+
 def main() -> int:
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no options: --help only
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    names = list(CHECKS.values())
+    ap.add_argument("--only", default=None, help=f"comma-separated checks to run, of: {', '.join(names)}")
+    args = ap.parse_args()
+    only = set(names) if args.only is None else set(args.only.split(","))
+    if only - set(names):
+        ap.error(f"unknown check(s) {', '.join(sorted(only - set(names)))}: choose among {', '.join(names)}")
     from bench_inference import plan_record
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -399,7 +457,8 @@ def main() -> int:
     ok = True
     with torch.no_grad():
         torch.backends.cuda.matmul.allow_tf32 = False
-        ok &= checked("model paths", check_model, ours, llama, cfg)
+        if "model" in only:
+            ok &= checked("model paths", check_model, ours, llama, cfg)
         for name, fn in [
             ("kernels", check_kernels),
             ("FlashAttention 4", check_flash4),
@@ -408,11 +467,14 @@ def main() -> int:
             ("decoding kernels", check_decode_kernels),
             ("sampling", check_sampling),
         ]:
-            ok &= checked(name, fn)
+            if CHECKS[name] in only:
+                ok &= checked(name, fn)
         ours.to(torch.bfloat16)  # as check_model leaves it, should that have stopped early
-        ok &= checked(
-            "static decoder", check_static_decoder, ours, torch.randint(3, cfg.vocab_size, (1, 3000), device="cuda")
-        )
+        if "static" in only:
+            prompt = torch.randint(3, cfg.vocab_size, (1, 3000), device="cuda")
+            ok &= checked("static decoder", check_static_decoder, ours, prompt)
+        if "batch" in only:
+            ok &= checked("batch decoder", check_batch_decoder, ours)
     if fallbacks.messages:
         print(f"{len(fallbacks.messages)} fallback warning(s) from the fast paths (see above): FAIL")
         ok = False
