@@ -179,7 +179,7 @@ def attend(
         parts.append((memory[0], memory[1], memory[0].shape[2], False))
     # The local cache in chunks of min_chunk slots whatever the rows: chunks outside a row's own slots cost a program
     # that exits at once, and on an H100 8 rows' local caches read in 64-slot chunks took 35 us against 52 us in
-    # the 128-slot chunks that chunk_for gave them (benchmarks/RESULTS.md, "Eight rows a step").
+    # the 128-slot chunks that chunk_for gave them (benchmarks/HISTORY.md, "Eight rows a step").
     split = {"programs": programs, "min_chunk": min_chunk}
     chunks = [min_chunk if local else chunk_for(n, rows, **split) for _, _, n, local in parts]
     counts = [-(-n // c) for (_, _, n, _), c in zip(parts, chunks)]

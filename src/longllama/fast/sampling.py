@@ -14,7 +14,7 @@ reproducible under torch.manual_seed.
 
 `sample_rows` draws for chosen rows of a batch of independent sequences (batch.py), each row with its own settings
 and its own key for the random draws, in one launch: a batch's rows sampled one by one through the warpers cost
-~0.25 ms per row and step on an H100 (benchmarks/RESULTS.md, "Eight rows a step").
+~0.25 ms per row and step on an H100 (benchmarks/HISTORY.md, "Eight rows a step").
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def gemv_swiglu_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict,
 
 def gemv_rows_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
     """(meta, num_warps, num_stages) of the several-row kernels for key {N, K, M}, as Triton's autotuner chose on an
-    H100 for the 3B shape's products at 8 rows (benchmarks/RESULTS.md, "Eight rows a step"): 32 output rows per
+    H100 for the 3B shape's products at 8 rows (benchmarks/HISTORY.md, "Eight rows a step"): 32 output rows per
     program, 16 where K is long (the down projection), 64 on wide outputs (lm_head); K steps 256 wide on outputs of up
     to 4096 rows, 128 on wider ones; 4 warps; loads pipelined over 4 stages (3 on wide outputs)."""
     n, k = int(key["N"]), int(key["K"])
