@@ -18,7 +18,6 @@ import contextlib
 import datetime
 import json
 import math
-import os
 
 import torch
 from profile_step import _graph_ms
@@ -178,6 +177,7 @@ def table_in_force(card: str, choice: dict | None):
     """Inside the `with` block the sweep's table rows are this GPU's kernel table (written as `longllama tune` writes
     it, in the cache folder), the file as it was restored after; None: the tables as they are. The kernel's choices
     made before are dropped on both sides, so that each setting chooses its own."""
+    from longllama.evals.records import replace_atomically
     from longllama.fast import decode_kernels, tuning
 
     partials = decode_kernels.partials
@@ -201,9 +201,7 @@ def table_in_force(card: str, choice: dict | None):
             if before is None:
                 path.unlink(missing_ok=True)
             else:
-                temp = path.with_name(f".{path.name}.restore.tmp")
-                temp.write_bytes(before)
-                os.replace(temp, path)
+                replace_atomically(path, lambda temp: temp.write_bytes(before))
         partials.forget()
 
 
