@@ -192,20 +192,25 @@ def ingest_flops(config, n: int, *, hf: bool, skip_dead_layers: bool = True) -> 
     """FLOPs of the work an ingest of n tokens does (logits of the last position only): the layers' matrix products,
     the last position's lm_head, and attention: causal over everything in every layer (hf), or causal within
     windows everywhere and, in memory layers, over all earlier windows (longllama). With the plan's skip_dead_layers,
-    the layers after the last memory layer see only the final window (last_context_length tokens)."""
+    the memory windows (all but the final last_context_length tokens) stop at the last memory layer, where they only
+    project the keys and values its memory keeps; the final window runs every layer."""
     h, layers, d = config.hidden_size, config.num_hidden_layers, config.head_dim
-    per_layer = 2 * h * d * (config.num_attention_heads + config.num_key_value_heads) + 3 * h * config.intermediate_size
+    kv = 2 * h * d * config.num_key_value_heads  # k and v projections, multiply-adds per token
+    per_layer = 2 * h * d * config.num_attention_heads + kv + 3 * h * config.intermediate_size
     head = 2 * h * config.vocab_size
     if hf:
         return 2 * per_layer * n * layers + head + 2 * h * n * n * layers
     window = config.context_window
-    deep = layers
-    if skip_dead_layers:
-        deep = max(config.mem_layers) + 1 if config.mem_layers else 0
     final = min(n, config.last_context_length)
-    tokens = n * deep + final * (layers - deep)  # token-layers: every token to `deep`, the final window beyond
-    local = 2 * h * window * (n * deep + final * (layers - deep) * final / window)  # ~ causal within windows
-    return 2 * per_layer * tokens + head + local + 2 * h * n * n * len(config.mem_layers)
+    memory_windows = n - final
+    whole, writes = layers, 0  # layers a memory window runs whole; memory layers it only writes
+    if skip_dead_layers:
+        whole, writes = (max(config.mem_layers), 1) if config.mem_layers else (0, 0)
+    tokens = memory_windows * whole + final * layers  # token-layers run whole
+    local = 2 * h * window * (memory_windows * whole + final * layers * final / window)  # ~ causal within windows
+    readers = len(config.mem_layers) - writes  # memory layers whose memory windows read the memory
+    memory = 2 * h * n * n * readers + 4 * h * final * n * writes  # ... the others only their final window
+    return 2 * per_layer * tokens + 2 * kv * memory_windows * writes + head + local + memory
 
 
 # The project's benchmark floors (H100; benchmarks/RESULTS.md): matrix work at 750 TFLOP/s, decoding's bytes at 3 TB/s.

@@ -5,7 +5,8 @@ shipped model's tokenizer; documents are pass-key haystacks (their content does 
 - ttft: a `--question-tokens` question after a `--doc-tokens` document, from the request to the first new token:
   (reingest) the document and question read as one prompt; (gpu_memory) after a DocumentMemory held on the GPU;
   (disk_memory) DocumentMemory.load from its folder (the files dropped from the OS page cache first, so they are read
-  from the disk; checksums verified) and then the question.
+  from the disk; checksums verified) and then the question; once for each of `--recompute-layers` (the records'
+  `recompute_layers`: the first k memory layers computed again from the saved tokens while the others are read).
 - arrivals (not in the default parts): --arrivals requests arriving at random, at most max(--streams) together:
   tokens per second, and the graph captures and row layouts their joins and ends cost.
 - concurrent_decode: 1, 4 and 8 streams (`--streams`) over different `--stream-doc-tokens` memories, `--new-tokens`
@@ -140,19 +141,36 @@ def ttft(model, tokenizer, args, work: Path) -> list[dict]:
     record("gpu_memory", times, memory_gib=round(memory.nbytes() / 2**30, 3))
     folder = memory.save(work / "document")
     size = sum(p.stat().st_size for p in folder.iterdir())
-    times, loads = [], []
-    for _ in range(args.repeats):
-        _drop_from_page_cache(folder)
-        _sync()
-        start = time.perf_counter()
-        loaded = DocumentMemory.load(folder, model, tokenizer)
-        _sync()
-        loads.append(time.perf_counter() - start)
-        cached = dict(cache=loaded.cache, last_context_length=loaded.last_context_length)
-        times.append(loads[-1] + _first_token(engine, question, **cached))
+    layers = len(model.config.mem_layers)
+    for k in sorted({min(int(k), layers) for k in args.recompute_layers.split(",")}):
+        options = dict(recompute_layers=k) if k else {}  # (older code has no recompute_layers)
+        times, loads = [], []
+        for _ in range(args.repeats):
+            _drop_from_page_cache(folder)
+            _sync()
+            start = time.perf_counter()
+            loaded = DocumentMemory.load(folder, model, tokenizer, **options)
+            _sync()
+            loads.append(time.perf_counter() - start)
+            cached = dict(cache=loaded.cache, last_context_length=loaded.last_context_length)
+            times.append(loads[-1] + _first_token(engine, question, **cached))
+        differs = _largest_difference(memory.cache, loaded.cache)
         del loaded
-    record("disk_memory", times, load_seconds=round(min(loads), 4), file_gib=round(size / 2**30, 3))
+        record("disk_memory", times, load_seconds=round(min(loads), 4), file_gib=round(size / 2**30, 3),
+               recompute_layers=k, memory_layers=layers, max_abs_diff=differs)  # fmt: skip
     return records
+
+
+def _largest_difference(built, loaded) -> float:
+    """The largest difference between two caches' local caches and memories (0: the load gave the build's)."""
+    largest = 0.0
+    for a, b in zip(built.layers, loaded.layers):
+        pairs = [(a.keys, b.keys), (a.values, b.values)]
+        if a.memory is not None:
+            pairs += list(zip(a.memory.padded(), b.memory.padded()))
+        for x, y in pairs:
+            largest = max(largest, (x.float() - y.float()).abs().max().item())
+    return largest
 
 
 def _memories(model, tokenizer, args) -> list[DocumentMemory]:
@@ -499,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", default="ttft,concurrent,http")
+    parser.add_argument(
+        "--recompute-layers",
+        default="0",
+        help="ttft part: memory layers recomputed in the disk loads, comma-separated (e.g. 0,1,2)",
+    )
     parser.add_argument(
         "--rounds",
         type=int,

@@ -30,6 +30,7 @@ SOURCES = (
     "h100-2026-12-05-retrieval-passkey-1m.json",
     "cpu-2026-12-05-passkey-128k-two-level",
     "cpu-2026-12-05-passkey-4m-two-level",
+    "h100-2026-12-06-kv-recompute/passkey-1m.json",
 )
 MODES = ("dense", "knn", "blocks", "blocks2", "no-memory")
 DEFAULT_BLOCKS = 64  # mem_blocks of the curve's block retrieval (other settings are left out)

@@ -33,6 +33,10 @@ def test_ingest_flops_count_the_layers_each_window_runs():
     skip = bench.ingest_flops(config, n, hf=False, skip_dead_layers=True)
     h, inter = config.hidden_size, config.intermediate_size
     per_token_layer = 2 * (4 * h * h + 3 * h * inter) + 2 * h * config.context_window  # products + local
-    dropped = (n - config.last_context_length) * 7 * per_token_layer  # layers 19-25 for all but the final window
+    m = n - config.last_context_length  # tokens of the memory windows
+    dropped = m * 7 * per_token_layer  # layers 19-25 for all but the final window
+    # layer 18 (the last memory layer) only projects those windows' keys and values: no queries, output, MLP, local
+    # attention, nor their attention over the memory (~2 h n^2)
+    dropped += m * (per_token_layer - 2 * 2 * h * h) + 2 * h * n * n
     assert every - skip == pytest.approx(dropped, rel=0.01)
     assert bench.ingest_flops(config, n, hf=True) > every  # full attention in every layer

@@ -20,7 +20,7 @@ def test_tiny_run_measures_batch_and_http_streams(tmp_path):
         "bench_serve.py", "--shape", "tiny", "--device", "cpu", "--doc-tokens", "1536", "--stream-doc-tokens", "1024",
         "--question-tokens", "16", "--new-tokens", "8", "--repeats", "1", "--streams", "1,2", "--parts",
         "ttft,concurrent,arrivals,http", "--arrivals", "4", "--arrival-rate", "100", "--rounds", "1", "--work",
-        str(tmp_path / "work"), "--out", str(out),
+        str(tmp_path / "work"), "--out", str(out), "--recompute-layers", "0,1,5",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     records = json.loads(out.read_text())["records"]
@@ -43,6 +43,8 @@ def test_tiny_run_measures_batch_and_http_streams(tmp_path):
     assert all(r["steps"] == 7 and 0 < r["step_ms_median"] <= 1e3 * r["seconds"] for r in batch.values())
     (arrived,) = [r for r in records if r["benchmark"] == "arrivals"]
     assert arrived["requests"] == 4 and arrived["new_tokens"] >= 4 * 4 and arrived["layouts"] >= 1
-    ttft = {r["source"]: r for r in records if r["benchmark"] == "ttft"}
-    assert set(ttft) == {"reingest", "gpu_memory", "disk_memory"}
+    ttft = {(r["source"], r.get("recompute_layers")): r for r in records if r["benchmark"] == "ttft"}
+    # tiny has two memory layers: 5 layers to recompute means both (the document read again from its saved tokens)
+    assert set(ttft) == {("reingest", None), ("gpu_memory", None)} | {("disk_memory", k) for k in (0, 1, 2)}
     assert all(r["seconds"] > 0 and r["tokens"] > 1024 for r in ttft.values())
+    assert all(ttft["disk_memory", k]["max_abs_diff"] == 0 for k in (0, 1, 2))  # the build's cache, however loaded

@@ -69,6 +69,11 @@ def test_chat_answers_a_pass_key_from_a_file_memory_and_saved_memory(
     code, out, err = _run(monkeypatch, capsys, ["chat", "--memory", str(saved), "--max-new-tokens", "6"], QUESTION)
     assert code == 0, err
     assert _answers(out) == answers[:1]
+    # The lower memory layer computed again from the saved tokens, the upper one read: the same answer.
+    recompute = ["--memory-recompute-layers", "1", "--max-new-tokens", "6"]
+    code, out, err = _run(monkeypatch, capsys, ["chat", "--memory", str(saved), *recompute], QUESTION)
+    assert code == 0, err
+    assert _answers(out) == answers[:1]
 
 
 def test_chat_refuses_bad_input_in_one_line(document, tmp_path, monkeypatch, capsys):
@@ -83,6 +88,7 @@ def test_chat_refuses_bad_input_in_one_line(document, tmp_path, monkeypatch, cap
             "both sources": (["chat", "--file", str(path), "--memory", str(tmp_path)], "--file and --memory"),
             "no source": (["chat"], "--file F"),
             "no memory": (["chat", "--memory", str(tmp_path / "nothing")], "does not exist"),
+            "negative recompute": (["chat", "--memory-recompute-layers", "-1"], "-1"),
             "not a memory": (["memory", "info", str(tmp_path)], "manifest.json"),
             "unknown template": (
                 ["chat", "--model", str(SHIPPED_MODEL), "--file", str(path), "--template", "x"],

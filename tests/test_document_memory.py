@@ -264,6 +264,69 @@ class _FailingMemory:
         raise RuntimeError("disk gone")
 
 
+def _same_cache(a, b) -> None:
+    for mine, theirs in zip(a.layers, b.layers, strict=True):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+        assert torch.equal(mine.positions, theirs.positions)
+        assert (mine.memory is None) == (theirs.memory is None)
+        if mine.memory is not None:
+            assert mine.memory.length == theirs.memory.length > 0
+            assert all(torch.equal(x, y) for x, y in zip(mine.memory.padded(), theirs.memory.padded()))
+
+
+@pytest.mark.parametrize("impl", ["eager", "fast"])
+def test_recomputed_lower_layers_give_the_memory_that_was_saved(folders, impl: str, tmp_path: Path) -> None:
+    # tiny: memory layers 1 and 3. recompute_layers=1 computes layer 1's memory from the saved tokens (the memory
+    # windows stop there) while layer 3's file is read; 2 reads no memory file. The same kernels on the same inputs
+    # as the build: bitwise the same caches, and the same prediction after the document. "fast" reads the memory
+    # windows in groups of two.
+    model, tokenizer = _load(folders["tiny"])
+    model.config.attn_impl = impl
+    model.set_plan(window_group_tokens=128)
+    memory = DocumentMemory.build(model, tokenizer, DOCUMENT, template="none")
+    path = memory.save(tmp_path / "mem")
+    ids = torch.tensor(list(memory.format.prefix_ids) + memory.format.document_ids(DOCUMENT), dtype=torch.int32)
+    for k in (0, 1, 2):
+        loaded = DocumentMemory.load(path, model, tokenizer, recompute_layers=k)
+        assert torch.equal(loaded.ids, ids) and loaded.tokens == memory.tokens
+        _same_cache(memory.cache, loaded.cache)
+        if k:
+            assert torch.equal(loaded.next_logits, memory.next_logits)
+    assert loaded.ask("river stone", max_new_tokens=5) == memory.ask("river stone", max_new_tokens=5)
+    # What is recomputed is not read: a damaged layer-1 file does not stop recompute_layers=1, layer 3's does.
+    layer1, layer3 = path / "memory.layer1.safetensors", path / "memory.layer3.safetensors"
+    good = layer1.read_bytes()
+    layer1.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    _one_line_error(lambda: DocumentMemory.load(path, model, tokenizer), "sha256")
+    _same_cache(memory.cache, DocumentMemory.load(path, model, tokenizer, recompute_layers=1).cache)
+    layer1.write_bytes(good)
+    data = layer3.read_bytes()
+    layer3.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    _one_line_error(lambda: DocumentMemory.load(path, model, tokenizer, recompute_layers=1), "sha256")
+    _same_cache(memory.cache, DocumentMemory.load(path, model, tokenizer, recompute_layers=2).cache)
+
+
+def test_recomputing_needs_the_saved_tokens_and_a_memory_layer_count(tiny, tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    memory = DocumentMemory.build(model, tokenizer, DOCUMENT, template="none")
+    for k in (-1, 3):
+        with pytest.raises(InputError, match="2 memory layers") as info:
+            DocumentMemory.load(memory.save(tmp_path / "mem"), model, tokenizer, recompute_layers=k)
+        assert "\n" not in str(info.value)
+    memory.ids = None  # as memories saved before the tokens were kept
+    path = memory.save(tmp_path / "old")
+    assert not (path / document_memory.TOKENS_FILE).exists()
+    with pytest.raises(InputError, match="without its tokens.*recompute_layers=0"):
+        DocumentMemory.load(path, model, tokenizer, recompute_layers=1)
+    assert DocumentMemory.load(path, model, tokenizer).ids is None
+    # A document shorter than the final window has no memory: nothing to read, nothing to recompute.
+    short = DocumentMemory.build(model, tokenizer, "river stone", template="none")
+    assert short.cache.memory_length == 0
+    reloaded = DocumentMemory.load(short.save(tmp_path / "short"), model, tokenizer, recompute_layers=1)
+    assert reloaded.cache.memory_length == 0
+    assert torch.equal(reloaded.next_logits, short.next_logits)
+
+
 def test_a_failed_save_leaves_nothing_half_written(tiny, tmp_path: Path) -> None:
     model, tokenizer = tiny
     memory = DocumentMemory.build(model, tokenizer, DOCUMENT, template="none")

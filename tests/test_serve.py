@@ -434,13 +434,16 @@ def test_memories_survive_a_restart_and_a_kill_mid_upload(server, memory_dir, ha
     # ... and one whose bytes changed in place (same size): a start checks sizes only, its load the checksums.
     flipped = memory_dir / ("mem-" + "D" * 32)
     shutil.copytree(memory_dir / memory_id, flipped)
-    tensor = next(p for p in flipped.iterdir() if p.suffix == ".safetensors")
+    tensor = max(flipped.glob("memory.layer*.safetensors"))  # the upper memory layer's: read, never recomputed
     data = bytearray(tensor.read_bytes())
     data[-1] ^= 0xFF
     tensor.write_bytes(bytes(data))
 
-    # A budget of one byte: only the memory used last stays loaded, the other is read from disk again.
-    restarted = Server(memory_dir, "--queue", "2", "--memory-budget", "1", key_in_environment=True)
+    # A budget of one byte: only the memory used last stays loaded, the other is read from disk again (its lower
+    # memory layer computed from its tokens meanwhile).
+    restarted = Server(
+        memory_dir, "--queue", "2", "--memory-budget", "1", "--memory-recompute-layers", "1", key_in_environment=True
+    )
     try:
         listed = {m["id"]: m for m in restarted.http("GET", "/v1/memories").json()["data"]}
         # The killed upload is not listed (on a machine fast enough to finish it first, it would be, complete).
@@ -489,5 +492,6 @@ def test_serve_refuses_bad_options_in_one_line(tmp_path, capsys):
             "unknown template": (["--template", "nope"], "not one of"),
             "queue of zero": (["--queue", "0"], "--queue"),
             "negative port": (["--port", "-1"], "--port"),
+            "recompute too many": (["--memory-recompute-layers", "3"], "2 memory layers"),
         },
     )

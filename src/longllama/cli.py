@@ -1216,6 +1216,7 @@ def chat(
     top_p: float | None = None,
     seed: int | None = None,
     last_context_length: int | None = None,
+    memory_recompute_layers: int = 0,
     load: LoadOptions | None = None,
 ) -> int:
     """Chat about documents: read --file(s) into memory once (or load a saved --memory), then answer questions with
@@ -1235,7 +1236,9 @@ def chat(
         text, sources = read_documents(file)
     folder, lm, tokenizer, template = _chat_model(model, template, system, load)
     if memory:
-        document = DocumentMemory.load(memory, lm, tokenizer, template=template, system=system)
+        document = DocumentMemory.load(
+            memory, lm, tokenizer, template=template, system=system, recompute_layers=memory_recompute_layers
+        )
         print(f"{PROG}: loaded {document.tokens} tokens from {memory}", file=sys.stderr)
     else:
         document = _read_into_memory(lm, tokenizer, text, sources, template, system, last_context_length)
@@ -1385,6 +1388,7 @@ def _add_chat(commands) -> None:
     _add_model_arguments(p)
     p.add_argument("--file", action="append", metavar="F", help="a document to read (repeatable)")
     p.add_argument("--memory", metavar="PATH", help="a saved document memory (memory build, /save)")
+    _add_recompute_option(p)
     _add_document_options(p)
     p.add_argument(
         "--max-new-tokens", type=_positive_int, default=256, metavar="N", help="at most N tokens per answer (256)"
@@ -1414,6 +1418,7 @@ def serve(
     max_body_bytes: int = SERVE_DEFAULTS.max_body_bytes,
     max_upload_bytes: int = SERVE_DEFAULTS.max_upload_bytes,
     template: str | None = None,
+    memory_recompute_layers: int = SERVE_DEFAULTS.memory_recompute_layers,
     load: LoadOptions | None = None,
 ) -> int:
     """Serve the model over an OpenAI-compatible HTTP API (completions, chat completions, streamed or not) with
@@ -1435,6 +1440,11 @@ def serve(
             raise CliError(f"--memory-dir {memory_dir} is a file: pass a folder (it is created when missing)")
         memory_dir = str(folder_of_memories)
     folder, lm, tokenizer, _ = _chat_model(model, template, None, load, chat_default=False)
+    if memory_recompute_layers > len(lm.config.mem_layers):
+        raise CliError(
+            f"--memory-recompute-layers {memory_recompute_layers}: the model has {len(lm.config.mem_layers)} memory "
+            "layers; pass at most that"
+        )
     config = ServeConfig(
         model_id=folder.resolve().name,
         api_key=api_key,
@@ -1449,6 +1459,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         max_upload_bytes=max_upload_bytes,
         template=template,
+        memory_recompute_layers=memory_recompute_layers,
     )
     app = create_app(lm, tokenizer, config, model_thread=False)  # the model's work stays on this thread
     import faulthandler
@@ -1468,6 +1479,17 @@ def serve(
     return 0
 
 
+def _add_recompute_option(p) -> None:
+    p.add_argument(
+        "--memory-recompute-layers",
+        type=_non_negative_int,
+        default=0,
+        metavar="K",
+        help="compute the first K memory layers' memories again from a saved memory's tokens while the others are "
+        "read from disk (faster where the disk is slower than the GPU; 0, the default: read everything)",
+    )
+
+
 def _add_serve(commands) -> None:
     p = commands.add_parser(
         "serve", help="an OpenAI-compatible HTTP server with document memories", description=serve.__doc__
@@ -1484,6 +1506,7 @@ def _add_serve(commands) -> None:
     p.add_argument(
         "--memory-dir", metavar="DIR", help="where memories are kept across restarts (default: a temporary folder)"
     )
+    _add_recompute_option(p)
     d = SERVE_DEFAULTS
     for flag, kind, metavar, text in (
         ("--queue", _positive_int, "N", f"requests that may wait for the model ({d.queue}); more: 429"),

@@ -217,10 +217,12 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         keep_last: int = 0,
         validate: bool = True,
         cross_batch=None,
+        fill_memories: int | None = None,
     ):
         """Like `forward`, but extends `cache` in place (generation owns its cache and needs no copy).
         `progress(tokens_done)` is called after each window of the input; `keep_last` > 0 returns only the hidden
-        states of the last positions; `validate=False` skips the token-id range check (ids the model produced)."""
+        states of the last positions; `validate=False` skips the token-id range check (ids the model produced);
+        `fill_memories` = k fills only the first k memory layers' memories of a fresh cache (windows.run_windows)."""
         embeds = self._embed(input_ids, inputs_embeds, validate=validate)
         b, n, _ = embeds.shape
         fresh = cache.local_length == 0 and cache.memory_length == 0
@@ -246,6 +248,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             progress=progress,
             keep_last=keep_last,
             cross_batch=cross_batch,
+            fill_memories=fill_memories,
         )
 
     def _checkpointing(self) -> contextlib.AbstractContextManager:

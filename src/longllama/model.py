@@ -163,6 +163,18 @@ class Attention(nn.Module):
             return  # another process of the group stores this part of the memory
         state.memory.append(k, v, valid)
 
+    def write_memory(self, x: torch.Tensor, window: Window, state: LayerState) -> None:
+        """Only what a memory window leaves in this memory layer: its keys and values appended to the memory (stored
+        un-rotated), for a window whose attention output nobody reads (forward_window's `depth`)."""
+        if not self.is_memory_layer:
+            raise RuntimeError(f"layer {self.layer_idx} is not a memory layer: it has no memory to write")
+        b, n, _ = x.shape
+        k = self._split(self.k_proj(x), self.num_kv_heads)
+        v = self._split(self.v_proj(x), self.num_kv_heads)
+        if window.grouped:  # (g, h_kv, n, d) -> (1, h_kv, g * n, d), windows in order
+            k, v = (t.transpose(0, 1).reshape(1, self.num_kv_heads, b * n, self.head_dim) for t in (k, v))
+        self._append_memory(state, k, v, None if window.grouped else window.pad_valid, window.plan)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -434,6 +446,10 @@ class DecoderLayer(nn.Module):
         )
         return self.mlp(normed, ops, residual=x), probs
 
+    def write_memory(self, x: torch.Tensor, window: Window, state: LayerState) -> None:
+        """The memory write of a window that stops at this (memory) layer: no attention, no MLP."""
+        self.self_attn.write_memory(self.input_layernorm(x, window.ops), window, state)
+
 
 def window_visibility(
     batch: int, n: int, past: int, pad_valid: torch.Tensor | None, device: torch.device
@@ -514,8 +530,9 @@ def forward_window(
     h (b, q, hidden) embeddings; positions (b, q); mask (b, P+q) 2-D attention mask over local cache + window, or
     None; `rope_length` a known bound above every relative position of the window (see RotaryTable.gather);
     `grouped`: the batch rows are consecutive memory windows of one sequence (Window.grouped).
-    `depth`: run only the first `depth` layers, for a window whose output nobody reads (windows._depth); the hidden
-    states returned are then None.
+    `depth`: run only the first `depth` layers, for a window whose output nobody reads (windows._depth): the last of
+    them is a memory layer and only writes its memory (its attention and MLP would feed layers that do not run); the
+    hidden states returned are then None.
     Returns the normed hidden states, the per-layer inputs (if asked) and the attention probabilities (if asked).
     """
     config = layers[0].self_attn.config
@@ -532,14 +549,16 @@ def forward_window(
         grouped=grouped,
     )
     hidden, attentions = [], []
-    for layer, state in zip(layers, cache.layers[:depth]):  # zip ends with the shorter
+    stops = depth is not None and depth < len(layers)
+    for layer, state in zip(layers, cache.layers[: depth - 1 if stops else None]):  # zip ends with the shorter
         if output_hidden_states:
             hidden.append(h)
         h, probs = layer(
             h, positions=positions, window=window, state=state, use_cache=use_cache, output_attentions=output_attentions
         )
         attentions.append(probs)
-    if depth is not None and depth < len(layers):
+    if stops:
+        layers[depth - 1].write_memory(h, window, cache.layers[depth - 1])
         return None, hidden, attentions
     h = norm(h, window.ops)
     if output_hidden_states:

@@ -21,7 +21,7 @@ from longllama.plan import ExecutionPlan
 
 @dataclass
 class WindowsOutput:
-    hidden: torch.Tensor  # (b, n, hidden) after the final norm
+    hidden: torch.Tensor | None  # (b, n, hidden) after the final norm; None when only memories were filled
     cache: LongLlamaCache
     all_hidden: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
@@ -81,6 +81,7 @@ def run_windows(
     progress=None,
     keep_last: int = 0,
     cross_batch=None,
+    fill_memories: int | None = None,
 ) -> WindowsOutput:
     """Run an input of embeddings (b, n, hidden) through the decoder in windows, updating `cache` in place.
 
@@ -88,9 +89,15 @@ def run_windows(
     model's plan for this device). `progress(tokens_done)`, if given, is called after
     each window. `keep_last` > 0 keeps only the hidden states of the last `keep_last` positions (long inputs whose
     logits are needed only at the end need not hold all of them). `cross_batch` (training) is handed to every
-    window (model.Window.cross_batch)."""
+    window (model.Window.cross_batch). `fill_memories` = k: only the memory windows run, and only up to the k-th
+    memory layer (which only writes its memory): a fresh cache gets the memories of its first k memory layers and
+    nothing else, no hidden states (DocumentMemory.load reads the others from disk meanwhile)."""
     b, n, _ = embeds.shape
     p0 = cache.local_length
+    fill_depth = None
+    if fill_memories is not None:
+        fill_depth = _fill_depth(decoder.config, cache, fill_memories, keep_last, output_hidden_states or
+                                 output_attentions or cross_batch is not None)  # fmt: skip
     if attention_mask is not None:
         attention_mask = attention_mask[:, -(p0 + n) :]
         if attention_mask.shape != (b, p0 + n):
@@ -101,7 +108,8 @@ def run_windows(
     final_use_cache = default_use_cache if use_cache is None else use_cache
     spans = window_spans(n, window=window, last_context_length=last_context_length)
     if fresh and cross_batch is None:  # cross-batch memory comes from the batch, not the cache
-        _reserve_memory(decoder, cache, b, n if not final_use_cache else spans[-1][0], embeds.device, plan)
+        added = n if not final_use_cache and fill_depth is None else spans[-1][0]  # (filling: not the final window)
+        _reserve_memory(decoder, cache, b, added, embeds.device, plan, below=fill_depth)
     outputs, layer_hidden, attentions = [], [], None
     # Both reads below pick a faster path from values on the device; traced graphs (torch.compile, export) take the
     # general path instead of reading them back.
@@ -122,8 +130,8 @@ def run_windows(
             break
         beg, end = group[0][0], group[-1][1]
         g = len(group)
-        kept = not keep_last or end > n - keep_last
-        depth = _depth(decoder.config, plan, kept, False, per_layer=False)
+        kept = fill_depth is None and (not keep_last or end > n - keep_last)
+        depth = fill_depth or _depth(decoder.config, plan, kept, False, per_layer=False)
         if depth != 0:
             h, _, _ = forward_window(
                 decoder.layers,
@@ -146,6 +154,8 @@ def run_windows(
         done += g
     for i, (beg, end) in enumerate(spans[done:], start=done):
         last = i == len(spans) - 1
+        if last and fill_depth is not None:  # filling memories: the final window does not run
+            break
         p_cur = cache.local_length
         if last:
             win_use_cache = final_use_cache
@@ -155,8 +165,8 @@ def run_windows(
         mask = None
         if attention_mask is not None:
             mask = attention_mask[:, p0 + beg - p_cur : p0 + end]
-        kept = not keep_last or end > n - keep_last
-        depth = _depth(
+        kept = fill_depth is None and (not keep_last or end > n - keep_last)
+        depth = fill_depth or _depth(
             decoder.config,
             plan,
             kept,
@@ -186,6 +196,8 @@ def run_windows(
             attentions = attn
         if progress is not None:
             progress(end)
+    if fill_depth is not None:
+        return WindowsOutput(hidden=None, cache=cache)
     all_hidden = None
     if output_hidden_states:
         all_hidden = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*layer_hidden))
@@ -205,6 +217,19 @@ def _depth(config, plan: ExecutionPlan, kept: bool, use_cache: bool, *, per_laye
         return None
     mem_layers = config.mem_layers
     return max(mem_layers) + 1 if mem_layers else 0
+
+
+def _fill_depth(config, cache: LongLlamaCache, count: int, keep_last: int, per_layer: bool) -> int:
+    """The depth of the memory windows of a call that fills only the first `count` memory layers' memories."""
+    mem_layers = sorted(config.mem_layers)
+    if not 1 <= count <= len(mem_layers):
+        raise InputError(f"fill_memories={count}: this model has {len(mem_layers)} memory layers; pass 1 to that")
+    if cache.local_length or cache.memory_length or keep_last or per_layer:
+        raise InputError(
+            "fill_memories reads a document's memory windows into a fresh cache: pass a new cache, no keep_last, no "
+            "per-layer outputs"
+        )
+    return mem_layers[count - 1] + 1
 
 
 def _groupable(
@@ -240,11 +265,14 @@ def _relative_span(cache: LongLlamaCache, positions: torch.Tensor) -> int:
     return int(hi - lo) + 1
 
 
-def _reserve_memory(decoder, cache: LongLlamaCache, batch: int, added: int, device, plan: ExecutionPlan) -> None:
-    """A fresh call knows how much memory it adds: allocate it once instead of growing."""
+def _reserve_memory(
+    decoder, cache: LongLlamaCache, batch: int, added: int, device, plan: ExecutionPlan, *, below: int | None = None
+) -> None:
+    """A fresh call knows how much memory it adds: allocate it once instead of growing (in the layers `below` that
+    index only, when the call fills only theirs)."""
     if added == 0:
         return
-    for layer, state in zip(decoder.layers, cache.layers):
+    for layer, state in zip(decoder.layers[:below], cache.layers):
         attn = layer.self_attn
         if attn.is_memory_layer:
             if state.memory is None:

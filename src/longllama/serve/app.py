@@ -222,7 +222,9 @@ class _Server:
         if folder is None:
             self._temp = tempfile.TemporaryDirectory(prefix="longllama-memories-")
             folder = self._temp.name
-        self.store = MemoryStore(folder, model, tokenizer, budget=config.memory_budget)
+        self.store = MemoryStore(
+            folder, model, tokenizer, budget=config.memory_budget, recompute_layers=config.memory_recompute_layers
+        )
         self._outbox: _Outbox | None = None  # before the worker, whose thread flushes it
         self.engine = BatchGenerator(model, max_rows=config.max_batch, on_wait=self._flush)
         self.worker = ModelWorker(

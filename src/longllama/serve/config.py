@@ -24,3 +24,4 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20  # JSON requests
     max_upload_bytes: int = 64 << 20  # memory uploads
     template: str | None = None  # the chat format of chat requests without a memory (None: the tokenizer's)
+    memory_recompute_layers: int = 0  # memory layers computed again from a memory's tokens as the rest is read

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from longllama.document_memory import (
     MANIFEST,
+    TOKENS_FILE,
     DocumentMemory,
     check_file,
     model_fingerprint,
@@ -64,11 +65,14 @@ class MemoryInfo:
 
 class MemoryStore:
     """Memories of `model` kept in `folder`; at most `budget` bytes of them loaded at once (the most recently used
-    one always stays, whatever its size)."""
+    one always stays, whatever its size). A memory read from disk has its first `recompute_layers` memory layers
+    computed again from its tokens while the others are read (DocumentMemory.load; memories saved without their
+    tokens are read whole)."""
 
-    def __init__(self, folder: str | os.PathLike[str], model, tokenizer, *, budget: int):
+    def __init__(self, folder: str | os.PathLike[str], model, tokenizer, *, budget: int, recompute_layers: int = 0):
         self.folder = Path(folder)
         self.model, self.tokenizer, self.budget = model, tokenizer, int(budget)
+        self.recompute_layers = int(recompute_layers)
         self._index: dict[str, MemoryInfo] = {}
         self._lock = threading.Lock()  # the index is read by request handlers, changed by the worker
         self._hot: OrderedDict[str, tuple[DocumentMemory, int]] = OrderedDict()
@@ -122,7 +126,9 @@ class MemoryStore:
         if memory_id in self._hot:
             self._hot.move_to_end(memory_id)
             return self._hot[memory_id][0]
-        memory = DocumentMemory.load(self.folder / memory_id, self.model, self.tokenizer)
+        folder = self.folder / memory_id
+        recompute = self.recompute_layers if TOKENS_FILE in read_manifest(folder)["files"] else 0
+        memory = DocumentMemory.load(folder, self.model, self.tokenizer, recompute_layers=recompute)
         self._keep(memory_id, memory)
         return memory
 
