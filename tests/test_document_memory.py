@@ -41,6 +41,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "tiny": _folder(root, "tiny"),
         "other_weights": _folder(root, "other_weights", seed=1),
         "other_config": _folder(root, "other_config", rms_norm_eps=1e-5),
+        "int8_memory": _folder(root, "int8_memory", mem_dtype="int8"),
     }
 
 
@@ -272,18 +273,23 @@ def _same_cache(a, b) -> None:
         if mine.memory is not None:
             assert mine.memory.length == theirs.memory.length > 0
             assert all(torch.equal(x, y) for x, y in zip(mine.memory.padded(), theirs.memory.padded()))
+            scales = mine.memory.scales()  # an int8 memory's (key, value) scales, else None
+            assert (scales is None) == (theirs.memory.scales() is None)
+            if scales is not None:
+                assert all(torch.equal(x, y) for x, y in zip(scales, theirs.memory.scales()))
 
 
-@pytest.mark.parametrize("impl", ["eager", "fast"])
-def test_recomputed_lower_layers_give_the_memory_that_was_saved(folders, impl: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("impl, folder", [("eager", "tiny"), ("fast", "tiny"), ("fast", "int8_memory")])
+def test_recomputed_lower_layers_give_the_memory_that_was_saved(folders, impl: str, folder: str, tmp_path) -> None:
     # tiny: memory layers 1 and 3. recompute_layers=1 computes layer 1's memory from the saved tokens (the memory
     # windows stop there) while layer 3's file is read; 2 reads no memory file. The same kernels on the same inputs
     # as the build: bitwise the same caches, and the same prediction after the document. "fast" reads the memory
-    # windows in groups of two.
-    model, tokenizer = _load(folders["tiny"])
+    # windows in groups of two (an int8 memory window by window, quantized as it is written).
+    model, tokenizer = _load(folders[folder])
     model.config.attn_impl = impl
     model.set_plan(window_group_tokens=128)
     memory = DocumentMemory.build(model, tokenizer, DOCUMENT, template="none")
+    assert (memory.cache.layers[1].memory.scales() is not None) == (folder == "int8_memory")
     path = memory.save(tmp_path / "mem")
     ids = torch.tensor(list(memory.format.prefix_ids) + memory.format.document_ids(DOCUMENT), dtype=torch.int32)
     for k in (0, 1, 2):
