@@ -319,6 +319,8 @@ def test_recomputing_needs_the_saved_tokens_and_a_memory_layer_count(tiny, tmp_p
         with pytest.raises(InputError, match="2 memory layers") as info:
             DocumentMemory.load(memory.save(tmp_path / "mem"), model, tokenizer, recompute_layers=k)
         assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match="load onto that device"):
+        DocumentMemory.load(memory.save(tmp_path / "mem"), model, tokenizer, recompute_layers=1, device="meta")
     memory.ids = None  # as memories saved before the tokens were kept
     path = memory.save(tmp_path / "old")
     assert not (path / document_memory.TOKENS_FILE).exists()

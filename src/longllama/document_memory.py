@@ -465,6 +465,12 @@ class DocumentMemory:
                     f"memory {folder} was saved without its tokens, so no layer can be recomputed: load it with "
                     "recompute_layers=0, or build it again"
                 )
+            home = model.lm_head.weight.device
+            if device != home:
+                raise InputError(
+                    f"recompute_layers runs the model, which is on {home}: load onto that device (not {device}), or "
+                    "with recompute_layers=0"
+                )
             read = [f"memory.layer{i}.safetensors" for i in mem_layers[recompute_layers:]]
             if not manifest["memory_length"]:  # a document within the final window: no memory to read
                 read = []
