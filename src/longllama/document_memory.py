@@ -466,7 +466,7 @@ class DocumentMemory:
                     "recompute_layers=0, or build it again"
                 )
             home = model.lm_head.weight.device
-            if device != home:
+            if device.type != home.type or device.index not in (None, home.index):
                 raise InputError(
                     f"recompute_layers runs the model, which is on {home}: load onto that device (not {device}), or "
                     "with recompute_layers=0"
@@ -474,7 +474,7 @@ class DocumentMemory:
             read = [f"memory.layer{i}.safetensors" for i in mem_layers[recompute_layers:]]
             if not manifest["memory_length"]:  # a document within the final window: no memory to read
                 read = []
-            cache, next_logits = _recompute_and_read(model, ids, lcl, recompute_layers, folder, files, read, device)
+            cache, next_logits = _recompute_and_read(model, ids, lcl, recompute_layers, folder, files, read, home)
         if cache.local_length != manifest["local_length"] or cache.memory_length != manifest["memory_length"]:
             raise CheckpointError(
                 f"memory {folder} holds {cache.local_length} local / {cache.memory_length} memory tokens, its "
