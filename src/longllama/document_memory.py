@@ -45,6 +45,7 @@ from longllama.chat_format import ChatFormat, chat_format
 from longllama.errors import CheckpointError, InputError
 from longllama.files import sync_files, write_folder
 from longllama.memory import MemoryCache
+from longllama.windows import window_spans
 
 logger = logging.getLogger(__name__)
 
@@ -456,8 +457,12 @@ class DocumentMemory:
                 f"recompute_layers={recompute_layers}: this model has {len(mem_layers)} memory layers; pass 0 to that"
             )
         next_logits = None
-        if recompute_layers == 0:
-            tensors = {name: _read_tensor_file(folder, name, entry, device) for name, entry in files.items()}
+        if recompute_layers == 0:  # every file but the tokens, read above
+            tensors = {
+                name: _read_tensor_file(folder, name, entry, device)
+                for name, entry in files.items()
+                if name != TOKENS_FILE
+            }
             cache = _cache_from_files(model, tensors, folder, device)
         else:
             if ids is None:
@@ -578,8 +583,7 @@ def _read_checked(
     if flat is None:
         flat = torch.empty(int(entry["bytes"]), dtype=torch.uint8, device=device)
     if flat.is_cuda and stream is None:
-        stream = torch.cuda.Stream(flat.device)
-        stream.wait_stream(torch.cuda.current_stream(flat.device))  # a reused block's earlier users finish first
+        stream = _copy_stream(flat.device)
     if _read_chunks(path, flat.numel(), int(entry["chunk_bytes"]), flat, stream) != entry["sha256_chunks"]:
         raise _corrupt(path)
     if stream is not None:
@@ -597,6 +601,14 @@ def _read_checked(
             raw = raw.clone()
         tensors[name] = raw.view(dtype).view(info["shape"])
     return tensors
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """A stream for a file's copies to the GPU, after the work queued so far on the current stream (a buffer
+    allocated there may be a block whose earlier users are still queued)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    return stream
 
 
 def _recompute_and_read(
@@ -618,10 +630,7 @@ def _recompute_and_read(
     # The read's buffers and stream are made here, before this thread queues its GPU work: the reading thread's
     # copies wait for the buffers' earlier users, not for the recomputation.
     flats = {name: torch.empty(int(files[name]["bytes"]), dtype=torch.uint8, device=device) for name in read}
-    stream = None
-    if device.type == "cuda":
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
+    stream = _copy_stream(device) if device.type == "cuda" else None
     results: dict[str, Any] = {}
 
     def reader() -> None:
@@ -646,7 +655,7 @@ def _recompute_and_read(
         raise results["error"]
     _cache_from_files(model, results["tensors"], folder, device, cache=cache)
     n = input_ids.shape[1]
-    start = n - min(n, last_context_length)  # the final window (windows.window_spans)
+    start, _ = window_spans(n, window=model.config.context_window, last_context_length=last_context_length)[-1]
     with torch.no_grad():
         out = model.model.run(
             input_ids[:, start:],

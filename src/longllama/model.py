@@ -168,11 +168,10 @@ class Attention(nn.Module):
         un-rotated), for a window whose attention output nobody reads (forward_window's `depth`)."""
         if not self.is_memory_layer:
             raise RuntimeError(f"layer {self.layer_idx} is not a memory layer: it has no memory to write")
-        b, n, _ = x.shape
         k = self._split(self.k_proj(x), self.num_kv_heads)
         v = self._split(self.v_proj(x), self.num_kv_heads)
-        if window.grouped:  # (g, h_kv, n, d) -> (1, h_kv, g * n, d), windows in order
-            k, v = (t.transpose(0, 1).reshape(1, self.num_kv_heads, b * n, self.head_dim) for t in (k, v))
+        if window.grouped:
+            k, v = _joined(k), _joined(v)
         self._append_memory(state, k, v, None if window.grouped else window.pad_valid, window.plan)
 
     def forward(
@@ -378,11 +377,7 @@ class Attention(nn.Module):
         used = None
         if mem_layer and window.grouped:
             before = 0 if state.memory is None else state.memory.length
-
-            def joined(t):  # (g, h_kv, n, d) -> (1, h_kv, g * n, d), windows in order
-                return t.transpose(0, 1).reshape(1, self.num_kv_heads, b * n, d)
-
-            self._append_memory(state, joined(k_heads), joined(v_heads), None, window.plan)
+            self._append_memory(state, _joined(k_heads), _joined(v_heads), None, window.plan)
             used = [before + j * n for j in range(b)]
         padded = scales = None
         if mem_layer and state.memory is not None and state.memory.length:
@@ -424,6 +419,13 @@ def read_memory(memory: MemoryCache, device: torch.device):
         scales = None if scales is None else tuple(t.to(device, non_blocking=True) for t in scales)
     d = memory.head_dim
     return pk[..., :d], pv[..., :d], (pk, pv), valid, scales
+
+
+def _joined(t: torch.Tensor) -> torch.Tensor:
+    """(g, h_kv, n, d) keys or values of a window group -> (1, h_kv, g * n, d), the windows in order (as one
+    sequence's memory)."""
+    g, h, n, d = t.shape
+    return t.transpose(0, 1).reshape(1, h, g * n, d)
 
 
 def _columns(pad_valid: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
