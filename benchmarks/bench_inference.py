@@ -260,7 +260,8 @@ def main() -> None:
         "--compile",
         choices=["auto", "yes", "no"],
         default="auto",
-        help="compile_elementwise (fused RMSNorm/RoPE/SwiGLU; auto: on, as on any GPU)",
+        help="compile_elementwise: yes runs RMSNorm/RoPE/SwiGLU/merges through torch.compile; auto (the default) and "
+        "no leave them to the Triton kernels on GPUs (plan.elementwise_kernels)",
     )
     ap.add_argument("--decode-sampling", action="store_true", help="also time decoding with sampling")
     ap.add_argument("--repeat", type=int, default=2, help="ingests per length; the last is reported as seconds")

@@ -1,6 +1,6 @@
 """Time to the first generated token in fresh processes, with an empty cache directory and then with the same one
 again (warm), for `longllama generate` with a long prompt on a model of random weights and `longllama passkey` with
-the shipped model, and generate without torch.compile on empty caches (what compiling costs a first run); then,
+the shipped model, and generate with --compile on empty caches (what torch.compile costs a first run); then,
 optionally, the steady-state benchmark (bench_inference.py, in the warm cache) and `longllama tune`.
 
 Each command runs in a new Python process with LONGLLAMA_CACHE pointing at a folder of this run (the libraries'
@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--passkey-trials", type=int, default=2)
     ap.add_argument("--bench", action="store_true", help="then bench_inference.py --shape 3b (steady state, warm)")
     ap.add_argument("--tune-out", help="then `longllama tune --shape SHAPE` writing its table to this file")
-    ap.add_argument("--skip-no-compile", action="store_true", help="skip generate --no-compile on empty caches")
+    ap.add_argument("--skip-compiled", action="store_true", help="skip generate --compile on empty caches")
     ap.add_argument("--budget-s", type=float, default=560.0, help="skip steps the time left cannot hold")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (model, caches)")
     args = ap.parse_args()
@@ -239,15 +239,15 @@ def main() -> None:
             ],
         }
         # (command, compile setting, caches): each in a fresh process; "warm" reuses the command's cache folder.
-        # The last one is generate without torch.compile on empty caches: what the compiled graphs cost a first run.
+        # The last one is generate with --compile on empty caches: what torch.compile's graphs cost a first run.
         runs = [
             ("generate", None, "empty"),
             ("generate", None, "warm"),
             ("passkey", None, "empty"),
             ("passkey", None, "warm"),
         ]
-        if not args.skip_no_compile:
-            runs.append(("generate", False, "empty"))
+        if not args.skip_compiled:
+            runs.append(("generate", True, "empty"))
         estimates = {"empty": 150.0, "warm": 60.0}
         filled = set()  # cache folders an empty-cache run has filled: only those give "warm" runs
         for command, compiled, caches in runs:

@@ -21,6 +21,7 @@ from conftest import assert_one_line_errors
 from longllama import LongLlamaForCausalLM
 from longllama.cli import TextStreamer, main
 from longllama.config import preset
+from longllama.lm import LongLlamaLM
 from longllama.tokenizer import encode_prompt, load_tokenizer
 
 VOCAB = 300
@@ -144,12 +145,12 @@ def test_progress_is_reported_after_each_window(checkpoint: Path, loaded, capsys
     prompt = " ".join(random.Random(2).choice(WORDS) for _ in range(100))
     n = len(encode_prompt(tokenizer, prompt))
     calls: list[int] = []
-    original = LongLlamaForCausalLM.generate
+    original = LongLlamaLM.generate
 
     def spy(self, *args, progress, **kwargs):
         return original(self, *args, progress=lambda done: (calls.append(done), progress(done)), **kwargs)
 
-    monkeypatch.setattr(LongLlamaForCausalLM, "generate", spy)
+    monkeypatch.setattr(LongLlamaLM, "generate", spy)  # the command line runs the plain-PyTorch class
     code, _, _ = _run(capsys, "--model", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "2")
     cw, lcl = model.config.context_window, model.config.last_context_length
     memory_part = n - lcl
@@ -161,13 +162,13 @@ def test_plan_changes_reach_the_model_and_verbose_prints_the_plan(
     checkpoint: Path, loaded, capsys, monkeypatch
 ) -> None:
     plans = []
-    original = LongLlamaForCausalLM.generate
+    original = LongLlamaLM.generate
 
     def spy(self, *args, **kwargs):
         plans.append(self.plan)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(LongLlamaForCausalLM, "generate", spy)
+    monkeypatch.setattr(LongLlamaLM, "generate", spy)  # the command line runs the plain-PyTorch class
     code, out, err = _run(
         capsys,
         "--model",

@@ -1,4 +1,5 @@
-"""compile_elementwise: RMSNorm, RoPE, SwiGLU and padding through torch.compile give the eager results (CPU)."""
+"""compile_elementwise: RMSNorm, RoPE, SwiGLU and padding through torch.compile give the eager results (CPU); the
+Triton kernels that serve them by default are tested in test_elementwise_kernels.py."""
 
 import os
 
@@ -30,7 +31,7 @@ def test_compiled_elementwise_equals_eager_in_forward_and_decoding(top_k, batch)
     assert torch.equal(compiled_tokens, eager_tokens)
 
 
-def test_compiled_only_for_inference_and_by_default_only_on_gpus(monkeypatch):
+def test_compiled_only_for_inference_and_only_where_asked(monkeypatch):
     config = preset("tiny", compile_elementwise=True, attn_impl="fast")
     plan = build_plan(config, "cpu")
     assert plan.compile
@@ -46,12 +47,13 @@ def test_compiled_only_for_inference_and_by_default_only_on_gpus(monkeypatch):
         assert fused.ops_for(plan.replace(attention="eager")) is ops.EAGER  # the exact paths stay unfused
         assert fused.ops_for(plan.replace(attention="sdpa")) is ops.EAGER
         assert ExecutionPlan(device="cuda").compile is False  # a plan's own default: not compiled
-    # "auto" compiles on GPUs only; False never (the plan is built from the config for the device; no GPU is asked
-    # whether FlashAttention 4 serves it).
+    # only True compiles: "auto" leaves GPUs to the Triton kernels (the plan is built from the config for the
+    # device; no GPU is asked whether FlashAttention 4 serves it).
     from longllama.fast import flash4
 
     monkeypatch.setattr(flash4, "installed_for", lambda device: False)
-    assert build_plan(preset("tiny"), "cuda").compile and not build_plan(preset("tiny"), "cpu").compile
+    assert not build_plan(preset("tiny"), "cuda").compile and not build_plan(preset("tiny"), "cpu").compile
+    assert build_plan(preset("tiny", compile_elementwise=True), "cuda").compile
     assert not build_plan(preset("tiny", compile_elementwise=False), "cuda").compile
 
 

@@ -1,11 +1,16 @@
 """longllama: LongLLaMA / Focused Transformer inference and training on current PyTorch and transformers.
 
 Importing the package registers the `longllama` model type with transformers' Auto classes, so that
-`AutoConfig` / `AutoModelForCausalLM.from_pretrained(folder)` load LongLLaMA checkpoints with no remote code.
+`AutoConfig` / `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained(folder)` load LongLLaMA checkpoints with no
+remote code. The config and tokenizer are registered at once; the model classes (longllama.hf, whose import brings
+transformers' model machinery: seconds) when first used, or when transformers' Auto classes build a LongLlamaConfig
+(registration.py), so that a process that needs no transformers model, such as the command line, starts seconds
+sooner. The package's names (LongLlamaForCausalLM, ...) are imported on first access.
 It also points the compilers' caches (Triton, Inductor, FlashAttention 4) into one folder where the user has not
 chosen theirs (longllama.caches), first, before torch is imported: some libraries fix their folder at import.
 """
 
+import importlib
 import logging
 
 from longllama import caches
@@ -18,19 +23,35 @@ caches.configure()
 for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-from longllama.cache import LongLlamaCache  # noqa: E402
-from longllama.config import LongLlamaConfig  # noqa: E402
-from longllama.hf import (  # noqa: E402
-    LongLlamaForCausalLM,
-    LongLlamaForSequenceClassification,
-    LongLlamaModel,
-    register_auto_classes,
-)
-from longllama.memory import MemoryCache  # noqa: E402
+from longllama import registration  # noqa: E402
 
 __version__ = "0.1.0"
 
-register_auto_classes()
+registration.register_config_and_tokenizer()
+
+_HOMES = {
+    "LongLlamaConfig": "longllama.config",
+    "LongLlamaCache": "longllama.cache",
+    "MemoryCache": "longllama.memory",
+    "LongLlamaForCausalLM": "longllama.hf",
+    "LongLlamaForSequenceClassification": "longllama.hf",
+    "LongLlamaModel": "longllama.hf",
+    "register_auto_classes": "longllama.hf",
+}
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'longllama' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})
+
 
 __all__ = [
     "LongLlamaConfig",

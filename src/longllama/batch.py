@@ -40,7 +40,7 @@ from longllama.errors import InputError
 from longllama.fast import sampling
 from longllama.fast.batch_decode import BatchDecoder
 from longllama.fast.decode import StaticDecoder
-from longllama.hf import check_token_range
+from longllama.lm import check_token_range
 from longllama.ops import EAGER
 
 

@@ -53,15 +53,16 @@ def configure() -> dict[str, str]:
     changed = {}
     for name, value in settings().items():
         current = os.environ.get(name)
-        if not current or (name == "TORCHINDUCTOR_CACHE_DIR" and current == _inductor_default()):
+        if not current or (name == "TORCHINDUCTOR_CACHE_DIR" and current != value and current == _inductor_default()):
             os.environ[name] = value
             changed[name] = value
     return changed
 
 
 def _inductor_default() -> str | None:
-    """Inductor's own default folder, where torch is already imported (it cannot have written it otherwise)."""
-    if "torch" not in sys.modules:
+    """Inductor's own default folder, where Inductor's cache module is already imported (it cannot have written it
+    otherwise; importing it would bring Inductor and Dynamo in: seconds)."""
+    if "torch._inductor.runtime.cache_dir_utils" not in sys.modules:
         return None
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir

@@ -8,6 +8,7 @@ HF LLaMA tensor names, so converting between the two model types only rewrites `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -360,6 +361,24 @@ def _load_file(file: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                   "xavier_normal_", "constant_", "zeros_", "ones_")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _initialisation_skipped():
+    """torch.nn.init's fills as no-ops while a model is built on the meta device to take a checkpoint's tensors:
+    they would change nothing there, and the meta versions of the random fills import Dynamo (seconds)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def load_pretrained(cls, folder: PathLike, *, dtype: torch.dtype | str, device: torch.device | str, **overrides: Any):
     """A model of class `cls` (LongLlamaForCausalLM or another LongLlamaPreTrainedModel) from the safetensors
     weights of `folder`, read once, tensor by tensor, straight onto `device` in `dtype` ("auto": the checkpoint's
@@ -379,7 +398,7 @@ def load_pretrained(cls, folder: PathLike, *, dtype: torch.dtype | str, device: 
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     device = torch.device(device)
-    with torch.device("meta"):
+    with torch.device("meta"), _initialisation_skipped():
         model = cls(config)
     expected = set(model.state_dict())
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()

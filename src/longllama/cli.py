@@ -359,13 +359,15 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     return text
 
 
-def load_model(folder: Path, options: LoadOptions | None = None):
-    """LongLlamaForCausalLM from `folder` as `options` say (LoadOptions; default: the checkpoint as stored, on CUDA
-    when available), in eval mode. The plan changes are checked before the weights load; the quantization is applied
-    after the move to the device (its layout is the device's)."""
+def load_model(folder: Path, options: LoadOptions | None = None, *, transformers_model: bool = False):
+    """The model in `folder` as `options` say (LoadOptions; default: the checkpoint as stored, on CUDA when
+    available), in eval mode: a plain-PyTorch lm.LongLlamaLM, which spares the seconds of importing transformers'
+    model classes, or LongLlamaForCausalLM with `transformers_model` (libraries that take a PreTrainedModel), and
+    for what only transformers loads (LoRA adapters, quantized folders, .bin weights). The plan changes are checked
+    before the weights load; the quantization is applied after the move to the device (its layout is the
+    device's)."""
     import torch
 
-    from longllama import LongLlamaForCausalLM
     from longllama.plan import check_changes, parse_overrides
 
     o = options or LoadOptions()
@@ -394,10 +396,13 @@ def load_model(folder: Path, options: LoadOptions | None = None):
     if adapter is not None:
         folder = adapter_base(adapter)
     if quantization.is_quantized_folder(folder):  # quantized layouts are tied to a device: load straight there
+        from longllama import LongLlamaForCausalLM
+
         overrides["device_map"] = str(device)
         model = LongLlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype, **overrides)
     else:
-        model = _load_weights(LongLlamaForCausalLM, folder, torch_dtype, torch.device(device), overrides)
+        plain = not (transformers_model or adapter is not None)
+        model = _load_weights(folder, torch_dtype, torch.device(device), overrides, plain=plain)
     if adapter is not None:
         model = _merge_adapter(model, adapter)
     model = model.to(device).eval()
@@ -410,13 +415,18 @@ def load_model(folder: Path, options: LoadOptions | None = None):
     return model
 
 
-def _load_weights(cls, folder: Path, dtype, device, overrides: dict):
-    """The model's weights read once, straight onto `device` (checkpoint.load_pretrained), else by transformers'
-    from_pretrained and moved (other layouts; its one-line errors); the seconds logged (longllama.timings)."""
+def _load_weights(folder: Path, dtype, device, overrides: dict, *, plain: bool):
+    """The model's weights read once, straight onto `device` (checkpoint.load_pretrained), into lm.LongLlamaLM
+    where `plain`, else LongLlamaForCausalLM; else by transformers' from_pretrained and moved (other layouts; its
+    one-line errors); the seconds logged (longllama.timings)."""
     import torch
 
     from longllama.checkpoint import load_pretrained
 
+    if plain:
+        from longllama.lm import LongLlamaLM as cls
+    else:
+        from longllama import LongLlamaForCausalLM as cls
     with timings.timed("load", f"weights of {folder.name}", f"safetensors straight to {device}") as info:
         try:
             model = load_pretrained(cls, folder, dtype=dtype, device=device, **overrides)
@@ -425,8 +435,10 @@ def _load_weights(cls, folder: Path, dtype, device, overrides: dict):
         except (OSError, RuntimeError, ValueError, KeyError, TypeError):  # from_pretrained words the error
             model = None
         if model is None:
+            from longllama import LongLlamaForCausalLM
+
             info["source"] = "from_pretrained, then moved"
-            model = cls.from_pretrained(folder, dtype=dtype, **overrides).to(device)
+            model = LongLlamaForCausalLM.from_pretrained(folder, dtype=dtype, **overrides).to(device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return model
@@ -717,8 +729,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--compile",
         dest="compile_elementwise",
         action=argparse.BooleanOptionalAction,
-        help="fuse RMSNorm, RoPE and SwiGLU with torch.compile (default: on GPUs only; compiled once per machine, "
-        "about a second per function, and read from the cache directory by later runs: see docs/cold-start.md)",
+        help="run RMSNorm, RoPE, SwiGLU and the merges through torch.compile instead of the Triton kernels that "
+        "serve them on GPUs by default (default: off; seconds of compiling in every new process: docs/cold-start.md)",
     )
     p.add_argument(
         "--plan",
@@ -1132,14 +1144,14 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     _add_load_options(p)
 
 
-def eval_model(model: str | None, load: LoadOptions | None = None):
+def eval_model(model: str | None, load: LoadOptions | None = None, *, transformers_model: bool = False):
     """(folder, model, tokenizer) for an evaluation: the checkpoint in `model` (the shipped one if None), loaded as
-    `load` says."""
+    `load` says (load_model; `transformers_model` for a PreTrainedModel)."""
     from longllama.tokenizer import load_tokenizer
 
     folder = _model_folder(model)
     tokenizer = load_tokenizer(_tokenizer_folder(folder))
-    return folder, load_model(folder, load), tokenizer
+    return folder, load_model(folder, load, transformers_model=transformers_model), tokenizer
 
 
 def output_file(name: str | None, option: str = "--out") -> Path | None:
@@ -1608,11 +1620,11 @@ def _random_model(shape: str, dtype, device):
     """A model of a named shape with random weights (normal, std 0.02), built straight on `device` in `dtype`."""
     import torch
 
-    from longllama import LongLlamaForCausalLM
     from longllama.config import preset
+    from longllama.lm import LongLlamaLM
 
     with torch.device("meta"):
-        lm = LongLlamaForCausalLM(preset(shape))
+        lm = LongLlamaLM(preset(shape))
     lm = lm.to_empty(device=device).to(dtype).eval()
     with torch.no_grad():
         for p in lm.parameters():

@@ -62,8 +62,9 @@ class LongLlamaConfig(PreTrainedConfig):
     (for memories larger than the GPU), copied to the GPU whenever it is read. `mem_top_k` (inference only; null:
     dense memory attention as in the reference) lets each query of a memory layer see only its k highest-scoring
     memory keys, chosen by exact kNN (FoT's kNN memory); training's cross-batch attention stays dense.
-    `compile_elementwise` (inference; "auto", the default: on GPUs; true; false) runs RMSNorm, RoPE, SwiGLU and
-    padding through torch.compile (fused.py): fewer, fused kernels, after a one-time compilation on first use.
+    `compile_elementwise` (inference; true; false; "auto", the default, is off) runs RMSNorm, RoPE, SwiGLU and the
+    merges through torch.compile (fused.py) instead of the Triton kernels that serve them on GPUs by default: seconds
+    of compiling in each new process's first calls, for no measured gain (docs/cold-start.md).
     `num_key_value_heads` < `num_attention_heads` gives grouped-query attention; the memory then stores only the
     key/value heads. `quantization` ("none", "int8", "int4") records weight-only quantization of the linear layers
     (quantize.py; lm_head too when `quantize_lm_head`). `mem_retrieval` ("dense", the default; "blocks", inference
@@ -126,6 +127,9 @@ class LongLlamaConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
         self.check()
+        from longllama import registration
+
+        registration.models_if_built_by_auto()  # AutoModel*.from_pretrained builds the config before its lookup
 
     def __setattr__(self, key: str, value: Any) -> None:
         # from_pretrained(..., mem_dtype=torch.bfloat16) sets attributes directly: keep the JSON-friendly name.

@@ -58,7 +58,10 @@ class ExecutionPlan:
     attention: "eager" (the exact reference maths), "sdpa" (torch SDPA over joined keys) or "fast" (fused kernels,
         no per-window copy of the memory). From the config's attn_impl; "auto" is eager on CPUs, fast on GPUs.
     compile: the elementwise functions (RMSNorm, RoPE, SwiGLU, merges) through torch.compile on the fast path, for
-        inference. From the config's compile_elementwise; "auto" is on for GPUs.
+        inference (seconds of compiling in a process's first calls). From the config's compile_elementwise: only
+        where it is true ("auto" leaves it off: the kernels below are as fast and need no compiling).
+    elementwise_kernels: those functions as Triton kernels on the fast path on GPUs, for inference, where compile is
+        off (fast/elementwise_kernels.py: each compiles once per machine in under a second).
     local_kernel: local attention's CUDA kernel: "auto" (cuDNN where it applies, else FlashAttention), "cudnn",
         "flash".
     memory_kernel: memory attention's kernel: "fa4" (FlashAttention 4; "auto" picks it where installed on a Hopper
@@ -96,6 +99,7 @@ class ExecutionPlan:
     device: str = "cpu"
     attention: str = "eager"
     compile: bool = False
+    elementwise_kernels: bool = True
     local_kernel: str = "auto"
     memory_kernel: str = "auto"
     memory_piece: int = 1024
@@ -250,7 +254,7 @@ def build_plan(config, device: torch.device | str, **overrides: Any) -> Executio
     plan = ExecutionPlan(
         device=str(device),
         attention=attention_of(config, device),
-        compile=setting is True or (setting == "auto" and device.type == "cuda"),
+        compile=setting is True,
         weights="dense" if quantization == "none" else quantization,
         mem_retrieval=getattr(config, "mem_retrieval", "dense"),
         mem_blocks=getattr(config, "mem_blocks", 64),

@@ -116,7 +116,7 @@ def run(
 
     _harness()  # a missing package fails before the model loads
     out_path = output_file(out)
-    folder, lm, tokenizer = eval_model(model, load)
+    folder, lm, tokenizer = eval_model(model, load, transformers_model=True)  # HFLM takes a PreTrainedModel
     harness = harness_model(lm, tokenizer, batch_size=batch_size, max_length=max_length)
     results = evaluate(
         harness,
@@ -162,6 +162,8 @@ def register() -> None:
             if isinstance(pretrained, str):
                 from longllama.cli import LoadOptions, eval_model
 
-                _, pretrained, tokenizer = eval_model(pretrained, LoadOptions(dtype=dtype, device=device))
+                _, pretrained, tokenizer = eval_model(
+                    pretrained, LoadOptions(dtype=dtype, device=device), transformers_model=True
+                )
                 kwargs.setdefault("tokenizer", tokenizer)
             super().__init__(pretrained=pretrained, **kwargs)

@@ -174,3 +174,22 @@ def launch(kernel: Kernel, grid, args: tuple, defaults: dict, *, autotune: bool 
         kernel.fn[grid(constants)](*args, **constants)
     else:
         kernel.run(grid, args, constants, autotune=autotune)
+
+
+_launched: set[tuple] = set()
+
+
+def launch_fixed(name: str, fn, grid, args: tuple, **constants) -> None:
+    """fn[grid](*args, **constants) for a kernel of one fixed configuration; the first launch of each set of
+    constants and dtype in this process (Triton compiles it then, or reads it from its cache directory) is logged
+    (longllama.timings, kind "compile")."""
+    tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    key = (name, None if tensor is None else tensor.dtype, *sorted(constants.items()))
+    if key in _launched:
+        fn[grid](*args, **constants)
+        return
+    start = time.perf_counter()
+    fn[grid](*args, **constants)
+    described = " ".join(f"{k}={v}" for k, v in constants.items() if k != "num_warps")
+    timings.record("compile", f"triton {name} {described}".rstrip(), time.perf_counter() - start)
+    _launched.add(key)
