@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from longllama import LongLlamaForCausalLM
@@ -75,15 +76,26 @@ print(json.dumps({{"class": type(model).__name__, "new": tokens.shape[1] - ids.s
     assert got == {"class": "LongLlamaLM", "new": 3, "loaded": []}
 
 
-def test_import_longllama_lets_the_auto_classes_load_a_checkpoint():
+@pytest.mark.parametrize("transformers_first", [False, True])
+def test_import_longllama_lets_the_auto_classes_load_a_checkpoint(transformers_first):
+    """Registered with each Auto module as it is imported (registration.py), or at once where it already was."""
+    first, then = "from transformers import AutoModelForCausalLM, AutoTokenizer", "import longllama"
+    if not transformers_first:
+        first, then = then, first
     code = f"""
 import json, sys
-import longllama
-before = "longllama.hf" in sys.modules
-from transformers import AutoModelForCausalLM, AutoTokenizer
+{first}
+light = "longllama.hf" not in sys.modules and "transformers.modeling_utils" not in sys.modules
+{then}
+from transformers import AutoConfig, AutoModelForSequenceClassification
+config = AutoConfig.from_pretrained({str(SHIPPED)!r})
 tokenizer = AutoTokenizer.from_pretrained({str(SHIPPED)!r})
 model = AutoModelForCausalLM.from_pretrained({str(SHIPPED)!r})
-print(json.dumps({{"before": before, "model": type(model).__name__, "tokenizer": type(tokenizer).__name__}}))
+scorer = AutoModelForSequenceClassification.from_pretrained({str(SHIPPED)!r}, num_labels=2)
+print(json.dumps({{"light": light, "names": [type(x).__name__ for x in (config, tokenizer, model, scorer)]}}))
 """
     got = _fresh_python(code)
-    assert got == {"before": False, "model": "LongLlamaForCausalLM", "tokenizer": "LongLlamaTokenizer"}
+    assert got["names"] == [
+        "LongLlamaConfig", "LongLlamaTokenizer", "LongLlamaForCausalLM", "LongLlamaForSequenceClassification"
+    ]  # fmt: skip
+    assert got["light"] or transformers_first  # import longllama alone brings no model machinery

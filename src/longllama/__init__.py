@@ -2,10 +2,9 @@
 
 Importing the package registers the `longllama` model type with transformers' Auto classes, so that
 `AutoConfig` / `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained(folder)` load LongLLaMA checkpoints with no
-remote code. The config and tokenizer are registered at once; the model classes (longllama.hf, whose import brings
-transformers' model machinery: seconds) when first used, or when transformers' Auto classes build a LongLlamaConfig
-(registration.py), so that a process that needs no transformers model, such as the command line, starts seconds
-sooner. The package's names (LongLlamaForCausalLM, ...) are imported on first access.
+remote code: with each Auto module when it is imported (registration.py), so that a process that uses none of them,
+such as the command line, imports neither them nor transformers' model classes (seconds). The package's names
+(LongLlamaForCausalLM, ...) are imported on first access.
 It also points the compilers' caches (Triton, Inductor, FlashAttention 4) into one folder where the user has not
 chosen theirs (longllama.caches), first, before torch is imported: some libraries fix their folder at import.
 """
@@ -27,7 +26,7 @@ from longllama import registration  # noqa: E402
 
 __version__ = "0.1.0"
 
-registration.register_config_and_tokenizer()
+registration.install()
 
 _HOMES = {
     "LongLlamaConfig": "longllama.config",

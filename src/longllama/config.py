@@ -127,9 +127,6 @@ class LongLlamaConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
         self.check()
-        from longllama import registration
-
-        registration.models_if_built_by_auto()  # AutoModel*.from_pretrained builds the config before its lookup
 
     def __setattr__(self, key: str, value: Any) -> None:
         # from_pretrained(..., mem_dtype=torch.bfloat16) sets attributes directly: keep the JSON-friendly name.

@@ -16,14 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-)
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from longllama import quantize
@@ -205,7 +198,16 @@ class LongLlamaForSequenceClassification(LongLlamaPreTrainedModel):
 def register_auto_classes() -> None:
     """Make AutoConfig / AutoModel / AutoModelForCausalLM / AutoModelForSequenceClassification resolve
     `model_type: "longllama"` to these classes, and AutoTokenizer to the exact SentencePiece tokenizer (done when this
-    module is imported; calling it again changes nothing)."""
+    module is imported; calling it again changes nothing). Imported from their own modules: this may run while
+    transformers.models.auto's package is still importing modeling_auto (registration.py)."""
+    from transformers.models.auto.configuration_auto import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
+    from transformers.models.auto.tokenization_auto import AutoTokenizer
+
     AutoConfig.register("longllama", LongLlamaConfig, exist_ok=True)
     AutoModel.register(LongLlamaConfig, LongLlamaModel, exist_ok=True)
     AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=True)
