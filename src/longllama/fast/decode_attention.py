@@ -82,21 +82,26 @@ def rope_store(
     qkv = qkv.reshape(b, (heads + 2 * kv_heads) * d).contiguous()
     q = torch.empty(b, heads, d, dtype=qkv.dtype, device=qkv.device)
     rope = _kernels()[2]
-    rope[(b, heads + kv_heads)](
-        qkv,
-        cos.contiguous(),
-        sin.contiguous(),
-        slot,
-        slot if lo is None else lo,
-        q,
-        raw,
-        rot,
-        values,
-        heads,
-        kv_heads,
-        raw.stride(0),
-        raw.stride(1),
-        raw.stride(2),
+    kernels.launch_fixed(
+        "rope_store",
+        rope,
+        (b, heads + kv_heads),
+        (
+            qkv,
+            cos.contiguous(),
+            sin.contiguous(),
+            slot,
+            slot if lo is None else lo,
+            q,
+            raw,
+            rot,
+            values,
+            heads,
+            kv_heads,
+            raw.stride(0),
+            raw.stride(1),
+            raw.stride(2),
+        ),
         D=d,
         ROTATE=rotate,
         HAS_LO=lo is not None,
@@ -280,5 +285,7 @@ def attend(
             lsum[own],
         )
     out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
-    merge[(rows,)](acc, m, lsum, out, splits, d, BLOCK_S=_MERGE_BLOCK, BLOCK_D=block_d)
+    kernels.launch_fixed(
+        "decode_attention_merge", merge, (rows,), (acc, m, lsum, out, splits, d), BLOCK_S=_MERGE_BLOCK, BLOCK_D=block_d
+    )
     return out

@@ -202,22 +202,27 @@ def fold(out: torch.Tensor, lse: torch.Tensor, *, cpu: bool = False) -> tuple[to
     res_lse = torch.empty(1, h, n, dtype=torch.float32, device=out.device)
     if kernels.usable(out, cpu=cpu) and out.stride(-1) == 1 and lse.stride(-1) == 1:
         grid = (-(-n // _FOLD_ROWS), h)
-        _fold_kernel()[grid](
-            out,
-            lse,
-            res,
-            res_lse,
-            parts,
-            n,
-            w,
-            out.stride(0),
-            out.stride(2),
-            out.stride(1),
-            lse.stride(0),
-            lse.stride(1),
-            res.stride(2),
-            res.stride(1),
-            res_lse.stride(1),
+        kernels.launch_fixed(
+            "fold",
+            _fold_kernel(),
+            grid,
+            (
+                out,
+                lse,
+                res,
+                res_lse,
+                parts,
+                n,
+                w,
+                out.stride(0),
+                out.stride(2),
+                out.stride(1),
+                lse.stride(0),
+                lse.stride(1),
+                res.stride(2),
+                res.stride(1),
+                res_lse.stride(1),
+            ),
             BLOCK_R=_FOLD_ROWS,
             BLOCK_W=kernels.pow2(w),
         )

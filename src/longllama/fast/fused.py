@@ -64,16 +64,11 @@ def kernel_rope_pad(
         rows = x.shape[0] * x.shape[1] * x.shape[2]
         out = torch.empty(*x.shape[:3], width, dtype=x.dtype, device=x.device)
         grid = (-(-rows // 32),)
-        rope_kernels.rope_pad_rows[grid](
-            x,
-            cos,
-            sin,
-            out,
-            rows,
-            x.shape[2],
-            n,
-            s_cb,
-            cos.stride(1),
+        kernels.launch_fixed(
+            "rope_pad",
+            rope_kernels.rope_pad_rows,
+            grid,
+            (x, cos, sin, out, rows, x.shape[2], n, s_cb, cos.stride(1)),
             D=d,
             W=width,
             ROTATE=rotated,

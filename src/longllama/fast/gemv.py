@@ -183,8 +183,14 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     y = torch.empty_like(x)
     k = x.shape[-1]
     block = kernels.pow2(k)
-    gemv_kernels.rms_norm_rows_kernel[(x.shape[0],)](
-        x, weight, y, float(eps), K=k, BLOCK_K=block, num_warps=max(1, min(8, block // 512))
+    kernels.launch_fixed(
+        "rms_norm_rows",
+        gemv_kernels.rms_norm_rows_kernel,
+        (x.shape[0],),
+        (x, weight, y, float(eps)),
+        K=k,
+        BLOCK_K=block,
+        num_warps=max(1, min(8, block // 512)),
     )
     return y
 

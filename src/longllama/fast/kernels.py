@@ -184,7 +184,7 @@ def launch_fixed(name: str, fn, grid, args: tuple, **constants) -> None:
     constants and dtype in this process (Triton compiles it then, or reads it from its cache directory) is logged
     (longllama.timings, kind "compile")."""
     tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    key = (name, None if tensor is None else tensor.dtype, *sorted(constants.items()))
+    key = (name, None if tensor is None else tensor.dtype, *constants.items())  # a call site keeps its keywords' order
     if key in _launched:
         fn[grid](*args, **constants)
         return

@@ -63,16 +63,21 @@ def sample(
     seed = torch.randint(0, 2**31 - 1, (1,), device=logits.device)
     use_k = bool(top_k) and top_k < vocab
     block = kernels.pow2(vocab)
-    _kernels()[0][(b,)](
-        logits,
-        logits.stride(0),
-        tokens,
-        floor,
-        seed,
-        vocab,
-        float(temperature),
-        int(top_k) if use_k else 0,
-        float(top_p),
+    kernels.launch_fixed(
+        "sample",
+        _kernels()[0],
+        (b,),
+        (
+            logits,
+            logits.stride(0),
+            tokens,
+            floor,
+            seed,
+            vocab,
+            float(temperature),
+            int(top_k) if use_k else 0,
+            float(top_p),
+        ),
         TOP_K=use_k,
         TOP_P=top_p < 1.0,
         BLOCK=block,
@@ -102,16 +107,11 @@ def sample_rows(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     block = kernels.pow2(logits.shape[1])
-    _kernels()[1][(rows.shape[0],)](
-        logits,
-        logits.stride(0),
-        rows,
-        out,
-        temperature,
-        top_k,
-        top_p,
-        seeds,
-        logits.shape[1],
+    kernels.launch_fixed(
+        "sample_rows",
+        _kernels()[1],
+        (rows.shape[0],),
+        (logits, logits.stride(0), rows, out, temperature, top_k, top_p, seeds, logits.shape[1]),
         TOP_K=uses_top_k,
         TOP_P=uses_top_p,
         BLOCK=block,
