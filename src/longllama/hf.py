@@ -2,9 +2,9 @@
 
 Everything that touches transformers' model API lives here, kept thin: what the models do is lm.py's mixins (shared
 with the plain classes the command line runs), the windows, the memory and generation plain PyTorch in their own
-modules. Both names of the cache argument are accepted (`past_key_values`, and `cache`
-as transformers >= 5.24 calls it); outputs carry it as `cache` with `past_key_values` as an alias (a field named
-`past_key_values` would be renamed by ModelOutput on 5.24 but not on 5.17).
+modules. Both names of the cache argument are accepted (`past_key_values`, and `cache` as transformers >= 5.24
+calls it); outputs carry it as `cache` with `past_key_values` as an alias (a field named `past_key_values` would be
+renamed by ModelOutput on 5.24 but not on 5.17).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from longllama.cache import CacheAlias, LongLlamaCache
 from longllama.checkpoint import check_model_folder
 from longllama.config import ConfigError, LongLlamaConfig
 from longllama.errors import CheckpointError, InputError, LongLlamaError
-from longllama.lm import (  # noqa: F401  (re-exported: their home was this module)
+from longllama.lm import (  # noqa: F401  (some re-exported: their home was this module)
     CausalLMMethods,
     LongLlamaCausalLMOutput,
     LongLlamaOutput,
