@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from longllama import quantize
+from longllama import quantize, registration
 from longllama.cache import CacheAlias, LongLlamaCache
 from longllama.checkpoint import check_model_folder
 from longllama.config import ConfigError, LongLlamaConfig
@@ -35,7 +35,6 @@ from longllama.lm import (  # noqa: F401  (some re-exported: their home was this
     left_align,
     right_padding,
 )
-from longllama.tokenizer import LongLlamaTokenizer
 
 
 class LongLlamaPreTrainedModel(PreTrainedModel):
@@ -200,19 +199,17 @@ def register_auto_classes() -> None:
     `model_type: "longllama"` to these classes, and AutoTokenizer to the exact SentencePiece tokenizer (done when this
     module is imported; calling it again changes nothing). Imported from their own modules: this may run while
     transformers.models.auto's package is still importing modeling_auto (registration.py)."""
-    from transformers.models.auto.configuration_auto import AutoConfig
     from transformers.models.auto.modeling_auto import (
         AutoModel,
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
     )
-    from transformers.models.auto.tokenization_auto import AutoTokenizer
 
-    AutoConfig.register("longllama", LongLlamaConfig, exist_ok=True)
+    registration.register_config()
     AutoModel.register(LongLlamaConfig, LongLlamaModel, exist_ok=True)
     AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=True)
     AutoModelForSequenceClassification.register(LongLlamaConfig, LongLlamaForSequenceClassification, exist_ok=True)
-    AutoTokenizer.register(LongLlamaConfig, tokenizer_class=LongLlamaTokenizer, exist_ok=True)
+    registration.register_tokenizer()
 
 
 register_auto_classes()

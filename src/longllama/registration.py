@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 _AUTO = "transformers.models.auto."
 
 
-def _config() -> None:
+def register_config() -> None:
     from transformers.models.auto.configuration_auto import AutoConfig
 
     from longllama.config import LongLlamaConfig
@@ -36,7 +36,7 @@ def _config() -> None:
     AutoConfig.register("longllama", LongLlamaConfig, exist_ok=True)
 
 
-def _tokenizer() -> None:
+def register_tokenizer() -> None:
     from transformers.models.auto.tokenization_auto import AutoTokenizer
 
     from longllama.config import LongLlamaConfig
@@ -50,8 +50,8 @@ def _models() -> None:
 
 
 WHEN_IMPORTED: dict[str, Callable[[], None]] = {
-    _AUTO + "configuration_auto": _config,
-    _AUTO + "tokenization_auto": _tokenizer,
+    _AUTO + "configuration_auto": register_config,
+    _AUTO + "tokenization_auto": register_tokenizer,
     _AUTO + "modeling_auto": _models,
 }
 

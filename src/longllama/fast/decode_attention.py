@@ -49,7 +49,7 @@ def kernel_objects():
 def applies(x: torch.Tensor, *, cpu: bool = False) -> bool:
     """Whether the kernels serve a step whose activations are x (CUDA, or CPU under the interpreter with `cpu`;
     bf16/fp16/fp32)."""
-    return kernels.usable(x, cpu=cpu) and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return kernels.usable_float(x, cpu=cpu)
 
 
 def chunk_for(n: int, rows: int, *, programs: int = PROGRAMS, min_chunk: int = MIN_CHUNK) -> int:

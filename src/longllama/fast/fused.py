@@ -42,7 +42,7 @@ def kernel_rope_pad(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """ops.rope_pad by the Triton kernel, or None where it does not apply (not a GPU, or CPU tensors without `cpu`
     under the interpreter; inputs not contiguous; dtypes that differ)."""
-    if not (kernels.usable(q, cpu=cpu) and width <= 256 and q.dtype in (torch.bfloat16, torch.float16, torch.float32)):
+    if not (kernels.usable_float(q, cpu=cpu) and width <= 256):
         return None
     if not all(t.is_contiguous() and t.dtype == q.dtype for t in (k, v)):
         return None
@@ -90,8 +90,7 @@ def _rows_of(*tensors: torch.Tensor, cpu: bool) -> bool:
     """Whether tensors of one shape can go to a row kernel: usable, contiguous, a float dtype they share."""
     x = tensors[0]
     return (
-        kernels.usable(x, cpu=cpu)
-        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        kernels.usable_float(x, cpu=cpu)
         and x.numel() > 0
         and all(t.shape == x.shape and t.dtype == x.dtype and t.is_contiguous() for t in tensors)
     )
@@ -147,9 +146,9 @@ def kernel_swiglu(gate: torch.Tensor, up: torch.Tensor, *, cpu: bool = False) ->
 def kernel_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, cpu: bool = False) -> torch.Tensor | None:
     """ops.rotate of x (b, h, n, d) by cos, sin that broadcast to it (Triton kernel, rounded once), or None where
     the kernel does not apply."""
-    if x.dim() != 4 or not kernels.usable(x, cpu=cpu) or x.stride(-1) != 1 or x.numel() == 0:
+    if x.dim() != 4 or not kernels.usable_float(x, cpu=cpu) or x.stride(-1) != 1 or x.numel() == 0:
         return None
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[-1] % 2 or x.shape[-1] > 256:
+    if x.shape[-1] % 2 or x.shape[-1] > 256:
         return None
     try:
         cos, sin = cos.expand(x.shape), sin.expand(x.shape)
@@ -185,7 +184,7 @@ def kernel_merge_heads(
 ) -> torch.Tensor | None:
     """ops.merge_heads by the Triton kernel (further memory parts merged first by ops.merge_memory_parts), or None
     where it does not apply."""
-    if not kernels.usable(out, cpu=cpu) or out.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if not kernels.usable_float(out, cpu=cpu):
         return None
     if more:
         mem_out, mem_lse = ops.merge_memory_parts(((mem_out, mem_lse), *more), head_dim)
@@ -326,17 +325,10 @@ def _compiled(rope_kernel: bool, gemv_max_rows: int, cpu: bool, autotune: bool) 
     rope_pad = fns["rope_pad"]
     if rope_kernel:
 
-        def kernel_or_compiled_rope_pad(q, k, v, cos, sin, width, rotate_qk):
-            out = kernel_rope_pad(q, k, v, cos, sin, width, rotate_qk, cpu=cpu) if q.is_cuda else None
-            return out if out is not None else fns["rope_pad"](q, k, v, cos, sin, width, rotate_qk)
+        def rope_pad_kernel(q, k, v, cos, sin, width, rotate_qk, *, cpu):
+            return kernel_rope_pad(q, k, v, cos, sin, width, rotate_qk, cpu=cpu) if q.is_cuda else None
 
-        rope_pad = _guarded(
-            "rope_pad",
-            fns["rope_pad"],
-            kernel_or_compiled_rope_pad,
-            what="the Triton kernel of",
-            instead="running the compiled function",
-        )
+        rope_pad = _kernel_or_plain("rope_pad", rope_pad_kernel, rope_pad, cpu, instead="running the compiled function")
 
     linear, linear_swiglu = _products(fns["swiglu"], gemv_max_rows, cpu, autotune)
     return Ops(**{**fns, "rope_pad": rope_pad}, linear=linear, linear_swiglu=linear_swiglu)
@@ -367,15 +359,17 @@ def with_kernels(
     return _with_kernels(bool(rope_kernel), int(gemv_max_rows), bool(cpu), bool(autotune))
 
 
-def _kernel_or_plain(name: str, kernel: Callable, plain: Callable, cpu: bool) -> Callable:
+def _kernel_or_plain(
+    name: str, kernel: Callable, plain: Callable, cpu: bool, instead: str = "running the plain function"
+) -> Callable:
     """`kernel(*args, cpu=cpu)`, or `plain(*args)` where the kernel returns None (it does not apply); after a kernel
-    failure, `plain` for good (one warning)."""
+    failure, `plain` for good (one warning saying `instead`)."""
 
     def call(*args, **kwargs):
         out = kernel(*args, **kwargs, cpu=cpu)
         return out if out is not None else plain(*args, **kwargs)
 
-    return _guarded(name, plain, call, what="the Triton kernel of", instead="running the plain function")
+    return _guarded(name, plain, call, what="the Triton kernel of", instead=instead)
 
 
 @functools.cache

@@ -40,6 +40,14 @@ def triton():
     return triton, tl
 
 
+FLOATS = (torch.bfloat16, torch.float16, torch.float32)  # the activation dtypes the kernels are built for
+
+
+def usable_float(x: torch.Tensor, *, cpu: bool = False) -> bool:
+    """`usable(x)` and x in one of FLOATS."""
+    return usable(x, cpu=cpu) and x.dtype in FLOATS
+
+
 def usable(x: torch.Tensor, *, cpu: bool = False) -> bool:
     """Whether a kernel may take x: a CUDA tensor with Triton installed, or with `cpu` a CPU tensor under the
     interpreter (the tests)."""
