@@ -184,9 +184,17 @@ def main() -> None:
     ap.add_argument("--bench", action="store_true", help="then bench_inference.py --shape 3b (steady state, warm)")
     ap.add_argument("--tune-out", help="then `longllama tune --shape SHAPE` writing its table to this file")
     ap.add_argument("--skip-compiled", action="store_true", help="skip generate --compile on empty caches")
+    ap.add_argument(
+        "--commands",
+        type=lambda text: [c for c in text.split(",") if c],
+        default=["generate", "passkey"],
+        help="which commands, in this order (generate,passkey)",
+    )
     ap.add_argument("--budget-s", type=float, default=560.0, help="skip steps the time left cannot hold")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (model, caches)")
     args = ap.parse_args()
+    if not args.commands or set(args.commands) - {"generate", "passkey"}:
+        ap.error(f"--commands {','.join(args.commands)}: name generate and/or passkey, comma-separated")
     started = time.perf_counter()
     out = Path(args.out)
     sys.path.insert(0, str(SRC))
@@ -209,11 +217,13 @@ def main() -> None:
 
     try:
         model_dir = work / "model"
-        t = time.perf_counter()
-        random_checkpoint(model_dir, args.shape, args.device)
-        text, prompt_tokens = prompt_text(args.prompt_tokens)
-        (work / "prompt.txt").write_text(text)
-        print(f"random {args.shape} checkpoint and prompt ({prompt_tokens} tokens) in {time.perf_counter() - t:.1f} s")
+        prompt_tokens = None
+        if "generate" in args.commands:
+            t = time.perf_counter()
+            random_checkpoint(model_dir, args.shape, args.device)
+            text, prompt_tokens = prompt_text(args.prompt_tokens)
+            (work / "prompt.txt").write_text(text)
+            print(f"random {args.shape} checkpoint, prompt ({prompt_tokens} tokens) in {time.perf_counter() - t:.1f} s")
         commands = {
             "generate": [
                 "generate",
@@ -240,13 +250,8 @@ def main() -> None:
         }
         # (command, compile setting, caches): each in a fresh process; "warm" reuses the command's cache folder.
         # The last one is generate with --compile on empty caches: what torch.compile's graphs cost a first run.
-        runs = [
-            ("generate", None, "empty"),
-            ("generate", None, "warm"),
-            ("passkey", None, "empty"),
-            ("passkey", None, "warm"),
-        ]
-        if not args.skip_compiled:
+        runs = [(command, None, caches) for command in args.commands for caches in ("empty", "warm")]
+        if not args.skip_compiled and "generate" in args.commands:
             runs.append(("generate", True, "empty"))
         estimates = {"empty": 150.0, "warm": 60.0}
         filled = set()  # cache folders an empty-cache run has filled: only those give "warm" runs

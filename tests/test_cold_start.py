@@ -138,11 +138,14 @@ def test_generate_verbose_reports_the_load_and_first_token_and_cold_start_parses
     kinds = [e["kind"] for e in events]
     assert "load" in kinds and "token" in kinds
     assert any(e["kind"] == "load" and e["source"] == "safetensors straight to cpu" for e in events)
-    # what came before the weights, in two parts: the interpreter and libraries, then the tokenizer and prompt
+    # what came before the weights, in three parts: the interpreter and arguments, the libraries, then the tokenizer
+    # and prompt
     setup = {e["name"]: e for e in events if e["kind"] == "setup"}
-    start, prompt = setup["interpreter, libraries and arguments"], setup["tokenizer and prompt"]
+    start, libraries = setup["interpreter and arguments"], setup["libraries (torch, transformers)"]
+    prompt = setup["tokenizer and prompt"]
     assert start["seconds"] > 0 and abs(start["seconds"] - start["at"]) < 0.01  # measured from the process start
-    assert prompt["at"] >= start["at"] + prompt["seconds"] - 0.01
+    assert libraries["at"] >= start["at"] + libraries["seconds"] - 0.01
+    assert prompt["at"] >= libraries["at"] + prompt["seconds"] - 0.01
     summary = cold.summarize(events)
     assert summary["load_s"] > 0 and summary["first_token_s"] is not None and summary["first_token_s"] > 0
     assert summary["first_token_at_s"] >= summary["first_token_s"]  # the load is taken out

@@ -76,6 +76,18 @@ print(json.dumps({{"class": type(model).__name__, "new": tokens.shape[1] - ids.s
     assert got == {"class": "LongLlamaLM", "new": 3, "loaded": []}
 
 
+def test_the_command_line_parses_its_arguments_before_importing_torch():
+    """So that Triton's start-up (fast/startup.py) can run beside the imports of torch and transformers."""
+    code = """
+import json, sys
+from longllama import cli
+parser = cli.build_parser()
+parser.parse_known_args(["generate", "--prompt", "x", "--mem-retrieval", "blocks", "--quantize", "int4"])
+print(json.dumps([m for m in ("torch", "transformers") if m in sys.modules]))
+"""
+    assert _fresh_python(code) == []
+
+
 @pytest.mark.parametrize("transformers_first", [False, True])
 def test_import_longllama_lets_the_auto_classes_load_a_checkpoint(transformers_first):
     """Registered with each Auto module as it is imported (registration.py), or at once where it already was."""

@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from longllama import timings
-from longllama.config import MEM_RETRIEVALS
+from longllama.choices import MEM_RETRIEVALS, QUANTIZATIONS
 from longllama.errors import InputError, LongLlamaError
 from longllama.serve.config import ServeConfig
 
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 PROG = "longllama"
 EXIT_USAGE = 2  # argparse's status for usage errors; user errors share it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZE = ("none", "int8", "int4")  # --quantize: weight-only quantization of the linear layers (quantize.py)
 MEM_DTYPE_CHOICES = ("float32", "bfloat16", "float16", "int8")  # --mem-dtype: how memory layers store keys/values
 SERVE_DEFAULTS = ServeConfig()  # `longllama serve`'s option defaults are the server's own
 PASSKEY_LENGTHS = (4096, 16384)  # prompt tokens of `passkey` without --lengths
@@ -753,7 +753,7 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     read (every model command)."""
     p.add_argument(
         "--quantize",
-        choices=QUANTIZE,
+        choices=QUANTIZATIONS,
         help="weight-only quantization of the linear layers (int8: torchao's; int4: grouped 4-bit codes read in place "
         "by the decoding kernels; the [quant] extra; docs/quantization.md)",
     )
@@ -1661,6 +1661,15 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _gpu_machine(load: LoadOptions) -> bool:
+    """Whether a model command will likely run its Triton kernels here, judged before torch is imported: a device
+    that is not the CPU, a machine with an NVIDIA driver, and no torch.compile (whose compiler drives Triton
+    itself)."""
+    if load.device.startswith("cpu") or load.compile_elementwise:
+        return False
+    return os.path.exists("/dev/nvidiactl")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the `longllama` command; returns the exit status (0, or 2 for usage and user errors)."""
     parser = build_parser()
@@ -1683,7 +1692,15 @@ def main(argv: list[str] | None = None) -> int:
     from longllama import caches
 
     caches.configure()  # before any library compiles: they read their cache folders then
-    timings.record("setup", "interpreter, libraries and arguments", timings.since_start())
+    load = args.get("load")
+    timings.record("setup", "interpreter and arguments", timings.since_start())
+    if load is not None:  # a model command
+        if _gpu_machine(load):
+            from longllama.fast import startup
+
+            startup.start()  # Triton's own start-up, beside the imports below
+        with timings.timed("setup", "libraries (torch, transformers)"):
+            import longllama.config  # noqa: F401 - imports both
     args.pop("eval_task", None)
     _quiet_libraries()
     try:

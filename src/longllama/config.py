@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedConfig
 
+from longllama.choices import ATTN_IMPLS, MEM_RETRIEVALS, QUANTIZATIONS
 from longllama.errors import LongLlamaError
 
 MEM_DTYPES = {
@@ -16,17 +17,6 @@ MEM_DTYPES = {
     "int8": torch.int8,  # 8-bit memory: int8 with a scale per token and head (memory.py)
 }
 
-
-# Weight-only quantization of the linear layers (quantize.py): recorded by quantized checkpoints.
-QUANTIZATIONS = ("none", "int8", "int4")
-
-# "eager": the exact reference maths; "sdpa": torch SDPA on concatenated keys (as torch_attention); "fast": fused
-# kernels with no per-window copy of the memory; "auto": eager on the CPU, fast on GPUs.
-ATTN_IMPLS = ("auto", "eager", "sdpa", "fast")
-
-# Memory attention: "dense" reads every memory key (the reference); "blocks" ranks fixed blocks of memory keys by a
-# summary (per-dimension max and min) and reads only the best `mem_blocks` of them (retrieval.py).
-MEM_RETRIEVALS = ("dense", "blocks")
 
 # The usable context advertised by configs that do not state one (every checkpoint written before `context_window`
 # existed): the input length the released LongLLaMA checkpoints were shown to handle (256k-token pass keys). Longer

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from longllama.config import MEM_RETRIEVALS
+from longllama.choices import MEM_RETRIEVALS
 from longllama.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,9 @@ class ExecutionPlan:
     skip_dead_layers: a memory window whose output is dropped runs only up to the last memory layer.
     window_group_tokens: memory windows of one sequence read this many tokens at a time, as a batch of windows.
     decode_kernels: the static decoder's step as Triton kernels where they apply.
+    compile_ahead: before a process's first ingest and first decoding step with Triton kernels, a dry pass over
+        the same shapes in which the kernels compile side by side on a pool of threads (fast/kernels.compile_ahead)
+        instead of one after another as the real pass reaches them; it launches nothing and leaves no trace.
     decode_min_chunk, decode_programs: the decoding attention kernel's split: keys per program a power of two that
         gives about decode_programs programs over a step's rows and heads, at least decode_min_chunk (the local
         cache is always read in chunks of decode_min_chunk); from the H100 sweep of benchmarks/tune_decode.py.
@@ -112,6 +115,7 @@ class ExecutionPlan:
     skip_dead_layers: bool = True
     window_group_tokens: int = 8192
     decode_kernels: bool = True
+    compile_ahead: bool = True
     decode_min_chunk: int = 64
     decode_programs: int = 4096
     block_kernel: bool = True

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from longllama.config import QUANTIZATIONS
+from longllama.choices import QUANTIZATIONS
 from longllama.errors import CheckpointError, InputError
 
 logger = logging.getLogger(__name__)

@@ -9,14 +9,19 @@ compute is dropped unread.
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from longllama.cache import LongLlamaCache
 from longllama.errors import InputError
+from longllama.fast import kernels
 from longllama.model import forward_window
 from longllama.plan import ExecutionPlan
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,6 +112,8 @@ def run_windows(
             )
     final_use_cache = default_use_cache if use_cache is None else use_cache
     spans = window_spans(n, window=window, last_context_length=last_context_length)
+    if fresh and fill_depth is None and cross_batch is None and not (output_hidden_states or output_attentions):
+        _compile_ahead(decoder, embeds, plan, attention_mask, positions, final_use_cache, spans, window, keep_last)
     if fresh and cross_batch is None:  # cross-batch memory comes from the batch, not the cache
         added = n if not final_use_cache and fill_depth is None else spans[-1][0]  # (filling: not the final window)
         _reserve_memory(decoder, cache, b, added, embeds.device, plan, below=fill_depth)
@@ -207,6 +214,48 @@ def run_windows(
     return WindowsOutput(
         hidden=hidden, cache=cache, all_hidden=all_hidden, attentions=tuple(attentions) if output_attentions else None
     )
+
+
+_AHEAD_DONE: weakref.WeakSet = weakref.WeakSet()  # decoders whose first fresh call had its dry pass
+
+
+def _compile_ahead(decoder, embeds, plan: ExecutionPlan, mask, positions, use_cache, spans, window, keep_last) -> None:
+    """Before a decoder's first fresh call in this process, where Triton kernels run: the same call over a shorter
+    input and a throwaway cache as a dry pass (kernels.compile_ahead), so that the kernels compile side by side on a
+    pool of threads instead of one after another as the windows reach them. The shorter input keeps the call's
+    shapes: two groups of memory windows (the second reads the first's memory), the partial memory window and the
+    final window, when the call has them. Kernels whose configuration depends on the memory's length may still
+    compile later, in the real pass; a failure is left to the real call."""
+    if not plan.compile_ahead or torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return  # (traced graphs: their kernels compile when the graph is built)
+    if not (embeds.device.type == "cuda" or plan.interpret_kernels) or plan.memory_shard is not None:
+        return
+    if kernels.compiling_ahead() or decoder in _AHEAD_DONE or not kernels.available():
+        return
+    _AHEAD_DONE.add(decoder)
+    n = embeds.shape[1]
+    final = spans[-1][1] - spans[-1][0]
+    partial = (n - final) % window
+    head = min(n - final - partial, 2 * max(window, plan.window_group_tokens // window * window))
+    short = head + partial + final
+    try:
+        with kernels.compile_ahead():
+            run_windows(
+                decoder,
+                embeds[:, :short],
+                plan=plan,
+                cache=LongLlamaCache(len(decoder.layers)),
+                fresh=True,
+                attention_mask=None if mask is None else mask[:, :short],
+                positions=positions[:, :short],
+                use_cache=use_cache,
+                default_use_cache=use_cache,
+                window=window,
+                last_context_length=final,
+                keep_last=min(keep_last, short),
+            )
+    except Exception as exc:  # noqa: BLE001 - the real call meets it again and reports it
+        logger.debug("the ingest's dry pass failed: %s", exc)
 
 
 def _depth(config, plan: ExecutionPlan, kept: bool, use_cache: bool, *, per_layer: bool) -> int | None:

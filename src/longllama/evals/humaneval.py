@@ -29,8 +29,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from longllama.errors import InputError
 
 if TYPE_CHECKING:
@@ -131,6 +129,8 @@ def generate_completions(
     stop: Sequence[str] = STOP_SEQUENCES,
 ) -> list[str]:
     """`n` completions of `prompt` (greedy when temperature is 0), each cut at the first stop sequence."""
+    import torch
+
     from longllama.tokenizer import encode_prompt
 
     ids = encode_prompt(tokenizer, prompt, bos=True)
@@ -401,6 +401,8 @@ def run(
     out_path = output_file(out)
     samples_path = output_file(samples_out, "--samples-out")
     chosen = load_problems(problems, limit=limit)
+    import torch
+
     folder, lm, tokenizer = eval_model(model, load)
     torch.manual_seed(seed)
     settings = {

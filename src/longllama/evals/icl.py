@@ -33,8 +33,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from longllama.errors import InputError
 
 if TYPE_CHECKING:
@@ -195,6 +193,8 @@ def pack(
 
 def read_context(model, context: Sequence[int], *, last_context_length: int):
     """The cache after reading `context` once (memory windows, then the final window in the local cache)."""
+    import torch
+
     ids = torch.tensor([list(context)], dtype=torch.long, device=getattr(model, "device", None))
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, last_context_length=last_context_length, logits_to_keep=1)
@@ -205,6 +205,8 @@ def label_log_likelihoods(
     model, cache, question: Sequence[int], continuations: Sequence[Sequence[int]], *, last_context_length: int
 ) -> list[float]:
     """Sum of log-probabilities of each continuation after the cached context and the question."""
+    import torch
+
     scores = []
     for tail in continuations:
         ids = torch.tensor([list(question) + list(tail)], dtype=torch.long, device=getattr(model, "device", None))

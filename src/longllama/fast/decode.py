@@ -34,7 +34,7 @@ import torch
 from longllama import retrieval, timings
 from longllama.attention import kernel_head_dim
 from longllama.cache import LongLlamaCache
-from longllama.fast import decode_attention, gemv
+from longllama.fast import decode_attention, gemv, kernels
 from longllama.fast.fused import ops_for
 from longllama.model import read_memory
 from longllama.ops import EAGER, rotate
@@ -93,6 +93,7 @@ class StaticDecoder:
         self.width = kernel_head_dim(self.head_dim) if self.kernels else self.head_dim
         self.graph = self.out = None
         self.captures, self.capture_seconds = 0, 0.0  # CUDA graphs captured and their seconds (server stats)
+        self._ahead_at: int | None = None  # the memory length of the last dry pass (_compile_ahead)
 
     @staticmethod
     def usable(cache: LongLlamaCache, mask: torch.Tensor | None) -> bool:
@@ -247,10 +248,31 @@ class StaticDecoder:
         plan = self.plan
         return {"autotune": plan.autotune, "min_chunk": plan.decode_min_chunk, "programs": plan.decode_programs}
 
+    def _compile_ahead(self) -> None:
+        """Before the first step at a memory length: a dry pass of the step (kernels.compile_ahead), so that the
+        Triton kernels it launches compile side by side rather than one after another inside the first step. It
+        leaves no trace: no kernel runs, the PyTorch operations only rewrite the current slot, and the slot counter
+        is put back. A failure is left to the real step."""
+        length = self._memory_length()
+        if not self.plan.compile_ahead or self._ahead_at == length:
+            return
+        self._ahead_at = length
+        if not (self.device.type == "cuda" or self.plan.interpret_kernels) or not kernels.available():
+            return
+        slot = self.slot.clone()
+        try:
+            with kernels.compile_ahead():
+                self._compute()
+        except Exception as exc:  # noqa: BLE001 - the real step meets it again, and falls back (_checked_compute)
+            logger.debug("decoding: the dry pass failed: %s", exc)
+        finally:
+            self.slot.copy_(slot)
+
     def _checked_compute(self) -> torch.Tensor:
         """_compute, falling back for good to the general step (one warning) if a Triton kernel fails to build or
         run here. A failed step leaves no trace: rope_store only rewrites the current slot, and the slot counter
         moves at the end."""
+        self._compile_ahead()
         if self.checked:
             return self._compute()
         try:

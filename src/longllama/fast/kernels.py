@@ -9,14 +9,22 @@ here as `cpu=True`) lets CPU tensors through.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import logging
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from longllama import timings
+from longllama.fast import startup
+
+logger = logging.getLogger(__name__)
 
 
 def interpreting() -> bool:
@@ -107,15 +115,25 @@ class Kernel:
         named = dict(zip(self.fn.arg_names, args))
         named.update(constants)
         key = self._key(named)
+        ahead = _AHEAD.get()
         if autotune:
-            self._autotuned(grid, args, constants, key)
+            if ahead is None:  # the autotuner compiles every configuration when it runs, not ahead
+                self._autotuned(grid, args, constants, key)
             return
         ready = self._ready.get(key)
         if ready is not None and key in self.cache:  # the common case: chosen and compiled before
-            self.fn[grid](*args, **constants, **ready)
+            if ahead is None:
+                self.fn[grid](*args, **constants, **ready)
             return
+        startup.wait()  # Triton's driver, which a first launch makes, may be in the making in the background
         meta, warps, stages, _ = self.choose(key)
         ready = {**meta, "num_warps": warps, **({} if stages is None else {"num_stages": stages})}
+        if ahead is not None:
+            ahead.submit(
+                key, f"triton {self.name} {self._describe(key)}", self.fn, args, {**constants, **ready},
+                done=lambda: self._ready.__setitem__(key, ready),
+            )  # fmt: skip
+            return
         start = time.perf_counter()
         self.fn[grid](*args, **constants, **ready)
         # Triton compiled the kernel in that first launch, or read it from its cache directory
@@ -178,6 +196,8 @@ def launch(kernel: Kernel, grid, args: tuple, defaults: dict, *, autotune: bool 
     """kernel[grid](*args, **constants) with its configuration chosen (Kernel.run; `autotune`: by Triton's
     autotuner), or with `defaults` under the interpreter."""
     if interpreting():
+        if _AHEAD.get() is not None:
+            return  # nothing to compile under the interpreter; a dry pass launches nothing
         constants = {**defaults, **constants}
         kernel.fn[grid(constants)](*args, **constants)
     else:
@@ -193,11 +213,96 @@ def launch_fixed(name: str, fn, grid, args: tuple, **constants) -> None:
     (longllama.timings, kind "compile")."""
     tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
     key = (name, None if tensor is None else tensor.dtype, *constants.items())  # a call site keeps its keywords' order
+    ahead = _AHEAD.get()
     if key in _launched:
-        fn[grid](*args, **constants)
+        if ahead is None:
+            fn[grid](*args, **constants)
+        return
+    startup.wait()  # Triton's driver, which a first launch makes, may be in the making in the background
+    described = " ".join(f"{k}={v}" for k, v in constants.items() if k != "num_warps")
+    event = f"triton {name} {described}".rstrip()
+    if ahead is not None:
+        if not interpreting():
+            ahead.submit(key, event, fn, args, constants, done=lambda: _launched.add(key))
         return
     start = time.perf_counter()
     fn[grid](*args, **constants)
-    described = " ".join(f"{k}={v}" for k, v in constants.items() if k != "num_warps")
-    timings.record("compile", f"triton {name} {described}".rstrip(), time.perf_counter() - start)
+    timings.record("compile", event, time.perf_counter() - start)
     _launched.add(key)
+
+
+class _Ahead:
+    """The compilations a dry pass submitted (compile_ahead): each kernel once, on a pool of threads."""
+
+    def __init__(self, threads: int):
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="longllama-compile")
+        self.futures: list[Future] = []
+        self.keys: set[tuple] = set()
+
+    def submit(self, key: tuple, name: str, fn, args: tuple, constants: dict, *, done: Callable[[], None]) -> None:
+        if key in self.keys:
+            return
+        self.keys.add(key)
+        tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        device = tensor.device if tensor is not None and tensor.is_cuda else None
+        self.futures.append(self.pool.submit(_compile, name, fn, args, constants, device, done))
+
+
+def _compile(name: str, fn, args: tuple, constants: dict, device, done: Callable[[], None]) -> None:
+    """Compile one kernel for these arguments without launching it (Triton's `warmup`: the same specialisation as a
+    launch with them, kept in the kernel's in-process cache), and build its launcher and load it, as a first launch
+    would. A failure is left for the real launch to meet and report."""
+    start = time.perf_counter()
+    try:
+        with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+            caches = getattr(fn, "device_caches", None)  # Triton's per-device table, made on first use
+            if caches is not None and device is not None:
+                with _MAKING:  # by one thread: two making it at once would each keep their own
+                    caches[torch.cuda.current_device()]
+            compiled = fn.warmup(*args, grid=(1,), **constants)
+            handles = getattr(compiled, "_init_handles", None)
+            if handles is not None:
+                handles()
+    except Exception as exc:  # noqa: BLE001 - reported by the launch that needs the kernel
+        logger.debug("compiling %s ahead failed: %s", name, exc)
+        return
+    done()
+    timings.record("compile", name, time.perf_counter() - start, "ahead")
+
+
+_MAKING = threading.Lock()
+_AHEAD: contextvars.ContextVar[_Ahead | None] = contextvars.ContextVar("longllama_compile_ahead", default=None)
+
+
+def compiling_ahead() -> bool:
+    """Whether a dry pass (compile_ahead) is under way in this context."""
+    return _AHEAD.get() is not None
+
+
+@contextlib.contextmanager
+def compile_ahead(threads: int | None = None) -> Iterator[None]:
+    """A dry pass: inside, Triton launches (launch, launch_fixed, Kernel.run) run nothing; each kernel not yet
+    compiled in this process is submitted to a pool of `threads` threads (default: the CPU count, at most 16) and
+    compiled there, all at once; leaving waits for them. Code run inside must have no effect that depends on the
+    kernels' outputs (they are left unwritten): a decoding step before its capture, a forward over a throwaway
+    cache. Triton's compilation mostly runs outside Python's lock (its compiler passes in C++, ptxas and the
+    launcher's C compiler as subprocesses), so the kernels of a first call build side by side instead of one after
+    another."""
+    if threads is None:
+        threads = max(1, min(16, os.cpu_count() or 1))
+    if available() and not interpreting() and torch.cuda.is_available():
+        from triton.runtime import driver
+
+        startup.wait()
+        driver.active.get_current_target()  # made here, once: the pool's threads would each make (and build) it
+    ahead = _Ahead(threads)
+    token = _AHEAD.set(ahead)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _AHEAD.reset(token)
+        ahead.pool.shutdown(wait=True)
+        if ahead.futures:
+            seconds = time.perf_counter() - start
+            timings.record("compile", f"dry pass: {len(ahead.futures)} Triton kernels side by side", seconds, "wall")
