@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -1661,15 +1660,6 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _gpu_machine(load: LoadOptions) -> bool:
-    """Whether a model command will likely run its Triton kernels here, judged before torch is imported: a device
-    that is not the CPU, a machine with an NVIDIA driver, and no torch.compile (whose compiler drives Triton
-    itself)."""
-    if load.device.startswith("cpu") or load.compile_elementwise:
-        return False
-    return os.path.exists("/dev/nvidiactl")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the `longllama` command; returns the exit status (0, or 2 for usage and user errors)."""
     parser = build_parser()
@@ -1695,10 +1685,6 @@ def main(argv: list[str] | None = None) -> int:
     load = args.get("load")
     timings.record("setup", "interpreter and arguments", timings.since_start())
     if load is not None:  # a model command
-        if _gpu_machine(load):
-            from longllama.fast import startup
-
-            startup.start()  # Triton's own start-up, beside the imports below
         with timings.timed("setup", "libraries (torch, transformers)"):
             import longllama.config  # noqa: F401 - imports both
     args.pop("eval_task", None)

@@ -28,6 +28,7 @@ the generic path otherwise.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -41,6 +42,9 @@ from longllama.ops import EAGER, rotate
 from longllama.plan import ExecutionPlan
 
 logger = logging.getLogger(__name__)
+
+
+_AHEAD_DONE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> decoder classes that had a dry pass
 
 
 def _norm(module) -> tuple[torch.Tensor, float]:
@@ -93,7 +97,6 @@ class StaticDecoder:
         self.width = kernel_head_dim(self.head_dim) if self.kernels else self.head_dim
         self.graph = self.out = None
         self.captures, self.capture_seconds = 0, 0.0  # CUDA graphs captured and their seconds (server stats)
-        self._ahead_at: int | None = None  # the memory length of the last dry pass (_compile_ahead)
 
     @staticmethod
     def usable(cache: LongLlamaCache, mask: torch.Tensor | None) -> bool:
@@ -249,14 +252,15 @@ class StaticDecoder:
         return {"autotune": plan.autotune, "min_chunk": plan.decode_min_chunk, "programs": plan.decode_programs}
 
     def _compile_ahead(self) -> None:
-        """Before the first step at a memory length: a dry pass of the step (kernels.compile_ahead), so that the
-        Triton kernels it launches compile side by side rather than one after another inside the first step. It
-        leaves no trace: no kernel runs, the PyTorch operations only rewrite the current slot, and the slot counter
-        is put back. A failure is left to the real step."""
-        length = self._memory_length()
-        if not self.plan.compile_ahead or self._ahead_at == length:
+        """Before this kind of decoder's first step on this model in the process: a dry pass of the step
+        (kernels.compile_ahead), so that the Triton kernels it launches compile side by side rather than one after
+        another inside the first step. It leaves no trace: no kernel runs, the PyTorch operations only rewrite the
+        current slot, and the slot counter is put back. A failure is left to the real step. (A later memory length
+        may need one new kernel, the attention's for a larger chunk, which its first step compiles.)"""
+        done = _AHEAD_DONE.setdefault(self.model, set())
+        if not self.plan.compile_ahead or type(self) in done:
             return
-        self._ahead_at = length
+        done.add(type(self))
         if not (self.device.type == "cuda" or self.plan.interpret_kernels) or not kernels.available():
             return
         slot = self.slot.clone()

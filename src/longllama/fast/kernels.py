@@ -22,7 +22,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from longllama import timings
-from longllama.fast import startup
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +124,6 @@ class Kernel:
             if ahead is None:
                 self.fn[grid](*args, **constants, **ready)
             return
-        startup.wait()  # Triton's driver, which a first launch makes, may be in the making in the background
         meta, warps, stages, _ = self.choose(key)
         ready = {**meta, "num_warps": warps, **({} if stages is None else {"num_stages": stages})}
         if ahead is not None:
@@ -218,7 +216,6 @@ def launch_fixed(name: str, fn, grid, args: tuple, **constants) -> None:
         if ahead is None:
             fn[grid](*args, **constants)
         return
-    startup.wait()  # Triton's driver, which a first launch makes, may be in the making in the background
     described = " ".join(f"{k}={v}" for k, v in constants.items() if k != "num_warps")
     event = f"triton {name} {described}".rstrip()
     if ahead is not None:
@@ -285,15 +282,13 @@ def compile_ahead(threads: int | None = None) -> Iterator[None]:
     compiled in this process is submitted to a pool of `threads` threads (default: the CPU count, at most 16) and
     compiled there, all at once; leaving waits for them. Code run inside must have no effect that depends on the
     kernels' outputs (they are left unwritten): a decoding step before its capture, a forward over a throwaway
-    cache. Triton's compilation mostly runs outside Python's lock (its compiler passes in C++, ptxas and the
-    launcher's C compiler as subprocesses), so the kernels of a first call build side by side instead of one after
-    another."""
+    cache. Part of a Triton compilation runs outside Python's lock (ptxas and the launcher's C compiler are
+    subprocesses), so the kernels of a first call build partly side by side (docs/cold-start.md)."""
     if threads is None:
         threads = max(1, min(16, os.cpu_count() or 1))
     if available() and not interpreting() and torch.cuda.is_available():
         from triton.runtime import driver
 
-        startup.wait()
         driver.active.get_current_target()  # made here, once: the pool's threads would each make (and build) it
     ahead = _Ahead(threads)
     token = _AHEAD.set(ahead)
