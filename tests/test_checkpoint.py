@@ -532,3 +532,31 @@ def test_longllama_model_on_converted_folder_matches_llama(llama, round_trip):
         want = llama[1](ids).logits
         got = model(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_meta_build_skips_only_its_own_threads_initialisation():
+    """load_pretrained builds the model on the meta device with torch.nn.init's fills skipped; a model initialised
+    in another thread meanwhile still gets its random weights, and the fills are torch's own again afterwards."""
+    import threading
+
+    from longllama import checkpoint
+
+    originals = {name: getattr(torch.nn.init, name) for name in checkpoint._INIT_FUNCTIONS}
+    inside, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def build():
+        with checkpoint._initialisation_skipped():
+            seen["here"] = torch.nn.init.normal_(torch.zeros(64)).abs().sum().item()
+            inside.set()
+            done.wait(timeout=30)
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    assert inside.wait(timeout=30)
+    other = torch.nn.init.normal_(torch.zeros(64))  # this thread, while the build is under way
+    done.set()
+    builder.join()
+    assert seen["here"] == 0  # skipped in the building thread
+    assert other.abs().sum() > 0  # filled in this one
+    assert {name: getattr(torch.nn.init, name) for name in checkpoint._INIT_FUNCTIONS} == originals

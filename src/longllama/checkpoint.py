@@ -9,12 +9,14 @@ HF LLaMA tensor names, so converting between the two model types only rewrites `
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import threading
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -365,18 +367,45 @@ _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "
                    "xavier_normal_", "constant_", "zeros_", "ones_")  # fmt: skip
 
 
+_SKIPPING = threading.local()  # this thread is building a model on the meta device
+_INSTALLED: dict[str, Any] = {}  # torch.nn.init's own fills, while ours stand in for them
+_INSTALL = threading.Lock()
+_BUILDS = 0  # builds under way, in all threads
+
+
+def _skippable(original):
+    """A fill that does nothing in a thread building a meta model and is `original` in every other thread."""
+
+    @functools.wraps(original)
+    def fill(tensor, *args, **kwargs):
+        return tensor if getattr(_SKIPPING, "on", False) else original(tensor, *args, **kwargs)
+
+    return fill
+
+
 @contextlib.contextmanager
 def _initialisation_skipped():
     """torch.nn.init's fills as no-ops while a model is built on the meta device to take a checkpoint's tensors:
-    they would change nothing there, and the meta versions of the random fills import Dynamo (seconds)."""
-    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    they would change nothing there, and the meta versions of the random fills import Dynamo (seconds). Only this
+    thread's fills are skipped: another thread initialising a model meanwhile gets its random weights."""
+    global _BUILDS
+    with _INSTALL:
+        if _BUILDS == 0:
+            _INSTALLED.update({name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS})
+            for name, fn in _INSTALLED.items():
+                setattr(torch.nn.init, name, _skippable(fn))
+        _BUILDS += 1
+    before, _SKIPPING.on = getattr(_SKIPPING, "on", False), True
     try:
-        for name in _INIT_FUNCTIONS:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(torch.nn.init, name, fn)
+        _SKIPPING.on = before
+        with _INSTALL:
+            _BUILDS -= 1
+            if _BUILDS == 0:
+                for name, fn in _INSTALLED.items():
+                    setattr(torch.nn.init, name, fn)
+                _INSTALLED.clear()
 
 
 def load_pretrained(cls, folder: PathLike, *, dtype: torch.dtype | str, device: torch.device | str, **overrides: Any):
