@@ -9,7 +9,6 @@ compute is dropped unread.
 
 from __future__ import annotations
 
-import logging
 import weakref
 from dataclasses import dataclass
 
@@ -20,8 +19,6 @@ from longllama.errors import InputError
 from longllama.fast import kernels
 from longllama.model import forward_window
 from longllama.plan import ExecutionPlan
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -228,9 +225,9 @@ def _compile_ahead(decoder, embeds, plan: ExecutionPlan, mask, positions, use_ca
     compile later, in the real pass; a failure is left to the real call."""
     if not plan.compile_ahead or torch.compiler.is_compiling() or torch.is_grad_enabled():
         return  # (traced graphs: their kernels compile when the graph is built)
-    if not (embeds.device.type == "cuda" or plan.interpret_kernels) or plan.memory_shard is not None:
+    if plan.memory_shard is not None or not kernels.ahead_applies(plan, embeds.device):
         return
-    if kernels.compiling_ahead() or decoder in _AHEAD_DONE or not kernels.available():
+    if kernels.compiling_ahead() or decoder in _AHEAD_DONE:
         return
     _AHEAD_DONE.add(decoder)
     n = embeds.shape[1]
@@ -238,24 +235,23 @@ def _compile_ahead(decoder, embeds, plan: ExecutionPlan, mask, positions, use_ca
     partial = (n - final) % window
     head = min(n - final - partial, 2 * max(window, plan.window_group_tokens // window * window))
     short = head + partial + final
-    try:
-        with kernels.compile_ahead():
-            run_windows(
-                decoder,
-                embeds[:, :short],
-                plan=plan,
-                cache=LongLlamaCache(len(decoder.layers)),
-                fresh=True,
-                attention_mask=None if mask is None else mask[:, :short],
-                positions=positions[:, :short],
-                use_cache=use_cache,
-                default_use_cache=use_cache,
-                window=window,
-                last_context_length=final,
-                keep_last=min(keep_last, short),
-            )
-    except Exception as exc:  # noqa: BLE001 - the real call meets it again and reports it
-        logger.debug("the ingest's dry pass failed: %s", exc)
+    kernels.dry_pass(
+        lambda: run_windows(
+            decoder,
+            embeds[:, :short],
+            plan=plan,
+            cache=LongLlamaCache(len(decoder.layers)),
+            fresh=True,
+            attention_mask=None if mask is None else mask[:, :short],
+            positions=positions[:, :short],
+            use_cache=use_cache,
+            default_use_cache=use_cache,
+            window=window,
+            last_context_length=final,
+            keep_last=min(keep_last, short),
+        ),
+        "the ingest",
+    )
 
 
 def _depth(config, plan: ExecutionPlan, kept: bool, use_cache: bool, *, per_layer: bool) -> int | None:

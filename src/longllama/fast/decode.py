@@ -258,17 +258,12 @@ class StaticDecoder:
         current slot, and the slot counter is put back. A failure is left to the real step. (A later memory length
         may need one new kernel, the attention's for a larger chunk, which its first step compiles.)"""
         done = _AHEAD_DONE.setdefault(self.model, set())
-        if not self.plan.compile_ahead or type(self) in done:
+        if type(self) in done or not kernels.ahead_applies(self.plan, self.device):
             return
         done.add(type(self))
-        if not (self.device.type == "cuda" or self.plan.interpret_kernels) or not kernels.available():
-            return
         slot = self.slot.clone()
         try:
-            with kernels.compile_ahead():
-                self._compute()
-        except Exception as exc:  # noqa: BLE001 - the real step meets it again, and falls back (_checked_compute)
-            logger.debug("decoding: the dry pass failed: %s", exc)
+            kernels.dry_pass(self._compute, "decoding")  # a failure falls back in the real step (_checked_compute)
         finally:
             self.slot.copy_(slot)
 
@@ -276,9 +271,9 @@ class StaticDecoder:
         """_compute, falling back for good to the general step (one warning) if a Triton kernel fails to build or
         run here. A failed step leaves no trace: rope_store only rewrites the current slot, and the slot counter
         moves at the end."""
-        self._compile_ahead()
         if self.checked:
             return self._compute()
+        self._compile_ahead()
         try:
             out = self._compute()
         except Exception as exc:

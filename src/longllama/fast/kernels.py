@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -233,8 +233,7 @@ class _Ahead:
 
     def __init__(self, threads: int):
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="longllama-compile")
-        self.futures: list[Future] = []
-        self.keys: set[tuple] = set()
+        self.keys: set[tuple] = set()  # the kernels submitted
 
     def submit(self, key: tuple, name: str, fn, args: tuple, constants: dict, *, done: Callable[[], None]) -> None:
         if key in self.keys:
@@ -242,7 +241,7 @@ class _Ahead:
         self.keys.add(key)
         tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
         device = tensor.device if tensor is not None and tensor.is_cuda else None
-        self.futures.append(self.pool.submit(_compile, name, fn, args, constants, device, done))
+        self.pool.submit(_compile, name, fn, args, constants, device, done)
 
 
 def _compile(name: str, fn, args: tuple, constants: dict, device, done: Callable[[], None]) -> None:
@@ -298,6 +297,22 @@ def compile_ahead(threads: int | None = None) -> Iterator[None]:
     finally:
         _AHEAD.reset(token)
         ahead.pool.shutdown(wait=True)
-        if ahead.futures:
+        if ahead.keys:
             seconds = time.perf_counter() - start
-            timings.record("compile", f"dry pass: {len(ahead.futures)} Triton kernels side by side", seconds, "wall")
+            timings.record("compile", f"dry pass: {len(ahead.keys)} Triton kernels side by side", seconds, "wall")
+
+
+def ahead_applies(plan, device: torch.device) -> bool:
+    """Whether a dry pass is worth making for a call on `device` under `plan` (an ExecutionPlan): the plan asks for
+    it and Triton kernels run there (a GPU, or CPU tensors under the interpreter's plan)."""
+    return plan.compile_ahead and (device.type == "cuda" or plan.interpret_kernels) and available()
+
+
+def dry_pass(call: Callable[[], object], what: str) -> None:
+    """`call()` as a dry pass (compile_ahead). A failure is logged and left to the real pass, which meets it again
+    and reports it (or falls back)."""
+    try:
+        with compile_ahead():
+            call()
+    except Exception as exc:  # noqa: BLE001 - the real pass reports it
+        logger.debug("%s: the dry pass failed: %s", what, exc)
