@@ -8,7 +8,8 @@ weights read and the error against an fp32 product.
 --int4: the same products with int4 weights (longllama.int4: 4-bit codes, a scale and an offset per group of 128
 or 64 columns) beside bf16's: cuBLAS and the Triton kernels on bf16 weights, the int4 kernels with the rule's
 configuration, and with Triton's autotuner over the kernels' own list (the best configuration printed); GB/s counts the
-bytes each reads (int4: codes, scales and offsets)."""
+bytes each reads (int4: codes, scales and offsets). q/k/v and gate/up also with the RMSNorm inside, as decoding runs
+them (cuBLAS after the norm's own kernel)."""
 
 from __future__ import annotations
 
@@ -111,6 +112,12 @@ def main_int4(args) -> None:
         int4_case(f"{shape} o {hidden}x{hidden}", [(hidden, hidden)], hidden, single, one)
         int4_case(f"{shape} gate/up+SwiGLU {inter}x{hidden}", [(inter, hidden)] * 2, hidden, paired, swiglu)
         int4_case(f"{shape} down {hidden}x{inter}", [(hidden, inter)], inter, single, one)
+        # As a decoding step runs q/k/v and gate/up: the RMSNorm in the same pass (each program normalises x)
+        norm = (torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5, 1e-6)
+        normed = lambda f: lambda x, ws, **kw: f(x, ws, norm=norm, **kw)  # noqa: E731
+        before = lambda f: lambda x, ws: f(rms_norm(x, norm[0].to(x.dtype), norm[1]), ws)  # noqa: E731
+        int4_case(f"{shape} q/k/v +RMSNorm", [(hidden, hidden)] * 3, hidden, normed(stacked), before(cat))
+        int4_case(f"{shape} gate/up+SwiGLU +RMSNorm", [(inter, hidden)] * 2, hidden, normed(paired), before(swiglu))
 
 
 def main() -> None:
