@@ -1,7 +1,6 @@
 """The kernels that read int4 weights in place (fast/gemv_int4_kernels.py through fast/gemv.py), run by Triton's
 interpreter on the CPU: products (one row and several), stacked, with the residual, the RMSNorm or the SwiGLU fused,
-against fp32 maths on the weights each kernel multiplies (one row: q * scale + offset unrounded; several rows:
-int4.dequantize's, rounded to the activation dtype); and the dequantizing kernel against int4.dequantize."""
+against fp32 maths on int4.dequantize's weights; and the dequantizing kernel against int4.dequantize."""
 
 from __future__ import annotations
 
@@ -24,50 +23,24 @@ STORE_STEPS = 1
 KW = dict(cpu=True, max_rows=16)
 
 
-class _Weights:
-    """The fp32 weights a kernel multiplies for an int4 weight, and per weight what bounds their sums' rounding: the
-    one-row kernels multiply q * scale + offset unrounded (`exact`) as 16 scale * sum((1 + q / 16) x - x) + offset *
-    sum(x) over each 8 columns, whose fp32 terms are at most 32 |scale| + |offset| times |x| (`parts`); the
-    several-row ones multiply int4.dequantize's weights (`rounded`, their own bound)."""
-
-    def __init__(self, weight: int4.Int4Weight):
-        q = int4.codes(weight.qdata).float()
-        n, k = q.shape
-        g = weight.group
-        scaled = (q.view(n, k // g, g) * weight.scale.float()[..., None]).view(n, k)
-        offset = weight.offset.float().repeat_interleave(g, 1)
-        spread = 32 * weight.scale.float().abs().repeat_interleave(g, 1)
-        self.exact, self.parts = scaled + offset, spread + offset.abs()
-        self.rounded = int4.dequantize(weight.qdata, weight.scale, weight.offset, g).float()
-
-    def of(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights, |terms| bound) for a call of `rows` rows of x."""
-        return (self.exact, self.parts) if rows == 1 else (self.rounded, self.rounded.abs())
-
-
-def _int4(n: int, k: int, group: int, seed: int, dtype=torch.bfloat16) -> tuple[int4.Int4Weight, _Weights]:
+def _int4(n: int, k: int, group: int, seed: int, dtype=torch.bfloat16) -> tuple[int4.Int4Weight, torch.Tensor]:
     """An int4 weight (n, k) of a random one whose groups differ in spread and centre (a scale or offset read from
-    the wrong group shows), and its values in fp32."""
+    the wrong group shows), and its dequantized value in fp32."""
     gen = torch.Generator().manual_seed(seed)
     spread = (torch.rand(n, k // group, generator=gen) * 1.5 + 0.1).repeat_interleave(group, 1)
     centre = (torch.randn(n, k // group, generator=gen) / 4).repeat_interleave(group, 1)
     weight = int4.Int4Weight.from_float((torch.randn(n, k, generator=gen) * spread + centre).to(dtype), group)
-    return weight, _Weights(weight)
+    return weight, int4.dequantize(weight.qdata, weight.scale, weight.offset, group).float()
 
 
-def _cat(parts: list[_Weights], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ws, bounds = zip(*(p.of(rows) for p in parts))
-    return torch.cat(ws), torch.cat(bounds)
-
-
-def _product(x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """x w^T in fp32 and the bound its sums meet in any order: 2 K 2^-24 sum_k |x_k| terms_k (_Weights: the terms'
-    magnitudes, the fp32 roundings of at most 2 K sums and products of them)."""
+def _product(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x w^T in fp32 and the bound its sums meet in any order: K 2^-24 sum_k |x_k w_k| (the kernels add the same
+    exact products, in another order)."""
     x = x.float()
-    return F.linear(x, w[0]), 2 * x.shape[-1] * 2.0**-24 * F.linear(x.abs(), w[1])
+    return F.linear(x, w), x.shape[-1] * 2.0**-24 * F.linear(x.abs(), w.abs())
 
 
-def _assert_product(got: torch.Tensor, x: torch.Tensor, w: tuple, residual: torch.Tensor | None = None):
+def _assert_product(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None):
     """got = [residual +] x w^T: the fp32 product, rounded once at the store (STORE_STEPS); with the residual, the
     product is rounded before the sum too (one step of it), as the unfused residual + linear(x)."""
     want, atol = _product(x, w)
@@ -77,7 +50,7 @@ def _assert_product(got: torch.Tensor, x: torch.Tensor, w: tuple, residual: torc
     assert_within_steps(got, want, dtype=torch.bfloat16, steps=STORE_STEPS, atol=atol)
 
 
-def _assert_swiglu(got: torch.Tensor, x: torch.Tensor, gate: tuple, up: tuple):
+def _assert_swiglu(got: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     """got = silu(x gate^T) * (x up^T), whose two products and silu are rounded to bf16 before the last product
     (one step each; silu's slope is at most 1.1), then stored (STORE_STEPS)."""
     (g, g_atol), (u, u_atol) = _product(x, gate), _product(x, up)
@@ -112,11 +85,11 @@ def test_int4_products_equal_fp32_maths_on_the_dequantized_weights(interpreter, 
     assert gemv.applies(x, q, kw, v, **KW)
     stacked = gemv.linear_stacked(x, (q, kw, v), **KW)
     assert stacked.shape == (rows, 1, 68)
-    _assert_product(stacked, x, _cat([qf, kf, vf], rows))
-    _assert_product(gemv.linear(x, v, **KW), x, vf.of(rows))
+    _assert_product(stacked, x, torch.cat([qf, kf, vf]))
+    _assert_product(gemv.linear(x, v, **KW), x, vf)
     residual = torch.randn(rows, 1, 44, dtype=torch.bfloat16)
-    _assert_product(gemv.linear(x, q, residual=residual, **KW), x, qf.of(rows), residual)
-    _assert_swiglu(gemv.linear_swiglu(x, q, up, **KW), x, qf.of(rows), upf.of(rows))
+    _assert_product(gemv.linear(x, q, residual=residual, **KW), x, qf, residual)
+    _assert_swiglu(gemv.linear_swiglu(x, q, up, **KW), x, qf, upf)
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -126,7 +99,6 @@ def test_int4_products_with_the_rmsnorm_inside(interpreter, rows):
     (q, qf), (k, kf), (up, upf) = (_int4(n, 320, 64, seed) for seed, n in enumerate((44, 12, 44)))
     norm = (torch.rand(320, dtype=torch.bfloat16) + 0.5, 1e-6)
     normed = ops.rms_norm(x, *norm).float()
-    qf, kf, upf = (w.of(rows)[0] for w in (qf, kf, upf))
     _assert_close_in_bf16(gemv.linear(x, q, norm=norm, **KW), F.linear(normed, qf))
     _assert_close_in_bf16(gemv.linear_stacked(x, (q, k), norm=norm, **KW), F.linear(normed, torch.cat([qf, kf])))
     g, u = F.linear(normed, qf), F.linear(normed, upf)
@@ -144,9 +116,9 @@ def test_int4_products_in_fp16(interpreter, rows):
     torch.manual_seed(5)
     x = torch.randn(rows, 320, dtype=torch.float16)
     (q, qf), (up, upf) = (_int4(n, 320, 32, seed, torch.float16) for seed, n in enumerate((24, 24)))
-    want, atol = _product(x, qf.of(rows))
+    want, atol = _product(x, qf)
     assert_within_steps(gemv.linear(x, q, **KW), want, dtype=torch.float16, steps=STORE_STEPS, atol=atol)
-    g, u = F.linear(x.float(), qf.of(rows)[0]), F.linear(x.float(), upf.of(rows)[0])
+    g, u = F.linear(x.float(), qf), F.linear(x.float(), upf)
     magnitude = (u.abs() * (g.abs() + F.silu(g).abs())).max()
     got = gemv.linear_swiglu(x, q, up, **KW)
     assert_within_steps(got, F.silu(g) * u, dtype=torch.float16, steps=4, magnitude=magnitude)
@@ -164,15 +136,10 @@ def test_applies_takes_int4_weights_of_one_kind_and_group(interpreter):
     assert not gemv.applies(x, a, b, **KW)  # two group sizes
     assert not gemv.applies(x.half(), a, **KW)  # scales of another dtype than x
     assert not gemv.applies(x, a, **{**KW, "cpu": False})  # CPU tensors only when asked
-    shifted = torch.empty(a.qdata.numel() + 1, dtype=torch.uint8)[1:].view(a.qdata.shape)
-    shifted.copy_(a.qdata)  # codes off a 4-byte boundary: not readable as words
-    unaligned = int4.Int4Weight(shifted, a.scale, a.offset, a.group, a.shape)
-    assert not gemv.applies(x, unaligned, **KW)
-    torch.testing.assert_close(gemv.linear(x, unaligned, **KW), F.linear(x, af.rounded.bfloat16()))
     mixed = gemv.linear_stacked(x, (a, plain), **KW)
     torch.testing.assert_close(mixed, torch.cat([F.linear(x, a.dequantize()), F.linear(x, plain)], -1))
     two_groups = gemv.linear_stacked(x, (a, b), **KW)
-    torch.testing.assert_close(two_groups, F.linear(x, torch.cat([af.rounded, bf.rounded]).bfloat16()))
+    torch.testing.assert_close(two_groups, F.linear(x, torch.cat([af, bf]).bfloat16()))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

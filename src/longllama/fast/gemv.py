@@ -16,10 +16,9 @@ launch). `linear_swiglu(x, gate, up)` computes silu(x gate^T) * (x up^T) in the 
 Weights are plain tensors in the activation dtype, or int8 weights quantized here (quantize.int8_rows: int8
 values with one fp32 scale per output row), read as int8 (half the bytes) and scaled after the sum, or int4 weights
 in this package's layout (quantize.int4_parts, int4.py), read in place (a quarter of bf16's bytes plus a scale and
-an offset per group): one row multiplies the codes and applies each group's scale and offset to the sums, several
-rows dequantize weight tiles in registers as int4.dequantize does (gemv_int4_kernels.py). All weights of one call
-are of one kind (int4: one group size); `dequantize_int4` is the one-pass dequantizing kernel for products of many
-rows (a prompt's reading: F.linear on the whole weight).
+an offset per group) and dequantized in registers, each weight as int4.dequantize computes it, before the product
+(gemv_int4_kernels.py). All weights of one call are of one kind (int4: one group size); `dequantize_int4` is the
+one-pass dequantizing kernel for products of many rows (a prompt's reading: F.linear on the whole weight).
 Accumulation is in fp32, as in cuBLAS; the order of the sums differs; results are rounded to the activation dtype
 where the unfused functions round. The loop over K is unrolled (K is a compile-time constant), which keeps every
 load of a program in flight at once (cold-weight products 5-15 % faster than the rolled loop, bench_gemv.py).
@@ -51,7 +50,6 @@ _ROWS_DEFAULTS = {"BLOCK_N": 16, "BLOCK_K": 64}
 _INT4_DEFAULTS = {"BLOCK_N": 8, "BLOCK_KB": 128}
 _INT4_ROWS_DEFAULTS = {"BLOCK_N": 16, "BLOCK_KB": 64}
 _DEQUANTIZE_DEFAULTS = {"BLOCK_N": 16, "BLOCK_KB": 128}
-ONE_BITS = 0x3F800000  # 1.0 in fp32
 MAX_INT4_GROUP = 128  # a kernel step covers whole groups: at least 64 bytes per step (gemv_int4_kernels.py)
 
 
@@ -95,7 +93,7 @@ def _operand(weight: torch.Tensor) -> tuple:
 def _readable(operand: tuple, x: torch.Tensor) -> bool:
     """Whether the kernels can read this operand (_operand) against x (..., K): on x's device, contiguous, K inputs,
     in x's dtype (int4: the scales and offsets) or int8 with fp32 scales; int4 groups a power of two up to
-    MAX_INT4_GROUP, codes starting on a 4-byte boundary."""
+    MAX_INT4_GROUP."""
     kind, w, *rest = operand
     k = x.shape[-1]
     if kind == "other" or type(w) not in _PLAIN or w.device != x.device or not w.is_contiguous():
@@ -109,7 +107,6 @@ def _readable(operand: tuple, x: torch.Tensor) -> bool:
     return (
         w.dtype == torch.uint8
         and 2 * w.shape[1] == k
-        and w.data_ptr() % 4 == 0  # the one-row kernels read the codes as 4-byte words
         and _int4_group_ok(group, k)
         and all(
             t.dtype == x.dtype and t.device == x.device and t.is_contiguous() and t.shape == (w.shape[0], k // group)
@@ -129,16 +126,13 @@ def _grid(n: int, rows: int):
     return lambda meta: (-(-n // meta["BLOCK_N"]), rows)
 
 
-def _kernel(rows: int, dtype: torch.dtype, swiglu: bool = False, int4: bool = False):
-    """The kernel for `rows` rows of `dtype` (of the int4 family with `int4`), its interpreter configuration and its
-    extra arguments (the one-row int4 kernels take 1.0's bits as a launch argument, gemv_int4_kernels.sixteenths
-    says why; the several-row ones round their weight tiles: ROUND)."""
+def _kernel(rows: int, swiglu: bool = False, int4: bool = False):
+    """The kernel for `rows` rows (of the int4 family with `int4`), its interpreter configuration and its extra
+    constants."""
     family = _int4_kernels() if int4 else _kernels()
     if rows <= PER_ROW:
-        return family[swiglu], (_INT4_DEFAULTS if int4 else _DEFAULTS), ({"one": ONE_BITS} if int4 else {})
+        return family[swiglu], (_INT4_DEFAULTS if int4 else _DEFAULTS), {}
     constants = {"BLOCK_M": max(16, kernels.pow2(rows)), "UPCAST": kernels.interpreting()}
-    if int4:
-        constants["ROUND"] = _round_bf16(dtype)
     return family[2 + swiglu], (_INT4_ROWS_DEFAULTS if int4 else _ROWS_DEFAULTS), constants
 
 
@@ -213,14 +207,14 @@ def _offsets(tensors) -> list[int]:
 _PARTS = {"int4": (1, 2, 3), "int8": (1, 2), "plain": (1, 1)}
 
 
-def _constants(operand: tuple) -> dict:
-    """The kernels' constants for weights of this operand's kind (int4: the group size)."""
+def _constants(operand: tuple, dtype: torch.dtype) -> dict:
+    """The kernels' constants for weights of this operand's kind (int4: the group size and ROUND)."""
     if operand[0] == "int4":
-        return {"G": operand[4]}
+        return {"G": operand[4], "ROUND": _round_bf16(dtype)}
     return {"SCALED": operand[0] == "int8"}
 
 
-def _stacked_args(operands: list) -> tuple[tuple, dict]:
+def _stacked_args(operands: list, dtype: torch.dtype) -> tuple[tuple, dict]:
     """The kernel's weight arguments for stacked operands (_operand): each part's tensor of the first weight,
     followed by the element offsets of the others' (_offsets; zeros for a plain weight's repeated part), and the
     constants of their kind."""
@@ -230,12 +224,12 @@ def _stacked_args(operands: list) -> tuple[tuple, dict]:
         tensors = [op[i] for op in operands]
         offsets = [0, 0] if kind == "plain" and n > 0 else _offsets(tensors)[:2]
         args += [tensors[0], *offsets]
-    return tuple(args), _constants(operands[0])
+    return tuple(args), _constants(operands[0], dtype)
 
 
 def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm, autotune: bool = False) -> torch.Tensor:
     operands = [_operand(w) for w in weights]
-    weight_args, constants = _stacked_args(operands)
+    weight_args, constants = _stacked_args(operands, x.dtype)
     sizes = [w.shape[0] for w in weights] + [0, 0]
     n = sum(w.shape[0] for w in weights)
     k = x.shape[-1]
@@ -243,7 +237,7 @@ def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm, auto
     rows = flat.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     r = y if residual is None else residual.reshape(rows, n).contiguous()
-    kernel, defaults, extra = _kernel(rows, x.dtype, int4=operands[0][0] == "int4")
+    kernel, defaults, extra = _kernel(rows, int4=operands[0][0] == "int4")
     kernels.launch(
         kernel,
         _grid(n, rows),
@@ -320,9 +314,9 @@ def linear_swiglu(
     g, u = _operand(gate), _operand(up)
     rows, n, k = flat.shape[0], gate.shape[0], flat.shape[1]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    kernel, defaults, extra = _kernel(rows, x.dtype, swiglu=True, int4=g[0] == "int4")
+    kernel, defaults, extra = _kernel(rows, swiglu=True, int4=g[0] == "int4")
     weight_args = tuple(t for i in _PARTS[g[0]] for t in (g[i], u[i]))  # each part: gate's, then up's
-    constants = _constants(g)
+    constants = _constants(g, x.dtype)
     kernels.launch(
         kernel,
         _grid(n, rows),

@@ -2,17 +2,10 @@
 them (imported only where they run: this module imports Triton).
 
 A program reads a tile of packed bytes (BLOCK_N weight rows x BLOCK_KB bytes, 2 BLOCK_KB columns) and the scales
-and offsets of the groups it covers, and splits the bytes into the low nibbles (even columns) and the high nibbles
-(odd columns), each multiplied with x's even or odd columns (x loaded whole and split in pairs), so the weights need
-no interleaving shuffle.
-
-The one-row kernels (decoding) multiply the codes, not the weights: a group adds scale * sum(q x) + offset * sum(x),
-with q * scale exact in fp32 and x's group sums shared by every row of the program, so a weight costs two integer
-operations and two fused multiply-adds (dequantizing and rounding each weight first took several more, and ran at
-about 800 GB/s of int4 bytes on an H100 where bf16's kernels stream 2,700-3,000). Their weights are q * scale +
-offset unrounded, a product's error only its fp32 sums'. The several-row kernels and the dequantizing pass make
-weight tiles as int4.dequantize does (q * scale + offset in fp32 rounded once to the activation dtype), for tl.dot
-and for the dense product.
+and offsets of the groups it covers, and makes two weight tiles in registers: the low nibbles (even columns) and
+the high nibbles (odd columns), each multiplied with x's even or odd columns (x loaded whole and split in pairs), so
+the weights need no interleaving shuffle.
+Each weight is q * scale + offset in fp32 rounded once to the activation dtype, as int4.dequantize computes it.
 """
 
 import triton
@@ -22,26 +15,12 @@ from longllama.fast import kernels, tables
 from longllama.fast.gemv_kernels import inv_rms, row_offsets, x_block, x_rows
 
 # BLOCK_KB bytes per step: at least half of the largest group (128), so that a step covers whole groups.
-# The one-row kernels' choices (BLOCK_N rows, BLOCK_KB bytes a step, warps): kept to those whose compiled code (sm_90)
-# takes the fewest instructions a weight without spilling registers, for the 3B and 7B shapes' products; more rows
-# a program share x's loads and its RMSNorm, fewer keep wide steps in registers.
 _CONFIGS = [
     triton.Config({"BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w)
-    for n, kb, w in (
-        (4, 256, 2),
-        (4, 512, 4),
-        (8, 128, 2),
-        (8, 256, 4),
-        (8, 256, 8),
-        (8, 512, 8),
-        (16, 128, 4),
-        (16, 128, 8),
-        (16, 256, 4),
-        (16, 256, 8),
-        (32, 128, 4),
-        (32, 128, 8),
-        (32, 256, 8),
-    )
+    for n in (1, 2, 4, 8, 16)
+    for kb in (128, 256, 512)
+    for w in (2, 4, 8)
+    if n * kb <= 4096
 ]
 _KEY = ["N", "K", "M", "NORM", "G"]
 _ROWS_KEY = ["N", "K", "M", "G"]  # the several-row kernels take rows normalised before them
@@ -102,68 +81,10 @@ def code_value(c):
 
 
 @triton.jit
-def sixteenths(word, p: tl.constexpr, one):
-    """1 + c / 16 in fp32 for the 4-bit code c at nibble p (bits 4p..4p + 3) of the int32 `word`: the code moved to
-    the top of the mantissa of `one` (1.0's bits). A shift and one three-input logical operation, where `one` comes
-    in a register (a launch argument: a literal would take a logical operation of its own); the integer-to-float
-    conversion instruction issues at a fraction of fp32 arithmetic's rate."""
-    if p <= 4:
-        bits = word << (19 - 4 * p)
-    else:
-        bits = word >> (4 * p - 19)
-    return ((bits & 0x780000) | one).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def word_parts(q_ptr, qrow, s_ptr, srow, o_ptr, orow, valid, w0, K, G: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Words [w0, w0 + BLOCK_W) of BLOCK_N rows (a word: 4 bytes, 8 codes, columns 8w..8w + 7) for the one-row
-    kernels: (words, 16 scale, offset), each (BLOCK_N, BLOCK_W), the scale and offset those of each word's group;
-    zero where ~valid or past K. qrow counts words, srow and orow elements."""
-    ws = w0 + tl.arange(0, BLOCK_W)
-    inside = valid[:, None] & (ws[None, :] < K // 8)
-    words = tl.load(q_ptr + qrow[:, None] + ws[None, :], mask=inside, other=0)
-    gs = ws // (G // 8)
-    s = tl.load(s_ptr + srow[:, None] + gs[None, :], mask=inside, other=0.0).to(tl.float32)
-    o = tl.load(o_ptr + orow[:, None] + gs[None, :], mask=inside, other=0.0).to(tl.float32)
-    return words, 16.0 * s, o
-
-
-@triton.jit
-def word_products(
-    words,
-    s16,
-    o,
-    words2,
-    s16_2,
-    o2,
-    x_ptr,
-    nw_ptr,
-    row,
-    w0,
-    inv,
-    one,
-    K: tl.constexpr,
-    NORM: tl.constexpr,
-    TWO: tl.constexpr,
-):
-    """For each word (BLOCK_N, BLOCK_W), the sum over its 8 columns of (code * scale + offset) * x, as 16 scale *
-    sum((1 + c / 16) x - x) + offset * sum(x): one fused multiply-add a weight, the sums of x shared by the rows.
-    With TWO, the same for a second weight's (words2, s16_2, o2) against the same x (the SwiGLU's gate and up);
-    else the second result is the first."""
-    ks = 8 * (w0 + tl.arange(0, words.shape[1]))
-    part = tl.zeros(words.shape, dtype=tl.float32)
-    part2 = tl.zeros(words.shape, dtype=tl.float32)
-    sums = tl.zeros((words.shape[1],), dtype=tl.float32)
-    for p in tl.static_range(8):
-        x = x_block(x_ptr, nw_ptr, row, ks + p, inv, K, NORM)
-        part += sixteenths(words, p, one) * x[None, :]
-        if TWO:
-            part2 += sixteenths(words2, p, one) * x[None, :]
-        sums += x
-    first = s16 * (part - sums[None, :]) + o * sums[None, :]
-    if TWO:
-        return first, s16_2 * (part2 - sums[None, :]) + o2 * sums[None, :]
-    return first, first
+def x_pairs(x_ptr, nw_ptr, row, kb0, inv, K: tl.constexpr, NORM: tl.constexpr, BLOCK_KB: tl.constexpr):
+    """x_block of columns [2 kb0, 2 kb0 + 2 BLOCK_KB) of row `row`, loaded whole, as (even columns, odd columns)."""
+    ks = 2 * kb0 + tl.arange(0, 2 * BLOCK_KB)
+    return tl.split(tl.reshape(x_block(x_ptr, nw_ptr, row, ks, inv, K, NORM), (BLOCK_KB, 2)))
 
 
 @triton.jit
@@ -197,25 +118,25 @@ def gemv_int4_kernel(
     K: tl.constexpr,
     G: tl.constexpr,
     NORM: tl.constexpr,
-    one,
     RESIDUAL: tl.constexpr,
+    ROUND: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_KB: tl.constexpr,
 ):
-    # gemv_kernel on int4 weights: stacked weights have their qdata (in words here), scales and offsets each
-    # off1/off2 elements after the first weight's.
+    # gemv_kernel on int4 weights: stacked weights have their qdata, scales and offsets each off1/off2 elements
+    # after the first weight's.
     pid = tl.program_id(0)
     row = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    words_ptr = q_ptr.to(tl.pointer_type(tl.int32))
-    qrow = row_offsets(cols, qoff1 // 4, qoff2 // 4, N0, N1, K // 8)
+    qrow = row_offsets(cols, qoff1, qoff2, N0, N1, K // 2)
     srow = row_offsets(cols, soff1, soff2, N0, N1, K // G)
     orow = row_offsets(cols, ooff1, ooff2, N0, N1, K // G)
     inv = inv_rms(x_ptr, row, eps, K, 2 * BLOCK_KB) if NORM else 1.0
-    acc = tl.zeros((BLOCK_N, BLOCK_KB // 4), dtype=tl.float32)
-    for w0 in tl.static_range(0, K // 8, BLOCK_KB // 4):  # unrolled: every load in flight at once
-        words, s16, o = word_parts(words_ptr, qrow, s_ptr, srow, o_ptr, orow, cols < N, w0, K, G, BLOCK_KB // 4)
-        acc += word_products(words, s16, o, words, s16, o, x_ptr, nw_ptr, row, w0, inv, one, K, NORM, False)[0]
+    acc = tl.zeros((BLOCK_N, BLOCK_KB), dtype=tl.float32)
+    for kb0 in tl.static_range(0, K // 2, BLOCK_KB):  # unrolled: every load in flight at once
+        lo, hi = int4_tile(q_ptr, qrow, s_ptr, srow, o_ptr, orow, cols < N, kb0, K, G, BLOCK_N, BLOCK_KB, ROUND)
+        even, odd = x_pairs(x_ptr, nw_ptr, row, kb0, inv, K, NORM, BLOCK_KB)
+        acc += lo.to(tl.float32) * even[None, :] + hi.to(tl.float32) * odd[None, :]
     y = tl.sum(acc, axis=1)
     if RESIDUAL:  # rounded as the unfused residual + linear(x): the product first, then the sum
         r = tl.load(r_ptr + row * N + cols, mask=cols < N, other=0.0).to(tl.float32)
@@ -239,27 +160,26 @@ def gemv_int4_swiglu_kernel(
     N,
     K: tl.constexpr,
     G: tl.constexpr,
-    one,
     NORM: tl.constexpr,
+    ROUND: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_KB: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    gw_ptr = gq_ptr.to(tl.pointer_type(tl.int32))
-    uw_ptr = uq_ptr.to(tl.pointer_type(tl.int32))
-    qrow = cols.to(tl.int64) * (K // 8)
+    qrow = cols.to(tl.int64) * (K // 2)
     srow = cols.to(tl.int64) * (K // G)
     inv = inv_rms(x_ptr, row, eps, K, 2 * BLOCK_KB) if NORM else 1.0
-    acc_g = tl.zeros((BLOCK_N, BLOCK_KB // 4), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N, BLOCK_KB // 4), dtype=tl.float32)
-    for w0 in tl.static_range(0, K // 8, BLOCK_KB // 4):  # unrolled: every load in flight at once
-        g_words, g_s16, g_o = word_parts(gw_ptr, qrow, gs_ptr, srow, go_ptr, srow, cols < N, w0, K, G, BLOCK_KB // 4)
-        u_words, u_s16, u_o = word_parts(uw_ptr, qrow, us_ptr, srow, uo_ptr, srow, cols < N, w0, K, G, BLOCK_KB // 4)
-        g, u = word_products(g_words, g_s16, g_o, u_words, u_s16, u_o, x_ptr, nw_ptr, row, w0, inv, one, K, NORM, True)
-        acc_g += g
-        acc_u += u
+    acc_g = tl.zeros((BLOCK_N, BLOCK_KB), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_KB), dtype=tl.float32)
+    for kb0 in tl.static_range(0, K // 2, BLOCK_KB):  # unrolled: every load in flight at once
+        even, odd = x_pairs(x_ptr, nw_ptr, row, kb0, inv, K, NORM, BLOCK_KB)
+        even, odd = even[None, :], odd[None, :]
+        g_lo, g_hi = int4_tile(gq_ptr, qrow, gs_ptr, srow, go_ptr, srow, cols < N, kb0, K, G, BLOCK_N, BLOCK_KB, ROUND)
+        u_lo, u_hi = int4_tile(uq_ptr, qrow, us_ptr, srow, uo_ptr, srow, cols < N, kb0, K, G, BLOCK_N, BLOCK_KB, ROUND)
+        acc_g += g_lo.to(tl.float32) * even + g_hi.to(tl.float32) * odd
+        acc_u += u_lo.to(tl.float32) * even + u_hi.to(tl.float32) * odd
     # Rounded to the activation dtype before the SwiGLU, as the unfused path rounds its two products.
     g = tl.sum(acc_g, axis=1).to(y_ptr.dtype.element_ty).to(tl.float32)
     u = tl.sum(acc_u, axis=1).to(y_ptr.dtype.element_ty).to(tl.float32)
