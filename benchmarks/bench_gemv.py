@@ -61,6 +61,16 @@ def case(name: str, shapes, k: int, ours, theirs, rows: int = 1, autotune: bool 
         print(f"{name:28s} {rows:4d} {path:7s} {us:8.1f} {gbytes / us * 1e6:7.0f} {err:9.2e}")
 
 
+def random_norm(hidden: int) -> tuple[torch.Tensor, float]:
+    """An RMSNorm (weight, eps) as the products' `norm` takes it."""
+    return torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5, 1e-6
+
+
+def after_norm(fn, norm):
+    """fn on rms_norm(x): the unfused baseline (cuBLAS after the norm's own kernel) of a product with `norm` inside."""
+    return lambda x, ws: fn(rms_norm(x, norm[0].to(x.dtype), norm[1]), ws)
+
+
 def int4_case(name: str, shapes, k: int, product, baseline) -> None:
     """One product of one row: bf16 weights (cuBLAS, the kernels) against int4 ones (rule, autotuned)."""
     from longllama import int4
@@ -113,11 +123,12 @@ def main_int4(args) -> None:
         int4_case(f"{shape} gate/up+SwiGLU {inter}x{hidden}", [(inter, hidden)] * 2, hidden, paired, swiglu)
         int4_case(f"{shape} down {hidden}x{inter}", [(hidden, inter)], inter, single, one)
         # As a decoding step runs q/k/v and gate/up: the RMSNorm in the same pass (each program normalises x)
-        norm = (torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5, 1e-6)
+        norm = random_norm(hidden)
         normed = lambda f: lambda x, ws, **kw: f(x, ws, norm=norm, **kw)  # noqa: E731
-        before = lambda f: lambda x, ws: f(rms_norm(x, norm[0].to(x.dtype), norm[1]), ws)  # noqa: E731
-        int4_case(f"{shape} q/k/v +RMSNorm", [(hidden, hidden)] * 3, hidden, normed(stacked), before(cat))
-        int4_case(f"{shape} gate/up+SwiGLU +RMSNorm", [(inter, hidden)] * 2, hidden, normed(paired), before(swiglu))
+        int4_case(f"{shape} q/k/v +RMSNorm", [(hidden, hidden)] * 3, hidden, normed(stacked), after_norm(cat, norm))
+        int4_case(
+            f"{shape} gate/up+SwiGLU +RMSNorm", [(inter, hidden)] * 2, hidden, normed(paired), after_norm(swiglu, norm)
+        )
 
 
 def main() -> None:
@@ -159,14 +170,13 @@ def main() -> None:
         )
         # As a decoding step runs them: the RMSNorm before the product (one row: in the same pass, each program
         # summing the squares of its row first; several rows: the norm's own kernel first), against cuBLAS after it.
-        norm = (torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5, 1e-6)
-        normed = lambda x, ws, f: f(rms_norm(x, norm[0].to(x.dtype), norm[1]), ws)  # noqa: E731
+        norm = random_norm(hidden)
         case(
             f"{shape} q/k/v +RMSNorm",
             [(hidden, hidden)] * 3,
             hidden,
             lambda x, ws, **t: gemv.linear_stacked(x, tuple(ws), norm=norm, **kw, **t),
-            lambda x, ws: normed(x, ws, cat),
+            after_norm(cat, norm),
             rows,
         )
         one_ours = lambda x, ws, **t: gemv.linear(x, ws[0], **kw, **t)  # noqa: E731
@@ -185,7 +195,7 @@ def main() -> None:
             [(inter, hidden)] * 2,
             hidden,
             lambda x, ws, **t: gemv.linear_swiglu(x, *ws, norm=norm, **kw, **t),
-            lambda x, ws: normed(x, ws, swiglu),
+            after_norm(swiglu, norm),
             rows,
         )
         case(f"{shape} down {hidden}x{inter}", [(hidden, inter)], inter, one_ours, one, rows, tune)

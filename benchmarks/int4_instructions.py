@@ -22,12 +22,14 @@ from triton.compiler import ASTSource
 from triton.tools.disasm import get_sass
 
 from longllama import int4
+from longllama.config import preset
 from longllama.fast import gemv_int4_kernels
 
 TARGET = GPUTarget("cuda", 90, 32)
-SHAPES = {"3b": (3200, 8640), "code-7b": (4096, 11008)}
-# Triton specialises pointers and integer arguments divisible by 16 (as the weights' sizes are): the same hints here.
-HINTED = ("_ptr", "off1", "off2", "N", "N0", "N1")
+# Triton specialises pointers and integer arguments divisible by 16 (as the weights' sizes are): the same hints here,
+# for the arguments named so or ending so.
+HINTED_NAMES = ("N", "N0", "N1")
+HINTED_ENDINGS = ("_ptr", "off1", "off2")
 
 
 def compiled(fn, constants: dict, num_warps: int):
@@ -40,8 +42,8 @@ def compiled(fn, constants: dict, num_warps: int):
             signature[name] = "*u8" if name.endswith("q_ptr") else "*bf16"
         else:
             signature[name] = "fp32" if name == "eps" else "i32"
-    hinted = [i for i, n in enumerate(fn.arg_names) if n not in constants and (n in HINTED or n.endswith(HINTED[:3]))]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in hinted}
+    hinted = [n for n in fn.arg_names if n not in constants and (n in HINTED_NAMES or n.endswith(HINTED_ENDINGS))]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted}
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps))
 
@@ -59,8 +61,10 @@ def opcodes(kernel) -> collections.Counter:
     return ops
 
 
-def products(hidden: int, inter: int) -> list[tuple[str, int, bool, bool]]:
-    """(name, K, SwiGLU, RMSNorm inside) of a decoding step's products, as the step calls them."""
+def products(shape: str) -> list[tuple[str, int, bool, bool]]:
+    """(name, K, SwiGLU, RMSNorm inside) of a decoding step's products for a preset shape, as the step calls them."""
+    config = preset(shape)
+    hidden, inter = config.hidden_size, config.intermediate_size
     return [
         (f"q/k/v {3 * hidden}x{hidden} +RMSNorm", hidden, False, True),
         (f"o {hidden}x{hidden}", hidden, False, False),
@@ -81,7 +85,7 @@ def main() -> None:
     head = f"{'product':32s} {'rows':>4s} {'bytes':>5s} {'warps':>5s} {'instr':>6s} {'weights':>7s} {'a weight':>8s}"
     print(head + " spills")
     for shape in args.shapes.split(","):
-        for name, k, swiglu, norm in products(*SHAPES[shape]):
+        for name, k, swiglu, norm in products(shape):
             fn = gemv_int4_kernels.gemv_int4_swiglu_kernel if swiglu else gemv_int4_kernels.gemv_int4_kernel
             for rows, block_kb, warps in configs:
                 constants = dict(K=k, G=int4.group_of(k), NORM=norm, BLOCK_N=rows, BLOCK_KB=block_kb)

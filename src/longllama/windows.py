@@ -223,7 +223,7 @@ def _compile_ahead(decoder, embeds, plan: ExecutionPlan, mask, positions, use_ca
     shapes: two groups of memory windows (the second reads the first's memory), the partial memory window and the
     final window, when the call has them. Kernels whose configuration depends on the memory's length may still
     compile later, in the real pass; a failure is left to the real call."""
-    if not plan.compile_ahead or torch.compiler.is_compiling() or torch.is_grad_enabled():
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
         return  # (traced graphs: their kernels compile when the graph is built)
     if plan.memory_shard is not None or not kernels.ahead_applies(plan, embeds.device):
         return
