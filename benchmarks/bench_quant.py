@@ -208,21 +208,37 @@ def section_3b(args, records: Records) -> None:
     )
     ids = ids.to(args.device)
     ref = []
-    for quantize, lm_head in (("none", False), ("int8", False), ("int4", False), ("int4", True)):
-        impl = f"longllama-{quantize}" + ("-lm_head" if lm_head else "")
+    names = args.variants_3b.split(",")
+    unknown = [name for name in names if name not in VARIANTS_3B]
+    if unknown:
+        raise SystemExit(f"unknown --variants-3b {', '.join(unknown)}: pick from {', '.join(VARIANTS_3B)}")
+    for name in names:
+        quantize, lm_head, mem_dtype = VARIANTS_3B[name]
+        impl = f"longllama-{name}"
         what = dict(benchmark="3b", impl=impl, shape=args.shape_3b, quantize=quantize)
         guarded(
             records,
             what,
-            lambda q=quantize, h=lm_head, i=impl: _one_3b(args, records, config, ids, ref, q, h, i),
+            lambda q=quantize, h=lm_head, m=mem_dtype, i=impl: _one_3b(args, records, config, ids, ref, q, h, m, i),
             args.device,
         )
     records.save()
 
 
-def _one_3b(args, records, config, ids, ref: list, quantize: str, lm_head: bool, impl: str) -> None:
+# The 3B section's variants: name -> (weights, lm_head quantized too, memory dtype or None for the model's).
+# The logits of each are compared with the first one's ("none" first: bf16).
+VARIANTS_3B = {
+    "none": ("none", False, None),
+    "int8": ("int8", False, None),
+    "int4": ("int4", False, None),
+    "int4-lm_head": ("int4", True, None),
+    "int4-int8mem": ("int4", False, "int8"),
+}
+
+
+def _one_3b(args, records, config, ids, ref: list, quantize: str, lm_head: bool, mem_dtype, impl: str) -> None:
     tokens, after, check = args.tokens, args.decode_after, args.check_tokens
-    model = variant(random_model(config, args.device), quantize, lm_head=lm_head)
+    model = variant(random_model(config, args.device), quantize, lm_head=lm_head, mem_dtype=mem_dtype)
     try:
         base = dict(impl=impl, shape=args.shape_3b, quantize=quantize, mem_dtype=model.config.mem_dtype)
         base["lm_head_quantized"] = lm_head
@@ -424,6 +440,8 @@ def main() -> None:
     ap.add_argument("--check-tokens", type=int, default=8192, help="3B logits comparison input")
     ap.add_argument("--keep", type=int, default=512, help="positions whose logits are compared")
     ap.add_argument("--decode-tokens", type=int, default=32)
+    names = ", ".join(VARIANTS_3B)
+    ap.add_argument("--variants-3b", default="none,int8,int4,int4-lm_head", help=f"3B variants, bf16 first: {names}")
     ap.add_argument("--long-tokens", type=int, default=262144, help="Code 7B input")
     ap.add_argument("--split-7b", action="store_true", help="also int4 with bf16 memory and bf16 with int8 memory")
     ap.add_argument("--passkey-tokens", type=int, default=131072)

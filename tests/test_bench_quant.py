@@ -14,12 +14,13 @@ pytest.importorskip("torchao")
 def test_tiny_run_writes_records(tmp_path, bf16_cpu_attention):  # the rehearsal runs bf16 attention
     out = tmp_path / "quant.json"
     result = run_benchmark(
-        "bench_quant.py", "--tiny", "--device", "cpu", "--sections", "7b,small", "--passkey-trials", "1",
-        "--ppl-docs", "1", "--out", str(out),
+        "bench_quant.py", "--tiny", "--device", "cpu", "--sections", "3b,7b,small", "--passkey-trials", "1",
+        "--ppl-docs", "1", "--variants-3b", "none,int4-int8mem", "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads(out.read_text())
     kinds = {(r["benchmark"], r.get("quantize"), r.get("mem_dtype")) for r in records}
+    assert {("decode", "none", "float32"), ("decode", "int4", "int8"), ("logits", "int4", "int8")} <= kinds
     assert {("long", "none", "bfloat16"), ("long", "int4", "int8")} <= kinds
     assert {("passkey", "none", "bfloat16"), ("passkey", "none", "int8"), ("perplexity", "int4", "int8")} <= kinds
     long = [r for r in records if r["benchmark"] == "long"]
