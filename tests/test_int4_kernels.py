@@ -1,7 +1,6 @@
 """The kernels that read int4 weights in place (fast/gemv_int4_kernels.py through fast/gemv.py), run by Triton's
 interpreter on the CPU: products (one row and several), stacked, with the residual, the RMSNorm or the SwiGLU fused,
-against fp32 maths on the weights the kernels multiply (q * scale + offset unrounded); and the dequantizing kernel
-against int4.dequantize."""
+against fp32 maths on int4.dequantize's weights; and the dequantizing kernel against int4.dequantize."""
 
 from __future__ import annotations
 
@@ -18,54 +17,30 @@ pytest.importorskip("torchao")
 from longllama import int4  # noqa: E402  (needs torchao)
 
 # Triton's interpreter converts fp32 to bf16 by truncation (a GPU rounds to nearest): a kernel's bf16 store is up to
-# one step (not half a step) from the fp32 value it computed.
+# one step (not half a step) from the fp32 value it computed. The dequantized weights are rounded to nearest there
+# too (the kernels' ROUND), so they equal int4.dequantize's.
 STORE_STEPS = 1
 KW = dict(cpu=True, max_rows=16)
-BIAS = {torch.bfloat16: 128.0, torch.float16: 1024.0}  # the kernels' code values are BIAS + code
 
 
-class _Weights:
-    """The fp32 weights the kernels multiply for an int4 weight (q * scale + offset unrounded: `exact`), per weight
-    the magnitude of the terms their sums add (`terms`: the kernels sum (BIAS + q) x over a group, times the scale,
-    plus (offset - BIAS scale) times the group's sum of x), and int4.dequantize's weights (`rounded`: F.linear's)."""
-
-    def __init__(self, weight: int4.Int4Weight):
-        q = int4.codes(weight.qdata).float()
-        n, k = q.shape
-        g = weight.group
-        bias = BIAS[weight.scale.dtype]
-        scale = weight.scale.float().repeat_interleave(g, 1)
-        offset = weight.offset.float().repeat_interleave(g, 1)
-        self.exact = q * scale + offset
-        self.terms = (2 * bias + 15) * scale.abs() + offset.abs()
-        self.rounded = int4.dequantize(weight.qdata, weight.scale, weight.offset, g).float()
-
-
-def _int4(n: int, k: int, group: int, seed: int, dtype=torch.bfloat16) -> tuple[int4.Int4Weight, _Weights]:
+def _int4(n: int, k: int, group: int, seed: int, dtype=torch.bfloat16) -> tuple[int4.Int4Weight, torch.Tensor]:
     """An int4 weight (n, k) of a random one whose groups differ in spread and centre (a scale or offset read from
-    the wrong group shows), and its values in fp32."""
+    the wrong group shows), and its dequantized value in fp32."""
     gen = torch.Generator().manual_seed(seed)
     spread = (torch.rand(n, k // group, generator=gen) * 1.5 + 0.1).repeat_interleave(group, 1)
     centre = (torch.randn(n, k // group, generator=gen) / 4).repeat_interleave(group, 1)
     weight = int4.Int4Weight.from_float((torch.randn(n, k, generator=gen) * spread + centre).to(dtype), group)
-    return weight, _Weights(weight)
+    return weight, int4.dequantize(weight.qdata, weight.scale, weight.offset, group).float()
 
 
-def _cat(parts: list[_Weights]) -> _Weights:
-    out = _Weights.__new__(_Weights)
-    for name in ("exact", "terms", "rounded"):
-        setattr(out, name, torch.cat([getattr(p, name) for p in parts]))
-    return out
-
-
-def _product(x: torch.Tensor, w: _Weights) -> tuple[torch.Tensor, torch.Tensor]:
-    """x w^T in fp32 and the bound the kernels' sums meet in any order: 2 K 2^-24 sum_k |x_k| terms_k (the fp32
-    roundings of at most 2 K sums and products of such terms)."""
+def _product(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x w^T in fp32 and the bound its sums meet in any order: K 2^-24 sum_k |x_k w_k| (the kernels add the same
+    exact products, in another order)."""
     x = x.float()
-    return F.linear(x, w.exact), 2 * x.shape[-1] * 2.0**-24 * F.linear(x.abs(), w.terms)
+    return F.linear(x, w), x.shape[-1] * 2.0**-24 * F.linear(x.abs(), w.abs())
 
 
-def _assert_product(got: torch.Tensor, x: torch.Tensor, w: _Weights, residual: torch.Tensor | None = None):
+def _assert_product(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None):
     """got = [residual +] x w^T: the fp32 product, rounded once at the store (STORE_STEPS); with the residual, the
     product is rounded before the sum too (one step of it), as the unfused residual + linear(x)."""
     want, atol = _product(x, w)
@@ -75,7 +50,7 @@ def _assert_product(got: torch.Tensor, x: torch.Tensor, w: _Weights, residual: t
     assert_within_steps(got, want, dtype=torch.bfloat16, steps=STORE_STEPS, atol=atol)
 
 
-def _assert_swiglu(got: torch.Tensor, x: torch.Tensor, gate: _Weights, up: _Weights):
+def _assert_swiglu(got: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     """got = silu(x gate^T) * (x up^T), whose two products and silu are rounded to bf16 before the last product
     (one step each; silu's slope is at most 1.1), then stored (STORE_STEPS)."""
     (g, g_atol), (u, u_atol) = _product(x, gate), _product(x, up)
@@ -94,22 +69,23 @@ def _assert_close_in_bf16(got: torch.Tensor, want: torch.Tensor):
 
 
 def _k(group: int) -> int:
-    """K for a group: three to ten groups."""
+    """K for a group: a whole number of groups that is no whole number of the kernels' 128-byte (one row) or 64-byte
+    (several rows, group 32 and 64) steps."""
     return 384 if group == 128 else 320
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 2, 5, 16])  # padded to the tensor cores' 16 rows; all 16
-def test_int4_products_equal_fp32_maths_on_the_weights(interpreter, rows, group):
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])  # a program per row; the several-row kernels (tl.dot, 16 rows)
+def test_int4_products_equal_fp32_maths_on_the_dequantized_weights(interpreter, rows, group):
     k = _k(group)
     torch.manual_seed(rows)
     x = torch.randn(rows, 1, k, dtype=torch.bfloat16)
-    # q's 44 rows end inside a 16-column block: that block reads q and k
+    # q's 44 rows end inside an 8-row block: that block reads q and k
     (q, qf), (kw, kf), (v, vf), (up, upf) = (_int4(n, k, group, seed) for seed, n in enumerate((44, 12, 12, 44)))
     assert gemv.applies(x, q, kw, v, **KW)
     stacked = gemv.linear_stacked(x, (q, kw, v), **KW)
     assert stacked.shape == (rows, 1, 68)
-    _assert_product(stacked, x, _cat([qf, kf, vf]))
+    _assert_product(stacked, x, torch.cat([qf, kf, vf]))
     _assert_product(gemv.linear(x, v, **KW), x, vf)
     residual = torch.randn(rows, 1, 44, dtype=torch.bfloat16)
     _assert_product(gemv.linear(x, q, residual=residual, **KW), x, qf, residual)
@@ -123,7 +99,6 @@ def test_int4_products_with_the_rmsnorm_inside(interpreter, rows):
     (q, qf), (k, kf), (up, upf) = (_int4(n, 320, 64, seed) for seed, n in enumerate((44, 12, 44)))
     norm = (torch.rand(320, dtype=torch.bfloat16) + 0.5, 1e-6)
     normed = ops.rms_norm(x, *norm).float()
-    qf, kf, upf = qf.exact, kf.exact, upf.exact
     _assert_close_in_bf16(gemv.linear(x, q, norm=norm, **KW), F.linear(normed, qf))
     _assert_close_in_bf16(gemv.linear_stacked(x, (q, k), norm=norm, **KW), F.linear(normed, torch.cat([qf, kf])))
     g, u = F.linear(normed, qf), F.linear(normed, upf)
@@ -143,7 +118,7 @@ def test_int4_products_in_fp16(interpreter, rows):
     (q, qf), (up, upf) = (_int4(n, 320, 32, seed, torch.float16) for seed, n in enumerate((24, 24)))
     want, atol = _product(x, qf)
     assert_within_steps(gemv.linear(x, q, **KW), want, dtype=torch.float16, steps=STORE_STEPS, atol=atol)
-    g, u = F.linear(x.float(), qf.exact), F.linear(x.float(), upf.exact)
+    g, u = F.linear(x.float(), qf), F.linear(x.float(), upf)
     magnitude = (u.abs() * (g.abs() + F.silu(g).abs())).max()
     got = gemv.linear_swiglu(x, q, up, **KW)
     assert_within_steps(got, F.silu(g) * u, dtype=torch.float16, steps=4, magnitude=magnitude)
@@ -161,18 +136,10 @@ def test_applies_takes_int4_weights_of_one_kind_and_group(interpreter):
     assert not gemv.applies(x, a, b, **KW)  # two group sizes
     assert not gemv.applies(x.half(), a, **KW)  # scales of another dtype than x
     assert not gemv.applies(x, a, **{**KW, "cpu": False})  # CPU tensors only when asked
-    shifted = torch.empty(a.qdata.numel() + 8, dtype=torch.uint8)[8:].view(a.qdata.shape)
-    shifted.copy_(a.qdata)  # codes off a 16-byte boundary: the kernels load 16-byte pieces
-    unaligned = int4.Int4Weight(shifted, a.scale, a.offset, a.group, a.shape)
-    assert not gemv.applies(x, unaligned, **KW)
-    torch.testing.assert_close(gemv.linear(x, unaligned, **KW), F.linear(x, af.rounded.bfloat16()))
-    small, small_f = _int4(16, 320, 16, 2)  # groups under 32: tl.dot's K is a group's bytes
-    assert not gemv.applies(x, small, **KW)
-    torch.testing.assert_close(gemv.linear(x, small, **KW), F.linear(x, small_f.rounded.bfloat16()))
     mixed = gemv.linear_stacked(x, (a, plain), **KW)
     torch.testing.assert_close(mixed, torch.cat([F.linear(x, a.dequantize()), F.linear(x, plain)], -1))
     two_groups = gemv.linear_stacked(x, (a, b), **KW)
-    torch.testing.assert_close(two_groups, F.linear(x, torch.cat([af.rounded, bf.rounded]).bfloat16()))
+    torch.testing.assert_close(two_groups, F.linear(x, torch.cat([af, bf]).bfloat16()))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -188,21 +155,18 @@ def test_dequantize_kernel_equals_dequantize(interpreter, group, dtype):
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_rule_configurations_fit_the_kernels(group):
-    """For any shape the rules see (decoding shapes of the 3B and 7B models, and small ones): the products' BLOCK_N a
-    power of two of at least 16 (tl.dot's least), the dequantizing pass's BLOCK_KB a power of two and a multiple of
-    half a group (a step covers whole groups)."""
+def test_rule_configurations_step_over_whole_groups(group):
+    """The kernels need BLOCK_KB a power of two and a multiple of half a group (a step covers whole groups), for any
+    shape the rules see (decoding shapes of the 3B and 7B models, and small ones)."""
     from longllama.fast import tables
 
+    rules = (tables.gemv_int4_rule, tables.gemv_int4_rows_rule)  # the SwiGLU kernel takes gemv_int4_rule
     for n, k in ((12, 128), (96, 384), (9600, 3200), (3200, 8640), (32000, 3200), (11008, 4096), (4096, 11008)):
         if k % group:
             continue
-        for rows in (1, 4, 16):
-            meta, warps, _ = tables.gemv_int4_rule(
-                dict(N=n, K=k, M=rows, NORM=rows == 1, G=group), {}, "torch.bfloat16"
-            )
-            block_n = meta["BLOCK_N"]
-            assert block_n >= 16 and block_n & (block_n - 1) == 0 and warps in (1, 2, 4, 8)
-        meta, _, _ = tables.dequantize_int4_rule(dict(N=n, K=k, G=group), {}, "torch.uint8")
-        kb = meta["BLOCK_KB"]
-        assert kb & (kb - 1) == 0 and kb % (group // 2) == 0 and meta["BLOCK_N"] & (meta["BLOCK_N"] - 1) == 0
+        key = dict(N=n, K=k, M=1, NORM=True, G=group)
+        for meta, _, _ in [rule(key, {}, "torch.bfloat16") for rule in rules] + [
+            tables.dequantize_int4_rule(dict(N=n, K=k, G=group), {}, "torch.uint8")
+        ]:
+            kb = meta["BLOCK_KB"]
+            assert kb & (kb - 1) == 0 and kb % (group // 2) == 0 and meta["BLOCK_N"] & (meta["BLOCK_N"] - 1) == 0

@@ -4,9 +4,9 @@ Layout of a weight W (N, K), group size G (G divides K, K even):
 - `qdata` uint8 (N, K // 2): byte b of row n holds column 2b in its low nibble and column 2b + 1 in its high one,
   each an unsigned 4-bit code q in 0..15;
 - `scale` and `offset` (N, K // G) in the weight's dtype: group g of row n covers columns [g G, (g + 1) G).
-A weight is `dequantize`d as bf16/fp16(q * scale + offset) computed in fp32, the weight of a prompt's products
-(F.linear on the dequantized weight). The decoding kernels (fast/gemv_int4_kernels.py) multiply by q * scale +
-offset unrounded, which differs from it by at most half a rounding step per weight.
+A weight is `dequantize`d as bf16/fp16(q * scale + offset) computed in fp32: that rounded value *is* the weight
+(the kernels compute the same value per element before they multiply, so a product differs from
+F.linear(x, dequantize(W)) only in the order of its fp32 sums).
 
 Quantization is asymmetric min/max per group: offset = the group's minimum, scale = (max - min) / 15, both rounded
 to the weight's dtype first and q = round((w - offset) / scale) clamped to 0..15 against the rounded ones.

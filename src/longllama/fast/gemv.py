@@ -16,10 +16,9 @@ launch). `linear_swiglu(x, gate, up)` computes silu(x gate^T) * (x up^T) in the 
 Weights are plain tensors in the activation dtype, or int8 weights quantized here (quantize.int8_rows: int8
 values with one fp32 scale per output row), read as int8 (half the bytes) and scaled after the sum, or int4 weights
 in this package's layout (quantize.int4_parts, int4.py), read in place (a quarter of bf16's bytes plus a scale and
-an offset per group) by tensor-core kernels for any number of rows up to ROWS_BLOCK, which multiply the codes and
-scale each group's sum (gemv_int4_kernels.py). All weights of one call are of one kind (int4: one group size);
-`dequantize_int4` is the one-pass dequantizing kernel for products of many rows (a prompt's reading: F.linear on
-the whole weight).
+an offset per group) and dequantized in registers, each weight as int4.dequantize computes it, before the product
+(gemv_int4_kernels.py). All weights of one call are of one kind (int4: one group size); `dequantize_int4` is the
+one-pass dequantizing kernel for products of many rows (a prompt's reading: F.linear on the whole weight).
 Accumulation is in fp32, as in cuBLAS; the order of the sums differs; results are rounded to the activation dtype
 where the unfused functions round. The loop over K is unrolled (K is a compile-time constant), which keeps every
 load of a program in flight at once (cold-weight products 5-15 % faster than the rolled loop, bench_gemv.py).
@@ -48,10 +47,10 @@ ROWS_BLOCK = 16
 # the interpreter's configurations (no autotuning there): the per-row kernels', the several-row kernels'
 _DEFAULTS = {"BLOCK_N": 8, "BLOCK_K": 256}
 _ROWS_DEFAULTS = {"BLOCK_N": 16, "BLOCK_K": 64}
-_INT4_DEFAULTS = {"BLOCK_N": 16}
+_INT4_DEFAULTS = {"BLOCK_N": 8, "BLOCK_KB": 128}
+_INT4_ROWS_DEFAULTS = {"BLOCK_N": 16, "BLOCK_KB": 64}
 _DEQUANTIZE_DEFAULTS = {"BLOCK_N": 16, "BLOCK_KB": 128}
-MAX_INT4_GROUP = 128  # the dequantizing kernel's step covers whole groups: at least 64 bytes per step
-MIN_INT4_GROUP = 32  # the products take a group a step into tl.dot, whose K is at least 16 (a group's bytes)
+MAX_INT4_GROUP = 128  # a kernel step covers whole groups: at least 64 bytes per step (gemv_int4_kernels.py)
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,7 +66,7 @@ def _int4_kernels():
     """The int4 kernels (gemv_int4_kernels.py), imported on first use."""
     from longllama.fast import gemv_int4_kernels as k
 
-    return k.gemv_int4, k.gemv_int4_swiglu, k.dequantize_int4
+    return k.gemv_int4, k.gemv_int4_swiglu, k.gemv_int4_rows, k.gemv_int4_rows_swiglu, k.dequantize_int4
 
 
 def kernel_objects() -> tuple:
@@ -93,8 +92,8 @@ def _operand(weight: torch.Tensor) -> tuple:
 
 def _readable(operand: tuple, x: torch.Tensor) -> bool:
     """Whether the kernels can read this operand (_operand) against x (..., K): on x's device, contiguous, K inputs,
-    in x's dtype (int4: the scales and offsets) or int8 with fp32 scales; int4 groups a power of two from
-    MIN_INT4_GROUP to MAX_INT4_GROUP, codes 16-byte aligned."""
+    in x's dtype (int4: the scales and offsets) or int8 with fp32 scales; int4 groups a power of two up to
+    MAX_INT4_GROUP."""
     kind, w, *rest = operand
     k = x.shape[-1]
     if kind == "other" or type(w) not in _PLAIN or w.device != x.device or not w.is_contiguous():
@@ -109,9 +108,6 @@ def _readable(operand: tuple, x: torch.Tensor) -> bool:
         w.dtype == torch.uint8
         and 2 * w.shape[1] == k
         and _int4_group_ok(group, k)
-        and group >= MIN_INT4_GROUP
-        and k % 32 == 0
-        and w.data_ptr() % 16 == 0  # every row whole 16-byte pieces (the kernels load codes so)
         and all(
             t.dtype == x.dtype and t.device == x.device and t.is_contiguous() and t.shape == (w.shape[0], k // group)
             for t in (scale, offset)
@@ -123,31 +119,26 @@ def _int4_group_ok(group: int, k: int) -> bool:
     return 2 <= group <= MAX_INT4_GROUP and group & (group - 1) == 0 and k % group == 0
 
 
-def _grid(n: int, rows: int, int4: bool = False):
-    """Launch grid: blocks of BLOCK_N output columns, one row of x each (the several-row kernels and the int4 ones:
-    every row)."""
-    if rows > PER_ROW or int4:
+def _grid(n: int, rows: int):
+    """Launch grid: blocks of BLOCK_N output columns, one row of x each (the several-row kernels: every row)."""
+    if rows > PER_ROW:
         return lambda meta: (-(-n // meta["BLOCK_N"]),)
     return lambda meta: (-(-n // meta["BLOCK_N"]), rows)
 
 
-def _kernel(rows: int, dtype: torch.dtype, swiglu: bool = False, int4: bool = False):
-    """The kernel for `rows` rows of x in `dtype` (of the int4 family with `int4`: one kernel for every row count),
-    its interpreter configuration and its extra constants."""
-    dot = {"BLOCK_M": max(16, kernels.pow2(rows)), "UPCAST": kernels.interpreting()}
-    if int4:
-        bias = 128.0 if dtype == torch.bfloat16 else 1024.0  # gemv_int4_kernels.BF16_BIAS, FP16_BIAS
-        extra = {**dot, "BIAS": bias, "ASM": not kernels.interpreting(), "ONE": rows == 1}
-        return _int4_kernels()[swiglu], _INT4_DEFAULTS, extra
-    family = _kernels()
+def _kernel(rows: int, swiglu: bool = False, int4: bool = False):
+    """The kernel for `rows` rows (of the int4 family with `int4`), its interpreter configuration and its extra
+    constants."""
+    family = _int4_kernels() if int4 else _kernels()
     if rows <= PER_ROW:
-        return family[swiglu], _DEFAULTS, {}
-    return family[2 + swiglu], _ROWS_DEFAULTS, dot
+        return family[swiglu], (_INT4_DEFAULTS if int4 else _DEFAULTS), {}
+    constants = {"BLOCK_M": max(16, kernels.pow2(rows)), "UPCAST": kernels.interpreting()}
+    return family[2 + swiglu], (_INT4_ROWS_DEFAULTS if int4 else _ROWS_DEFAULTS), constants
 
 
 def _round_bf16(dtype: torch.dtype) -> bool:
-    """The dequantizing kernel's ROUND: Triton's interpreter truncates fp32 to bf16 where a GPU rounds to nearest, so
-    the dequantized weights are rounded by integer operations there (gemv_int4_kernels.rounded)."""
+    """The int4 kernels' ROUND: Triton's interpreter truncates fp32 to bf16 where a GPU rounds to nearest, so the
+    dequantized weights are rounded by integer operations there (gemv_int4_kernels.rounded)."""
     return kernels.interpreting() and dtype == torch.bfloat16
 
 
@@ -170,7 +161,7 @@ def _normed(x: torch.Tensor, norm) -> torch.Tensor:
     return x if norm is None else rms_norm(x, norm[0], norm[1])
 
 
-def _prepared(x: torch.Tensor, norm, int4: bool = False) -> tuple[torch.Tensor, tuple, dict]:
+def _prepared(x: torch.Tensor, norm) -> tuple[torch.Tensor, tuple, dict]:
     """x as (rows, K) contiguous, the kernel's leading arguments and its NORM constant. One row: the kernel
     normalises it (x, the norm's weight and eps). Several rows are normalised first (rms_norm_rows), because every
     program of a several-row product would otherwise read all of x before its weights: at 8 rows on an H100 the gate/up
@@ -178,8 +169,7 @@ def _prepared(x: torch.Tensor, norm, int4: bool = False) -> tuple[torch.Tensor, 
     step")."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     if flat.shape[0] > PER_ROW:
-        flat = flat if norm is None else rms_norm_rows(flat, *norm)
-        return (flat, (flat, 0.0), {"NORM": False}) if int4 else (flat, (), {})  # the int4 kernels take NORM
+        return (flat if norm is None else rms_norm_rows(flat, *norm)), (), {}
     if norm is None:
         return flat, (flat, 0.0), {"NORM": False}
     return flat, (norm[0], float(norm[1])), {"NORM": True}
@@ -220,7 +210,7 @@ _PARTS = {"int4": (1, 2, 3), "int8": (1, 2), "plain": (1, 1)}
 def _constants(operand: tuple, dtype: torch.dtype) -> dict:
     """The kernels' constants for weights of this operand's kind (int4: the group size and ROUND)."""
     if operand[0] == "int4":
-        return {"G": operand[4]}
+        return {"G": operand[4], "ROUND": _round_bf16(dtype)}
     return {"SCALED": operand[0] == "int8"}
 
 
@@ -243,15 +233,14 @@ def _stacked(x: torch.Tensor, weights, residual: torch.Tensor | None, norm, auto
     sizes = [w.shape[0] for w in weights] + [0, 0]
     n = sum(w.shape[0] for w in weights)
     k = x.shape[-1]
-    int4 = operands[0][0] == "int4"
-    flat, lead, norm_constant = _prepared(x, norm, int4)
+    flat, lead, norm_constant = _prepared(x, norm)
     rows = flat.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     r = y if residual is None else residual.reshape(rows, n).contiguous()
-    kernel, defaults, extra = _kernel(rows, x.dtype, int4=int4)
+    kernel, defaults, extra = _kernel(rows, int4=operands[0][0] == "int4")
     kernels.launch(
         kernel,
-        _grid(n, rows, int4),
+        _grid(n, rows),
         (flat, *lead, *weight_args, r, y, rows, n, *sizes[:2], k),
         defaults,
         autotune=autotune,
@@ -321,16 +310,16 @@ def linear_swiglu(
     if not applies(x, gate, up, norm=norm, max_rows=max_rows, cpu=cpu):
         x = _normed(x, norm)
         return F.silu(F.linear(x, gate)) * F.linear(x, up)
+    flat, lead, norm_constant = _prepared(x, norm)
     g, u = _operand(gate), _operand(up)
-    flat, lead, norm_constant = _prepared(x, norm, g[0] == "int4")
     rows, n, k = flat.shape[0], gate.shape[0], flat.shape[1]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    kernel, defaults, extra = _kernel(rows, x.dtype, swiglu=True, int4=g[0] == "int4")
+    kernel, defaults, extra = _kernel(rows, swiglu=True, int4=g[0] == "int4")
     weight_args = tuple(t for i in _PARTS[g[0]] for t in (g[i], u[i]))  # each part: gate's, then up's
     constants = _constants(g, x.dtype)
     kernels.launch(
         kernel,
-        _grid(n, rows, g[0] == "int4"),
+        _grid(n, rows),
         (flat, *lead, *weight_args, y, rows, n, k),
         defaults,
         autotune=autotune,
@@ -353,7 +342,7 @@ def dequantize_int4(qdata: torch.Tensor, scale: torch.Tensor, offset: torch.Tens
     out = torch.empty(n, k, dtype=scale.dtype, device=qdata.device)
     grid = lambda meta: (-(-n // meta["BLOCK_N"]), -(-(k // 2) // meta["BLOCK_KB"]))
     kernels.launch(
-        _int4_kernels()[2],
+        _int4_kernels()[4],
         grid,
         (qdata.contiguous(), scale.contiguous(), offset.contiguous(), out, n, k),
         _DEQUANTIZE_DEFAULTS,

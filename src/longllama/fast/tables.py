@@ -150,11 +150,25 @@ def gemv_rows_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, i
 
 
 def gemv_int4_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
-    """(meta, num_warps, num_stages) of the int4 products for key {N, K, M, NORM, G} (gemv_int4_kernels.py)."""
+    """(meta, num_warps, num_stages) of the int4 matrix-vector kernels for key {N, K, M, NORM, G}, as Triton's
+    autotuner chose over the kernels' 42 configurations on an H100 for the 3B shape's products (benchmarks/
+    RESULTS.md, "Quantized weights"): one output row per program (the SwiGLU kernel too), 128-byte steps (256
+    columns) on 2 warps for the wide outputs (q/k/v, gate/up), 256-byte steps on 4 warps for the 3200-row ones;
+    never under half a group (a step covers whole groups) nor over K's bytes."""
     same = _same_shape(shipped, dtype, tuple(key[k] for k in ("N", "K", "M", "NORM", "G")))
     if same is not None:
         return same
-    return {"BLOCK_N": 32}, 2, 1
+    n, k, g = int(key["N"]), int(key["K"]), int(key["G"])
+    block_kb = 256 if n <= 4096 else 128
+    block_kb = max(g // 2, 16, min(block_kb, 1 << max(k // 2 - 1, 1).bit_length()))
+    return {"BLOCK_N": 1, "BLOCK_KB": block_kb}, 4 if block_kb >= 256 else 2, None
+
+
+def gemv_int4_rows_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
+    """(meta, num_warps, num_stages) of the several-row int4 kernels: 16 output rows per program, 32 on wide outputs;
+    128 columns (64 bytes) per step over 4 stages."""
+    block_n = 32 if int(key["N"]) >= 16384 else 16
+    return {"BLOCK_N": block_n, "BLOCK_KB": 64}, 4, 4
 
 
 def dequantize_int4_rule(key: dict, shipped: dict, dtype: str | None) -> tuple[dict, int, int | None]:
