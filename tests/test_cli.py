@@ -306,3 +306,15 @@ def test_console_script_exit_status(checkpoint: Path, tmp_path: Path) -> None:
     assert result.stdout.strip()
     # Only the progress bar on stderr: no transformers notices or warnings.
     assert all(line.startswith("reading prompt") for line in result.stderr.replace("\r", "\n").split("\n") if line)
+
+
+def test_verbose_notes_a_python_that_writes_no_bytecode():
+    """--verbose names the cost and the fix where every process compiles the libraries' sources (python -B sets the
+    same flag as PYTHONDONTWRITEBYTECODE); a Python that writes bytecode gets no note."""
+    code = "from longllama.cli import bytecode_note; print(bytecode_note())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    without = subprocess.run([sys.executable, "-B", "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "writes no bytecode" in without.stdout and "compileall" in without.stdout
+    assert "\n" not in without.stdout.strip()
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert plain.stdout.strip() == "None"

@@ -448,6 +448,23 @@ def _print_timings(verbose: bool) -> None:
     if verbose:
         print(f"{PROG}: timings (seconds since the process started; kind; seconds; what)", file=sys.stderr)
         print(timings.report(), file=sys.stderr)
+        note = bytecode_note()
+        if note:
+            print(f"{PROG}: note: {note}", file=sys.stderr)
+
+
+def bytecode_note() -> str | None:
+    """A line for --verbose where this Python writes no bytecode: every process then compiles the libraries' sources
+    again (about 2 s of a command's start on a GPU machine: docs/cold-start.md), and how to stop it; else None."""
+    if not sys.flags.dont_write_bytecode:
+        return None
+    import sysconfig
+
+    return (
+        "this Python writes no bytecode (PYTHONDONTWRITEBYTECODE or -B), so every process compiles torch's and "
+        "transformers' sources again: unset it, or compile them once with "
+        f"`python -m compileall -q {sysconfig.get_paths()['purelib']}`"
+    )
 
 
 def _merge_adapter(model, adapter: Path):
