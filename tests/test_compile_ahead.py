@@ -161,3 +161,16 @@ def test_no_dry_pass_where_no_kernel_runs(monkeypatch):
         model(ids, use_cache=False)
         model.generate(ids, decoder="static", max_new_tokens=3)
     assert passes == []
+
+
+def test_a_dry_pass_runs_no_attention_kernel():
+    """Inside a dry pass partial_attention returns zeros of the real call's shapes and dtypes without running a
+    kernel (on a GPU, cuDNN would build a graph for each shape of the throwaway cache)."""
+    from longllama.fast.attention import partial_attention
+
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    out, lse = partial_attention(q, k, v, causal=False, scale=0.3)
+    with kernels.compile_ahead(threads=1):
+        dry_out, dry_lse = partial_attention(q, k, v, causal=False, scale=0.3)
+    assert (dry_out.shape, dry_out.dtype, dry_lse.shape, dry_lse.dtype) == (out.shape, out.dtype, lse.shape, lse.dtype)
+    assert not dry_out.any() and not dry_lse.any() and out.abs().sum() > 0

@@ -33,7 +33,7 @@ from longllama.attention import (
     pad_to,
     unfold_rows,
 )
-from longllama.fast import flash4
+from longllama.fast import flash4, kernels
 from longllama.ops import heads, merge_heads, merge_partials
 from longllama.plan import ExecutionPlan
 
@@ -211,6 +211,10 @@ def partial_attention(
     q, k, v have the same number of heads and a head dimension that is a multiple of 8; `kernel` the CUDA kernel
     (resolve_kernel)."""
     n = q.shape[2]
+    if kernels.compiling_ahead():
+        # A dry pass reads no attention output. cuDNN would build a graph for each of its shapes (~50 ms each on an
+        # H100), keyed also by the throwaway cache's strides, so the real pass could not reuse them.
+        return q.new_zeros(*q.shape[:3], v.shape[-1]), q.new_zeros(q.shape[:3], dtype=torch.float32)
     if q.is_cuda:
         out, lse = _cuda_partial(q, k, v, causal, scale, kernel)
         return out, lse.reshape(q.shape[0], q.shape[1], -1)[..., :n].float()
