@@ -33,6 +33,9 @@ def ranking_function(name: str):
     library = retrieval.select_blocks
     base, recent = (name.split("+recent") + ["0"])[:2]
     recent = int(recent)
+    votes = base.startswith("vote") and (base[4:] == "" or base[4:].isdigit())
+    if base not in ("max", "softmass", "mean", "recent") and not votes:
+        raise SystemExit(f"unknown ranking {base!r}: use max, softmass, mean, vote[N] or recent")
 
     def select(qg, kmax, kmin, any_valid, blocks, real, bounds=None, super_size=0, supers=None):
         b, hkv, groups, rows, d = qg.shape
@@ -43,7 +46,7 @@ def ranking_function(name: str):
         kmax_t, kmin_t = kmax.transpose(-1, -2)[:, :, None], kmin.transpose(-1, -2)[:, :, None]
         hidden = ~any_valid[:, None, None, :]
         filled = int(any_valid.sum(-1).max())  # blocks holding keys come first, in memory order
-        step = max(1, (1 << 24) // max(1, b * hkv * rows * n_blocks))
+        step = max(1, retrieval._BOUND_ELEMENTS // max(1, b * hkv * rows * n_blocks))  # chunks as the library's
         chosen = []
         for g0 in range(0, groups, step):
             q = qg[:, :, g0 : g0 + step].float()
@@ -62,11 +65,9 @@ def ranking_function(name: str):
                 score = torch.zeros(largest.shape)
                 score.scatter_add_(-1, top.flatten(-2), is_real.float().expand(top.shape).flatten(-2))
                 score = score + 1e-3 * torch.sigmoid(largest / 100)  # ties: the larger bound
-            elif base == "recent":
+            else:  # recent
                 score = torch.zeros(largest.shape)
                 score[..., max(0, filled - keep) : filled] = 1.0
-            else:
-                raise SystemExit(f"unknown ranking {base!r}: use max, softmass, mean, vote[N] or recent")
             if recent:
                 score[..., max(0, filled - recent) : filled] = float("inf")
             score = score.masked_fill(hidden, float("-inf"))
