@@ -16,7 +16,9 @@ measurements so the command ends in time, and whatever was not started is record
              ingest: the static decoder on a GPU); then blocks read by retrieval.attend's gather instead of the
              block kernel (plan block_kernel=False), the baseline of that kernel.
              With --offload also blocks with the memory in pinned CPU memory (summaries on the GPU).
---super-size S adds the two-level choice (superblocks of S blocks, mode "blocks2") after blocks in passkey and 3b.
+--super-size S adds the two-level choice (superblocks of S blocks, mode "blocks2") after blocks in passkey and 3b;
+--recent-blocks R adds blocks with the R most recent always read (mode "blocks-recent", mem_recent_blocks) the same way.
+--modes keeps only the named modes of passkey and 3b (e.g. blocks-recent,no-memory).
 
 Records follow benchmarks/results/*.json (benchmark, impl, model or shape, tokens, length, trials, accuracy,
 seconds / ms_per_token, device, date, plan), each with "mem_retrieval" ("dense" or "blocks"), "mem_blocks" and
@@ -74,6 +76,9 @@ def modes(args) -> dict[str, dict]:
     return {
         "blocks": dict(mem_retrieval="blocks", mem_blocks=args.blocks, mem_top_k=None),
         "blocks2": dict(mem_retrieval="blocks", mem_blocks=args.blocks, mem_super_size=args.super_size, mem_top_k=None),
+        "blocks-recent": dict(
+            mem_retrieval="blocks", mem_blocks=args.blocks, mem_recent_blocks=args.recent_blocks, mem_top_k=None
+        ),
         "dense": dict(mem_retrieval="dense", mem_top_k=None),
         "knn": dict(mem_retrieval="dense", mem_top_k=128),
         "no-memory": dict(mem_retrieval="dense", mem_top_k=None, mem_layers=[]),
@@ -93,6 +98,7 @@ def mode_fields(model) -> dict:
         mem_blocks=config.mem_blocks if config.mem_retrieval == "blocks" else None,
         mem_block_size=config.mem_block_size if config.mem_retrieval == "blocks" else None,
         mem_super_size=config.mem_super_size if config.mem_retrieval == "blocks" else None,
+        mem_recent_blocks=config.mem_recent_blocks if config.mem_retrieval == "blocks" else None,
         mem_top_k=config.mem_top_k,
         mem_layers=list(config.mem_layers),
         plan=model.plan.to_dict(),
@@ -182,8 +188,11 @@ def section_passkey(args, records: Records, clock: Clock) -> None:
 
     tokenizer = load_tokenizer(SHIPPED)
     plan = [("blocks", args.trials), ("no-memory", 1), ("dense", args.slow_trials), ("knn", args.slow_trials)]
+    if args.recent_blocks:  # right after the blocks ranked by their bound alone
+        plan.insert(1, ("blocks-recent", args.trials))
     if args.super_size:  # the two-level choice right after the one-level one
         plan.insert(1, ("blocks2", args.trials))
+    plan = [(mode, trials) for mode, trials in plan if args.modes is None or mode in args.modes]
     per_token: dict[str, float] = {}  # seconds per prompt token of each mode's trials so far
     for length in sorted(args.lengths):
         n_garbage = passkey.n_garbage_for_tokens(tokenizer, length, seed=args.seed)
@@ -232,7 +241,9 @@ def section_3b(args, records: Records, clock: Clock) -> None:
     # (mode, memory in CPU memory, blocks read by the block kernel: False is retrieval.attend's gather)
     variants = [("blocks", False, True), ("dense", False, True), ("blocks", False, False)]
     variants += [("blocks", True, True)] if args.offload else []
+    variants[1:1] = [("blocks-recent", False, True)] if args.recent_blocks else []
     variants[1:1] = [("blocks2", False, True)] if args.super_size else []
+    variants = [v for v in variants if args.modes is None or v[0] in args.modes]
     n = args.ingest_tokens
     for mode, offload, block_kernel in variants:
         impl = "longllama" + ("-offload" if offload else "") + ("" if block_kernel else "-gather")
@@ -258,7 +269,7 @@ def section_3b(args, records: Records, clock: Clock) -> None:
             memory_gib = (
                 sum(layer.memory.nbytes() for layer in out.past_key_values.layers if layer.memory is not None) / 2**30
             )
-            fields = dict(shape=config_name(args), impl=impl, tokens=n, **mode_fields(model))
+            fields = dict(shape=config_name(args), impl=impl, mem_mode=mode, tokens=n, **mode_fields(model))
             records.add(
                 benchmark="ingest",
                 seconds=seconds,
@@ -307,6 +318,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1 << 20, 1 << 22])
     ap.add_argument("--blocks", type=int, default=64)
     ap.add_argument("--super-size", type=int, default=0, help="also the two-level choice with superblocks of this size")
+    ap.add_argument("--modes", type=lambda s: s.split(","), default=None, help="only these modes (comma-separated)")
+    ap.add_argument("--recent-blocks", type=int, default=0, help="also blocks with this many recent blocks kept")
     ap.add_argument("--trials", type=int, default=4, help="pass-key trials with blocks")
     ap.add_argument("--slow-trials", type=int, default=1, help="pass-key trials with dense and kNN memory")
     ap.add_argument("--seed", type=int, default=100, help="first pass-key seed (new seeds: earlier runs used 0-19)")
@@ -319,6 +332,9 @@ def main() -> None:
     ap.add_argument("--offload", action="store_true", help="3b: also blocks with the memory in pinned CPU memory")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    unknown = set(args.modes or ()) - set(modes(args))
+    if unknown:
+        ap.error(f"--modes {','.join(sorted(unknown))}: use some of {', '.join(modes(args))}")
     if args.tiny:
         args.lengths = [1500, 3000]
         args.trials, args.slow_trials, args.summary_trials = 2, 1, 1

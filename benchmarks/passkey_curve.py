@@ -1,5 +1,6 @@
 """The shipped model's pass-key curve: accuracy and seconds per trial against prompt length, one line per memory
-mode (dense, kNN, block retrieval one- and two-level, no memory), from the recorded pass-key results.
+mode (dense, kNN, block retrieval one- and two-level and with recent blocks kept, no memory), from the recorded
+pass-key results.
 
 Reads `benchmarks/results` records of two kinds: the benchmarks' (`"benchmark": "passkey"` records, as
 bench_retrieval.py and the small model's runs write them) and `longllama passkey --out` files (settings, summary,
@@ -31,14 +32,21 @@ SOURCES = (
     "cpu-2026-12-05-passkey-128k-two-level",
     "cpu-2026-12-05-passkey-4m-two-level",
     "h100-2026-12-06-kv-recompute/passkey-1m.json",
+    "cpu-2026-12-07-recent-blocks/passkey-128k-r16-b64.json",
+    "h100-2026-12-07-recent-blocks/passkey-1m-b64-r16.json",
+    "h100-2026-12-07-recent-blocks/passkey-1m-b256-r32.json",  # its no-memory control (256 blocks: left out)
+    "h100-2026-12-07-recent-blocks/passkey-4m-b64-r16.json",
+    "h100-2026-12-07-recent-blocks/passkey-10m-b64-r16.json",
 )
-MODES = ("dense", "knn", "blocks", "blocks2", "no-memory")
+MODES = ("dense", "knn", "blocks", "blocks2", "blocks-recent", "no-memory")
 DEFAULT_BLOCKS = 64  # mem_blocks of the curve's block retrieval (other settings are left out)
+CURVE_RECENT = 16  # mem_recent_blocks of its "blocks-recent" line (0 for the other block lines)
 LABELS = {
     "dense": "dense memory",
     "knn": "kNN memory (top 128)",
     "blocks": "block retrieval",
     "blocks2": "block retrieval, two-level",
+    "blocks-recent": f"block retrieval, {CURVE_RECENT} recent blocks kept",
     "no-memory": "no memory layers (control)",
 }
 
@@ -63,8 +71,11 @@ def _mode_of_settings(settings: dict) -> str | None:
     if settings.get("mem_top_k") is not None:
         return "knn"
     if plan.get("mem_retrieval") == "blocks":
-        if plan.get("mem_blocks") != DEFAULT_BLOCKS:
+        recent = plan.get("mem_recent_blocks", 0)
+        if plan.get("mem_blocks") != DEFAULT_BLOCKS or recent not in (0, CURVE_RECENT):
             return None
+        if recent:
+            return None if plan.get("mem_super_size") else "blocks-recent"
         return "blocks2" if plan.get("mem_super_size") else "blocks"
     return "dense"
 
@@ -93,6 +104,10 @@ def points_of(path: Path) -> list[dict]:
             continue
         mode = _mode_of_record(r)
         if mode is None or (mode.startswith("blocks") and r.get("mem_blocks", DEFAULT_BLOCKS) != DEFAULT_BLOCKS):
+            continue
+        if mode.startswith("blocks") and (r.get("mem_recent_blocks") or 0) != (
+            CURVE_RECENT if mode == "blocks-recent" else 0
+        ):
             continue
         seconds = r.get("seconds_per_trial")
         points.append(

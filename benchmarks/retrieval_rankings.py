@@ -8,7 +8,8 @@ Rankings (--ranking):
   mean       the mean bound over the group's queries
   vote[N]    each query's N best blocks by its own bound (N: the budget if omitted) count one vote each; ties by max
   recent     only the most recent blocks (a sliding window over the memory)
-+recentR (suffix) the R most recent blocks are always kept, the ranking fills the rest of the budget.
++recentR (suffix) the R most recent blocks are always kept, the ranking fills the rest of the budget;
++firstF  (suffix) the F first blocks of the memory are always kept (as attention sinks are), the same way.
 
     python benchmarks/retrieval_rankings.py vote+recent16 --data heldout.jsonl --contexts 64k --out vote.json
 
@@ -31,17 +32,25 @@ from longllama import cli
 def ranking_function(name: str):
     """A replacement for retrieval.select_blocks that ranks by `name` (the module docstring's rankings)."""
     library = retrieval.select_blocks
-    base, recent = (name.split("+recent") + ["0"])[:2]
-    recent = int(recent)
+    base, *suffixes = name.split("+")
+    kept = {"recent": 0, "first": 0}
+    for suffix in suffixes:
+        kind = suffix.rstrip("0123456789")
+        if kind not in kept or kind == suffix:
+            raise SystemExit(f"unknown suffix {suffix!r}: use +recentR or +firstF")
+        kept[kind] = int(suffix[len(kind) :])
+    recent, first = kept["recent"], kept["first"]
     votes = base.startswith("vote") and (base[4:] == "" or base[4:].isdigit())
     if base not in ("max", "softmass", "mean", "recent") and not votes:
         raise SystemExit(f"unknown ranking {base!r}: use max, softmass, mean, vote[N] or recent")
 
-    def select(qg, kmax, kmin, any_valid, blocks, real, bounds=None, super_size=0, supers=None):
+    def select(qg, kmax, kmin, any_valid, blocks, real, bounds=None, super_size=0, supers=None, recent_kept=0):
+        if recent_kept:
+            raise SystemExit("the library's mem_recent_blocks is not combined with this study's +recentR")
         b, hkv, groups, rows, d = qg.shape
         n_blocks = kmax.shape[2]
         keep = min(blocks, n_blocks)
-        if (base == "max" and not recent) or keep >= n_blocks:
+        if (base == "max" and not recent and not first) or keep >= n_blocks:
             return library(qg, kmax, kmin, any_valid, blocks, real, bounds, super_size, supers)
         kmax_t, kmin_t = kmax.transpose(-1, -2)[:, :, None], kmin.transpose(-1, -2)[:, :, None]
         hidden = ~any_valid[:, None, None, :]
@@ -70,6 +79,8 @@ def ranking_function(name: str):
                 score[..., max(0, filled - keep) : filled] = 1.0
             if recent:
                 score[..., max(0, filled - recent) : filled] = float("inf")
+            if first:
+                score[..., :first] = float("inf")
             score = score.masked_fill(hidden, float("-inf"))
             chosen.append(score.topk(keep, dim=-1, sorted=False).indices)
         return torch.cat(chosen, dim=2).sort(dim=-1).values
@@ -84,11 +95,13 @@ def main() -> int:
     ap.add_argument("--contexts", default="64k")
     ap.add_argument("--max-docs", default="4")
     ap.add_argument("--target-tokens", default="255")
+    ap.add_argument("--mem-blocks", default="64", help="blocks read per query group (the budget)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     retrieval.select_blocks = ranking_function(args.ranking)  # this process only: the study's instrument
     argv = ["perplexity", "--device", "cpu", "--dtype", "float32", "--data", args.data, "--contexts", args.contexts]
     argv += ["--target-tokens", args.target_tokens, "--max-docs", args.max_docs, "--mem-retrieval", "blocks"]
+    argv += ["--mem-blocks", args.mem_blocks]
     return cli.main([*argv, "--out", args.out])
 
 

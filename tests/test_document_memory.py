@@ -220,6 +220,7 @@ def test_loading_refuses_other_models_settings_and_damaged_files(tiny, folders, 
     shutil.copytree(saved_blocks, older_blocks)
     manifest = json.loads((older_blocks / "manifest.json").read_text())
     assert manifest["settings"].pop("mem_super_size") is None
+    assert manifest["settings"].pop("mem_recent_blocks") is None  # likewise, read without recent blocks kept
     (older_blocks / "manifest.json").write_text(json.dumps(manifest))
     assert (
         DocumentMemory.load(older_blocks, blocks, tokenizer).tokens
@@ -227,6 +228,8 @@ def test_loading_refuses_other_models_settings_and_damaged_files(tiny, folders, 
     )
     two_level, _ = _load(folders["tiny"], mem_retrieval="blocks", mem_super_size=4)
     _one_line_error(lambda: DocumentMemory.load(older_blocks, two_level, tokenizer), "mem_super_size")
+    recent, _ = _load(folders["tiny"], mem_retrieval="blocks", mem_recent_blocks=2)
+    _one_line_error(lambda: DocumentMemory.load(older_blocks, recent, tokenizer), "mem_recent_blocks")
     _one_line_error(lambda: DocumentMemory.load(saved, model, tokenizer, template="default"), "template")
 
     def damaged(change) -> Path:

@@ -17,6 +17,8 @@ def test_curve_adds_runs_and_lets_a_rerun_of_the_same_seeds_replace_the_first(tm
     first = [
         _record("blocks", 1 << 20, [0, 1, 2, 3], 3, 40.0, mem_blocks=64),
         _record("blocks", 1 << 20, [9], 0, 30.0, mem_blocks=16),  # another block setting: left out
+        _record("blocks-recent", 1 << 22, [1, 2], 2, 60.0, mem_blocks=64, mem_recent_blocks=16),
+        _record("blocks-recent", 1 << 22, [3], 0, 60.0, mem_blocks=64, mem_recent_blocks=32),  # left out
         dict(benchmark="passkey", model="small-no-negatives", length=1 << 20, trials=5, accuracy=0.2),  # another model
         dict(benchmark="passkey", model="small", mem_top_k=128, length=1 << 17, trials=4, accuracy=1.0),
         dict(benchmark="passkey", model="small, mem_layers=[]", length=1 << 17, trials=2, accuracy=0.0),
@@ -44,7 +46,9 @@ def test_curve_adds_runs_and_lets_a_rerun_of_the_same_seeds_replace_the_first(tm
         ("knn", 1 << 17, "?"),
         ("no-memory", 1 << 17, "?"),
         ("blocks2", 1 << 17, "cpu"),
+        ("blocks-recent", 1 << 22, "GPU A"),
     }
+    assert points[("blocks-recent", 1 << 22, "GPU A")]["trials"] == 2
     blocks = points[("blocks", 1 << 20, "GPU A")]
     assert (blocks["trials"], blocks["correct"], blocks["seeds"]) == (6, 5, [2, 3, 4, 5, 6, 7])
     assert abs(blocks["seconds_per_trial"] - (4 * 20.0 + 2 * 10.0) / 6) < 1e-9

@@ -215,13 +215,24 @@ def test_cli_flags_reach_the_record(tmp_path):
 def test_benchmark_script_runs_tiny(tmp_path):
     out = tmp_path / "retrieval.json"
     done = run_benchmark(
-        "bench_retrieval.py", "--tiny", "--device", "cpu", "--sections", "3b,passkey", "--out", str(out)
+        "bench_retrieval.py",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--sections",
+        "3b,passkey",
+        "--recent-blocks",
+        "2",
+        "--out",
+        str(out),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     records = json.loads(out.read_text())
     kinds = {(r["benchmark"], r.get("mem_retrieval"), r.get("mem_top_k")) for r in records}
     assert {("ingest", "blocks", None), ("ingest", "dense", None), ("decode", "blocks", None)} <= kinds
     assert {("passkey", "blocks", None), ("passkey", "dense", None), ("passkey", "dense", 128)} <= kinds
+    recent = {r["benchmark"] for r in records if r.get("mem_mode") == "blocks-recent" and r["mem_recent_blocks"] == 2}
+    assert recent == {"ingest", "decode", "passkey"}
     control = [r for r in records if r.get("mem_mode") == "no-memory"]
     assert control and all(r["accuracy"] == 0 for r in control)
 
@@ -301,14 +312,14 @@ def _interpreting() -> bool:
 
 
 @pytest.mark.parametrize(
-    "heads, kv_heads, invalid, n, blocks, causal",
+    "heads, kv_heads, invalid, n, blocks, causal, recent",
     [
-        (4, 4, False, 70, 5, True),  # two query groups, the second partial; the last block of 8 holds 3 keys
-        (4, 2, True, 9, 3, False),  # grouped-query attention, padding in memory, a window after a local cache
-        (2, 1, False, 1, 26, True),  # one query (a decoding step) reading every block
+        (4, 4, False, 70, 5, True, 0),  # two query groups, the second partial; the last block of 8 holds 3 keys
+        (4, 2, True, 9, 3, False, 2),  # grouped-query attention, padding in memory, after a local cache; recent
+        (2, 1, False, 1, 26, True, 0),  # one query (a decoding step) reading every block
     ],
 )
-def test_block_kernel_equals_the_gathered_read(heads, kv_heads, invalid, n, blocks, causal):
+def test_block_kernel_equals_the_gathered_read(heads, kv_heads, invalid, n, blocks, causal, recent):
     """fast/block_attention.py (the Triton kernel under the interpreter, fp32) against retrieval.attend, which
     gathers the same chosen blocks: the same choice, the same softmax."""
     if not _interpreting():
@@ -321,13 +332,13 @@ def test_block_kernel_equals_the_gathered_read(heads, kv_heads, invalid, n, bloc
     kv = n if causal else n + 4
     q, k, v, visible = _queries(b, heads, kv_heads, n, kv, d)
     plan = ExecutionPlan(attention="fast", interpret_kernels=True, mem_retrieval="blocks", mem_blocks=blocks)
-    plan = plan.replace(mem_block_size=8)
+    plan = plan.replace(mem_block_size=8, mem_recent_blocks=recent)
     assert block_attention.applies(q, memory, plan)
     assert not block_attention.applies(q, memory, plan.replace(block_kernel=False))
     out = block_attention.attend(
         q, k, v, visible=None if causal else visible, is_causal=causal, memory=memory, plan=plan
     )
-    ref = retrieval.attend(q, k, v, visible=visible, memory=memory, blocks=blocks, block_size=8)
+    ref = retrieval.attend(q, k, v, visible=visible, memory=memory, blocks=blocks, block_size=8, recent=recent)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -363,9 +374,9 @@ def test_bounds_kernel_chooses_the_blocks_of_select_blocks(heads, kv_heads, inva
 
     memory = _memory(2, kv_heads, 203, 20, invalid=invalid)
     q = _queries(2, heads, kv_heads, n, n, 20)[0]
-    for group in (64, 16):
-        _, plain, _ = retrieval.choose(q, memory, 5, 8, group)
-        _, fast, _ = retrieval.choose(q, memory, 5, 8, group, bounds=block_attention.best_bounds)
+    for group, recent in ((64, 0), (16, 0), (16, 2)):
+        _, plain, _ = retrieval.choose(q, memory, 5, 8, group, recent=recent)
+        _, fast, _ = retrieval.choose(q, memory, 5, 8, group, bounds=block_attention.best_bounds, recent=recent)
         assert torch.equal(fast, plain)
 
 
@@ -477,13 +488,99 @@ def test_two_level_setting_is_checked_recorded_and_read_by_the_model(tmp_path):
 
 def test_bounds_kernel_ranks_superblocks_as_pytorch_does():
     """The two-level choice with the bounds kernel (interpreter) ranking the superblocks picks what it picks with
-    PyTorch's bounds: GQA and padding in memory."""
+    PyTorch's bounds: GQA and padding in memory, with and without a recent block kept."""
     if not _interpreting():
         pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
     from longllama.fast import block_attention
 
     memory = _memory(1, 2, 8 * 90, 20, invalid=True, seed=6)  # 90 blocks > 16 * 2 candidates
     q = _queries(1, 4, 2, 40, 40, 20)[0]
-    _, plain, _ = retrieval.choose(q, memory, 2, 8, 16, super_size=4)
-    _, fast, _ = retrieval.choose(q, memory, 2, 8, 16, bounds=block_attention.best_bounds, super_size=4)
-    assert torch.equal(fast, plain)
+    for recent in (0, 1):
+        _, plain, _ = retrieval.choose(q, memory, 2, 8, 16, super_size=4, recent=recent)
+        _, fast, _ = retrieval.choose(
+            q, memory, 2, 8, 16, bounds=block_attention.best_bounds, super_size=4, recent=recent
+        )
+        assert torch.equal(fast, plain)
+
+
+def _recent_memory():
+    """One row, one head, 41 blocks of 8 keys (the last short), blocks 36 and 38 without a valid key."""
+    g = torch.Generator().manual_seed(7)
+    memory = MemoryCache(1, 1, 8, dtype=torch.float32)
+    memory.track_blocks(8)
+    valid = torch.ones(1, 325, dtype=torch.bool)
+    valid[:, 36 * 8 : 37 * 8] = False
+    valid[:, 38 * 8 : 39 * 8] = False
+    memory.append(torch.randn(1, 1, 325, 8, generator=g), torch.randn(1, 1, 325, 8, generator=g), valid)
+    return memory
+
+
+@pytest.mark.parametrize("recent, blocks", [(3, 5), (5, 5), (6, 7)])
+def test_recent_blocks_are_read_whatever_their_bound(recent, blocks):
+    """select_blocks with `recent`: the last `recent` blocks that hold a valid key, then the best of the others by
+    bound (recomputed by loops); recent == blocks is a sliding window over the memory."""
+    memory = _recent_memory()
+    kmax, kmin, any_valid = memory.summaries(8)
+    q = torch.randn(1, 1, 3, 8, generator=torch.Generator().manual_seed(8))
+    qg = retrieval._grouped(q, 1, 4)
+    real = torch.tensor([[True, True, True, False]])
+    chosen = retrieval.select_blocks(qg, kmax, kmin, any_valid, blocks, real, recent=recent)
+    forced = [b for b in range(41 - recent, 41) if b not in (36, 38)]
+    others = [b for b in range(41) if b not in forced and b not in (36, 38)]
+    ranked = sorted(others, key=lambda b: -_bound(q[0, 0], kmax[0, 0], kmin[0, 0], 3, b))
+    assert chosen.flatten().tolist() == sorted(forced + ranked[: blocks - len(forced)])
+    plain = retrieval.select_blocks(qg, kmax, kmin, any_valid, blocks, real)
+    assert not set(forced) <= set(plain.flatten().tolist())  # the bound alone would miss some of them
+
+
+@pytest.mark.parametrize("recent", [0, 6])
+def test_two_level_choice_keeps_the_recent_blocks(recent):
+    """select_two_level with `recent`, recomputed by loops: the superblocks holding the last `recent` blocks join
+    the candidates whatever their bound, and those blocks (where valid) are chosen among the `blocks`."""
+    memory = _recent_memory()
+    kmax, kmin, any_valid = memory.summaries(8)
+    q = torch.randn(1, 1, 3, 8, generator=torch.Generator().manual_seed(4))
+    qg = retrieval._grouped(q, 1, 4)
+    real = torch.tensor([[True, True, True, False]])
+    chosen = retrieval.select_blocks(qg, kmax, kmin, any_valid, 8, real, super_size=16, recent=recent)
+    km, kn, anyv, qq = kmax[0, 0], kmin[0, 0], any_valid[0], q[0, 0]
+    members = [list(range(16 * s, min(16 * s + 16, 41))) for s in range(3)]
+    supers = []
+    for s, blocks in enumerate(members):
+        smax = torch.stack([km[b] for b in blocks]).amax(0)
+        smin = torch.stack([kn[b] for b in blocks]).amin(0)
+        forced = recent and s >= (41 - recent) // 16
+        supers.append(float("inf") if forced else _bound(qq, smax[None], smin[None], 3, 0))
+    best_supers = sorted(range(3), key=lambda s: -supers[s])[: -(-16 * 8 // 16)]
+    candidates = [b for s in best_supers for b in members[s]]
+
+    def score(b: int) -> float:
+        if not anyv[b]:
+            return float("-inf")
+        return float("inf") if b >= 41 - recent else _bound(qq, km, kn, 3, b)
+
+    want = sorted(sorted(candidates, key=lambda b: -score(b))[:8])
+    assert chosen.flatten().tolist() == want
+    assert {b for b in range(41 - recent, 41) if b not in (36, 38)} <= set(want)
+
+
+def test_recent_blocks_setting_is_checked_recorded_and_read_by_the_model():
+    for bad in (-1, 3, True):
+        with pytest.raises(ConfigError, match=f"mem_recent_blocks={bad!r} must be an integer from 0 to mem_blocks"):
+            preset("tiny", mem_blocks=2, mem_recent_blocks=bad)
+    with pytest.raises(InputError, match="--mem-recent-blocks"):
+        check_changes({"mem_recent_blocks": 1})
+    from longllama.cli import build_parser
+
+    args = build_parser().parse_args(["passkey", "--mem-retrieval", "blocks", "--mem-recent-blocks", "8"])
+    assert args.mem_recent_blocks == 8
+    ids = torch.randint(1, 320, (2, 300), generator=torch.Generator().manual_seed(0))
+    window = _tiny(mem_retrieval="blocks", mem_blocks=2, mem_block_size=4, mem_recent_blocks=2)
+    bound = _tiny(mem_retrieval="blocks", mem_blocks=2, mem_block_size=4)
+    assert window.plan.to_dict()["mem_recent_blocks"] == 2 and bound.plan.mem_recent_blocks == 0
+    with torch.no_grad():
+        assert (window(ids).logits - bound(ids).logits).abs().max() > 1e-3
+        tokens = window.generate(ids[:, :250], max_new_tokens=50, do_sample=False)  # overflows into memory
+        static = window.generate(ids[:, :250], max_new_tokens=50, do_sample=False, decoder="static")
+        other = bound.generate(ids[:, :250], max_new_tokens=50, do_sample=False)
+    assert torch.equal(static, tokens) and not torch.equal(other, tokens)

@@ -107,21 +107,23 @@ def test_sharded_int8_memory_with_grouped_query_attention_equals_one_process(tmp
         assert torch.equal(got["tokens"], want["tokens"]) and torch.equal(got["beams"], want["beams"])
 
 
-def test_sharded_block_retrieval_reads_each_process_best_blocks(tmp_path: Path, monkeypatch):
-    """With block retrieval each process reads the best blocks of its own slice. Reference: one process whose
-    choice is the union, over the processes' slices, of each slice's best blocks (the slices known from the
-    round-robin rule), read in one softmax."""
-    world, overrides = 2, dict(mem_retrieval="blocks", mem_blocks=2, mem_block_size=4)
+@pytest.mark.parametrize("recent", [0, 1])
+def test_sharded_block_retrieval_reads_each_process_best_blocks(tmp_path: Path, monkeypatch, recent):
+    """With block retrieval each process reads the best blocks of its own slice (with `recent`, its slice's most
+    recent block among them). Reference: one process whose choice is the union, over the processes' slices, of each
+    slice's best blocks (the slices known from the round-robin rule), read in one softmax."""
+    world, overrides = 2, dict(mem_retrieval="blocks", mem_blocks=2, mem_block_size=4, mem_recent_blocks=recent)
     mp.spawn(_worker, args=(world, str(tmp_path), overrides, "_run_blocks"), nprocs=world, join=True)
     original = retrieval.select_blocks
 
-    def per_slice(qg, kmax, kmin, any_valid, blocks, real, bounds=None, super_size=0, supers=None):
+    def per_slice(qg, kmax, kmin, any_valid, blocks, real, bounds=None, super_size=0, supers=None, recent=0):
         owner = (torch.arange(kmax.shape[2]) * 4 // 64) % world  # block -> append -> process
         chosen = []
         for rank in range(world):
             mine = torch.nonzero(owner == rank).flatten()
             if len(mine):
-                picked = original(qg, kmax[:, :, mine], kmin[:, :, mine], any_valid[:, mine], blocks, real, bounds)
+                sliced = kmax[:, :, mine], kmin[:, :, mine], any_valid[:, mine]
+                picked = original(qg, *sliced, blocks, real, bounds, recent=recent)
                 chosen.append(mine[picked])
         return torch.cat(chosen, dim=-1).sort(dim=-1).values
 

@@ -65,6 +65,7 @@ class LoadOptions:
     mem_retrieval: str | None = None
     mem_blocks: int | None = None
     mem_super_size: int | None = None
+    mem_recent_blocks: int | None = None
 
     @classmethod
     def take(cls, args: dict[str, Any]) -> LoadOptions:
@@ -382,7 +383,14 @@ def load_model(folder: Path, options: LoadOptions | None = None, *, transformers
         overrides["mem_layers"] = list(o.mem_layers)
     if o.mem_top_k is not None:
         overrides["mem_top_k"] = o.mem_top_k or None
-    for key in ("compile_elementwise", "mem_dtype", "mem_retrieval", "mem_blocks", "mem_super_size"):
+    for key in (
+        "compile_elementwise",
+        "mem_dtype",
+        "mem_retrieval",
+        "mem_blocks",
+        "mem_super_size",
+        "mem_recent_blocks",
+    ):
         if getattr(o, key) is not None:
             overrides[key] = getattr(o, key)
     from longllama import quantize as quantization
@@ -798,6 +806,13 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="with --mem-retrieval blocks: rank superblocks of S blocks first, then only the blocks of the best of "
         "them (0: every block is ranked; default: the checkpoint's mem_super_size, 0)",
+    )
+    p.add_argument(
+        "--mem-recent-blocks",
+        type=_non_negative_int,
+        metavar="R",
+        help="with --mem-retrieval blocks: R of the --mem-blocks blocks a group reads are always the memory's most "
+        "recent ones (default: the checkpoint's mem_recent_blocks, 0)",
     )
     p.set_defaults(load_options=True)  # main gathers the loading options into one LoadOptions (`load`)
 

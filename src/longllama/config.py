@@ -62,7 +62,8 @@ class LongLlamaConfig(PreTrainedConfig):
     keys, ranks them by an upper bound of q.k from each block's per-dimension max and min key, and attends exactly
     to the best `mem_blocks` blocks of each group of queries (retrieval.py, docs/retrieval.md). `mem_super_size`
     (0, the default: off) ranks superblocks of that many blocks first and only the blocks of the best of them
-    (retrieval.select_two_level), so that the ranking grows more slowly than the memory.
+    (retrieval.select_two_level), so that the ranking grows more slowly than the memory. `mem_recent_blocks` (0, the
+    default, up to `mem_blocks`) of the blocks read are always the memory's most recent ones, whatever their bound.
     """
 
     model_type = "longllama"
@@ -100,6 +101,7 @@ class LongLlamaConfig(PreTrainedConfig):
     mem_blocks: int = 64
     mem_block_size: int = 64
     mem_super_size: int = 0
+    mem_recent_blocks: int = 0
     compile_elementwise: Any = "auto"
     gradient_checkpoint_every_ith: int = 1
     quantization: str = "none"
@@ -197,6 +199,12 @@ class LongLlamaConfig(PreTrainedConfig):
         super_size = self.mem_super_size
         if not isinstance(super_size, int) or isinstance(super_size, bool) or super_size < 0:
             raise ConfigError(f"mem_super_size={super_size!r} must be a non-negative integer (0: one level)")
+        recent = self.mem_recent_blocks
+        if not isinstance(recent, int) or isinstance(recent, bool) or not 0 <= recent <= self.mem_blocks:
+            raise ConfigError(
+                f"mem_recent_blocks={recent!r} must be an integer from 0 to mem_blocks ({self.mem_blocks}): the "
+                "recent blocks are part of the blocks read"
+            )
         if self.mem_retrieval == "blocks" and top_k is not None:
             raise ConfigError(
                 "mem_retrieval='blocks' and mem_top_k are two ways to read the memory: set mem_top_k to null "

@@ -204,13 +204,22 @@ def memory_settings(model, fmt: ChatFormat, last_context_length: int) -> dict[st
         "mem_block_size": config.mem_block_size if config.mem_retrieval == "blocks" else None,
         # recorded only when on: memories saved before it existed were read with one level
         "mem_super_size": config.mem_super_size if config.mem_retrieval == "blocks" and config.mem_super_size else None,
+        "mem_recent_blocks": (
+            config.mem_recent_blocks if config.mem_retrieval == "blocks" and config.mem_recent_blocks else None
+        ),
         "template": fmt.template,
         "system": fmt.system,
     }
 
 
 # Settings added after memories were first saved: what a manifest without them was built with.
-_SETTINGS_BEFORE = {"mem_retrieval": "dense", "mem_blocks": None, "mem_block_size": None, "mem_super_size": None}
+_SETTINGS_BEFORE = {
+    "mem_retrieval": "dense",
+    "mem_blocks": None,
+    "mem_block_size": None,
+    "mem_super_size": None,
+    "mem_recent_blocks": None,
+}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -94,6 +94,7 @@ class ModelMethods:
             config.mem_blocks,
             config.mem_block_size,
             config.mem_super_size,
+            config.mem_recent_blocks,
         )
         if self._plan is None or self._plan[0] != key:
             if torch.compiler.is_compiling():

@@ -91,10 +91,11 @@ class ExecutionPlan:
     weights: "dense" (plain tensors), or "int8" / "int4" (weight-only quantized tensors, quantize.py): from the
         config's quantization. All three go to the matrix-vector kernels (products of up to gemv_max_rows rows),
         which read int8 rows and int4 codes with their scales in place.
-    mem_retrieval, mem_blocks, mem_block_size, mem_super_size: how memory layers read their memory ("dense": every
-        key; "blocks": the best mem_blocks blocks of mem_block_size keys per group of queries, ranked in two levels
-        with superblocks of mem_super_size blocks where that is > 0, retrieval.py): from the config's fields of the
-        same names (they change the maths, so they are the config's, recorded here).
+    mem_retrieval, mem_blocks, mem_block_size, mem_super_size, mem_recent_blocks: how memory layers read their memory
+        ("dense": every key; "blocks": the best mem_blocks blocks of mem_block_size keys per group of queries, the
+        mem_recent_blocks most recent always among them, ranked in two levels with superblocks of mem_super_size
+        blocks where that is > 0, retrieval.py): from the config's fields of the same names (they change the maths,
+        so they are the config's, recorded here).
     memory_shard: the process group over which memory layers' memories are split (sharding.py;
         `model.shard_memory(group)`), None for a memory held whole; recorded as `memory_shards` (its size).
     """
@@ -127,6 +128,7 @@ class ExecutionPlan:
     mem_blocks: int = 64
     mem_block_size: int = 64
     mem_super_size: int = 0
+    mem_recent_blocks: int = 0
     memory_shard: Any = field(default=None, compare=False, repr=False)
     failures: Failures = field(default_factory=Failures, compare=False, repr=False)
 
@@ -204,7 +206,7 @@ class ExecutionPlan:
 _FIELDS = tuple(f.name for f in dataclasses.fields(ExecutionPlan) if f.name not in ("failures", "memory_shard"))
 # the device is where the weights are; `weights` is what they are (the config's quantization); the memory's reading
 # changes the maths, so it is the config's
-_CONFIG_FIELDS = ("mem_retrieval", "mem_blocks", "mem_block_size", "mem_super_size")
+_CONFIG_FIELDS = ("mem_retrieval", "mem_blocks", "mem_block_size", "mem_super_size", "mem_recent_blocks")
 _USER_FIELDS = tuple(name for name in _FIELDS if name not in ("device", "weights", *_CONFIG_FIELDS))
 
 
@@ -219,7 +221,7 @@ def check_changes(changes: dict[str, Any]) -> None:
     if config_fields:
         raise InputError(
             f"{', '.join(config_fields)} change what the model computes: set them in the config (or when loading, "
-            "--mem-retrieval / --mem-blocks) instead of the plan"
+            "--mem-retrieval / --mem-blocks / --mem-recent-blocks) instead of the plan"
         )
     if "memory_shard" in changes:
         raise InputError("the memory's shards are set by model.shard_memory(group), not as a plan change")
@@ -264,6 +266,7 @@ def build_plan(config, device: torch.device | str, **overrides: Any) -> Executio
         mem_blocks=getattr(config, "mem_blocks", 64),
         mem_block_size=getattr(config, "mem_block_size", 64),
         mem_super_size=getattr(config, "mem_super_size", 0),
+        mem_recent_blocks=getattr(config, "mem_recent_blocks", 0),
     )
     if device.type == "cuda":
         from longllama import timings

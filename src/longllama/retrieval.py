@@ -7,10 +7,12 @@ the per-dimension max and min of its keys, so that for any key k of the block an
 
 The queries of a window are taken in groups of `QUERY_GROUP` consecutive queries per key/value head (with grouped-
 query attention, the query heads of one key/value head join the group); a group ranks the blocks by the largest
-bound over its queries and keeps its `blocks` best (in memory order). Every query of the group then attends exactly,
-in one softmax with its local keys (docs/inference.md#attention), to the keys of those blocks; the other memory keys
-count as hidden. With `blocks` at least the number of blocks this is dense memory attention (tested); with fewer it
-is an approximation of kNN memory that reads `blocks * block_size` keys per group instead of all of them.
+bound over its queries and keeps its `blocks` best (in memory order); the `recent` most recent blocks of the memory
+(the text just before the window, which most tokens lean on: docs/retrieval.md) are always among them. Every query
+of the group then attends exactly, in one softmax with its local keys (docs/inference.md#attention), to the keys of
+those blocks; the other memory keys count as hidden. With `blocks` at least the number of blocks this is dense memory
+attention (tested); with fewer it is an approximation of kNN memory that reads `blocks * block_size` keys per group
+instead of all of them.
 docs/retrieval.md gives the measurements behind the choice.
 
 Shapes as in attention.py: q (b*s, h, n, d) with s the memory's `share` (beams of one prompt read one stored row);
@@ -72,6 +74,7 @@ def select_blocks(
     bounds: Callable[..., torch.Tensor] | None = None,
     super_size: int = 0,
     supers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    recent: int = 0,
 ) -> torch.Tensor:
     """The `blocks` best blocks (ascending indices, (b, kv_heads, groups, blocks)) of each query group.
 
@@ -82,15 +85,20 @@ def select_blocks(
     are computed here, a chunk of groups at a time. `super_size` > 0: the two-level choice (select_two_level)
     where the memory holds more than SUPER_CANDIDATES * blocks blocks (and superblocks are at most
     (SUPER_CANDIDATES - 1) * blocks blocks, so that the candidates always hold `blocks` blocks of the memory);
-    `supers`: their summaries where the memory keeps them (MemoryCache.super_summaries), else reduced here."""
+    `supers`: their summaries where the memory keeps them (MemoryCache.super_summaries), else reduced here.
+    `recent`: the last `recent` blocks (those holding a valid key) are chosen whatever their bound, the rest of the
+    `blocks` by it."""
     b, hkv, groups, rows, _ = qg.shape
     n_blocks = kmax.shape[2]
     keep = min(blocks, n_blocks)
     if two_level(super_size, keep, n_blocks):
         supers = supers or reduce_superblocks(kmax, kmin, any_valid, super_size)
-        return select_two_level(qg, kmax, kmin, any_valid, keep, real, bounds, super_size, supers)
+        return select_two_level(qg, kmax, kmin, any_valid, keep, real, bounds, super_size, supers, recent)
+    forced = _recent_blocks(any_valid, recent)  # (b, 1, 1, B) or None
     if bounds is not None:
         best = bounds(qg, kmax, kmin, any_valid, real)
+        if forced is not None:
+            best = best.masked_fill(forced, float("inf"))
         return best.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
     kmax_t, kmin_t = kmax.transpose(-1, -2)[:, :, None], kmin.transpose(-1, -2)[:, :, None]  # (b, hkv, 1, d, B)
     hidden = ~any_valid[:, None, None, :]
@@ -101,8 +109,20 @@ def select_blocks(
         bound = q.clamp(min=0) @ kmax_t + q.clamp(max=0) @ kmin_t  # (b, hkv, c, rows, B)
         bound = bound.masked_fill(~real[g0 : g0 + step, :, None], float("-inf")).amax(dim=-2)
         bound = bound.masked_fill(hidden, float("-inf"))
+        if forced is not None:
+            bound = bound.masked_fill(forced, float("inf"))
         chosen.append(bound.topk(keep, dim=-1, sorted=False).indices)
     return torch.cat(chosen, dim=2).sort(dim=-1).values
+
+
+def _recent_blocks(any_valid: torch.Tensor, recent: int) -> torch.Tensor | None:
+    """Which blocks (b, 1, 1, B) select_blocks keeps whatever their bound: the last `recent` ones that hold a valid
+    key; None for none."""
+    if recent <= 0:
+        return None
+    n_blocks = any_valid.shape[-1]
+    last = torch.arange(n_blocks, device=any_valid.device) >= n_blocks - recent
+    return (any_valid & last)[:, None, None, :]
 
 
 def two_level(super_size: int, keep: int, n_blocks: int) -> bool:
@@ -120,15 +140,20 @@ def select_two_level(
     bounds: Callable[..., torch.Tensor] | None,
     super_size: int,
     supers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    recent: int = 0,
 ) -> torch.Tensor:
     """select_blocks in two steps, so that a query group reads O(B / super_size + keep) summaries instead of B: rank
     superblocks of `super_size` blocks by their bound and keep the best ceil(SUPER_CANDIDATES * keep / super_size),
     then rank only the blocks inside them (select_blocks says when). An approximation of select_blocks: a block
     whose superblock's (looser) bound misses the cut is not considered. `supers`: the superblocks' summaries
-    (memory.reduce_superblocks)."""
+    (memory.reduce_superblocks). `recent` as in select_blocks: the superblocks holding those blocks are kept too."""
     b, hkv, groups, rows, d = qg.shape
     n_blocks = kmax.shape[2]
-    best = select_blocks(qg, *supers, -(-SUPER_CANDIDATES * keep // super_size), real, bounds)
+    n_supers = supers[0].shape[2]
+    # the superblocks that hold the last `recent` blocks: at most ceil(keep / super_size) + 1 of the candidates'
+    # ceil(SUPER_CANDIDATES * keep / super_size), since super_size <= (SUPER_CANDIDATES - 1) * keep
+    recent_supers = n_supers - max(0, n_blocks - recent) // super_size if recent > 0 else 0
+    best = select_blocks(qg, *supers, -(-SUPER_CANDIDATES * keep // super_size), real, bounds, recent=recent_supers)
     offsets = torch.arange(super_size, device=best.device)
     candidates = (best[..., None] * super_size + offsets).flatten(-2)  # (b, hkv, groups, C): ascending
     inside = candidates < n_blocks  # the last superblock may be short
@@ -149,6 +174,8 @@ def select_two_level(
         # a candidate without a valid key ranks below every valid one, and one past the memory below those: the
         # keep chosen are distinct blocks of the memory (keep <= the candidates inside it)
         bound = bound.masked_fill(~valid, torch.finfo(bound.dtype).min)
+        if recent > 0:
+            bound = bound.masked_fill(valid & (cand >= n_blocks - recent), float("inf"))
         bound = bound.masked_fill(~inside[:, :, g0 : g0 + step], float("-inf"))
         chosen.append(cand.gather(-1, bound.topk(keep, dim=-1, sorted=False).indices))
     return torch.cat(chosen, dim=2).sort(dim=-1).values
@@ -253,10 +280,11 @@ def choose(
     group: int = QUERY_GROUP,
     bounds: Callable[..., torch.Tensor] | None = None,
     super_size: int = 0,
+    recent: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The blocks every query group of q (b*s, h, n, d) reads: (the queries grouped as select_blocks takes them,
-    (b, kv_heads, groups, rows, d); the chosen blocks (b, kv_heads, groups, keep); the group size). `bounds` as in
-    select_blocks."""
+    (b, kv_heads, groups, rows, d); the chosen blocks (b, kv_heads, groups, keep); the group size). `bounds`,
+    `super_size` and `recent` as in select_blocks."""
     share, hkv = memory.share, memory.kv_heads
     heads = q.shape[1]
     qf = fold_rows(q, share)  # (b, h, T, d)
@@ -270,7 +298,8 @@ def choose(
     supers = None
     if two_level(super_size, min(blocks, kmax.shape[2]), kmax.shape[2]):
         supers = memory.super_summaries(block_size, super_size, q.device)
-    return qg, select_blocks(qg, kmax, kmin, any_valid, blocks, real, bounds, super_size, supers), group
+    chosen = select_blocks(qg, kmax, kmin, any_valid, blocks, real, bounds, super_size, supers, recent)
+    return qg, chosen, group
 
 
 def read_blocks(
@@ -280,14 +309,15 @@ def read_blocks(
     block_size: int,
     group: int = QUERY_GROUP,
     super_size: int = 0,
+    recent: int = 0,
 ) -> BlockRead:
     """Choose and gather the blocks of every query group of q (b*s, h, n, d) and score them (BlockRead);
-    `super_size` as in select_blocks."""
+    `super_size` and `recent` as in select_blocks."""
     share = memory.share
     c_min = clamp_value(q.dtype)
     d, heads = q.shape[-1], q.shape[1]
     length = q.shape[2] * share
-    qg, chosen, group = choose(q, memory, blocks, block_size, group, super_size=super_size)
+    qg, chosen, group = choose(q, memory, blocks, block_size, group, super_size=super_size, recent=recent)
     mk, mv, mvalid = gather_blocks(memory, chosen, block_size, q.device, q.dtype)
     scores = (qg @ mk.transpose(-1, -2)) / math.sqrt(d)  # (b, hkv, groups, rows, K)
     scores = scores.masked_fill(~mvalid[:, :, :, None, :], c_min).clamp_min(c_min)
@@ -306,11 +336,13 @@ def attend(
     block_size: int,
     group: int = QUERY_GROUP,
     super_size: int = 0,
+    recent: int = 0,
 ) -> torch.Tensor:
     """One softmax over the local keys and the memory keys of the best `blocks` blocks of each query group (module
     docstring). q (b*s, h, n, d) rotated queries; k, v (b*s, h_kv, kv, d) local keys (rotated) and values; visible
-    (b*s|1, 1, n, kv) or None; `memory` the layer's non-empty memory (s = memory.share). Returns (b*s, h, n, d)."""
-    read = read_blocks(q, memory, blocks, block_size, group, super_size)
+    (b*s|1, 1, n, kv) or None; `memory` the layer's non-empty memory (s = memory.share); `super_size` and `recent`
+    as in select_blocks. Returns (b*s, h, n, d)."""
+    read = read_blocks(q, memory, blocks, block_size, group, super_size, recent)
     local = _scores(q, k, visible, clamp_value(q.dtype))
     probs = torch.softmax(torch.cat([local, read.scores], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
     kv = k.shape[2]
@@ -326,7 +358,7 @@ def attend_planned(
     memory: MemoryCache,
     plan: ExecutionPlan,
 ) -> torch.Tensor:
-    """attend with the plan's block settings (mem_blocks, mem_block_size, mem_super_size)."""
+    """attend with the plan's block settings (mem_blocks, mem_block_size, mem_super_size, mem_recent_blocks)."""
     return attend(
         q,
         k,
@@ -336,11 +368,12 @@ def attend_planned(
         blocks=plan.mem_blocks,
         block_size=plan.mem_block_size,
         super_size=plan.mem_super_size,
+        recent=plan.mem_recent_blocks,
     )
 
 
 def step_blocks(
-    q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int, super_size: int = 0
+    q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int, super_size: int = 0, recent: int = 0
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None] | None:
     """For one decoding query per row, q (b, h, d): the chosen blocks of each key/value head (the choice read_blocks
     makes for a single query) as stored, padded keys and values (b, kv_heads, keep * block_size, width) and int8
@@ -349,7 +382,7 @@ def step_blocks(
     shared by rows: the caller then takes `attend`."""
     if memory.share != 1 or not memory.all_valid() or memory.length % block_size or memory.device != q.device:
         return None
-    _, chosen, _ = choose(q[:, :, None], memory, blocks, block_size, super_size=super_size)  # (b, hkv, 1, keep)
+    _, chosen, _ = choose(q[:, :, None], memory, blocks, block_size, super_size=super_size, recent=recent)
     tokens = _block_tokens(chosen, block_size)
     keys, values = (_take(t, tokens) for t in memory.padded())
     scales = memory.scales()

@@ -91,7 +91,12 @@ def attend(
     block_read = None
     if has_memory and plan is not None and retrieval.retrieves(memory, plan):
         block_read = retrieval.read_blocks(
-            q, memory, plan.mem_blocks, plan.mem_block_size, super_size=plan.mem_super_size
+            q,
+            memory,
+            plan.mem_blocks,
+            plan.mem_block_size,
+            super_size=plan.mem_super_size,
+            recent=plan.mem_recent_blocks,
         )
         mem_scores = block_read.scores.float()
         peak = mem_scores.amax(dim=-1)

@@ -231,7 +231,9 @@ class StaticDecoder:
             return None
         plan = self.plan
         if retrieval.retrieves(memory, plan):
-            chosen = retrieval.step_blocks(q, memory, plan.mem_blocks, plan.mem_block_size, plan.mem_super_size)
+            chosen = retrieval.step_blocks(
+                q, memory, plan.mem_blocks, plan.mem_block_size, plan.mem_super_size, plan.mem_recent_blocks
+            )
             return False if chosen is None else chosen
         _, _, padded, valid, scales = read_memory(memory, q.device)
         return False if valid is not None or self.config.mem_top_k is not None else (padded, scales)
