@@ -63,6 +63,12 @@ def _mode_of_record(r: dict) -> str | None:
     return None
 
 
+def _on_curve(mode: str, blocks: int | None, recent: int) -> bool:
+    """Whether a block-retrieval mode's settings are the curve's: DEFAULT_BLOCKS blocks a group, CURVE_RECENT of them
+    recent on the "blocks-recent" line and none on the others."""
+    return blocks == DEFAULT_BLOCKS and recent == (CURVE_RECENT if mode == "blocks-recent" else 0)
+
+
 def _mode_of_settings(settings: dict) -> str | None:
     """The memory mode of a `longllama passkey --out` run, or None for block settings other than the defaults."""
     plan = settings.get("plan", {})
@@ -71,12 +77,11 @@ def _mode_of_settings(settings: dict) -> str | None:
     if settings.get("mem_top_k") is not None:
         return "knn"
     if plan.get("mem_retrieval") == "blocks":
-        recent = plan.get("mem_recent_blocks", 0)
-        if plan.get("mem_blocks") != DEFAULT_BLOCKS or recent not in (0, CURVE_RECENT):
+        recent, two_level = plan.get("mem_recent_blocks", 0), plan.get("mem_super_size")
+        if recent and two_level:
             return None
-        if recent:
-            return None if plan.get("mem_super_size") else "blocks-recent"
-        return "blocks2" if plan.get("mem_super_size") else "blocks"
+        mode = "blocks-recent" if recent else "blocks2" if two_level else "blocks"
+        return mode if _on_curve(mode, plan.get("mem_blocks"), recent) else None
     return "dense"
 
 
@@ -103,10 +108,9 @@ def points_of(path: Path) -> list[dict]:
         if r.get("benchmark") != "passkey" or r.get("skipped") or not r.get("trials"):
             continue
         mode = _mode_of_record(r)
-        if mode is None or (mode.startswith("blocks") and r.get("mem_blocks", DEFAULT_BLOCKS) != DEFAULT_BLOCKS):
-            continue
-        if mode.startswith("blocks") and (r.get("mem_recent_blocks") or 0) != (
-            CURVE_RECENT if mode == "blocks-recent" else 0
+        if mode is None or (
+            mode.startswith("blocks")
+            and not _on_curve(mode, r.get("mem_blocks", DEFAULT_BLOCKS), r.get("mem_recent_blocks") or 0)
         ):
             continue
         seconds = r.get("seconds_per_trial")
