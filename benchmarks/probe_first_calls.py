@@ -1,9 +1,11 @@
-"""What a fresh process's first 3B ingest pays in attention calls: each cuDNN / FlashAttention call of the ingest's
-dry pass and of three passes over the same 32,770 tokens, timed with a synchronisation around it (--mode percall),
-or the three passes' wall times with the dry pass's attention calls made or replaced by zeros (--mode ab, --skip).
+"""What a fresh process's first 3B ingest pays in attention calls: each cuDNN / FlashAttention call of three passes
+over the same 32,770 tokens, timed with a synchronisation around it (--mode percall), or the three passes' wall
+times alone (--mode ab). The ingest's dry pass makes no attention call (fast/attention.partial_attention returns
+zeros there); the records of benchmarks/results/h100-2026-12-07-first-calls/ were taken before that, when this
+script also timed the dry pass's calls and could replace them by zeros (--skip, since removed).
 
     python benchmarks/probe_first_calls.py --mode percall > percall.json   # GPU; run once before to fill Triton's cache
-    for s in 0 1; do python benchmarks/probe_first_calls.py --mode ab --skip $s; done
+    python benchmarks/probe_first_calls.py --mode ab
 
 Prints one JSON object: the passes' seconds, the first matrix product's, the CUDA context's; with percall, calls and
 seconds per (phase, kernel) and the 25 slowest first calls beside the same shape's time in the second pass.
@@ -19,13 +21,12 @@ from collections import defaultdict
 import torch
 from bench_inference import _longllama
 
-from longllama.fast import attention, kernels
+from longllama.fast import attention
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["percall", "ab"], default="percall")
-    ap.add_argument("--skip", type=int, choices=[0, 1], default=0, help="zeros instead of the dry pass's attention")
     ap.add_argument("--tokens", type=int, default=32770)
     args = ap.parse_args()
 
@@ -42,21 +43,16 @@ def main() -> None:
     original = attention._cuda_partial
 
     def timed(q, k, v, causal, scale, kernel):
-        if args.skip and kernels.compiling_ahead():
-            b, h, n = q.shape[:3]
-            return q.new_empty(b, h, n, v.shape[-1]), torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-        if args.mode != "percall":
-            return original(q, k, v, causal, scale, kernel)
         torch.cuda.synchronize()
         start = time.perf_counter()
         out = original(q, k, v, causal, scale, kernel)
         torch.cuda.synchronize()
         name = attention.resolve_kernel(q, kernel) if q.dtype != torch.float32 else "efficient"
-        where = "dry" if kernels.compiling_ahead() else phase[0]
-        records.append((where, name, tuple(q.shape), tuple(k.shape), causal, time.perf_counter() - start))
+        records.append((phase[0], name, tuple(q.shape), tuple(k.shape), causal, time.perf_counter() - start))
         return out
 
-    attention._cuda_partial = timed  # this process only: the probe's instrument
+    if args.mode == "percall":
+        attention._cuda_partial = timed  # this process only: the probe's instrument
     ids = torch.randint(0, 32000, (1, args.tokens), generator=torch.Generator().manual_seed(0)).cuda()
 
     def ingest() -> float:
@@ -73,7 +69,6 @@ def main() -> None:
         passes.append(ingest())
     out = dict(
         mode=args.mode,
-        skip=bool(args.skip),
         device=torch.cuda.get_device_name(),
         ctx_s=context_s,
         first_matmul_s=first_matmul_s,
@@ -92,9 +87,7 @@ def main() -> None:
             for (w, n), (c, s) in totals.items()
         }
         second = {(qs, ks, c): s for w, _, qs, ks, c, s in records if w == "real2"}
-        firsts = sorted(((s, n, qs, ks, c) for w, n, qs, ks, c, s in records if w in ("dry", "real1")), reverse=True)[
-            :25
-        ]
+        firsts = sorted(((s, n, qs, ks, c) for w, n, qs, ks, c, s in records if w == "real1"), reverse=True)[:25]
         out["slowest_first"] = [
             dict(s=round(s, 4), kernel=n, q=qs, k=ks, causal=c, second=round(second.get((qs, ks, c), -1), 4))
             for s, n, qs, ks, c in firsts
