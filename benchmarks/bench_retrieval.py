@@ -9,15 +9,20 @@ measurements so the command ends in time, and whatever was not started is record
   passkey    the shipped model: pass-key retrieval at each of --lengths (1M and 4M; 10M with --lengths) with
              blocks (--blocks, 64), dense and kNN (mem_top_k 128) memory and the no-memory control; each mode's
              trials (--trials for blocks, fewer for the slow modes: --slow-trials) on seeds from --seed, seconds
-             per trial. Lengths run shortest first; a trial starts only if its estimate (the mode's slowest trial so
-             far, scaled to the length) fits in the time left.
+             per trial (--batch B: trials read B at a time, score_passkeys). Lengths run shortest first; a batch
+             starts only if its estimate (the mode's slowest batch so far, scaled to the length) fits in the time
+             left.
   3b         the 3B shape with random bf16 weights: ingest of --ingest-tokens (1M) with blocks and with dense
              memory (seconds, peak GPU memory), then decoding after it (ms per token, generate from the cache of the
              ingest: the static decoder on a GPU); then blocks read by retrieval.attend's gather instead of the
              block kernel (plan block_kernel=False), the baseline of that kernel.
-             With --offload also blocks with the memory in pinned CPU memory (summaries on the GPU).
+             With --offload also blocks with the memory in pinned CPU memory (summaries on the GPU), with
+             --offload-only that alone (the first of --modes);
+             --step-baseline decodes on from each blocks cache with the plan's block_kernel off (the step's
+             choice and gather in PyTorch), the baseline of the step's kernels.
 --super-size S adds the two-level choice (superblocks of S blocks, mode "blocks2") after blocks in passkey and 3b;
---recent-blocks R adds blocks with the R most recent always read (mode "blocks-recent", mem_recent_blocks) the same way.
+--recent-blocks R adds blocks with the R most recent always read (mode "blocks-recent", mem_recent_blocks) the same way;
+both add the two together after them (mode "blocks2-recent").
 --modes keeps only the named modes of passkey and 3b (e.g. blocks-recent,no-memory).
 
 Records follow benchmarks/results/*.json (benchmark, impl, model or shape, tokens, length, trials, accuracy,
@@ -78,6 +83,13 @@ def modes(args) -> dict[str, dict]:
         "blocks2": dict(mem_retrieval="blocks", mem_blocks=args.blocks, mem_super_size=args.super_size, mem_top_k=None),
         "blocks-recent": dict(
             mem_retrieval="blocks", mem_blocks=args.blocks, mem_recent_blocks=args.recent_blocks, mem_top_k=None
+        ),
+        "blocks2-recent": dict(
+            mem_retrieval="blocks",
+            mem_blocks=args.blocks,
+            mem_super_size=args.super_size,
+            mem_recent_blocks=args.recent_blocks,
+            mem_top_k=None,
         ),
         "dense": dict(mem_retrieval="dense", mem_top_k=None),
         "knn": dict(mem_retrieval="dense", mem_top_k=128),
@@ -192,6 +204,8 @@ def section_passkey(args, records: Records, clock: Clock) -> None:
         plan.insert(1, ("blocks-recent", args.trials))
     if args.super_size:  # the two-level choice right after the one-level one
         plan.insert(1, ("blocks2", args.trials))
+    if args.super_size and args.recent_blocks:  # both: after the two
+        plan.insert(3, ("blocks2-recent", args.trials))
     plan = [(mode, trials) for mode, trials in plan if args.modes is None or mode in args.modes]
     per_token: dict[str, float] = {}  # seconds per prompt token of each mode's trials so far
     for length in sorted(args.lengths):
@@ -202,18 +216,18 @@ def section_passkey(args, records: Records, clock: Clock) -> None:
                 records.add(benchmark="passkey", length=length, skipped=True, mem_mode=mode)
                 continue
             model = shipped(args, **modes(args)[mode])
-            results, seconds = [], []
-            for t in range(trials):
+            results, seconds = [], []  # seconds of each batch of trials
+            for first in range(0, trials, args.batch):
                 if clock.left() < (max(seconds) if seconds else 0):
                     break
-                prompt, key = passkey.passkey_prompt(n_garbage, args.seed + t)
+                seeds = range(args.seed + first, args.seed + min(first + args.batch, trials))
+                prompts = [passkey.passkey_prompt(n_garbage, seed) for seed in seeds]
                 _sync(args.device)
                 start = time.perf_counter()
                 with torch.no_grad():
-                    scored = passkey.score_passkey(model, tokenizer, prompt, key, last_context_length=256)
+                    results += passkey.score_passkeys(model, tokenizer, prompts, last_context_length=256)
                 _sync(args.device)
                 seconds.append(time.perf_counter() - start)
-                results.append(scored)
             if seconds:
                 per_token[mode] = max(seconds) / length
             if results:
@@ -227,8 +241,9 @@ def section_passkey(args, records: Records, clock: Clock) -> None:
                     trials=len(results),
                     seeds=[args.seed + t for t in range(len(results))],
                     accuracy=sum(r["correct"] for r in results) / len(results),
-                    seconds_per_trial=sum(seconds) / len(seconds),
+                    seconds_per_trial=sum(seconds) / len(results),
                     seconds=seconds,
+                    batch=args.batch,
                     dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                     **mode_fields(model),
                 )
@@ -239,11 +254,13 @@ def section_passkey(args, records: Records, clock: Clock) -> None:
 def section_3b(args, records: Records, clock: Clock) -> None:
     config = preset("tiny" if args.tiny else "3b", mem_dtype="bfloat16")
     # (mode, memory in CPU memory, blocks read by the block kernel: False is retrieval.attend's gather)
-    variants = [("blocks", False, True), ("dense", False, True), ("blocks", False, False)]
-    variants += [("blocks", True, True)] if args.offload else []
-    variants[1:1] = [("blocks-recent", False, True)] if args.recent_blocks else []
-    variants[1:1] = [("blocks2", False, True)] if args.super_size else []
+    extra = [("blocks2", args.super_size), ("blocks-recent", args.recent_blocks)]
+    extra.append(("blocks2-recent", args.super_size and args.recent_blocks))
+    variants = [("blocks", False, True)] + [(mode, False, True) for mode, wanted in extra if wanted]
+    variants += [("dense", False, True), ("blocks", False, False)] + ([("blocks", True, True)] if args.offload else [])
     variants = [v for v in variants if args.modes is None or v[0] in args.modes]
+    if args.offload_only:  # the first mode asked for (blocks by default), its memory in pinned CPU memory
+        variants = [((args.modes or ["blocks"])[0], True, True)]
     n = args.ingest_tokens
     for mode, offload, block_kernel in variants:
         impl = "longllama" + ("-offload" if offload else "") + ("" if block_kernel else "-gather")
@@ -276,32 +293,47 @@ def section_3b(args, records: Records, clock: Clock) -> None:
                 tokens_per_s=n / seconds,
                 peak_gib=_peak_gib(args.device),
                 memory_gib=memory_gib,
+                weights_gib=sum(t.nbytes for t in model.parameters()) / 2**30,
                 **fields,
             )
             token = out.logits[:, -1:].argmax(-1)
             cache = out.past_key_values
-            arrivals = _Clock(args.device)
-            steps = args.decode_tokens + 2
-            with torch.no_grad():  # generate's decoder: the static one (CUDA graphs) on a GPU
-                model.generate(
-                    token, cache=cache, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, streamer=arrivals
+            runs = [("generate (the static decoder on a GPU)", False)]
+            if args.step_baseline and block_kernel and mode != "dense":
+                # then the same cache decoded on with the step's choice and gather in PyTorch (block_kernel off)
+                runs.append(("generate, block_kernel off: the step's choice and gather in PyTorch", True))
+            for path, baseline in runs:
+                if baseline:
+                    model.set_plan(block_kernel=False)
+                changed = {"impl": impl + "-step-pytorch", "plan": model.plan.to_dict()} if baseline else {}
+                records.add(
+                    benchmark="decode",
+                    mode="greedy",
+                    ms_per_token=_decode_ms(model, token, cache, args),
+                    path=path,
+                    peak_gib=_peak_gib(args.device),
+                    **{**fields, **changed},
                 )
-            _sync(args.device)
-            t = arrivals.times  # the prompt first, then each token; the first two tokens absorb capture
-            records.add(
-                benchmark="decode",
-                mode="greedy",
-                ms_per_token=(t[-1] - t[2]) / (len(t) - 3) * 1e3,
-                path="generate (the static decoder on a GPU)",
-                peak_gib=_peak_gib(args.device),
-                **fields,
-            )
         except Exception as exc:  # noqa: BLE001 - recorded, the next variant still runs
             records.add(benchmark="ingest", shape=config_name(args), impl=impl, mem_mode=mode, error=str(exc)[:300])
         finally:
             # the cache (the memory: 42 GB at 1M tokens) goes with the model, before the next variant allocates
             del model, out, cache
             _free(args.device)
+
+
+def _decode_ms(model, token: torch.Tensor, cache, args) -> float:
+    """Milliseconds a token of greedy decoding on from `cache` through generate (the static decoder on a GPU), over
+    --decode-tokens tokens after two that absorb the graph capture."""
+    arrivals = _Clock(args.device)
+    steps = args.decode_tokens + 2
+    with torch.no_grad():
+        model.generate(
+            token, cache=cache, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, streamer=arrivals
+        )
+    _sync(args.device)
+    t = arrivals.times  # the prompt first, then each token
+    return (t[-1] - t[2]) / (len(t) - 3) * 1e3
 
 
 def config_name(args) -> str:
@@ -322,6 +354,7 @@ def main() -> None:
     ap.add_argument("--recent-blocks", type=int, default=0, help="also blocks with this many recent blocks kept")
     ap.add_argument("--trials", type=int, default=4, help="pass-key trials with blocks")
     ap.add_argument("--slow-trials", type=int, default=1, help="pass-key trials with dense and kNN memory")
+    ap.add_argument("--batch", type=int, default=1, help="pass-key trials read together (seconds are per batch)")
     ap.add_argument("--seed", type=int, default=100, help="first pass-key seed (new seeds: earlier runs used 0-19)")
     ap.add_argument("--summary-tokens", type=int, default=32768)
     ap.add_argument("--summary-trials", type=int, default=5)
@@ -330,6 +363,16 @@ def main() -> None:
     ap.add_argument("--ingest-tokens", type=int, default=1 << 20)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--offload", action="store_true", help="3b: also blocks with the memory in pinned CPU memory")
+    ap.add_argument(
+        "--offload-only",
+        action="store_true",
+        help="3b: only the first of --modes (default blocks) with the memory in pinned CPU memory",
+    )
+    ap.add_argument(
+        "--step-baseline",
+        action="store_true",
+        help="3b: after each blocks decode, decode on from the same cache with the step's choice and gather in PyTorch",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     unknown = set(args.modes or ()) - set(modes(args))

@@ -6,7 +6,8 @@ Reads `benchmarks/results` records of two kinds: the benchmarks' (`"benchmark": 
 bench_retrieval.py and the small model's runs write them) and `longllama passkey --out` files (settings, summary,
 one record per trial). Trials of one mode, length and card from several files are added up, except that a later
 file's run of the same seeds replaces the earlier one (a re-run of the same prompts with newer code); other models
-(the trained-without-negatives control) and block settings other than the defaults are left out. Writes the curve
+(the trained-without-negatives control) and block settings other than the defaults are left out; trials read in
+batches (bench_retrieval.py --batch) count for accuracy, not for seconds per trial. Writes the curve
 as JSON (points with trials, correct, accuracy, seconds per trial, card, seeds and sources) and a plot of both
 panels.
 
@@ -37,6 +38,7 @@ SOURCES = (
     "h100-2026-12-07-recent-blocks/passkey-1m-b256-r32.json",  # its no-memory control (256 blocks: left out)
     "h100-2026-12-07-recent-blocks/passkey-4m-b64-r16.json",
     "h100-2026-12-07-recent-blocks/passkey-10m-b64-r16.json",
+    "h100-2026-12-07-batched-passkey",  # trials read in batches: their accuracy counts, not their seconds
 )
 MODES = ("dense", "knn", "blocks", "blocks2", "blocks-recent", "no-memory")
 DEFAULT_BLOCKS = 64  # mem_blocks of the curve's block retrieval (other settings are left out)
@@ -113,7 +115,8 @@ def points_of(path: Path) -> list[dict]:
             and not _on_curve(mode, r.get("mem_blocks", DEFAULT_BLOCKS), r.get("mem_recent_blocks") or 0)
         ):
             continue
-        seconds = r.get("seconds_per_trial")
+        # a batch's seconds shared by its trials are not a trial's seconds: the curve's times are lone trials'
+        seconds = r.get("seconds_per_trial") if r.get("batch", 1) == 1 else None
         points.append(
             dict(mode=mode, length=r["length"], trials=r["trials"], correct=round(r["accuracy"] * r["trials"]),
                  device=r.get("device", "?"), seconds=seconds, seeds=r.get("seeds"), source=path.name)

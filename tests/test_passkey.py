@@ -33,6 +33,7 @@ TASK = (
 QUESTION = "What is the pass key? The pass key is"
 FILLER = " ".join([SENTENCE] * 5000)
 VOCAB = 400
+SMALL = Path(task.__file__).parents[1] / "models" / "small"  # the shipped model
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +145,19 @@ class FakeModel:
     def __init__(self, tokenizer, reply):
         self.tokenizer, self.reply, self.calls = tokenizer, reply, []
 
-    def generate(self, input_ids: torch.Tensor, **settings) -> torch.Tensor:
-        self.calls.append(settings)
-        prompt = self.tokenizer.decode(input_ids[0].tolist(), skip_special_tokens=True)
-        key = int(re.search(r"The pass key is (\d+)\.", prompt).group(1))
-        answer = encode_prompt(self.tokenizer, str(key), bos=False)
-        generated = list(self.reply(key, answer, prompt))[: settings["max_new_tokens"]]
-        return torch.cat([input_ids, torch.tensor([generated], dtype=torch.long)], dim=1)
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **settings) -> torch.Tensor:
+        self.calls.append({**settings, "rows": input_ids.shape[0]})
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            pads = mask.index(1)  # left padding only, masked
+            assert mask[pads:] == [1] * (len(mask) - pads) and ids[pads] == self.tokenizer.bos_token_id
+            prompt = self.tokenizer.decode(ids[pads:], skip_special_tokens=True)
+            key = int(re.search(r"The pass key is (\d+)\.", prompt).group(1))
+            answer = encode_prompt(self.tokenizer, str(key), bos=False)
+            rows.append(list(self.reply(key, answer, prompt))[: settings["max_new_tokens"]])
+        width = max(len(r) for r in rows)  # rows that ended early padded with EOS, as generate does
+        generated = [r + [self.tokenizer.eos_token_id] * (width - len(r)) for r in rows]
+        return torch.cat([input_ids, torch.tensor(generated, dtype=torch.long)], dim=1)
 
 
 def test_scoring_needs_the_exact_answer_ids(tokenizer) -> None:
@@ -202,6 +209,48 @@ def test_run_and_summarize_count_per_length_and_depth(tokenizer) -> None:
     table = task.format_table(summary)
     assert "depth 0" in table and "depth 1" in table and "all depths" in table and "6/12 correct" in table
     assert re.search(r"^\s*200\s+\d+\s+100\.0%\s+0\.0%\s+50\.0%$", table, re.MULTILINE), table
+
+
+def test_batches_score_each_prompt_as_alone(tokenizer) -> None:
+    """run_passkey with batch=2 reads a length's trials two at a time (left-padded, masked) and records what it
+    records one at a time: the same keys, answers and scores, an early EOS cutting a row's answer."""
+
+    def reply(key, answer, prompt):  # odd keys answered right, even ones stopped by EOS after one token
+        return answer if key % 2 else answer[:1] + [tokenizer.eos_token_id]
+
+    alone, batched = FakeModel(tokenizer, reply), FakeModel(tokenizer, reply)
+    settings = dict(lengths=[200, 400], depths=[None], trials=5, seed0=3, progress=False)
+    one = task.run_passkey(alone, tokenizer, **settings)
+    two = task.run_passkey(batched, tokenizer, batch=2, **settings)
+    assert two == one
+    assert [c["rows"] for c in batched.calls] == [2, 2, 1, 2, 2, 1]
+    assert {r["key"] % 2 for r in one if r["correct"]} == {1} and any(not r["correct"] for r in one)
+    assert any(len(r["generated_ids"]) == 2 for r in two)
+    with pytest.raises(InputError, match="batch"):
+        task.run_passkey(alone, tokenizer, batch=0, **settings)
+    with pytest.raises(InputError, match="no prompts"):
+        task.score_passkeys(alone, tokenizer, [])
+
+
+def test_batched_trials_of_the_shipped_model() -> None:
+    """The shipped model reading three pass-key prompts of about 2k tokens as one batch (block retrieval with a
+    recent block, so padding reaches the summaries): prompts of the batch's longest length give exactly their
+    lone answers, and every key is found, the shorter prompts' too."""
+    shipped = load_tokenizer(SMALL)
+    model = LongLlamaForCausalLM.from_pretrained(
+        SMALL, dtype=torch.float32, mem_retrieval="blocks", mem_blocks=4, mem_recent_blocks=1
+    ).eval()
+    n_garbage = task.n_garbage_for_tokens(shipped, 2048, seed=0)
+    prompts = [task.passkey_prompt(n_garbage, seed) for seed in range(6)]
+    tokens = [task.prompt_tokens(shipped, p) for p, _ in prompts]
+    assert len(set(tokens)) > 1  # some prompts are padded
+    with torch.no_grad():
+        batch = task.score_passkeys(model, shipped, prompts, last_context_length=256)
+        for (prompt, key), result, n in zip(prompts, batch, tokens):
+            assert result["correct"], (key, result["generated"])
+            if n == max(tokens):  # no padding: the row is computed as alone
+                alone = task.score_passkey(model, shipped, prompt, key, last_context_length=256)
+                assert alone["generated_ids"] == result["generated_ids"]
 
 
 def test_files_are_replaced_atomically(tmp_path: Path, monkeypatch) -> None:
@@ -363,7 +412,7 @@ def test_command_cut_short_keeps_its_finished_trials(checkpoint: Path, tmp_path:
     # --out is rewritten after every trial; a run interrupted at its third trial leaves the first two, marked
     # incomplete, and a full run is marked complete.
     out = tmp_path / "r.json"
-    real, calls = task._trial, []
+    real, calls = task._trials, []
 
     def trial(*args, **kwargs):
         calls.append(1)
@@ -371,7 +420,7 @@ def test_command_cut_short_keeps_its_finished_trials(checkpoint: Path, tmp_path:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(task, "_trial", trial)
+    monkeypatch.setattr(task, "_trials", trial)
     code, _, _ = _run(
         capsys,
         "--model",
@@ -391,7 +440,7 @@ def test_command_cut_short_keeps_its_finished_trials(checkpoint: Path, tmp_path:
     saved = json.loads(out.read_text())
     assert saved["settings"]["complete"] is False and [r["seed"] for r in saved["records"]] == [0, 1]
     assert saved["summary"]["overall"]["trials"] == 2
-    monkeypatch.setattr(task, "_trial", real)
+    monkeypatch.setattr(task, "_trials", real)
     code, _, err = _run(
         capsys,
         "--model",
@@ -410,6 +459,23 @@ def test_command_cut_short_keeps_its_finished_trials(checkpoint: Path, tmp_path:
     assert code == 0, err
     saved = json.loads(out.read_text())
     assert saved["settings"]["complete"] is True and len(saved["records"]) == 4
+
+
+def test_command_reads_trials_in_batches(checkpoint: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """--batch N reads N trials of a length together (one generate call) and records the setting."""
+    out, calls = tmp_path / "r.json", []
+    real = task.score_passkeys
+    monkeypatch.setattr(
+        task, "score_passkeys", lambda m, t, prompts, **kw: calls.append(len(prompts)) or real(m, t, prompts, **kw)
+    )
+    args = ["--model", str(checkpoint), "--lengths", "250", "--trials", "3", "--device", "cpu", "--out", str(out)]
+    code, _, err = _run(capsys, *args, "--batch", "2", "--last-context-length", "64")
+    assert code == 0, err
+    saved = json.loads(out.read_text())
+    assert calls == [2, 1] and saved["settings"]["batch"] == 2
+    assert [r["seed"] for r in saved["records"]] == [0, 1, 2]
+    code, _, err = _run(capsys, *args, "--batch", "0")
+    assert code == 2 and "--batch" in err
 
 
 def test_command_errors_are_one_line(checkpoint: Path, tmp_path: Path, capsys) -> None:

@@ -363,11 +363,21 @@ def test_model_reads_blocks_through_the_kernel():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("heads, kv_heads, invalid, n", [(4, 4, False, 70), (4, 2, True, 9), (6, 2, False, 40)])
+@pytest.mark.parametrize(
+    "heads, kv_heads, invalid, n",
+    [
+        (4, 4, False, 70),
+        (4, 2, True, 9),
+        (6, 2, False, 40),
+        (4, 4, False, 1),  # a decoding step: one row per group (the step's kernel)
+        (8, 2, True, 1),  # a step under GQA: four rows
+        (6, 2, False, 2),  # two positions of three heads in one group of 16: six rows, still the step's kernel
+    ],
+)
 def test_bounds_kernel_chooses_the_blocks_of_select_blocks(heads, kv_heads, invalid, n):
-    """The bounds kernel (interpreter, fp32) picks each query group's blocks as select_blocks does in PyTorch: GQA
+    """The bounds kernels (interpreter, fp32) pick each query group's blocks as select_blocks does in PyTorch: GQA
     (rows of several heads, 3 x 40 = 120 rows: not a power of two), padding rows of a partial group, padding in
-    memory, a short last block."""
+    memory, a short last block; a single group of at most 8 rows (a decoding step) through step_bounds_kernel."""
     if not _interpreting():
         pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
     from longllama.fast import block_attention
@@ -378,6 +388,27 @@ def test_bounds_kernel_chooses_the_blocks_of_select_blocks(heads, kv_heads, inva
         _, plain, _ = retrieval.choose(q, memory, 5, 8, group, recent=recent)
         _, fast, _ = retrieval.choose(q, memory, 5, 8, group, bounds=block_attention.best_bounds, recent=recent)
         assert torch.equal(fast, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_kernel_copies_the_chosen_blocks(dtype):
+    """fast/block_attention.gather_blocks (interpreter) gives a decoding step the stored rows PyTorch's indexing
+    gives (step_blocks with and without it): padded rows (head_dim 12 stored 20 wide), every row and head its own
+    blocks, a capacity past the memory's length."""
+    if not _interpreting():
+        pytest.skip("TRITON_INTERPRET=1 was not set before Triton was imported (a GPU machine)")
+    from longllama.fast import block_attention
+
+    memory = _memory(2, 3, 200, 12, dtype=dtype)
+    memory.reserve(300)
+    q = torch.randn(2, 6, 12, generator=torch.Generator().manual_seed(3)).to(dtype)
+    plain = retrieval.step_blocks(q, memory, 5, 8, recent=1)
+    fast = retrieval.step_blocks(q, memory, 5, 8, recent=1, gather=block_attention.gather_blocks)
+    assert fast[1] is None and plain[1] is None
+    for a, b in zip(fast[0], plain[0]):
+        assert a.shape == (2, 3, 40, 20) and torch.equal(a, b)
+    _, chosen, _ = retrieval.choose(q[:, :, None], memory, 5, 8, recent=1)
+    assert len({tuple(c) for c in chosen.reshape(6, 5).tolist()}) > 1  # heads chose differently
 
 
 def _bound(q, kmax, kmin, rows, block) -> float:

@@ -852,6 +852,7 @@ def passkey(
     depths: list[float | None] | None = None,
     trials: int = 10,
     seed: int = 0,
+    batch: int = 1,
     last_context_length: int | None = None,
     load: LoadOptions | None = None,
     out: str | None = None,
@@ -886,6 +887,7 @@ def passkey(
         "depths": depths,
         "trials": trials,
         "seed": seed,
+        "batch": batch,
         "last_context_length": last_context_length,
         "dtype": load.dtype,
         "device": str(torch_device),
@@ -908,6 +910,7 @@ def passkey(
         last_context_length=last_context_length,
         progress=True,
         on_record=save_so_far if out_path is not None else None,
+        batch=batch,
     )
     status = _report(task, records, {**settings, "complete": True}, out_path, plot_path)
     _print_timings(load.verbose)
@@ -995,6 +998,14 @@ def _add_passkey(commands) -> None:
         help="prompts per length and depth, seeds S .. S+N-1 (10)",
     )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed of the prompt generator (0)")
+    p.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="trials of one length and depth read together (1): faster on a GPU; prompts are left-padded to the "
+        "longest, so a shorter one's windows begin where its padding ends",
+    )
     p.add_argument(
         "--last-context-length",
         type=_positive_int,

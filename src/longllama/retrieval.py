@@ -373,18 +373,32 @@ def attend_planned(
 
 
 def step_blocks(
-    q: torch.Tensor, memory: MemoryCache, blocks: int, block_size: int, super_size: int = 0, recent: int = 0
+    q: torch.Tensor,
+    memory: MemoryCache,
+    blocks: int,
+    block_size: int,
+    super_size: int = 0,
+    recent: int = 0,
+    bounds: Callable[..., torch.Tensor] | None = None,
+    gather: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None] | None:
     """For one decoding query per row, q (b, h, d): the chosen blocks of each key/value head (the choice read_blocks
     makes for a single query) as stored, padded keys and values (b, kv_heads, keep * block_size, width) and int8
     scales (b, kv_heads, keep * block_size) or None: a memory in the layout the decoding kernels read. None where
     every gathered key would not be valid (invalid keys, a short last block) or the memory is held elsewhere or
-    shared by rows: the caller then takes `attend`."""
+    shared by rows: the caller then takes `attend`. `bounds` as in select_blocks; `gather(memory, chosen,
+    block_size)`, where given, copies the chosen blocks (b, kv_heads, keep) (the kernels' path:
+    fast/block_attention.gather_blocks), else PyTorch's indexing does."""
     if memory.share != 1 or not memory.all_valid() or memory.length % block_size or memory.device != q.device:
         return None
-    _, chosen, _ = choose(q[:, :, None], memory, blocks, block_size, super_size=super_size, recent=recent)
+    _, chosen, _ = choose(
+        q[:, :, None], memory, blocks, block_size, bounds=bounds, super_size=super_size, recent=recent
+    )
     tokens = _block_tokens(chosen, block_size)
-    keys, values = (_take(t, tokens) for t in memory.padded())
+    if gather is None:
+        keys, values = (_take(t, tokens) for t in memory.padded())
+    else:
+        keys, values = gather(memory, chosen[:, :, 0], block_size)
     scales = memory.scales()
     scales = None if scales is None else tuple(_take(t, tokens) for t in scales)
     memory.read_bytes += keys.nbytes + values.nbytes + (0 if scales is None else sum(t.nbytes for t in scales))

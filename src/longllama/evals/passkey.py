@@ -174,25 +174,54 @@ def score_passkey(
     The answer ids are those of str(key) without BOS; as the tokenizer adds the dummy-prefix space, they are the
     ids of " 15338", the text that follows "The pass key is" in the prompt.
     """
-    ids = encode_prompt(tokenizer, prompt, bos=True)
-    answer_ids = encode_prompt(tokenizer, str(key), bos=False)
-    input_ids = torch.tensor([ids], dtype=torch.long, device=getattr(model, "device", None))
+    return score_passkeys(model, tokenizer, [(prompt, key)], last_context_length=last_context_length)[0]
+
+
+def score_passkeys(
+    model,
+    tokenizer,
+    prompts: Sequence[tuple[str, int]],
+    *,
+    last_context_length: int | None = DEFAULT_LAST_CONTEXT_LENGTH,
+) -> list[dict[str, Any]]:
+    """score_passkey for several (prompt, key) pairs read as one batch: the prompts are left-padded to the longest
+    (the padding is masked, in the memory too), so a shorter prompt's windows begin where its padding ends rather
+    than at its first token, and its answer may differ from a lone run's. One prompt is exactly score_passkey."""
+    if not prompts:
+        raise InputError("no prompts to score; pass at least one (prompt, key) pair")
+    encoded = [encode_prompt(tokenizer, prompt, bos=True) for prompt, _ in prompts]
+    answers = [encode_prompt(tokenizer, str(key), bos=False) for _, key in prompts]
+    longest = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = getattr(model, "device", None)
+    input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids in encoded], device=device)
+    mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
     output = model.generate(
         input_ids,
-        attention_mask=torch.ones_like(input_ids),
+        attention_mask=mask,
         do_sample=False,
         num_beams=1,
-        max_new_tokens=len(answer_ids),
+        max_new_tokens=max(len(a) for a in answers),
         last_context_length=last_context_length,
     )
-    generated = [int(t) for t in output[0, len(ids) :].tolist()]  # shorter than the answer if EOS came first
-    return {
-        "tokens": len(ids),
-        "answer_ids": answer_ids,
-        "generated_ids": generated,
-        "generated": tokenizer.decode(generated, skip_special_tokens=True),
-        "correct": generated == answer_ids,
-    }
+    eos = {tokenizer.eos_token_id} - {None}
+    results = []
+    for row, (ids, answer_ids) in enumerate(zip(encoded, answers)):
+        generated = []
+        for t in output[row, longest:].tolist()[: len(answer_ids)]:  # shorter than the answer if EOS came first
+            generated.append(int(t))
+            if t in eos:
+                break
+        results.append(
+            {
+                "tokens": len(ids),
+                "answer_ids": answer_ids,
+                "generated_ids": generated,
+                "generated": tokenizer.decode(generated, skip_special_tokens=True),
+                "correct": generated == answer_ids,
+            }
+        )
+    return results
 
 
 def run_passkey(
@@ -206,9 +235,13 @@ def run_passkey(
     last_context_length: int | None = DEFAULT_LAST_CONTEXT_LENGTH,
     progress: bool = True,
     on_record: Callable[[list[dict[str, Any]]], None] | None = None,
+    batch: int = 1,
 ) -> list[dict[str, Any]]:
     """One record per (length, depth, trial): seeds seed0 .. seed0 + trials - 1 at every length and depth.
-    `on_record` gets the records so far after every trial (the CLI saves them, so a run cut short keeps its trials).
+    `on_record` gets the records so far after every batch of trials (the CLI saves them, so a run cut short keeps
+    its trials). `batch` > 1 reads up to that many trials of one length and depth together (score_passkeys: on a GPU
+    the windows of several prompts cost little more than one's; a padded prompt's windows begin where its padding
+    ends).
 
     `lengths` are prompt lengths in tokens; each gets one filler size (calibrated on the first seed), so a length's
     prompts differ only by the key and its place, and each record keeps its prompt's actual token count. `depths`
@@ -219,51 +252,68 @@ def run_passkey(
         _check_depth(depth)
     if trials < 1:
         raise InputError(f"trials={trials} must be at least 1")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise InputError(f"batch={batch!r} must be a whole number of trials read together, at least 1")
     check_lengths(tokenizer, lengths, seed=seed0)
     sizes = {length: n_garbage_for_tokens(tokenizer, length, seed=seed0) for length in lengths}
-    grid = [(length, depth, seed0 + t) for length in lengths for depth in depths for t in range(trials)]
+    cells = [(length, depth) for length in lengths for depth in depths]
     records = []
-    with _trial_bar(len(grid), enabled=progress) as bar:
-        for length, depth, seed in grid:
-            records.append(
-                _trial(model, tokenizer, length, sizes[length], depth, seed, last_context_length=last_context_length)
-            )
-            bar.update(1)
-            bar.set_postfix(length=length, correct=f"{sum(r['correct'] for r in records)}/{len(records)}")
-            if on_record is not None:
-                on_record(records)
+    with _trial_bar(len(cells) * trials, enabled=progress) as bar:
+        for length, depth in cells:
+            for first in range(0, trials, batch):
+                seeds = [seed0 + t for t in range(first, min(first + batch, trials))]
+                records += _trials(
+                    model, tokenizer, length, sizes[length], depth, seeds, last_context_length=last_context_length
+                )
+                bar.update(len(seeds))
+                bar.set_postfix(length=length, correct=f"{sum(r['correct'] for r in records)}/{len(records)}")
+                if on_record is not None:
+                    on_record(records)
     return records
 
 
-def _trial(
-    model, tokenizer, length: int, n_garbage: int, depth: float | None, seed: int, *, last_context_length: int | None
-) -> dict[str, Any]:
-    prompt, key = passkey_prompt(n_garbage, seed, depth=depth)
-    scored = score_passkey(model, tokenizer, prompt, key, last_context_length=last_context_length)
-    logger.info(
-        "length %d (%d tokens) depth %s seed %d: key %d, generated %r -> %s",
-        length,
-        scored["tokens"],
-        "random" if depth is None else depth,
-        seed,
-        key,
-        scored["generated"],
-        "correct" if scored["correct"] else "wrong",
-    )
-    return {
-        "length": length,
-        "tokens": scored["tokens"],
-        "n_garbage": n_garbage,
-        "depth": depth,
-        "prefix_chars": prefix_chars_of(prompt),
-        "seed": seed,
-        "key": key,
-        "answer": str(key),
-        "answer_ids": scored["answer_ids"],
-        "generated_ids": scored["generated_ids"],
-        "generated": scored["generated"],
-        "correct": scored["correct"],
-    }
+def _trials(
+    model,
+    tokenizer,
+    length: int,
+    n_garbage: int,
+    depth: float | None,
+    seeds: Sequence[int],
+    *,
+    last_context_length: int | None,
+) -> list[dict[str, Any]]:
+    """One record per seed, the prompts read as one batch."""
+    prompts = [passkey_prompt(n_garbage, seed, depth=depth) for seed in seeds]
+    scored = score_passkeys(model, tokenizer, prompts, last_context_length=last_context_length)
+    records = []
+    for seed, (prompt, key), result in zip(seeds, prompts, scored):
+        logger.info(
+            "length %d (%d tokens) depth %s seed %d: key %d, generated %r -> %s",
+            length,
+            result["tokens"],
+            "random" if depth is None else depth,
+            seed,
+            key,
+            result["generated"],
+            "correct" if result["correct"] else "wrong",
+        )
+        records.append(
+            {
+                "length": length,
+                "tokens": result["tokens"],
+                "n_garbage": n_garbage,
+                "depth": depth,
+                "prefix_chars": prefix_chars_of(prompt),
+                "seed": seed,
+                "key": key,
+                "answer": str(key),
+                "answer_ids": result["answer_ids"],
+                "generated_ids": result["generated_ids"],
+                "generated": result["generated"],
+                "correct": result["correct"],
+            }
+        )
+    return records
 
 
 def _trial_bar(total: int, *, enabled: bool):

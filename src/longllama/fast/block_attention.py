@@ -30,6 +30,8 @@ from longllama.ops import merge_partials
 from longllama.plan import ExecutionPlan
 
 _BOUND_BLOCKS = 64  # memory blocks one program of the bounds kernel scores
+_STEP_ROWS = 8  # a single query group of at most this many rows (a decoding step) takes step_bounds_kernel
+_STEP_BLOCKS = 32  # memory blocks one program of the step's bounds kernel scores
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,7 +39,12 @@ def _kernels():
     """The kernels (block_kernels.py), imported on first use: Triton is only needed where they run."""
     from longllama.fast import block_kernels
 
-    return block_kernels.block_attention_kernel, block_kernels.block_bounds_kernel
+    return (
+        block_kernels.block_attention_kernel,
+        block_kernels.block_bounds_kernel,
+        block_kernels.step_bounds_kernel,
+        block_kernels.gather_blocks_kernel,
+    )
 
 
 def best_bounds(
@@ -45,7 +52,8 @@ def best_bounds(
 ) -> torch.Tensor:
     """retrieval.select_blocks' bounds by a kernel: each query group's best bound per block (b, kv_heads, groups,
     B) fp32, the group's rows x blocks products kept in registers (select_blocks materialises them). On GPUs the
-    products are TF32 tensor-core products: a near tie between two blocks may go the other way than in fp32."""
+    products are TF32 tensor-core products: a near tie between two blocks may go the other way than in fp32. A
+    single group of a few rows (a decoding step) is one fp32 pass over the summaries instead (step_bounds_kernel)."""
     b, hkv, groups, rows, d = qg.shape
     n_blocks = kmax.shape[2]
     qg = qg if qg.stride(-1) == 1 else qg.contiguous()
@@ -54,6 +62,19 @@ def best_bounds(
     real = real.to(torch.uint8).contiguous()
     valid = any_valid.to(torch.uint8)
     best = torch.empty(b, hkv, groups, n_blocks, dtype=torch.float32, device=qg.device)
+    if groups == 1 and rows <= _STEP_ROWS:  # a decoding step: no rows to pad to a tensor-core product
+        kernels.launch_fixed(
+            "step_bounds",
+            _kernels()[2],
+            (b * hkv, -(-n_blocks // _STEP_BLOCKS)),
+            (qg, real, kmax, kmin, valid, best, hkv, n_blocks, qg.stride(0), qg.stride(1), qg.stride(3))
+            + (*kmax.stride()[:3], valid.stride(0)),
+            D=d,
+            ROWS=rows,
+            BLOCK_B=_STEP_BLOCKS,
+            BLOCK_D=max(16, kernels.pow2(d)),
+        )
+        return best
     grid = (groups, b * hkv, -(-n_blocks // _BOUND_BLOCKS))
     kernels.launch_fixed(
         "block_bounds",
@@ -80,6 +101,32 @@ def best_bounds(
         BLOCK_D=max(16, kernels.pow2(d)),
     )
     return best
+
+
+def gather_blocks(memory: MemoryCache, chosen: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """retrieval.step_blocks' gather by a kernel: the stored (padded) keys and values of the chosen blocks (b,
+    kv_heads, keep), every one whole inside the memory, block after block: (b, kv_heads, keep * block_size,
+    storage_dim). One program copies one block, in 16-byte vectors (benchmarks/probe_decode_blocks.py measures it
+    against PyTorch's indexing)."""
+    b, hkv, keep = chosen.shape
+    pk, pv = memory.padded()
+    width = pk.shape[-1]
+    if pk.stride() != pv.stride() or pk.stride()[2:] != (width, 1):  # the kernel takes rows `width` apart
+        pk, pv = pk.contiguous(), pv.contiguous()
+    k = torch.empty(b, hkv, keep * block_size, width, dtype=pk.dtype, device=pk.device)
+    v = torch.empty_like(k)
+    chosen = chosen.contiguous()
+    kernels.launch_fixed(
+        "gather_blocks",
+        _kernels()[3],
+        (b * hkv, keep),
+        (pk, pv, chosen, k, v, hkv, keep, pk.stride(0) // width, pk.stride(1) // width),
+        BLOCK_SIZE=block_size,
+        WIDTH=width,
+        BLOCK_R=max(16, kernels.pow2(block_size)),
+        BLOCK_W=max(16, kernels.pow2(width)),
+    )
+    return k, v
 
 
 def applies(q: torch.Tensor, memory: MemoryCache, plan: ExecutionPlan) -> bool:

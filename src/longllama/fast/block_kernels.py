@@ -146,3 +146,87 @@ def block_bounds_kernel(
     valid = tl.load(any_ptr + b * s_ab + blocks, mask=blocks < NB, other=0) != 0
     best = tl.where(valid, best, float("-inf"))
     tl.store(best_ptr + ((b * KV_H + kvh) * GROUPS + g) * NB + blocks, best, mask=blocks < NB)
+
+
+@triton.jit
+def step_bounds_kernel(
+    q_ptr,
+    real_ptr,
+    kmax_ptr,
+    kmin_ptr,
+    any_ptr,
+    best_ptr,
+    KV_H,
+    NB,
+    s_qb,
+    s_qh,
+    s_qr,
+    s_sb,
+    s_sh,
+    s_sn,
+    s_ab,
+    D: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # block_bounds_kernel for a single query group of at most a few rows (a decoding step: one position, the query
+    # heads of one key/value head): no tensor-core product to pad to 16 rows, each summary read once in fp32 and the
+    # bound of each row, sum_d max(q_d kmax_d, q_d kmin_d), formed in registers. A step reads every summary of the
+    # memory, so this is a pass over them at the memory's bandwidth.
+    bh = tl.program_id(0)
+    pb = tl.program_id(1)
+    b = (bh // KV_H).to(tl.int64)
+    kvh = (bh % KV_H).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    blocks = pb * BLOCK_B + tl.arange(0, BLOCK_B)
+    smask = (blocks[:, None] < NB) & (cols[None, :] < D)
+    offsets = b * s_sb + kvh * s_sh + blocks[:, None] * s_sn + cols[None, :]
+    kmax = tl.load(kmax_ptr + offsets, mask=smask, other=0.0)
+    kmin = tl.load(kmin_ptr + offsets, mask=smask, other=0.0)
+    best = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+    for r in tl.static_range(ROWS):
+        q = tl.load(q_ptr + b * s_qb + kvh * s_qh + r * s_qr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        bound = tl.sum(tl.maximum(q[None, :] * kmax, q[None, :] * kmin), axis=1)
+        real = tl.load(real_ptr + r) != 0
+        best = tl.maximum(best, tl.where(real, bound, float("-inf")))
+    valid = tl.load(any_ptr + b * s_ab + blocks, mask=blocks < NB, other=0) != 0
+    best = tl.where(valid, best, float("-inf"))
+    tl.store(best_ptr + (b * KV_H + kvh) * NB + blocks, best, mask=blocks < NB)
+
+
+@triton.jit
+def gather_blocks_kernel(
+    k_ptr,
+    v_ptr,
+    chosen_ptr,
+    k_out,
+    v_out,
+    KV_H,
+    KEEP,
+    rows_b,
+    rows_h,
+    BLOCK_SIZE: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    # One program: one chosen block of one (row, key/value head), its BLOCK_SIZE stored rows of keys and of values
+    # copied whole (WIDTH columns, the padding included) to the block's place in the gathered memory (b, kv_heads,
+    # KEEP * BLOCK_SIZE, WIDTH). chosen: (b, kv_heads, KEEP) block indices, every block whole inside the memory. The
+    # stored memory's rows are WIDTH apart (rows_b, rows_h: its strides in rows): with WIDTH a compile-time constant
+    # Triton knows every row starts 16-byte aligned and copies 16-byte vectors (a stride passed as a plain argument
+    # not divisible by 16, 104 for head_dim 100, made it copy element by element: about 0.5 ms a step's 64 blocks of
+    # the 3B shape, against 0.05 ms).
+    bh = tl.program_id(0)
+    j = tl.program_id(1)
+    b = (bh // KV_H).to(tl.int64)
+    kvh = (bh % KV_H).to(tl.int64)
+    block = tl.load(chosen_ptr + bh * KEEP + j).to(tl.int64)
+    rows = tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_W)
+    mask = (rows[:, None] < BLOCK_SIZE) & (cols[None, :] < WIDTH)
+    src = (b * rows_b + kvh * rows_h + block * BLOCK_SIZE + rows)[:, None] * WIDTH + cols[None, :]
+    dst = (bh.to(tl.int64) * KEEP * BLOCK_SIZE + j * BLOCK_SIZE + rows)[:, None] * WIDTH + cols[None, :]
+    tl.store(k_out + dst, tl.load(k_ptr + src, mask=mask), mask=mask)
+    tl.store(v_out + dst, tl.load(v_ptr + src, mask=mask), mask=mask)

@@ -35,7 +35,7 @@ import torch
 from longllama import retrieval, timings
 from longllama.attention import kernel_head_dim
 from longllama.cache import LongLlamaCache
-from longllama.fast import decode_attention, gemv, kernels
+from longllama.fast import block_attention, decode_attention, gemv, kernels
 from longllama.fast.fused import ops_for
 from longllama.model import read_memory
 from longllama.ops import EAGER, rotate
@@ -231,8 +231,17 @@ class StaticDecoder:
             return None
         plan = self.plan
         if retrieval.retrieves(memory, plan):
+            # where the plan reads blocks with kernels, kernels also rank (one pass over the summaries) and copy them
+            fast = plan.block_kernel
             chosen = retrieval.step_blocks(
-                q, memory, plan.mem_blocks, plan.mem_block_size, plan.mem_super_size, plan.mem_recent_blocks
+                q,
+                memory,
+                plan.mem_blocks,
+                plan.mem_block_size,
+                plan.mem_super_size,
+                plan.mem_recent_blocks,
+                bounds=block_attention.best_bounds if fast else None,
+                gather=block_attention.gather_blocks if fast else None,
             )
             return False if chosen is None else chosen
         _, _, padded, valid, scales = read_memory(memory, q.device)
