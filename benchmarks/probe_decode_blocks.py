@@ -26,6 +26,7 @@ from longllama.attention import kernel_head_dim
 from longllama.fast import decode_attention
 from longllama.fast.block_attention import best_bounds, gather_blocks
 from longllama.memory import MemoryCache
+from longllama.retrieval import BlockChoice
 
 
 def replay_ms(fn, reps: int = 50) -> float:
@@ -91,24 +92,24 @@ def main() -> None:
 
     def before(blocks: int):
         """The step as it was: PyTorch's bounds, then the blocks gathered by indexing three dimensions."""
-        _, chosen, _ = retrieval.choose(q[:, :, None], memory, blocks, block)
+        _, chosen, _ = retrieval.choose(q[:, :, None], memory, BlockChoice(blocks, block))
         tokens = retrieval._block_tokens(chosen, block)
         return tuple(retrieval._take(t, tokens) for t in memory.padded())
 
     def now(blocks: int):
-        return retrieval.step_blocks(q, memory, blocks, block, bounds=best_bounds, gather=gather_blocks)[0]
+        return retrieval.step_blocks(q, memory, BlockChoice(blocks, block), best_bounds, gather_blocks)[0]
 
     for blocks in args.blocks:
         ms[f"choose {blocks} PyTorch bounds"] = replay_ms(
-            lambda: retrieval.choose(q[:, :, None], memory, blocks, block)
+            lambda: retrieval.choose(q[:, :, None], memory, BlockChoice(blocks, block))
         )
         ms[f"choose {blocks} bounds kernel"] = replay_ms(
-            lambda: retrieval.choose(q[:, :, None], memory, blocks, block, bounds=best_bounds)
+            lambda: retrieval.choose(q[:, :, None], memory, BlockChoice(blocks, block), bounds=best_bounds)
         )
         if args.super_size and retrieval.two_level(args.super_size, blocks, args.tokens // block):
             ms[f"choose {blocks} two-level {args.super_size} bounds kernel"] = replay_ms(
                 lambda: retrieval.choose(
-                    q[:, :, None], memory, blocks, block, bounds=best_bounds, super_size=args.super_size
+                    q[:, :, None], memory, BlockChoice(blocks, block, args.super_size), bounds=best_bounds
                 )
             )
         ms[f"step before {blocks}"] = replay_ms(lambda: before(blocks))

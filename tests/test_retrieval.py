@@ -20,6 +20,7 @@ from longllama.config import ConfigError, preset
 from longllama.errors import InputError
 from longllama.memory import MemoryCache
 from longllama.plan import check_changes
+from longllama.retrieval import BlockChoice
 
 
 def _memory(b, hkv, m, d, *, dtype=torch.float32, invalid=False, seed=0):
@@ -58,7 +59,7 @@ def test_all_blocks_equal_dense_attention(heads, kv_heads, share, dtype, invalid
         memory.expand(share)
     q, k, v, visible = _queries(b * share, heads, kv_heads, n, kv, d)
     n_blocks = -(-m // 8)
-    out = retrieval.attend(q, k, v, visible=visible, memory=memory, blocks=n_blocks, block_size=8)
+    out = retrieval.attend(q, k, v, visible=visible, memory=memory, choice=BlockChoice(n_blocks, 8))
     mem_k, mem_v, valid = memory.logical()
     if dtype == torch.int8:  # dense over the same (dequantized) numbers
         mem_k, mem_v = mem_k.float(), mem_v.float()
@@ -169,7 +170,7 @@ def test_offloaded_memory_reads_only_the_chosen_blocks():
         before = memory.read_bytes
         q = torch.randn(1, 4, 1, 16)
         k, v = torch.randn(1, 4, 3, 16), torch.randn(1, 4, 3, 16)
-        retrieval.attend(q, k, v, visible=None, memory=memory, blocks=2, block_size=4)
+        retrieval.attend(q, k, v, visible=None, memory=memory, choice=BlockChoice(2, 4))
         # one query group per head, 2 blocks of 4 keys, keys and values in fp32: at most 4 heads x 8 keys x 2
         read = memory.read_bytes - before
         assert 0 < read <= 4 * 8 * 2 * 16 * 4
@@ -338,7 +339,7 @@ def test_block_kernel_equals_the_gathered_read(heads, kv_heads, invalid, n, bloc
     out = block_attention.attend(
         q, k, v, visible=None if causal else visible, is_causal=causal, memory=memory, plan=plan
     )
-    ref = retrieval.attend(q, k, v, visible=visible, memory=memory, blocks=blocks, block_size=8, recent=recent)
+    ref = retrieval.attend(q, k, v, visible=visible, memory=memory, choice=BlockChoice(blocks, 8, recent=recent))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -385,8 +386,8 @@ def test_bounds_kernel_chooses_the_blocks_of_select_blocks(heads, kv_heads, inva
     memory = _memory(2, kv_heads, 203, 20, invalid=invalid)
     q = _queries(2, heads, kv_heads, n, n, 20)[0]
     for group, recent in ((64, 0), (16, 0), (16, 2)):
-        _, plain, _ = retrieval.choose(q, memory, 5, 8, group, recent=recent)
-        _, fast, _ = retrieval.choose(q, memory, 5, 8, group, bounds=block_attention.best_bounds, recent=recent)
+        _, plain, _ = retrieval.choose(q, memory, BlockChoice(5, 8, recent=recent), group)
+        _, fast, _ = retrieval.choose(q, memory, BlockChoice(5, 8, recent=recent), group, block_attention.best_bounds)
         assert torch.equal(fast, plain)
 
 
@@ -402,12 +403,12 @@ def test_gather_kernel_copies_the_chosen_blocks(dtype):
     memory = _memory(2, 3, 200, 12, dtype=dtype)
     memory.reserve(300)
     q = torch.randn(2, 6, 12, generator=torch.Generator().manual_seed(3)).to(dtype)
-    plain = retrieval.step_blocks(q, memory, 5, 8, recent=1)
-    fast = retrieval.step_blocks(q, memory, 5, 8, recent=1, gather=block_attention.gather_blocks)
+    plain = retrieval.step_blocks(q, memory, BlockChoice(5, 8, recent=1))
+    fast = retrieval.step_blocks(q, memory, BlockChoice(5, 8, recent=1), gather=block_attention.gather_blocks)
     assert fast[1] is None and plain[1] is None
     for a, b in zip(fast[0], plain[0]):
         assert a.shape == (2, 3, 40, 20) and torch.equal(a, b)
-    _, chosen, _ = retrieval.choose(q[:, :, None], memory, 5, 8, recent=1)
+    _, chosen, _ = retrieval.choose(q[:, :, None], memory, BlockChoice(5, 8, recent=1))
     assert len({tuple(c) for c in chosen.reshape(6, 5).tolist()}) > 1  # heads chose differently
 
 
@@ -456,16 +457,20 @@ def test_two_level_choice_keeps_distinct_blocks_inside_the_memory():
     valid[:, : 8 * 250] = False  # only the last 50 blocks hold valid keys
     memory.append(torch.randn(2, 2, 8 * 300, 16, generator=g), torch.randn(2, 2, 8 * 300, 16, generator=g), valid)
     q = _queries(2, 4, 2, 130, 130, 16)[0]
-    _, chosen, _ = retrieval.choose(q, memory, 4, 8, 32, super_size=16)
+    _, chosen, _ = retrieval.choose(q, memory, BlockChoice(4, 8, super_size=16), 32)
     assert chosen.shape[-1] == 4 and bool((chosen[..., 1:] > chosen[..., :-1]).all()) and int(chosen.max()) < 300
-    _, flat, _ = retrieval.choose(q, memory, 4, 8, 32)
+    _, flat, _ = retrieval.choose(q, memory, BlockChoice(4, 8), 32)
     assert bool((chosen >= 250).all()) and bool((flat >= 250).all())  # valid blocks exist: no invalid one chosen
     small = _memory(1, 1, 8 * 60, 8)  # 60 blocks <= 16 * 4 candidates: one level
     qs = _queries(1, 1, 1, 10, 10, 8)[0]
     for size in (4, 61):  # a superblock of 61 blocks would leave fewer than 4 candidates inside the memory
-        assert torch.equal(retrieval.choose(qs, small, 4, 8, super_size=size)[1], retrieval.choose(qs, small, 4, 8)[1])
+        assert torch.equal(
+            retrieval.choose(qs, small, BlockChoice(4, 8, size))[1], retrieval.choose(qs, small, BlockChoice(4, 8))[1]
+        )
     big = _memory(1, 1, 8 * 200, 8)
-    assert torch.equal(retrieval.choose(qs, big, 4, 8, super_size=61)[1], retrieval.choose(qs, big, 4, 8)[1])
+    assert torch.equal(
+        retrieval.choose(qs, big, BlockChoice(4, 8, 61))[1], retrieval.choose(qs, big, BlockChoice(4, 8))[1]
+    )
 
 
 def test_superblock_summaries_are_kept_until_the_next_append():
@@ -527,10 +532,8 @@ def test_bounds_kernel_ranks_superblocks_as_pytorch_does():
     memory = _memory(1, 2, 8 * 90, 20, invalid=True, seed=6)  # 90 blocks > 16 * 2 candidates
     q = _queries(1, 4, 2, 40, 40, 20)[0]
     for recent in (0, 1):
-        _, plain, _ = retrieval.choose(q, memory, 2, 8, 16, super_size=4, recent=recent)
-        _, fast, _ = retrieval.choose(
-            q, memory, 2, 8, 16, bounds=block_attention.best_bounds, super_size=4, recent=recent
-        )
+        _, plain, _ = retrieval.choose(q, memory, BlockChoice(2, 8, 4, recent), 16)
+        _, fast, _ = retrieval.choose(q, memory, BlockChoice(2, 8, 4, recent), 16, block_attention.best_bounds)
         assert torch.equal(fast, plain)
 
 

@@ -43,6 +43,23 @@ _BOUND_ELEMENTS = 1 << 24  # bound scores computed at a time (groups chunked to 
 SUPER_CANDIDATES = 16
 
 
+@dataclass(frozen=True)
+class BlockChoice:
+    """How a query group chooses the memory it reads: its best `blocks` blocks of `block_size` keys, ranked in two
+    levels through superblocks of `super_size` blocks (0: one level), `recent` of them always the memory's most
+    recent (select_blocks). One object from the plan's fields (`of`), so a new setting reaches every reader."""
+
+    blocks: int
+    block_size: int
+    super_size: int = 0
+    recent: int = 0
+
+    @classmethod
+    def of(cls, plan: ExecutionPlan) -> BlockChoice:
+        """The plan's mem_blocks, mem_block_size, mem_super_size and mem_recent_blocks."""
+        return cls(plan.mem_blocks, plan.mem_block_size, plan.mem_super_size, plan.mem_recent_blocks)
+
+
 def _grouped(x: torch.Tensor, kv_heads: int, group: int) -> torch.Tensor:
     """(b, h, T, c) -> (b, kv_heads, groups, (h / kv_heads) * group, c): queries in groups of `group` consecutive
     positions, the query heads of one key/value head side by side; T padded with zeros to whole groups."""
@@ -275,16 +292,14 @@ class BlockRead:
 def choose(
     q: torch.Tensor,
     memory: MemoryCache,
-    blocks: int,
-    block_size: int,
+    choice: BlockChoice,
     group: int = QUERY_GROUP,
     bounds: Callable[..., torch.Tensor] | None = None,
-    super_size: int = 0,
-    recent: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The blocks every query group of q (b*s, h, n, d) reads: (the queries grouped as select_blocks takes them,
-    (b, kv_heads, groups, rows, d); the chosen blocks (b, kv_heads, groups, keep); the group size). `bounds`,
-    `super_size` and `recent` as in select_blocks."""
+    """The blocks every query group of q (b*s, h, n, d) reads under `choice`: (the queries grouped as select_blocks
+    takes them, (b, kv_heads, groups, rows, d); the chosen blocks (b, kv_heads, groups, keep); the group size).
+    `bounds` as in select_blocks."""
+    blocks, block_size, super_size = choice.blocks, choice.block_size, choice.super_size
     share, hkv = memory.share, memory.kv_heads
     heads = q.shape[1]
     qf = fold_rows(q, share)  # (b, h, T, d)
@@ -298,27 +313,19 @@ def choose(
     supers = None
     if two_level(super_size, min(blocks, kmax.shape[2]), kmax.shape[2]):
         supers = memory.super_summaries(block_size, super_size, q.device)
-    chosen = select_blocks(qg, kmax, kmin, any_valid, blocks, real, bounds, super_size, supers, recent)
+    chosen = select_blocks(qg, kmax, kmin, any_valid, blocks, real, bounds, super_size, supers, choice.recent)
     return qg, chosen, group
 
 
-def read_blocks(
-    q: torch.Tensor,
-    memory: MemoryCache,
-    blocks: int,
-    block_size: int,
-    group: int = QUERY_GROUP,
-    super_size: int = 0,
-    recent: int = 0,
-) -> BlockRead:
-    """Choose and gather the blocks of every query group of q (b*s, h, n, d) and score them (BlockRead);
-    `super_size` and `recent` as in select_blocks."""
+def read_blocks(q: torch.Tensor, memory: MemoryCache, choice: BlockChoice, group: int = QUERY_GROUP) -> BlockRead:
+    """Choose (under `choice`) and gather the blocks of every query group of q (b*s, h, n, d) and score them
+    (BlockRead)."""
     share = memory.share
     c_min = clamp_value(q.dtype)
     d, heads = q.shape[-1], q.shape[1]
     length = q.shape[2] * share
-    qg, chosen, group = choose(q, memory, blocks, block_size, group, super_size=super_size, recent=recent)
-    mk, mv, mvalid = gather_blocks(memory, chosen, block_size, q.device, q.dtype)
+    qg, chosen, group = choose(q, memory, choice, group)
+    mk, mv, mvalid = gather_blocks(memory, chosen, choice.block_size, q.device, q.dtype)
     scores = (qg @ mk.transpose(-1, -2)) / math.sqrt(d)  # (b, hkv, groups, rows, K)
     scores = scores.masked_fill(~mvalid[:, :, :, None, :], c_min).clamp_min(c_min)
     scores = unfold_rows(_ungrouped(scores, heads, length, group), share)  # (b*s, h, n, K)
@@ -332,17 +339,14 @@ def attend(
     *,
     visible: torch.Tensor | None,
     memory: MemoryCache,
-    blocks: int,
-    block_size: int,
+    choice: BlockChoice,
     group: int = QUERY_GROUP,
-    super_size: int = 0,
-    recent: int = 0,
 ) -> torch.Tensor:
-    """One softmax over the local keys and the memory keys of the best `blocks` blocks of each query group (module
-    docstring). q (b*s, h, n, d) rotated queries; k, v (b*s, h_kv, kv, d) local keys (rotated) and values; visible
-    (b*s|1, 1, n, kv) or None; `memory` the layer's non-empty memory (s = memory.share); `super_size` and `recent`
-    as in select_blocks. Returns (b*s, h, n, d)."""
-    read = read_blocks(q, memory, blocks, block_size, group, super_size, recent)
+    """One softmax over the local keys and the memory keys of the blocks each query group chooses under `choice`
+    (module docstring). q (b*s, h, n, d) rotated queries; k, v (b*s, h_kv, kv, d) local keys (rotated) and values;
+    visible (b*s|1, 1, n, kv) or None; `memory` the layer's non-empty memory (s = memory.share). Returns (b*s, h, n,
+    d)."""
+    read = read_blocks(q, memory, choice, group)
     local = _scores(q, k, visible, clamp_value(q.dtype))
     probs = torch.softmax(torch.cat([local, read.scores], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
     kv = k.shape[2]
@@ -358,42 +362,28 @@ def attend_planned(
     memory: MemoryCache,
     plan: ExecutionPlan,
 ) -> torch.Tensor:
-    """attend with the plan's block settings (mem_blocks, mem_block_size, mem_super_size, mem_recent_blocks)."""
-    return attend(
-        q,
-        k,
-        v,
-        visible=visible,
-        memory=memory,
-        blocks=plan.mem_blocks,
-        block_size=plan.mem_block_size,
-        super_size=plan.mem_super_size,
-        recent=plan.mem_recent_blocks,
-    )
+    """attend with the plan's block settings (BlockChoice.of)."""
+    return attend(q, k, v, visible=visible, memory=memory, choice=BlockChoice.of(plan))
 
 
 def step_blocks(
     q: torch.Tensor,
     memory: MemoryCache,
-    blocks: int,
-    block_size: int,
-    super_size: int = 0,
-    recent: int = 0,
+    choice: BlockChoice,
     bounds: Callable[..., torch.Tensor] | None = None,
     gather: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None] | None:
-    """For one decoding query per row, q (b, h, d): the chosen blocks of each key/value head (the choice read_blocks
-    makes for a single query) as stored, padded keys and values (b, kv_heads, keep * block_size, width) and int8
-    scales (b, kv_heads, keep * block_size) or None: a memory in the layout the decoding kernels read. None where
-    every gathered key would not be valid (invalid keys, a short last block) or the memory is held elsewhere or
-    shared by rows: the caller then takes `attend`. `bounds` as in select_blocks; `gather(memory, chosen,
+    """For one decoding query per row, q (b, h, d): the blocks each key/value head chooses under `choice` (as
+    read_blocks does for a single query) as stored, padded keys and values (b, kv_heads, keep * block_size, width)
+    and int8 scales (b, kv_heads, keep * block_size) or None: a memory in the layout the decoding kernels read. None
+    where every gathered key would not be valid (invalid keys, a short last block) or the memory is held elsewhere
+    or shared by rows: the caller then takes `attend`. `bounds` as in select_blocks; `gather(memory, chosen,
     block_size)`, where given, copies the chosen blocks (b, kv_heads, keep) (the kernels' path:
     fast/block_attention.gather_blocks), else PyTorch's indexing does."""
+    block_size = choice.block_size
     if memory.share != 1 or not memory.all_valid() or memory.length % block_size or memory.device != q.device:
         return None
-    _, chosen, _ = choose(
-        q[:, :, None], memory, blocks, block_size, bounds=bounds, super_size=super_size, recent=recent
-    )
+    _, chosen, _ = choose(q[:, :, None], memory, choice, bounds=bounds)
     tokens = _block_tokens(chosen, block_size)
     if gather is None:
         keys, values = (_take(t, tokens) for t in memory.padded())

@@ -90,14 +90,7 @@ def attend(
     mem_scores = None
     block_read = None
     if has_memory and plan is not None and retrieval.retrieves(memory, plan):
-        block_read = retrieval.read_blocks(
-            q,
-            memory,
-            plan.mem_blocks,
-            plan.mem_block_size,
-            super_size=plan.mem_super_size,
-            recent=plan.mem_recent_blocks,
-        )
+        block_read = retrieval.read_blocks(q, memory, retrieval.BlockChoice.of(plan))
         mem_scores = block_read.scores.float()
         peak = mem_scores.amax(dim=-1)
     elif has_memory:

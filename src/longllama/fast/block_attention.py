@@ -143,20 +143,13 @@ def applies(q: torch.Tensor, memory: MemoryCache, plan: ExecutionPlan) -> bool:
 
 
 def memory_part(
-    q: torch.Tensor,
-    memory: MemoryCache,
-    blocks: int,
-    block_size: int,
-    group: int = retrieval.QUERY_GROUP,
-    super_size: int = 0,
-    recent: int = 0,
+    q: torch.Tensor, memory: MemoryCache, choice: retrieval.BlockChoice, group: int = retrieval.QUERY_GROUP
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q (b, h, n, d) over each query group's chosen blocks: the output (b, h, n, d) and the
-    log-sum-exp of the scores (b, h, n), both fp32 (-inf and zeros where a query's blocks hold no valid key).
-    `super_size` and `recent` as in retrieval.select_blocks."""
-    _, chosen, group = retrieval.choose(
-        q, memory, blocks, block_size, group, bounds=best_bounds, super_size=super_size, recent=recent
-    )
+    """Attention of q (b, h, n, d) over the blocks each query group chooses under `choice`: the output (b, h, n, d)
+    and the log-sum-exp of the scores (b, h, n), both fp32 (-inf and zeros where a query's blocks hold no valid
+    key)."""
+    _, chosen, group = retrieval.choose(q, memory, choice, group, bounds=best_bounds)
+    block_size = choice.block_size
     b, h, n, d = q.shape
     pk, pv = memory.padded()  # (b, kv_heads, M, width), read in place; keys and values are laid out alike
     if q.stride(-1) != 1:
@@ -223,12 +216,5 @@ def attend(
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     d = q.shape[-1]
     out, lse = local_with_lse(q, k, v, visible, is_causal, 1.0 / math.sqrt(d), plan, pad)
-    mem_out, mem_lse = memory_part(
-        q,
-        memory,
-        plan.mem_blocks,
-        plan.mem_block_size,
-        super_size=plan.mem_super_size,
-        recent=plan.mem_recent_blocks,
-    )
+    mem_out, mem_lse = memory_part(q, memory, retrieval.BlockChoice.of(plan))
     return merge_partials(out.float(), lse, mem_out, mem_lse).to(q.dtype)

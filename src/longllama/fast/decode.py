@@ -236,10 +236,7 @@ class StaticDecoder:
             chosen = retrieval.step_blocks(
                 q,
                 memory,
-                plan.mem_blocks,
-                plan.mem_block_size,
-                plan.mem_super_size,
-                plan.mem_recent_blocks,
+                retrieval.BlockChoice.of(plan),
                 bounds=block_attention.best_bounds if fast else None,
                 gather=block_attention.gather_blocks if fast else None,
             )
