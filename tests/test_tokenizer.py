@@ -14,7 +14,7 @@ from conftest import train_llama_spm
 from transformers import AutoTokenizer
 
 from longllama.errors import CheckpointError, InputError
-from longllama.tokenizer import encode_prompt, load_tokenizer
+from longllama.tokenizer import encode_prompt, encode_prompts, load_tokenizer
 
 UNK, BOS, EOS = 0, 1, 2
 
@@ -193,6 +193,19 @@ def test_encode_prompt(loaded) -> None:
     text = " The llama </s> 42"
     assert encode_prompt(tokenizer, text) == [BOS] + sp.encode(text)
     assert encode_prompt(tokenizer, text, bos=False) == sp.encode(text)
+
+
+def test_encode_prompts_are_each_prompt_encoded_alone(loaded) -> None:
+    """encode_prompts (one tokenizer call for several texts, on several threads) gives each text's encode_prompt,
+    and SentencePiece's ids, with and without BOS; one bad text fails the call with encode_prompt's error."""
+    tokenizer, sp = loaded["llama"]
+    texts = [" The llama </s> 42", "line one\nline two", "ünïcödé and 12345", "x" * 5000]
+    for bos in (True, False):
+        batch = encode_prompts(tokenizer, texts, bos=bos)
+        assert batch == [encode_prompt(tokenizer, text, bos=bos) for text in texts]
+        assert batch == [([BOS] if bos else []) + sp.encode(text) for text in texts]
+    with pytest.raises(InputError, match="empty"):
+        encode_prompts(tokenizer, ["fine", ""])
 
 
 def test_encode_prompt_ignores_tokenizer_bos_setting(loaded) -> None:

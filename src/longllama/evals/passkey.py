@@ -29,7 +29,7 @@ import torch
 from longllama.errors import InputError
 from longllama.evals.records import plot_format, save_results  # noqa: F401  (part of this module's API)
 from longllama.evals.records import replace_atomically as _replace_atomically
-from longllama.tokenizer import encode_prompt
+from longllama.tokenizer import encode_prompt, encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def score_passkeys(
     than at its first token, and its answer may differ from a lone run's. One prompt is exactly score_passkey."""
     if not prompts:
         raise InputError("no prompts to score; pass at least one (prompt, key) pair")
-    encoded = [encode_prompt(tokenizer, prompt, bos=True) for prompt, _ in prompts]
+    encoded = encode_prompts(tokenizer, [prompt for prompt, _ in prompts], bos=True)  # in parallel: long prompts
     answers = [encode_prompt(tokenizer, str(key), bos=False) for _, key in prompts]
     longest = max(len(ids) for ids in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
