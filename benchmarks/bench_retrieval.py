@@ -375,6 +375,8 @@ def main() -> None:
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.batch < 1:
+        ap.error(f"--batch {args.batch}: read at least one trial at a time")
     unknown = set(args.modes or ()) - set(modes(args))
     if unknown:
         ap.error(f"--modes {','.join(sorted(unknown))}: use some of {', '.join(modes(args))}")

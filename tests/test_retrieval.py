@@ -224,11 +224,22 @@ def test_benchmark_script_runs_tiny(tmp_path):
         "3b,passkey",
         "--recent-blocks",
         "2",
+        "--super-size",
+        "2",
+        "--batch",
+        "2",
+        "--step-baseline",
         "--out",
         str(out),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     records = json.loads(out.read_text())
+    passkey = [r for r in records if r["benchmark"] == "passkey" and r.get("mem_mode") == "blocks"]
+    assert passkey and all(r["batch"] == 2 and len(r["seconds"]) == -(-r["trials"] // 2) for r in passkey)
+    both = {r["benchmark"] for r in records if r.get("mem_mode") == "blocks2-recent"}
+    assert both == {"ingest", "decode", "passkey"}
+    baseline = [r for r in records if r.get("impl") == "longllama-step-pytorch"]
+    assert baseline and all(r["benchmark"] == "decode" and not r["plan"]["block_kernel"] for r in baseline)
     kinds = {(r["benchmark"], r.get("mem_retrieval"), r.get("mem_top_k")) for r in records}
     assert {("ingest", "blocks", None), ("ingest", "dense", None), ("decode", "blocks", None)} <= kinds
     assert {("passkey", "blocks", None), ("passkey", "dense", None), ("passkey", "dense", 128)} <= kinds
