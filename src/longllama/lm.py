@@ -25,7 +25,7 @@ from longllama.cache import CacheAlias, LongLlamaCache
 from longllama.config import LongLlamaConfig
 from longllama.errors import InputError
 from longllama.model import DecoderLayer, RMSNorm, RotaryTable
-from longllama.plan import ExecutionPlan, build_plan, check_changes
+from longllama.plan import ExecutionPlan, build_plan, check_changes, config_choices
 from longllama.recompute import checkpointing
 from longllama.windows import TokenEmbeddings, WindowsOutput, default_positions, run_windows
 
@@ -90,11 +90,7 @@ class ModelMethods:
             config.torch_attention,
             config.compile_elementwise,
             config.quantization,
-            config.mem_retrieval,
-            config.mem_blocks,
-            config.mem_block_size,
-            config.mem_super_size,
-            config.mem_recent_blocks,
+            *config_choices(config).values(),
         )
         if self._plan is None or self._plan[0] != key:
             if torch.compiler.is_compiling():

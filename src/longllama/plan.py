@@ -247,6 +247,13 @@ def attention_of(config, device: torch.device) -> str:
     return "fast" if device.type == "cuda" else "eager"
 
 
+def config_choices(config) -> dict[str, Any]:
+    """The plan fields the config decides (the memory's reading: they change the maths), read from `config`, the
+    plan's defaults for a config older than one of them."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ExecutionPlan)}
+    return {name: getattr(config, name, defaults[name]) for name in _CONFIG_FIELDS}
+
+
 def build_plan(config, device: torch.device | str, **overrides: Any) -> ExecutionPlan:
     """The plan for a model of `config` on `device`: the config's choices resolved for the device, FlashAttention
     4 for memory attention where it is installed and serves this GPU, then `overrides` (ExecutionPlan fields)."""
@@ -262,11 +269,7 @@ def build_plan(config, device: torch.device | str, **overrides: Any) -> Executio
         attention=attention_of(config, device),
         compile=setting is True,
         weights="dense" if quantization == "none" else quantization,
-        mem_retrieval=getattr(config, "mem_retrieval", "dense"),
-        mem_blocks=getattr(config, "mem_blocks", 64),
-        mem_block_size=getattr(config, "mem_block_size", 64),
-        mem_super_size=getattr(config, "mem_super_size", 0),
-        mem_recent_blocks=getattr(config, "mem_recent_blocks", 0),
+        **config_choices(config),
     )
     if device.type == "cuda":
         from longllama import timings
