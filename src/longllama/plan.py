@@ -207,6 +207,7 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(ExecutionPlan) if f.name not 
 # the device is where the weights are; `weights` is what they are (the config's quantization); the memory's reading
 # changes the maths, so it is the config's
 _CONFIG_FIELDS = ("mem_retrieval", "mem_blocks", "mem_block_size", "mem_super_size", "mem_recent_blocks")
+_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExecutionPlan) if f.name in _CONFIG_FIELDS}
 _USER_FIELDS = tuple(name for name in _FIELDS if name not in ("device", "weights", *_CONFIG_FIELDS))
 
 
@@ -250,8 +251,7 @@ def attention_of(config, device: torch.device) -> str:
 def config_choices(config) -> dict[str, Any]:
     """The plan fields the config decides (the memory's reading: they change the maths), read from `config`, the
     plan's defaults for a config older than one of them."""
-    defaults = {f.name: f.default for f in dataclasses.fields(ExecutionPlan)}
-    return {name: getattr(config, name, defaults[name]) for name in _CONFIG_FIELDS}
+    return {name: getattr(config, name, default) for name, default in _CONFIG_DEFAULTS.items()}
 
 
 def build_plan(config, device: torch.device | str, **overrides: Any) -> ExecutionPlan:
