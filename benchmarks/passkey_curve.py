@@ -39,6 +39,7 @@ SOURCES = (
     "h100-2026-12-07-recent-blocks/passkey-4m-b64-r16.json",
     "h100-2026-12-07-recent-blocks/passkey-10m-b64-r16.json",
     "h100-2026-12-07-batched-passkey",  # trials read in batches: their accuracy counts, not their seconds
+    "h100-2026-12-07-passkey-10m",  # 10M tokens, batches of three (the same)
 )
 MODES = ("dense", "knn", "blocks", "blocks2", "blocks-recent", "no-memory")
 DEFAULT_BLOCKS = 64  # mem_blocks of the curve's block retrieval (other settings are left out)
