@@ -139,11 +139,16 @@ def test_too_short_length_is_refused(tokenizer) -> None:
 # Scoring
 
 
-class FakeModel:
-    """Answers from the prompt text: `reply(key, answer_ids, prompt)` gives the ids to return as generated."""
+def pass_key_in(prompt: str) -> int:
+    return int(re.search(r"The pass key is (\d+)\.", prompt).group(1))
 
-    def __init__(self, tokenizer, reply):
-        self.tokenizer, self.reply, self.calls = tokenizer, reply, []
+
+class FakeModel:
+    """Answers from the prompt text: `read(prompt)` is what the prompt hides (its pass key unless told; test_kv.py
+    reads a value), and `reply(key, answer_ids, prompt)` gives the ids to return as generated."""
+
+    def __init__(self, tokenizer, reply, *, read=pass_key_in):
+        self.tokenizer, self.reply, self.read, self.calls = tokenizer, reply, read, []
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **settings) -> torch.Tensor:
         self.calls.append({**settings, "rows": input_ids.shape[0]})
@@ -152,7 +157,7 @@ class FakeModel:
             pads = mask.index(1)  # left padding only, masked
             assert mask[pads:] == [1] * (len(mask) - pads) and ids[pads] == self.tokenizer.bos_token_id
             prompt = self.tokenizer.decode(ids[pads:], skip_special_tokens=True)
-            key = int(re.search(r"The pass key is (\d+)\.", prompt).group(1))
+            key = self.read(prompt)
             answer = encode_prompt(self.tokenizer, str(key), bos=False)
             rows.append(list(self.reply(key, answer, prompt))[: settings["max_new_tokens"]])
         width = max(len(r) for r in rows)  # rows that ended early padded with EOS, as generate does

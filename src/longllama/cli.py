@@ -8,6 +8,8 @@ Under `torchrun --nproc_per_node N` with `parallel: ddp` or `fsdp2` the processe
 `longllama passkey --model DIR [--lengths 4096,16384] [--depths 0,0.5,1]` runs the passkey retrieval test
 (docs/evaluation.md#passkey-retrieval)
 over prompt lengths (in tokens) and key depths, prints the accuracy table and can save JSON results and a plot.
+`longllama kv --model DIR [--lengths 4096,16384] [--pairs 8]` is the same over key-value lines: one key asked among
+several hidden ones (docs/evaluation.md#key-value-retrieval).
 `longllama perplexity --model DIR --data FILE.jsonl [--contexts 0,1k,4k,16k,64k]` scores the same target tokens of
 held-out documents after contexts of each length, prints perplexity per context length and can save JSON and a plot.
 Every `LongLlamaError` (and an unreadable prompt file) ends the command with `longllama: error: <message>` on stderr
@@ -18,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn, Self, TextIO
 
 from longllama import timings
 from longllama.choices import MEM_RETRIEVALS, QUANTIZATIONS
@@ -36,7 +39,7 @@ EXIT_USAGE = 2  # argparse's status for usage errors; user errors share it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MEM_DTYPE_CHOICES = ("float32", "bfloat16", "float16", "int8")  # --mem-dtype: how memory layers store keys/values
 SERVE_DEFAULTS = ServeConfig()  # `longllama serve`'s option defaults are the server's own
-PASSKEY_LENGTHS = (4096, 16384)  # prompt tokens of `passkey` without --lengths
+PASSKEY_LENGTHS = (4096, 16384)  # prompt tokens of `passkey` and `kv` without --lengths
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder gives for the bytes of a character not complete yet
 
 
@@ -44,8 +47,17 @@ class CliError(LongLlamaError):
     """A command-line value that cannot be used (missing --model, unavailable device...)."""
 
 
+class _ParsedOptions:
+    """A dataclass of command options that main gathers from the parsed arguments into one object."""
+
+    @classmethod
+    def take(cls, args: dict[str, Any]) -> Self:
+        """The options among parsed arguments `args` (by name), removed from them."""
+        return cls(**{f.name: args.pop(f.name) for f in dataclasses.fields(cls) if f.name in args})
+
+
 @dataclasses.dataclass(frozen=True)
-class LoadOptions:
+class LoadOptions(_ParsedOptions):
     """How a command loads its model: the options every model command shares (_add_model_arguments,
     _add_load_options, _eval_options), gathered once from the parsed arguments (`take`) and handed to load_model.
     None: the checkpoint's own setting. `mem_layers` replaces the checkpoint's memory layers ([]: no memory),
@@ -67,10 +79,21 @@ class LoadOptions:
     mem_super_size: int | None = None
     mem_recent_blocks: int | None = None
 
-    @classmethod
-    def take(cls, args: dict[str, Any]) -> LoadOptions:
-        """The options among parsed arguments `args` (by name), removed from them."""
-        return cls(**{f.name: args.pop(f.name) for f in dataclasses.fields(cls) if f.name in args})
+
+@dataclasses.dataclass(frozen=True)
+class SweepOptions(_ParsedOptions):
+    """What the needle commands (passkey, kv) share besides the model and their own prompt settings (_add_lengths,
+    _add_sweep_options): prompt lengths in tokens (None: PASSKEY_LENGTHS), trials per length (and depth) with seeds
+    seed .. seed + trials - 1, how many are read together (`batch`), the local context (None: the model's own), and
+    the --out and --plot files."""
+
+    lengths: list[int] | None = None
+    trials: int = 10
+    seed: int = 0
+    batch: int = 1
+    last_context_length: int | None = None
+    out: str | None = None
+    plot: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -561,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(commands)
     _add_train(commands)
     _add_passkey(commands)
+    _add_kv(commands)
     _add_perplexity(commands)
     _add_eval(commands)
     _add_memory(commands)
@@ -848,46 +872,93 @@ def _add_generate(commands) -> None:
 def passkey(
     *,
     model: str | None,
-    lengths: list[int] | None = None,
     depths: list[float | None] | None = None,
-    trials: int = 10,
-    seed: int = 0,
-    batch: int = 1,
-    last_context_length: int | None = None,
+    sweep: SweepOptions | None = None,
     load: LoadOptions | None = None,
-    out: str | None = None,
-    plot: str | None = None,
 ) -> int:
     """Passkey retrieval (docs/evaluation.md#passkey-retrieval): hide a pass key in filler text at each prompt length
     (in tokens) and key depth,
     greedy-decode the answer and count exact matches. Prints accuracy per length and depth; --out saves every trial
     as JSON, --plot draws accuracy against length and a length x depth heatmap."""
     from longllama.evals import passkey as task
+
+    sweep = sweep or SweepOptions()
+    return _sweep(
+        task,
+        model,
+        sweep,
+        load,
+        check_lengths=functools.partial(task.check_lengths, seed=sweep.seed),
+        run=functools.partial(task.run_passkey, depths=depths),
+        settings={"depths": depths},
+    )
+
+
+def kv(
+    *,
+    model: str | None,
+    pairs: int | None = None,
+    sweep: SweepOptions | None = None,
+    load: LoadOptions | None = None,
+) -> int:
+    """Key-value retrieval (docs/evaluation.md#key-value-retrieval): hide --pairs 'key: value' lines at random places
+    in filler text of each prompt length (in tokens), ask for one key's value, greedy-decode it and count exact
+    matches. Prints accuracy per length; --out saves every trial as JSON, --plot draws accuracy against length."""
+    from longllama.evals import kv as task
+
+    sweep = sweep or SweepOptions()
+    pairs = task.DEFAULT_PAIRS if pairs is None else pairs
+    return _sweep(
+        task,
+        model,
+        sweep,
+        load,
+        check_lengths=functools.partial(task.check_lengths, seed=sweep.seed, pairs=pairs),
+        run=functools.partial(task.run_kv, pairs=pairs),
+        settings={"pairs": pairs},
+    )
+
+
+def _sweep(
+    task,
+    model: str | None,
+    sweep: SweepOptions,
+    load: LoadOptions | None,
+    *,
+    check_lengths: Callable[..., None],
+    run: Callable[..., list[dict]],
+    settings: dict[str, Any],
+) -> int:
+    """The body of the needle commands: `check_lengths(tokenizer, lengths)` before the model loads (that can take
+    minutes), `run(model, tokenizer, lengths=..., trials=..., ...)` for the records, saved to --out after every
+    batch, then `task`'s table, JSON and plot. The record's settings name the task (its module's name) and add
+    `settings`, what only it takes."""
     from longllama.evals import records as eval_records
     from longllama.tokenizer import load_tokenizer
 
     folder = _model_folder(model)
     load = load or LoadOptions()
     torch_device = resolve_device(load.device)
-    lengths = lengths or list(PASSKEY_LENGTHS)
-    out_path = _output_file(out, "--out")
-    plot_path = _output_file(plot, "--plot")
+    lengths = sweep.lengths or list(PASSKEY_LENGTHS)
+    out_path = _output_file(sweep.out, "--out")
+    plot_path = _output_file(sweep.plot, "--plot")
     if plot_path is not None:
         eval_records.plot_format(plot_path)
     # Everything that can fail without the model is checked before loading it: that can take minutes.
     with timings.timed("setup", "tokenizer and prompts"):
         tokenizer = load_tokenizer(_tokenizer_folder(folder))
-        task.check_lengths(tokenizer, lengths, seed=seed)
+        check_lengths(tokenizer, lengths)
     # The model's own (1024 for the released checkpoints, as docs/evaluation.md#passkey-retrieval uses) unless given.
-    last_context_length = _last_context_length(folder, last_context_length)
+    last_context_length = _last_context_length(folder, sweep.last_context_length)
     lm = load_model(folder, load)
     settings = {
+        "task": task.__name__.rpartition(".")[2],
         "model": str(folder),
         "lengths": lengths,
-        "depths": depths,
-        "trials": trials,
-        "seed": seed,
-        "batch": batch,
+        **settings,
+        "trials": sweep.trials,
+        "seed": sweep.seed,
+        "batch": sweep.batch,
         "last_context_length": last_context_length,
         "dtype": load.dtype,
         "device": str(torch_device),
@@ -900,17 +971,16 @@ def passkey(
     def save_so_far(records: list[dict]) -> None:  # a run killed or cut by a time limit keeps its finished trials
         eval_records.save_results(out_path, records, task.summarize(records), settings={**settings, "complete": False})
 
-    records = task.run_passkey(
+    records = run(
         lm,
         tokenizer,
         lengths=lengths,
-        depths=depths,
-        trials=trials,
-        seed0=seed,
+        trials=sweep.trials,
+        seed0=sweep.seed,
         last_context_length=last_context_length,
         progress=True,
         on_record=save_so_far if out_path is not None else None,
-        batch=batch,
+        batch=sweep.batch,
     )
     status = _report(task, records, {**settings, "complete": True}, out_path, plot_path)
     _print_timings(load.verbose)
@@ -974,28 +1044,48 @@ def _depths(text: str) -> list[float | None]:
 
 
 def _add_passkey(commands) -> None:
-    p = commands.add_parser(
-        "passkey", help="passkey retrieval accuracy over prompt lengths and key depths", description=passkey.__doc__
-    )
-    _add_model_arguments(p)
-    p.add_argument(
-        "--lengths",
-        type=_lengths,
-        metavar="N,N,...",
-        help="prompt lengths in tokens, a k suffix meaning x1024, m x1024^2 (default: 4096,16384)",
-    )
+    p = _needle_parser(commands, passkey, "passkey retrieval accuracy over prompt lengths and key depths")
     p.add_argument(
         "--depths",
         type=_depths,
         metavar="D,D,...|none",
         help="key depths in [0, 1], e.g. 0,0.5,1 (default: none, a random place per trial, as the reference did)",
     )
+    _add_sweep_options(p, per="length and depth", plot="draw accuracy against length and a length x depth heatmap")
+
+
+def _add_kv(commands) -> None:
+    p = _needle_parser(commands, kv, "key-value retrieval accuracy (one key asked among several) over prompt lengths")
+    p.add_argument("--pairs", type=_positive_int, metavar="N", help="key-value lines per prompt, one asked (8)")
+    _add_sweep_options(p, per="length", plot="draw accuracy against length")
+
+
+def _needle_parser(commands, func: Callable[..., int], summary: str) -> argparse.ArgumentParser:
+    """The subparser of a needle command `func` (passkey, kv) with the model options and --lengths."""
+    p = commands.add_parser(func.__name__, help=summary, description=func.__doc__)
+    _add_model_arguments(p)
+    _add_lengths(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_lengths(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lengths",
+        type=_lengths,
+        metavar="N,N,...",
+        help="prompt lengths in tokens, a k suffix meaning x1024, m x1024^2 (default: 4096,16384)",
+    )
+
+
+def _add_sweep_options(p: argparse.ArgumentParser, *, per: str, plot: str) -> None:
+    """SweepOptions after --lengths and the task's own options: trials, seed, batch, local context, output files."""
     p.add_argument(
         "--trials",
         type=_positive_int,
         default=10,
         metavar="N",
-        help="prompts per length and depth, seeds S .. S+N-1 (10)",
+        help=f"prompts per {per}, seeds S .. S+N-1 (10)",
     )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed of the prompt generator (0)")
     p.add_argument(
@@ -1003,7 +1093,7 @@ def _add_passkey(commands) -> None:
         type=_positive_int,
         default=1,
         metavar="N",
-        help="trials of one length and depth read together (1): faster on a GPU; prompts are left-padded to the "
+        help=f"trials of one {per} read together (1): faster on a GPU; prompts are left-padded to the "
         "longest, so a shorter one's windows begin where its padding ends",
     )
     p.add_argument(
@@ -1019,8 +1109,8 @@ def _add_passkey(commands) -> None:
         help="write the settings, summary and every trial as JSON (rewritten "
         "after each trial: a run cut short keeps its finished trials)",
     )
-    p.add_argument("--plot", metavar="FILE", help="draw accuracy against length and a length x depth heatmap (.png)")
-    p.set_defaults(func=passkey)
+    p.add_argument("--plot", metavar="FILE", help=f"{plot} (.png)")
+    p.set_defaults(sweep_options=True)  # main gathers these into one SweepOptions (`sweep`)
 
 
 def perplexity(
@@ -1722,6 +1812,8 @@ def main(argv: list[str] | None = None) -> int:
     args.pop("command")
     if args.pop("load_options", False):  # a model command: its loading options as one object
         args["load"] = LoadOptions.take(args)
+    if args.pop("sweep_options", False):  # passkey, kv: lengths, trials and output files as one object
+        args["sweep"] = SweepOptions.take(args)
     from longllama import caches
 
     caches.configure()  # before any library compiles: they read their cache folders then

@@ -10,6 +10,9 @@ On top of it this module adds what a sweep needs:
 * key depths: `depth` in [0, 1] puts the key at that fraction of the filler instead of at the random offset;
 * `run_passkey` over a grid of lengths x depths x trials, `summarize` into accuracies, a text table, a JSON file
   and a plot.
+
+The length calibration, the scoring and the loop over trials take any prompt maker and answer, so other needle
+tasks in the same filler (evals/kv.py) share them.
 """
 
 from __future__ import annotations
@@ -66,8 +69,7 @@ def passkey_prompt(n_garbage: int, seed: int, *, depth: float | None = None) -> 
     depth in [0, 1] it sits after round(depth * n_garbage) of them. The random offset is drawn either way, so one
     seed gives the same key at every depth. numpy's global RNG is restored afterwards.
     """
-    if isinstance(n_garbage, bool) or not isinstance(n_garbage, (int, np.integer)) or n_garbage < 1:
-        raise InputError(f"n_garbage={n_garbage!r} must be a positive number of filler characters")
+    check_n_garbage(n_garbage)
     _check_depth(depth)
     state = np.random.get_state()
     try:
@@ -88,6 +90,11 @@ def passkey_prompt(n_garbage: int, seed: int, *, depth: float | None = None) -> 
         QUESTION_LINE,
     ]
     return "\n".join(lines), key
+
+
+def check_n_garbage(n_garbage: int) -> None:
+    if isinstance(n_garbage, bool) or not isinstance(n_garbage, (int, np.integer)) or n_garbage < 1:
+        raise InputError(f"n_garbage={n_garbage!r} must be a positive number of filler characters")
 
 
 def _check_depth(depth: float | None) -> None:
@@ -116,25 +123,39 @@ def chars_per_token(tokenizer) -> float:
     return len(sample) / len(encode_prompt(tokenizer, sample, bos=False))
 
 
-def shortest_length(tokenizer, *, seed: int = 0) -> int:
-    """Tokens of a prompt with a single filler character: shorter lengths cannot be asked for."""
-    return prompt_tokens(tokenizer, passkey_prompt(1, seed)[0])
+def shortest_length(tokenizer, *, seed: int = 0, prompt: Callable[[int], str] | None = None) -> int:
+    """Tokens of a prompt with a single filler character: shorter lengths cannot be asked for. `prompt` makes the
+    prompt text of a filler size (default: the pass-key prompt of `seed`)."""
+    prompt = prompt or _passkey_text(seed)
+    return prompt_tokens(tokenizer, prompt(1))
+
+
+def _passkey_text(seed: int, depth: float | None = None) -> Callable[[int], str]:
+    return lambda n_garbage: passkey_prompt(n_garbage, seed, depth=depth)[0]
 
 
 def n_garbage_for_tokens(
-    tokenizer, tokens: int, *, seed: int = 0, depth: float | None = None, max_rounds: int = 8
+    tokenizer,
+    tokens: int,
+    *,
+    seed: int = 0,
+    depth: float | None = None,
+    max_rounds: int = 8,
+    prompt: Callable[[int], str] | None = None,
 ) -> int:
-    """Filler characters that make the prompt (seed, depth) about `tokens` tokens long with `tokenizer`.
+    """Filler characters that make the prompt about `tokens` tokens long with `tokenizer`. `prompt` makes the prompt
+    text of a filler size; by default it is the pass-key prompt of (seed, depth).
 
     The token count is linear in the filler size apart from a fixed part (instruction, key and question lines, BOS)
     and a token or two where the filler is cut. So: start from the fixed part and the filler's characters per token,
     then correct by the measured difference until the prompt is within 0.1% (at least 2 tokens) of the request.
     The rounds differ by a few tokens at most; the closest one wins.
     """
-    fixed = shortest_length(tokenizer, seed=seed)
+    prompt = prompt or _passkey_text(seed, depth)
+    fixed = shortest_length(tokenizer, prompt=prompt)
     if tokens <= fixed:
         raise InputError(
-            f"a passkey prompt of {tokens} tokens is too short: without filler it already has {fixed} "
+            f"a prompt of {tokens} tokens is too short: without filler it already has {fixed} "
             f"tokens with this tokenizer; ask for more than {fixed}"
         )
     rate = chars_per_token(tokenizer)
@@ -142,7 +163,7 @@ def n_garbage_for_tokens(
     n_garbage = max(1, round((tokens - fixed) * rate))
     best = (math.inf, n_garbage)
     for _ in range(max_rounds):
-        miss = tokens - prompt_tokens(tokenizer, passkey_prompt(n_garbage, seed, depth=depth)[0])
+        miss = tokens - prompt_tokens(tokenizer, prompt(n_garbage))
         best = min(best, (abs(miss), n_garbage))
         if abs(miss) <= tolerance:
             break
@@ -151,13 +172,16 @@ def n_garbage_for_tokens(
     return best[1]
 
 
-def check_lengths(tokenizer, lengths: Sequence[int], *, seed: int = 0) -> None:
-    """Fail before any model work when a requested length cannot hold the prompt."""
-    fixed = shortest_length(tokenizer, seed=seed)
+def check_lengths(
+    tokenizer, lengths: Sequence[int], *, seed: int = 0, prompt: Callable[[int], str] | None = None
+) -> None:
+    """Fail before any model work when a requested length cannot hold the prompt (`prompt`: as for
+    n_garbage_for_tokens)."""
+    fixed = shortest_length(tokenizer, seed=seed, prompt=prompt)
     short = [length for length in lengths if length <= fixed]
     if short:
         raise InputError(
-            f"passkey length(s) {', '.join(map(str, short))} are too short: the prompt without filler "
+            f"length(s) {', '.join(map(str, short))} are too short: the prompt without filler "
             f"already has {fixed} tokens with this tokenizer; ask for more than {fixed}"
         )
 
@@ -167,12 +191,18 @@ def check_lengths(tokenizer, lengths: Sequence[int], *, seed: int = 0) -> None:
 
 
 def score_passkey(
-    model, tokenizer, prompt: str, key: int, *, last_context_length: int | None = DEFAULT_LAST_CONTEXT_LENGTH
+    model,
+    tokenizer,
+    prompt: str,
+    key: int | str,
+    *,
+    last_context_length: int | None = DEFAULT_LAST_CONTEXT_LENGTH,
 ) -> dict[str, Any]:
     """Greedy-decode as many tokens as the answer has and compare them with the answer's ids, exactly.
 
-    The answer ids are those of str(key) without BOS; as the tokenizer adds the dummy-prefix space, they are the
-    ids of " 15338", the text that follows "The pass key is" in the prompt.
+    The answer is str(key): the pass key, or a value string of another needle task. Its ids are taken without BOS;
+    as the tokenizer adds the dummy-prefix space, they are the ids of " 15338", the text that follows "The pass key
+    is" in the prompt.
     """
     return score_passkeys(model, tokenizer, [(prompt, key)], last_context_length=last_context_length)[0]
 
@@ -180,13 +210,14 @@ def score_passkey(
 def score_passkeys(
     model,
     tokenizer,
-    prompts: Sequence[tuple[str, int]],
+    prompts: Sequence[tuple[str, int | str]],
     *,
     last_context_length: int | None = DEFAULT_LAST_CONTEXT_LENGTH,
 ) -> list[dict[str, Any]]:
-    """score_passkey for several (prompt, key) pairs read as one batch: the prompts are left-padded to the longest
-    (the padding is masked, in the memory too), so a shorter prompt's windows begin where its padding ends rather
-    than at its first token, and its answer may differ from a lone run's. One prompt is exactly score_passkey."""
+    """score_passkey for several (prompt, key or answer text) pairs read as one batch: the prompts are left-padded
+    to the longest (the padding is masked, in the memory too), so a shorter prompt's windows begin where its padding
+    ends rather than at its first token, and its answer may differ from a lone run's. One prompt is exactly
+    score_passkey."""
     if not prompts:
         raise InputError("no prompts to score; pass at least one (prompt, key) pair")
     encoded = encode_prompts(tokenizer, [prompt for prompt, _ in prompts], bos=True)  # in parallel: long prompts
@@ -250,23 +281,52 @@ def run_passkey(
     depths = [None] if depths is None else list(depths)
     for depth in depths:
         _check_depth(depth)
+    check_trials(trials, batch)
+    check_lengths(tokenizer, lengths, seed=seed0)
+    sizes = {length: n_garbage_for_tokens(tokenizer, length, seed=seed0) for length in lengths}
+
+    def score(cell: tuple[int, float | None], seeds: list[int]) -> list[dict[str, Any]]:
+        length, depth = cell
+        return _trials(model, tokenizer, length, sizes[length], depth, seeds, last_context_length=last_context_length)
+
+    cells = [(length, depth) for length in lengths for depth in depths]
+    return run_trials(
+        cells, score, trials=trials, seed0=seed0, batch=batch, name="passkey", progress=progress, on_record=on_record
+    )
+
+
+def check_trials(trials: int, batch: int) -> None:
+    """Fail before the length calibration (minutes at millions of tokens) on a trial count or batch that cannot run."""
     if trials < 1:
         raise InputError(f"trials={trials} must be at least 1")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InputError(f"batch={batch!r} must be a whole number of trials read together, at least 1")
-    check_lengths(tokenizer, lengths, seed=seed0)
-    sizes = {length: n_garbage_for_tokens(tokenizer, length, seed=seed0) for length in lengths}
-    cells = [(length, depth) for length in lengths for depth in depths]
-    records = []
-    with _trial_bar(len(cells) * trials, enabled=progress) as bar:
-        for length, depth in cells:
+
+
+def run_trials(
+    cells: Sequence[Any],
+    score: Callable[[Any, list[int]], list[dict[str, Any]]],
+    *,
+    trials: int,
+    seed0: int,
+    batch: int,
+    name: str,
+    progress: bool,
+    on_record: Callable[[list[dict[str, Any]]], None] | None,
+) -> list[dict[str, Any]]:
+    """The records of `score(cell, seeds)` for every cell (a length, or a length and depth: whatever `score` reads)
+    and every run of at most `batch` seeds among seed0 .. seed0 + trials - 1, under a progress bar named `name`.
+    `on_record` gets the records so far after every batch."""
+    records: list[dict[str, Any]] = []
+    with _trial_bar(len(cells) * trials, name=name, enabled=progress) as bar:
+        for cell in cells:
             for first in range(0, trials, batch):
                 seeds = [seed0 + t for t in range(first, min(first + batch, trials))]
-                records += _trials(
-                    model, tokenizer, length, sizes[length], depth, seeds, last_context_length=last_context_length
-                )
+                records += score(cell, seeds)
                 bar.update(len(seeds))
-                bar.set_postfix(length=length, correct=f"{sum(r['correct'] for r in records)}/{len(records)}")
+                bar.set_postfix(
+                    length=records[-1]["length"], correct=f"{sum(r['correct'] for r in records)}/{len(records)}"
+                )
                 if on_record is not None:
                     on_record(records)
     return records
@@ -287,39 +347,40 @@ def _trials(
     scored = score_passkeys(model, tokenizer, prompts, last_context_length=last_context_length)
     records = []
     for seed, (prompt, key), result in zip(seeds, prompts, scored):
-        logger.info(
-            "length %d (%d tokens) depth %s seed %d: key %d, generated %r -> %s",
-            length,
-            result["tokens"],
-            "random" if depth is None else depth,
-            seed,
-            key,
-            result["generated"],
-            "correct" if result["correct"] else "wrong",
-        )
-        records.append(
-            {
-                "length": length,
-                "tokens": result["tokens"],
-                "n_garbage": n_garbage,
-                "depth": depth,
-                "prefix_chars": prefix_chars_of(prompt),
-                "seed": seed,
-                "key": key,
-                "answer": str(key),
-                "answer_ids": result["answer_ids"],
-                "generated_ids": result["generated_ids"],
-                "generated": result["generated"],
-                "correct": result["correct"],
-            }
-        )
+        own = {
+            "length": length,
+            "tokens": result["tokens"],
+            "n_garbage": n_garbage,
+            "depth": depth,
+            "prefix_chars": prefix_chars_of(prompt),
+            "seed": seed,
+            "key": key,
+            "answer": str(key),
+        }
+        records.append(trial_record(own, result, hidden=f"depth {depth_label(depth)}, key {key}"))
     return records
 
 
-def _trial_bar(total: int, *, enabled: bool):
+def trial_record(own: dict[str, Any], result: dict[str, Any], *, hidden: str) -> dict[str, Any]:
+    """A needle task's record of one trial: its `own` fields (length, tokens, seed, what was hidden...), then what
+    score_passkeys found: the answer's ids, the generated ids and text, and whether they match. The trial is logged
+    with `hidden`, what it asked for."""
+    logger.info(
+        "length %d (%d tokens) seed %d, %s: generated %r -> %s",
+        own["length"],
+        own["tokens"],
+        own["seed"],
+        hidden,
+        result["generated"],
+        "correct" if result["correct"] else "wrong",
+    )
+    return {**own, **{field: result[field] for field in ("answer_ids", "generated_ids", "generated", "correct")}}
+
+
+def _trial_bar(total: int, *, name: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="passkey", unit="trial", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, desc=name, unit="trial", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -381,7 +442,7 @@ def _percent(group: dict[str, Any] | None) -> str:
     return "-" if group is None or group["accuracy"] is None else f"{100 * group['accuracy']:.1f}%"
 
 
-def plot_summary(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+def plot_summary(summary: dict[str, Any], path: str | os.PathLike[str], *, title: str = "passkey retrieval") -> Path:
     """Two panels: accuracy against length (log x) per depth, and a length x depth accuracy heatmap."""
     # A bare Figure rather than pyplot: no GUI backend to pick, no global figure state left behind.
     from matplotlib.figure import Figure
@@ -389,12 +450,12 @@ def plot_summary(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     fmt = plot_format(path)
     figure = Figure(figsize=(12, 4.5), layout="constrained")
     curves, heatmap = figure.subplots(1, 2)
-    _plot_curves(curves, summary)
+    _plot_curves(curves, summary, title)
     _plot_heatmap(figure, heatmap, summary)
     return _replace_atomically(Path(path), lambda tmp: figure.savefig(tmp, format=fmt, dpi=120))
 
 
-def _plot_curves(ax, summary: dict[str, Any]) -> None:
+def _plot_curves(ax, summary: dict[str, Any], title: str) -> None:
     lengths = summary["lengths"]
     for depth in summary["depths"]:
         points = [(c["length"], c["accuracy"]) for c in summary["by_length_depth"] if c["depth"] == depth]
@@ -414,7 +475,7 @@ def _plot_curves(ax, summary: dict[str, Any]) -> None:
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("accuracy")
-    ax.set_title("passkey retrieval")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
 
