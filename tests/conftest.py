@@ -1,5 +1,5 @@
-"""Shared test helpers: where the reference fixtures are; Triton's interpreter for the kernel tests; bounds in rounding
-steps of a dtype; forced tokens for comparing two decoders."""
+"""Shared test helpers: where the reference fixtures are; Triton's interpreter for the kernel tests; the threads of
+each worker under pytest -n; bounds in rounding steps of a dtype; forced tokens for comparing two decoders."""
 
 from __future__ import annotations
 
@@ -11,6 +11,13 @@ import torch
 
 if not torch.cuda.is_available():  # Triton reads this when imported: its kernels then run on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # pytest -n N: the cores split among the workers (and their subprocesses), none oversubscribed
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _THREADS = max(1, _CORES // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(_THREADS)
 
 
 def reference_root() -> Path | None:
