@@ -213,6 +213,19 @@ def test_cli_flags_reach_the_record(tmp_path):
         assert (args.mem_retrieval, args.mem_blocks) == ("blocks", 8)
 
 
+@pytest.mark.parametrize("mode", ["blocks-recent", "dense"])
+def test_window_probe_runs_tiny(mode):
+    """benchmarks/probe_ingest_windows.py on the CPU: one JSON object whose times are measured and whose memory
+    settings are the mode's."""
+    done = run_benchmark("probe_ingest_windows.py", "--tiny", "--device", "cpu", "--mode", mode, "--batch", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    probe = json.loads(done.stdout[done.stdout.index("{") :])
+    assert probe["mode"] == mode and probe["batch"] == 2 and probe["device"] == "cpu"
+    assert (probe["mem_recent_blocks"] == 1) == (mode == "blocks-recent")
+    assert probe["wall_ms_per_window"] > 0 and probe["kernel_ms_per_window"] > 0
+    assert probe["top"] and all(entry["name"].startswith("aten::") and entry["calls"] > 0 for entry in probe["top"])
+
+
 def test_benchmark_script_runs_tiny(tmp_path):
     out = tmp_path / "retrieval.json"
     done = run_benchmark(
