@@ -17,51 +17,45 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from bench_quant import _sync, random_model
+from bench_retrieval import modes, shipped
 from torch.profiler import ProfilerActivity, profile
 
 from longllama import LongLlamaForCausalLM
 from longllama.config import preset
 
-SHIPPED = Path(__file__).resolve().parents[1] / "src" / "longllama" / "models" / "small"
-MODES = ("dense", "blocks", "blocks-recent")  # as bench_retrieval.py names them
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
 
 def load(args) -> LongLlamaForCausalLM:
-    overrides = dict(mem_retrieval="dense" if args.mode == "dense" else "blocks", mem_top_k=None)
-    if args.mode != "dense":
-        overrides.update(mem_blocks=args.blocks, mem_recent_blocks=args.recent if args.mode == "blocks-recent" else 0)
-    if args.tiny:  # a tiny random model with the shipped model's memory settings
-        torch.manual_seed(0)
-        config = preset("tiny", **overrides)
-        return LongLlamaForCausalLM(config).to(args.device).eval()
-    dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
-    return LongLlamaForCausalLM.from_pretrained(SHIPPED, dtype=dtype, device_map=args.device, **overrides).eval()
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
+    """The shipped model in the memory mode of bench_retrieval.py named --mode; with --tiny a tiny random one."""
+    overrides = modes(args)[args.mode]
+    if args.tiny:
+        return random_model(preset("tiny", **overrides), args.device)
+    return shipped(args, **overrides)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=1 << 20, help="context read before the probed calls (1M)")
     ap.add_argument("--batch", type=int, default=1, help="rows read together (1)")
-    ap.add_argument("--mode", choices=MODES, default="blocks-recent", help="memory mode (blocks-recent)")
+    ap.add_argument("--mode", default="blocks-recent", help="a memory mode of bench_retrieval.py (blocks-recent)")
     ap.add_argument("--blocks", type=int, default=64, help="mem_blocks of the block modes (64)")
-    ap.add_argument("--recent", type=int, default=16, help="mem_recent_blocks of blocks-recent (16)")
+    ap.add_argument("--recent-blocks", type=int, default=16, help="mem_recent_blocks of the -recent modes (16)")
+    ap.add_argument("--super-size", type=int, default=64, help="mem_super_size of the blocks2 modes (64)")
+    ap.add_argument("--dtype", default="bfloat16", help="the shipped model's dtype (bfloat16)")
     ap.add_argument("--windows", type=int, default=16, help="windows per probed call (16: one window group)")
     ap.add_argument("--calls", type=int, default=4, help="probed calls, timed and then profiled (4)")
     ap.add_argument("--top", type=int, default=15, help="kernels listed (15)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model at --tokens 256 (the script's test)")
     args = ap.parse_args(argv)
+    if args.mode not in modes(args):
+        ap.error(f"--mode {args.mode}: use one of {', '.join(modes(args))}")
     if args.tiny:
-        args.tokens, args.windows, args.calls, args.blocks, args.recent = 256, 2, 2, 2, 1
+        args.tokens, args.windows, args.calls, args.blocks, args.recent_blocks, args.super_size = 256, 2, 2, 2, 1, 2
     model = load(args)
     window = model.config.context_window
     step = args.windows * window
@@ -78,17 +72,17 @@ def main(argv: list[str] | None = None) -> None:
             start += step
 
         call()  # the first call of this shape: compilation, plans
-        sync(args.device)
+        _sync(args.device)
         began = time.perf_counter()
         for _ in range(args.calls - 1):
             call()
-        sync(args.device)
+        _sync(args.device)
         wall_ms = (time.perf_counter() - began) * 1e3 / ((args.calls - 1) * args.windows)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
         with profile(activities=activities) as prof:
             for _ in range(args.calls):
                 call()
-            sync(args.device)
+            _sync(args.device)
     windows = args.calls * args.windows
     events = prof.key_averages()
     on_gpu = args.device.startswith("cuda")
@@ -107,8 +101,9 @@ def main(argv: list[str] | None = None) -> None:
                 "device": torch.cuda.get_device_name(args.device) if on_gpu else "cpu",
                 "torch": torch.__version__,
                 "mode": args.mode,
-                "mem_blocks": None if args.mode == "dense" else args.blocks,
-                "mem_recent_blocks": args.recent if args.mode == "blocks-recent" else None,
+                "mem_retrieval": model.config.mem_retrieval,
+                "mem_blocks": model.config.mem_blocks if model.config.mem_retrieval == "blocks" else None,
+                "mem_recent_blocks": model.config.mem_recent_blocks if model.config.mem_retrieval == "blocks" else None,
                 "batch": args.batch,
                 "context_tokens": args.tokens,
                 "window": window,
