@@ -16,8 +16,9 @@ measurements so the command ends in time, and whatever was not started is record
              memory (seconds, peak GPU memory), then decoding after it (ms per token, generate from the cache of the
              ingest: the static decoder on a GPU); then blocks read by retrieval.attend's gather instead of the
              block kernel (plan block_kernel=False), the baseline of that kernel.
-             With --offload also blocks with the memory in pinned CPU memory (summaries on the GPU), with
-             --offload-only that alone (the first of --modes);
+             With --offload also blocks with the memory in pinned CPU memory (summaries on the GPU), twice: the
+             chosen blocks read in place over the bus by the kernels (plan offload_in_place), then copied (each
+             window's union gathered in CPU memory); with --offload-only those two alone (the first of --modes);
              --step-baseline decodes on from each blocks cache with the plan's block_kernel off (the step's
              choice and gather in PyTorch), the baseline of the step's kernels.
 --super-size S adds the two-level choice (superblocks of S blocks, mode "blocks2") after blocks in passkey and 3b;
@@ -253,23 +254,27 @@ def section_passkey(args, records: Records, clock: Clock) -> None:
 
 def section_3b(args, records: Records, clock: Clock) -> None:
     config = preset("tiny" if args.tiny else "3b", mem_dtype="bfloat16")
-    # (mode, memory in CPU memory, blocks read by the block kernel: False is retrieval.attend's gather)
+    # (mode, memory in CPU memory, blocks read by the block kernel: False is retrieval.attend's gather, an
+    # offloaded memory read in place by the kernels)
     extra = [("blocks2", args.super_size), ("blocks-recent", args.recent_blocks)]
     extra.append(("blocks2-recent", args.super_size and args.recent_blocks))
-    variants = [("blocks", False, True)] + [(mode, False, True) for mode, wanted in extra if wanted]
-    variants += [("dense", False, True), ("blocks", False, False)] + ([("blocks", True, True)] if args.offload else [])
+    variants = [("blocks", False, True, False)] + [(mode, False, True, False) for mode, wanted in extra if wanted]
+    variants += [("dense", False, True, False), ("blocks", False, False, False)]
+    offloaded = [("blocks", True, True, True), ("blocks", True, True, False)]
+    variants += offloaded if args.offload else []
     variants = [v for v in variants if args.modes is None or v[0] in args.modes]
     if args.offload_only:  # the first mode asked for (blocks by default), its memory in pinned CPU memory
-        variants = [((args.modes or ["blocks"])[0], True, True)]
+        variants = [((args.modes or ["blocks"])[0], *v[1:]) for v in offloaded]
     n = args.ingest_tokens
-    for mode, offload, block_kernel in variants:
-        impl = "longllama" + ("-offload" if offload else "") + ("" if block_kernel else "-gather")
+    for mode, offload, block_kernel, in_place in variants:
+        impl = "longllama" + ("-offload" if offload else "") + ("-in-place" if in_place else "")
+        impl += "" if block_kernel else "-gather"
         if clock.left() < 0:
             records.add(benchmark="ingest", shape=config_name(args), impl=impl, skipped=True, mem_mode=mode)
             continue
         model = random_model(config, args.device)
         model.config.update(dict(modes(args)[mode], mem_offload=offload))
-        model.set_plan(block_kernel=block_kernel)
+        model.set_plan(block_kernel=block_kernel, offload_in_place=in_place)
         ids = torch.randint(3, config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
         ids = ids.to(args.device)
         out = cache = None

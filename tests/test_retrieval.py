@@ -19,7 +19,7 @@ from longllama.cli import main
 from longllama.config import ConfigError, preset
 from longllama.errors import InputError
 from longllama.memory import MemoryCache
-from longllama.plan import check_changes
+from longllama.plan import ExecutionPlan, check_changes
 from longllama.retrieval import BlockChoice
 
 
@@ -242,11 +242,14 @@ def test_benchmark_script_runs_tiny(tmp_path):
         "--batch",
         "2",
         "--step-baseline",
+        "--offload",
         "--out",
         str(out),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     records = json.loads(out.read_text())
+    offloaded = {r["impl"]: r["plan"]["offload_in_place"] for r in records if r["benchmark"] == "ingest"}
+    assert offloaded["longllama-offload-in-place"] and not offloaded["longllama-offload"]
     passkey = [r for r in records if r["benchmark"] == "passkey" and r.get("mem_mode") == "blocks"]
     assert passkey and all(r["batch"] == 2 and len(r["seconds"]) == -(-r["trials"] // 2) for r in passkey)
     both = {r["benchmark"] for r in records if r.get("mem_mode") == "blocks2-recent"}
@@ -642,3 +645,21 @@ def test_recent_blocks_setting_is_checked_recorded_and_read_by_the_model():
         static = window.generate(ids[:, :250], max_new_tokens=50, do_sample=False, decoder="static")
         other = bound.generate(ids[:, :250], max_new_tokens=50, do_sample=False)
     assert torch.equal(static, tokens) and not torch.equal(other, tokens)
+
+
+def test_an_offloaded_memory_is_read_in_place_only_where_pinned_and_planned(monkeypatch):
+    """block_attention.reads_in_place: a memory on the queries' device always; one in CPU memory from a CUDA device
+    only where it is page-locked (which maps it into the GPU's addresses) and the plan's offload_in_place is on."""
+    from longllama.fast import block_attention
+
+    memory = MemoryCache(1, 2, 8, dtype=torch.float32, device="cpu", pin_memory=True)
+    assert memory.pinned == torch.cuda.is_available()  # pinning needs CUDA: asked for, not given on a CPU machine
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    off, on = ExecutionPlan(), ExecutionPlan(offload_in_place=True)
+    assert not off.offload_in_place  # off by default
+    assert memory.mapped_to(cpu) and block_attention.reads_in_place(memory, cpu, off)
+    monkeypatch.setattr(MemoryCache, "pinned", property(lambda self: False))
+    assert not memory.mapped_to(cuda) and not block_attention.reads_in_place(memory, cuda, on)
+    monkeypatch.setattr(MemoryCache, "pinned", property(lambda self: True))  # as on a CUDA machine
+    assert memory.mapped_to(cuda)
+    assert block_attention.reads_in_place(memory, cuda, on) and not block_attention.reads_in_place(memory, cuda, off)

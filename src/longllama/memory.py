@@ -179,6 +179,17 @@ class MemoryCache:
         return self._k.device
 
     @property
+    def pinned(self) -> bool:
+        """Whether the buffers are in page-locked CPU memory in fact (pin_memory asks for it; a machine without CUDA
+        cannot give it, and a selection of rows or a move makes new, ordinary buffers)."""
+        return self._k.device.type == "cpu" and torch.cuda.is_available() and self._k.is_pinned()
+
+    def mapped_to(self, device: torch.device) -> bool:
+        """Whether kernels running on `device` can read the buffers where they are stored: they live there, or in
+        page-locked CPU memory, which CUDA devices address directly and read over the bus (unified addressing)."""
+        return self.device == device or (self.pinned and device.type == "cuda")
+
+    @property
     def capacity(self) -> int:
         return self._k.shape[2]
 
@@ -208,6 +219,8 @@ class MemoryCache:
         valid[:, : self.length] = self.valid
         if old_scales is not None:
             self._ks[:, :, : self.length], self._vs[:, :, : self.length] = old_scales
+        if self.pinned:  # kernels may still read the old page-locked buffers in place; freed, they could be reused
+            torch.cuda.synchronize()
         self._k, self._v, self._valid = k, v, valid
         self._written = [self.length]
         self.copies += 1

@@ -84,6 +84,10 @@ class ExecutionPlan:
         cache is always read in chunks of decode_min_chunk); from the H100 sweep of benchmarks/tune_decode.py.
     block_kernel: block retrieval's window reads (mem_retrieval "blocks") by one Triton kernel over the chosen blocks
         in place (fast/block_attention.py) where it applies, else retrieval.attend's gather in PyTorch.
+    offload_in_place: with the memory in page-locked CPU memory (the config's mem_offload), block retrieval's kernels
+        read the chosen blocks where they are stored, over the bus, as they read a memory on the GPU (the window's
+        block kernel and the decoding step's gather); off, each window's chosen blocks are gathered in CPU memory and
+        their union copied to the GPU (retrieval.gather_blocks). Off by default until measured on a GPU.
     gemv_max_rows: the matrix-vector kernel serves products of at most this many rows.
     interpret_kernels: CPU tensors go to the Triton kernels (under TRITON_INTERPRET=1: the kernel tests).
     autotune: the decoding kernels' configurations by Triton's autotuner (minutes on a model's first decoding; what
@@ -120,6 +124,7 @@ class ExecutionPlan:
     decode_min_chunk: int = 64
     decode_programs: int = 4096
     block_kernel: bool = True
+    offload_in_place: bool = False
     gemv_max_rows: int = 16
     interpret_kernels: bool = False
     autotune: bool = False

@@ -376,12 +376,15 @@ def step_blocks(
     """For one decoding query per row, q (b, h, d): the blocks each key/value head chooses under `choice` (as
     read_blocks does for a single query) as stored, padded keys and values (b, kv_heads, keep * block_size, width)
     and int8 scales (b, kv_heads, keep * block_size) or None: a memory in the layout the decoding kernels read. None
-    where every gathered key would not be valid (invalid keys, a short last block) or the memory is held elsewhere
-    or shared by rows: the caller then takes `attend`. `bounds` as in select_blocks; `gather(memory, chosen,
-    block_size)`, where given, copies the chosen blocks (b, kv_heads, keep) (the kernels' path:
-    fast/block_attention.gather_blocks), else PyTorch's indexing does."""
+    where every gathered key would not be valid (invalid keys, a short last block), the memory is shared by rows, or
+    it is held elsewhere and `gather` cannot read it there: the caller then takes `attend`. `bounds` as in
+    select_blocks; `gather(memory, chosen, block_size)`, where given, copies the chosen blocks (b, kv_heads, keep)
+    to q's device (the kernels' path: fast/block_attention.gather_blocks, which also reads a float memory in
+    page-locked CPU memory, memory.mapped_to), else PyTorch's indexing does."""
     block_size = choice.block_size
-    if memory.share != 1 or not memory.all_valid() or memory.length % block_size or memory.device != q.device:
+    if memory.share != 1 or not memory.all_valid() or memory.length % block_size:
+        return None
+    if memory.device != q.device and (gather is None or memory.quantized or not memory.mapped_to(q.device)):
         return None
     _, chosen, _ = choose(q[:, :, None], memory, choice, bounds=bounds)
     tokens = _block_tokens(chosen, block_size)

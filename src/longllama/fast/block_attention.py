@@ -10,9 +10,10 @@ memory part and its log-sum-exp; the local part comes from the local kernel with
 (fast/attention.local_with_lse), and the two are merged exactly (ops.merge_partials), as the dense memory is.
 
 Where it applies (`applies`): the plan's fast attention with `block_kernel` on, the kernels usable for the inputs
-(CUDA; CPU tensors under Triton's interpreter for the tests), a float memory on the queries' device with one
-stored row per query row, no gradients. Elsewhere (int8 or offloaded memory, beams sharing a memory, training)
-retrieval.attend runs.
+(CUDA; CPU tensors under Triton's interpreter for the tests), a float memory on the queries' device, or offloaded to
+page-locked CPU memory with the plan's `offload_in_place` (read over the bus where it is stored), with one stored
+row per query row, no gradients. Elsewhere (int8 memory, an offloaded one without `offload_in_place`, beams
+sharing a memory, training) retrieval.attend runs.
 """
 
 from __future__ import annotations
@@ -106,14 +107,15 @@ def best_bounds(
 def gather_blocks(memory: MemoryCache, chosen: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """retrieval.step_blocks' gather by a kernel: the stored (padded) keys and values of the chosen blocks (b,
     kv_heads, keep), every one whole inside the memory, block after block: (b, kv_heads, keep * block_size,
-    storage_dim). One program copies one block, in 16-byte vectors (benchmarks/probe_decode_blocks.py measures it
-    against PyTorch's indexing)."""
+    storage_dim), on the device of `chosen` (the memory may be offloaded to page-locked CPU memory, read over the
+    bus: reads_in_place). One program copies one block, in 16-byte vectors (benchmarks/probe_decode_blocks.py
+    measures it against PyTorch's indexing)."""
     b, hkv, keep = chosen.shape
     pk, pv = memory.padded()
     width = pk.shape[-1]
     if pk.stride() != pv.stride() or pk.stride()[2:] != (width, 1):  # the kernel takes rows `width` apart
         pk, pv = pk.contiguous(), pv.contiguous()
-    k = torch.empty(b, hkv, keep * block_size, width, dtype=pk.dtype, device=pk.device)
+    k = torch.empty(b, hkv, keep * block_size, width, dtype=pk.dtype, device=chosen.device)
     v = torch.empty_like(k)
     chosen = chosen.contiguous()
     kernels.launch_fixed(
@@ -137,9 +139,15 @@ def applies(q: torch.Tensor, memory: MemoryCache, plan: ExecutionPlan) -> bool:
         and kernels.usable(q, cpu=plan.interpret_kernels)
         and not memory.quantized
         and memory.share == 1
-        and memory.device == q.device
+        and reads_in_place(memory, q.device, plan)
         and not (q.requires_grad and torch.is_grad_enabled())
     )
+
+
+def reads_in_place(memory: MemoryCache, device: torch.device, plan: ExecutionPlan) -> bool:
+    """Whether kernels on `device` read `memory` where it is stored: it is there, or it is offloaded to page-locked
+    CPU memory and the plan's offload_in_place lets them read it over the bus."""
+    return memory.device == device or (plan.offload_in_place and memory.mapped_to(device))
 
 
 def memory_part(

@@ -233,12 +233,13 @@ class StaticDecoder:
         if retrieval.retrieves(memory, plan):
             # where the plan reads blocks with kernels, kernels also rank (one pass over the summaries) and copy them
             fast = plan.block_kernel
+            in_place = fast and block_attention.reads_in_place(memory, q.device, plan)
             chosen = retrieval.step_blocks(
                 q,
                 memory,
                 retrieval.BlockChoice.of(plan),
                 bounds=block_attention.best_bounds if fast else None,
-                gather=block_attention.gather_blocks if fast else None,
+                gather=block_attention.gather_blocks if in_place else None,
             )
             return False if chosen is None else chosen
         _, _, padded, valid, scales = read_memory(memory, q.device)
