@@ -2,7 +2,9 @@
 --batch rows, the memory mode of --mode), --calls more calls of --windows windows each continue from the cache,
 first timed alone, then under torch.profiler. Prints one JSON object: wall milliseconds per window, the kernels'
 own time per window (the GPU's busy time), kernel launches per window, and the kernels (or, on a CPU, the
-operators) that take the most time.
+operators) that take the most time; on the host, the PyTorch operators called per window, the waits for the GPU
+per window (values read back, synchronising calls) and the operators that hold the host longest (their time with
+what they call).
 
 A window whose wall time is far above its kernels' time is bound by launches and host work, where fewer operators
 or CUDA graphs would pay; one near it is bound by the kernels listed. On a CPU the operators' own times stand for
@@ -27,6 +29,8 @@ from longllama import LongLlamaForCausalLM
 from longllama.config import preset
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+# where the host waits for the GPU: a value read back (item, bool, int of a tensor), a synchronising call or copy
+WAITS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")
 
 
 def load(args) -> LongLlamaForCausalLM:
@@ -95,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     busy_ms = sum(own(e) for e in kernels) / 1e3 / windows
     launches = sum(e.count for e in events if e.key in LAUNCHES) / windows
     top = sorted(kernels, key=own, reverse=True)[: args.top]
+    operators = [e for e in events if e.key.startswith("aten::")]
+    host_top = sorted(operators, key=lambda e: e.cpu_time_total, reverse=True)[: args.top]
     print(
         json.dumps(
             {
@@ -111,6 +117,12 @@ def main(argv: list[str] | None = None) -> None:
                 "wall_ms_per_window": round(wall_ms, 3),
                 "kernel_ms_per_window": round(busy_ms, 3),
                 "launches_per_window": round(launches, 1),
+                "operators_per_window": round(sum(e.count for e in operators) / windows, 1),
+                "waits_per_window": {e.key: round(e.count / windows, 2) for e in events if e.key in WAITS and e.count},
+                "top_operators_host_ms": [
+                    {"name": e.key, "ms_per_window": round(e.cpu_time_total / 1e3 / windows, 4), "calls": e.count}
+                    for e in host_top
+                ],
                 "top": [
                     {"name": e.key[:120], "ms_per_window": round(own(e) / 1e3 / windows, 4), "calls": e.count}
                     for e in top
