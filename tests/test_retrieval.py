@@ -226,7 +226,8 @@ def test_window_probe_runs_tiny(mode):
     assert probe["top"] and all(entry["name"].startswith("aten::") and entry["calls"] > 0 for entry in probe["top"])
     host = probe["top_operators_host_ms"]
     assert probe["operators_per_window"] > 0 and host and all(entry["ms_per_window"] > 0 for entry in host)
-    assert isinstance(probe["waits_per_window"], dict)  # on a CPU nothing waits for a GPU
+    # a CPU reads values back too (item, bool of a tensor); it makes no CUDA calls
+    assert set(probe["waits_per_window"]) <= {"aten::_local_scalar_dense"}
 
 
 def test_benchmark_script_runs_tiny(tmp_path):
