@@ -18,7 +18,8 @@ measurements so the command ends in time, and whatever was not started is record
              block kernel (plan block_kernel=False), the baseline of that kernel.
              With --offload also blocks with the memory in pinned CPU memory (summaries on the GPU), twice: the
              chosen blocks read in place over the bus by the kernels (plan offload_in_place), then copied (each
-             window's union gathered in CPU memory); with --offload-only those two alone (the first of --modes);
+             window's union gathered in CPU memory; --offload-ways picks them); with --offload-only those alone
+             (the first of --modes);
              --step-baseline decodes on from each blocks cache with the plan's block_kernel off (the step's
              choice and gather in PyTorch), the baseline of the step's kernels.
 --super-size S adds the two-level choice (superblocks of S blocks, mode "blocks2") after blocks in passkey and 3b;
@@ -260,7 +261,8 @@ def section_3b(args, records: Records, clock: Clock) -> None:
     extra.append(("blocks2-recent", args.super_size and args.recent_blocks))
     variants = [("blocks", False, True, False)] + [(mode, False, True, False) for mode, wanted in extra if wanted]
     variants += [("dense", False, True, False), ("blocks", False, False, False)]
-    offloaded = [("blocks", True, True, True), ("blocks", True, True, False)]
+    ways = {"in-place": ("blocks", True, True, True), "copy": ("blocks", True, True, False)}
+    offloaded = [ways[way] for way in args.offload_ways]
     variants += offloaded if args.offload else []
     variants = [v for v in variants if args.modes is None or v[0] in args.modes]
     if args.offload_only:  # the first mode asked for (blocks by default), its memory in pinned CPU memory
@@ -374,6 +376,12 @@ def main() -> None:
         help="3b: only the first of --modes (default blocks) with the memory in pinned CPU memory",
     )
     ap.add_argument(
+        "--offload-ways",
+        type=lambda s: s.split(","),
+        default=["in-place", "copy"],
+        help="3b: how an offloaded memory is read, in this order: in-place (plan offload_in_place), copy",
+    )
+    ap.add_argument(
         "--step-baseline",
         action="store_true",
         help="3b: after each blocks decode, decode on from the same cache with the step's choice and gather in PyTorch",
@@ -385,6 +393,8 @@ def main() -> None:
     unknown = set(args.modes or ()) - set(modes(args))
     if unknown:
         ap.error(f"--modes {','.join(sorted(unknown))}: use some of {', '.join(modes(args))}")
+    if set(args.offload_ways) - {"in-place", "copy"}:
+        ap.error(f"--offload-ways {','.join(args.offload_ways)}: use in-place, copy or both")
     if args.tiny:
         args.lengths = [1500, 3000]
         args.trials, args.slow_trials, args.summary_trials = 2, 1, 1
