@@ -78,6 +78,10 @@ class Clock:
         return self.end - time.perf_counter()
 
 
+# how the 3b section reads an offloaded memory (--offload-ways): the plan's offload_in_place of each way
+OFFLOAD_WAYS = {"in-place": True, "copy": False}
+
+
 def modes(args) -> dict[str, dict]:
     """Config overrides of each memory mode."""
     return {
@@ -261,8 +265,7 @@ def section_3b(args, records: Records, clock: Clock) -> None:
     extra.append(("blocks2-recent", args.super_size and args.recent_blocks))
     variants = [("blocks", False, True, False)] + [(mode, False, True, False) for mode, wanted in extra if wanted]
     variants += [("dense", False, True, False), ("blocks", False, False, False)]
-    ways = {"in-place": ("blocks", True, True, True), "copy": ("blocks", True, True, False)}
-    offloaded = [ways[way] for way in args.offload_ways]
+    offloaded = [("blocks", True, True, OFFLOAD_WAYS[way]) for way in args.offload_ways]
     variants += offloaded if args.offload else []
     variants = [v for v in variants if args.modes is None or v[0] in args.modes]
     if args.offload_only:  # the first mode asked for (blocks by default), its memory in pinned CPU memory
@@ -393,8 +396,8 @@ def main() -> None:
     unknown = set(args.modes or ()) - set(modes(args))
     if unknown:
         ap.error(f"--modes {','.join(sorted(unknown))}: use some of {', '.join(modes(args))}")
-    if set(args.offload_ways) - {"in-place", "copy"}:
-        ap.error(f"--offload-ways {','.join(args.offload_ways)}: use in-place, copy or both")
+    if set(args.offload_ways) - set(OFFLOAD_WAYS):
+        ap.error(f"--offload-ways {','.join(args.offload_ways)}: use some of {', '.join(OFFLOAD_WAYS)}")
     if args.tiny:
         args.lengths = [1500, 3000]
         args.trials, args.slow_trials, args.summary_trials = 2, 1, 1
