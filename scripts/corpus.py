@@ -65,6 +65,7 @@ import numpy as np
 import sentencepiece as spm
 
 from longllama.errors import InputError
+from longllama.evals import kv  # the key-value layout, shared with the evaluation (`longllama kv`)
 
 logger = logging.getLogger(__name__)
 
@@ -528,35 +529,23 @@ def _kv_key(pool: FillerPool, rng: np.random.Generator) -> str:
     return f"{words[0]}_{words[1]}_{int(rng.integers(100, 1000))}"
 
 
-def _kv_value(rng: np.random.Generator) -> str:
-    if rng.random() < 0.6:
-        return str(int(rng.integers(1, 10 ** int(rng.integers(2, 7)))))
-    return f"{int(rng.integers(16**8)):08x}"
-
-
-_KV_INTRO = (
-    "Some keys and their values are hidden in the text below, each on its own line as 'key: value'. "
-    "Remember them; you will be asked for some of the values at the end."
-)
-
-
 def kv_document(pool: FillerPool, rng: np.random.Generator, *, chars: int, style: str = "code") -> dict[str, Any]:
     """`key: value` lines at random depths (about one per 4000 characters), then questions about some of them."""
     count = int(np.clip(chars // 4000, 2, 24))
     pairs: dict[str, str] = {}
     while len(pairs) < count:
-        pairs.setdefault(_kv_key(pool, rng), _kv_value(rng))
+        pairs.setdefault(_kv_key(pool, rng), kv.draw_value(rng))
     keys = list(pairs)
     asked = [keys[int(i)] for i in rng.permutation(count)[: int(rng.integers(1, min(count, 5) + 1))]]
-    questions = [f"What is the value of {key}? The value of {key} is {pairs[key]}." for key in asked]
-    room = max(chars - len(_KV_INTRO) - sum(len(q) + 1 for q in questions) - sum(len(k) + 12 for k in keys), 100)
+    questions = [f"{kv.QUESTION_LINE.format(key=key)} {pairs[key]}." for key in asked]
+    room = max(chars - len(kv.INTRO_LINE) - sum(len(q) + 1 for q in questions) - sum(len(k) + 12 for k in keys), 100)
     filler = _trim(pool.filler(rng, room, style=style), room)
     cuts = sorted(_cut_at(filler, round(depth * len(filler))) for depth in rng.random(count))
     segments = [filler[start:end].strip("\n") for start, end in zip([0, *cuts], [*cuts, len(filler)], strict=True)]
     body = [segments[0]]
     for key, segment in zip(keys, segments[1:], strict=True):
         body += [f"{key}: {pairs[key]}", segment]
-    text = "\n".join([_KV_INTRO, *[part for part in body if part], *questions])
+    text = "\n".join([kv.INTRO_LINE, *[part for part in body if part], *questions])
     return {
         "text": text,
         "source": "synthetic",

@@ -93,21 +93,25 @@ def _check_pairs(pairs: int) -> None:
 
 
 def _draw_pairs(rng: np.random.Generator, count: int) -> dict[str, str]:
-    """`count` pairs with distinct keys and distinct values, drawn as in training (values: 60% decimal numbers of
-    2-6 digits, else 8 hex digits)."""
+    """`count` pairs with distinct keys and distinct values (draw_value), keys as in training from KEY_WORDS."""
     pairs: dict[str, str] = {}
     values: set[str] = set()
     while len(pairs) < count:
         first, second = (KEY_WORDS[int(i)] for i in rng.integers(len(KEY_WORDS), size=2))
         key = f"{first}_{second}_{int(rng.integers(100, 1000))}"
-        if rng.random() < 0.6:
-            value = str(int(rng.integers(1, 10 ** int(rng.integers(2, 7)))))
-        else:
-            value = f"{int(rng.integers(16**8)):08x}"
+        value = draw_value(rng)
         if key not in pairs and value not in values:
             pairs[key] = value
             values.add(value)
     return pairs
+
+
+def draw_value(rng: np.random.Generator) -> str:
+    """A value as the training documents draw it (scripts/corpus.py): 60% decimal numbers of 2-6 digits, else 8 hex
+    digits."""
+    if rng.random() < 0.6:
+        return str(int(rng.integers(1, 10 ** int(rng.integers(2, 7)))))
+    return f"{int(rng.integers(16**8)):08x}"
 
 
 def asked_depth(prompt: KvPrompt, n_garbage: int) -> float:
