@@ -141,7 +141,6 @@ def check_offload_in_place() -> bool:
         reads = block_attention.reads_in_place(memory, ids.device, model.plan)
         tokens = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, -16:]
         runs[name] = (out.logits, tokens, memory.pinned, reads)
-    model.config.update({"mem_offload": False})
     gpu, in_place, copied = runs["gpu"], runs["in place"], runs["copied"]
     same = torch.equal(in_place[0], gpu[0]) and torch.equal(in_place[1], gpu[1])
     e = rel(copied[0], gpu[0])
