@@ -9,7 +9,8 @@ weights read and the error against an fp32 product.
 or 64 columns) beside bf16's: cuBLAS and the Triton kernels on bf16 weights, the int4 kernels with the rule's
 configuration, and with Triton's autotuner over the kernels' own list (the best configuration printed); GB/s counts the
 bytes each reads (int4: codes, scales and offsets). q/k/v and gate/up also with the RMSNorm inside, as decoding runs
-them (cuBLAS after the norm's own kernel)."""
+them (cuBLAS after the norm's own kernel). --gemlite adds GemLite's int4 product (its one-row split-K kernel over the
+same codes, scales and offsets; stacked weights in one layer, the SwiGLU and the RMSNorm in their own kernels)."""
 
 from __future__ import annotations
 
@@ -71,8 +72,37 @@ def after_norm(fn, norm):
     return lambda x, ws: fn(rms_norm(x, norm[0].to(x.dtype), norm[1]), ws)
 
 
-def int4_case(name: str, shapes, k: int, product, baseline) -> None:
-    """One product of one row: bf16 weights (cuBLAS, the kernels) against int4 ones (rule, autotuned)."""
+def gemlite_layer(weight):
+    """A GemLite int4 layer computing `weight` (an Int4Weight): the same codes, scales and offsets."""
+    import gemlite
+
+    from longllama import int4
+
+    n, k = weight.shape
+    layer = gemlite.GemLiteLinear(4, weight.group, k, n, gemlite.DType.BF16, gemlite.DType.BF16)
+    layer.pack(int4.codes(weight.qdata), weight.scale, torch.zeros_like(weight.scale))  # a weight: code * scale + zero
+    with torch.no_grad():
+        layer.zeros.copy_(weight.offset.t())  # the zero added is our offset itself
+    return layer
+
+
+def gemlite_product(kind: str, norm=None):
+    """fn(x, layers) for one GemLite layer: "one" (o, down, stacked q/k/v) or "swiglu" (gate and up stacked)."""
+
+    def fn(x, layers):
+        x = x if norm is None else rms_norm(x, norm[0].to(x.dtype), norm[1])
+        y = layers[0](x)
+        if kind == "swiglu":
+            gate, up = y.chunk(2, dim=-1)
+            y = F.silu(gate) * up
+        return y
+
+    return fn
+
+
+def int4_case(name: str, shapes, k: int, product, baseline, theirs=None) -> None:
+    """One product of one row: bf16 weights (cuBLAS, the kernels) against int4 ones (rule, autotuned); `theirs`:
+    also GemLite's product (gemlite_product) over the same int4 weights stacked in one layer."""
     from longllama import int4
     from longllama.fast import gemv_int4_kernels
 
@@ -92,10 +122,17 @@ def int4_case(name: str, shapes, k: int, product, baseline) -> None:
         ("int4", packed, product, {}, int4_gb),
         ("int4-tuned", packed, product, {"autotune": True}, int4_gb),
     )
+    if theirs is not None:
+        stacked = [
+            [gemlite_layer(int4.Int4Weight.from_float(torch.cat(ws), group) if len(ws) > 1 else w[0])]
+            for ws, w in zip(dense, packed)
+        ]
+        runs += (("gemlite", stacked, theirs, {}, int4_gb),)
     for path, sets, fn, kw, gb in runs:
         fn(x, sets[0], **kw)  # the autotuner's sweep happens here, untimed
         us = cold_us([lambda ws=ws: fn(x, ws, **kw) for ws in sets])
-        err = ((fn(x, sets[0], **kw).float() - ref).norm() / ref.norm()).item() if path.startswith("int4") else 0.0
+        quantized = path.startswith("int4") or path == "gemlite"
+        err = ((fn(x, sets[0], **kw).float() - ref).norm() / ref.norm()).item() if quantized else 0.0
         print(f"{name:28s} {path:10s} {us:8.1f} {gb / us * 1e6:7.0f} {err:9.2e}")
     for kernel in (gemv_int4_kernels.gemv_int4, gemv_int4_kernels.gemv_int4_swiglu):
         for key, choice in kernel.tuned.items():
@@ -118,16 +155,31 @@ def main_int4(args) -> None:
     shapes = {"3b": (3200, 8640), "code-7b": (4096, 11008)}
     for shape in args.shapes.split(","):
         hidden, inter = shapes[shape]
-        int4_case(f"{shape} q/k/v {3 * hidden}x{hidden}", [(hidden, hidden)] * 3, hidden, stacked, cat)
-        int4_case(f"{shape} o {hidden}x{hidden}", [(hidden, hidden)], hidden, single, one)
-        int4_case(f"{shape} gate/up+SwiGLU {inter}x{hidden}", [(inter, hidden)] * 2, hidden, paired, swiglu)
-        int4_case(f"{shape} down {hidden}x{inter}", [(hidden, inter)], inter, single, one)
-        # As a decoding step runs q/k/v and gate/up: the RMSNorm in the same pass (each program normalises x)
         norm = random_norm(hidden)
-        normed = lambda f: lambda x, ws, **kw: f(x, ws, norm=norm, **kw)  # noqa: E731
-        int4_case(f"{shape} q/k/v +RMSNorm", [(hidden, hidden)] * 3, hidden, normed(stacked), after_norm(cat, norm))
+        g = (lambda kind, norm=None: gemlite_product(kind, norm)) if args.gemlite else (lambda kind, norm=None: None)
+        int4_case(f"{shape} q/k/v {3 * hidden}x{hidden}", [(hidden, hidden)] * 3, hidden, stacked, cat, g("one"))
+        int4_case(f"{shape} o {hidden}x{hidden}", [(hidden, hidden)], hidden, single, one, g("one"))
         int4_case(
-            f"{shape} gate/up+SwiGLU +RMSNorm", [(inter, hidden)] * 2, hidden, normed(paired), after_norm(swiglu, norm)
+            f"{shape} gate/up+SwiGLU {inter}x{hidden}", [(inter, hidden)] * 2, hidden, paired, swiglu, g("swiglu")
+        )
+        int4_case(f"{shape} down {hidden}x{inter}", [(hidden, inter)], inter, single, one, g("one"))
+        # As a decoding step runs q/k/v and gate/up: the RMSNorm in the same pass (each program normalises x)
+        normed = lambda f: lambda x, ws, **kw: f(x, ws, norm=norm, **kw)  # noqa: E731
+        int4_case(
+            f"{shape} q/k/v +RMSNorm",
+            [(hidden, hidden)] * 3,
+            hidden,
+            normed(stacked),
+            after_norm(cat, norm),
+            g("one", norm),
+        )
+        int4_case(
+            f"{shape} gate/up+SwiGLU +RMSNorm",
+            [(inter, hidden)] * 2,
+            hidden,
+            normed(paired),
+            after_norm(swiglu, norm),
+            g("swiglu", norm),
         )
 
 
@@ -137,6 +189,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="3b,code-7b")
     ap.add_argument("--int4", action="store_true", help="int4 weights against bf16, one row (see above)")
     ap.add_argument("--autotune", action="store_true", help="also the kernels' autotuned choice (printed at the end)")
+    ap.add_argument("--gemlite", action="store_true", help="with --int4: also GemLite's int4 product (pip gemlite)")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.int4:

@@ -659,8 +659,8 @@ def test_an_offloaded_memory_is_read_in_place_only_where_pinned_and_planned(monk
     memory = MemoryCache(1, 2, 8, dtype=torch.float32, device="cpu", pin_memory=True)
     assert memory.pinned == torch.cuda.is_available()  # pinning needs CUDA: asked for, not given on a CPU machine
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    off, on = ExecutionPlan(), ExecutionPlan(offload_in_place=True)
-    assert not off.offload_in_place  # off by default
+    off, on = ExecutionPlan(offload_in_place=False), ExecutionPlan()
+    assert on.offload_in_place  # on by default
     assert memory.mapped_to(cpu) and block_attention.reads_in_place(memory, cpu, off)
     monkeypatch.setattr(MemoryCache, "pinned", property(lambda self: False))
     assert not memory.mapped_to(cuda) and not block_attention.reads_in_place(memory, cuda, on)

@@ -87,7 +87,8 @@ class ExecutionPlan:
     offload_in_place: with the memory in page-locked CPU memory (the config's mem_offload), block retrieval's kernels
         read the chosen blocks where they are stored, over the bus, as they read a memory on the GPU (the window's
         block kernel and the decoding step's gather); off, each window's chosen blocks are gathered in CPU memory and
-        their union copied to the GPU (retrieval.gather_blocks). Off by default until measured on a GPU.
+        their union copied to the GPU (retrieval.gather_blocks). On by default: on an H100 the 3B shape read 128k
+        tokens in 12.6 s against 15.5 s copied, decoded after them in 14.4 ms against 43.1, with less GPU memory.
     gemv_max_rows: the matrix-vector kernel serves products of at most this many rows.
     interpret_kernels: CPU tensors go to the Triton kernels (under TRITON_INTERPRET=1: the kernel tests).
     autotune: the decoding kernels' configurations by Triton's autotuner (minutes on a model's first decoding; what
@@ -124,7 +125,7 @@ class ExecutionPlan:
     decode_min_chunk: int = 64
     decode_programs: int = 4096
     block_kernel: bool = True
-    offload_in_place: bool = False
+    offload_in_place: bool = True
     gemv_max_rows: int = 16
     interpret_kernels: bool = False
     autotune: bool = False
