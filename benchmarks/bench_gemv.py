@@ -124,8 +124,8 @@ def int4_case(name: str, shapes, k: int, product, baseline, theirs=None) -> None
     )
     if theirs is not None:
         stacked = [
-            [gemlite_layer(int4.Int4Weight.from_float(torch.cat(ws), group) if len(ws) > 1 else w[0])]
-            for ws, w in zip(dense, packed)
+            [gemlite_layer(int4.Int4Weight.from_float(torch.cat(ws), group) if len(ws) > 1 else quantized[0])]
+            for ws, quantized in zip(dense, packed)
         ]
         runs += (("gemlite", stacked, theirs, {}, int4_gb),)
     for path, sets, fn, kw, gb in runs:
@@ -153,10 +153,13 @@ def main_int4(args) -> None:
     one = lambda x, ws: F.linear(x, ws[0])  # noqa: E731
     swiglu = lambda x, ws: F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1])  # noqa: E731
     shapes = {"3b": (3200, 8640), "code-7b": (4096, 11008)}
+
+    def g(kind: str, norm=None):  # GemLite's product beside the others, with --gemlite
+        return gemlite_product(kind, norm) if args.gemlite else None
+
     for shape in args.shapes.split(","):
         hidden, inter = shapes[shape]
         norm = random_norm(hidden)
-        g = (lambda kind, norm=None: gemlite_product(kind, norm)) if args.gemlite else (lambda kind, norm=None: None)
         int4_case(f"{shape} q/k/v {3 * hidden}x{hidden}", [(hidden, hidden)] * 3, hidden, stacked, cat, g("one"))
         int4_case(f"{shape} o {hidden}x{hidden}", [(hidden, hidden)], hidden, single, one, g("one"))
         int4_case(
