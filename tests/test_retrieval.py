@@ -651,6 +651,29 @@ def test_recent_blocks_setting_is_checked_recorded_and_read_by_the_model():
     assert torch.equal(static, tokens) and not torch.equal(other, tokens)
 
 
+def test_mem_offload_flag_keeps_the_memory_in_cpu_memory_with_the_same_tokens(tmp_path):
+    """--mem-offload (every model command) loads the checkpoint with mem_offload: the memory is made in CPU memory,
+    and block retrieval over it decodes the tokens of the memory kept with the model."""
+    from longllama import cli
+
+    assert cli.build_parser().parse_args(["passkey", "--mem-offload"]).mem_offload is True
+    assert cli.build_parser().parse_args(["passkey"]).mem_offload is None  # the checkpoint's own setting
+    torch.manual_seed(0)
+    LongLlamaForCausalLM(preset("tiny", mem_retrieval="blocks", mem_blocks=2, mem_block_size=4)).save_pretrained(
+        tmp_path / "m"
+    )
+    kept = cli.load_model(tmp_path / "m", cli.LoadOptions(device="cpu"))
+    offloaded = cli.load_model(tmp_path / "m", cli.LoadOptions(device="cpu", mem_offload=True))
+    assert offloaded.config.mem_offload and not kept.config.mem_offload
+    ids = torch.randint(3, kept.config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = offloaded(ids, use_cache=True)
+        memory = next(layer.memory for layer in out.past_key_values.layers if layer.memory is not None)
+        assert memory.device.type == "cpu" and memory.keys.shape[-2] > 0
+        tokens = offloaded.generate(ids, max_new_tokens=8, do_sample=False)
+        assert torch.equal(tokens, kept.generate(ids, max_new_tokens=8, do_sample=False))
+
+
 def test_an_offloaded_memory_is_read_in_place_only_where_pinned_and_planned(monkeypatch):
     """block_attention.reads_in_place: a memory on the queries' device always; one in CPU memory from a CUDA device
     only where it is page-locked (which maps it into the GPU's addresses) and the plan's offload_in_place is on."""

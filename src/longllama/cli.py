@@ -78,6 +78,7 @@ class LoadOptions(_ParsedOptions):
     mem_blocks: int | None = None
     mem_super_size: int | None = None
     mem_recent_blocks: int | None = None
+    mem_offload: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,6 +414,7 @@ def load_model(folder: Path, options: LoadOptions | None = None, *, transformers
         "mem_blocks",
         "mem_super_size",
         "mem_recent_blocks",
+        "mem_offload",
     ):
         if getattr(o, key) is not None:
             overrides[key] = getattr(o, key)
@@ -797,8 +799,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
-    """--quantize, --mem-dtype, --mem-retrieval and --mem-blocks: how the model's weights and memory are stored and
-    read (every model command)."""
+    """--quantize, --mem-dtype, --mem-retrieval, --mem-blocks and --mem-offload: how the model's weights and memory
+    are stored and read (every model command)."""
     p.add_argument(
         "--quantize",
         choices=QUANTIZATIONS,
@@ -837,6 +839,13 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
         metavar="R",
         help="with --mem-retrieval blocks: R of the --mem-blocks blocks a group reads are always the memory's most "
         "recent ones (default: the checkpoint's mem_recent_blocks, 0)",
+    )
+    p.add_argument(
+        "--mem-offload",
+        action="store_true",
+        default=None,
+        help="keep the memory in page-locked CPU memory, so its size is bounded by CPU memory, not the GPU's; with "
+        "--mem-retrieval blocks only the chosen blocks are read, over the bus (docs/retrieval.md)",
     )
     p.set_defaults(load_options=True)  # main gathers the loading options into one LoadOptions (`load`)
 
