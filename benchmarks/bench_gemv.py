@@ -10,7 +10,9 @@ or 64 columns) beside bf16's: cuBLAS and the Triton kernels on bf16 weights, the
 configuration, and with Triton's autotuner over the kernels' own list (the best configuration printed); GB/s counts the
 bytes each reads (int4: codes, scales and offsets). q/k/v and gate/up also with the RMSNorm inside, as decoding runs
 them (cuBLAS after the norm's own kernel). --gemlite adds GemLite's int4 product (its one-row split-K kernel over the
-same codes, scales and offsets; stacked weights in one layer, the SwiGLU and the RMSNorm in their own kernels)."""
+same codes, scales and offsets; stacked weights in one layer, the SwiGLU and the RMSNorm in their own kernels), with
+its output in bf16 and in fp32 (its programs add their parts of the sum into the output, so a bf16 output is
+rounded at every addition; the fp32 one is converted to bf16 after)."""
 
 from __future__ import annotations
 
@@ -72,14 +74,16 @@ def after_norm(fn, norm):
     return lambda x, ws: fn(rms_norm(x, norm[0].to(x.dtype), norm[1]), ws)
 
 
-def gemlite_layer(weight):
-    """A GemLite int4 layer computing `weight` (an Int4Weight): the same codes, scales and offsets."""
+def gemlite_layer(weight, fp32_output: bool = False):
+    """A GemLite int4 layer computing `weight` (an Int4Weight): the same codes, scales and offsets; its output in
+    fp32 with `fp32_output`, else in bf16."""
     import gemlite
 
     from longllama import int4
 
     n, k = weight.shape
-    layer = gemlite.GemLiteLinear(4, weight.group, k, n, gemlite.DType.BF16, gemlite.DType.BF16)
+    output = gemlite.DType.FP32 if fp32_output else gemlite.DType.BF16
+    layer = gemlite.GemLiteLinear(4, weight.group, k, n, gemlite.DType.BF16, output)
     layer.pack(int4.codes(weight.qdata), weight.scale, torch.zeros_like(weight.scale))  # a weight: code * scale + zero
     with torch.no_grad():
         layer.zeros.copy_(weight.offset.t())  # the zero added is our offset itself
@@ -91,7 +95,7 @@ def gemlite_product(kind: str, norm=None):
 
     def fn(x, layers):
         x = x if norm is None else rms_norm(x, norm[0].to(x.dtype), norm[1])
-        y = layers[0](x)
+        y = layers[0](x).to(x.dtype)
         if kind == "swiglu":
             gate, up = y.chunk(2, dim=-1)
             y = F.silu(gate) * up
@@ -100,9 +104,9 @@ def gemlite_product(kind: str, norm=None):
     return fn
 
 
-def int4_case(name: str, shapes, k: int, product, baseline, theirs=None) -> None:
-    """One product of one row: bf16 weights (cuBLAS, the kernels) against int4 ones (rule, autotuned); `theirs`:
-    also GemLite's product (gemlite_product) over the same int4 weights stacked in one layer."""
+def int4_case(name: str, shapes, k: int, product, baseline, theirs=None, tuned: bool = True) -> None:
+    """One product of one row: bf16 weights (cuBLAS, the kernels) against int4 ones (rule, and autotuned with
+    `tuned`); `theirs`: also GemLite's product (gemlite_product) over the same int4 weights stacked in one layer."""
     from longllama import int4
     from longllama.fast import gemv_int4_kernels
 
@@ -120,18 +124,18 @@ def int4_case(name: str, shapes, k: int, product, baseline, theirs=None) -> None
         ("cuBLAS", dense, baseline, {}, dense_gb),
         ("triton", dense, product, {}, dense_gb),
         ("int4", packed, product, {}, int4_gb),
-        ("int4-tuned", packed, product, {"autotune": True}, int4_gb),
-    )
+    ) + ((("int4-tuned", packed, product, {"autotune": True}, int4_gb),) if tuned else ())
     if theirs is not None:
-        stacked = [
-            [gemlite_layer(int4.Int4Weight.from_float(torch.cat(ws), group) if len(ws) > 1 else quantized[0])]
+        merged = [
+            int4.Int4Weight.from_float(torch.cat(ws), group) if len(ws) > 1 else quantized[0]
             for ws, quantized in zip(dense, packed)
         ]
-        runs += (("gemlite", stacked, theirs, {}, int4_gb),)
+        for path, fp32 in (("gemlite", False), ("gemlite-f32", True)):
+            runs += ((path, [[gemlite_layer(w, fp32)] for w in merged], theirs, {}, int4_gb),)
     for path, sets, fn, kw, gb in runs:
         fn(x, sets[0], **kw)  # the autotuner's sweep happens here, untimed
         us = cold_us([lambda ws=ws: fn(x, ws, **kw) for ws in sets])
-        quantized = path.startswith("int4") or path == "gemlite"
+        quantized = path.startswith(("int4", "gemlite"))
         err = ((fn(x, sets[0], **kw).float() - ref).norm() / ref.norm()).item() if quantized else 0.0
         print(f"{name:28s} {path:10s} {us:8.1f} {gb / us * 1e6:7.0f} {err:9.2e}")
     for kernel in (gemv_int4_kernels.gemv_int4, gemv_int4_kernels.gemv_int4_swiglu):
@@ -143,7 +147,7 @@ def int4_case(name: str, shapes, k: int, product, baseline, theirs=None) -> None
 def main_int4(args) -> None:
     from longllama.fast import gemv_int4_kernels
 
-    swept = len(gemv_int4_kernels.gemv_int4.configs)
+    swept = 0 if args.rule_only else len(gemv_int4_kernels.gemv_int4.configs)
     print(f"{torch.cuda.get_device_name()}, {swept} int4 configurations swept per product")
     print(f"{'product':28s} {'path':10s} {'us':>8s} {'GB/s':>7s} {'rel err':>9s}")
     stacked = lambda x, ws, **kw: gemv.linear_stacked(x, tuple(ws), max_rows=16, **kw)  # noqa: E731
@@ -154,21 +158,22 @@ def main_int4(args) -> None:
     swiglu = lambda x, ws: F.silu(F.linear(x, ws[0])) * F.linear(x, ws[1])  # noqa: E731
     shapes = {"3b": (3200, 8640), "code-7b": (4096, 11008)}
 
+    def case(*a) -> None:
+        int4_case(*a, tuned=not args.rule_only)
+
     def g(kind: str, norm=None):  # GemLite's product beside the others, with --gemlite
         return gemlite_product(kind, norm) if args.gemlite else None
 
     for shape in args.shapes.split(","):
         hidden, inter = shapes[shape]
         norm = random_norm(hidden)
-        int4_case(f"{shape} q/k/v {3 * hidden}x{hidden}", [(hidden, hidden)] * 3, hidden, stacked, cat, g("one"))
-        int4_case(f"{shape} o {hidden}x{hidden}", [(hidden, hidden)], hidden, single, one, g("one"))
-        int4_case(
-            f"{shape} gate/up+SwiGLU {inter}x{hidden}", [(inter, hidden)] * 2, hidden, paired, swiglu, g("swiglu")
-        )
-        int4_case(f"{shape} down {hidden}x{inter}", [(hidden, inter)], inter, single, one, g("one"))
+        case(f"{shape} q/k/v {3 * hidden}x{hidden}", [(hidden, hidden)] * 3, hidden, stacked, cat, g("one"))
+        case(f"{shape} o {hidden}x{hidden}", [(hidden, hidden)], hidden, single, one, g("one"))
+        case(f"{shape} gate/up+SwiGLU {inter}x{hidden}", [(inter, hidden)] * 2, hidden, paired, swiglu, g("swiglu"))
+        case(f"{shape} down {hidden}x{inter}", [(hidden, inter)], inter, single, one, g("one"))
         # As a decoding step runs q/k/v and gate/up: the RMSNorm in the same pass (each program normalises x)
         normed = lambda f: lambda x, ws, **kw: f(x, ws, norm=norm, **kw)  # noqa: E731
-        int4_case(
+        case(
             f"{shape} q/k/v +RMSNorm",
             [(hidden, hidden)] * 3,
             hidden,
@@ -176,7 +181,7 @@ def main_int4(args) -> None:
             after_norm(cat, norm),
             g("one", norm),
         )
-        int4_case(
+        case(
             f"{shape} gate/up+SwiGLU +RMSNorm",
             [(inter, hidden)] * 2,
             hidden,
@@ -193,6 +198,7 @@ def main() -> None:
     ap.add_argument("--int4", action="store_true", help="int4 weights against bf16, one row (see above)")
     ap.add_argument("--autotune", action="store_true", help="also the kernels' autotuned choice (printed at the end)")
     ap.add_argument("--gemlite", action="store_true", help="with --int4: also GemLite's int4 product (pip gemlite)")
+    ap.add_argument("--rule-only", action="store_true", help="with --int4: the int4 kernels at their rule, no sweep")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.int4:
