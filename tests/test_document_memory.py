@@ -315,6 +315,23 @@ def test_recomputed_lower_layers_give_the_memory_that_was_saved(folders, impl: s
     _same_cache(memory.cache, DocumentMemory.load(path, model, tokenizer, recompute_layers=2).cache)
 
 
+def test_an_offloading_model_loads_a_saved_memory_into_its_cpu_memory(folders, tmp_path: Path) -> None:
+    """With mem_offload (--mem-offload) a saved memory is loaded where that model keeps its memories: page-locked
+    CPU memory, as the memories it reads itself (also the layers recomputed), and it answers as the memory loaded
+    beside the weights."""
+    blocks = dict(mem_retrieval="blocks", mem_blocks=2, mem_block_size=8)
+    kept, tokenizer = _load(folders["tiny"], **blocks)
+    offloading, _ = _load(folders["tiny"], **blocks, mem_offload=True)
+    path = DocumentMemory.build(kept, tokenizer, DOCUMENT, template="none").save(tmp_path / "mem")
+    want = DocumentMemory.load(path, kept, tokenizer)
+    assert all(not layer.memory.pin_memory for layer in want.cache.layers if layer.memory is not None)
+    for k in (0, 1):
+        loaded = DocumentMemory.load(path, offloading, tokenizer, recompute_layers=k)
+        memories = [layer.memory for layer in loaded.cache.layers if layer.memory is not None]
+        assert len(memories) == 2 and all(m.pin_memory and m.device.type == "cpu" for m in memories)
+        assert loaded.ask("river stone", max_new_tokens=5) == want.ask("river stone", max_new_tokens=5)
+
+
 def test_recomputing_needs_the_saved_tokens_and_a_memory_layer_count(tiny, tmp_path: Path) -> None:
     model, tokenizer = tiny
     memory = DocumentMemory.build(model, tokenizer, DOCUMENT, template="none")

@@ -54,6 +54,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 LOCAL_FILE = "local.safetensors"
 TOKENS_FILE = "tokens.safetensors"
+MEMORY_FILE_PREFIX = "memory.layer"  # memory.layer{i}.safetensors: a memory layer's memory
 _SAMPLES, _SAMPLE_BYTES = 16, 1 << 16  # weights-file fingerprint: 16 chunks of 64 KiB spread over each file
 _HASH_CHUNK = 1 << 24
 _CHECK_CHUNK = 1 << 26  # bytes per checksum of a memory's tensor file (checked in parallel)
@@ -411,7 +412,7 @@ class DocumentMemory:
                     )
             if layer.memory is not None:
                 parts = layer.memory.tensors()  # as stored: int8 memory keeps its int8 and scales
-                files[f"memory.layer{i}.safetensors"] = {
+                files[f"{MEMORY_FILE_PREFIX}{i}.safetensors"] = {
                     k: t.detach().cpu().clone(memory_format=torch.contiguous_format) for k, t in parts.items()
                 }
         return files
@@ -453,6 +454,7 @@ class DocumentMemory:
                 f"the same {key}, or build the memory again (longllama memory build)"
             )
         device = model.lm_head.weight.device if device is None else torch.device(device)
+        held = _memory_device(model, device)
         files = manifest["files"]
         ids = None
         if TOKENS_FILE in files:
@@ -468,7 +470,7 @@ class DocumentMemory:
         next_logits = None
         if recompute_layers == 0:  # every file but the tokens, read above
             tensors = {
-                name: _read_tensor_file(folder, name, entry, device)
+                name: _read_tensor_file(folder, name, entry, held if name.startswith(MEMORY_FILE_PREFIX) else device)
                 for name, entry in files.items()
                 if name != TOKENS_FILE
             }
@@ -485,7 +487,7 @@ class DocumentMemory:
                     f"recompute_layers runs the model, which is on {home}: load onto that device (not {device}), or "
                     "with recompute_layers=0"
                 )
-            read = [f"memory.layer{i}.safetensors" for i in mem_layers[recompute_layers:]]
+            read = [f"{MEMORY_FILE_PREFIX}{i}.safetensors" for i in mem_layers[recompute_layers:]]
             if not manifest["memory_length"]:  # a document within the final window: no memory to read
                 read = []
             cache, next_logits = _recompute_and_read(model, ids, lcl, recompute_layers, folder, files, read, home)
@@ -638,14 +640,15 @@ def _recompute_and_read(
         raise CheckpointError(f"memory {folder} lacks {missing[0]}: build the memory again")
     # The read's buffers and stream are made here, before this thread queues its GPU work: the reading thread's
     # copies wait for the buffers' earlier users, not for the recomputation.
-    flats = {name: torch.empty(int(files[name]["bytes"]), dtype=torch.uint8, device=device) for name in read}
-    stream = _copy_stream(device) if device.type == "cuda" else None
+    held = _memory_device(model, device)
+    flats = {name: torch.empty(int(files[name]["bytes"]), dtype=torch.uint8, device=held) for name in read}
+    stream = _copy_stream(held) if held.type == "cuda" else None
     results: dict[str, Any] = {}
 
     def reader() -> None:
         try:
             results["tensors"] = {
-                name: _read_tensor_file(folder, name, files[name], device, flats[name], stream) for name in read
+                name: _read_tensor_file(folder, name, files[name], held, flats[name], stream) for name in read
             }
         except BaseException as exc:  # handed to the loading thread
             results["error"] = exc
@@ -693,7 +696,7 @@ def _cache_from_files(
             if keys.shape[1:] != (kv_heads, keys.shape[2], head_dim) or keys.dtype != dtype:
                 raise CheckpointError(f"memory {folder}: layer {i}'s local cache does not fit this model")
             layer.set_local(keys.to(device), values.to(device), positions.to(device))
-        name = f"memory.layer{i}.safetensors"
+        name = f"{MEMORY_FILE_PREFIX}{i}.safetensors"
         if name in files:
             if i not in config.mem_layers:
                 raise CheckpointError(f"memory {folder} has a memory for layer {i}, not a memory layer of this model")
@@ -705,10 +708,18 @@ def _cache_from_files(
                 part,
                 source=f"memory {folder} layer {i}",
                 dtype=config.memory_dtype,
-                device=device,
+                device=_memory_device(model, device),
                 storage_dim=model.plan.memory_storage_dim(head_dim),
+                pin_memory=config.mem_offload,
             )
+            if model.plan.mem_retrieval == "blocks":  # summaries where attention runs, as the model's own memories
+                layer.memory.track_blocks(model.plan.mem_block_size, device)
     return cache
+
+
+def _memory_device(model, device: torch.device) -> torch.device:
+    """Where `model` keeps its memories when it runs on `device`: CPU memory with mem_offload, else `device`."""
+    return torch.device("cpu") if model.config.mem_offload else torch.device(device)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -464,9 +464,11 @@ class MemoryCache:
         device: torch.device | str | None = None,
         storage_dim: int | None = None,
         capacity: int = 0,
+        pin_memory: bool = False,
     ) -> MemoryCache:
         """A memory of the named tensors of `tensors()`, in `dtype` (default: as stored; float keys are quantized
-        for int8, int8 ones dequantized for a float dtype, int8 kept as stored); `source` names them in errors."""
+        for int8, int8 ones dequantized for a float dtype, int8 kept as stored); `source` names them in errors;
+        `pin_memory`: its buffers page-locked, as an offloaded memory's (a CPU `device`)."""
         keys, values, valid = tensors.get("keys"), tensors.get("values"), tensors.get("valid")
         if keys is None or values is None or valid is None:
             raise CheckpointError(f"{source} lacks keys, values or valid flags: write it again with MemoryCache.save")
@@ -487,7 +489,10 @@ class MemoryCache:
                 keys, values = dequantize_rows(keys, scales[0], dtype), dequantize_rows(values, scales[1], dtype)
         device = keys.device if device is None else torch.device(device)
         b, h, n, d = keys.shape
-        mem = cls(b, h, d, dtype=dtype or keys.dtype, device=device, storage_dim=storage_dim, capacity=max(capacity, n))
+        mem = cls(
+            b, h, d, dtype=dtype or keys.dtype, device=device, storage_dim=storage_dim, capacity=max(capacity, n),
+            pin_memory=pin_memory,
+        )  # fmt: skip
         valid = valid.to(device=device, dtype=torch.bool)
         if mem.quantized and keys.dtype == torch.int8:  # stored as they were: no second rounding
             mem._k[:, :, :n, :d], mem._v[:, :, :n, :d] = keys.to(device), values.to(device)
