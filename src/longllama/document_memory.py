@@ -44,7 +44,7 @@ from longllama.cache import LongLlamaCache
 from longllama.chat_format import ChatFormat, chat_format
 from longllama.errors import CheckpointError, InputError
 from longllama.files import sync_files, write_folder
-from longllama.memory import MemoryCache
+from longllama.model import memory_device
 from longllama.windows import window_spans
 
 logger = logging.getLogger(__name__)
@@ -454,7 +454,7 @@ class DocumentMemory:
                 f"the same {key}, or build the memory again (longllama memory build)"
             )
         device = model.lm_head.weight.device if device is None else torch.device(device)
-        held = _memory_device(model, device)
+        held = memory_device(model.config, device)
         files = manifest["files"]
         ids = None
         if TOKENS_FILE in files:
@@ -640,7 +640,7 @@ def _recompute_and_read(
         raise CheckpointError(f"memory {folder} lacks {missing[0]}: build the memory again")
     # The read's buffers and stream are made here, before this thread queues its GPU work: the reading thread's
     # copies wait for the buffers' earlier users, not for the recomputation.
-    held = _memory_device(model, device)
+    held = memory_device(model.config, device)
     flats = {name: torch.empty(int(files[name]["bytes"]), dtype=torch.uint8, device=held) for name in read}
     stream = _copy_stream(held) if held.type == "cuda" else None
     results: dict[str, Any] = {}
@@ -704,22 +704,9 @@ def _cache_from_files(
             keys = part["keys"]
             if keys.dim() != 4 or keys.shape[1] != kv_heads or keys.shape[3] != head_dim:
                 raise CheckpointError(f"memory {folder}: layer {i}'s memory does not fit this model")
-            layer.memory = MemoryCache.from_tensors(
-                part,
-                source=f"memory {folder} layer {i}",
-                dtype=config.memory_dtype,
-                device=_memory_device(model, device),
-                storage_dim=model.plan.memory_storage_dim(head_dim),
-                pin_memory=config.mem_offload,
-            )
-            if model.plan.mem_retrieval == "blocks":  # summaries where attention runs, as the model's own memories
-                layer.memory.track_blocks(model.plan.mem_block_size, device)
+            attn = model.model.layers[i].self_attn
+            layer.memory = attn.memory_from(part, source=f"memory {folder} layer {i}", device=device, plan=model.plan)
     return cache
-
-
-def _memory_device(model, device: torch.device) -> torch.device:
-    """Where `model` keeps its memories when it runs on `device`: CPU memory with mem_offload, else `device`."""
-    return torch.device("cpu") if model.config.mem_offload else torch.device(device)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -141,17 +141,30 @@ class Attention(nn.Module):
         return x.view(b, n, heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
 
     def new_memory(self, batch: int, device: torch.device, plan: ExecutionPlan) -> MemoryCache:
-        offload = self.config.mem_offload
-        storage = plan.memory_storage_dim(self.head_dim)  # padded for the device's kernels
-        memory = MemoryCache(
-            batch,
-            self.num_kv_heads,
-            self.head_dim,
+        """An empty memory of this layer for a model running on `device`: stored as _memory_placement says, with
+        block retrieval's summaries kept on `device` as it grows."""
+        memory = MemoryCache(batch, self.num_kv_heads, self.head_dim, **self._memory_placement(device, plan))
+        return self._keep_memory(memory, device, plan)
+
+    def memory_from(
+        self, tensors: dict[str, torch.Tensor], *, source: str, device: torch.device, plan: ExecutionPlan
+    ) -> MemoryCache:
+        """A memory of saved tensors (MemoryCache.tensors; `source` names them in errors), stored and summarised as
+        new_memory's are."""
+        memory = MemoryCache.from_tensors(tensors, source=source, **self._memory_placement(device, plan))
+        return self._keep_memory(memory, device, plan)
+
+    def _memory_placement(self, device: torch.device, plan: ExecutionPlan) -> dict:
+        """How a memory is stored for a model running on `device`: the config's memory dtype, where memory_device
+        says (page-locked with mem_offload), rows padded for the device's kernels."""
+        return dict(
             dtype=self.config.memory_dtype,
-            device="cpu" if offload else device,
-            storage_dim=storage,
-            pin_memory=offload,
+            device=memory_device(self.config, device),
+            storage_dim=plan.memory_storage_dim(self.head_dim),
+            pin_memory=bool(self.config.mem_offload),
         )
+
+    def _keep_memory(self, memory: MemoryCache, device: torch.device, plan: ExecutionPlan) -> MemoryCache:
         if plan.mem_retrieval == "blocks":  # summaries where attention runs, also for a memory held in CPU memory
             memory.track_blocks(plan.mem_block_size, device)
         return memory
@@ -405,6 +418,11 @@ class Attention(nn.Module):
         if mem_layer and not window.grouped and not use_cache:  # after attention: never its own keys twice
             self._append_memory(state, k_heads, v_heads, None, window.plan)
         return self.o_proj(out)
+
+
+def memory_device(config: LongLlamaConfig, device: torch.device | str) -> torch.device:
+    """Where a model running on `device` keeps its memories: CPU memory with the config's mem_offload, else `device`."""
+    return torch.device("cpu") if config.mem_offload else torch.device(device)
 
 
 def read_memory(memory: MemoryCache, device: torch.device):
